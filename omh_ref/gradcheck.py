@@ -1,0 +1,138 @@
+"""The correctness oracle: vector-Jacobian products checked against central finite differences.
+
+``check_vjp`` compares, for a random upstream gradient v and a random tangent u per argument,
+
+    <v, (f(x + h·u) − f(x − h·u)) / 2h>   with   <vjp(v)_i, u>,
+
+two forward calls whatever the size (as JAX's ``check_vjp`` and torch's ``gradcheck``). Each
+argument is perturbed on its own so that one argument's correct gradient cannot mask another's bug.
+``check_jacobian`` builds both full Jacobians for tiny inputs and compares them entry by entry.
+Both run in float64; tolerances live in :data:`TOLERANCES`, keyed by dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import get_array_module, random_normal, to_host
+
+# One place for tolerances. float64 gradient checks: step 1e-6, rtol 1e-5 (STYLE.md 10);
+# float32 / CuPy forward values against float64: ~1e-4.
+TOLERANCES = {
+    "float64": {"step": 1e-6, "rtol": 1e-5, "atol": 1e-10},
+    "float32": {"rtol": 1e-4, "atol": 1e-5},
+}
+
+
+@dataclass
+class Report:
+    """One check's outcome: a row of ``omh-ref gradcheck``'s table."""
+
+    name: str
+    shapes: str
+    max_rel_err: float
+    tol: float
+    passed: bool
+    mode: str = "vjp"
+
+    def row(self):
+        mark = "ok" if self.passed else "FAIL"
+        return f"{self.name:<34} {self.shapes:<34} {self.max_rel_err:10.2e} {self.tol:8.0e}  {mark}"
+
+
+def _shapes(args):
+    return " ".join("x".join(map(str, a.shape)) or "()" for a in args if hasattr(a, "shape"))
+
+
+def _as_array(y):
+    return y if hasattr(y, "shape") else np.asarray(y, dtype=np.float64)
+
+
+def _is_float(a):
+    return hasattr(a, "dtype") and a.dtype.kind == "f"
+
+
+def _rel(err, scale, rtol, atol):
+    """Relative error with the denominator floored at atol/rtol, so that a check passes exactly
+    when this number is at most about rtol (values near zero are judged by atol)."""
+    return err / max(scale, atol / rtol)
+
+
+def _default_wrt(args, grads):
+    return [i for i, a in enumerate(args) if _is_float(a) and i < len(grads) and grads[i] is not None]
+
+
+def check_vjp(f, vjp, args, eps=None, rtol=None, atol=None, seed=0, wrt=None, n_dirs=2, name="vjp"):
+    """Check ``vjp`` against central differences of ``f``.
+
+    f(*args) -> array (or scalar); vjp(v, *args) -> tuple with one gradient per argument (None for
+    arguments without one). wrt: indices of the arguments to check (default: every float argument
+    with a gradient). eps is the finite-difference step. -> :class:`Report`.
+    """
+    tol = TOLERANCES["float64"]
+    eps = tol["step"] if eps is None else eps
+    rtol = tol["rtol"] if rtol is None else rtol
+    atol = tol["atol"] if atol is None else atol
+    for a in args:
+        if _is_float(a) and a.dtype != np.float64:
+            raise ValueError(f"check_vjp({name}): gradient checks run in float64, got {a.dtype}")
+    rng = np.random.default_rng(seed)
+    y0 = _as_array(f(*args))
+    v = random_normal(rng, y0.shape, y0)                   # random upstream gradient, never ones
+    grads = vjp(v, *args)
+    grads = grads if isinstance(grads, (tuple, list)) else (grads,)
+    wrt = _default_wrt(args, grads) if wrt is None else wrt
+    worst, ok = 0.0, True
+    for i in wrt:
+        for _ in range(n_dirs):
+            u = random_normal(rng, args[i].shape, args[i])
+            plus = list(args)
+            minus = list(args)
+            plus[i] = args[i] + eps * u
+            minus[i] = args[i] - eps * u
+            xp = get_array_module(y0)
+            numeric = float(xp.sum(v * (_as_array(f(*plus)) - _as_array(f(*minus))))) / (2 * eps)
+            analytic = float(xp.sum(grads[i] * u))
+            err = abs(numeric - analytic)
+            scale = max(abs(numeric), abs(analytic))
+            ok &= err <= atol + rtol * scale
+            worst = max(worst, _rel(err, scale, rtol, atol))
+    return Report(name, _shapes(args), worst, rtol, bool(ok), "vjp")
+
+
+def check_jacobian(f, vjp, args, eps=None, rtol=None, atol=None, wrt=None, name="jacobian"):
+    """Full-Jacobian check for tiny inputs: every input entry perturbed, every output entry's VJP.
+
+    The error is max |J_num − J_vjp| relative to max |J_vjp| of that argument."""
+    tol = TOLERANCES["float64"]
+    eps = tol["step"] if eps is None else eps
+    rtol = tol["rtol"] if rtol is None else rtol
+    atol = tol["atol"] if atol is None else atol
+    y0 = _as_array(f(*args))
+    xp = get_array_module(y0)
+    n_out = int(np.prod(y0.shape))
+    rows = []
+    for k in range(n_out):
+        e = xp.zeros(n_out, dtype=y0.dtype)
+        e[k] = 1
+        g = vjp(e.reshape(y0.shape), *args)
+        rows.append(g if isinstance(g, (tuple, list)) else (g,))
+    wrt = _default_wrt(args, rows[0]) if wrt is None else wrt
+    worst, ok = 0.0, True
+    for i in wrt:
+        Ja = np.stack([to_host(r[i]).ravel() for r in rows])             # n_out, n_in
+        Jn = np.zeros_like(Ja)
+        flat = args[i].reshape(-1)
+        for j in range(flat.size):
+            plus, minus = list(args), list(args)
+            d = xp.zeros_like(flat)
+            d[j] = eps
+            plus[i] = (flat + d).reshape(args[i].shape)
+            minus[i] = (flat - d).reshape(args[i].shape)
+            Jn[:, j] = to_host((_as_array(f(*plus)) - _as_array(f(*minus))).ravel()) / (2 * eps)
+        err = float(np.abs(Jn - Ja).max())
+        scale = float(np.abs(Ja).max())
+        ok &= err <= atol + rtol * scale
+        worst = max(worst, _rel(err, scale, rtol, atol))
+    return Report(name, _shapes(args), worst, rtol, bool(ok), "jacobian")

@@ -1,0 +1,61 @@
+"""Per-level cluster loss, trained jointly with the projection.
+
+Inputs are one level's cosine logits s (P, K) and log-assignments ``log p = log_softmax(s/τ)``
+(computed once by the caller, who also owns the softmax backward). Targets:
+
+* ``balanced`` (default): ``Q = P · Sinkhorn(1 − s, 1/P, 1/K)`` over the batch's pixels and the
+  level's clusters (each row sums to 1, each cluster receives the same mass), no gradient through
+  Q (the SwAV recipe); ``L = −mean_pixels Σ_k Q_k log p_k``.
+* ``soft``: ``L = −mean_pixels Σ_k p_k s_k`` with the gradient through p (STEGO's ClusterLookup
+  with a temperature).
+* ``hard``: ``L = −mean_pixels max_k s_k`` (STEGO's cluster probe: one-hot k-means).
+"""
+from ..backend import get_array_module
+from ..sinkhorn import sinkhorn
+
+TARGETS = ("balanced", "soft", "hard")
+
+
+def balanced_targets(s, eps_q, n_iters):
+    """Q (P, K): equipartitioned soft targets from an entropic OT plan, rows rescaled to sum to 1.
+
+    Also returns the plan's row-marginal error (the convergence report)."""
+    xp = get_array_module(s)
+    P, K = s.shape
+    a = xp.full((P,), 1.0 / P, dtype=s.dtype)
+    b = xp.full((K,), 1.0 / K, dtype=s.dtype)
+    plan, cache = sinkhorn(1 - s, a, b, eps_q, n_iters)
+    return plan * s.dtype.type(P), cache.marginal_error
+
+
+def hard_targets(s):
+    """One-hot argmax of s (P, K)."""
+    xp = get_array_module(s)
+    return (s == s.max(axis=-1, keepdims=True)).astype(s.dtype)
+
+
+def forward(s, logp, target="balanced", eps_q=0.05, n_iters_q=20, Q=None):
+    """s, logp (P, K). Q fixes the targets (balanced/hard) instead of computing them, which is how
+    gradient checks hold the no-gradient target constant. -> (loss, cache); cache[1] is Q."""
+    xp = get_array_module(s, logp)
+    if target not in TARGETS:
+        raise ValueError(f"cluster_target must be one of {TARGETS}, got {target!r}")
+    P = s.shape[0]
+    if target == "soft":
+        p = xp.exp(logp)
+        return -(p * s).sum() / P, (target, None, p, s)
+    if Q is None:
+        Q = balanced_targets(s, eps_q, n_iters_q)[0] if target == "balanced" else hard_targets(s)
+    src = logp if target == "balanced" else s
+    return -(Q * src).sum() / P, (target, Q, None, s)
+
+
+def backward(cache, dloss=1.0):
+    """-> (ds, dlogp); a term that does not depend on one of them gives 0 for it."""
+    target, Q, p, s = cache
+    scale = s.dtype.type(-dloss / s.shape[0])
+    if target == "soft":
+        return p * scale, p * s * scale       # dlogp: d(p)/d(logp) = p
+    if target == "balanced":
+        return 0, Q * scale
+    return Q * scale, 0
