@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from .backend import get_array_module, logsumexp
 
 BACKWARD_MODES = ("unrolled", "implicit")
@@ -70,6 +72,15 @@ def _check(cost, a, b, eps, n_iters, mode):
             f"sinkhorn: marginals must end in n={n} and m={m} for cost {cost.shape}, "
             f"got a {a.shape}, b {b.shape}"
         )
+    lead = cost.shape[:-2]
+    for name, x in (("a", a), ("b", b)):
+        try:
+            ok = np.broadcast_shapes(x.shape[:-1], lead) == lead
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"sinkhorn: marginal {name} of shape {x.shape} does not broadcast over the "
+                             f"cost's leading axes {lead}")
     if not bool(xp.all(a > 0)) or not bool(xp.all(b > 0)):
         raise ValueError("sinkhorn: marginals a and b must be strictly positive (use tiny masses, not zeros)")
     if not bool(xp.all(xp.isfinite(cost))):

@@ -1,7 +1,9 @@
 """OMH hierarchy loss between a child level and its parent level.
 
 ``C = 1 − cos(M_child, M_parent)`` (K_c x K_p); ``T = Sinkhorn(C, a, b, ε)`` with uniform marginals
-or, with ``marginals="usage"``, the batch's mean soft assignments (gradients flow into both);
+or, with ``marginals="usage"``, the batch's mean soft assignments (gradients flow into both),
+smoothed as ``(mean p + δ) / (1 + K δ)`` with δ = USAGE_FLOOR so that a cluster no pixel uses
+(its mean assignment underflowed to 0) still gets the positive mass Sinkhorn's logarithms need;
 ``A = diag(1/a) T`` row-normalised: child cluster i's soft, nearly sparse parent assignment;
 ``q = p_child A`` the child assignment pushed through the hierarchy;
 ``L = mean_pixels KL(q || p_parent) + λ_W <T, C>``.
@@ -11,6 +13,14 @@ from ..ops import cosine, kl
 from ..sinkhorn import sinkhorn, sinkhorn_backward_all
 
 MARGINALS = ("uniform", "usage")
+USAGE_FLOOR = 1e-6   # far below 1/K for any K in use, far above float32's tiny
+
+
+def _usage(p):
+    """Smoothed mean assignment (K,) of p (P, K) and the factor its gradient carries."""
+    K = p.shape[1]
+    scale = p.dtype.type(1.0 / (1.0 + K * USAGE_FLOOR))
+    return (p.mean(axis=0) + p.dtype.type(USAGE_FLOOR)) * scale, scale
 
 
 def forward(logp_child, logp_parent, M_child, M_parent, eps=0.05, n_iters=50, lam_w=0.1,
@@ -28,7 +38,7 @@ def forward(logp_child, logp_parent, M_child, M_parent, eps=0.05, n_iters=50, la
     cs, ccache = cosine.forward(M_child, M_parent)                       # Kc,Kp
     C = 1 - cs
     if marginals == "usage":
-        a, b = p_child.mean(axis=0), p_parent.mean(axis=0)
+        (a, _), (b, _) = _usage(p_child), _usage(p_parent)
     else:
         a = xp.full((Kc,), 1.0 / Kc, dtype=C.dtype)
         b = xp.full((Kp,), 1.0 / Kp, dtype=C.dtype)
@@ -58,7 +68,8 @@ def backward(cache, dloss=1.0):
     dC = dC_s + dt(lam_w * dloss) * T
     if marginals == "usage":
         da = da - (dA * T).sum(axis=1) / (a * a)                         # through A = T / a
-        dp_child = dp_child + da[None, :] / dt(P)
-        dlogp_parent = dlogp_parent + p_parent * (db[None, :] / dt(P))
+        sa, sb = _usage(p_child)[1], _usage(p_parent)[1]
+        dp_child = dp_child + da[None, :] * (sa / dt(P))
+        dlogp_parent = dlogp_parent + p_parent * (db[None, :] * (sb / dt(P)))
     dM_child, dM_parent = cosine.backward(-dC, ccache)
     return dp_child * p_child, dlogp_parent, dM_child, dM_parent
