@@ -1,0 +1,52 @@
+"""The oracle itself must be able to fail: wrong gradients are caught, right ones pass."""
+import numpy as np
+import pytest
+
+from omh_ref.gradcheck import check_jacobian, check_vjp
+from omh_ref.ops import linear
+
+
+def _linear_fns(bug=None):
+    def f(x, W, b):
+        return linear.forward(x, W, b)[0]
+
+    def vjp(v, x, W, b):
+        dx, dW, db = linear.backward(v, linear.forward(x, W, b)[1])
+        if bug == "scale":
+            dW = dW * 1.001
+        elif bug == "transpose":
+            dx = (v.reshape(-1, W.shape[0]) @ W[::-1]).reshape(x.shape)
+        elif bug == "bias":
+            db = db[::-1].copy()
+        return dx, dW, db
+    return f, vjp
+
+
+def _args(rng):
+    return rng.standard_normal((3, 5, 4)), rng.standard_normal((2, 4)), rng.standard_normal(2)
+
+
+def test_correct_gradient_passes():
+    rng = np.random.default_rng(0)
+    assert check_vjp(*_linear_fns(), _args(rng)).passed
+    assert check_jacobian(*_linear_fns(), _args(rng)).passed
+
+
+@pytest.mark.parametrize("bug", ["scale", "transpose", "bias"])
+def test_wrong_gradient_fails(bug):
+    rng = np.random.default_rng(1)
+    rep = check_vjp(*_linear_fns(bug), _args(rng))
+    assert not rep.passed and rep.max_rel_err > 1e-5
+    assert not check_jacobian(*_linear_fns(bug), _args(rng)).passed
+
+
+def test_only_checked_arguments_are_judged():
+    rng = np.random.default_rng(2)
+    assert check_vjp(*_linear_fns("bias"), _args(rng), wrt=[0, 1]).passed
+
+
+def test_float32_is_refused():
+    rng = np.random.default_rng(3)
+    args = tuple(a.astype(np.float32) for a in _args(rng))
+    with pytest.raises(ValueError, match="float64"):
+        check_vjp(*_linear_fns(), args)

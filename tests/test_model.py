@@ -1,0 +1,168 @@
+"""The whole model: gradient checks, determinism, baseline semantics, float32, clear errors."""
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from omh_ref import model
+from omh_ref.backend import to_device, to_host
+from omh_ref.checks import model_check
+from omh_ref.gradcheck import TOLERANCES
+from tests.strategies import seeds
+
+VARIANTS = {
+    "balanced": {},
+    "soft": dict(cluster_target="soft"),
+    "hard": dict(cluster_target="hard"),
+    "usage": dict(marginals="usage"),
+    "implicit": dict(sinkhorn_backward="implicit", sinkhorn_iters=300),
+    "two-levels-no-neg": dict(levels=(5, 2), weight_neg=0.0),
+    "one-level": dict(levels=(4,)),
+    "no-dropout-plain-corr": dict(dropout=0.0, pointwise=False, zero_clamp=False),
+    "stego": dict(baseline="stego"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@given(seed=seeds)
+def test_model_gradients(name, seed):
+    rep = model_check(seed, name, **VARIANTS[name])
+    assert rep.passed, rep.row()
+
+
+def _run(cfg, seed, dtype=np.float64, xp=np):
+    rng = np.random.default_rng(seed)
+    params = model.init_params(cfg, rng, dtype=dtype)
+    batch = model.random_batch(cfg, rng, dtype=dtype)
+    if xp is not np:
+        params, batch = to_device(params, "gpu"), to_device(batch, "gpu")
+    return model.loss_and_grads(params, batch, cfg, np.random.default_rng(seed + 1))
+
+
+def test_same_seed_same_result_other_seed_differs():
+    cfg = model.small_config()
+    l1, p1, g1 = _run(cfg, 5)
+    l2, p2, g2 = _run(cfg, 5)
+    assert p1 == p2 and all(np.array_equal(g1[k], g2[k]) for k in g1)
+    l3, _, _ = _run(cfg, 6)
+    assert float(l3) != float(l1)
+
+
+def test_randomness_comes_only_from_the_rng():
+    # Same params and batch, different step generators: the draws (and so the loss) differ.
+    cfg = model.small_config()
+    rng = np.random.default_rng(0)
+    params, batch = model.init_params(cfg, rng, np.float64), model.random_batch(cfg, rng)
+    losses = {float(model.loss_and_grads(params, batch, cfg, np.random.default_rng(s))[0]) for s in (1, 1, 2)}
+    assert len(losses) == 2
+
+
+def test_parts_and_grads_keys():
+    cfg = model.small_config()
+    loss, parts, grads = _run(cfg, 0)
+    assert set(grads) == set(model.init_params(cfg, np.random.default_rng(0)))
+    L = len(cfg.levels)
+    for key in ["corr", "corr_intra", "corr_inter", "corr_neg", "loss",
+                *(f"clu_{i}" for i in range(L)), *(f"hier_{i}" for i in range(L - 1)),
+                *(f"sinkhorn_err_{i}" for i in range(L - 1)), *(f"plan_sparsity_{i}" for i in range(L - 1))]:
+        assert key in parts and np.isfinite(parts[key]), key
+    total = parts["corr"] + sum(parts[f"clu_{i}"] for i in range(L)) + sum(parts[f"hier_{i}"] for i in range(L - 1))
+    np.testing.assert_allclose(parts["loss"], total, rtol=1e-12)
+
+
+def test_stego_baseline_semantics():
+    cfg = model.small_config(baseline="stego", levels=(6, 4, 3))
+    eff = cfg.effective()
+    assert eff.levels == (3,) and eff.cluster_target == "hard" and eff.lam_hier == 0
+    loss, parts, grads = _run(cfg, 1)
+    assert set(k for k in grads if k.startswith("M")) == {"M0"}
+    assert not any(k.startswith("hier") for k in parts)
+    # Detached code: the head's gradient is the correlation loss's alone.
+    no_clu = dataclasses.replace(cfg, lam_clu=0.0)
+    _, _, g_corr = _run(no_clu, 1)
+    for k in model.HEAD_KEYS:
+        np.testing.assert_allclose(grads[k], g_corr[k], rtol=1e-12, atol=1e-15)
+
+
+def test_joint_training_sends_cluster_gradients_into_the_head():
+    cfg = model.small_config()
+    _, _, g = _run(cfg, 2)
+    _, _, g_corr = _run(dataclasses.replace(cfg, lam_clu=0.0, lam_hier=0.0), 2)
+    assert not np.allclose(g["W1"], g_corr["W1"])
+
+
+def test_float32_matches_float64(xp):
+    cfg = model.small_config()
+    l64, p64, g64 = _run(cfg, 3)
+    l32, p32, g32 = _run(cfg, 3, np.float32, xp)
+    tol = TOLERANCES["float32"]
+    assert to_host(l32).dtype == np.float32
+    np.testing.assert_allclose(float(l32), float(l64), rtol=tol["rtol"])
+    for k in g64:
+        g = to_host(g32[k])
+        assert g.dtype == np.float32, k
+        scale = np.abs(g64[k]).max()
+        assert np.abs(g - g64[k]).max() <= tol["rtol"] * scale + tol["atol"], k
+
+
+@given(eps=st.sampled_from([1.0, 0.05, 1e-3]), tau=st.sampled_from([0.01, 0.1]), seed=seeds)
+def test_finite_at_extreme_inputs(eps, tau, seed):
+    cfg = model.small_config(eps=eps, eps_q=eps, tau=tau, marginals="usage")
+    rng = np.random.default_rng(seed)
+    params = model.init_params(cfg, rng, np.float64)
+    batch = model.random_batch(cfg, rng)
+    batch["feats"][0] = 0.0                  # an all-zero image
+    batch["feats_pos"][1] *= 1e4             # a huge one
+    loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng)
+    assert np.isfinite(float(loss)) and all(np.isfinite(v) for v in parts.values())
+    assert all(np.all(np.isfinite(g)) for g in grads.values())
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("eps", -0.1, "'eps'"), ("eps", 0.0, "'eps'"), ("eps_q", float("nan"), "'eps_q'"),
+    ("tau", 0, "'tau'"), ("levels", (6, 0), "'levels'"), ("levels", (), "'levels'"),
+    ("levels", (3, 6), "'levels'"), ("dim", 0, "'dim'"), ("dropout", 1.0, "'dropout'"),
+    ("lam_hier", -1.0, "'lam_hier'"), ("cluster_target", "fuzzy", "'cluster_target'"),
+    ("marginals", "mass", "'marginals'"), ("baseline", "hp", "'baseline'"),
+    ("sinkhorn_iters", 0, "'sinkhorn_iters'"), ("eval_level", 3, "'eval_level'"),
+    ("sinkhorn_backward", "adjoint", "'sinkhorn_backward'"),
+])
+def test_bad_config_names_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        model.small_config(**{field: value})
+
+
+def test_unknown_config_field():
+    with pytest.raises(ValueError, match="unknown field.*lamda"):
+        model.Config.from_dict({"lamda": 1.0})
+
+
+def test_config_json_round_trip():
+    cfg = model.small_config(levels=(9, 5), marginals="usage")
+    import json
+    assert model.Config.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_mismatched_batch_dims_are_clear():
+    cfg = model.small_config()
+    rng = np.random.default_rng(0)
+    params = model.init_params(cfg, rng, np.float64)
+    batch = model.random_batch(cfg, rng)
+    with pytest.raises(ValueError, match=r"batch\['feats'\].*C=7"):
+        model.loss_and_grads(params, {**batch, "feats": batch["feats"][..., :4]}, cfg, rng)
+    with pytest.raises(ValueError, match=r"batch\['feats_pos'\]"):
+        model.loss_and_grads(params, {**batch, "feats_pos": batch["feats_pos"][:2]}, cfg, rng)
+    with pytest.raises(ValueError, match=r"batch\['feats'\]"):
+        model.loss_and_grads(params, {"feats": batch["feats"][0]}, cfg, rng)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        model.loss_and_grads(params, {k: v[:1] for k, v in batch.items()}, cfg, rng)
+
+
+def test_derangement_has_no_fixed_points():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 7):
+        for _ in range(20):
+            perm = model.derangement(n, rng)
+            assert sorted(perm) == list(range(n)) and not np.any(perm == np.arange(n))

@@ -1,0 +1,254 @@
+"""An independent torch rendering of omh-ref's forward computations (float64, autograd).
+
+Written from DESIGN.md 1.2-1.5 and STEGO's published code, not translated from omh_ref's NumPy:
+torch's own layers do the work (``F.linear``, 1x1 ``F.conv2d`` on NCHW, ``F.grid_sample``,
+``F.interpolate``, ``F.normalize``, ``F.kl_div``), STEGO's correlation helper keeps its NCHW
+einsum layout, and autograd supplies every gradient. ``tests/test_torch_crosscheck.py`` compares
+omh_ref's values and hand-written gradients with these.
+
+Conventions taken from omh_ref's docstrings (the contract an outside rendering must match):
+channels-last arrays at the API, weights (out, in), sampling coordinates (N, S1, S2, 2) in (x, y)
+order used as the grid unchanged, all random draws from :func:`omh_ref.model.draw`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DT = torch.float64
+STEGO_EPS = 1e-10   # STEGO's norm(): F.normalize(t, dim=1, eps=1e-10)
+
+
+def tensor(x, requires_grad=False):
+    """A float64 torch tensor (a copy) of a numpy array or number."""
+    t = torch.tensor(np.asarray(x, dtype=np.float64), dtype=DT)
+    return t.requires_grad_(requires_grad)
+
+
+def nchw(x):
+    return x.permute(0, 3, 1, 2)
+
+
+def nhwc(x):
+    return x.permute(0, 2, 3, 1)
+
+
+# ---------------------------------------------------------------- ops (channels-last at the API)
+
+def linear(x, W, b):
+    """x (..., C), W (D, C), b (D,) -> (..., D)."""
+    return F.linear(x, W, b)
+
+
+def relu(x):
+    return F.relu(x)
+
+
+def channel_dropout(x, mask):
+    """Dropout2d with a given (already 1/(1-p)-scaled) mask broadcast over the grid."""
+    return x * mask
+
+
+def normalize(x, eps=1e-12):
+    return F.normalize(x, p=2.0, dim=-1, eps=eps)
+
+
+def cosine(z, M):
+    """Cosine logits (..., K) of codes z (..., D) against centroids M (K, D)."""
+    return torch.matmul(normalize(z), normalize(M).transpose(0, 1))
+
+
+def softmax(x, tau=1.0):
+    return torch.softmax(x / tau, dim=-1)
+
+
+def log_softmax(x, tau=1.0):
+    return torch.log_softmax(x / tau, dim=-1)
+
+
+def kl_rows(q, logp):
+    """KL(q || p) per row: Σ_k q_k (log q_k − log p_k), via torch's kl_div(input=log p, target=q)."""
+    return F.kl_div(logp, q, reduction="none").sum(-1)
+
+
+def grid_sample_nchw(x, coords):
+    """x (N, C, H, W), coords (N, S1, S2, 2) -> (N, C, S1, S2)."""
+    return F.grid_sample(x, coords, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def grid_sample(x, coords):
+    """Channels-last: x (N, H, W, C), coords (N, S1, S2, 2) -> (N, S1, S2, C)."""
+    return nhwc(grid_sample_nchw(nchw(x), coords))
+
+
+def resize(x, size):
+    """Channels-last bilinear resize (align_corners=False): x (N, H, W, C) -> (N, Ho, Wo, C)."""
+    return nhwc(F.interpolate(nchw(x), size=tuple(size), mode="bilinear", align_corners=False))
+
+
+# ---------------------------------------------------------------- STEGO correlation loss
+
+def _stego_norm(t):
+    return F.normalize(t, dim=1, eps=STEGO_EPS)
+
+
+def _tensor_correlation(a, b):
+    return torch.einsum("nchw,ncij->nhwij", a, b)
+
+
+def correlation_nchw(f1, f2, c1, c2, shift, pointwise=True, zero_clamp=True):
+    """STEGO's ContrastiveCorrelationLoss.helper, then the mean, on NCHW sampled tensors."""
+    with torch.no_grad():
+        fd = _tensor_correlation(_stego_norm(f1), _stego_norm(f2))    # N,S1,S2,S1',S2'
+        if pointwise:
+            old_mean = fd.mean()
+            fd = fd - fd.mean([3, 4], keepdim=True)
+            fd = fd - fd.mean() + old_mean
+    cd = _tensor_correlation(_stego_norm(c1), _stego_norm(c2))
+    if zero_clamp:
+        cd = cd.clamp(min=0.0)
+    return -(cd * (fd - shift)).mean()
+
+
+def correlation(f1, f2, c1, c2, shift, pointwise=True, zero_clamp=True):
+    """Channels-last inputs (N, S1, S2, ·), as omh_ref.losses.correlation.forward."""
+    return correlation_nchw(nchw(f1), nchw(f2), nchw(c1), nchw(c2), shift, pointwise, zero_clamp)
+
+
+# ---------------------------------------------------------------- Sinkhorn
+
+def sinkhorn(cost, a, b, eps, n_iters):
+    """Log-domain Sinkhorn, differentiable by autograd through the loop.
+
+    K = −C/ε; v₀ = 0; per iteration u = log a − LSE_j(K + v), then v = log b − LSE_i(K + u);
+    plan = exp(K + u ⊕ v). cost (..., n, m), a (..., n), b (..., m)."""
+    K = -cost / eps
+    la, lb = torch.log(a), torch.log(b)
+    v = torch.zeros(K.shape[:-2] + K.shape[-1:], dtype=K.dtype)
+    for _ in range(int(n_iters)):
+        u = la - torch.logsumexp(K + v.unsqueeze(-2), dim=-1)
+        v = lb - torch.logsumexp(K + u.unsqueeze(-1), dim=-2)
+    return torch.exp(K + u.unsqueeze(-1) + v.unsqueeze(-2))
+
+
+# ---------------------------------------------------------------- losses of DESIGN.md 1.5
+
+def balanced_targets(s, eps_q, n_iters):
+    """SwAV-style equipartitioned targets, detached: P · Sinkhorn(1 − s, 1/P, 1/K)."""
+    s = s.detach()
+    P, K = s.shape
+    a = torch.full((P,), 1.0 / P, dtype=s.dtype)
+    b = torch.full((K,), 1.0 / K, dtype=s.dtype)
+    return P * sinkhorn(1.0 - s, a, b, eps_q, n_iters)
+
+
+def hard_targets(s):
+    s = s.detach()
+    return F.one_hot(s.argmax(dim=-1), s.shape[-1]).to(s.dtype)
+
+
+def cluster_loss(s, logp, target, Q=None, eps_q=0.05, n_iters_q=20):
+    """-> (loss, Q). balanced: −mean Σ Q log p; soft: −mean Σ p s; hard: −mean Σ onehot(argmax s) s."""
+    P = s.shape[0]
+    if target == "soft":
+        return -(logp.exp() * s).sum() / P, None
+    if target == "balanced":
+        Q = balanced_targets(s, eps_q, n_iters_q) if Q is None else Q
+        return -(Q * logp).sum() / P, Q
+    Q = hard_targets(s) if Q is None else Q
+    return -(Q * s).sum() / P, Q
+
+
+def hierarchy_loss(logp_c, logp_p, M_c, M_p, eps, n_iters, lam_w, marginals="uniform"):
+    """mean_pixels KL(p_c A || p_p) + λ_W <T, C>, C = 1 − cos(M_c, M_p), A = diag(1/a) T."""
+    p_c, p_p = logp_c.exp(), logp_p.exp()
+    C = 1.0 - cosine(M_c, M_p)                                         # Kc,Kp
+    if marginals == "usage":
+        # smoothed usage, as omh_ref's hierarchy docstring specifies: (mean p + δ) / (1 + K δ)
+        def usage(p, delta=1e-6):
+            return (p.mean(0) + delta) / (1.0 + p.shape[1] * delta)
+        a, b = usage(p_c), usage(p_p)
+    else:
+        a = torch.full((C.shape[0],), 1.0 / C.shape[0], dtype=C.dtype)
+        b = torch.full((C.shape[1],), 1.0 / C.shape[1], dtype=C.dtype)
+    T = sinkhorn(C, a, b, eps, n_iters)
+    A = T / a.unsqueeze(1)
+    q = p_c @ A                                                        # P,Kp
+    return kl_rows(q, logp_p).mean() + lam_w * (T * C).sum()
+
+
+# ---------------------------------------------------------------- the whole objective
+
+def model_loss(params, batch, cfg, draws, targets=None):
+    """The OMH objective of DESIGN.md 1.2-1.5 for one batch and one set of draws.
+
+    params: dict of float64 tensors (``W1 b1 W2 b2 W3 b3 M0..``); batch: numpy ``feats`` and
+    ``feats_pos`` (B, h, w, C); draws: :func:`omh_ref.model.draw`'s dict; targets: optional list
+    of fixed per-level targets (else computed here, detached). -> (loss, parts, targets)."""
+    cfg = cfg.effective()
+    f = tensor(batch["feats"])                                         # B,h,w,C
+    fp = batch.get("feats_pos")
+    B, h, w, C = f.shape
+    x = f if fp is None else torch.cat([f, tensor(fp)])                # 2B,h,w,C (channels-last)
+    x = nchw(x)                                                        # 2B,C,h,w
+    f = nchw(f)
+    xd = x
+    if draws["keep"] is not None:
+        keep = tensor(draws["keep"][: x.shape[0]].astype(np.float64))  # 2B,C
+        xd = x * (keep / (1.0 - cfg.dropout))[:, :, None, None]        # Dropout2d
+
+    def conv1x1(t, W, b):
+        return F.conv2d(t, W[:, :, None, None], b)
+
+    P_ = params
+    z = conv1x1(xd, P_["W1"], P_["b1"]) + conv1x1(F.relu(conv1x1(xd, P_["W2"], P_["b2"])),
+                                                    P_["W3"], P_["b3"])   # 2B,D,h,w
+    parts = {}
+
+    # STEGO correlation on sampled points (features undropped, as the frozen backbone's output).
+    c1, c2 = tensor(draws["coords1"]), tensor(draws["coords2"])
+    fs1, zs1 = grid_sample_nchw(f, c1), grid_sample_nchw(z[:B], c1)
+    parts["corr_intra"] = correlation_nchw(fs1, fs1, zs1, zs1, cfg.shift_intra, cfg.pointwise,
+                                           cfg.zero_clamp)
+    corr = cfg.weight_intra * parts["corr_intra"]
+    if fp is not None:
+        fs2, zs2 = grid_sample_nchw(x[B:], c2), grid_sample_nchw(z[B:], c2)
+        parts["corr_inter"] = correlation_nchw(fs1, fs2, zs1, zs2, cfg.shift_inter, cfg.pointwise,
+                                               cfg.zero_clamp)
+        corr = corr + cfg.weight_inter * parts["corr_inter"]
+    if draws["perms"]:
+        negs = []
+        for perm in draws["perms"]:
+            idx = torch.as_tensor(np.asarray(perm))
+            fsn, zsn = grid_sample_nchw(f[idx], c2), grid_sample_nchw(z[:B][idx], c2)
+            negs.append(correlation_nchw(fs1, fsn, zs1, zsn, cfg.shift_neg, cfg.pointwise,
+                                         cfg.zero_clamp))
+        parts["corr_neg"] = torch.stack(negs).mean()
+        corr = corr + cfg.weight_neg * parts["corr_neg"]
+    parts["corr"] = corr
+    loss = corr
+
+    # Cluster levels on the main images' codes, pixels in (b, y, x) order.
+    code = nhwc(z[:B]).reshape(-1, z.shape[1])                         # P,D
+    if cfg.detach_clusters:
+        code = code.detach()
+    logps, used = [], []
+    for i in range(len(cfg.levels)):
+        s = cosine(code, P_[f"M{i}"])
+        logp = log_softmax(s, cfg.tau)
+        Q = None if targets is None else targets[i]
+        lclu, Q = cluster_loss(s, logp, cfg.cluster_target, Q, cfg.eps_q, cfg.sinkhorn_iters_q)
+        parts[f"clu_{i}"] = lclu
+        loss = loss + cfg.lam_clu * lclu
+        logps.append(logp)
+        used.append(Q)
+
+    if cfg.lam_hier > 0:
+        for i in range(len(cfg.levels) - 1):
+            lh = hierarchy_loss(logps[i], logps[i + 1], P_[f"M{i}"], P_[f"M{i + 1}"], cfg.eps,
+                                cfg.sinkhorn_iters, cfg.lam_w, cfg.marginals)
+            parts[f"hier_{i}"] = lh
+            loss = loss + cfg.lam_hier * lh
+    parts["loss"] = loss
+    return loss, parts, used
