@@ -1,10 +1,30 @@
-"""``omh-ref``: the click command line. Each command is a thin edge over the library."""
+"""``omh-ref``: the click command line. Each command is a thin edge over the library.
+
+Bad input (an :class:`omh_ref.errors.InputError` or a config ValueError) is printed as one line
+``error: ...`` and exits with status 2, never a traceback.
+"""
+import functools
+import json
 import sys
 import time
+from pathlib import Path
 
 import click
 
 from omh_ref import __version__
+from omh_ref.errors import InputError
+
+
+def friendly_errors(fn):
+    """Turn bad-input errors into one line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (InputError, OSError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,6 +59,166 @@ def gradcheck(seed, only):
         raise click.UsageError(f"--only {only!r} matches no check")
     click.echo(f"{n - failed} passed, {failed} failed in {time.perf_counter() - t0:.1f} s (seed {seed})")
     sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.option("--features", required=True, type=click.Path(), help="feats.npy (N, h, w, C).")
+@click.option("--out", default=None, type=click.Path(), help="Output table [default: knn.npy beside the features].")
+@click.option("--k", "k", default=7, show_default=True, help="Neighbours per image (besides itself).")
+@click.option("--batch-size", default=256, show_default=True, help="Images pooled per read.")
+@friendly_errors
+def knn(features, out, k, batch_size):
+    """Build the KNN table of images (cosine of mean-pooled features; column 0 = self)."""
+    from tqdm import tqdm
+
+    from omh_ref.data.knn import build_knn
+    from omh_ref.data.store import FeatureStore
+
+    store = FeatureStore(features)
+    out = Path(out) if out else store.path.with_name("knn.npy")
+    if k < 1:
+        raise InputError(f"--k: expected a positive integer, got {k}")
+    with tqdm(total=store.N, unit="img", desc="knn") as bar:
+        table = build_knn(store, out, k=k, batch_size=batch_size, progress=bar.update)
+    click.echo(f"wrote {out} {table.shape}")
+
+
+# Model flags: (option, config field, type). Only flags the user gives override the config.
+MODEL_FLAGS = [
+    ("--levels", "levels", str), ("--dim", "dim", int), ("--tau", "tau", float),
+    ("--eps", "eps", float), ("--sinkhorn-iters", "sinkhorn_iters", int),
+    ("--sinkhorn-backward", "sinkhorn_backward", click.Choice(["unrolled", "implicit"])),
+    ("--marginals", "marginals", click.Choice(["uniform", "usage"])),
+    ("--cluster-target", "cluster_target", click.Choice(["balanced", "soft", "hard"])),
+    ("--eps-q", "eps_q", float), ("--sinkhorn-iters-q", "sinkhorn_iters_q", int),
+    ("--lam-clu", "lam_clu", float), ("--lam-hier", "lam_hier", float), ("--lam-w", "lam_w", float),
+    ("--weight-neg", "weight_neg", float), ("--weight-inter", "weight_inter", float),
+    ("--weight-intra", "weight_intra", float), ("--dropout", "dropout", float),
+    ("--feature-samples", "feature_samples", int), ("--neg-samples", "neg_samples", int),
+    ("--baseline", "baseline", click.Choice(["omh", "stego"])), ("--eval-level", "eval_level", int),
+]
+
+
+def model_options(fn):
+    for flag, field, typ in reversed(MODEL_FLAGS):
+        fn = click.option(flag, field, type=typ, default=None, help=f"Config field {field}.")(fn)
+    return click.option("--shifts", default=None,
+                        help="'auto' or three numbers neg,inter,intra (STEGO shifts).")(fn)
+
+
+def parse_levels(text):
+    try:
+        return tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--levels: expected comma-separated integers like 108,54,27, got {text!r}") from None
+
+
+def read_config_file(path):
+    """A TOML or JSON file of config fields (flat, or under a [model] table)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file (expected a TOML or JSON config)")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(p.read_text())
+        else:
+            data = json.loads(p.read_text())
+    except ImportError:
+        raise InputError(f"{p}: TOML configs need Python >= 3.11; use JSON") from None
+    except Exception as e:
+        raise InputError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
+    return data.get("model", data), data.get("train", {})
+
+
+def resolve_config(base, overrides, shifts):
+    """base Config + explicitly given flags -> (Config, shifts_auto)."""
+    import dataclasses
+
+    from omh_ref.model import Config
+
+    fields = dataclasses.asdict(base)
+    for field, value in overrides.items():
+        if value is not None:
+            fields[field] = parse_levels(value) if field == "levels" else value
+    auto = False
+    if shifts is not None:
+        if shifts == "auto":
+            auto = True
+        else:
+            try:
+                neg, inter, intra = (float(x) for x in shifts.split(","))
+            except ValueError:
+                raise InputError(f"--shifts: expected 'auto' or three numbers neg,inter,intra, got {shifts!r}") from None
+            fields.update(shift_neg=neg, shift_inter=inter, shift_intra=intra)
+    try:
+        return Config.from_dict(fields), auto
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+@main.command()
+@click.option("--features", default=None, type=click.Path(), help="feats.npy [default: the embedded demo data].")
+@click.option("--knn", default=None, type=click.Path(), help="KNN table [default: knn.npy beside the features, built if missing].")
+@click.option("--out", default="runs/train", show_default=True, type=click.Path(), help="Output folder.")
+@click.option("--steps", default=300, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--lr", default=5e-4, show_default=True, help="Learning rate of the projection head.")
+@click.option("--lr-clusters", default=5e-3, show_default=True, help="Learning rate of the centroids.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@click.option("--resume", default=None, type=click.Path(), help="Checkpoint to continue from (bit-exact).")
+@click.option("--ckpt-every", default=100, show_default=True)
+@click.option("--log-every", default=10, show_default=True)
+@click.option("--config", "config_file", default=None, type=click.Path(), help="TOML/JSON config; flags override it.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@model_options
+@friendly_errors
+def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, resume, ckpt_every,
+          log_every, config_file, quiet, shifts, **model_flags):
+    """Train OMH (or --baseline stego) on memory-mapped features."""
+    from omh_ref import checkpoint
+    from omh_ref.data.store import FeatureStore
+    from omh_ref.model import Config
+    from omh_ref.train import TrainOptions, train as run_train
+
+    if features is None:
+        features = str(ensure_demo_data(Path(out).parent / "demo-data")["train"])
+        click.echo(f"no --features: training on the embedded demo data ({features})")
+    store = FeatureStore(features)
+    if resume:
+        base = checkpoint.load(resume)["config"]
+    else:
+        fields = {}
+        if config_file:
+            fields = read_config_file(config_file)[0]
+        try:
+            base = Config.from_dict({**fields, "in_dim": store.C})
+        except ValueError as e:
+            raise InputError(f"{config_file or 'config'}: {e}") from None
+    cfg, auto = resolve_config(base, model_flags, shifts)
+    opts = TrainOptions(features=features, out=out, knn=knn, steps=steps, batch_size=batch_size, lr=lr,
+                        lr_clusters=lr_clusters, seed=seed, device=device, resume=resume,
+                        ckpt_every=ckpt_every, log_every=log_every, shifts_auto=auto and not resume,
+                        progress=not quiet)
+    res = run_train(cfg, opts, say=click.echo)
+    click.echo(f"step {res['step']}: checkpoint {res['checkpoint']}, log {res['log']}")
+    sys.exit(130 if res["interrupted"] else 0)
+
+
+def ensure_demo_data(root):
+    """Write the embedded demo data (train and val splits) under ``root`` once; -> paths."""
+    from omh_ref.data import synthetic
+
+    root = Path(root)
+    paths = {}
+    for split in ("train", "val"):
+        d = root / split
+        if not (d / "feats.npy").is_file():
+            synthetic.write(synthetic.SynthSpec(), d, split=split)
+        paths[split] = d / "feats.npy"
+    return paths
 
 
 if __name__ == "__main__":

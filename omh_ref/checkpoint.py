@@ -1,0 +1,83 @@
+"""Checkpoints: one ``.npz`` with parameters, Adam state, step, RNG state, config and loop state.
+
+Written atomically: a temporary file in the same directory, flushed and fsynced, then renamed over
+the old one (``os.replace`` is atomic on POSIX), so a kill at any moment leaves either the previous
+checkpoint or the new one, never a torn file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .backend import to_host
+from .errors import InputError
+from .model import Config
+
+FORMAT = 1
+
+
+def atomic_write(path, write):
+    """Call ``write(fileobj)`` on a temp file beside ``path`` and rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save(path, params, opt_state, step, rng, cfg: Config, arrays=None, info=None):
+    """Write a checkpoint. ``arrays``: extra named arrays (the data order); ``info``: extra JSON."""
+    out = {f"param/{k}": to_host(v) for k, v in params.items()}
+    out.update({f"adam_m/{k}": to_host(v) for k, v in opt_state["m"].items()})
+    out.update({f"adam_v/{k}": to_host(v) for k, v in opt_state["v"].items()})
+    out.update({f"extra/{k}": np.asarray(v) for k, v in (arrays or {}).items()})
+    meta = {"format": FORMAT, "omh_ref_version": __version__, "step": int(step), "adam_t": int(opt_state["t"]),
+            "rng_state": rng.bit_generator.state, "config": dataclasses.asdict(cfg), "info": info or {}}
+    out["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    atomic_write(path, lambda fh: np.savez(fh, **out))
+
+
+def load(path) -> dict:
+    """-> {'params', 'opt_state', 'step', 'rng', 'config', 'arrays', 'info'} (host arrays)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (expected a checkpoint .npz written by omh-ref train)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+        meta = json.loads(bytes(data.pop("meta")).decode())
+    except Exception as e:
+        raise InputError(f"{path}: not a readable omh-ref checkpoint ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{path}: checkpoint format {meta.get('format')}, expected {FORMAT}")
+
+    def group(prefix):
+        return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+
+    rng = np.random.default_rng()
+    rng.bit_generator.state = meta["rng_state"]
+    cfg = meta["config"]
+    cfg["levels"] = tuple(cfg["levels"])
+    return {"params": group("param/"),
+            "opt_state": {"t": meta["adam_t"], "m": group("adam_m/"), "v": group("adam_v/")},
+            "step": meta["step"], "rng": rng, "config": Config.from_dict(cfg),
+            "arrays": group("extra/"), "info": meta["info"]}

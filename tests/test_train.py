@@ -1,0 +1,237 @@
+"""Training: bit-exact resume, atomic checkpoints (kill -9), Ctrl-C, and clear errors for bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from numpy.lib.format import open_memmap
+
+from omh_ref import checkpoint, model
+from omh_ref.errors import InputError
+from omh_ref.train import TrainOptions, train
+from omh_ref_cli.main import main
+
+C = 11
+
+
+def write_feats(path, N=24, h=6, w=5, dtype=np.float16, seed=0):
+    f = open_memmap(path, mode="w+", dtype=dtype, shape=(N, h, w, C))
+    f[:] = np.random.default_rng(seed).standard_normal(f.shape)
+    f.flush()
+    del f
+    return str(path)
+
+
+@pytest.fixture
+def feats(tmp_path):
+    return write_feats(tmp_path / "feats.npy")
+
+
+def small_cfg(**kw):
+    return model.small_config(in_dim=C, **kw)
+
+
+def opts(feats, out, **kw):
+    base = dict(features=feats, out=str(out), steps=100, batch_size=4, ckpt_every=30, log_every=10, progress=False)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def quiet(*_):
+    pass
+
+
+def test_resume_is_bit_exact(feats, tmp_path):
+    cfg = small_cfg()
+    train(cfg, opts(feats, tmp_path / "straight"), say=quiet)
+    train(cfg, opts(feats, tmp_path / "split", steps=50), say=quiet)
+    train(cfg, opts(feats, tmp_path / "split", resume=str(tmp_path / "split" / "ckpt.npz")), say=quiet)
+    a = checkpoint.load(tmp_path / "straight" / "ckpt.npz")
+    b = checkpoint.load(tmp_path / "split" / "ckpt.npz")
+    assert a["step"] == b["step"] == 100
+    for k in a["params"]:
+        assert np.array_equal(a["params"][k], b["params"][k]), k
+        assert np.array_equal(a["opt_state"]["m"][k], b["opt_state"]["m"][k]), k
+    assert a["rng"].bit_generator.state == b["rng"].bit_generator.state
+    strip = lambda p: [{k: v for k, v in json.loads(ln).items() if k != "seconds"}  # noqa: E731
+                       for ln in open(p).read().splitlines()]
+    assert strip(tmp_path / "straight" / "log.jsonl") == strip(tmp_path / "split" / "log.jsonl")
+
+
+def test_training_changes_params_and_logs(feats, tmp_path):
+    cfg = small_cfg()
+    res = train(cfg, opts(feats, tmp_path / "r", steps=20), say=quiet)
+    lines = [json.loads(ln) for ln in open(res["log"])]
+    assert [ln["step"] for ln in lines] == [10, 20]
+    for key in ("loss", "corr", "clu_0", "hier_0", "sinkhorn_err_0", "plan_sparsity_0", "seconds"):
+        assert key in lines[-1]
+    init = model.init_params(cfg, np.random.default_rng(0))
+    trained = checkpoint.load(res["checkpoint"])["params"]
+    assert not np.allclose(init["W1"], trained["W1"])
+
+
+def test_same_seed_same_result(feats, tmp_path):
+    cfg = small_cfg()
+    p = [checkpoint.load(train(cfg, opts(feats, tmp_path / str(i), steps=12), say=quiet)["checkpoint"])["params"]
+         for i in range(2)]
+    assert all(np.array_equal(p[0][k], p[1][k]) for k in p[0])
+
+
+def test_resume_with_another_config_is_refused(feats, tmp_path):
+    train(small_cfg(), opts(feats, tmp_path / "r", steps=5), say=quiet)
+    before = (tmp_path / "r" / "ckpt.npz").read_bytes()
+    with pytest.raises(InputError, match="another config.*eps"):
+        train(small_cfg(eps=0.2), opts(feats, tmp_path / "r", steps=10, resume=str(tmp_path / "r" / "ckpt.npz")),
+              say=quiet)
+    assert (tmp_path / "r" / "ckpt.npz").read_bytes() == before
+
+
+def test_resume_on_another_feature_file_is_refused(feats, tmp_path):
+    train(small_cfg(), opts(feats, tmp_path / "r", steps=5), say=quiet)
+    other = write_feats(tmp_path / "other.npy", seed=1)
+    with pytest.raises(InputError, match="another feature file"):
+        train(small_cfg(), opts(other, tmp_path / "r", steps=10, resume=str(tmp_path / "r" / "ckpt.npz")), say=quiet)
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from omh_ref import checkpoint, model
+    from omh_ref.optim import adam_init
+    cfg = model.small_config()
+    rng = np.random.default_rng(0)
+    params = {"big": rng.standard_normal(8_000_000).astype(np.float32)}
+    state = adam_init(params)
+    step = 0
+    print("ready", flush=True)
+    while True:
+        step += 1
+        params["big"][0] = step
+        checkpoint.save(sys.argv[1], params, state, step, rng, cfg)
+""")
+
+
+def test_kill_9_during_checkpoint_write_leaves_a_readable_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    rng = np.random.default_rng(0)
+    for delay in (0.3, 0.45, 0.6, 0.75):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay + rng.uniform(0, 0.1))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if path.exists():   # the very first write may not have finished
+            ck = checkpoint.load(path)
+            assert ck["params"]["big"][0] == ck["step"]
+    assert path.exists()
+    assert not [p for p in os.listdir(tmp_path) if p != "ckpt.npz" and not p.startswith(".ckpt.npz.tmp")]
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(feats, tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal
+        from omh_ref import model
+        from omh_ref.train import TrainOptions, train
+        import omh_ref.model as m
+        real = m.loss_and_grads
+        calls = [0]
+        def slow(*a, **k):
+            calls[0] += 1
+            if calls[0] == 7:
+                os.kill(os.getpid(), signal.SIGINT)   # as if the user pressed Ctrl-C mid-step
+            return real(*a, **k)
+        m.loss_and_grads = slow
+        res = train(model.small_config(in_dim={C}), TrainOptions(features={feats!r}, out={str(tmp_path / 'r')!r},
+                    steps=100, batch_size=4, ckpt_every=1000, progress=False))
+        print("RESULT", res["step"], res["interrupted"])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "RESULT 7 True" in out.stdout and "Traceback" not in out.stderr
+    assert checkpoint.load(tmp_path / "r" / "ckpt.npz")["step"] == 7
+    res = train(small_cfg(), opts(feats, tmp_path / "r", steps=12, resume=str(tmp_path / "r" / "ckpt.npz")), say=quiet)
+    assert res["step"] == 12 and not res["interrupted"]
+
+
+def run_cli(*args):
+    res = CliRunner().invoke(main, list(args))
+    return res.exit_code, res.output
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: None, "no such file"),
+    (lambda p: np.save(p, np.zeros((3, 4, 5), np.float32)), r"shape \(N, h, w, C\)"),
+    (lambda p: np.save(p, np.zeros((3, 4, 5, 6), np.int32)), "float16 or float32"),
+    (lambda p: p.write_bytes(b"not an npy file"), "not a readable .npy"),
+])
+def test_bad_feature_files_are_one_line_errors(tmp_path, make, match):
+    p = tmp_path / "feats.npy"
+    make(p)
+    code, out = run_cli("train", "--features", str(p), "--out", str(tmp_path / "o"), "--quiet", "--steps", "2")
+    assert code == 2 and "Traceback" not in out
+    assert out.startswith("error: ") and str(p) in out and len(out.strip().splitlines()) == 1
+    import re
+    assert re.search(match, out), out
+
+
+def test_nan_rows_are_named(tmp_path):
+    p = write_feats(tmp_path / "feats.npy", dtype=np.float32)
+    f = np.load(p, mmap_mode="r+")
+    f[5, 1, 1, 2] = np.nan
+    f.flush()
+    del f
+    code, out = run_cli("train", "--features", p, "--out", str(tmp_path / "o"), "--quiet", "--steps", "50",
+                        "--batch-size", "4", "--dim", "5", "--levels", "6,3", "--feature-samples", "3")
+    assert code == 2 and "row 5" in out and "NaN" in out and "Traceback" not in out
+
+
+def test_knn_from_another_feature_file_is_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write_feats(tmp_path / "a" / "feats.npy")
+    b = write_feats(tmp_path / "b" / "feats.npy", seed=3)
+    assert run_cli("knn", "--features", a)[0] == 0
+    code, out = run_cli("train", "--features", b, "--knn", str(tmp_path / "a" / "knn.npy"), "--quiet",
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and "another feature file" in out
+
+
+def test_cli_resume_with_changed_flag_is_refused_and_keeps_the_checkpoint(feats, tmp_path):
+    common = ["--features", feats, "--out", str(tmp_path / "o"), "--quiet", "--batch-size", "4",
+              "--dim", "5", "--levels", "6,3", "--feature-samples", "3"]
+    assert run_cli("train", *common, "--steps", "3")[0] == 0
+    ck = tmp_path / "o" / "ckpt.npz"
+    before = ck.read_bytes()
+    code, out = run_cli("train", *common, "--steps", "6", "--resume", str(ck), "--tau", "0.3")
+    assert code == 2 and "another config" in out and ck.read_bytes() == before
+    assert run_cli("train", "--features", feats, "--out", str(tmp_path / "o"), "--quiet", "--batch-size", "4",
+                   "--steps", "6", "--resume", str(ck))[0] == 0
+    assert checkpoint.load(ck)["step"] == 6
+
+
+def test_config_file_and_flags(tmp_path, feats):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"model": {"dim": 5, "levels": [6, 3], "feature_samples": 3, "tau": 0.2}}))
+    code, out = run_cli("train", "--features", feats, "--out", str(tmp_path / "o"), "--quiet", "--steps", "2",
+                        "--batch-size", "4", "--config", str(cfg_file), "--tau", "0.3")
+    assert code == 0, out
+    cfg = checkpoint.load(tmp_path / "o" / "ckpt.npz")["config"]
+    assert cfg.dim == 5 and cfg.levels == (6, 3) and cfg.tau == 0.3
+    cfg_file.write_text(json.dumps({"dimm": 5}))
+    code, out = run_cli("train", "--features", feats, "--out", str(tmp_path / "o2"), "--quiet", "--config", str(cfg_file))
+    assert code == 2 and "dimm" in out
+
+
+def test_shifts_auto_are_chosen_and_logged(tmp_path, feats):
+    code, out = run_cli("train", "--features", feats, "--out", str(tmp_path / "o"), "--quiet", "--steps", "2",
+                        "--batch-size", "4", "--dim", "5", "--levels", "6,3", "--feature-samples", "3",
+                        "--shifts", "auto")
+    assert code == 0 and "shifts auto:" in out
+    cfg = checkpoint.load(tmp_path / "o" / "ckpt.npz")["config"]
+    assert cfg.shift_neg != model.Config().shift_neg
+    assert -1 <= cfg.shift_neg <= cfg.shift_intra <= 1
