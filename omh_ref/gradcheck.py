@@ -100,21 +100,37 @@ def check_vjp(f, vjp, args, eps=None, rtol=None, atol=None, seed=0, wrt=None, n_
     xp = get_array_module(y0)
     offsets, weights = STENCILS[stencil]
     atol = atol + _roundoff(xp, v, y0, eps) * sum(abs(w) for w in weights)
+    def directional(i, u, h):
+        diff = 0
+        for k, w in zip(offsets, weights):
+            shifted = list(args)
+            shifted[i] = args[i] + (k * h) * u
+            diff = diff + w * _as_array(f(*shifted))
+        return float(xp.sum(v * diff)) / h
+
+    def judge(numeric, analytic, floor):
+        err, scale = abs(numeric - analytic), max(abs(numeric), abs(analytic))
+        return err <= floor + rtol * scale, _rel(err, scale, rtol, floor)
+
     worst, ok = 0.0, True
     for i in wrt:
         for _ in range(n_dirs):
             u = random_normal(rng, args[i].shape, args[i])
-            diff = 0
-            for k, w in zip(offsets, weights):
-                shifted = list(args)
-                shifted[i] = args[i] + (k * eps) * u
-                diff = diff + w * _as_array(f(*shifted))
-            numeric = float(xp.sum(v * diff)) / eps
             analytic = float(xp.sum(grads[i] * u))
-            err = abs(numeric - analytic)
-            scale = max(abs(numeric), abs(analytic))
-            ok &= err <= atol + rtol * scale
-            worst = max(worst, _rel(err, scale, rtol, atol))
+            numeric = directional(i, u, eps)
+            passed, rel = judge(numeric, analytic, atol)
+            if not passed:
+                # A kink (ReLU at 0, a clamp, an argmax tie) within one step of x makes the
+                # difference quotient meaningless there. It shows as a quotient that changes when
+                # the step shrinks 100x; a wrong gradient gives the same quotient at both steps.
+                # Only then is the smaller step's quotient judged (with its own noise floor).
+                h2 = eps / 100
+                floor2 = atol + _roundoff(xp, v, y0, h2) * sum(abs(w) for w in weights)
+                fine = directional(i, u, h2)
+                if not judge(numeric, fine, floor2)[0]:
+                    passed, rel = judge(fine, analytic, floor2)
+            ok &= passed
+            worst = max(worst, rel)
     return Report(name, _shapes(args), worst, rtol, bool(ok), "vjp")
 
 

@@ -50,3 +50,18 @@ def test_float32_is_refused():
     args = tuple(a.astype(np.float32) for a in _args(rng))
     with pytest.raises(ValueError, match="float64"):
         check_vjp(*_linear_fns(), args)
+
+
+def test_kink_within_one_step_is_judged_at_a_finer_step():
+    # relu with an entry 3e-7 from its kink: the 1e-6 step straddles it, the 1e-8 step does not.
+    from omh_ref.checks import _op
+    from omh_ref.ops import relu
+
+    x = np.random.default_rng(4).standard_normal((4, 5))
+    x[1, 2] = 3e-7
+    good = _op(relu.forward, relu.backward)
+    assert check_vjp(*good, (x,), n_dirs=5).passed
+
+    def wrong(v, x):
+        return (relu.backward(v, relu.forward(x)[1]) * 1.01,)
+    assert not check_vjp(good[0], wrong, (x,), n_dirs=5).passed
