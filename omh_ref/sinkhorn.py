@@ -175,11 +175,22 @@ def _implicit_backward(dplan, cache):
     if m > 1:
         Pr = plan / r[..., :, None]                                    # diag(1/r) T
         schur = -xp.matmul(xp.swapaxes(plan, -1, -2), Pr)              # ...,m,m: −Tᵀ diag(1/r) T
+        # The diagonal c_j − Σ_i T_ij²/r_i cancels to exactly 0 when rows put nearly all their
+        # mass on one column; Σ_i T_ij (Σ_{k≠j} T_ik)/r_i is the same number without cancellation
+        # (the row sums without entry j come from exclusive prefix and suffix sums).
+        zero = xp.zeros_like(plan[..., :1])
+        left = xp.concatenate([zero, xp.cumsum(plan[..., :-1], axis=-1)], axis=-1)
+        right = xp.concatenate([xp.cumsum(plan[..., :0:-1], axis=-1)[..., ::-1], zero], axis=-1)
         idx = xp.arange(m)
-        schur[..., idx, idx] += c
+        schur[..., idx, idx] = (Pr * (left + right)).sum(-2)
         rhs = g2 - xp.matmul(xp.swapaxes(Pr, -1, -2), g1[..., None])[..., 0]
-        # Gauge y_last = 0 removes the null direction (x + k, y − k) of the symmetric system.
-        y[..., :-1] = xp.linalg.solve(schur[..., :-1, :-1], rhs[..., :-1, None])[..., 0]
+        # Gauge y_last = 0 removes the null direction (x + k, y − k) of the symmetric system. A
+        # plan whose support splits into blocks has one more near-null direction per block; it
+        # cancels in dC (only x_i + y_j within a block matters there), and a ridge of 1e-12·max c
+        # keeps the solve from failing on it without moving well-posed solutions measurably.
+        A = schur[..., :-1, :-1]
+        A[..., idx[:-1], idx[:-1]] += 1e-12 * c.max(-1, keepdims=True)
+        y[..., :-1] = xp.linalg.solve(A, rhs[..., :-1, None])[..., 0]
     x = (g1 - xp.matmul(plan, y[..., None])[..., 0]) / r
     dcost = (plan * (x[..., :, None] + y[..., None, :]) - G) / plan.dtype.type(eps)
     return dcost, x, y

@@ -110,10 +110,19 @@ def auto_shifts(store: FeatureStore, knn, cfg: model.Config, rng, n_images=64):
 
 
 def _ensure_knn(store, opts, say):
-    path = Path(opts.knn) if opts.knn else store.path.with_name("knn.npy")
-    if not path.is_file() and opts.knn is None:
+    """The KNN table: the one given (checked), or the cached knn.npy beside the features, built
+    when missing and rebuilt when it belongs to another version of the file."""
+    if opts.knn:
+        return load_knn(opts.knn, store, min_k=1), Path(opts.knn)
+    path = store.path.with_name("knn.npy")
+    if path.is_file():
+        try:
+            return load_knn(path, store, min_k=opts.knn_k), path
+        except InputError as e:
+            say(f"knn: cached table is stale ({e}); rebuilding it")
+    else:
         say(f"knn: {path} not found; building it (k={opts.knn_k}) from {store.path}")
-        build_knn(store, path, k=opts.knn_k)
+    build_knn(store, path, k=opts.knn_k)
     return load_knn(path, store, min_k=1), path
 
 
