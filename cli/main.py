@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 from omh_ref import __version__
 from omh_ref.errors import InputError
@@ -205,6 +206,177 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
     res = run_train(cfg, opts, say=click.echo)
     click.echo(f"step {res['step']}: checkpoint {res['checkpoint']}, log {res['log']}")
     sys.exit(130 if res["interrupted"] else 0)
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(), help="Report folder.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
+@click.option("--steps", default=300, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--n-train", default=600, show_default=True, help="Synthetic training images.")
+@click.option("--n-val", default=200, show_default=True, help="Synthetic validation images.")
+@click.option("--probe-epochs", default=5, show_default=True)
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, quiet):
+    """Synthetic data -> OMH, OMH without hierarchy, STEGO baseline -> side-by-side table + report."""
+    from omh_ref import demo as demo_mod
+
+    try:
+        seeds = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        raise InputError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
+    opts = demo_mod.DemoOptions(out=out, seeds=seeds, steps=steps, batch_size=batch_size, n_train=n_train,
+                                n_val=n_val, probe_epochs=probe_epochs, device=device, progress=not quiet)
+    rep = demo_mod.run(opts, say=click.echo)
+    click.echo(demo_mod.table(rep))
+    click.echo(f"report: {Path(out) / 'report.json'} and PNGs in {out}")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(), help="Output folder (feats.npy, labels.npy, feats.json).")
+@click.option("--split", default="train", type=click.Choice(["train", "val"]), show_default=True)
+@click.option("--n-images", default=600, show_default=True)
+@click.option("--grid", default=16, show_default=True, help="Feature grid side (h = w).")
+@click.option("--dim", default=384, show_default=True, help="Feature channels C.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), show_default=True)
+@friendly_errors
+def synth(out, split, n_images, grid, dim, seed, dtype):
+    """Write the synthetic DINO-like demo data (a superclass -> class -> part hierarchy)."""
+    from omh_ref.data import synthetic
+
+    try:
+        spec = synthetic.SynthSpec(n_images=n_images, grid=grid, dim=dim, seed=seed)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    paths = synthetic.write(spec, out, dtype=dtype, split=split)
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@main.command(name="eval")
+@click.option("--checkpoint", required=True, type=click.Path(), help="ckpt.npz from omh-ref train.")
+@click.option("--features", required=True, type=click.Path(), help="Evaluation feats.npy.")
+@click.option("--labels", required=True, type=click.Path(), help="Evaluation labels.npy (N, H, W).")
+@click.option("--flipped-features", default=None, type=click.Path(), help="Horizontally flipped features (averaged).")
+@click.option("--train-features", default=None, type=click.Path(), help="Features for the linear probe.")
+@click.option("--train-labels", default=None, type=click.Path(), help="Labels for the linear probe.")
+@click.option("--n-classes", default=None, type=int, help="[default: feats.json's n_classes, else the eval level's K].")
+@click.option("--class-names", default=None, help="cocostuff27, cityscapes27, potsdam3, or a text file (one per line).")
+@click.option("--probe-epochs", default=10, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the linear probe.")
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Write the scores as JSON.")
+@click.option("--out", default=None, type=click.Path(), help="Folder for PNGs (confusion, predictions, hierarchy).")
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def eval_cmd(checkpoint, features, labels, flipped_features, train_features, train_labels, n_classes, class_names,
+             probe_epochs, batch_size, seed, json_out, out, device, quiet):
+    """Score a checkpoint: cluster (Hungarian) and linear-probe mIoU / accuracy, per-class IoU,
+    the cluster->class matching and the learned hierarchy."""
+    from omh_ref import evaluate, report
+    from omh_ref.backend import resolve_device
+    from omh_ref.data.store import FeatureStore
+    from omh_ref.train import load_params
+
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    params, cfg = load_params(checkpoint, device)
+    store = FeatureStore(features, labels=labels)
+    flipped = FeatureStore(flipped_features) if flipped_features else None
+    if flipped is not None and (flipped.N, flipped.h, flipped.w, flipped.C) != (store.N, store.h, store.w, store.C):
+        raise InputError(f"{flipped_features}: shape {flipped.feats.shape} differs from {features} {store.feats.shape}")
+    K = cfg.effective().levels[cfg.effective().eval_level]
+    n_classes = n_classes or int(store.meta.get("n_classes", K))
+    names = resolve_class_names(class_names, store, n_classes)
+    if K < n_classes:
+        raise InputError(f"{checkpoint}: the eval level has {K} clusters, fewer than the {n_classes} classes")
+    clu, preds = evaluate.cluster_eval(params, cfg, store, n_classes, batch_size, flipped, device, keep=4)
+    result = {"cluster": _scores_json(clu)}
+    if train_features or train_labels:
+        if not (train_features and train_labels):
+            raise InputError("--train-features and --train-labels: give both for the linear probe")
+        tr = FeatureStore(train_features, labels=train_labels)
+        probe = evaluate.linear_probe(params, tr, n_classes, probe_epochs, batch_size, seed=seed, device=device,
+                                      progress=not quiet)
+        lin = evaluate.linear_eval(params, probe, store, n_classes, batch_size, flipped, device)
+        result["linear"] = _scores_json(lin)
+    plans = evaluate.hierarchy_plans(params, cfg)
+    tree = evaluate.hierarchy_text(plans, clu["match"].cluster_to_class, names)
+    result["hierarchy"] = {"plans": [p.round(4).tolist() for p in plans], "text": tree}
+    click.echo(format_eval(result, names))
+    if tree:
+        click.echo("hierarchy (child clusters absorbed by each parent, share of the child's mass):")
+        click.echo("\n".join("  " + t for t in tree))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1))
+        click.echo(f"wrote {json_out}")
+    if out:
+        o = Path(out)
+        o.mkdir(parents=True, exist_ok=True)
+        report.confusion_png(o / "confusion_cluster.png", clu["confusion"][clu["match"].class_to_cluster],
+                             row_names=[f"c{c}" for c in clu["match"].class_to_cluster], col_names=names)
+        lab = store.read_labels(np.arange(len(preds)))
+        rows = [[report.colorize(lab[i], n_classes), report.colorize(clu["match"].cluster_to_class[preds[i]], n_classes)]
+                for i in range(len(preds))]
+        report.grid_png(o / "predictions.png", rows, titles=["labels", "clusters (matched)"])
+        for lvl, A in enumerate(plans):
+            report.confusion_png(o / f"hierarchy_L{lvl}_L{lvl + 1}.png", A.T, cell=10)
+        (o / "hierarchy.txt").write_text("\n".join(tree) + "\n")
+        click.echo(f"pictures in {o}")
+
+
+def resolve_class_names(spec, store, n_classes):
+    from omh_ref.data.classes import CLASS_NAMES
+
+    if spec is None:
+        names = store.meta.get("class_names")
+    elif spec in CLASS_NAMES:
+        names = CLASS_NAMES[spec]
+    else:
+        p = Path(spec)
+        if not p.is_file():
+            raise InputError(f"--class-names {spec!r}: not a built-in ({', '.join(CLASS_NAMES)}) nor a file")
+        names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    if names is not None and len(names) != n_classes:
+        raise InputError(f"--class-names: {len(names)} names for {n_classes} classes")
+    return names or [str(i) for i in range(n_classes)]
+
+
+def _scores_json(res):
+    out = {"miou": res["miou"], "acc": res["acc"],
+           "iou": [None if np.isnan(v) else float(v) for v in res["iou"]]}
+    if "match" in res:
+        out["match"] = res["match"].to_dict()
+    return out
+
+
+def format_eval(result, names):
+    lines = [f"{'probe':<10} {'mIoU':>7} {'acc':>7}"]
+    for probe in ("cluster", "linear"):
+        if probe in result:
+            lines.append(f"{probe:<10} {result[probe]['miou']:7.2f} {result[probe]['acc']:7.2f}")
+    lines.append("")
+    head = f"{'class':<24} {'cluster IoU':>11}" + (f" {'linear IoU':>11}" if "linear" in result else "")
+    lines.append(head + f" {'cluster':>8}")
+    c2k = result["cluster"]["match"]["class_to_cluster"]
+    for c, name in enumerate(names):
+        row = f"{name:<24} {_fmt(result['cluster']['iou'][c]):>11}"
+        if "linear" in result:
+            row += f" {_fmt(result['linear']['iou'][c]):>11}"
+        lines.append(row + f" {c2k[c]:>8}")
+    unmatched = result["cluster"]["match"]["unmatched"]
+    if unmatched:
+        lines.append(f"unmatched clusters: {unmatched}")
+    return "\n".join(lines)
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def ensure_demo_data(root):

@@ -56,7 +56,8 @@ class FeatureStore:
         self.N, self.h, self.w, self.C = f.shape
         self.dtype = f.dtype
         self.meta = self._load_meta(meta)
-        self.labels = None if labels is None else self._load_labels(Path(labels))
+        self.labels_path = None if labels is None else Path(labels)
+        self.labels = None if labels is None else self._load_labels(self.labels_path)
         self._mmap = getattr(f, "_mmap", None)
 
     def _load_meta(self, meta):

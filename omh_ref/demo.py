@@ -1,0 +1,145 @@
+"""``omh-ref demo``: synthetic data -> train OMH, OMH without the hierarchy loss, and the STEGO
+baseline over several seeds -> evaluate -> a side-by-side table and a report folder.
+
+Report (under ``out``): ``report.json`` (every run's cluster and linear scores, means and
+spreads), ``predictions.png`` (val images: labels and each method's matched cluster predictions),
+``loss_curves.png`` (from each run's ``log.jsonl``), ``confusion_<method>.png``, and the runs'
+checkpoints and logs under ``runs/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import report
+from .data import synthetic
+from .data.store import FeatureStore
+from .evaluate import cluster_eval, linear_eval, linear_probe
+from .model import Config
+from .train import TrainOptions, load_params, train
+
+METHODS = {
+    "OMH": {},
+    "OMH w/o hierarchy": {"lam_hier": 0.0},
+    "STEGO baseline": {"baseline": "stego"},
+}
+
+
+@dataclasses.dataclass
+class DemoOptions:
+    out: str = "runs/demo"
+    seeds: tuple = (0, 1, 2)
+    steps: int = 300
+    batch_size: int = 8
+    n_train: int = 600
+    n_val: int = 200
+    probe_epochs: int = 5
+    device: str = "cpu"
+    progress: bool = True
+    methods: tuple = tuple(METHODS)
+
+
+def demo_config(n_classes: int, **overrides) -> Config:
+    """The demo's model: three levels 4K/2K/K over the K true classes (DESIGN.md's 36/18/9 for
+    the default 9), everything else DESIGN.md's defaults."""
+    base = dict(levels=(4 * n_classes, 2 * n_classes, n_classes))
+    base.update(overrides)
+    return Config(**base)
+
+
+def prepare_data(opts: DemoOptions, say=print):
+    root = Path(opts.out) / "data"
+    paths = {}
+    for split, n in (("train", opts.n_train), ("val", opts.n_val)):
+        spec = synthetic.SynthSpec(n_images=n)
+        d = root / split
+        meta = d / "feats.json"
+        if not (meta.is_file() and json.loads(meta.read_text()).get("synth_spec") == dataclasses.asdict(spec)):
+            say(f"demo: writing synthetic {split} data ({n} images) to {d}")
+            synthetic.write(spec, d, split=split)
+        paths[split] = d
+    return paths
+
+
+def run(opts: DemoOptions, say=print) -> dict:
+    t0 = time.perf_counter()
+    out = Path(opts.out)
+    data = prepare_data(opts, say)
+    train_store = FeatureStore(data["train"] / "feats.npy", labels=data["train"] / "labels.npy")
+    val_store = FeatureStore(data["val"] / "feats.npy", labels=data["val"] / "labels.npy")
+    n_classes = int(train_store.meta["n_classes"])
+    class_names = train_store.meta.get("class_names")
+    runs, logs, shown = {}, {}, {}
+    for method in opts.methods:
+        for seed in opts.seeds:
+            cfg = dataclasses.replace(demo_config(n_classes, in_dim=train_store.C), **METHODS[method])
+            run_dir = out / "runs" / f"{method.replace(' ', '_').replace('/', '')}-seed{seed}"
+            say(f"demo: {method}, seed {seed}")
+            res = train(cfg, TrainOptions(features=str(train_store.path), out=str(run_dir), steps=opts.steps,
+                                          batch_size=opts.batch_size, seed=seed, device=opts.device,
+                                          shifts_auto=True, progress=opts.progress,
+                                          ckpt_every=opts.steps), say=say)
+            params, cfg = load_params(res["checkpoint"], opts.device)
+            clu, preds = cluster_eval(params, cfg, val_store, n_classes, device=opts.device, keep=6)
+            probe = linear_probe(params, train_store, n_classes, epochs=opts.probe_epochs, seed=seed,
+                                 device=opts.device, progress=opts.progress)
+            lin = linear_eval(params, probe, val_store, n_classes, device=opts.device)
+            runs.setdefault(method, []).append({"seed": seed, "cluster": _public(clu), "linear": _public(lin)})
+            if seed == opts.seeds[0]:
+                logs[method] = res["log"]
+                shown[method] = (preds, clu)
+    summary = {m: _summary(rs) for m, rs in runs.items()}
+    rep = {"methods": summary, "runs": runs, "options": dataclasses.asdict(opts), "n_classes": n_classes,
+           "class_names": class_names, "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "report.json").write_text(json.dumps(rep, indent=1))
+    _pictures(out, val_store, shown, logs, n_classes, class_names)
+    return rep
+
+
+def _public(res):
+    """JSON-ready scores: drop the confusion matrix, lists for arrays."""
+    out = {"miou": res["miou"], "acc": res["acc"], "iou": [None if np.isnan(v) else float(v) for v in res["iou"]]}
+    if "match" in res:
+        out["match"] = res["match"].to_dict()
+    return out
+
+
+def _summary(rs):
+    def stat(probe, key):
+        v = np.array([r[probe][key] for r in rs])
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+    return {f"{p}_{k}": stat(p, k) for p in ("cluster", "linear") for k in ("miou", "acc")}
+
+
+def table(rep) -> str:
+    """The side-by-side table: mean ± std over seeds."""
+    head = f"{'method':<20} {'cluster mIoU':>15} {'cluster acc':>15} {'linear mIoU':>15} {'linear acc':>15}"
+    lines = [head, "-" * len(head)]
+    for m, s in rep["methods"].items():
+        cells = [f"{s[k]['mean']:6.1f} ± {s[k]['std']:4.1f}" for k in ("cluster_miou", "cluster_acc", "linear_miou", "linear_acc")]
+        lines.append(f"{m:<20} " + " ".join(f"{c:>15}" for c in cells))
+    n = len(next(iter(rep["runs"].values())))
+    lines.append(f"(mean ± std over {n} seeds, ×100; {rep['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def _pictures(out, val_store, shown, logs, n_classes, class_names):
+    k = min(len(p) for p, _ in shown.values())
+    idx = np.arange(k)
+    labels = val_store.read_labels(idx)
+    rows = []
+    for i in idx:
+        row = [report.colorize(labels[i], n_classes)]
+        for preds, clu in shown.values():
+            mapped = clu["match"].cluster_to_class[preds[i]]
+            row.append(report.colorize(mapped, n_classes))
+        rows.append(row)
+    report.grid_png(out / "predictions.png", rows, titles=["labels", *shown])
+    report.loss_curves_png(out / "loss_curves.png", logs)
+    for method, (_, clu) in shown.items():
+        name = method.replace(" ", "_").replace("/", "")
+        report.confusion_png(out / f"confusion_{name}.png", clu["confusion"], col_names=class_names)

@@ -1,0 +1,186 @@
+"""Predictions, probes and scores for a trained checkpoint (DESIGN.md 1.6).
+
+* Codes: the projection head without dropout, batch by batch over a memory-mapped feature file;
+  with a flipped feature file, the flipped code is flipped back and averaged (STEGO).
+* Cluster predictions: the eval level's cosine logits, bilinearly upsampled (align_corners=False)
+  to label resolution, argmax; scored by Hungarian matching on the confusion over the whole split.
+* Linear probe: a 1x1 layer D -> n_classes on detached codes, its logits upsampled to label
+  resolution and trained with cross-entropy on the labelled pixels (STEGO), Adam, seeded;
+  evaluated with the identity mapping.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import metrics
+from .backend import get_array_module, to_device, to_host
+from .data.store import FeatureStore
+from .errors import InputError
+from .model import Config
+from .ops import cosine, linear, log_softmax, relu, resize
+from .optim import adam_init, adam_step
+
+
+def head(params, f):
+    """z = W1 f + b1 + W3 relu(W2 f + b2) + b3 (no dropout). f (B, h, w, C) -> z (B, h, w, D)."""
+    z1, _ = linear.forward(f, params["W1"], params["b1"])
+    r, _ = relu.forward(linear.forward(f, params["W2"], params["b2"])[0])
+    return z1 + linear.forward(r, params["W3"], params["b3"])[0]
+
+
+def codes(params, store: FeatureStore, batch_size=16, flipped: FeatureStore | None = None, device="cpu"):
+    """Yield (start, z) over the store; z (B, h, w, D) on ``device``."""
+    dt = params["W1"].dtype
+    for s, f in store.batches(batch_size):
+        z = head(params, to_device(f.astype(dt), device))
+        if flipped is not None:
+            ff = to_device(flipped.read(np.arange(s, s + len(f))).astype(dt), device)
+            z = (z + head(params, ff)[:, :, ::-1]) / 2
+        yield s, z
+
+
+def check_compat(params, cfg: Config, store: FeatureStore):
+    if store.C != params["W1"].shape[1]:
+        raise InputError(f"{store.path}: features have C={store.C} channels but the checkpoint's head expects "
+                         f"{params['W1'].shape[1]}")
+
+
+def label_shape(store: FeatureStore):
+    if store.labels is None:
+        raise InputError(f"{store.path}: no labels given (expected --labels labels.npy)")
+    return store.labels.shape[1:]
+
+
+def cluster_logits(params, cfg: Config, z, size):
+    """Eval-level cosine logits of codes z (B, h, w, D), upsampled to size -> (B, H, W, K)."""
+    cfg = cfg.effective()
+    M = params[f"M{cfg.eval_level % len(cfg.levels)}"]
+    s, _ = cosine.forward(z, M)
+    return resize.forward(s, size)[0]
+
+
+def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size=16, flipped=None,
+                 device="cpu", keep=0):
+    """Confusion over the whole split, Hungarian matching and scores.
+
+    -> (result dict {'miou', 'acc', 'iou', 'match', 'unmatched', 'confusion'}, first ``keep`` predictions)."""
+    check_compat(params, cfg, store)
+    size = label_shape(store)
+    K = cfg.effective().levels[cfg.effective().eval_level]
+    acc = metrics.ConfusionAccumulator(K, n_classes)
+    kept = []
+    for s, z in codes(params, store, batch_size, flipped, device):
+        pred = to_host(cluster_logits(params, cfg, z, size).argmax(axis=-1))
+        _update(acc, pred, store, s)
+        if len(kept) < keep:
+            kept.extend(pred[: keep - len(kept)])
+    return summarize(acc.matrix), np.asarray(kept)
+
+
+def _update(acc, pred, store, start):
+    """Accumulate one batch; bad labels become an InputError naming the labels file."""
+    try:
+        acc.update(pred, store.read_labels(np.arange(start, start + len(pred))))
+    except ValueError as e:
+        raise InputError(f"{store.labels_path}: {e}") from None
+
+
+def summarize(conf):
+    match = metrics.hungarian(conf)
+    res = metrics.scores(conf, match)
+    return {**res, "match": match, "confusion": conf}
+
+
+def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=16, lr=1e-3, seed=0,
+                 device="cpu", progress=True):
+    """Train the probe on detached codes of ``store`` (features + labels). -> (W, b) on host."""
+    from tqdm import tqdm
+
+    size = label_shape(store)
+    Z = np.concatenate([to_host(z) for _, z in codes(params, store, batch_size, device=device)])  # N,h,w,D
+    D = Z.shape[-1]
+    rng = np.random.default_rng(seed)
+    bound = 1 / np.sqrt(D)
+    probe = {"W": rng.uniform(-bound, bound, (n_classes, D)).astype(np.float32),
+             "b": np.zeros(n_classes, np.float32)}
+    probe = to_device(probe, device)
+    state = adam_init(probe)
+    steps = epochs * ((store.N + batch_size - 1) // batch_size)
+    with tqdm(total=steps, desc="linear probe", unit="step", disable=not progress) as bar:
+        for _ in range(epochs):
+            order = rng.permutation(store.N)
+            for s in range(0, store.N, batch_size):
+                idx = np.sort(order[s:s + batch_size])
+                z = to_device(Z[idx], device)
+                lab = to_device(store.read_labels(idx).astype(np.int64), device)
+                loss, grads = _probe_loss_and_grads(probe, z, lab, size, n_classes)
+                adam_step(probe, grads, state, lr)
+                bar.update(1)
+                bar.set_postfix(ce=f"{float(loss):.3f}")
+    return to_host(probe)
+
+
+def _probe_loss_and_grads(probe, z, lab, size, n_classes):
+    """Mean cross-entropy over labelled pixels of upsampled logits; -> (loss, grads)."""
+    xp = get_array_module(z)
+    logits, lc = linear.forward(z, probe["W"], probe["b"])                   # B,h,w,n
+    up, rc = resize.forward(logits, size)                                    # B,H,W,n
+    logp, sc = log_softmax.forward(up)
+    valid = (lab >= 0) & (lab < n_classes)
+    count = max(int(valid.sum()), 1)
+    # one-hot of the label where labelled (ignored pixels get an all-zero row)
+    target = ((lab[..., None] == xp.arange(n_classes)) & valid[..., None]).astype(logp.dtype)
+    loss = -(target * logp).sum() / count
+    dlogp = target * logp.dtype.type(-1.0 / count)
+    dup = log_softmax.backward(dlogp, sc)
+    dlogits = resize.backward(dup, rc)
+    _, dW, db = linear.backward(dlogits, lc)
+    return loss, {"W": dW, "b": db}
+
+
+def linear_eval(params, probe, store: FeatureStore, n_classes, batch_size=16, flipped=None, device="cpu"):
+    """Scores of the probe with the identity mapping (cluster i = class i)."""
+    size = label_shape(store)
+    acc = metrics.ConfusionAccumulator(n_classes, n_classes)
+    P = to_device(probe, device)
+    for s, z in codes(params, store, batch_size, flipped, device):
+        logits = resize.forward(linear.forward(z, P["W"], P["b"])[0], size)[0]
+        _update(acc, to_host(logits.argmax(axis=-1)), store, s)
+    conf = acc.matrix
+    ident = metrics.identity_match(n_classes, n_classes)
+    return {**metrics.scores(conf, ident), "confusion": conf}
+
+
+def hierarchy_plans(params, cfg: Config):
+    """Row-normalised plans A_l (K_l x K_{l+1}) between adjacent levels from the centroids (uniform
+    marginals, the config's ε and iterations): child cluster i's soft parent assignment."""
+    from .losses.hierarchy import forward as hier_forward
+
+    cfg = cfg.effective()
+    plans = []
+    for i in range(len(cfg.levels) - 1):
+        Kc, Kp = cfg.levels[i], cfg.levels[i + 1]
+        xp = get_array_module(params["W1"])
+        dummy_c = xp.log(xp.full((1, Kc), 1.0 / Kc, dtype=params["W1"].dtype))
+        dummy_p = xp.log(xp.full((1, Kp), 1.0 / Kp, dtype=params["W1"].dtype))
+        _, cache = hier_forward(dummy_c, dummy_p, params[f"M{i}"], params[f"M{i + 1}"], cfg.eps,
+                                cfg.sinkhorn_iters, cfg.lam_w)
+        plans.append(to_host(cache[4]))
+    return plans
+
+
+def hierarchy_text(plans, class_of_cluster=None, class_names=None, threshold=0.5):
+    """Lines 'level l+1 cluster j <- level l clusters [i (share), ...]' for every adjacent pair;
+    the last level's clusters are named by their matched class when given."""
+    lines = []
+    for lvl, A in enumerate(plans):
+        parent = A.argmax(axis=1)
+        last = lvl == len(plans) - 1
+        for j in range(A.shape[1]):
+            kids = [f"{i} ({A[i, j]:.2f})" for i in np.flatnonzero(parent == j) if A[i, j] >= threshold]
+            name = f"L{lvl + 1}:{j}"
+            if last and class_of_cluster is not None and class_of_cluster[j] >= 0:
+                c = int(class_of_cluster[j])
+                name += f" [{class_names[c] if class_names else c}]"
+            lines.append(f"{name:<28} <- L{lvl}: {', '.join(kids) if kids else '(none)'}")
+    return lines

@@ -1,0 +1,158 @@
+"""Evaluation: cluster predictions and scores on a model with known answers, the linear probe's
+gradient, and a tiny end-to-end demo run."""
+import json
+
+import numpy as np
+import pytest
+from numpy.lib.format import open_memmap
+
+from omh_ref import demo, evaluate, model
+from omh_ref.data.store import FeatureStore
+from omh_ref.gradcheck import check_vjp
+
+
+def _known_world(tmp_path, N=6, h=4, C=5, K=3, patch=2, seed=0):
+    """Features that are exactly one of K orthogonal prototypes per patch, labels at patch x2."""
+    rng = np.random.default_rng(seed)
+    protos = np.eye(C)[:K] * 3.0
+    lab_grid = rng.integers(0, K, size=(N, h, h))
+    feats = open_memmap(tmp_path / "feats.npy", mode="w+", dtype=np.float32, shape=(N, h, h, C))
+    feats[:] = protos[lab_grid]
+    feats.flush()
+    labels = np.repeat(np.repeat(lab_grid, patch, axis=1), patch, axis=2).astype(np.uint8)
+    labels[0, 0, 0] = 255                          # an ignored pixel
+    np.save(tmp_path / "labels.npy", labels)
+    del feats
+    return FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "labels.npy"), protos
+
+
+def _identity_params(cfg, protos, perm):
+    C, D = cfg.in_dim, cfg.dim
+    p = {"W1": np.eye(D, C, dtype=np.float32), "b1": np.zeros(D, np.float32),
+         "W2": np.zeros((C, C), np.float32), "b2": np.zeros(C, np.float32),
+         "W3": np.zeros((D, C), np.float32), "b3": np.zeros(D, np.float32)}
+    for i, k in enumerate(cfg.levels):
+        p[f"M{i}"] = np.zeros((k, D), np.float32)
+    p[f"M{len(cfg.levels) - 1}"] = protos[perm].astype(np.float32)   # clusters = permuted classes
+    return p
+
+
+def test_cluster_eval_recovers_a_known_permutation(tmp_path):
+    store, protos = _known_world(tmp_path)
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
+    perm = np.array([2, 0, 1])
+    res, preds = evaluate.cluster_eval(_identity_params(cfg, protos, perm), cfg, store, n_classes=3, keep=2)
+    assert res["miou"] == pytest.approx(100.0) and res["acc"] == pytest.approx(100.0)
+    # cluster c is prototype perm[c], so it must be matched to class perm[c]
+    assert res["match"].cluster_to_class.tolist() == perm.tolist()
+    assert preds.shape == (2, 8, 8)
+    assert res["confusion"].sum() == 6 * 64 - 1      # the ignored pixel is not counted
+
+
+def test_linear_probe_learns_a_separable_world(tmp_path):
+    store, protos = _known_world(tmp_path, N=8)
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
+    params = _identity_params(cfg, protos, np.arange(3))
+    probe = evaluate.linear_probe(params, store, 3, epochs=60, batch_size=4, lr=5e-2, progress=False)
+    res = evaluate.linear_eval(params, probe, store, 3)
+    assert res["acc"] > 95
+
+
+def test_probe_gradient(tmp_path):
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((2, 3, 4, 5))
+    lab = rng.integers(0, 3, size=(2, 6, 8))
+    lab[0, 0, :3] = 255
+
+    def f(W, b):
+        return evaluate._probe_loss_and_grads({"W": W, "b": b}, z, lab, (6, 8), 3)[0]
+
+    def vjp(v, W, b):
+        g = evaluate._probe_loss_and_grads({"W": W, "b": b}, z, lab, (6, 8), 3)[1]
+        return g["W"] * v, g["b"] * v
+    assert check_vjp(f, vjp, (rng.standard_normal((3, 5)), rng.standard_normal(3))).passed
+
+
+def test_checkpoint_feature_mismatch_is_clear(tmp_path):
+    store, protos = _known_world(tmp_path)
+    cfg = model.Config(in_dim=7, dim=5, levels=(3,))
+    params = model.init_params(cfg, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="C=5 channels.*expects 7"):
+        evaluate.cluster_eval(params, cfg, store, 3)
+
+
+def test_tiny_demo_end_to_end(tmp_path):
+    opts = demo.DemoOptions(out=str(tmp_path / "demo"), seeds=(0, 1), steps=3, batch_size=4, n_train=12,
+                            n_val=6, probe_epochs=1, progress=False)
+    rep = demo.run(opts, say=lambda *a: None)
+    assert set(rep["methods"]) == set(demo.METHODS)
+    for m, s in rep["methods"].items():
+        assert len(s["cluster_miou"]["values"]) == 2 and 0 <= s["cluster_miou"]["mean"] <= 100
+    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert saved["methods"] == rep["methods"]
+    for png in ("predictions.png", "loss_curves.png", "confusion_OMH.png"):
+        assert (tmp_path / "demo" / png).stat().st_size > 1000
+    table = demo.table(rep)
+    assert all(m in table for m in demo.METHODS) and "± " in table
+
+
+def test_eval_cli_prints_tables_and_writes_json_and_pngs(tmp_path):
+    from click.testing import CliRunner
+
+    from omh_ref import checkpoint
+    from omh_ref.optim import adam_init
+    from omh_ref_cli.main import main
+
+    store, protos = _known_world(tmp_path, N=8)
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
+    params = _identity_params(cfg, protos, np.array([1, 2, 0]))
+    params["M0"] = np.repeat(protos, 2, axis=0).astype(np.float32) + 0.01
+    ck = tmp_path / "ckpt.npz"
+    checkpoint.save(ck, params, adam_init(params), 0, np.random.default_rng(0), cfg)
+    names = tmp_path / "names.txt"
+    names.write_text("red\ngreen\nblue\n")
+    args = ["eval", "--checkpoint", str(ck), "--features", str(store.path), "--labels", str(tmp_path / "labels.npy"),
+            "--train-features", str(store.path), "--train-labels", str(tmp_path / "labels.npy"), "--n-classes", "3",
+            "--class-names", str(names), "--probe-epochs", "2", "--json", str(tmp_path / "s.json"),
+            "--out", str(tmp_path / "pics"), "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "cluster     100.00  100.00" in res.output and "green" in res.output and "L1:0" in res.output
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["cluster"]["miou"] == pytest.approx(100.0) and "linear" in saved
+    assert saved["cluster"]["match"]["cluster_to_class"] == [1, 2, 0]
+    for png in ("confusion_cluster.png", "predictions.png", "hierarchy_L0_L1.png"):
+        assert (tmp_path / "pics" / png).is_file()
+    # each parent absorbs the two fine clusters built from its prototype
+    assert "L1:0 [green]" in res.output and "L0: 2 (" in res.output
+
+
+def test_eval_cli_bad_input(tmp_path):
+    from click.testing import CliRunner
+
+    from omh_ref import checkpoint
+    from omh_ref.optim import adam_init
+    from omh_ref_cli.main import main
+
+    store, protos = _known_world(tmp_path)
+    cfg = model.Config(in_dim=7, dim=5, levels=(3,))
+    params = model.init_params(cfg, np.random.default_rng(0))
+    ck = tmp_path / "ckpt.npz"
+    checkpoint.save(ck, params, adam_init(params), 0, np.random.default_rng(0), cfg)
+    base = ["eval", "--checkpoint", str(ck), "--features", str(store.path), "--quiet"]
+    res = CliRunner().invoke(main, base + ["--labels", str(tmp_path / "labels.npy")])
+    assert res.exit_code == 2 and "channels" in res.output and "Traceback" not in res.output
+    np.save(tmp_path / "short.npy", np.zeros((2, 8, 8), np.uint8))
+    res = CliRunner().invoke(main, base + ["--labels", str(tmp_path / "short.npy")])
+    assert res.exit_code == 2 and "label maps" in res.output
+
+
+def test_labels_out_of_range_name_the_file(tmp_path):
+    store, protos = _known_world(tmp_path)
+    lab = np.load(tmp_path / "labels.npy")
+    lab[2, 3, 3] = 7
+    np.save(tmp_path / "bad.npy", lab)
+    store = FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "bad.npy")
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
+    with pytest.raises(ValueError, match="bad.npy.*7"):
+        evaluate.cluster_eval(_identity_params(cfg, protos, np.arange(3)), cfg, store, 3)
