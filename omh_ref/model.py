@@ -228,7 +228,7 @@ def forward(params, batch, cfg: Config, rng, targets=None):
     r2, rc = relu.forward(h2)
     z3, c3 = linear.forward(r2, params["W3"], params["b3"])            # 2B,h,w,D
     z = z1 + z3
-    parts, dscale = {}, []
+    parts, _dscale = {}, []
 
     # STEGO correlation loss on sampled points.
     coords1, coords2 = xp.asarray(d["coords1"], dtype=dt), xp.asarray(d["coords2"], dtype=dt)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, model
-from .backend import get_array_module, resolve_device, to_device, to_host
+from .backend import resolve_device, to_device
 from .data.knn import build_knn, load_knn
 from .data.store import FeatureStore
 from .errors import InputError

@@ -30,7 +30,7 @@ def balanced_targets(s, eps_q, n_iters):
 
 def hard_targets(s):
     """One-hot argmax of s (P, K)."""
-    xp = get_array_module(s)
+    get_array_module(s)
     return (s == s.max(axis=-1, keepdims=True)).astype(s.dtype)
 
 
