@@ -133,3 +133,23 @@ def test_unknown_choices_are_named():
         cluster.forward(s, s, "fuzzy")
     with pytest.raises(ValueError, match="marginals"):
         hierarchy.forward(s, s, np.ones((2, 3)), np.ones((2, 3)), marginals="mass")
+
+
+@given(P=st.integers(5, 30), K=dims, seed=seeds)
+def test_relaxed_targets_interpolate_between_softmax_and_balanced(P, K, seed):
+    rng, r = _rand(seed)
+    s = np.clip(r(P, K), -1, 1)
+    eps = 0.1
+    Qb, err = cluster.balanced_targets(s, eps, 500)
+    Qbig, _ = cluster.relaxed_targets(s, eps, 500, 1e9)
+    # rho -> inf: the balanced plan (one ends on a column update, the other on a row update, so
+    # they differ by the unconverged marginal error)
+    np.testing.assert_allclose(Qbig, Qb, atol=2 * P * float(err) + 1e-6)
+    Qsmall, _ = cluster.relaxed_targets(s, eps, 50, 1e-9)
+    soft = np.exp(s / eps - np.log(np.exp(s / eps).sum(1, keepdims=True)))
+    np.testing.assert_allclose(Qsmall, soft, atol=1e-6)       # rho -> 0: each pixel's softmax
+    Q, _ = cluster.relaxed_targets(s, eps, 50, 0.3)
+    assert np.all(Q >= 0)
+    np.testing.assert_allclose(Q.sum(1), 1.0, rtol=1e-12)     # rows exact
+    # the column masses lie between the softmax's and the balanced ones (in spread)
+    assert Q.sum(0).std() <= soft.sum(0).std() + 1e-9

@@ -289,6 +289,14 @@ def test_balanced_targets(rng, P, K, eps_q, iters):
     assert_close(Q, np_(tQ), VAL_RTOL, "balanced targets")
 
 
+@pytest.mark.parametrize("P,K,eps_q,iters,rho", [(15, 7, 0.05, 20, 0.1), (21, 3, 0.3, 5, 2.0)])
+def test_relaxed_targets(rng, P, K, eps_q, iters, rho):
+    s = np.tanh(rng.standard_normal((P, K)))
+    Q, _ = cluster.relaxed_targets(s, eps_q, iters, rho)
+    tQ = tr.relaxed_targets(tr.tensor(s), eps_q, iters, rho)
+    assert_close(Q, np_(tQ), VAL_RTOL, "relaxed targets")
+
+
 @pytest.mark.parametrize("target", ["balanced", "soft", "hard"])
 def test_cluster_loss(rng, target):
     P, K, tau = 15, 7, 0.37
@@ -325,7 +333,9 @@ def test_hierarchy(rng, marginals, eps, iters):
 # ---------------------------------------------------------------- the whole model
 
 MODEL_CASES = {
-    "default-balanced": {},
+    "default-relaxed": {},
+    "strict-balanced": {"rho_q": float("inf")},
+    "uniform": {"marginals": "uniform"},
     "soft": {"cluster_target": "soft"},
     "hard": {"cluster_target": "hard"},
     "usage": {"marginals": "usage"},

@@ -12,6 +12,8 @@ order used as the grid unchanged, all random draws from :func:`omh_ref.model.dra
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -143,18 +145,36 @@ def balanced_targets(s, eps_q, n_iters):
     return P * sinkhorn(1.0 - s, a, b, eps_q, n_iters)
 
 
+def relaxed_targets(s, eps_q, n_iters, rho):
+    """Semi-relaxed entropic OT targets, detached: the pixel marginal 1/P is a hard constraint,
+    the cluster marginal 1/K a KL penalty of weight rho, so the column scaling is the balanced
+    one raised to rho/(rho+eps) (Chizat et al. 2018). Ends on a row update; rows sum to 1."""
+    s = s.detach()
+    P, K = s.shape
+    logK = (s - 1.0) / eps_q
+    power = rho / (rho + eps_q)
+    g = torch.zeros(K, dtype=s.dtype)                    # log column scaling
+    for _ in range(int(n_iters)):
+        f = -math.log(P) - torch.logsumexp(logK + g, dim=1)
+        g = power * (-math.log(K) - torch.logsumexp(logK + f[:, None], dim=0))
+    f = -math.log(P) - torch.logsumexp(logK + g, dim=1)
+    return P * torch.exp(logK + f[:, None] + g)
+
+
 def hard_targets(s):
     s = s.detach()
     return F.one_hot(s.argmax(dim=-1), s.shape[-1]).to(s.dtype)
 
 
-def cluster_loss(s, logp, target, Q=None, eps_q=0.05, n_iters_q=20):
+def cluster_loss(s, logp, target, Q=None, eps_q=0.05, n_iters_q=20, rho_q=math.inf):
     """-> (loss, Q). balanced: −mean Σ Q log p; soft: −mean Σ p s; hard: −mean Σ onehot(argmax s) s."""
     P = s.shape[0]
     if target == "soft":
         return -(logp.exp() * s).sum() / P, None
     if target == "balanced":
-        Q = balanced_targets(s, eps_q, n_iters_q) if Q is None else Q
+        if Q is None:
+            Q = (balanced_targets(s, eps_q, n_iters_q) if math.isinf(rho_q)
+                 else relaxed_targets(s, eps_q, n_iters_q, rho_q))
         return -(Q * logp).sum() / P, Q
     Q = hard_targets(s) if Q is None else Q
     return -(Q * s).sum() / P, Q
@@ -238,7 +258,7 @@ def model_loss(params, batch, cfg, draws, targets=None):
         s = cosine(code, P_[f"M{i}"])
         logp = log_softmax(s, cfg.tau)
         Q = None if targets is None else targets[i]
-        lclu, Q = cluster_loss(s, logp, cfg.cluster_target, Q, cfg.eps_q, cfg.sinkhorn_iters_q)
+        lclu, Q = cluster_loss(s, logp, cfg.cluster_target, Q, cfg.eps_q, cfg.sinkhorn_iters_q, cfg.rho_q)
         parts[f"clu_{i}"] = lclu
         loss = loss + cfg.lam_clu * lclu
         logps.append(logp)
