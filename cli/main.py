@@ -185,7 +185,9 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
     from omh_ref.train import TrainOptions, train as run_train
 
     if features is None:
-        features = str(ensure_demo_data(Path(out).parent / "demo-data")["train"])
+        from omh_ref.demo import prepare_data
+
+        features = str(prepare_data(Path(out) / "data", say=click.echo)["train"] / "feats.npy")
         click.echo(f"no --features: training on the embedded demo data ({features})")
     store = FeatureStore(features)
     if resume:
@@ -377,20 +379,6 @@ def format_eval(result, names):
 
 def _fmt(v):
     return "n/a" if v is None else f"{v:.2f}"
-
-
-def ensure_demo_data(root):
-    """Write the embedded demo data (train and val splits) under ``root`` once; -> paths."""
-    from omh_ref.data import synthetic
-
-    root = Path(root)
-    paths = {}
-    for split in ("train", "val"):
-        d = root / split
-        if not (d / "feats.npy").is_file():
-            synthetic.write(synthetic.SynthSpec(), d, split=split)
-        paths[split] = d / "feats.npy"
-    return paths
 
 
 if __name__ == "__main__":

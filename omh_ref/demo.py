@@ -51,15 +51,17 @@ def demo_config(n_classes: int, **overrides) -> Config:
     return Config(**base)
 
 
-def prepare_data(opts: DemoOptions, say=print):
-    root = Path(opts.out) / "data"
+def prepare_data(root, n_train=600, n_val=200, say=print) -> dict:
+    """Write the synthetic train and val splits under ``root`` unless the same spec is there;
+    -> {'train': dir, 'val': dir}."""
+    root = Path(root)
     paths = {}
-    for split, n in (("train", opts.n_train), ("val", opts.n_val)):
+    for split, n in (("train", n_train), ("val", n_val)):
         spec = synthetic.SynthSpec(n_images=n)
         d = root / split
         meta = d / "feats.json"
         if not (meta.is_file() and json.loads(meta.read_text()).get("synth_spec") == dataclasses.asdict(spec)):
-            say(f"demo: writing synthetic {split} data ({n} images) to {d}")
+            say(f"demo data: writing synthetic {split} split ({n} images) to {d}")
             synthetic.write(spec, d, split=split)
         paths[split] = d
     return paths
@@ -68,7 +70,7 @@ def prepare_data(opts: DemoOptions, say=print):
 def run(opts: DemoOptions, say=print) -> dict:
     t0 = time.perf_counter()
     out = Path(opts.out)
-    data = prepare_data(opts, say)
+    data = prepare_data(out / "data", opts.n_train, opts.n_val, say)
     train_store = FeatureStore(data["train"] / "feats.npy", labels=data["train"] / "labels.npy")
     val_store = FeatureStore(data["val"] / "feats.npy", labels=data["val"] / "labels.npy")
     n_classes = int(train_store.meta["n_classes"])

@@ -235,3 +235,10 @@ def test_shifts_auto_are_chosen_and_logged(tmp_path, feats):
     cfg = checkpoint.load(tmp_path / "o" / "ckpt.npz")["config"]
     assert cfg.shift_neg != model.Config().shift_neg
     assert -1 <= cfg.shift_neg <= cfg.shift_intra <= 1
+
+
+def test_train_without_features_uses_the_embedded_demo_data(tmp_path):
+    code, out = run_cli("train", "--out", str(tmp_path / "o"), "--quiet", "--steps", "2", "--levels", "36,18,9")
+    assert code == 0, out
+    assert "embedded demo data" in out and (tmp_path / "o" / "data" / "train" / "feats.npy").is_file()
+    assert checkpoint.load(tmp_path / "o" / "ckpt.npz")["config"].in_dim == 384
