@@ -13,7 +13,9 @@ Inputs are one level's cosine logits s (P, K) and log-assignments ``log p = log_
   with a temperature).
 * ``hard``: ``L = −mean_pixels max_k s_k`` (STEGO's cluster probe: one-hot k-means).
 """
-from ..backend import get_array_module
+import math
+
+from ..backend import get_array_module, logsumexp
 from ..sinkhorn import sinkhorn
 
 TARGETS = ("balanced", "soft", "hard")
@@ -36,12 +38,10 @@ def relaxed_targets(s, eps_q, n_iters, rho):
     penalty of weight ρ on the columns (unbalanced entropic OT, semi-relaxed; Chizat et al.), so
     the v-update is damped by ρ/(ρ+ε). ρ = inf is the balanced plan, ρ -> 0 plain softmax
     assignments. Rows are exact (the last update is a row update). -> (Q, 0.0)."""
-    from ..backend import logsumexp
-
     xp = get_array_module(s)
     P, Kc = s.shape
     K = (s - 1) / s.dtype.type(eps_q)                                  # −C/ε
-    la, lb = -float(xp.log(P)), -float(xp.log(Kc))
+    la, lb = -math.log(P), -math.log(Kc)
     lam = rho / (rho + eps_q)
     v = xp.zeros(Kc, dtype=s.dtype)
     for _ in range(int(n_iters)):
