@@ -271,15 +271,19 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
 @click.option("--seed", default=0, show_default=True, help="Seed of the linear probe.")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Write the scores as JSON.")
 @click.option("--out", default=None, type=click.Path(), help="Folder for PNGs (confusion, predictions, hierarchy).")
+@click.option("--crf", is_flag=True, help="Refine cluster predictions with a dense CRF (needs the images, omh-ref[crf]).")
+@click.option("--crf-workers", default=1, show_default=True, help="Processes for the CRF (1 = serial).")
+@click.option("--crf-timeout", default=600.0, show_default=True, help="Seconds a CRF batch may take before it is stopped.")
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def eval_cmd(checkpoint, features, labels, flipped_features, train_features, train_labels, n_classes, class_names,
-             probe_epochs, batch_size, seed, json_out, out, device, quiet):
+             probe_epochs, batch_size, seed, json_out, out, crf, crf_workers, crf_timeout, device, quiet):
     """Score a checkpoint: cluster (Hungarian) and linear-probe mIoU / accuracy, per-class IoU,
     the cluster->class matching and the learned hierarchy."""
     from omh_ref import evaluate, report
     from omh_ref.backend import resolve_device
+    from omh_ref.data.images import image_paths
     from omh_ref.data.store import FeatureStore
     from omh_ref.train import load_params
 
@@ -297,8 +301,9 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
     names = resolve_class_names(class_names, store, n_classes)
     if K < n_classes:
         raise InputError(f"{checkpoint}: the eval level has {K} clusters, fewer than the {n_classes} classes")
-    clu, preds = evaluate.cluster_eval(params, cfg, store, n_classes, batch_size, flipped, device, keep=4)
-    result = {"cluster": _scores_json(clu)}
+    clu, preds = evaluate.cluster_eval(params, cfg, store, n_classes, batch_size, flipped, device, keep=4,
+                                       crf_workers=max(crf_workers, 1) if crf else None, crf_timeout=crf_timeout)
+    result = {"cluster": _scores_json(clu), "crf": bool(crf)}
     if train_features or train_labels:
         if not (train_features and train_labels):
             raise InputError("--train-features and --train-labels: give both for the linear probe")
@@ -325,7 +330,18 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
         lab = store.read_labels(np.arange(len(preds)))
         rows = [[report.colorize(lab[i], n_classes), report.colorize(clu["match"].cluster_to_class[preds[i]], n_classes)]
                 for i in range(len(preds))]
-        report.grid_png(o / "predictions.png", rows, titles=["labels", "clusters (matched)"])
+        titles = ["labels", "clusters (matched)"]
+        paths = image_paths(store.meta, store.path)
+        if paths is not None:   # overlays where the listed images can be read
+            from omh_ref.data.images import load_rgb
+
+            for i, row in enumerate(rows):
+                img = load_rgb(paths[i], lab.shape[1])
+                if img is not None and img.shape[:2] == lab.shape[1:]:
+                    row.insert(0, img)
+                    row.append(report.overlay(img, row[-1]))
+            titles = ["image", *titles, "overlay"] if all(len(r) == 4 for r in rows) else titles
+        report.grid_png(o / "predictions.png", rows, titles=titles)
         for lvl, A in enumerate(plans):
             report.confusion_png(o / f"hierarchy_L{lvl}_L{lvl + 1}.png", A.T, cell=10)
         (o / "hierarchy.txt").write_text("\n".join(tree) + "\n")

@@ -60,17 +60,27 @@ def cluster_logits(params, cfg: Config, z, size):
 
 
 def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size=16, flipped=None,
-                 device="cpu", keep=0):
+                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0):
     """Confusion over the whole split, Hungarian matching and scores.
 
+    crf_workers: None = no CRF; else refine every prediction with the dense CRF on the images
+    that ``feats.json`` lists (serially for 1, a process pool otherwise).
     -> (result dict {'miou', 'acc', 'iou', 'match', 'unmatched', 'confusion'}, first ``keep`` predictions)."""
     check_compat(params, cfg, store)
     size = label_shape(store)
     K = cfg.effective().levels[cfg.effective().eval_level]
     acc = metrics.ConfusionAccumulator(K, n_classes)
+    paths = _crf_images(store, size) if crf_workers is not None else None
     kept = []
     for s, z in codes(params, store, batch_size, flipped, device):
-        pred = to_host(cluster_logits(params, cfg, z, size).argmax(axis=-1))
+        logits = cluster_logits(params, cfg, z, size)
+        if paths is None:
+            pred = to_host(logits.argmax(axis=-1))
+        else:
+            from . import crf
+
+            imgs = np.stack([_read_image(p, size[0]) for p in paths[s:s + len(z)]])
+            pred = crf.refine_batch(imgs, to_host(logits), crf_workers, crf_timeout)
         _update(acc, pred, store, s)
         if len(kept) < keep:
             kept.extend(pred[: keep - len(kept)])
@@ -83,6 +93,27 @@ def _update(acc, pred, store, start):
         acc.update(pred, store.read_labels(np.arange(start, start + len(pred))))
     except ValueError as e:
         raise InputError(f"{store.labels_path}: {e}") from None
+
+
+def _crf_images(store, size):
+    from .data.images import image_paths
+
+    if size[0] != size[1]:
+        raise InputError(f"{store.labels_path}: --crf needs square label maps (STEGO crops), got {size}")
+    paths = image_paths(store.meta, store.path)
+    if paths is None:
+        raise InputError(f"{store.path.with_suffix('.json')}: --crf needs the images, but the feature "
+                         "file's metadata lists none that exist (fields 'images', 'image_root')")
+    return paths
+
+
+def _read_image(path, size):
+    from .data.images import load_rgb
+
+    img = load_rgb(path, size)
+    if img is None:
+        raise InputError(f"{path}: cannot read this image (needed by --crf)")
+    return img
 
 
 def summarize(conf):

@@ -34,6 +34,12 @@ def colorize(labels, n):
     return out
 
 
+def overlay(image, colors, alpha=0.5):
+    """Blend a colourised label map over an RGB image (both (H, W, 3) uint8)."""
+    mix = (1 - alpha) * image.astype(np.float32) + alpha * colors.astype(np.float32)
+    return mix.round().astype(np.uint8)
+
+
 def grid_png(path, rows, titles=None, scale=2, pad=4):
     """Save a grid of RGB images: ``rows`` is a list of lists of (H, W, 3) arrays."""
     h = max(im.shape[0] for r in rows for im in r) * scale
