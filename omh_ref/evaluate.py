@@ -84,7 +84,7 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
         _update(acc, pred, store, s)
         if len(kept) < keep:
             kept.extend(pred[: keep - len(kept)])
-    return summarize(acc.matrix), np.asarray(kept)
+    return summarize(acc.matrix, store), np.asarray(kept)
 
 
 def _update(acc, pred, store, start):
@@ -116,10 +116,14 @@ def _read_image(path, size):
     return img
 
 
-def summarize(conf):
-    match = metrics.hungarian(conf)
-    res = metrics.scores(conf, match)
-    return {**res, "match": match, "confusion": conf}
+def summarize(conf, store, match=None):
+    """Scores of a confusion matrix (Hungarian matching unless ``match`` is given); a split with
+    no labelled pixel is an InputError naming the labels file."""
+    if conf.sum() == 0:
+        raise InputError(f"{store.labels_path}: no labelled pixels in this split (every label is "
+                         "ignore, 255 or -1, or outside [0, n_classes)); nothing to score")
+    match = metrics.hungarian(conf) if match is None else match
+    return {**metrics.scores(conf, match), "match": match, "confusion": conf}
 
 
 def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=16, lr=1e-3, seed=0,
@@ -177,9 +181,7 @@ def linear_eval(params, probe, store: FeatureStore, n_classes, batch_size=16, fl
     for s, z in codes(params, store, batch_size, flipped, device):
         logits = resize.forward(linear.forward(z, P["W"], P["b"])[0], size)[0]
         _update(acc, to_host(logits.argmax(axis=-1)), store, s)
-    conf = acc.matrix
-    ident = metrics.identity_match(n_classes, n_classes)
-    return {**metrics.scores(conf, ident), "confusion": conf}
+    return summarize(acc.matrix, store, metrics.identity_match(n_classes, n_classes))
 
 
 def hierarchy_plans(params, cfg: Config):

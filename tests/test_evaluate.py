@@ -156,3 +156,27 @@ def test_labels_out_of_range_name_the_file(tmp_path):
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
     with pytest.raises(ValueError, match="bad.npy.*7"):
         evaluate.cluster_eval(_identity_params(cfg, protos, np.arange(3)), cfg, store, 3)
+
+
+def test_all_ignored_split_is_a_clear_error(tmp_path):
+    store, protos = _known_world(tmp_path)
+    np.save(tmp_path / "ign.npy", np.full((6, 8, 8), 255, np.uint8))
+    store = FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "ign.npy")
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
+    with pytest.raises(ValueError, match="ign.npy: no labelled pixels"):
+        evaluate.cluster_eval(_identity_params(cfg, protos, np.arange(3)), cfg, store, 3)
+
+
+def test_flip_averaging_uses_the_flipped_file(tmp_path):
+    store, protos = _known_world(tmp_path)
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
+    params = _identity_params(cfg, protos, np.arange(3))
+    # a correctly flipped copy leaves perfect predictions perfect ...
+    f = np.load(tmp_path / "feats.npy")
+    np.save(tmp_path / "flip.npy", f[:, :, ::-1].copy())
+    res, _ = evaluate.cluster_eval(params, cfg, store, 3, flipped=FeatureStore(tmp_path / "flip.npy"))
+    assert res["miou"] == pytest.approx(100.0)
+    # ... and an unflipped copy (the flip undone twice) is averaged in and hurts
+    np.save(tmp_path / "same.npy", f)
+    res, _ = evaluate.cluster_eval(params, cfg, store, 3, flipped=FeatureStore(tmp_path / "same.npy"))
+    assert res["miou"] < 100.0
