@@ -115,7 +115,9 @@ def parse_levels(text):
 
 
 def read_config_file(path):
-    """A TOML or JSON file of config fields (flat, or under a [model] table)."""
+    """A TOML or JSON file: model fields (flat, or under a [model] table) and optionally a
+    [train] table of loop options (steps, batch_size, lr, lr_clusters, seed, ckpt_every,
+    log_every). -> (model fields, train fields)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file (expected a TOML or JSON config)")
@@ -130,7 +132,9 @@ def read_config_file(path):
         raise InputError(f"{p}: TOML configs need Python >= 3.11; use JSON") from None
     except Exception as e:
         raise InputError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
-    return data.get("model", data), data.get("train", {})
+    if "model" in data or "train" in data:
+        return data.get("model", {}), data.get("train", {})
+    return data, {}
 
 
 def resolve_config(base, overrides, shifts):
@@ -157,6 +161,9 @@ def resolve_config(base, overrides, shifts):
         return Config.from_dict(fields), auto
     except ValueError as e:
         raise InputError(str(e)) from None
+
+
+TRAIN_FILE_KEYS = ("steps", "batch_size", "lr", "lr_clusters", "seed", "ckpt_every", "log_every")
 
 
 @main.command()
@@ -190,12 +197,20 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
         features = str(prepare_data(Path(out) / "data", say=click.echo)["train"] / "feats.npy")
         click.echo(f"no --features: training on the embedded demo data ({features})")
     store = FeatureStore(features)
+    fields, train_fields = read_config_file(config_file) if config_file else ({}, {})
+    # The file's [train] table sets loop options; flags given on the command line win.
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters, seed=seed,
+                 ckpt_every=ckpt_every, log_every=log_every)
+    ctx = click.get_current_context()
+    for key, value in train_fields.items():
+        if key not in TRAIN_FILE_KEYS:
+            raise InputError(f"{config_file}: unknown [train] field {key!r} (known: {', '.join(TRAIN_FILE_KEYS)})")
+        if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
+            given[key] = value
+    steps, batch_size, lr, lr_clusters, seed, ckpt_every, log_every = (given[k] for k in TRAIN_FILE_KEYS)
     if resume:
         base = checkpoint.load(resume)["config"]
     else:
-        fields = {}
-        if config_file:
-            fields = read_config_file(config_file)[0]
         try:
             base = Config.from_dict({**fields, "in_dim": store.C})
         except ValueError as e:

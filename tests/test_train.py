@@ -242,3 +242,17 @@ def test_train_without_features_uses_the_embedded_demo_data(tmp_path):
     assert code == 0, out
     assert "embedded demo data" in out and (tmp_path / "o" / "data" / "train" / "feats.npy").is_file()
     assert checkpoint.load(tmp_path / "o" / "ckpt.npz")["config"].in_dim == 384
+
+
+def test_config_file_train_table_and_toml(tmp_path, feats):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[model]\ndim = 5\nlevels = [6, 3]\nfeature_samples = 3\n\n'
+                        '[train]\nsteps = 4\nbatch_size = 4\nlog_every = 2\n')
+    code, out = run_cli("train", "--features", feats, "--out", str(tmp_path / "o"), "--quiet",
+                        "--config", str(cfg_file), "--log-every", "1")
+    assert code == 0, out
+    assert checkpoint.load(tmp_path / "o" / "ckpt.npz")["step"] == 4          # from the file
+    assert len((tmp_path / "o" / "log.jsonl").read_text().splitlines()) == 4   # the flag won
+    cfg_file.write_text('[train]\nstepz = 4\n')
+    code, out = run_cli("train", "--features", feats, "--out", str(tmp_path / "o2"), "--quiet", "--config", str(cfg_file))
+    assert code == 2 and "stepz" in out
