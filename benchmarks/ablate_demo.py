@@ -42,7 +42,8 @@ def main(argv=None):
             cfg = dataclasses.replace(demo.demo_config(K, in_dim=tr.C), **over)
             res = train(cfg, TrainOptions(features=str(tr.path), out=f"{a.out}/{name}-{seed}", steps=a.steps,
                                           batch_size=a.batch_size, lr=a.lr, lr_clusters=a.lr_clusters, seed=seed,
-                                          shifts_auto=not a.fixed_shifts, progress=False, ckpt_every=a.steps), say=lambda *x: None)
+                                          shifts_auto=not a.fixed_shifts, progress=False, ckpt_every=a.steps,
+                                          overwrite=True), say=lambda *x: None)
             params, cfg = load_params(res["checkpoint"])
             clu, _ = cluster_eval(params, cfg, va, K)
             rec = {"variant": name, "overrides": over, "seed": seed, "steps": a.steps, "lr": a.lr,

@@ -180,11 +180,12 @@ TRAIN_FILE_KEYS = ("steps", "batch_size", "lr", "lr_clusters", "seed", "ckpt_eve
 @click.option("--ckpt-every", default=100, show_default=True)
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--config", "config_file", default=None, type=click.Path(), help="TOML/JSON config; flags override it.")
+@click.option("--overwrite", is_flag=True, help="Start over in an --out folder that already holds a checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @model_options
 @friendly_errors
 def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, resume, ckpt_every,
-          log_every, config_file, quiet, shifts, **model_flags):
+          log_every, config_file, overwrite, quiet, shifts, **model_flags):
     """Train OMH (or --baseline stego) on memory-mapped features."""
     from omh_ref import checkpoint
     from omh_ref.data.store import FeatureStore
@@ -219,7 +220,7 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
     opts = TrainOptions(features=features, out=out, knn=knn, steps=steps, batch_size=batch_size, lr=lr,
                         lr_clusters=lr_clusters, seed=seed, device=device, resume=resume,
                         ckpt_every=ckpt_every, log_every=log_every, shifts_auto=auto and not resume,
-                        progress=not quiet)
+                        progress=not quiet, overwrite=overwrite)
     res = run_train(cfg, opts, say=click.echo)
     click.echo(f"step {res['step']}: checkpoint {res['checkpoint']}, log {res['log']}")
     sys.exit(130 if res["interrupted"] else 0)
@@ -410,6 +411,29 @@ def format_eval(result, names):
 
 def _fmt(v):
     return "n/a" if v is None else f"{v:.2f}"
+
+
+@main.command()
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Write every number as JSON.")
+@click.option("--quick", is_flag=True, help="Fewer repeats: a few minutes on 2 cores.")
+@click.option("--tiny", is_flag=True, hidden=True, help="Tiny shapes, one repeat (for tests).")
+def bench(json_out, quick, tiny):
+    """Speed against peers measured in the same run: the training step vs torch autograd, Sinkhorn
+    vs POT, confusion accumulation vs bincount, scaling, GPU. Each ratio is printed beside its goal."""
+    from omh_ref import bench as bench_mod
+    from omh_ref.model import small_config
+
+    settings = None
+    if tiny:
+        settings = {"cfg": small_config(), "batch_size": 3, "grid": (5, 4), "threads": (1,), "repeats": 1,
+                    "warmup": 0, "sinkhorn_repeats": 1, "hier": ((7, 5),), "targets": (60, 7),
+                    "eval_pixels": 1e5, "eval_repeats": 1, "scaling_repeats": 1, "batch_sizes": (2, 3),
+                    "levels": ((6,), (6, 4))}
+    res = bench_mod.run_all(quick=quick or tiny, settings=settings, say=lambda m: click.echo(m, err=True))
+    click.echo(bench_mod.format_report(res))
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=1))
+        click.echo(f"wrote {json_out}")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def run(opts: DemoOptions, say=print) -> dict:
             res = train(cfg, TrainOptions(features=str(train_store.path), out=str(run_dir), steps=opts.steps,
                                           batch_size=opts.batch_size, seed=seed, device=opts.device,
                                           shifts_auto=True, progress=opts.progress,
-                                          ckpt_every=opts.steps), say=say)
+                                          ckpt_every=opts.steps, overwrite=True), say=say)
             params, cfg = load_params(res["checkpoint"], opts.device)
             clu, preds = cluster_eval(params, cfg, val_store, n_classes, device=opts.device, keep=6)
             probe = linear_probe(params, train_store, n_classes, epochs=opts.probe_epochs, seed=seed,

@@ -48,6 +48,7 @@ class TrainOptions:
     knn_k: int = 7                   # partners drawn from ranks 1..knn_k
     shifts_auto: bool = False
     progress: bool = True
+    overwrite: bool = False          # start over in a folder that already holds a checkpoint
 
     def validate(self):
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "knn_k"):
@@ -184,6 +185,9 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
         _trim_log(log_path, step)
         say(f"resuming from {opts.resume} at step {step}")
     else:
+        if ckpt_path.exists() and not opts.overwrite:
+            raise InputError(f"{ckpt_path}: a checkpoint is already there; continue it with --resume "
+                             f"{ckpt_path}, or pass --overwrite to start over")
         rng = np.random.default_rng(opts.seed)
         if opts.shifts_auto:
             shifts = auto_shifts(store, knn, cfg, np.random.default_rng([opts.seed, 1]))

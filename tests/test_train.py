@@ -256,3 +256,12 @@ def test_config_file_train_table_and_toml(tmp_path, feats):
     cfg_file.write_text('[train]\nstepz = 4\n')
     code, out = run_cli("train", "--features", feats, "--out", str(tmp_path / "o2"), "--quiet", "--config", str(cfg_file))
     assert code == 2 and "stepz" in out
+
+
+def test_a_new_run_never_overwrites_a_checkpoint_silently(feats, tmp_path):
+    train(small_cfg(), opts(feats, tmp_path / "r", steps=3), say=quiet)
+    before = (tmp_path / "r" / "ckpt.npz").read_bytes()
+    with pytest.raises(InputError, match="--resume.*--overwrite"):
+        train(small_cfg(), opts(feats, tmp_path / "r", steps=5), say=quiet)
+    assert (tmp_path / "r" / "ckpt.npz").read_bytes() == before
+    assert train(small_cfg(), opts(feats, tmp_path / "r", steps=5, overwrite=True), say=quiet)["step"] == 5

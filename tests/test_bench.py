@@ -1,0 +1,107 @@
+"""The benchmark harness (omh_ref.bench, ``omh-ref bench``) in a tiny configuration: the shape of
+its results, and that the agreement checks between ours and the peers really run (a broken
+gradient makes them raise). No timing is asserted."""
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("ot")
+
+from click.testing import CliRunner
+from omh_ref_cli.main import main
+
+from omh_ref import bench, model
+from omh_ref.ops import relu
+
+TINY = {"cfg": model.small_config(), "batch_size": 3, "grid": (5, 4), "threads": (1,), "repeats": 1, "warmup": 0}
+
+
+def _timing(t):
+    assert t["median_s"] > 0 and t["min_s"] <= t["median_s"] and len(t["times_s"]) >= 1
+
+
+def test_step_benchmark_structure():
+    res = bench.step_benchmark(**TINY)
+    cfg = TINY["cfg"]
+    assert res["shape"] == {"batch": 3, "grid": [5, 4], "C": cfg.in_dim, "D": cfg.dim, "levels": list(cfg.levels),
+                            "S": cfg.feature_samples, "dtype": "float32"}
+    check = res["check"]
+    assert set(check["grad_rel_err"]) == set(model.init_params(cfg, np.random.default_rng(0)))
+    assert check["loss_rel_err"] <= bench.LOSS_RTOL
+    assert max(check["grad_rel_err"].values()) <= bench.GRAD_RTOL
+    (run,) = res["runs"]
+    assert run["threads"] == 1
+    _timing(run["numpy"])
+    _timing(run["torch"])
+    assert run["ratio"] == pytest.approx(run["numpy"]["median_s"] / run["torch"]["median_s"])
+    assert res["goal"] == ("numpy / torch", "<=", 0.8)
+
+
+def test_step_benchmark_refuses_a_broken_gradient(monkeypatch):
+    """A 1 % error in relu's backward (it feeds W2, b2 only) must stop the benchmark."""
+    good = relu.backward
+    monkeypatch.setattr(relu, "backward", lambda dy, cache: good(dy, cache) * np.float32(1.01))
+    with pytest.raises(bench.Mismatch, match="gradient (W2|b2)"):
+        bench.step_benchmark(**TINY)
+
+
+def test_step_benchmark_subprocess_isolation():
+    """The fallback without threadpoolctl: each thread count in its own process."""
+    res = bench.step_benchmark(**TINY, isolate="subprocess")
+    assert res["isolate"] == "subprocess"
+    _timing(res["runs"][0]["numpy"])
+    _timing(res["runs"][0]["torch"])
+
+
+def test_step_profile_parts_add_up():
+    prof = bench.step_profile(TINY["cfg"], 3, (5, 4), threads=1, torch_top=3)
+    assert set(prof["parts_ms"]) == {"head", "correlation", "cluster targets", "cluster levels", "hierarchy",
+                                     "draws", "other"}
+    assert sum(prof["parts_ms"].values()) == pytest.approx(prof["total_ms"], rel=1e-6)
+    assert 0 < prof["hierarchy_sinkhorn_ms"] <= prof["parts_ms"]["hierarchy"]
+    assert len(prof["torch_top_ops"]["ops"]) == 3
+
+
+def test_sinkhorn_benchmark_structure():
+    res = bench.sinkhorn_benchmark(hier=((7, 5),), eps=(0.2, 0.05), n_iters=9, targets=(30, 7), threads=(1,),
+                                   repeats=1, warmup=0)
+    hier = [c for c in res["cases"] if c["problem"] == "hierarchy"]
+    (targets,) = [c for c in res["cases"] if c["problem"] == "targets"]
+    assert [(c["n"], c["m"], c["eps"], c["backward"]) for c in hier] == [(7, 5, 0.2, True), (7, 5, 0.05, True)]
+    assert set(hier[0]["rel_err"]) == {"plan", "dcost", "da", "db"}
+    assert (targets["n"], targets["m"], targets["backward"]) == (30, 7, False)
+    assert set(targets["rel_err"]) == {"plan"}
+    for c in res["cases"]:
+        _timing(c["ours"])
+        _timing(c["pot_torch"])
+        assert c["speedup"] == pytest.approx(c["pot_torch"]["median_s"] / c["ours"]["median_s"])
+    _timing(targets["pot_numpy"])
+
+
+def test_sinkhorn_benchmark_refuses_a_broken_backward(monkeypatch):
+    good = bench.sinkhorn_backward_all
+
+    def broken(dplan, cache):
+        dC, da, db = good(dplan, cache)
+        return dC * np.float32(1.01), da, db
+
+    monkeypatch.setattr(bench, "sinkhorn_backward_all", broken)
+    with pytest.raises(bench.Mismatch, match="dcost"):
+        bench.sinkhorn_case(*bench.hierarchy_problem(7, 5, D=3), 0.2, 9, repeats=1, warmup=0)
+
+
+def test_cli_bench_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(main, ["bench", "--tiny", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    for text in ("Training step", "numpy / torch", "goal <= 0.8", "torch / ours", "goal >= 2.0",
+                 "ours / bare", "goal >= 0.7", "Scaling", "GPU:"):
+        assert text in res.output, text
+    data = json.loads(out.read_text())
+    assert set(data) >= {"versions", "step", "profile", "sinkhorn", "eval", "scaling", "gpu"}
+    assert [r["batch"] for r in data["scaling"]["batch"]] == [2, 3]
+    assert [r["levels"] for r in data["scaling"]["levels"]] == [[6], [6, 4]]
+    assert "ratio_ours_over_bare" in data["eval"]
+    assert data["gpu"]["available"] in (True, False)
