@@ -25,6 +25,9 @@ def friendly_errors(fn):
         except (InputError, OSError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
     return wrapper
 
 

@@ -85,6 +85,8 @@ def run(opts: DemoOptions, say=print) -> dict:
                                           batch_size=opts.batch_size, seed=seed, device=opts.device,
                                           shifts_auto=True, progress=opts.progress,
                                           ckpt_every=opts.steps, overwrite=True), say=say)
+            if res["interrupted"]:   # Ctrl-C: the run's checkpoint is written; stop the demo here
+                raise KeyboardInterrupt
             params, cfg = load_params(res["checkpoint"], opts.device)
             clu, preds = cluster_eval(params, cfg, val_store, n_classes, device=opts.device, keep=6)
             probe = linear_probe(params, train_store, n_classes, epochs=opts.probe_epochs, seed=seed,
