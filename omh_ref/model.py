@@ -232,22 +232,24 @@ def forward(params, batch, cfg: Config, rng, targets=None):
     r2, rc = relu.forward(h2)
     z3, c3 = linear.forward(r2, params["W3"], params["b3"])            # 2B,h,w,D
     z = z1 + z3
-    parts, _dscale = {}, []
+    parts = {}
 
     # STEGO correlation loss on sampled points.
     coords1, coords2 = xp.asarray(d["coords1"], dtype=dt), xp.asarray(d["coords2"], dtype=dt)
     fs1, _ = grid_sample.forward(f, coords1)                           # B,S,S,C
     zs1, g1 = grid_sample.forward(z[:B], coords1)                      # B,S,S,D
-    corr = []  # (weight, loss cache, which code grad goes where)
+    corr = []  # (pair type, weight, loss cache, where the partner's code gradient goes)
     loss_intra, cc = correlation.forward(fs1, fs1, zs1, zs1, cfg.shift_intra, cfg.pointwise, cfg.zero_clamp)
     corr.append(("intra", cfg.weight_intra, cc, None))
     parts["corr_intra"] = loss_intra
+    loss = cfg.weight_intra * loss_intra
     if fp is not None:
         fs2, _ = grid_sample.forward(x[B:], coords2)
         zs2, g2 = grid_sample.forward(z[B:], coords2)
         loss_inter, cc = correlation.forward(fs1, fs2, zs1, zs2, cfg.shift_inter, cfg.pointwise, cfg.zero_clamp)
         corr.append(("inter", cfg.weight_inter, cc, g2))
         parts["corr_inter"] = loss_inter
+        loss = loss + cfg.weight_inter * loss_inter
     neg = []
     for perm in d["perms"]:
         fsn, _ = grid_sample.forward(f[perm], coords2)
@@ -257,9 +259,7 @@ def forward(params, batch, cfg: Config, rng, targets=None):
         neg.append(ln)
     if neg:
         parts["corr_neg"] = sum(neg) / len(neg)
-    loss = sum(wt * parts[f"corr_{name}"] for name, wt in
-               (("intra", cfg.weight_intra), ("inter", cfg.weight_inter), ("neg", cfg.weight_neg))
-               if f"corr_{name}" in parts)
+        loss = loss + cfg.weight_neg * parts["corr_neg"]
     parts["corr"] = loss
 
     # Parallel cluster levels on the main images' codes.
