@@ -44,14 +44,15 @@ import numpy as np
 
 from . import model
 from .backend import gpu_available, to_device, to_host, xp_for
+from .model import HEAD_KEYS
 from .sinkhorn import sinkhorn, sinkhorn_backward_all
 
 REPO = Path(__file__).resolve().parents[1]
 
 # float32 agreement between ours and the peers (one place; STYLE.md 10: float32 at ~1e-4). Both
 # sides compute the same float32 sums in different orders: at paper scale the step's loss agrees
-# to rounding and every gradient to ~5e-6 of its largest entry, the Sinkhorn plans and gradients
-# to ~2e-6; a real bug (a 1 % error in one backward) is far outside.
+# to rounding and every gradient to 1e-5 of its largest entry, the Sinkhorn plans and gradients
+# to 4e-6; a real bug (a 1 % error in one backward) is far outside.
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 PLAN_RTOL = 1e-4
@@ -148,7 +149,8 @@ def have_threadpoolctl() -> bool:
 
 def _interleaved(fns, repeats, warmup, sync=None):
     """{name: [seconds]}: each fn run warmup times untimed, then repeats rounds, one call of each
-    fn per round, so drift on the machine hits all alike."""
+    fn per round, back to back, so drift on the machine hits all alike. (An idle pause between
+    calls made every time worse and POT's erratic on this 2-vCPU VM, so there is none.)"""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -333,6 +335,99 @@ def step_benchmark(cfg=None, batch_size=16, grid=(28, 28), threads=(1, 2), repea
             "warmup": warmup, "runs": runs, "goal": GOALS["step"]}
 
 
+def component_benchmark(cfg=None, batch_size=16, grid=(28, 28), threads=(1, 2), repeats=7, warmup=1, seed=0):
+    """The step's three largest parts alone, ours against the torch rendering's counterpart, so
+    the profile's shares can be read as gaps:
+
+    * head: the two-branch 1x1 head on both images' features, forward and backward to the six
+      weights for a random upstream dz (ours: ops.linear / ops.relu; torch: 1x1 ``conv2d`` on the
+      NCHW view and autograd, as ``model_loss`` does);
+    * feature sampling: the step's 7 samplings of the C-channel features at S x S points
+      (ops.grid_sample vs ``F.grid_sample``);
+    * cluster targets: every level's no-gradient target solve on cosine logits (the default
+      relaxed targets, or balanced when ρ_q = inf).
+    -> {"runs": [{"threads", name: {"numpy", "torch"} medians in s}]}."""
+    import math
+
+    from .losses import cluster as cluster_mod
+    from .ops import grid_sample, linear, relu
+
+    torch = _torch()
+    F = torch.nn.functional
+    tr = torch_reference()
+    cfg = paper_config() if cfg is None else cfg
+    params, batch, _ = make_step_inputs(cfg, batch_size, grid, seed)
+    rng = np.random.default_rng(seed + 2)
+    x = np.concatenate([batch["feats"], batch["feats_pos"]])                   # 2B,h,w,C
+    dz = rng.standard_normal(x.shape[:3] + (cfg.dim,)).astype(np.float32)
+    f = batch["feats"]
+    S = cfg.feature_samples
+    coords = rng.uniform(-1, 1, (batch_size, S, S, 2)).astype(np.float32)
+    n_samplings = 2 + cfg.neg_samples            # the image, its KNN partner, the negatives
+    logits = [np.tanh(0.3 * rng.standard_normal((batch_size * grid[0] * grid[1], k))).astype(np.float32)
+              for k in cfg.levels]
+    relaxed = math.isfinite(cfg.rho_q)
+
+    def ours_head():
+        z1, c1 = linear.forward(x, params["W1"], params["b1"])
+        h2, c2 = linear.forward(x, params["W2"], params["b2"])
+        r2, rc = relu.forward(h2)
+        z3, c3 = linear.forward(r2, params["W3"], params["b3"])
+        _ = z1 + z3
+        linear.backward_params(dz, c1)
+        dr2, _, _ = linear.backward(dz, c3)
+        linear.backward_params(relu.backward(dr2, rc), c2)
+
+    tx, tdz = tr.nchw(torch.tensor(x)), tr.nchw(torch.tensor(dz))
+    tp = {k: torch.tensor(params[k]).requires_grad_(True) for k in HEAD_KEYS}
+
+    def torch_head():
+        def conv(t, W, b):
+            return F.conv2d(t, W[:, :, None, None], b)
+
+        z = conv(tx, tp["W1"], tp["b1"]) + conv(F.relu(conv(tx, tp["W2"], tp["b2"])), tp["W3"], tp["b3"])
+        torch.autograd.grad((z * tdz).sum(), list(tp.values()))
+
+    tf, tc = tr.nchw(torch.tensor(f)), torch.tensor(coords)
+
+    def ours_sampling():
+        for _ in range(n_samplings):
+            grid_sample.forward(f, coords)
+
+    def torch_sampling():
+        for _ in range(n_samplings):
+            tr.grid_sample_nchw(tf, tc)
+
+    tlogits = [torch.tensor(s) for s in logits]
+
+    def ours_targets():
+        for s in logits:
+            if relaxed:
+                cluster_mod.relaxed_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, cfg.rho_q)
+            else:
+                cluster_mod.balanced_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q)
+
+    def torch_targets():
+        for s in tlogits:
+            if relaxed:
+                tr.relaxed_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, cfg.rho_q)
+            else:
+                tr.balanced_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q)
+
+    pairs = {"head": (ours_head, torch_head), "feature sampling": (ours_sampling, torch_sampling),
+             "cluster targets": (ours_targets, torch_targets)}
+    fns = {(name, side): fn for name, (o, t) in pairs.items() for side, fn in (("numpy", o), ("torch", t))}
+    runs = []
+    for n in threads:
+        ctx = thread_limit(n) if have_threadpoolctl() else contextlib.nullcontext()
+        with ctx:
+            times = _interleaved(fns, repeats, warmup)
+        runs.append({"threads": n, **{name: {side: statistics.median(times[(name, side)])
+                                             for side in ("numpy", "torch")} for name in pairs}})
+    return {"runs": runs, "samplings": n_samplings, "C": cfg.in_dim, "repeats": repeats,
+            "targets": "relaxed" if relaxed else "balanced"}
+
+
 # where our step's time goes: functions called straight from model.forward / model.backward
 _PARTS = [
     ("head", [("ops/linear.py", None), ("ops/relu.py", None), ("ops/dropout.py", None)]),
@@ -355,8 +450,9 @@ def _part_of(func):
     return None
 
 
-def step_profile(cfg=None, batch_size=16, grid=(28, 28), seed=0, threads=2, torch_top=8):
-    """One profiled step of ours, split by part, and torch's top ops by self CPU time.
+def step_profile(cfg=None, batch_size=16, grid=(28, 28), seed=0, threads=2, torch_top=8, steps=3):
+    """Our step split by part, and torch's top ops by self CPU time; both the mean over ``steps``
+    profiled steps after one untimed step (a single step varies by ~20 % on a small machine).
 
     Parts: cumulative time of the calls model.forward / model.backward make into each module
     (head = linear/relu/dropout, correlation = grid sampling + STEGO loss, cluster targets =
@@ -372,9 +468,10 @@ def step_profile(cfg=None, batch_size=16, grid=(28, 28), seed=0, threads=2, torc
         model.loss_and_grads(params, batch, cfg, np.random.default_rng(step_seed))   # warm-up
         prof = cProfile.Profile()
         prof.enable()
-        model.loss_and_grads(params, batch, cfg, np.random.default_rng(step_seed))
+        for _ in range(steps):
+            model.loss_and_grads(params, batch, cfg, np.random.default_rng(step_seed))
         prof.disable()
-        torch_ops = _torch_profile(cfg, params, batch, step_seed, torch_top) if torch_top else None
+        torch_ops = _torch_profile(cfg, params, batch, step_seed, torch_top, steps) if torch_top else None
     stats = pstats.Stats(prof).stats
     top = {}
     for func, (_, _, _, ct, callers) in stats.items():
@@ -392,9 +489,10 @@ def step_profile(cfg=None, batch_size=16, grid=(28, 28), seed=0, threads=2, torc
                 sink += edge[3]
     total = top["loss_and_grads"]
     parts["other"] = max(total - sum(parts.values()), 0.0)
-    return {"total_ms": 1e3 * total, "forward_ms": 1e3 * top["forward"], "backward_ms": 1e3 * top["backward"],
-            "parts_ms": {k: 1e3 * v for k, v in parts.items()}, "hierarchy_sinkhorn_ms": 1e3 * sink,
-            "threads": threads, "torch_top_ops": torch_ops}
+    ms = 1e3 / steps
+    return {"total_ms": ms * total, "forward_ms": ms * top["forward"], "backward_ms": ms * top["backward"],
+            "parts_ms": {k: ms * v for k, v in parts.items()}, "hierarchy_sinkhorn_ms": ms * sink,
+            "threads": threads, "steps": steps, "torch_top_ops": torch_ops}
 
 
 @contextlib.contextmanager
@@ -411,20 +509,22 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def _torch_profile(cfg, params, batch, step_seed, top):
+def _torch_profile(cfg, params, batch, step_seed, top, steps=1):
     torch = _torch()
     tr = torch_reference()
     B, _, _, C = batch["feats"].shape
     draws = model.draw(cfg.effective(), B, C, np.random.default_rng(step_seed))
     with reference_dtype(tr, torch.float32), _quiet_stderr():
         tparams, tbatch = _torch_inputs(params, batch, torch.float32, "cpu")
-        for _ in range(2):   # the first profiled call carries the profiler's own start-up
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _torch_step(tr, cfg, tparams, tbatch, draws)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
                 _torch_step(tr, cfg, tparams, tbatch, draws)
     ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in ev)
-    return {"total_self_ms": total / 1e3,
-            "ops": [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ev[:top]]}
+    return {"total_self_ms": total / 1e3 / steps,
+            "ops": [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count / steps}
+                    for e in ev[:top]]}
 
 
 # ---------------------------------------------------------------- Sinkhorn against POT
@@ -455,22 +555,26 @@ def _pot_sinkhorn(a, b, M, eps, n_iters):
     return ot.sinkhorn(a, b, M, eps, method="sinkhorn_log", numItermax=n_iters, stopThr=0, warn=False)
 
 
-def sinkhorn_case(cost, a, b, eps, n_iters, backward=True, repeats=20, warmup=2, seed=0, pot_numpy=False):
+def sinkhorn_case(cost, a, b, eps, n_iters, backward=True, repeats=20, warmup=2, seed=0, extra_peers=False):
     """Ours against POT's log-domain Sinkhorn on torch tensors (autograd backward when
     ``backward``) on one problem.
 
     POT updates the column potential first and ours the row potential, so POT is given the
-    transposed problem (Mᵀ, b, a): both then run the identical iteration sequence and the plans
-    agree to rounding. The backward pulls a random upstream gradient G through the plan into
-    the cost and both marginals. Raises :class:`Mismatch` when plans or gradients disagree.
-    -> {"ours", "pot_torch", ["pot_numpy"]: timings, "speedup": torch / ours, errors}."""
+    transposed problem (Mᵀ, b, a) as a transposed *view* of the same row-major cost: both run the
+    identical iteration sequence on the same memory layout, and the plans agree to rounding. The
+    backward pulls a random upstream gradient G through the plan into the cost and both
+    marginals. Raises :class:`Mismatch` when plans or gradients disagree. ``extra_peers`` (forward
+    only) also times POT on NumPy arrays and POT/torch on a contiguous copy of Mᵀ (for
+    information: the layout alone moves POT's time by ~20 % on the targets problem).
+    -> {"ours", "pot_torch", ["pot_numpy", "pot_torch_contiguous"]: timings,
+    "speedup": torch / ours, errors}."""
     torch = _torch()
     n, m = cost.shape
     G = np.random.default_rng(seed).standard_normal((n, m)).astype(cost.dtype)
     dtype = getattr(torch, cost.dtype.name)
-    tM = torch.tensor(np.ascontiguousarray(cost.T), dtype=dtype)
+    tM = torch.tensor(cost, dtype=dtype).T                            # m,n view of the n,m cost
     ta, tb = torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype)
-    tG = torch.tensor(np.ascontiguousarray(G.T), dtype=dtype)
+    tG = torch.tensor(G, dtype=dtype).T
 
     def ours():
         plan, cache = sinkhorn(cost, a, b, eps, n_iters)
@@ -494,15 +598,22 @@ def sinkhorn_case(cost, a, b, eps, n_iters, backward=True, repeats=20, warmup=2,
         if e > tol:
             raise Mismatch(f"sinkhorn {n}x{m} eps {eps}: {k} relative error {e:.2e} > {tol:.0e} against POT")
     fns = {"ours": ours, "pot_torch": pot}
-    if pot_numpy and not backward:
-        Mt = np.ascontiguousarray(cost.T)
-        fns["pot_numpy"] = lambda: _pot_sinkhorn(b, a, Mt, eps, n_iters)
+    if extra_peers and not backward:
+        tMc = tM.contiguous()
+        fns["pot_numpy"] = lambda: _pot_sinkhorn(b, a, cost.T, eps, n_iters)
+
+        def pot_contiguous():
+            with torch.no_grad():
+                return _pot_sinkhorn(tb, ta, tMc, eps, n_iters)
+
+        fns["pot_torch_contiguous"] = pot_contiguous
     times = _interleaved(fns, repeats, warmup)
     out = {"n": n, "m": m, "eps": eps, "n_iters": n_iters, "backward": backward, "dtype": cost.dtype.name,
            "rel_err": errs, **{k: _summary(v) for k, v in times.items()}}
     out["speedup"] = out["pot_torch"]["median_s"] / out["ours"]["median_s"]
-    if "pot_numpy" in out:
-        out["speedup_vs_pot_numpy"] = out["pot_numpy"]["median_s"] / out["ours"]["median_s"]
+    for k in ("pot_numpy", "pot_torch_contiguous"):
+        if k in out:
+            out[f"speedup_vs_{k}"] = out[k]["median_s"] / out["ours"]["median_s"]
     return out
 
 
@@ -522,7 +633,7 @@ def sinkhorn_benchmark(hier=((108, 54), (54, 27)), eps=(0.2, 0.05), n_iters=50, 
             if targets:
                 C, a, b = targets_problem(*targets, seed=seed)
                 r = sinkhorn_case(C, a, b, eps_q, n_iters_q, False, max(repeats // 4, 1), min(warmup, 1), seed,
-                                  pot_numpy=True)
+                                  extra_peers=True)
                 cases.append({"problem": "targets", "threads": n, **r})
     return {"cases": cases, "goal": GOALS["sinkhorn"]}
 
@@ -546,25 +657,31 @@ def eval_benchmark(pixels=2e8, batch=2e6, repeats=3):
 def scaling_benchmark(cfg=None, batch_sizes=(4, 8, 16), levels=((108,), (108, 54), (108, 54, 27)), grid=(28, 28),
                       repeats=5, warmup=1, seed=0, threads=2):
     """Our step time against batch size (default levels) and against the number of levels
-    (at the largest batch size). -> {"batch": [...], "levels": [...]}."""
+    (at the largest batch size); all settings timed interleaved, round by round, so that a
+    burst of load elsewhere on the machine hits them alike. -> {"batch": [...], "levels": [...]}."""
     cfg = paper_config() if cfg is None else cfg
-    rows = {"batch": [], "levels": []}
+    base = json.loads(cfg.to_json())
+    settings = {}   # (B, levels) -> step function; the default levels at the largest batch appear once
+    for B, lv in [(B, cfg.levels) for B in batch_sizes] + [(max(batch_sizes), tuple(v)) for v in levels]:
+        if (B, lv) in settings:
+            continue
+        c = model.Config.from_dict({**base, "levels": lv})
+        params, batch, step_seed = make_step_inputs(c, B, grid, seed)
+
+        def step(params=params, batch=batch, c=c, step_seed=step_seed):
+            model.loss_and_grads(params, batch, c, np.random.default_rng(step_seed))
+
+        settings[(B, lv)] = step
     ctx = thread_limit(threads) if have_threadpoolctl() else contextlib.nullcontext()
     with ctx:
-        for kind, values in (("batch", batch_sizes), ("levels", levels)):
-            for v in values:
-                c = cfg if kind == "batch" else model.Config.from_dict({**json.loads(cfg.to_json()), "levels": v})
-                B = v if kind == "batch" else max(batch_sizes)
-                params, batch, step_seed = make_step_inputs(c, B, grid, seed)
+        times = _interleaved(settings, repeats, warmup)
 
-                def step(params=params, batch=batch, c=c, step_seed=step_seed):
-                    model.loss_and_grads(params, batch, c, np.random.default_rng(step_seed))
+    def row(B, lv):
+        med = statistics.median(times[(B, lv)])
+        return {"batch": B, "levels": list(lv), "median_s": med, "ms_per_image": 1e3 * med / B}
 
-                t = _interleaved({"numpy": step}, repeats, warmup)["numpy"]
-                med = statistics.median(t)
-                rows[kind].append({"batch": B, "levels": list(c.levels), "median_s": med,
-                                   "ms_per_image": 1e3 * med / B})
-    return {**rows, "threads": threads, "repeats": repeats}
+    return {"batch": [row(B, cfg.levels) for B in batch_sizes],
+            "levels": [row(max(batch_sizes), tuple(v)) for v in levels], "threads": threads, "repeats": repeats}
 
 
 def gpu_benchmark(cfg=None, batch_size=16, grid=(28, 28), repeats=10, warmup=2, seed=0):
@@ -612,20 +729,28 @@ def run_all(quick=False, settings=None, say=None):
     B, grid, threads = s.get("batch_size", 16), tuple(s.get("grid", (28, 28))), tuple(s.get("threads", (1, 2)))
     out = {"preset": "quick" if quick else "full", "versions": versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.perf_counter()
+    load = out["loadavg"] = {"start": os.getloadavg()}   # 1-min load: a busy machine shows here
     say("training step: numpy vs torch autograd (checking agreement first) ...")
     out["step"] = step_benchmark(cfg, B, grid, threads, s["repeats"], s["warmup"])
+    load["step"] = os.getloadavg()
     say("profile of our step ...")
     out["profile"] = step_profile(cfg, B, grid, threads=max(threads))
+    say("the step's largest parts alone, ours vs torch ...")
+    out["components"] = component_benchmark(cfg, B, grid, threads, max(s["scaling_repeats"], 1), min(s["warmup"], 1))
+    load["components"] = os.getloadavg()
     say("sinkhorn: ours vs POT (torch autograd) ...")
     out["sinkhorn"] = sinkhorn_benchmark(hier=s.get("hier", ((108, 54), (54, 27))),
                                          targets=s.get("targets", (B * grid[0] * grid[1], 108)),
                                          threads=threads, repeats=s["sinkhorn_repeats"], warmup=s["warmup"])
+    load["sinkhorn"] = os.getloadavg()
     say("evaluation: confusion accumulation ...")
     out["eval"] = eval_benchmark(s["eval_pixels"], repeats=s["eval_repeats"])
+    load["eval"] = os.getloadavg()
     say("scaling of our step ...")
     out["scaling"] = scaling_benchmark(cfg, s.get("batch_sizes", (4, 8, 16)),
                                        s.get("levels", ((108,), (108, 54), (108, 54, 27))), grid,
                                        s["scaling_repeats"], 1, threads=max(threads))
+    load["scaling"] = os.getloadavg()
     say("GPU ...")
     out["gpu"] = gpu_benchmark(cfg, B, grid, s["repeats"], s["warmup"])
     out["elapsed_s"] = time.perf_counter() - t0
@@ -655,7 +780,8 @@ def format_report(res) -> str:
         lines.append(f"  {r['threads']} thread(s): numpy {1e3 * r['numpy']['median_s']:8.1f} ms   "
                      f"torch {1e3 * r['torch']['median_s']:8.1f} ms   {_goal_text(st['goal'], r['ratio'])}")
     pr = res["profile"]
-    lines += ["", (f"Our step by part ({pr['threads']} thread(s), one profiled step, {pr['total_ms']:.0f} ms: "
+    lines += ["", (f"Our step by part ({pr['threads']} thread(s), mean of {pr['steps']} profiled steps, "
+                   f"{pr['total_ms']:.0f} ms: "
               f"forward {pr['forward_ms']:.0f}, backward {pr['backward_ms']:.0f})")]
     for k, ms in sorted(pr["parts_ms"].items(), key=lambda kv: -kv[1]):
         extra = f"   (Sinkhorn {pr['hierarchy_sinkhorn_ms']:.0f} ms of it)" if k == "hierarchy" else ""
@@ -663,11 +789,19 @@ def format_report(res) -> str:
     if pr.get("torch_top_ops"):
         ops = ", ".join(f"{o['op']} {o['self_ms']:.1f}" for o in pr["torch_top_ops"]["ops"][:6])
         lines.append(f"  torch's top ops (self ms of {pr['torch_top_ops']['total_self_ms']:.0f}): {ops}")
+    co = res["components"]
+    lines += ["", (f"The largest parts alone, ours vs torch (median of {co['repeats']}; feature sampling = "
+              f"{co['samplings']} samplings of C={co['C']}, targets {co['targets']})")]
+    for r in co["runs"]:
+        lines.append(f"  {r['threads']} thread(s): " + "   ".join(
+            f"{k} {1e3 * r[k]['numpy']:.0f} / {1e3 * r[k]['torch']:.0f} ms"
+            for k in ("head", "feature sampling", "cluster targets")))
     lines += ["", "Sinkhorn, ours vs POT sinkhorn_log on torch tensors (autograd backward), float32"]
     for c in res["sinkhorn"]["cases"]:
         what = "fwd+bwd" if c["backward"] else "fwd"
-        extra = (f"   (POT numpy {1e3 * c['pot_numpy']['median_s']:.1f} ms, {c['speedup_vs_pot_numpy']:.2f}x)"
-                 if "pot_numpy" in c else "")
+        extra = (f"   (POT numpy {1e3 * c['pot_numpy']['median_s']:.1f} ms, {c['speedup_vs_pot_numpy']:.2f}x; "
+                 f"POT torch on contiguous Mᵀ {1e3 * c['pot_torch_contiguous']['median_s']:.1f} ms, "
+                 f"{c['speedup_vs_pot_torch_contiguous']:.2f}x)" if "pot_numpy" in c else "")
         lines.append(f"  {c['problem']:<9} {c['n']}x{c['m']} eps {c['eps']:<4} {c['n_iters']} it {what:<7} "
                      f"{c['threads']} thr: ours {1e3 * c['ours']['median_s']:7.2f} ms  "
                      f"POT {1e3 * c['pot_torch']['median_s']:7.2f} ms  "
@@ -685,5 +819,6 @@ def format_report(res) -> str:
     lines += ["", "GPU: " + (g["reason"] if not g["available"] else
                              f"{g['device']}: cupy {1e3 * g['cupy']['median_s']:.1f} ms, torch CUDA "
                              f"{1e3 * g['torch_cuda']['median_s']:.1f} ms, cupy / torch = {g['ratio']:.2f}")]
-    lines.append(f"\n({res['elapsed_s']:.0f} s)")
+    lines.append(f"\n({res['elapsed_s']:.0f} s; 1-min load average at start and after each section: "
+                 + ", ".join(f"{k} {v[0]:.2f}" for k, v in res["loadavg"].items()) + ")")
     return "\n".join(lines)

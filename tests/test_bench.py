@@ -78,6 +78,7 @@ def test_sinkhorn_benchmark_structure():
         _timing(c["pot_torch"])
         assert c["speedup"] == pytest.approx(c["pot_torch"]["median_s"] / c["ours"]["median_s"])
     _timing(targets["pot_numpy"])
+    _timing(targets["pot_torch_contiguous"])
 
 
 def test_sinkhorn_benchmark_refuses_a_broken_backward(monkeypatch):
@@ -100,7 +101,10 @@ def test_cli_bench_tiny(tmp_path):
                  "ours / bare", "goal >= 0.7", "Scaling", "GPU:"):
         assert text in res.output, text
     data = json.loads(out.read_text())
-    assert set(data) >= {"versions", "step", "profile", "sinkhorn", "eval", "scaling", "gpu"}
+    assert set(data) >= {"versions", "step", "profile", "components", "sinkhorn", "eval", "scaling", "gpu"}
+    (comp,) = data["components"]["runs"]
+    for part in ("head", "feature sampling", "cluster targets"):
+        assert comp[part]["numpy"] > 0 and comp[part]["torch"] > 0
     assert [r["batch"] for r in data["scaling"]["batch"]] == [2, 3]
     assert [r["levels"] for r in data["scaling"]["levels"]] == [[6], [6, 4]]
     assert "ratio_ours_over_bare" in data["eval"]
