@@ -153,3 +153,18 @@ def test_relaxed_targets_interpolate_between_softmax_and_balanced(P, K, seed):
     np.testing.assert_allclose(Q.sum(1), 1.0, rtol=1e-12)     # rows exact
     # the column masses lie between the softmax's and the balanced ones (in spread)
     assert Q.sum(0).std() <= soft.sum(0).std() + 1e-9
+
+
+@given(P=st.integers(3, 40), K=dims, eps=st.sampled_from([0.04, 0.1, 1.0]), rho=st.sampled_from([0.05, 1.0, 50.0]),
+       seed=seeds)
+def test_relaxed_targets_scaling_domain_equals_log_domain(P, K, eps, rho, seed):
+    rng, r = _rand(seed)
+    s = np.clip(3 * r(P, K), -1, 1)
+    fast, _ = cluster.relaxed_targets(s, eps, 15, rho)          # eps >= SCALING_MIN_EPS: scaling
+    old = cluster.SCALING_MIN_EPS
+    try:
+        cluster.SCALING_MIN_EPS = np.inf                        # force the log domain
+        slow, _ = cluster.relaxed_targets(s, eps, 15, rho)
+    finally:
+        cluster.SCALING_MIN_EPS = old
+    np.testing.assert_allclose(fast, slow, rtol=1e-10, atol=1e-13)

