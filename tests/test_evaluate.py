@@ -147,23 +147,22 @@ def test_eval_cli_bad_input(tmp_path):
     assert res.exit_code == 2 and "label maps" in res.output
 
 
-def test_labels_out_of_range_name_the_file(tmp_path):
-    store, protos = _known_world(tmp_path)
-    lab = np.load(tmp_path / "labels.npy")
+def _out_of_range(lab):
+    lab = lab.copy()
     lab[2, 3, 3] = 7
-    np.save(tmp_path / "bad.npy", lab)
+    return lab
+
+
+@pytest.mark.parametrize("make,match", [
+    (_out_of_range, r"bad\.npy.*7"),
+    (lambda lab: np.full_like(lab, 255), r"bad\.npy: no labelled pixels"),
+], ids=["label-out-of-range", "all-ignored"])
+def test_bad_labels_name_the_file(tmp_path, make, match):
+    store, protos = _known_world(tmp_path)
+    np.save(tmp_path / "bad.npy", make(np.load(tmp_path / "labels.npy")))
     store = FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "bad.npy")
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
-    with pytest.raises(ValueError, match="bad.npy.*7"):
-        evaluate.cluster_eval(_identity_params(cfg, protos, np.arange(3)), cfg, store, 3)
-
-
-def test_all_ignored_split_is_a_clear_error(tmp_path):
-    store, protos = _known_world(tmp_path)
-    np.save(tmp_path / "ign.npy", np.full((6, 8, 8), 255, np.uint8))
-    store = FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "ign.npy")
-    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
-    with pytest.raises(ValueError, match="ign.npy: no labelled pixels"):
+    with pytest.raises(ValueError, match=match):
         evaluate.cluster_eval(_identity_params(cfg, protos, np.arange(3)), cfg, store, 3)
 
 
