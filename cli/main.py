@@ -322,7 +322,7 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
         raise InputError(f"{checkpoint}: the eval level has {K} clusters, fewer than the {n_classes} classes")
     clu, preds = evaluate.cluster_eval(params, cfg, store, n_classes, batch_size, flipped, device, keep=4,
                                        crf_workers=max(crf_workers, 1) if crf else None, crf_timeout=crf_timeout)
-    result = {"cluster": _scores_json(clu), "crf": bool(crf)}
+    result = {"cluster": evaluate.scores_json(clu), "crf": bool(crf)}
     if train_features or train_labels:
         if not (train_features and train_labels):
             raise InputError("--train-features and --train-labels: give both for the linear probe")
@@ -330,7 +330,7 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
         probe = evaluate.linear_probe(params, tr, n_classes, probe_epochs, batch_size, seed=seed, device=device,
                                       progress=not quiet)
         lin = evaluate.linear_eval(params, probe, store, n_classes, batch_size, flipped, device)
-        result["linear"] = _scores_json(lin)
+        result["linear"] = evaluate.scores_json(lin)
     plans = evaluate.hierarchy_plans(params, cfg)
     tree = evaluate.hierarchy_text(plans, clu["match"].cluster_to_class, names)
     result["hierarchy"] = {"plans": [p.round(4).tolist() for p in plans], "text": tree}
@@ -382,14 +382,6 @@ def resolve_class_names(spec, store, n_classes):
     if names is not None and len(names) != n_classes:
         raise InputError(f"--class-names: {len(names)} names for {n_classes} classes")
     return names or [str(i) for i in range(n_classes)]
-
-
-def _scores_json(res):
-    out = {"miou": res["miou"], "acc": res["acc"],
-           "iou": [None if np.isnan(v) else float(v) for v in res["iou"]]}
-    if "match" in res:
-        out["match"] = res["match"].to_dict()
-    return out
 
 
 def format_eval(result, names):

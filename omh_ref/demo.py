@@ -18,7 +18,7 @@ import numpy as np
 from . import report
 from .data import synthetic
 from .data.store import FeatureStore
-from .evaluate import cluster_eval, linear_eval, linear_probe
+from .evaluate import cluster_eval, linear_eval, linear_probe, scores_json
 from .model import Config
 from .train import TrainOptions, load_params, train
 
@@ -92,7 +92,7 @@ def run(opts: DemoOptions, say=print) -> dict:
             probe = linear_probe(params, train_store, n_classes, epochs=opts.probe_epochs, seed=seed,
                                  device=opts.device, progress=opts.progress)
             lin = linear_eval(params, probe, val_store, n_classes, device=opts.device)
-            runs.setdefault(method, []).append({"seed": seed, "cluster": _public(clu), "linear": _public(lin)})
+            runs.setdefault(method, []).append({"seed": seed, "cluster": scores_json(clu), "linear": scores_json(lin)})
             if seed == opts.seeds[0]:
                 logs[method] = res["log"]
                 shown[method] = (preds, clu)
@@ -102,14 +102,6 @@ def run(opts: DemoOptions, say=print) -> dict:
     (out / "report.json").write_text(json.dumps(rep, indent=1))
     _pictures(out, val_store, shown, logs, n_classes, class_names)
     return rep
-
-
-def _public(res):
-    """JSON-ready scores: drop the confusion matrix, lists for arrays."""
-    out = {"miou": res["miou"], "acc": res["acc"], "iou": [None if np.isnan(v) else float(v) for v in res["iou"]]}
-    if "match" in res:
-        out["match"] = res["match"].to_dict()
-    return out
 
 
 def _summary(rs):

@@ -116,6 +116,15 @@ def _read_image(path, size):
     return img
 
 
+def scores_json(res) -> dict:
+    """JSON-ready scores: miou, acc, per-class iou (None for NaN) and the match when present."""
+    out = {"miou": res["miou"], "acc": res["acc"],
+           "iou": [None if np.isnan(v) else float(v) for v in res["iou"]]}
+    if "match" in res:
+        out["match"] = res["match"].to_dict()
+    return out
+
+
 def summarize(conf, store, match=None):
     """Scores of a confusion matrix (Hungarian matching unless ``match`` is given); a split with
     no labelled pixel is an InputError naming the labels file."""
@@ -185,20 +194,20 @@ def linear_eval(params, probe, store: FeatureStore, n_classes, batch_size=16, fl
 
 
 def hierarchy_plans(params, cfg: Config):
-    """Row-normalised plans A_l (K_l x K_{l+1}) between adjacent levels from the centroids (uniform
-    marginals, the config's ε and iterations): child cluster i's soft parent assignment."""
-    from .losses.hierarchy import forward as hier_forward
+    """Row-normalised plans A_l = K_l · T_l (K_l x K_{l+1}) between adjacent levels, from the
+    centroids alone: cost 1 − cos(M_l, M_{l+1}), uniform marginals (no batch, so no usage), the
+    config's ε and iterations. Row i is child cluster i's soft parent assignment."""
+    from .sinkhorn import sinkhorn
 
     cfg = cfg.effective()
     plans = []
     for i in range(len(cfg.levels) - 1):
-        Kc, Kp = cfg.levels[i], cfg.levels[i + 1]
-        xp = get_array_module(params["W1"])
-        dummy_c = xp.log(xp.full((1, Kc), 1.0 / Kc, dtype=params["W1"].dtype))
-        dummy_p = xp.log(xp.full((1, Kp), 1.0 / Kp, dtype=params["W1"].dtype))
-        _, cache = hier_forward(dummy_c, dummy_p, params[f"M{i}"], params[f"M{i + 1}"], cfg.eps,
-                                cfg.sinkhorn_iters, cfg.lam_w)
-        plans.append(to_host(cache[4]))
+        cs, _ = cosine.forward(params[f"M{i}"], params[f"M{i + 1}"])
+        xp = get_array_module(cs)
+        Kc, Kp = cs.shape
+        T, _ = sinkhorn(1 - cs, xp.full(Kc, 1.0 / Kc, dtype=cs.dtype), xp.full(Kp, 1.0 / Kp, dtype=cs.dtype),
+                        cfg.eps, cfg.sinkhorn_iters)
+        plans.append(to_host(T * Kc))
     return plans
 
 
