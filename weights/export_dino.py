@@ -1,0 +1,391 @@
+#!/usr/bin/env python
+"""Export a DINO ViT backbone to ONNX for ``omh-ref extract`` (DESIGN.md 1.1 and 2).
+
+The model maps an image batch (B, 3, H, W), float32, already normalised (ImageNet mean/std), to the
+last block's patch tokens after the final LayerNorm, CLS dropped, channels last: (B, H/p, W/p, C).
+
+The ViT below is written from the description of facebookresearch/dino ``vision_transformer.py``;
+its state-dict keys match the official checkpoints (``cls_token``, ``pos_embed``,
+``patch_embed.proj.*``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``,
+``norm.*``), LayerNorm eps 1e-6, qkv bias, exact GELU. Positional embeddings are interpolated to the
+input's patch grid the way DINO's ``interpolate_pos_encoding`` does (bicubic with scale factor
+(grid + 0.1) / sqrt(N), class token kept); the grid comes from the input's static shape, so the
+export traces it for the fixed export resolution while the batch axis stays dynamic.
+
+Nothing is ever downloaded: ``--checkpoint`` takes a local .pth, ``--random-init`` builds a seeded
+random model (tests, machines without weights). Each export is checked against the torch forward
+with onnxruntime before its entry is written to ``manifest.json``.
+
+    python weights/export_dino.py --arch vit_small --patch 8 \
+        --checkpoint dino_deitsmall8_pretrain.pth --resolution 224 --resolution 320
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHS = {  # name: (embed dim, depth, heads, short name for files)
+    "vit_small": (384, 12, 6, "vits"),
+    "vit_base": (768, 12, 12, "vitb"),
+}
+PATCHES = (8, 16)
+IMG_SIZE = 224  # the training resolution of the official checkpoints: pos_embed holds (224/p)^2 + 1
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+CHECK_TOL = 1e-3  # onnxruntime vs torch, max abs difference allowed at export
+DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifest.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# The ViT (DINO key layout)
+# --------------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, dim: int):
+        super().__init__()
+        self.patch_size = patch
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, h*w, C)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        _, n, c = x.shape
+        hd = c // self.heads
+        # -1 for the batch so the traced graph keeps the batch axis dynamic.
+        qkv = self.qkv(x).reshape(-1, n, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn.softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(-1, n, c)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """DINO's ViT backbone; ``forward`` returns channels-last patch features (B, h, w, C)."""
+
+    def __init__(self, arch: str, patch: int):
+        super().__init__()
+        dim, depth, heads, _ = ARCHS[arch]
+        self.arch, self.patch, self.dim = arch, patch, dim
+        self.grid0 = IMG_SIZE // patch  # side of the patch grid pos_embed was trained on
+        n = self.grid0 ** 2
+        self.patch_embed = PatchEmbed(patch, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, dim))
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, gh: int, gw: int):
+        """pos_embed for a gh x gw patch grid (DINO's rule: bicubic, scale (g + 0.1) / sqrt(N))."""
+        side = self.grid0  # a Python int, so the trace keeps no data-dependent shape logic
+        if gh == side and gw == side:
+            return self.pos_embed
+        cls_pos = self.pos_embed[:, :1]
+        patch_pos = self.pos_embed[:, 1:].reshape(1, side, side, self.dim).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, scale_factor=((gh + 0.1) / side, (gw + 0.1) / side),
+                                  mode="bicubic", align_corners=False)
+        if not torch.jit.is_tracing() and tuple(patch_pos.shape[-2:]) != (gh, gw):
+            raise RuntimeError(f"pos_embed interpolation gave {tuple(patch_pos.shape[-2:])}, "
+                               f"expected {(gh, gw)}")
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, gh * gw, self.dim)
+        return torch.cat((cls_pos, patch_pos), dim=1)
+
+    def forward(self, images):
+        h_img, w_img = int(images.shape[-2]), int(images.shape[-1])  # static for the export
+        if h_img % self.patch or w_img % self.patch:
+            raise ValueError(f"input {h_img}x{w_img} is not a multiple of patch {self.patch}")
+        gh, gw = h_img // self.patch, w_img // self.patch
+        x = self.patch_embed(images)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat((cls, x), dim=1) + self.interpolate_pos_encoding(gh, gw)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x[:, 1:].reshape(-1, gh, gw, self.dim)
+
+
+def build_vit(arch: str, patch: int) -> VisionTransformer:
+    """A DINO ViT (``vit_small`` | ``vit_base``, patch 8 | 16), randomly initialised, eval mode.
+    Seed torch (``torch.manual_seed``) first for a reproducible random init."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
+    if patch not in PATCHES:
+        raise ValueError(f"patch must be one of {PATCHES}, got {patch}")
+    return VisionTransformer(arch, patch).eval()
+
+
+def model_name(model: VisionTransformer, resolution: int) -> str:
+    """e.g. ``dino_vits8_224``."""
+    return f"dino_{ARCHS[model.arch][3]}{model.patch}_{resolution}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _strip(key: str) -> str:
+    for prefix in ("module.", "backbone."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def load_checkpoint(model: nn.Module, path) -> dict:
+    """Load a local DINO .pth into ``model``. Accepts a bare state dict or one inside a
+    "teacher" / "student" / "model" key (teacher preferred), strips "module." / "backbone."
+    prefixes and ignores DINO's projection head ("head.*"). Raises CheckpointError naming every
+    missing key, unexpected key and shape mismatch. Returns a summary dict."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # report what could not be read, and why
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    container = None
+    if isinstance(obj, dict):
+        for k in ("teacher", "student", "model", "state_dict"):
+            if isinstance(obj.get(k), dict):
+                obj, container = obj[k], k
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors (nor one under "
+                              f"'teacher'/'student'/'model')")
+    state, ignored = {}, []
+    for k, v in obj.items():
+        k2 = _strip(k)
+        if k2.startswith("head."):
+            ignored.append(k)
+            continue
+        state[k2] = v
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                       for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or bad_shape:
+        lines = [f"checkpoint {path} does not fit {model.arch} patch {model.patch}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if bad_shape:
+            lines.append(f"  shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape)}")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+    return {"container": container, "loaded": len(state), "ignored": ignored}
+
+
+# --------------------------------------------------------------------------------------------------
+# Export, check, manifest
+# --------------------------------------------------------------------------------------------------
+def export(model: VisionTransformer, resolution: int, out_dir, opset: int = 17) -> Path:
+    """Export ``model`` at a fixed resolution (dynamic batch) to ``out_dir/<name>.onnx``."""
+    if resolution % model.patch:
+        raise ValueError(f"resolution {resolution} is not a multiple of patch {model.patch}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{model_name(model, resolution)}.onnx"
+    model.eval()
+    dummy = torch.zeros(1, 3, resolution, resolution, dtype=torch.float32)
+    with torch.no_grad(), warnings.catch_warnings():
+        # Expected: the spatial size is meant to be baked in (fixed export resolution), and the
+        # TorchScript exporter (dynamo=False) is chosen on purpose (ECOSYSTEM.md: ~4e-6 vs torch).
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=r"The feature will be removed.*")
+        torch.onnx.export(model, (dummy,), str(path), opset_version=opset,
+                          input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                          do_constant_folding=True, dynamo=False)
+    return path
+
+
+def random_batch(resolution: int, seed: int, batch: int = 2) -> np.ndarray:
+    """(batch, 3, R, R) float32: uniform [0, 1) pixels, ImageNet-normalised."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((batch, 3, resolution, resolution), dtype=np.float32)
+    return ((x - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]).astype(np.float32)
+
+
+def ort_session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def check_onnx(model: nn.Module, path, resolution: int, seed: int = 0, batch: int = 2) -> float:
+    """Max abs difference between onnxruntime and the torch forward on a random normalised batch."""
+    x = random_batch(resolution, seed, batch)
+    got = ort_session(path).run(["features"], {"images": x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    if got.shape != want.shape:
+        raise RuntimeError(f"onnxruntime output shape {got.shape} != torch {want.shape}")
+    return float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def update_manifest(path, entry: dict) -> None:
+    """Add ``entry`` to the manifest at ``path`` (replacing one with the same name); atomic write."""
+    path = Path(path)
+    data = {"models": []}
+    if path.exists():
+        data = json.loads(path.read_text())
+        data.setdefault("models", [])
+    data["models"] = [m for m in data["models"] if m.get("name") != entry["name"]] + [entry]
+    data["models"].sort(key=lambda m: m.get("name", ""))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="vit_small")
+    p.add_argument("--patch", type=int, choices=PATCHES, default=8)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="local DINO .pth (never downloaded)")
+    src.add_argument("--random-init", action="store_true",
+                     help="seeded random weights (tests, machines without a checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="random-init seed, and the check's batch")
+    p.add_argument("--resolution", type=int, action="append",
+                   help="input size in px; repeat for several (one .onnx each). Default 224")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
+                   help="folder for the .onnx files (default: weights/)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
+                   help="manifest to update (default: manifest.json beside this script)")
+    p.add_argument("--tol", type=float, default=CHECK_TOL,
+                   help="max abs onnxruntime-vs-torch difference allowed (default 1e-3)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import onnxruntime
+
+    resolutions = args.resolution or [IMG_SIZE]
+    for r in resolutions:
+        if r <= 0 or r % args.patch:
+            print(f"error: resolution {r} is not a positive multiple of patch {args.patch}",
+                  file=sys.stderr)
+            return 2
+    torch.manual_seed(args.seed)
+    model = build_vit(args.arch, args.patch)
+    if args.checkpoint is not None:
+        try:
+            info = load_checkpoint(model, args.checkpoint)
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        source = f"checkpoint:{args.checkpoint.name}"
+        where = f" from '{info['container']}'" if info["container"] else ""
+        print(f"loaded {info['loaded']} tensors{where} of {args.checkpoint}"
+              + (f" (ignored {len(info['ignored'])} head.* keys)" if info["ignored"] else ""))
+    else:
+        source = f"random-init:seed={args.seed}"
+    for r in resolutions:
+        path = export(model, r, args.out, opset=args.opset)
+        diff = check_onnx(model, path, r, seed=args.seed)
+        ok = diff <= args.tol
+        print(f"{path}: onnxruntime vs torch max abs diff {diff:.3g} "
+              f"({'ok' if ok else 'FAIL'}, tol {args.tol:g})")
+        if not ok:
+            path.unlink(missing_ok=True)
+            print(f"error: check failed; removed {path}", file=sys.stderr)
+            return 1
+        g = r // args.patch
+        update_manifest(args.manifest, {
+            "name": model_name(model, r),
+            "arch": args.arch,
+            "patch": args.patch,
+            "resolution": r,
+            "grid": [g, g],
+            "dim": model.dim,
+            "file": path.name,
+            "sha256": sha256(path),
+            "check": {"max_abs_diff": diff, "tol": args.tol, "pass": ok, "batch": 2,
+                      "seed": args.seed},
+            "source": source,
+            "opset": args.opset,
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        })
+        print(f"recorded {model_name(model, r)} in {args.manifest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
