@@ -108,7 +108,7 @@ def sinkhorn(cost, a, b, eps, n_iters, backward="unrolled"):
     la, lb = xp.log(a), xp.log(b)
     K = cost * cost.dtype.type(-1.0 / eps)                             # ...,n,m
     keep = backward == "unrolled"
-    if _scaling_safe(cost, a, b, eps):
+    if scaling_safe(cost, a, b, eps):
         plan, us, vs, E = _scaling_iterations(K, a, b, int(n_iters), keep)
     else:
         plan, us, vs, E = _log_iterations(K, la, lb, int(n_iters), keep)
@@ -117,7 +117,7 @@ def sinkhorn(cost, a, b, eps, n_iters, backward="unrolled"):
 
 
 # The scaling domain (u = a / (E v), v = b / (Eᵀ u) with E the row-shifted kernel) costs two
-# matrix-vector products an iteration instead of two log-sum-exp passes. It runs the same
+# multiply-and-sum passes an iteration instead of two log-sum-exp passes (no exponentials). It runs the same
 # iterations, and is safe while nothing can underflow or overflow: the kernel's smallest entry
 # exp(−span) must stay far above float32's tiny (span ≤ 40: exp(−40) = 4e-18), and the marginals
 # must not be so uneven that a scaling leaves the float range. Otherwise, and whenever the result
@@ -126,7 +126,8 @@ SCALING_MAX_SPAN = 40.0
 SCALING_MIN_MASS_RATIO = 1e-8
 
 
-def _scaling_safe(cost, a, b, eps):
+def scaling_safe(cost, a, b, eps):
+    """True when the scaling domain cannot underflow or overflow for this problem (see above)."""
     xp = get_array_module(cost)
     span = float(xp.max(cost.max(-1) - cost.min(-1))) / eps
     ratio = min(float(xp.min(a / a.max(-1, keepdims=True))), float(xp.min(b / b.max(-1, keepdims=True))))
@@ -151,12 +152,13 @@ def _scaling_iterations(K, a, b, n_iters, keep):
     Falls back to the log domain if anything is not finite."""
     xp = get_array_module(K)
     E = xp.exp(K - K.max(-1, keepdims=True))                           # ...,n,m in [e^-span, 1]
-    Et = xp.swapaxes(E, -1, -2)
     V = xp.ones_like(b)
     us, vs = [], []
     for _ in range(n_iters):
-        U = a / xp.matmul(E, V[..., None])[..., 0]                       # ...,n
-        V = b / xp.matmul(Et, U[..., None])[..., 0]                      # ...,m
+        # Products and sums, not matmul: a batched matmul may add in another order than a single
+        # one, and a batch must give each problem exactly what solving it alone gives.
+        U = a / (E * V[..., None, :]).sum(-1)                              # ...,n
+        V = b / (E * U[..., :, None]).sum(-2)                              # ...,m
         if keep:
             us.append(U)
             vs.append(V)

@@ -155,16 +155,19 @@ def test_relaxed_targets_interpolate_between_softmax_and_balanced(P, K, seed):
     assert Q.sum(0).std() <= soft.sum(0).std() + 1e-9
 
 
-@given(P=st.integers(3, 40), K=dims, eps=st.sampled_from([0.04, 0.1, 1.0]), rho=st.sampled_from([0.05, 1.0, 50.0]),
+@given(P=st.integers(3, 40), K=dims, eps=st.sampled_from([0.05, 0.1, 1.0]), rho=st.sampled_from([0.05, 1.0, 50.0]),
        seed=seeds)
 def test_relaxed_targets_scaling_domain_equals_log_domain(P, K, eps, rho, seed):
     rng, r = _rand(seed)
     s = np.clip(3 * r(P, K), -1, 1)
-    fast, _ = cluster.relaxed_targets(s, eps, 15, rho)          # eps >= SCALING_MIN_EPS: scaling
-    old = cluster.SCALING_MIN_EPS
+    from omh_ref import sinkhorn as sk
+
+    assert sk.scaling_safe(1 - s, np.ones(P), np.ones(K), eps)  # span <= 2/0.05: scaling domain
+    fast, _ = cluster.relaxed_targets(s, eps, 15, rho)
+    old = sk.SCALING_MAX_SPAN
     try:
-        cluster.SCALING_MIN_EPS = np.inf                        # force the log domain
+        sk.SCALING_MAX_SPAN = -1.0                              # force the log domain
         slow, _ = cluster.relaxed_targets(s, eps, 15, rho)
     finally:
-        cluster.SCALING_MIN_EPS = old
+        sk.SCALING_MAX_SPAN = old
     np.testing.assert_allclose(fast, slow, rtol=1e-10, atol=1e-13)

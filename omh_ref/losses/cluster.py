@@ -16,7 +16,7 @@ Inputs are one level's cosine logits s (P, K) and log-assignments ``log p = log_
 import math
 
 from ..backend import get_array_module, logsumexp
-from ..sinkhorn import sinkhorn
+from ..sinkhorn import scaling_safe, sinkhorn
 
 TARGETS = ("balanced", "soft", "hard")
 
@@ -33,22 +33,19 @@ def balanced_targets(s, eps_q, n_iters):
     return plan * s.dtype.type(P), cache.marginal_error
 
 
-# Above this ε the targets run in the scaling domain: with each row shifted to its maximum, the
-# kernel exp((s − max s)/ε) ≥ exp(−2/ε) ≥ exp(−50) ≈ 2e-22, far from float32's smallest normal
-# number (1e-38), so nothing underflows, and every iteration is two BLAS matrix-vector products
-# instead of two log-sum-exp passes (6x faster at 12544 x 108). Below it, the log domain.
-SCALING_MIN_EPS = 0.04
-
-
 def relaxed_targets(s, eps_q, n_iters, rho):
     """Like :func:`balanced_targets`, but the cluster marginal is only softly imposed: a KL
     penalty of weight ρ on the columns (unbalanced entropic OT, semi-relaxed; Chizat et al.), so
     the v-update is damped by ρ/(ρ+ε). ρ = inf is the balanced plan, ρ -> 0 plain softmax
-    assignments. Rows are exact (the last update is a row update). -> (Q, 0.0)."""
+    assignments. Rows are exact (the last update is a row update). -> (Q, 0.0).
+
+    Like :func:`omh_ref.sinkhorn.sinkhorn`, it iterates on scalings (two matrix-vector products
+    an iteration) when :func:`omh_ref.sinkhorn.scaling_safe` says nothing can underflow, and in
+    the log domain otherwise or when the scalings are not finite."""
     xp = get_array_module(s)
     P, Kc = s.shape
     lam = rho / (rho + eps_q)
-    if eps_q >= SCALING_MIN_EPS:
+    if scaling_safe(1 - s, xp.ones(P, dtype=s.dtype), xp.ones(Kc, dtype=s.dtype), eps_q):
         dt = s.dtype.type
         E = xp.exp((s - s.max(axis=1, keepdims=True)) / dt(eps_q))    # P,K; the row shift is
         a, b = dt(1.0 / P), dt(1.0 / Kc)                                # absorbed by u
@@ -57,7 +54,9 @@ def relaxed_targets(s, eps_q, n_iters, rho):
             u = a / (E @ v)
             v = (b / (E.T @ u)) ** dt(lam)
         u = a / (E @ v)
-        return (u * dt(P))[:, None] * E * v, 0.0
+        Q = (u * dt(P))[:, None] * E * v
+        if bool(xp.all(xp.isfinite(Q))):
+            return Q, 0.0
     K = (s - 1) / s.dtype.type(eps_q)                                  # −C/ε
     la, lb = -math.log(P), -math.log(Kc)
     v = xp.zeros(Kc, dtype=s.dtype)
