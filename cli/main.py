@@ -170,6 +170,61 @@ TRAIN_FILE_KEYS = ("steps", "batch_size", "lr", "lr_clusters", "seed", "ckpt_eve
 
 
 @main.command()
+@click.option("--model", required=True, type=click.Path(), help="ONNX backbone (weights/export_dino.py).")
+@click.option("--images", default=None, type=click.Path(), help="A folder of images (searched recursively).")
+@click.option("--labels", default=None, type=click.Path(),
+              help="With --images: a folder of label PNGs at the images' relative paths (255 = ignore).")
+@click.option("--dataset", default=None, type=click.Choice(["cocostuff27", "cityscapes27", "potsdam3"]),
+              help="A STEGO-layout data set under --root.")
+@click.option("--root", default=None, type=click.Path(), help="The data set's folder (or STEGO's data dir).")
+@click.option("--split", default="val", type=click.Choice(["train", "val"]), show_default=True)
+@click.option("--resolution", default=None, type=int, help="Crop size in px [default: the model's input size].")
+@click.option("--crop", default="center", type=click.Choice(["center", "five"]), show_default=True,
+              help="center: one crop per image; five: STEGO's five half-size crops (training sets).")
+@click.option("--flip", is_flag=True, help="Also write features of the flipped crops (feats_flip.npy).")
+@click.option("--out", required=True, type=click.Path(), help="Output folder.")
+@click.option("--batch-size", default=16, show_default=True, help="Crops per forward pass.")
+@click.option("--chunk-size", default=64, show_default=True, help="Images per recorded unit of progress / Dask task.")
+@click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), show_default=True)
+@click.option("--on-error", default="skip", type=click.Choice(["skip", "fail"]), show_default=True,
+              help="An unreadable image: leave it out (named in the log and feats.json) or stop.")
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@click.option("--threads", default=None, type=int, help="onnxruntime threads per process [default: all cores; 1 with local:N].")
+@click.option("--scheduler", default=None, help="Run on Dask: local:N (N worker processes) or a scheduler address.")
+@click.option("--overwrite", is_flag=True, help="Replace finished features or an unfinished run with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def extract(model, images, labels, dataset, root, split, resolution, crop, flip, out, batch_size, chunk_size,
+            dtype, on_error, device, threads, scheduler, overwrite, quiet):
+    """Images -> DINO patch features (feats.npy, labels.npy, feats.json) with onnxruntime.
+
+    Interrupted runs continue where they stopped when started again with the same arguments.
+    """
+    from omh_ref.data import datasets
+    from omh_ref.extract import ExtractOptions, extract as run_extract
+
+    if (images is None) == (dataset is None):
+        raise InputError("give either --images DIR or --dataset NAME --root DIR")
+    if dataset is not None:
+        if root is None:
+            raise InputError(f"--dataset {dataset}: needs --root, the data set's folder")
+        if labels is not None:
+            raise InputError("--labels goes with --images; a --dataset brings its own labels")
+        ds = datasets.open_dataset(dataset, root, split)
+    else:
+        ds = datasets.folder(images, labels)
+    opts = ExtractOptions(model=model, out=out, resolution=resolution, crop=crop, flip=flip,
+                          batch_size=batch_size, chunk_size=chunk_size, dtype=dtype, on_error=on_error,
+                          device=device, threads=threads, overwrite=overwrite, progress=not quiet,
+                          scheduler=scheduler)
+    click.echo(f"{ds.name}{'' if ds.split is None else ' ' + ds.split}: {len(ds)} images from {ds.root}"
+               + (" with labels" if ds.has_labels else ""))
+    meta = run_extract(ds, opts, log=click.echo)
+    click.echo(f"done: {meta['shape'][0]} rows, grid {meta['grid'][0]}x{meta['grid'][1]}, dim {meta['dim']}, "
+               f"{len(meta['skipped'])} skipped -> {Path(out) / 'feats.json'}")
+
+
+@main.command()
 @click.option("--features", default=None, type=click.Path(), help="feats.npy [default: the embedded demo data].")
 @click.option("--knn", default=None, type=click.Path(), help="KNN table [default: knn.npy beside the features, built if missing].")
 @click.option("--out", default="runs/train", show_default=True, type=click.Path(), help="Output folder.")

@@ -1,0 +1,502 @@
+"""``omh-ref extract``: images -> DINO patch features with onnxruntime (no torch).
+
+Preprocessing is STEGO's (``get_transform(res, False, "center")``), bit for bit: resize the short
+side to ``res`` with NEAREST (torchvision's size rule), centre-crop ``res x res``, ``/255`` then
+ImageNet mean/std, all in float32. ``--crop five`` first cuts torchvision's five crops of half the
+image's height and width (STEGO's ``crop_datasets.py``, used for its training sets; STEGO saved
+those crops as JPEG and reloaded them, we do not re-encode) and then treats each crop as above:
+image i owns rows ``5i .. 5i+4`` in the order tl, tr, bl, br, centre. Label maps go through the same
+geometry (NEAREST) and the data set's class lookup (255 = ignore).
+
+Outputs under ``--out`` (DESIGN.md section 2): ``feats.npy`` (N, h, w, C) float16 by default,
+``labels.npy`` uint8 (N, res, res) when the data set has labels, ``feats_flip.npy`` with ``--flip``
+(features of the horizontally flipped crops, in their own orientation: ``eval`` flips them back),
+and ``feats.json``.
+
+Work is cut into chunks of whole forward batches. Rows are written straight into preallocated
+``*.partial.npy`` files (``os.pwrite`` at the row's byte offset, then ``fsync``) and a chunk is
+recorded in ``extract.progress.json`` (atomically replaced) only after its rows are on disk. An
+interrupted run (Ctrl-C, a killed process, a lost Dask worker) continues from the chunks not yet
+recorded; nothing already recorded is redone. The progress file also pins everything that decides
+the output (model hash, image list, crop, dtype, batch and chunk sizes), so a resumed run cannot mix
+settings. When every chunk is done, images that could not be read (``--on-error skip``) are left out
+by copying the kept rows, the partial files are renamed into place, ``feats.json`` is written last
+and the progress file is removed.
+
+The same chunk function runs in-process or on Dask workers (``scheduler="local:N"`` or a scheduler
+address): batches are identical either way, so the outputs are byte-identical. Workers need the
+output folder on a shared file system and omh-ref installed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .data.datasets import IGNORE, Dataset, ImageError
+from .data.images import FIVE_CROPS, five_crops, stego_crop
+from .errors import InputError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+FIVE_CROP_RATIO = 0.5
+PROGRESS = "extract.progress.json"
+OUTPUTS = {"feats": "feats.npy", "labels": "labels.npy", "flip": "feats_flip.npy"}
+
+
+@dataclass
+class ExtractOptions:
+    model: str
+    out: str
+    resolution: int | None = None   # None: the model's input size (224 if the model's is dynamic)
+    crop: str = "center"            # center | five
+    flip: bool = False
+    batch_size: int = 16            # crops per forward pass
+    chunk_size: int = 64            # images per unit of recorded progress (rounded to whole batches)
+    dtype: str = "float16"
+    on_error: str = "skip"          # skip | fail
+    device: str = "cpu"             # cpu | gpu
+    threads: int | None = None      # onnxruntime intra-op threads (None: its default)
+    overwrite: bool = False
+    progress: bool = True
+    scheduler: str | None = None    # None (in-process), "local:N" or a Dask scheduler address
+
+    def validate(self):
+        def bad(flag, want, got):
+            raise InputError(f"{flag}: expected {want}, got {got!r}")
+        if self.crop not in ("center", "five"):
+            bad("--crop", "center or five", self.crop)
+        if self.dtype not in ("float16", "float32"):
+            bad("--dtype", "float16 or float32", self.dtype)
+        if self.on_error not in ("skip", "fail"):
+            bad("--on-error", "skip or fail", self.on_error)
+        if self.device not in ("cpu", "gpu"):
+            bad("--device", "cpu or gpu", self.device)
+        for flag, v in (("--batch-size", self.batch_size), ("--chunk-size", self.chunk_size)):
+            if not isinstance(v, int) or v < 1:
+                bad(flag, "a positive integer", v)
+        if self.threads is not None and self.threads < 1:
+            bad("--threads", "a positive integer", self.threads)
+        if self.resolution is not None and self.resolution < 1:
+            bad("--resolution", "a positive number of pixels", self.resolution)
+        if not Path(self.model).is_file():
+            raise InputError(f"{self.model}: no such file (expected --model to be an .onnx backbone "
+                             "made by weights/export_dino.py)")
+
+    @property
+    def n_crops(self) -> int:
+        return 5 if self.crop == "five" else 1
+
+    @property
+    def images_per_batch(self) -> int:
+        return max(1, self.batch_size // self.n_crops)
+
+    @property
+    def images_per_chunk(self) -> int:
+        ipb = self.images_per_batch
+        return -(-self.chunk_size // ipb) * ipb
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------------
+def crops(rgb: Image.Image, label: Image.Image | None, crop: str, resolution: int):
+    """[(rgb uint8 (R, R, 3), raw label uint8 (R, R) or None)] for one image: 1 or 5 crops."""
+    if label is not None and label.size != rgb.size:
+        raise ImageError(f"label map is {label.size[0]}x{label.size[1]} px but its image is "
+                         f"{rgb.size[0]}x{rgb.size[1]}")
+    if crop == "five":
+        rgbs = five_crops(rgb, FIVE_CROP_RATIO)
+        labels = five_crops(label, FIVE_CROP_RATIO) if label is not None else [None] * 5
+    else:
+        rgbs, labels = [rgb], [label]
+    return [(np.asarray(stego_crop(r, resolution)),
+             None if lab is None else np.asarray(stego_crop(lab, resolution)))
+            for r, lab in zip(rgbs, labels)]
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """(..., R, R, 3) uint8 -> (..., 3, R, R) float32: ToTensor (/255) and ImageNet mean/std."""
+    x = rgb.astype(np.float32) / np.float32(255)
+    x = (x - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+# --------------------------------------------------------------------------------------------------
+# The backbone
+# --------------------------------------------------------------------------------------------------
+def providers(device: str) -> list:
+    import onnxruntime as ort
+
+    if device == "gpu":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InputError("--device gpu: this onnxruntime has no CUDA provider (install "
+                             "omh-ref[gpu], which brings onnxruntime-gpu, on a machine with CUDA)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+_SESSIONS: dict = {}
+
+
+def session(model, device="cpu", threads=None):
+    """An onnxruntime session, cached per process (Dask workers reuse theirs across chunks)."""
+    import onnxruntime as ort
+
+    st = os.stat(model)
+    key = (str(Path(model).resolve()), st.st_size, st.st_mtime_ns, device, threads)
+    if key not in _SESSIONS:
+        so = ort.SessionOptions()
+        if threads is not None:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        try:
+            _SESSIONS[key] = ort.InferenceSession(str(model), so, providers=providers(device))
+        except InputError:
+            raise
+        except Exception as e:  # onnxruntime raises its own exception types for a bad file
+            raise InputError(f"{model}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
+    return _SESSIONS[key]
+
+
+@dataclass
+class Backbone:
+    """What extraction needs to know of an .onnx backbone."""
+    path: str
+    sha256: str
+    input_name: str
+    resolution: int
+    grid: tuple
+    dim: int
+
+    @property
+    def patch(self) -> int:
+        return self.resolution // self.grid[0]
+
+
+def inspect_model(model, resolution=None, device="cpu", threads=None) -> Backbone:
+    """Read the model's input/output contract; a mismatch with ``--resolution`` is an InputError."""
+    sess = session(model, device, threads)
+    ins = sess.get_inputs()
+    if len(ins) != 1 or len(ins[0].shape) != 4:
+        raise InputError(f"{model}: expected one input of shape (B, 3, H, W), got "
+                         f"{[tuple(i.shape) for i in ins]}")
+    _, c, h, w = ins[0].shape
+    if c != 3:
+        raise InputError(f"{model}: expected 3 input channels, got {c}")
+    fixed = [d for d in (h, w) if isinstance(d, int)]
+    if fixed and (len(fixed) == 1 or h != w):
+        raise InputError(f"{model}: expected a square input, got {h}x{w}")
+    if fixed and resolution is not None and resolution != h:
+        raise InputError(f"--resolution {resolution}: {model} takes {h} px inputs (export one at "
+                         f"{resolution} with weights/export_dino.py --resolution {resolution})")
+    res = h if fixed else (resolution or 224)
+    y = sess.run(None, {ins[0].name: np.zeros((1, 3, res, res), np.float32)})[0]
+    if y.ndim != 4 or y.shape[1] != y.shape[2] or res % y.shape[1]:
+        raise InputError(f"{model}: expected patch features (B, h, w, C) with res/h a whole patch "
+                         f"size, got {y.shape} for {res} px")
+    return Backbone(str(model), file_sha256(model), ins[0].name, int(res), (int(y.shape[1]), int(y.shape[2])),
+                    int(y.shape[3]))
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Row files: preallocated .npy written at byte offsets
+# --------------------------------------------------------------------------------------------------
+def create_npy(path, shape, dtype):
+    """A preallocated (sparse) .npy of ``shape``; returns nothing, rows are written by RowWriter."""
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    del mm
+
+
+class RowWriter:
+    """Writes whole rows of a C-ordered .npy in place (``os.pwrite``), from any process."""
+
+    def __init__(self, path):
+        arr = np.load(path, mmap_mode="r")
+        self.shape, self.dtype, self.offset = arr.shape, arr.dtype, arr.offset
+        del arr
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, row: int, rows: np.ndarray):
+        data = np.ascontiguousarray(rows, dtype=self.dtype)
+        assert data.shape[1:] == self.shape[1:] and row + len(data) <= self.shape[0]
+        buf, pos = memoryview(data).cast("B"), self.offset + row * self.row_bytes
+        while len(buf):
+            n = os.pwrite(self.fd, buf, pos)
+            buf, pos = buf[n:], pos + n
+
+    def close(self, sync=True):
+        if sync:
+            os.fsync(self.fd)
+        os.close(self.fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# One chunk (runs in-process or on a Dask worker)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ChunkTask:
+    chunk: int
+    items: list                     # [(item index, Item)]
+    dataset: Dataset                # without its item list (ds.reader()): tasks stay small
+    opts: ExtractOptions
+    backbone: Backbone
+    files: dict                     # {"feats": path, "labels": path, "flip": path} of the partials
+    threads: int | None = None
+
+
+@dataclass
+class ChunkResult:
+    chunk: int
+    failures: list = field(default_factory=list)   # [[item index, message]]
+    n_images: int = 0
+
+
+def run_chunk(task: ChunkTask, on_batch=None) -> ChunkResult:
+    """Extract one chunk's rows into the partial files; unreadable images are reported (skip) or
+    raised as InputError (fail). ``on_batch(n_images)`` is called after each forward batch."""
+    opts, bb, ds = task.opts, task.backbone, task.dataset
+    sess = session(bb.path, opts.device, task.threads)
+    writers = {k: RowWriter(p) for k, p in task.files.items()}
+    res = ChunkResult(task.chunk, n_images=len(task.items))
+    nc, ipb = opts.n_crops, opts.images_per_batch
+    try:
+        for b in range(0, len(task.items), ipb):
+            batch = []
+            for idx, item in task.items[b:b + ipb]:
+                try:
+                    rgb, label = ds.load(item)
+                    batch.append((idx, crops(rgb, label, opts.crop, bb.resolution)))
+                except ImageError as e:
+                    msg = str(e) if str(e).startswith(str(item.image)) else f"{item.image}: {e}"
+                    if opts.on_error == "fail":
+                        raise InputError(f"{msg} (--on-error fail; --on-error skip leaves it out)") from None
+                    res.failures.append([idx, msg])
+            if batch:
+                _forward_and_write(sess, bb, ds, batch, nc, writers, opts.flip)
+            if on_batch is not None:
+                on_batch(len(task.items[b:b + ipb]))
+    finally:
+        for w in writers.values():
+            w.close()
+    return res
+
+
+def _forward_and_write(sess, bb, ds, batch, nc, writers, flip):
+    x = normalize(np.stack([c[0] for _, cs in batch for c in cs]))
+    outs = {"feats": _run(sess, bb, x)}
+    if flip:
+        outs["flip"] = _run(sess, bb, np.ascontiguousarray(x[..., ::-1]))
+    if "labels" in writers:
+        outs["labels"] = ds.map_labels(np.stack([c[1] for _, cs in batch for c in cs]))
+    # consecutive item indices share one write; a skipped image splits the run
+    i = 0
+    while i < len(batch):
+        j = i + 1
+        while j < len(batch) and batch[j][0] == batch[j - 1][0] + 1:
+            j += 1
+        for k, w in writers.items():
+            w.write(batch[i][0] * nc, outs[k][i * nc:j * nc])
+        i = j
+
+
+def _run(sess, bb, x):
+    y = sess.run(None, {bb.input_name: x})[0]
+    if not np.isfinite(y).all():
+        raise InputError(f"{bb.path}: the backbone produced NaN or inf features (a broken export?)")
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole job: plan, resume, run (in-process or Dask), finalise
+# --------------------------------------------------------------------------------------------------
+def _atomic_json(path: Path, obj):
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _partial(out: Path, name: str) -> Path:
+    return out / name.replace(".npy", ".partial.npy")
+
+
+def _job_key(ds: Dataset, opts: ExtractOptions, bb: Backbone) -> dict:
+    names = hashlib.sha256("\n".join(it.name for it in ds.items).encode()).hexdigest()
+    return {"onnx_sha256": bb.sha256, "resolution": bb.resolution, "dataset": ds.name, "split": ds.split,
+            "root": str(ds.root.resolve()), "n_images": len(ds), "images_sha256": names,
+            "crop": opts.crop, "flip": opts.flip, "dtype": opts.dtype, "labels": ds.has_labels,
+            "images_per_batch": opts.images_per_batch, "images_per_chunk": opts.images_per_chunk}
+
+
+def extract(ds: Dataset, opts: ExtractOptions, log=print) -> dict:
+    """Extract features of every item of ``ds`` into ``opts.out``; returns the ``feats.json`` record."""
+    opts.validate()
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = opts.threads if opts.threads is not None or not (opts.scheduler or "").startswith("local:") else 1
+    bb = inspect_model(opts.model, opts.resolution, opts.device, opts.threads)
+    key = _job_key(ds, opts, bb)
+    kinds = ["feats"] + (["labels"] if ds.has_labels else []) + (["flip"] if opts.flip else [])
+    files = {k: str(_partial(out, OUTPUTS[k])) for k in kinds}
+    progress_path = out / PROGRESS
+    state = _resume_or_start(out, progress_path, key, opts, ds, bb, files, log)
+
+    n_chunks = -(-len(ds) // opts.images_per_chunk)
+    pending = [c for c in range(n_chunks) if str(c) not in state["done"]]
+    if state["stage"] == "extracting" and pending:
+        tasks = [_task(c, ds, opts, bb, files, threads) for c in pending]
+        _run_tasks(tasks, state, progress_path, opts, len(ds), log)
+    return _finalize(out, progress_path, state, ds, opts, bb, kinds, log)
+
+
+def _task(c, ds, opts, bb, files, threads):
+    lo = c * opts.images_per_chunk
+    idx = range(lo, min(lo + opts.images_per_chunk, len(ds)))
+    return ChunkTask(c, [(i, ds.items[i]) for i in idx], ds.reader(), opts, bb, files, threads)
+
+
+def _resume_or_start(out, progress_path, key, opts, ds, bb, files, log):
+    finals = [out / n for n in (*OUTPUTS.values(), "feats.json", "feats_flip.json")]
+    if progress_path.is_file():
+        try:
+            state = json.loads(progress_path.read_text())
+        except ValueError as e:
+            raise InputError(f"{progress_path}: unreadable progress file ({e}); pass --overwrite "
+                             "to start again") from None
+        if state.get("key") == key and not opts.overwrite:
+            done = len(state["done"])
+            log(f"resuming: {done} chunk(s) of {-(-len(ds) // opts.images_per_chunk)} already done "
+                f"(from {progress_path})")
+            return state
+        if not opts.overwrite:
+            diff = sorted(k for k in key if state.get("key", {}).get(k) != key[k])
+            raise InputError(f"{out}: holds an unfinished extraction with other settings "
+                             f"({', '.join(diff)} differ); pass --overwrite to discard it")
+    elif any(p.exists() for p in finals) and not opts.overwrite:
+        raise InputError(f"{out}: already holds extracted features ({out / 'feats.npy'}); pass "
+                         "--overwrite to replace them")
+    for p in finals + [_partial(out, n) for n in OUTPUTS.values()] + [progress_path]:
+        p.unlink(missing_ok=True)
+    n_rows = len(ds) * opts.n_crops
+    h, w = bb.grid
+    shapes = {"feats": ((n_rows, h, w, bb.dim), opts.dtype), "flip": ((n_rows, h, w, bb.dim), opts.dtype),
+              "labels": ((n_rows, bb.resolution, bb.resolution), np.uint8)}
+    for k, p in files.items():
+        create_npy(p, *shapes[k])
+    state = {"format": 1, "key": key, "stage": "extracting", "done": {}}
+    _atomic_json(progress_path, state)
+    return state
+
+
+def _run_tasks(tasks, state, progress_path, opts, n_total, log):
+    from tqdm import tqdm
+
+    done_images = sum(min(opts.images_per_chunk, n_total - int(c) * opts.images_per_chunk) for c in state["done"])
+    bar = tqdm(total=n_total, initial=done_images, unit="img", desc="extract", disable=not opts.progress,
+               dynamic_ncols=True)
+
+    def record(res: ChunkResult):
+        state["done"][str(res.chunk)] = res.failures
+        _atomic_json(progress_path, state)
+        for _, msg in res.failures:
+            log(f"skipped: {msg}")
+
+    try:
+        if opts.scheduler is None:
+            for t in tasks:
+                record(run_chunk(t, on_batch=bar.update))
+        else:
+            from .distributed import run_on_dask
+
+            run_on_dask(tasks, opts.scheduler, lambda res: (record(res), bar.update(res.n_images)))
+    finally:
+        bar.close()
+
+
+def _finalize(out, progress_path, state, ds, opts, bb, kinds, log):
+    state["stage"] = "finalizing"
+    _atomic_json(progress_path, state)
+    failures = sorted((int(i), msg) for f in state["done"].values() for i, msg in f)
+    skipped = {i for i, _ in failures}
+    keep = np.array([i for i in range(len(ds)) if i not in skipped], dtype=np.int64)
+    if len(keep) == 0:
+        raise InputError(f"{ds.root}: none of the {len(ds)} images could be read (first: {failures[0][1]})")
+    rows = (keep[:, None] * opts.n_crops + np.arange(opts.n_crops)).ravel()
+    for k in kinds:
+        part, final = _partial(out, OUTPUTS[k]), out / OUTPUTS[k]
+        if not part.exists():
+            continue  # moved into place before an interruption
+        if skipped:
+            _copy_rows(part, final, rows, opts.batch_size)
+            part.unlink()
+        else:
+            os.replace(part, final)
+    meta = describe(ds, opts, bb, keep, failures, kinds)
+    if "flip" in kinds:
+        _atomic_json(out / "feats_flip.json", dict(meta, flipped_of="feats.npy"))
+    _atomic_json(out / "feats.json", meta)
+    progress_path.unlink(missing_ok=True)
+    log(f"wrote {out / 'feats.npy'}: {tuple(meta['shape'])} {opts.dtype}"
+        + (f", {len(failures)} image(s) skipped" if failures else ""))
+    return meta
+
+
+def _copy_rows(src, dst, rows, batch):
+    a = np.load(src, mmap_mode="r")
+    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
+    create_npy(tmp, (len(rows),) + a.shape[1:], a.dtype)
+    w = RowWriter(tmp)
+    for s in range(0, len(rows), batch):
+        w.write(s, a[rows[s:s + batch]])
+    w.close()
+    del a
+    os.replace(tmp, dst)
+
+
+def describe(ds: Dataset, opts: ExtractOptions, bb: Backbone, keep, failures, kinds) -> dict:
+    """The ``feats.json`` record (DESIGN.md section 2)."""
+    import onnxruntime
+
+    names = [ds.items[i].name for i in keep]
+    if opts.crop == "five":
+        names = [f"{n}#{c}" for n in names for c in FIVE_CROPS]
+    h, w = bb.grid
+    return {
+        "backbone": Path(bb.path).stem, "onnx": Path(bb.path).name, "onnx_sha256": bb.sha256,
+        "resolution": bb.resolution, "patch": bb.patch, "grid": [h, w], "dim": bb.dim,
+        "dtype": opts.dtype, "shape": [len(names), h, w, bb.dim],
+        "preprocessing": "resize short side NEAREST (torchvision rule), centre crop, /255, ImageNet mean/std",
+        "crop": opts.crop, **({"five_crop_ratio": FIVE_CROP_RATIO} if opts.crop == "five" else {}),
+        "dataset": ds.name, "split": ds.split, "n_classes": ds.n_classes, "class_names": ds.class_names,
+        "labels": OUTPUTS["labels"] if "labels" in kinds else None, "label_ignore": IGNORE,
+        "flipped": OUTPUTS["flip"] if "flip" in kinds else None,
+        "image_root": str(ds.root.resolve()), "images": names,
+        "skipped": [{"image": ds.items[i].name, "error": msg} for i, msg in failures],
+        "omh_ref_version": __version__, "onnxruntime_version": onnxruntime.__version__,
+        "options": {k: v for k, v in asdict(opts).items() if k in ("batch_size", "chunk_size", "device")},
+    }

@@ -1,0 +1,344 @@
+"""``omh-ref extract``: onnxruntime features of real image files, checked against the torch forward of
+the same (randomly initialised, DINO-layout) ViT, plus resume, skip/fail, five-crop, flip, the
+dataset layouts and Dask.
+
+Small models keep it fast: ViT-S/16 at 32 px (2x2 grid) for the mechanics; one ViT-S/8 at 224 px
+(the real backbone's 28x28 grid) for the numerical comparison with torch.
+"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from omh_ref import extract as ex
+from omh_ref.data import datasets
+from omh_ref.data.images import five_crops, stego_crop
+from omh_ref.data.store import FeatureStore
+from omh_ref.errors import InputError
+
+from . import layouts
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "weights" / "export_dino.py"
+TOL = 1e-4
+
+
+def _export_script():
+    if "export_dino" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("export_dino", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["export_dino"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["export_dino"]
+
+
+def _export(tmp_path_factory, patch, resolution, seed):
+    ed = _export_script()
+    torch.manual_seed(seed)
+    model = ed.build_vit("vit_small", patch)
+    path = ed.export(model, resolution, tmp_path_factory.mktemp(f"onnx{patch}_{resolution}"))
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """ViT-S/16 exported at 32 px: (path, torch model)."""
+    return _export(tmp_path_factory, 16, 32, seed=3)
+
+
+def _torch_input(rgb_crops):
+    """STEGO's ToTensor + Normalize written in torch (independent of omh_ref.extract.normalize)."""
+    t = torch.from_numpy(np.stack(rgb_crops)).permute(0, 3, 1, 2).float().div(255)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (t - mean) / std
+
+
+def _torch_feats(model, rgb_crops, flip=False):
+    x = _torch_input(rgb_crops)
+    if flip:
+        x = x.flip(dims=[3])
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+def _opts(model, out, **kw):
+    kw.setdefault("progress", False)
+    return ex.ExtractOptions(model=str(model), out=str(out), **kw)
+
+
+def _run(ds, opts):
+    return ex.extract(ds, opts, log=lambda *_: None)
+
+
+def _files(out):
+    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir())}
+
+
+# ---- numerics --------------------------------------------------------------------------------------
+def test_normalize_matches_torch_bitwise():
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(ex.normalize(rgb), _torch_input(list(rgb)).numpy())
+
+
+def test_vit_s8_224_features_match_torch(tmp_path, tmp_path_factory):
+    """The issue's check: a random ViT-S/8 exported by weights/export_dino.py, features extracted
+    from image files by onnxruntime, equal to the torch forward within 1e-4."""
+    path, model = _export(tmp_path_factory, 8, 224, seed=0)
+    truth = layouts.folder(tmp_path, n=3, labels=False, nested=False)
+    for rel in truth:   # larger than 224 so the short-side resize and crop both act
+        img = Image.open(tmp_path / "images" / rel).resize((300, 260))
+        img.save(tmp_path / "images" / rel)
+    ds = datasets.folder(tmp_path / "images")
+    meta = _run(ds, _opts(path, tmp_path / "out", dtype="float32", batch_size=2))
+    got = np.load(tmp_path / "out" / "feats.npy", mmap_mode="r")
+    assert got.shape == (3, 28, 28, 384) and got.dtype == np.float32
+    crops = [np.asarray(stego_crop(Image.open(it.image).convert("RGB"), 224)) for it in ds.items]
+    want = _torch_feats(model, crops)
+    assert np.abs(got - want).max() <= TOL
+    assert (meta["resolution"], meta["patch"], meta["grid"], meta["dim"]) == (224, 8, [28, 28], 384)
+
+
+def test_folder_outputs_and_metadata(tmp_path, small):
+    path, model = small
+    truth = layouts.folder(tmp_path, n=5)
+    ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
+    meta = _run(ds, _opts(path, tmp_path / "out", flip=True, batch_size=2, chunk_size=2))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["feats.json", "feats.npy", "feats_flip.json",
+                                                     "feats_flip.npy", "labels.npy"]
+    store = FeatureStore(out / "feats.npy", labels=out / "labels.npy")   # validates feats.json too
+    assert (store.N, store.h, store.w, store.C, store.dtype) == (5, 2, 2, 384, np.float16)
+    assert store.labels.dtype == np.uint8 and store.labels.shape == (5, 32, 32)
+    names = sorted(truth)
+    crops = [np.asarray(stego_crop(Image.fromarray(truth[n][0]), 32)) for n in names]
+    feats = np.asarray(store.feats, dtype=np.float32)
+    assert np.abs(feats - _torch_feats(model, crops)).max() <= 2e-3 * np.abs(feats).max()  # float16 rows
+    flip = np.load(out / "feats_flip.npy").astype(np.float32)
+    assert np.abs(flip - _torch_feats(model, crops, flip=True)).max() <= 2e-3 * np.abs(flip).max()
+    assert not np.allclose(flip, feats, atol=1e-2)
+    for i, n in enumerate(names):   # labels: the same crop, values kept (folder), 255 ignore
+        assert (store.labels[i] == np.asarray(stego_crop(Image.fromarray(truth[n][1]), 32))).all()
+    for key in ("backbone", "onnx_sha256", "resolution", "patch", "dtype", "images", "omh_ref_version"):
+        assert key in meta
+    assert meta["images"] == names and meta["image_root"] == str((tmp_path / "images").resolve())
+    assert meta["onnx_sha256"] == ex.file_sha256(path) and meta["dtype"] == "float16"
+    assert json.loads((out / "feats.json").read_text()) == meta
+    assert meta["skipped"] == [] and meta["flipped"] == "feats_flip.npy" and meta["labels"] == "labels.npy"
+
+
+def test_five_crop_rows_and_labels(tmp_path, small):
+    path, model = small
+    truth = layouts.folder(tmp_path, n=2, nested=False)
+    ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
+    meta = _run(ds, _opts(path, tmp_path / "out", crop="five", batch_size=5, dtype="float32"))
+    feats = np.load(tmp_path / "out" / "feats.npy")
+    labels = np.load(tmp_path / "out" / "labels.npy")
+    assert feats.shape == (10, 2, 2, 384) and labels.shape == (10, 32, 32)
+    assert meta["images"][:5] == [f"img0.png#{c}" for c in ("tl", "tr", "bl", "br", "c")]
+    for i, n in enumerate(sorted(truth)):
+        rgb, raw = truth[n]
+        crops = [np.asarray(stego_crop(c, 32)) for c in five_crops(Image.fromarray(rgb))]
+        assert np.abs(feats[5 * i:5 * i + 5] - _torch_feats(model, crops)).max() <= TOL
+        for j, c in enumerate(five_crops(Image.fromarray(raw))):
+            assert (labels[5 * i + j] == np.asarray(stego_crop(c, 32))).all()
+
+
+@pytest.mark.parametrize("name", ["cocostuff27", "cityscapes27", "potsdam3"])
+def test_each_dataset_layout_through_the_cli(tmp_path, small, name):
+    from omh_ref_cli.main import main
+
+    path, _ = small
+    builder = {"cocostuff27": layouts.coco, "cityscapes27": layouts.cityscapes, "potsdam3": layouts.potsdam}[name]
+    truth = builder(tmp_path / "data", "val")
+    res = CliRunner().invoke(main, ["extract", "--model", str(path), "--dataset", name, "--root",
+                                    str(tmp_path / "data"), "--split", "val", "--out", str(tmp_path / "out"),
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "out" / "feats.json").read_text())
+    ds = datasets.open_dataset(name, tmp_path / "data", "val")
+    labels = np.load(tmp_path / "out" / "labels.npy")
+    assert meta["dataset"] == name and meta["n_classes"] == ds.n_classes and len(meta["class_names"]) == ds.n_classes
+    assert np.load(tmp_path / "out" / "feats.npy").shape == (len(truth), 2, 2, 384)
+    for i, it in enumerate(ds.items):
+        want = ds.lut[np.asarray(stego_crop(Image.fromarray(truth[it.name][1]), 32))]
+        assert (labels[i] == want).all()
+    assert set(np.unique(labels)) <= set(range(ds.n_classes)) | {255}
+
+
+# ---- robustness: skip / fail, resume, settings ------------------------------------------------------
+def _corrupt(path):
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+
+
+def test_skip_leaves_the_image_out_and_names_it(tmp_path, small):
+    path, _ = small
+    layouts.folder(tmp_path, n=5, labels=True, nested=False)
+    ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
+    ref = _run(datasets.folder(tmp_path / "images", tmp_path / "labels"),
+               _opts(path, tmp_path / "ref", dtype="float32", batch_size=2, chunk_size=2))
+    _corrupt(tmp_path / "images" / "img2.png")
+    logs = []
+    meta = ex.extract(ds, _opts(path, tmp_path / "out", dtype="float32", batch_size=2, chunk_size=2), log=logs.append)
+    assert any("skipped:" in m and "img2.png" in m for m in logs)
+    assert [s["image"] for s in meta["skipped"]] == ["img2.png"] and "cannot read image" in meta["skipped"][0]["error"]
+    assert meta["images"] == [n for n in ref["images"] if n != "img2.png"]
+    keep = [0, 1, 3, 4]
+    for f in ("feats.npy", "labels.npy"):
+        assert np.array_equal(np.load(tmp_path / "out" / f), np.load(tmp_path / "ref" / f)[keep])
+    assert not list((tmp_path / "out").glob("*partial*")) and not (tmp_path / "out" / ex.PROGRESS).exists()
+
+
+def test_fail_names_the_file_and_resume_redoes_only_what_is_left(tmp_path, small, monkeypatch):
+    path, _ = small
+    layouts.folder(tmp_path, n=7, labels=True, nested=False)
+    good = (tmp_path / "images" / "img5.png").read_bytes()
+    opts = dict(dtype="float32", batch_size=2, chunk_size=2)   # chunks: [0,1] [2,3] [4,5] [6]
+    _run(datasets.folder(tmp_path / "images", tmp_path / "labels"), _opts(path, tmp_path / "ref", **opts))
+    _corrupt(tmp_path / "images" / "img5.png")
+    ran = []
+    real = ex.run_chunk
+    monkeypatch.setattr(ex, "run_chunk", lambda t, **kw: ran.append(t.chunk) or real(t, **kw))
+    ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
+    with pytest.raises(InputError, match=r"img5.png: cannot read image .*--on-error fail"):
+        _run(ds, _opts(path, tmp_path / "out", on_error="fail", **opts))
+    progress = json.loads((tmp_path / "out" / ex.PROGRESS).read_text())
+    assert sorted(progress["done"]) == ["0", "1"] and ran == [0, 1, 2]
+    (tmp_path / "images" / "img5.png").write_bytes(good)      # the user repairs the file
+    ran.clear()
+    _run(ds, _opts(path, tmp_path / "out", on_error="fail", **opts))
+    assert ran == [2, 3]                                       # chunks 0 and 1 are not redone
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+
+
+def test_interrupt_then_resume_is_byte_identical(tmp_path, small, monkeypatch):
+    path, _ = small
+    layouts.folder(tmp_path, n=6, labels=True)
+    ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
+    opts = dict(flip=True, batch_size=2, chunk_size=2)
+    _run(ds, _opts(path, tmp_path / "ref", **opts))
+    real, calls = ex.run_chunk, []
+
+    def interrupted(task, on_batch=None):
+        calls.append(task.chunk)
+        if len(calls) == 2:           # Ctrl-C in the middle of the second chunk, after one batch
+            real(ex.ChunkTask(task.chunk, task.items[:1], task.dataset, task.opts, task.backbone, task.files))
+            raise KeyboardInterrupt
+        return real(task, on_batch=on_batch)
+
+    monkeypatch.setattr(ex, "run_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(ds, _opts(path, tmp_path / "out", **opts))
+    assert not (tmp_path / "out" / "feats.npy").exists()
+    monkeypatch.setattr(ex, "run_chunk", real)
+    _run(ds, _opts(path, tmp_path / "out", **opts))
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+
+
+def test_settings_are_pinned_and_finished_output_protected(tmp_path, small, monkeypatch):
+    path, _ = small
+    layouts.folder(tmp_path, n=4, labels=False)
+    ds = datasets.folder(tmp_path / "images")
+    monkeypatch.setattr(ex, "run_chunk", lambda t, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        _run(ds, _opts(path, tmp_path / "out", batch_size=2))
+    monkeypatch.undo()
+    with pytest.raises(InputError, match=r"unfinished extraction with other settings \(dtype differ\)"):
+        _run(ds, _opts(path, tmp_path / "out", batch_size=2, dtype="float32"))
+    _run(ds, _opts(path, tmp_path / "out", batch_size=2, dtype="float32", overwrite=True))
+    assert np.load(tmp_path / "out" / "feats.npy").dtype == np.float32
+    with pytest.raises(InputError, match=r"already holds extracted features .*--overwrite"):
+        _run(ds, _opts(path, tmp_path / "out", batch_size=2))
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, small):
+    from omh_ref_cli.main import main
+
+    path, _ = small
+    layouts.folder(tmp_path, n=2, labels=False)
+    run = CliRunner().invoke
+    base = ["extract", "--out", str(tmp_path / "out"), "--quiet"]
+    cases = [
+        (["--model", str(tmp_path / "none.onnx"), "--images", str(tmp_path / "images")], "none.onnx: no such file"),
+        (["--model", str(path), "--images", str(tmp_path / "images"), "--resolution", "64"],
+         "--resolution 64: .* takes 32 px inputs"),
+        (["--model", str(path)], "give either --images DIR or --dataset NAME --root DIR"),
+        (["--model", str(path), "--dataset", "potsdam3"], "--dataset potsdam3: needs --root"),
+        (["--model", str(path), "--images", str(tmp_path / "nope")], "nope: no such folder"),
+        (["--model", str(path), "--images", str(tmp_path / "images"), "--batch-size", "0"],
+         "--batch-size: expected a positive integer"),
+        (["--model", str(tmp_path / "images" / "img0.png"), "--images", str(tmp_path / "images")],
+         "img0.png: onnxruntime cannot load it"),
+    ]
+    for args, msg in cases:
+        res = run(main, base + args)
+        assert res.exit_code == 2, (args, res.output)
+        line = res.output.strip().splitlines()[-1]
+        assert line.startswith("error: ") and __import__("re").search(msg, line), (args, line)
+        assert "Traceback" not in res.output
+
+
+def test_gpu_without_cuda_provider_is_a_clear_error(tmp_path, small, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(InputError, match="--device gpu: this onnxruntime has no CUDA provider"):
+        ex.providers("gpu")
+
+
+def test_label_map_of_another_size_is_reported(tmp_path, small):
+    path, _ = small
+    layouts.folder(tmp_path, n=3, labels=True, nested=False)
+    Image.fromarray(np.zeros((5, 5), np.uint8), "L").save(tmp_path / "labels" / "img1.png")
+    ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
+    meta = _run(ds, _opts(path, tmp_path / "out"))
+    assert [s["image"] for s in meta["skipped"]] == ["img1.png"]
+    assert "label map is 5x5 px but its image is" in meta["skipped"][0]["error"]
+
+
+# ---- Dask ------------------------------------------------------------------------------------------
+def test_dask_local_cluster_is_byte_identical(tmp_path, small):
+    pytest.importorskip("distributed")
+    path, _ = small
+    layouts.folder(tmp_path, n=9, labels=True)
+    _corrupt(tmp_path / "images" / "img4.png")
+    opts = dict(dtype="float32", flip=True, batch_size=2, chunk_size=2)
+    _run(datasets.folder(tmp_path / "images", tmp_path / "labels"), _opts(path, tmp_path / "one", **opts))
+    _run(datasets.folder(tmp_path / "images", tmp_path / "labels"),
+         _opts(path, tmp_path / "dask", scheduler="local:2", **opts))
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "dask")
+    assert sorted(one) == sorted(two) == ["feats.json", "feats.npy", "feats_flip.json", "feats_flip.npy", "labels.npy"]
+    assert one == two
+    assert np.load(tmp_path / "dask" / "feats.npy").shape == (8, 2, 2, 384)
+
+
+def test_dask_resumes_a_partial_run(tmp_path, small, monkeypatch):
+    """A run whose driver died after some chunks continues on Dask with only the missing chunks."""
+    pytest.importorskip("distributed")
+    path, _ = small
+    layouts.folder(tmp_path, n=6, labels=False)
+    ds = datasets.folder(tmp_path / "images")
+    opts = dict(dtype="float32", batch_size=2, chunk_size=2)
+    _run(ds, _opts(path, tmp_path / "ref", **opts))
+    real = ex.run_chunk
+
+    def die_on_third(task, on_batch=None):
+        if task.chunk == 2:
+            raise KeyboardInterrupt
+        return real(task, on_batch=on_batch)
+
+    monkeypatch.setattr(ex, "run_chunk", die_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(ds, _opts(path, tmp_path / "out", **opts))
+    monkeypatch.undo()
+    assert sorted(json.loads((tmp_path / "out" / ex.PROGRESS).read_text())["done"]) == ["0", "1"]
+    _run(ds, _opts(path, tmp_path / "out", scheduler="local:2", **opts))
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
