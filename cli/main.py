@@ -70,8 +70,10 @@ def gradcheck(seed, only):
 @click.option("--out", default=None, type=click.Path(), help="Output table [default: knn.npy beside the features].")
 @click.option("--k", "k", default=7, show_default=True, help="Neighbours per image (besides itself).")
 @click.option("--batch-size", default=256, show_default=True, help="Images pooled per read.")
+@click.option("--scheduler", default=None, help="Run on Dask: local:N (N worker processes) or a scheduler address.")
+@click.option("--rows-per-task", default=8192, show_default=True, help="Images per Dask task (whole 1024-row blocks).")
 @friendly_errors
-def knn(features, out, k, batch_size):
+def knn(features, out, k, batch_size, scheduler, rows_per_task):
     """Build the KNN table of images (cosine of mean-pooled features; column 0 = self)."""
     from tqdm import tqdm
 
@@ -83,7 +85,8 @@ def knn(features, out, k, batch_size):
     if k < 1:
         raise InputError(f"--k: expected a positive integer, got {k}")
     with tqdm(total=store.N, unit="img", desc="knn") as bar:
-        table = build_knn(store, out, k=k, batch_size=batch_size, progress=bar.update)
+        table = build_knn(store, out, k=k, batch_size=batch_size, progress=bar.update, scheduler=scheduler,
+                          rows_per_task=rows_per_task)
     click.echo(f"wrote {out} {table.shape}")
 
 

@@ -1,56 +1,74 @@
-"""Running extraction chunks on Dask (``[dist]`` extra: ``dask[distributed]``).
+"""Running omh-ref's big jobs on Dask (``[dist]`` extra: ``dask[distributed]``).
 
 ``scheduler`` is ``local:N`` (a LocalCluster of N single-threaded worker processes on this
 machine) or the address of a running scheduler (``tcp://host:8786``), whose workers must have
-omh-ref installed and see the output folder at the same path (a shared file system). Each chunk is
-one task; the driver records a chunk as done only when its task has returned, after the worker
-has written and fsynced its rows. Dask reschedules the task of a worker that dies; if the driver
-itself dies, the next run redoes exactly the chunks not recorded.
+omh-ref installed and see the data and output folders at the same paths (a shared file system).
+
+Two jobs use it: extraction (one task per chunk of images; the driver records a chunk as done
+only when its task has returned, after the worker has written and fsynced its rows) and the KNN
+table (pooling by row ranges, then top-k by row ranges against the pooled matrix, broadcast once).
+Dask reschedules the task of a worker that dies; if the driver itself dies, an extraction's next
+run redoes exactly the chunks not recorded. Tasks cut the work at the same boundaries as the
+single-process code, so the outputs are byte-identical.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 
 from .errors import InputError
 
 
-def client_for(scheduler: str):
-    """(client, cluster or None) for ``local:N`` or a scheduler address."""
+@contextlib.contextmanager
+def dask_client(scheduler: str):
+    """A connected ``distributed.Client`` for ``local:N`` or a scheduler address; closed on exit
+    (with its LocalCluster, if it made one)."""
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
         raise InputError(f"--scheduler {scheduler}: needs Dask (pip install 'omh-ref[dist]')") from None
+    cluster = None
     if scheduler.startswith("local:"):
         n = scheduler.split(":", 1)[1]
         if not n.isdigit() or int(n) < 1:
             raise InputError(f"--scheduler {scheduler}: expected local:N with N a positive number of workers")
         cluster = LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True,
                                dashboard_address=None, silence_logs=logging.ERROR)
-        return Client(cluster), cluster
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError, ValueError) as e:
+            raise InputError(f"--scheduler {scheduler}: cannot reach a Dask scheduler ({e})") from None
     try:
-        return Client(scheduler, timeout="20s"), None
-    except (OSError, TimeoutError, ValueError) as e:
-        raise InputError(f"--scheduler {scheduler}: cannot reach a Dask scheduler ({e})") from None
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
-def run_on_dask(tasks, scheduler: str, on_result, fn=None):
-    """Run ``fn(task)`` (default: :func:`omh_ref.extract.run_chunk`) for every task on Dask and call
-    ``on_result(result)`` in the driver as each one finishes, in completion order. The first task
-    error cancels the rest and is raised here."""
+def run_all(client, fn, args_list, on_result, name="omh-ref"):
+    """``fn(*args)`` for every ``args`` in ``args_list`` on ``client``'s workers; ``on_result`` is
+    called in the driver as each finishes (completion order). The first task error cancels the
+    rest and is raised here."""
     from dask.distributed import as_completed
 
-    if fn is None:
-        from .extract import run_chunk as fn
-    client, cluster = client_for(scheduler)
     run = uuid.uuid4().hex[:8]
     futures = []
     try:
-        futures = [client.submit(fn, t, key=f"omh-ref-chunk-{run}-{t.chunk}", pure=False) for t in tasks]
+        futures = [client.submit(fn, *args, key=f"{name}-{run}-{i}", pure=False)
+                   for i, args in enumerate(args_list)]
         for fut in as_completed(futures):
             on_result(fut.result())
     finally:
         client.cancel(futures)
-        client.close()
-        if cluster is not None:
-            cluster.close()
+
+
+def run_on_dask(tasks, scheduler: str, on_result, fn=None):
+    """Extraction chunks (:func:`omh_ref.extract.run_chunk` by default) on a fresh client."""
+    if fn is None:
+        from .extract import run_chunk as fn
+    with dask_client(scheduler) as client:
+        run_all(client, fn, [(t,) for t in tasks], on_result, name="omh-ref-extract")

@@ -56,6 +56,27 @@ def test_pooled_features_and_knn_roundtrip(tmp_path):
         load_knn(tmp_path / "knn.npy", other)
 
 
+def test_knn_row_ranges_compose(tmp_path):
+    """topk/pooling over row ranges (what Dask tasks compute) equal the whole-file result."""
+    store = _feats(tmp_path / "feats.npy")
+    pooled = pooled_features(store, batch_size=3)
+    parts = [pooled_features(store, batch_size=3, start=s, stop=min(s + 4, store.N)) for s in range(0, store.N, 4)]
+    assert np.array_equal(np.concatenate(parts), pooled)
+    whole = topk_cosine(pooled, 3, chunk=2)
+    parts = [topk_cosine(pooled, 3, chunk=2, start=s, stop=min(s + 4, store.N)) for s in range(0, store.N, 4)]
+    assert np.array_equal(np.concatenate(parts), whole)
+
+
+def test_knn_on_dask_is_byte_identical(tmp_path):
+    pytest.importorskip("distributed")
+    _feats(tmp_path / "feats.npy", N=2500)
+    store = FeatureStore(tmp_path / "feats.npy")
+    one = build_knn(store, tmp_path / "one.npy", k=5, batch_size=100)
+    two = build_knn(store, tmp_path / "two.npy", k=5, batch_size=100, scheduler="local:2", rows_per_task=1024)
+    assert np.array_equal(one, two) and two.dtype == np.int32
+    assert (tmp_path / "one.npy").read_bytes() == (tmp_path / "two.npy").read_bytes()
+
+
 def test_meta_mismatch_is_named(tmp_path):
     _feats(tmp_path / "feats.npy")
     (tmp_path / "feats.json").write_text('{"images": ["a", "b"]}')

@@ -18,42 +18,87 @@ from ..errors import InputError
 from .store import FeatureStore
 
 
-def pooled_features(store: FeatureStore, batch_size=256, progress=None):
-    """(N, C) float32: per-image mean of the patch features, L2-normalised."""
-    pooled = np.empty((store.N, store.C), dtype=np.float32)
-    for s, rows in store.batches(batch_size):
+def meta_path(knn_path) -> Path:
+    return Path(str(knn_path) + ".json")
+
+
+def pooled_features(store: FeatureStore, batch_size=256, progress=None, start=0, stop=None):
+    """(stop - start, C) float32: per-image mean of the patch features of rows [start, stop),
+    L2-normalised (all rows by default)."""
+    stop = store.N if stop is None else stop
+    pooled = np.empty((stop - start, store.C), dtype=np.float32)
+    for s in range(start, stop, batch_size):
+        rows = store.read(np.arange(s, min(s + batch_size, stop)))
         m = rows.mean(axis=(1, 2))
-        pooled[s:s + len(m)] = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+        pooled[s - start:s - start + len(m)] = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
         if progress is not None:
             progress(len(m))
     return pooled
 
 
-def topk_cosine(pooled, k, chunk=1024):
-    """(N, k+1) int32: self first, then the k most similar other rows, most similar first."""
+def topk_cosine(pooled, k, chunk=1024, start=0, stop=None):
+    """(stop - start, k+1) int32 for rows [start, stop) (all by default): self first, then the k
+    most similar other rows, most similar first. ``start`` must be a multiple of ``chunk`` for
+    results that do not depend on how the rows were split."""
     N = pooled.shape[0]
+    stop = N if stop is None else stop
     k = min(k, N - 1)
-    out = np.empty((N, k + 1), dtype=np.int32)
-    out[:, 0] = np.arange(N)
+    out = np.empty((stop - start, k + 1), dtype=np.int32)
+    out[:, 0] = np.arange(start, stop)
     if k == 0:
         return out
-    for s in range(0, N, chunk):
-        sims = pooled[s:s + chunk] @ pooled.T                       # chunk,N
+    for s in range(start, stop, chunk):
+        sims = pooled[s:min(s + chunk, stop)] @ pooled.T             # chunk,N
         rows = np.arange(sims.shape[0])
         sims[rows, s + rows] = -np.inf                              # self is column 0 already
         part = np.argpartition(-sims, k - 1, axis=1)[:, :k]         # the k best, unordered
         order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1, kind="stable")
-        out[s:s + len(rows), 1:] = np.take_along_axis(part, order, axis=1)
+        out[s - start:s - start + len(rows), 1:] = np.take_along_axis(part, order, axis=1)
     return out
 
 
-def meta_path(knn_path) -> Path:
-    return Path(str(knn_path) + ".json")
+def _pool_task(path, start, stop, batch_size):
+    return start, pooled_features(FeatureStore(path), batch_size, start=start, stop=stop)
 
 
-def build_knn(store: FeatureStore, out_path, k=7, batch_size=256, progress=None):
-    """Build and atomically write the table and its sidecar; returns the table."""
-    table = topk_cosine(pooled_features(store, batch_size, progress), k)
+def _topk_task(pooled, k, chunk, start, stop):
+    return start, topk_cosine(pooled, k, chunk, start, stop)
+
+
+def _knn_on_dask(store: FeatureStore, k, batch_size, scheduler, rows_per_task, progress):
+    """Pooling and top-k split into row ranges on Dask; same result as the in-process code."""
+    from ..distributed import dask_client, run_all
+
+    chunk = 1024
+    step = max(chunk, -(-rows_per_task // chunk) * chunk)            # whole top-k chunks per task
+    ranges = [(s, min(s + step, store.N)) for s in range(0, store.N, step)]
+    pooled = np.empty((store.N, store.C), dtype=np.float32)
+    table = np.empty((store.N, min(k, store.N - 1) + 1), dtype=np.int32)
+
+    def put(dst):
+        def f(res):
+            s, rows = res
+            dst[s:s + len(rows)] = rows
+            if progress is not None and dst is pooled:
+                progress(len(rows))
+        return f
+
+    with dask_client(scheduler) as client:
+        path = str(store.path.resolve())
+        run_all(client, _pool_task, [(path, s, e, batch_size) for s, e in ranges], put(pooled), "omh-ref-pool")
+        shared = client.scatter(pooled, broadcast=True)
+        run_all(client, _topk_task, [(shared, k, chunk, s, e) for s, e in ranges], put(table), "omh-ref-topk")
+    return table
+
+
+def build_knn(store: FeatureStore, out_path, k=7, batch_size=256, progress=None, scheduler=None,
+              rows_per_task=8192):
+    """Build and atomically write the table and its sidecar; returns the table. ``scheduler``
+    (``local:N`` or a Dask address) spreads the work over Dask workers (omh_ref.distributed)."""
+    if scheduler is None:
+        table = topk_cosine(pooled_features(store, batch_size, progress), k)
+    else:
+        table = _knn_on_dask(store, k, batch_size, scheduler, rows_per_task, progress)
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
