@@ -374,7 +374,7 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
     if flipped is not None and (flipped.N, flipped.h, flipped.w, flipped.C) != (store.N, store.h, store.w, store.C):
         raise InputError(f"{flipped_features}: shape {flipped.feats.shape} differs from {features} {store.feats.shape}")
     K = cfg.effective().levels[cfg.effective().eval_level]
-    n_classes = n_classes or int(store.meta.get("n_classes", K))
+    n_classes = n_classes or int(store.meta.get("n_classes") or K)
     names = resolve_class_names(class_names, store, n_classes)
     if K < n_classes:
         raise InputError(f"{checkpoint}: the eval level has {K} clusters, fewer than the {n_classes} classes")

@@ -342,3 +342,29 @@ def test_dask_resumes_a_partial_run(tmp_path, small, monkeypatch):
     assert sorted(json.loads((tmp_path / "out" / ex.PROGRESS).read_text())["done"]) == ["0", "1"]
     _run(ds, _opts(path, tmp_path / "out", scheduler="local:2", **opts))
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+
+
+def test_extracted_features_train_and_evaluate(tmp_path, tmp_path_factory):
+    """The user's path end to end: export -> extract (labels, flip) -> train -> eval, all by the CLI."""
+    from omh_ref_cli.main import main
+
+    path, _ = _export(tmp_path_factory, 16, 128, seed=4)
+    layouts.folder(tmp_path / "data", n=10, seed=2)
+    run = CliRunner().invoke
+    feats = tmp_path / "feats"
+    res = run(main, ["extract", "--model", str(path), "--images", str(tmp_path / "data" / "images"), "--labels",
+                     str(tmp_path / "data" / "labels"), "--flip", "--out", str(feats), "--quiet"])
+    assert res.exit_code == 0, res.output
+    res = run(main, ["train", "--features", str(feats / "feats.npy"), "--out", str(tmp_path / "run"), "--steps", "3",
+                     "--batch-size", "4", "--quiet"])
+    assert res.exit_code == 0, res.output
+    res = run(main, ["eval", "--checkpoint", str(tmp_path / "run" / "ckpt.npz"), "--features", str(feats / "feats.npy"),
+                     "--labels", str(feats / "labels.npy"), "--flipped-features", str(feats / "feats_flip.npy"),
+                     "--n-classes", "3", "--json", str(tmp_path / "scores.json"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    scores = json.loads((tmp_path / "scores.json").read_text())["cluster"]
+    assert 0 <= scores["miou"] <= 100 and 0 < scores["acc"] <= 100 and len(scores["iou"]) == 3
+    # a folder has no n_classes in feats.json (null): eval falls back to the eval level's K
+    res = run(main, ["eval", "--checkpoint", str(tmp_path / "run" / "ckpt.npz"), "--features", str(feats / "feats.npy"),
+                     "--labels", str(feats / "labels.npy"), "--quiet"])
+    assert res.exit_code == 0, res.output
