@@ -218,6 +218,38 @@ def test_cli_checkpoint_source_and_errors(tmp_path, capsys):
     assert len(json.loads(manifest.read_text())["models"]) == 1
 
 
+def test_download_path_on_a_local_url(tmp_path, monkeypatch, capsys):
+    """--download through urllib, on a file:// URL standing in for DINO's server (no network)."""
+    src = _model(1)
+    served = tmp_path / "server" / "dino_deitsmall16_pretrain.pth"
+    served.parent.mkdir()
+    torch.save(src.state_dict(), served)   # DINO's backbone-only files are bare state dicts
+    monkeypatch.setitem(ed.OFFICIAL_URLS, ("vit_small", 16), served.as_uri())
+    manifest, cache = tmp_path / "m.json", tmp_path / "cache"
+    args = ["--arch", "vit_small", "--patch", "16", "--download", "--cache-dir", str(cache),
+            "--resolution", "64", "--out", str(tmp_path / "onnx"), "--manifest", str(manifest)]
+    assert ed.main(args) == 0
+    assert [p.name for p in cache.iterdir()] == [served.name]          # no .part file left
+    assert (cache / served.name).read_bytes() == served.read_bytes()
+    (entry,) = json.loads(manifest.read_text())["models"]
+    assert entry["source"] == f"checkpoint:{served.name}" and entry["checkpoint_sha256"] == ed.sha256(served)
+    x = ed.random_batch(64, seed=2)
+    assert np.abs(_ort_feats(tmp_path / "onnx" / entry["file"], x) - _torch_feats(src, x)).max() <= TOL
+    # a second run reuses the cached file; a missing file on the "server" is exit 1, named
+    served.unlink()
+    assert ed.main(args) == 0 and "downloaded before" in capsys.readouterr().out
+    monkeypatch.setitem(ed.OFFICIAL_URLS, ("vit_small", 16), (tmp_path / "gone.pth").as_uri())
+    assert ed.main(args[:6] + [str(tmp_path / "cache2")] + args[7:]) == 1
+    assert "cannot download" in capsys.readouterr().err
+    assert not (tmp_path / "cache2").exists() or not list((tmp_path / "cache2").iterdir())
+
+
+def test_official_urls_cover_every_arch_and_patch():
+    assert set(ed.OFFICIAL_URLS) == {(a, p) for a in ed.ARCHS for p in ed.PATCHES}
+    assert all(u.startswith("https://dl.fbaipublicfiles.com/dino/") and u.endswith("_pretrain.pth")
+               for u in ed.OFFICIAL_URLS.values())
+
+
 def test_cli_failed_check_removes_file(tmp_path, capsys):
     manifest = tmp_path / "m.json"
     rc = ed.main(["--arch", "vit_small", "--patch", "16", "--random-init", "--resolution", "64",

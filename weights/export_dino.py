@@ -12,8 +12,10 @@ input's patch grid the way DINO's ``interpolate_pos_encoding`` does (bicubic wit
 (grid + 0.1) / sqrt(N), class token kept); the grid comes from the input's static shape, so the
 export traces it for the fixed export resolution while the batch axis stays dynamic.
 
-Nothing is ever downloaded: ``--checkpoint`` takes a local .pth, ``--random-init`` builds a seeded
-random model (tests, machines without weights). Each export is checked against the torch forward
+Weights come from a local .pth (``--checkpoint``), from DINO's official download (``--download``,
+only when asked, on a machine with internet: fetched once into ``--cache-dir`` through a temporary
+file and a rename, then loaded like ``--checkpoint``), or a seeded random init (``--random-init``:
+tests, machines without weights). Nothing downloads at import or test time. Each export is checked against the torch forward
 with onnxruntime before its entry is written to ``manifest.json``.
 
     python weights/export_dino.py --arch vit_small --patch 8 \
@@ -27,6 +29,8 @@ import json
 import os
 import sys
 import tempfile
+import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -40,6 +44,13 @@ ARCHS = {  # name: (embed dim, depth, heads, short name for files)
     "vit_base": (768, 12, 12, "vitb"),
 }
 PATCHES = (8, 16)
+# The backbone-only checkpoints of DINO's "Pretrained models" table (github.com/facebookresearch/dino).
+OFFICIAL_URLS = {
+    ("vit_small", 8): "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+    ("vit_small", 16): "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+    ("vit_base", 8): "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+    ("vit_base", 16): "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+}
 IMG_SIZE = 224  # the training resolution of the official checkpoints: pos_embed holds (224/p)^2 + 1
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -226,6 +237,42 @@ def load_checkpoint(model: nn.Module, path) -> dict:
     return {"container": container, "loaded": len(state), "ignored": ignored}
 
 
+def download(url: str, cache_dir, say=print) -> Path:
+    """Fetch ``url`` into ``cache_dir`` (kept: a second call reuses the file). Streams through a
+    temporary file renamed into place, so an interrupted download never looks finished."""
+    cache_dir = Path(cache_dir)
+    dest = cache_dir / url.rstrip("/").rsplit("/", 1)[-1]
+    if dest.is_file():
+        say(f"using {dest} (downloaded before)")
+        return dest
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=cache_dir)
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+            total = int(r.headers.get("Content-Length") or 0)
+            done, t0, last = 0, time.perf_counter(), 0.0
+            for block in iter(lambda: r.read(1 << 20), b""):
+                f.write(block)
+                done += len(block)
+                now = time.perf_counter()
+                if now - last >= 2 or (total and done == total):
+                    rate = done / max(now - t0, 1e-9)
+                    eta = f", ETA {(total - done) / rate:.0f} s" if total else ""
+                    say(f"  {dest.name}: {done / 2**20:.1f}{f' / {total / 2**20:.1f}' if total else ''} MiB "
+                        f"({rate / 2**20:.1f} MiB/s{eta})")
+                    last = now
+            if total and done != total:
+                raise OSError(f"{url}: got {done} of {total} bytes")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dest
+
+
 # --------------------------------------------------------------------------------------------------
 # Export, check, manifest
 # --------------------------------------------------------------------------------------------------
@@ -319,6 +366,10 @@ def parse_args(argv):
     src.add_argument("--checkpoint", type=Path, help="local DINO .pth (never downloaded)")
     src.add_argument("--random-init", action="store_true",
                      help="seeded random weights (tests, machines without a checkpoint)")
+    src.add_argument("--download", action="store_true",
+                     help="fetch DINO's official backbone checkpoint for --arch/--patch (needs internet)")
+    p.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parent,
+                   help="where --download keeps the .pth (default: weights/)")
     p.add_argument("--seed", type=int, default=0, help="random-init seed, and the check's batch")
     p.add_argument("--resolution", type=int, action="append",
                    help="input size in px; repeat for several (one .onnx each). Default 224")
@@ -344,6 +395,14 @@ def main(argv=None) -> int:
             return 2
     torch.manual_seed(args.seed)
     model = build_vit(args.arch, args.patch)
+    if args.download:
+        url = OFFICIAL_URLS[(args.arch, args.patch)]
+        print(f"downloading {url}")
+        try:
+            args.checkpoint = download(url, args.cache_dir)
+        except OSError as e:  # URLError, timeouts and short reads are OSErrors
+            print(f"error: cannot download {url}: {e}", file=sys.stderr)
+            return 1
     if args.checkpoint is not None:
         try:
             info = load_checkpoint(model, args.checkpoint)
@@ -351,11 +410,12 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         source = f"checkpoint:{args.checkpoint.name}"
+        ckpt_sha = sha256(args.checkpoint)
         where = f" from '{info['container']}'" if info["container"] else ""
         print(f"loaded {info['loaded']} tensors{where} of {args.checkpoint}"
               + (f" (ignored {len(info['ignored'])} head.* keys)" if info["ignored"] else ""))
     else:
-        source = f"random-init:seed={args.seed}"
+        source, ckpt_sha = f"random-init:seed={args.seed}", None
     for r in resolutions:
         path = export(model, r, args.out, opset=args.opset)
         diff = check_onnx(model, path, r, seed=args.seed)
@@ -379,6 +439,7 @@ def main(argv=None) -> int:
             "check": {"max_abs_diff": diff, "tol": args.tol, "pass": ok, "batch": 2,
                       "seed": args.seed},
             "source": source,
+            **({"checkpoint_sha256": ckpt_sha} if ckpt_sha else {}),
             "opset": args.opset,
             "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__,
