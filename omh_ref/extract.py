@@ -270,32 +270,47 @@ class ChunkResult:
 
 def run_chunk(task: ChunkTask, on_batch=None) -> ChunkResult:
     """Extract one chunk's rows into the partial files; unreadable images are reported (skip) or
-    raised as InputError (fail). ``on_batch(n_images)`` is called after each forward batch."""
-    opts, bb, ds = task.opts, task.backbone, task.dataset
+    raised as InputError (fail). ``on_batch(n_images)`` is called after each forward batch.
+    A helper thread decodes and crops the next batch while the current one runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    opts, bb = task.opts, task.backbone
     sess = session(bb.path, opts.device, task.threads)
     writers = {k: RowWriter(p) for k, p in task.files.items()}
     res = ChunkResult(task.chunk, n_images=len(task.items))
-    nc, ipb = opts.n_crops, opts.images_per_batch
+    ipb = opts.images_per_batch
+    groups = [task.items[b:b + ipb] for b in range(0, len(task.items), ipb)]
     try:
-        for b in range(0, len(task.items), ipb):
-            batch = []
-            for idx, item in task.items[b:b + ipb]:
-                try:
-                    rgb, label = ds.load(item)
-                    batch.append((idx, crops(rgb, label, opts.crop, bb.resolution)))
-                except ImageError as e:
-                    msg = str(e) if str(e).startswith(str(item.image)) else f"{item.image}: {e}"
-                    if opts.on_error == "fail":
-                        raise InputError(f"{msg} (--on-error fail; --on-error skip leaves it out)") from None
-                    res.failures.append([idx, msg])
-            if batch:
-                _forward_and_write(sess, bb, ds, batch, nc, writers, opts.flip)
-            if on_batch is not None:
-                on_batch(len(task.items[b:b + ipb]))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(_load_batch, task, groups[0]) if groups else None
+            for g in range(len(groups)):
+                batch, failures = pending.result()
+                if g + 1 < len(groups):
+                    pending = pool.submit(_load_batch, task, groups[g + 1])
+                res.failures += failures
+                if batch:
+                    _forward_and_write(sess, bb, task.dataset, batch, opts.n_crops, writers, opts.flip)
+                if on_batch is not None:
+                    on_batch(len(groups[g]))
     finally:
         for w in writers.values():
             w.close()
     return res
+
+
+def _load_batch(task: ChunkTask, items):
+    """([(item index, crops)], [[item index, message]]) for one forward batch's images."""
+    batch, failures = [], []
+    for idx, item in items:
+        try:
+            rgb, label = task.dataset.load(item)
+            batch.append((idx, crops(rgb, label, task.opts.crop, task.backbone.resolution)))
+        except ImageError as e:
+            msg = str(e) if str(e).startswith(str(item.image)) else f"{item.image}: {e}"
+            if task.opts.on_error == "fail":
+                raise InputError(f"{msg} (--on-error fail; --on-error skip leaves it out)") from None
+            failures.append([idx, msg])
+    return batch, failures
 
 
 def _forward_and_write(sess, bb, ds, batch, nc, writers, flip):
