@@ -127,5 +127,6 @@ def logsumexp(x, axis):
     xp = get_array_module(x)
     m = xp.max(x, axis=axis, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0)  # all -inf slices stay -inf without NaN
-    out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
+    with np.errstate(divide="ignore"):  # log(0) = -inf for an all -inf slice is the answer
+        out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
     return xp.squeeze(out, axis=axis)
