@@ -41,12 +41,11 @@ from PIL import Image
 
 from . import __version__
 from .data.datasets import IGNORE, Dataset, ImageError
-from .data.images import FIVE_CROPS, five_crops, stego_crop
+from .data.images import FIVE_CROP_RATIO, FIVE_CROPS, five_crops, stego_crop
 from .errors import InputError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-FIVE_CROP_RATIO = 0.5
 PROGRESS = "extract.progress.json"
 OUTPUTS = {"feats": "feats.npy", "labels": "labels.npy", "flip": "feats_flip.npy"}
 
@@ -372,6 +371,8 @@ def extract(ds: Dataset, opts: ExtractOptions, log=print) -> dict:
     """Extract features of every item of ``ds`` into ``opts.out``; returns the ``feats.json`` record."""
     opts.validate()
     out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file (expected --out to be a folder for the features)")
     out.mkdir(parents=True, exist_ok=True)
     threads = opts.threads if opts.threads is not None or not (opts.scheduler or "").startswith("local:") else 1
     bb = inspect_model(opts.model, opts.resolution, opts.device, opts.threads)

@@ -120,10 +120,10 @@ def test_reader_errors_name_the_path(tmp_path):
     with pytest.raises(InputError, match=r"--split: expected one of train, val"):
         datasets.open_dataset("potsdam3", tmp_path, "test")
     (tmp_path / "cityscapes" / "leftImg8bit" / "val").mkdir(parents=True)
-    with pytest.raises(InputError, match="no images found for cityscapes27"):
+    with pytest.raises(InputError, match=r"no images found \(expected cityscapes27 split 'val'\)"):
         datasets.open_dataset("cityscapes27", tmp_path, "val")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no images found for folder"):
+    with pytest.raises(InputError, match=r"empty: no images found \(expected an image \(.jpg"):
         datasets.folder(tmp_path / "empty")
 
 

@@ -174,6 +174,28 @@ def test_each_dataset_layout_through_the_cli(tmp_path, small, name):
     assert set(np.unique(labels)) <= set(range(ds.n_classes)) | {255}
 
 
+@pytest.mark.parametrize("name,crop", [("potsdam3", "center"), ("potsdam3", "five"), ("folder", "five")])
+def test_eval_finds_each_rows_image_crop(tmp_path, small, name, crop):
+    """What ``eval`` shows and refines with the CRF for row i (``image_paths`` + ``load_rgb``) is
+    exactly the crop extraction fed the backbone for row i: .mat images and five-crop rows too."""
+    from omh_ref.data.images import image_paths, load_rgb, split_crop
+
+    path, _ = small
+    if name == "folder":
+        layouts.folder(tmp_path / "data", n=3)
+        ds = datasets.folder(tmp_path / "data" / "images", tmp_path / "data" / "labels")
+    else:
+        layouts.potsdam(tmp_path / "data", "val", float_images=True)
+        ds = datasets.open_dataset(name, tmp_path / "data", "val")
+    meta = _run(ds, _opts(path, tmp_path / "out", crop=crop))
+    paths = image_paths(meta, tmp_path / "out" / "feats.npy")
+    want = [c[0] for it in ds.items for c in ex.crops(*ds.load(it), crop, 32)]
+    assert paths is not None and len(paths) == len(want) == meta["shape"][0]
+    for p, w in zip(paths, want):
+        assert (load_rgb(p, 32) == w).all()
+    assert load_rgb(Path(f"{split_crop(paths[0])[0]}#zz"), 32) is None   # not a crop tag: no such file
+
+
 # ---- robustness: skip / fail, resume, settings ------------------------------------------------------
 def _corrupt(path):
     Path(path).write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -277,6 +299,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, small):
          "--batch-size: expected a positive integer"),
         (["--model", str(tmp_path / "images" / "img0.png"), "--images", str(tmp_path / "images")],
          "img0.png: onnxruntime cannot load it"),
+        (["--model", str(path), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "images" / "img0.png")],
+         "img0.png: is a file \\(expected --out to be a folder"),
     ]
     for args, msg in cases:
         res = run(main, base + args)

@@ -90,7 +90,8 @@ class Dataset:
         self.lut = np.arange(256, dtype=np.uint8) if lut is None else lut
         self.class_names = CLASS_NAMES.get(name)
         if not self.items:
-            raise InputError(f"{self.root}: no images found for {name} split {split!r}")
+            what = f"{name} split {split!r}" if split else f"an image ({', '.join(IMAGE_SUFFIXES)})"
+            raise InputError(f"{self.root}: no images found (expected {what})")
 
     @property
     def has_labels(self) -> bool:
@@ -143,21 +144,29 @@ class _MatDataset(Dataset):
     """Potsdam's .mat files: key ``img`` (H, W, >=3), key ``gt`` (H, W)."""
 
     def load(self, item: Item):
-        img = _read_mat(item.image, "img")
-        if img.ndim != 3 or img.shape[2] < 3:
-            raise ImageError(f"{item.image}: expected 'img' of shape (H, W, >=3), got {img.shape}")
-        img = img[:, :, :3]
-        if img.dtype.kind == "f":  # torchvision's to_pil_image on a float tensor: mul(255).byte()
-            img = (img * 255).astype(np.uint8)
-        elif img.dtype != np.uint8:
-            img = img.astype(np.uint8)
+        rgb = read_mat_rgb(item.image)
         label = None
         if item.label is not None:
             gt = _read_mat(item.label, "gt")
-            if gt.shape != img.shape[:2]:
-                raise ImageError(f"{item.label}: 'gt' has shape {gt.shape} but its image is {img.shape[:2]}")
+            if gt.shape != (rgb.size[1], rgb.size[0]):
+                raise ImageError(f"{item.label}: 'gt' has shape {gt.shape} but its image is "
+                                 f"{(rgb.size[1], rgb.size[0])}")
             label = _label_image(gt, item.label)
-        return Image.fromarray(np.ascontiguousarray(img), "RGB"), label
+        return rgb, label
+
+
+def read_mat_rgb(path) -> Image.Image:
+    """A Potsdam ``.mat`` image (key ``img``, H x W x >=3) as PIL RGB: its first 3 channels, floats
+    as torchvision's ``to_pil_image`` makes them (``mul(255).byte()``)."""
+    img = _read_mat(path, "img")
+    if img.ndim != 3 or img.shape[2] < 3:
+        raise ImageError(f"{path}: expected 'img' of shape (H, W, >=3), got {img.shape}")
+    img = img[:, :, :3]
+    if img.dtype.kind == "f":
+        img = (img * 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = img.astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(img), "RGB")
 
 
 def _read_mat(path: Path, key: str) -> np.ndarray:

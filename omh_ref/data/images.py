@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .datasets import ImageError, read_mat_rgb
+
 
 def resize_short(img: Image.Image, resolution: int) -> Image.Image:
     """torchvision ``Resize(resolution, NEAREST)`` on a PIL image: the short side becomes
@@ -43,6 +45,7 @@ def stego_crop(img: Image.Image, resolution: int) -> Image.Image:
 
 
 FIVE_CROPS = ("tl", "tr", "bl", "br", "c")
+FIVE_CROP_RATIO = 0.5   # STEGO's crop_datasets.py
 
 
 def five_crops(img: Image.Image, ratio: float = 0.5) -> list:
@@ -58,21 +61,40 @@ def five_crops(img: Image.Image, ratio: float = 0.5) -> list:
     return [img.crop(b) for b in boxes]
 
 
+def split_crop(path) -> tuple:
+    """``(image path, five-crop index or None)`` of a listed image: extraction with ``--crop five``
+    lists crops as ``<image>#tl`` ... ``<image>#c``."""
+    path = Path(path)
+    stem, sep, tag = path.name.rpartition("#")
+    if sep and tag in FIVE_CROPS:
+        return path.with_name(stem), FIVE_CROPS.index(tag)
+    return path, None
+
+
 def image_paths(meta: dict, feats_path) -> list | None:
     """Paths of the images ``feats.json`` lists (relative ones resolved against its
-    ``image_root``, else the feature file's folder), or None when it lists none that exist."""
+    ``image_root``, else the feature file's folder), or None when it lists none that exist.
+    Five-crop rows keep their ``#tl``... tag (:func:`load_rgb` cuts the crop)."""
     names = meta.get("images")
     if not names:
         return None
     root = Path(meta.get("image_root") or Path(feats_path).parent)
     paths = [Path(n) if Path(n).is_absolute() else root / n for n in names]
-    return paths if any(p.is_file() for p in paths[:8]) else None
+    return paths if any(split_crop(p)[0].is_file() for p in paths[:8]) else None
 
 
 def load_rgb(path, size) -> np.ndarray | None:
-    """(size, size, 3) uint8 STEGO crop of an image, or None if it cannot be read."""
+    """(size, size, 3) uint8 STEGO crop of a listed image (a picture, a Potsdam ``.mat``, or one of
+    an image's five crops), or None if it cannot be read."""
+    path, crop = split_crop(path)
     try:
-        with Image.open(path) as im:
-            return np.asarray(stego_crop(im.convert("RGB"), size))
-    except (OSError, ValueError):
+        if path.suffix.lower() == ".mat":
+            img = read_mat_rgb(path)
+        else:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        if crop is not None:
+            img = five_crops(img, FIVE_CROP_RATIO)[crop]
+        return np.asarray(stego_crop(img, size))
+    except (OSError, ValueError, ImageError):
         return None
