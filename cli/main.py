@@ -337,10 +337,12 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
 @main.command(name="eval")
 @click.option("--checkpoint", required=True, type=click.Path(), help="ckpt.npz from omh-ref train.")
 @click.option("--features", required=True, type=click.Path(), help="Evaluation feats.npy.")
-@click.option("--labels", required=True, type=click.Path(), help="Evaluation labels.npy (N, H, W).")
+@click.option("--labels", default=None, type=click.Path(),
+              help="Evaluation labels.npy (N, H, W). [default: the one feats.json names]")
 @click.option("--flipped-features", default=None, type=click.Path(), help="Horizontally flipped features (averaged).")
 @click.option("--train-features", default=None, type=click.Path(), help="Features for the linear probe.")
-@click.option("--train-labels", default=None, type=click.Path(), help="Labels for the linear probe.")
+@click.option("--train-labels", default=None, type=click.Path(),
+              help="Labels for the linear probe. [default: the one the train feats.json names]")
 @click.option("--n-classes", default=None, type=int, help="[default: feats.json's n_classes, else the eval level's K].")
 @click.option("--class-names", default=None, help="cocostuff27, cityscapes27, potsdam3, or a text file (one per line).")
 @click.option("--probe-epochs", default=10, show_default=True)
@@ -361,7 +363,7 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
     from omh_ref import evaluate, report
     from omh_ref.backend import resolve_device
     from omh_ref.data.images import image_paths
-    from omh_ref.data.store import FeatureStore
+    from omh_ref.data.store import FeatureStore, listed_labels
     from omh_ref.train import load_params
 
     try:
@@ -369,6 +371,10 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
     except ValueError as e:
         raise InputError(str(e)) from None
     params, cfg = load_params(checkpoint, device)
+    labels = labels or listed_labels(features)
+    if labels is None:
+        raise InputError(f"--labels: not given, and {Path(features).with_suffix('.json')} names no labels file "
+                         "(expected --labels labels.npy)")
     store = FeatureStore(features, labels=labels)
     flipped = FeatureStore(flipped_features) if flipped_features else None
     if flipped is not None and (flipped.N, flipped.h, flipped.w, flipped.C) != (store.N, store.h, store.w, store.C):
@@ -382,6 +388,7 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
                                        crf_workers=max(crf_workers, 1) if crf else None, crf_timeout=crf_timeout)
     result = {"cluster": evaluate.scores_json(clu), "crf": bool(crf)}
     if train_features or train_labels:
+        train_labels = train_labels or (listed_labels(train_features) if train_features else None)
         if not (train_features and train_labels):
             raise InputError("--train-features and --train-labels: give both for the linear probe")
         tr = FeatureStore(train_features, labels=train_labels)

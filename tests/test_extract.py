@@ -388,7 +388,21 @@ def test_extracted_features_train_and_evaluate(tmp_path, tmp_path_factory):
     assert res.exit_code == 0, res.output
     scores = json.loads((tmp_path / "scores.json").read_text())["cluster"]
     assert 0 <= scores["miou"] <= 100 and 0 < scores["acc"] <= 100 and len(scores["iou"]) == 3
-    # a folder has no n_classes in feats.json (null): eval falls back to the eval level's K
+    # a folder has no n_classes in feats.json (null): eval falls back to the eval level's K; without
+    # --labels (and --train-labels) eval reads the labels file feats.json names, and scores the same
+    res = run(main, ["eval", "--checkpoint", str(tmp_path / "run" / "ckpt.npz"), "--features", str(feats / "feats.npy"),
+                     "--flipped-features", str(feats / "feats_flip.npy"), "--n-classes", "3",
+                     "--train-features", str(feats / "feats.npy"), "--probe-epochs", "1",
+                     "--json", str(tmp_path / "again.json"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["cluster"] == scores and 0 < again["linear"]["acc"] <= 100
     res = run(main, ["eval", "--checkpoint", str(tmp_path / "run" / "ckpt.npz"), "--features", str(feats / "feats.npy"),
                      "--labels", str(feats / "labels.npy"), "--quiet"])
     assert res.exit_code == 0, res.output
+    # features whose feats.json names no labels: a one-line error asking for --labels
+    meta = json.loads((feats / "feats.json").read_text())
+    (feats / "feats.json").write_text(json.dumps(dict(meta, labels=None)))
+    res = run(main, ["eval", "--checkpoint", str(tmp_path / "run" / "ckpt.npz"), "--features", str(feats / "feats.npy"),
+                     "--quiet"])
+    assert res.exit_code == 2 and "--labels: not given, and " in res.output and "names no labels file" in res.output

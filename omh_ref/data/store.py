@@ -26,6 +26,17 @@ FEATURE_DTYPES = (np.float16, np.float32)
 LABEL_DTYPES = (np.uint8, np.int16, np.int32, np.int64, np.uint16)
 
 
+def listed_labels(features) -> Path | None:
+    """The labels file that ``feats.json`` beside ``features`` names (field ``labels``, relative to
+    the features' folder, as ``omh-ref extract`` writes it), or None."""
+    meta = Path(features).with_suffix(".json")
+    try:
+        name = json.loads(meta.read_text()).get("labels") if meta.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None   # FeatureStore reports a broken feats.json with its own message
+    return None if not name else Path(features).parent / name
+
+
 def _open_npy(path: Path, what: str):
     if not path.is_file():
         raise InputError(f"{path}: no such file (expected {what})")
