@@ -555,7 +555,8 @@ def _pot_sinkhorn(a, b, M, eps, n_iters):
     return ot.sinkhorn(a, b, M, eps, method="sinkhorn_log", numItermax=n_iters, stopThr=0, warn=False)
 
 
-def sinkhorn_case(cost, a, b, eps, n_iters, backward=True, repeats=20, warmup=2, seed=0, extra_peers=False):
+def sinkhorn_case(cost, a, b, eps, n_iters, backward=True, repeats=20, warmup=2, seed=0, extra_peers=False,
+                  solver=None):
     """Ours against POT's log-domain Sinkhorn on torch tensors (autograd backward when
     ``backward``) on one problem.
 
@@ -565,7 +566,8 @@ def sinkhorn_case(cost, a, b, eps, n_iters, backward=True, repeats=20, warmup=2,
     backward pulls a random upstream gradient G through the plan into the cost and both
     marginals. Raises :class:`Mismatch` when plans or gradients disagree. ``extra_peers`` (forward
     only) also times POT on NumPy arrays and POT/torch on a contiguous copy of Mᵀ (for
-    information: the layout alone moves POT's time by ~20 % on the targets problem).
+    information: the layout alone moves POT's time by ~20 % on the targets problem). ``solver()``
+    (forward only) replaces ``omh_ref.sinkhorn.sinkhorn`` as ours: it returns the plan.
     -> {"ours", "pot_torch", ["pot_numpy", "pot_torch_contiguous"]: timings,
     "speedup": torch / ours, errors}."""
     torch = _torch()
@@ -577,6 +579,8 @@ def sinkhorn_case(cost, a, b, eps, n_iters, backward=True, repeats=20, warmup=2,
     tG = torch.tensor(G, dtype=dtype).T
 
     def ours():
+        if solver is not None:
+            return (solver(),)
         plan, cache = sinkhorn(cost, a, b, eps, n_iters)
         return (plan, *sinkhorn_backward_all(G, cache)) if backward else (plan,)
 
@@ -620,7 +624,10 @@ def sinkhorn_case(cost, a, b, eps, n_iters, backward=True, repeats=20, warmup=2,
 def sinkhorn_benchmark(hier=((108, 54), (54, 27)), eps=(0.2, 0.05), n_iters=50, targets=(12544, 108),
                        eps_q=0.05, n_iters_q=20, threads=(1, 2), repeats=20, warmup=2, seed=0):
     """The hierarchy's Sinkhorn problems (forward + backward) and the balanced cluster targets
-    (forward only), ours against POT/torch at each thread count. -> {"cases": [...]}."""
+    (forward only; ours is ``cluster.balanced_targets``, what the model calls with ``rho_q = inf``),
+    ours against POT/torch at each thread count. -> {"cases": [...]}."""
+    from .losses import cluster as cluster_mod
+
     cases = []
     for n in threads:
         ctx = thread_limit(n) if have_threadpoolctl() else contextlib.nullcontext()
@@ -632,8 +639,13 @@ def sinkhorn_benchmark(hier=((108, 54), (54, 27)), eps=(0.2, 0.05), n_iters=50, 
                     cases.append({"problem": "hierarchy", "threads": n, **r})
             if targets:
                 C, a, b = targets_problem(*targets, seed=seed)
+                S = 1 - C   # the model's call: Q = cluster.balanced_targets(s) = P * plan
+
+                def targets_plan(S=S, P=len(a)):
+                    return cluster_mod.balanced_targets(S, eps_q, n_iters_q)[0] / S.dtype.type(P)
+
                 r = sinkhorn_case(C, a, b, eps_q, n_iters_q, False, max(repeats // 4, 1), min(warmup, 1), seed,
-                                  extra_peers=True)
+                                  extra_peers=True, solver=targets_plan)
                 cases.append({"problem": "targets", "threads": n, **r})
     return {"cases": cases, "goal": GOALS["sinkhorn"]}
 

@@ -1,4 +1,6 @@
 """Property tests of the three losses: gradients (float64), invariants, finiteness at extremes."""
+import math
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -155,19 +157,31 @@ def test_relaxed_targets_interpolate_between_softmax_and_balanced(P, K, seed):
     assert Q.sum(0).std() <= soft.sum(0).std() + 1e-9
 
 
-@given(P=st.integers(3, 40), K=dims, eps=st.sampled_from([0.05, 0.1, 1.0]), rho=st.sampled_from([0.05, 1.0, 50.0]),
-       seed=seeds)
-def test_relaxed_targets_scaling_domain_equals_log_domain(P, K, eps, rho, seed):
+@given(P=st.integers(3, 40), K=dims, eps=st.sampled_from([0.05, 0.1, 1.0]),
+       rho=st.sampled_from([0.05, 1.0, 50.0, math.inf]), seed=seeds)
+def test_targets_scaling_domain_equals_log_domain(P, K, eps, rho, seed):
+    """Relaxed (finite rho) and balanced (rho = inf) targets: the scaling-domain loop equals the
+    log-domain one, and the balanced targets are P times the generic ``sinkhorn`` plan."""
     rng, r = _rand(seed)
     s = np.clip(3 * r(P, K), -1, 1)
     from omh_ref import sinkhorn as sk
 
+    def targets():
+        if math.isinf(rho):
+            return cluster.balanced_targets(s, eps, 15)
+        return cluster.relaxed_targets(s, eps, 15, rho)
+
     assert sk.scaling_safe(1 - s, np.ones(P), np.ones(K), eps)  # span <= 2/0.05: scaling domain
-    fast, _ = cluster.relaxed_targets(s, eps, 15, rho)
+    fast, ferr = targets()
     old = sk.SCALING_MAX_SPAN
     try:
         sk.SCALING_MAX_SPAN = -1.0                              # force the log domain
-        slow, _ = cluster.relaxed_targets(s, eps, 15, rho)
+        slow, serr = targets()
+        if math.isinf(rho):
+            plan, cache = sk.sinkhorn(1 - s, np.full(P, 1 / P), np.full(K, 1 / K), eps, 15)
+            np.testing.assert_allclose(slow, P * plan, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(serr, float(cache.marginal_error), rtol=1e-6, atol=1e-15)
     finally:
         sk.SCALING_MAX_SPAN = old
     np.testing.assert_allclose(fast, slow, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(ferr, serr, rtol=1e-6, atol=1e-12)

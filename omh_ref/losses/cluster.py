@@ -16,55 +16,64 @@ Inputs are one level's cosine logits s (P, K) and log-assignments ``log p = log_
 import math
 
 from ..backend import get_array_module, logsumexp
-from ..sinkhorn import scaling_safe, sinkhorn
+from ..sinkhorn import scaling_safe
 
 TARGETS = ("balanced", "soft", "hard")
 
 
 def balanced_targets(s, eps_q, n_iters):
-    """Q (P, K): equipartitioned soft targets from an entropic OT plan, rows rescaled to sum to 1.
-
-    Also returns the plan's row-marginal error (the convergence report)."""
-    xp = get_array_module(s)
-    P, K = s.shape
-    a = xp.full((P,), 1.0 / P, dtype=s.dtype)
-    b = xp.full((K,), 1.0 / K, dtype=s.dtype)
-    plan, cache = sinkhorn(1 - s, a, b, eps_q, n_iters)
-    return plan * s.dtype.type(P), cache.marginal_error
+    """Q (P, K): equipartitioned soft targets from an entropic OT plan, rows rescaled to sum to 1:
+    the iterations of :func:`omh_ref.sinkhorn.sinkhorn` (row then column update, ending on the
+    columns, so every cluster receives exactly P/K), written for one 2-D problem with matrix-vector
+    products. Also returns the plan's row-marginal error (the convergence report)."""
+    P = s.shape[0]
+    Q = _semi_relaxed(s, eps_q, n_iters, 1.0, end_on_rows=False)
+    return Q, float(abs(Q.sum(1) - 1).sum()) / P
 
 
 def relaxed_targets(s, eps_q, n_iters, rho):
     """Like :func:`balanced_targets`, but the cluster marginal is only softly imposed: a KL
     penalty of weight ρ on the columns (unbalanced entropic OT, semi-relaxed; Chizat et al.), so
     the v-update is damped by ρ/(ρ+ε). ρ = inf is the balanced plan, ρ -> 0 plain softmax
-    assignments. Rows are exact (the last update is a row update). -> (Q, 0.0).
+    assignments. Rows are exact (the last update is a row update). -> (Q, 0.0)."""
+    return _semi_relaxed(s, eps_q, n_iters, rho / (rho + eps_q), end_on_rows=True), 0.0
 
-    Like :func:`omh_ref.sinkhorn.sinkhorn`, it iterates on scalings (two matrix-vector products
-    an iteration) when :func:`omh_ref.sinkhorn.scaling_safe` says nothing can underflow, and in
-    the log domain otherwise or when the scalings are not finite."""
+
+def _semi_relaxed(s, eps_q, n_iters, lam, end_on_rows):
+    """P · plan of the (semi-relaxed, damping ``lam``; 1 = balanced) entropic OT between the P
+    pixels (mass 1/P each) and the K clusters (1/K each) with cost 1 − s.
+
+    Like :func:`omh_ref.sinkhorn.sinkhorn`, it iterates on scalings (two BLAS matrix-vector
+    products an iteration) when :func:`omh_ref.sinkhorn.scaling_safe` says nothing can underflow,
+    and in the log domain otherwise or when the scalings are not finite."""
     xp = get_array_module(s)
     P, Kc = s.shape
-    lam = rho / (rho + eps_q)
+    dt = s.dtype.type
     if scaling_safe(1 - s, xp.ones(P, dtype=s.dtype), xp.ones(Kc, dtype=s.dtype), eps_q):
-        dt = s.dtype.type
         E = xp.exp((s - s.max(axis=1, keepdims=True)) / dt(eps_q))    # P,K; the row shift is
         a, b = dt(1.0 / P), dt(1.0 / Kc)                                # absorbed by u
         v = xp.ones(Kc, dtype=s.dtype)
         for _ in range(int(n_iters)):
             u = a / (E @ v)
-            v = (b / (E.T @ u)) ** dt(lam)
-        u = a / (E @ v)
+            v = b / (E.T @ u)
+            if lam != 1:
+                v = v ** dt(lam)
+        if end_on_rows:
+            u = a / (E @ v)
         Q = (u * dt(P))[:, None] * E * v
         if bool(xp.all(xp.isfinite(Q))):
-            return Q, 0.0
-    K = (s - 1) / s.dtype.type(eps_q)                                  # −C/ε
+            return Q
+    K = (s - 1) / dt(eps_q)                                            # −C/ε
     la, lb = -math.log(P), -math.log(Kc)
     v = xp.zeros(Kc, dtype=s.dtype)
     for _ in range(int(n_iters)):
         u = la - logsumexp(K + v, axis=1)
-        v = lam * (lb - logsumexp(K + u[:, None], axis=0))
-    u = la - logsumexp(K + v, axis=1)
-    return xp.exp(K + u[:, None] + v) * s.dtype.type(P), 0.0
+        v = lb - logsumexp(K + u[:, None], axis=0)
+        if lam != 1:
+            v = v * dt(lam)
+    if end_on_rows:
+        u = la - logsumexp(K + v, axis=1)
+    return xp.exp(K + u[:, None] + v) * dt(P)
 
 
 def hard_targets(s):
