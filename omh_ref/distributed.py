@@ -33,8 +33,10 @@ def dask_client(scheduler: str):
         n = scheduler.split(":", 1)[1]
         if not n.isdigit() or int(n) < 1:
             raise InputError(f"--scheduler {scheduler}: expected local:N with N a positive number of workers")
+        # CRITICAL: a task's error (a bad image under --on-error fail) reaches the driver, which
+        # prints it as one line; the workers' own log of it would be a traceback on our stderr.
         cluster = LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
+                               dashboard_address=None, silence_logs=logging.CRITICAL)
         client = Client(cluster)
     else:
         try:

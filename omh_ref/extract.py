@@ -17,9 +17,10 @@ Work is cut into chunks of whole forward batches. Rows are written straight into
 ``*.partial.npy`` files (``os.pwrite`` at the row's byte offset, then ``fsync``) and a chunk is
 recorded in ``extract.progress.json`` (atomically replaced) only after its rows are on disk. An
 interrupted run (Ctrl-C, a killed process, a lost Dask worker) continues from the chunks not yet
-recorded; nothing already recorded is redone. The progress file also pins everything that decides
-the output (model hash, image list, crop, dtype, batch and chunk sizes), so a resumed run cannot mix
-settings. When every chunk is done, images that could not be read (``--on-error skip``) are left out
+recorded; nothing already recorded is redone, unless the size or modification time of one of its
+images or labels changed since (a file replaced, a broken one repaired: that chunk is redone). The
+progress file also pins every setting that decides the output (model hash, image list, crop, dtype,
+--on-error, device, batch and chunk sizes), so a resumed run cannot mix settings. When every chunk is done, images that could not be read (``--on-error skip``) are left out
 by copying the kept rows, the partial files are renamed into place, ``feats.json`` is written last
 and the progress file is removed.
 
@@ -187,7 +188,12 @@ def inspect_model(model, resolution=None, device="cpu", threads=None) -> Backbon
     if len(ins) != 1 or len(ins[0].shape) != 4:
         raise InputError(f"{model}: expected one input of shape (B, 3, H, W), got "
                          f"{[tuple(i.shape) for i in ins]}")
-    _, c, h, w = ins[0].shape
+    b, c, h, w = ins[0].shape
+    if ins[0].type != "tensor(float)":
+        raise InputError(f"{model}: expected a float32 input, got {ins[0].type}")
+    if isinstance(b, int):
+        raise InputError(f"{model}: expected a dynamic batch axis, got a fixed batch of {b} (export it with "
+                         "weights/export_dino.py)")
     if c != 3:
         raise InputError(f"{model}: expected 3 input channels, got {c}")
     fixed = [d for d in (h, w) if isinstance(d, int)]
@@ -197,8 +203,10 @@ def inspect_model(model, resolution=None, device="cpu", threads=None) -> Backbon
         raise InputError(f"--resolution {resolution}: {model} takes {h} px inputs (export one at "
                          f"{resolution} with weights/export_dino.py --resolution {resolution})")
     res = h if fixed else (resolution or 224)
-    y = sess.run(None, {ins[0].name: np.zeros((1, 3, res, res), np.float32)})[0]
-    if y.ndim != 4 or y.shape[1] != y.shape[2] or res % y.shape[1]:
+    y = _session_run(sess, model, ins[0].name, np.zeros((2, 3, res, res), np.float32))
+    if y.dtype.kind != "f":
+        raise InputError(f"{model}: expected float features, got {y.dtype}")
+    if y.ndim != 4 or y.shape[0] != 2 or y.shape[1] != y.shape[2] or res % y.shape[1]:
         raise InputError(f"{model}: expected patch features (B, h, w, C) with res/h a whole patch "
                          f"size, got {y.shape} for {res} px")
     return Backbone(str(model), file_sha256(model), ins[0].name, int(res), (int(y.shape[1]), int(y.shape[2])),
@@ -258,6 +266,7 @@ class ChunkTask:
     backbone: Backbone
     files: dict                     # {"feats": path, "labels": path, "flip": path} of the partials
     threads: int | None = None
+    fingerprint: str = ""           # _chunk_fingerprint(items), taken by the driver before the run
 
 
 @dataclass
@@ -330,8 +339,16 @@ def _forward_and_write(sess, bb, ds, batch, nc, writers, flip):
         i = j
 
 
+def _session_run(sess, model, input_name, x):
+    try:
+        return sess.run(None, {input_name: x})[0]
+    except Exception as e:  # onnxruntime's own exception types (a bad graph, out of memory, ...)
+        raise InputError(f"{model}: onnxruntime failed on a batch of shape {x.shape} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def _run(sess, bb, x):
-    y = sess.run(None, {bb.input_name: x})[0]
+    y = _session_run(sess, bb.path, bb.input_name, x)
     if not np.isfinite(y).all():
         raise InputError(f"{bb.path}: the backbone produced NaN or inf features (a broken export?)")
     return y
@@ -360,11 +377,29 @@ def _partial(out: Path, name: str) -> Path:
 
 
 def _job_key(ds: Dataset, opts: ExtractOptions, bb: Backbone) -> dict:
+    """Every setting that decides the output (the files' contents are checked chunk by chunk:
+    :func:`_chunk_fingerprint`)."""
     names = hashlib.sha256("\n".join(it.name for it in ds.items).encode()).hexdigest()
     return {"onnx_sha256": bb.sha256, "resolution": bb.resolution, "dataset": ds.name, "split": ds.split,
             "root": str(ds.root.resolve()), "n_images": len(ds), "images_sha256": names,
             "crop": opts.crop, "flip": opts.flip, "dtype": opts.dtype, "labels": ds.has_labels,
+            "on_error": opts.on_error, "device": opts.device,
             "images_per_batch": opts.images_per_batch, "images_per_chunk": opts.images_per_chunk}
+
+
+def _chunk_fingerprint(items) -> str:
+    """A hash of the size and modification time of a chunk's images and labels (one ``stat`` a
+    file), taken before the chunk runs and recorded with it: a resumed run redoes a recorded chunk
+    whose files have changed since (an image replaced, a broken one repaired)."""
+    h = hashlib.sha256()
+    for _, it in items:
+        for p in (it.image, it.label):
+            try:
+                st = os.stat(p) if p is not None else None
+                h.update(b"-;" if st is None else f"{st.st_size}:{st.st_mtime_ns};".encode())
+            except OSError:
+                h.update(b"?;")   # missing or unreadable: reported by name when its chunk runs
+    return h.hexdigest()
 
 
 def extract(ds: Dataset, opts: ExtractOptions, log=print) -> dict:
@@ -373,7 +408,10 @@ def extract(ds: Dataset, opts: ExtractOptions, log=print) -> dict:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file (expected --out to be a folder for the features)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: cannot make the --out folder ({e.strerror})") from None
     threads = opts.threads if opts.threads is not None or not (opts.scheduler or "").startswith("local:") else 1
     bb = inspect_model(opts.model, opts.resolution, opts.device, opts.threads)
     key = _job_key(ds, opts, bb)
@@ -382,18 +420,24 @@ def extract(ds: Dataset, opts: ExtractOptions, log=print) -> dict:
     progress_path = out / PROGRESS
     state = _resume_or_start(out, progress_path, key, opts, ds, bb, files, log)
 
-    n_chunks = -(-len(ds) // opts.images_per_chunk)
-    pending = [c for c in range(n_chunks) if str(c) not in state["done"]]
-    if state["stage"] == "extracting" and pending:
-        tasks = [_task(c, ds, opts, bb, files, threads) for c in pending]
-        _run_tasks(tasks, state, progress_path, opts, len(ds), log)
+    if state["stage"] == "extracting":
+        n_chunks = -(-len(ds) // opts.images_per_chunk)
+        tasks = [_task(c, ds, opts, bb, files, threads) for c in range(n_chunks)]
+        for t in tasks:   # a recorded chunk whose files changed since is redone
+            if str(t.chunk) in state["done"] and state["stat"].get(str(t.chunk)) != t.fingerprint:
+                log(f"redoing chunk {t.chunk} (images {t.items[0][0]}-{t.items[-1][0]}): its files changed "
+                    "since it was recorded")
+                del state["done"][str(t.chunk)]
+        pending = [t for t in tasks if str(t.chunk) not in state["done"]]
+        if pending:
+            _run_tasks(pending, state, progress_path, opts, len(ds), log)
     return _finalize(out, progress_path, state, ds, opts, bb, kinds, log)
 
 
 def _task(c, ds, opts, bb, files, threads):
     lo = c * opts.images_per_chunk
-    idx = range(lo, min(lo + opts.images_per_chunk, len(ds)))
-    return ChunkTask(c, [(i, ds.items[i]) for i in idx], ds.reader(), opts, bb, files, threads)
+    items = [(i, ds.items[i]) for i in range(lo, min(lo + opts.images_per_chunk, len(ds)))]
+    return ChunkTask(c, items, ds.reader(), opts, bb, files, threads, _chunk_fingerprint(items))
 
 
 def _resume_or_start(out, progress_path, key, opts, ds, bb, files, log):
@@ -404,6 +448,9 @@ def _resume_or_start(out, progress_path, key, opts, ds, bb, files, log):
         except ValueError as e:
             raise InputError(f"{progress_path}: unreadable progress file ({e}); pass --overwrite "
                              "to start again") from None
+        if state.get("format") != 2 and not opts.overwrite:
+            raise InputError(f"{progress_path}: a progress file of another omh-ref version; pass "
+                             "--overwrite to start again")
         if state.get("key") == key and not opts.overwrite:
             done = len(state["done"])
             log(f"resuming: {done} chunk(s) of {-(-len(ds) // opts.images_per_chunk)} already done "
@@ -424,7 +471,7 @@ def _resume_or_start(out, progress_path, key, opts, ds, bb, files, log):
               "labels": ((n_rows, bb.resolution, bb.resolution), np.uint8)}
     for k, p in files.items():
         create_npy(p, *shapes[k])
-    state = {"format": 1, "key": key, "stage": "extracting", "done": {}}
+    state = {"format": 2, "key": key, "stage": "extracting", "done": {}, "stat": {}}
     _atomic_json(progress_path, state)
     return state
 
@@ -436,8 +483,11 @@ def _run_tasks(tasks, state, progress_path, opts, n_total, log):
     bar = tqdm(total=n_total, initial=done_images, unit="img", desc="extract", disable=not opts.progress,
                dynamic_ncols=True)
 
+    fingerprints = {t.chunk: t.fingerprint for t in tasks}
+
     def record(res: ChunkResult):
         state["done"][str(res.chunk)] = res.failures
+        state["stat"][str(res.chunk)] = fingerprints[res.chunk]
         _atomic_json(progress_path, state)
         for _, msg in res.failures:
             log(f"skipped: {msg}")
@@ -461,7 +511,8 @@ def _finalize(out, progress_path, state, ds, opts, bb, kinds, log):
     skipped = {i for i, _ in failures}
     keep = np.array([i for i in range(len(ds)) if i not in skipped], dtype=np.int64)
     if len(keep) == 0:
-        raise InputError(f"{ds.root}: none of the {len(ds)} images could be read (first: {failures[0][1]})")
+        raise InputError(f"{ds.root}: none of the {len(ds)} images could be read (first: {failures[0][1]}); "
+                         "repair them and pass --overwrite to start again")
     rows = (keep[:, None] * opts.n_crops + np.arange(opts.n_crops)).ravel()
     for k in kinds:
         part, final = _partial(out, OUTPUTS[k]), out / OUTPUTS[k]

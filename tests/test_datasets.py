@@ -144,3 +144,53 @@ def test_unreadable_files_raise_image_error(tmp_path):
     savemat(tmp_path / "x.mat", {"other": np.zeros((2, 2))})
     with pytest.raises(datasets.ImageError, match=r"x.mat: no 'img' array in the .mat file \(keys: \['other'\]\)"):
         datasets._read_mat(tmp_path / "x.mat", "img")
+
+
+@pytest.mark.parametrize("img,gt,msg", [
+    (np.full((4, 4, 3), 200.0), None, r"a float64 'img' must hold values in \[0, 1\], got \[200.0, 200.0\]"),
+    (np.full((4, 4, 3), 999, np.uint16), None, r"a uint16 'img' must hold values in \[0, 255\], got \[999, 999\]"),
+    (np.full((4, 4, 3), np.nan), None, r"'img' holds NaN or inf"),
+    (None, np.full((4, 4), 2.7), r"label values must be whole numbers"),
+    (None, np.full((4, 4), np.nan), r"label values must be whole numbers"),
+    (None, np.full((4, 4), 300, np.uint16), r"label values must lie in \[0, 255\], got \[300, 300\]"),
+])
+def test_potsdam_mat_contents_are_checked(tmp_path, img, gt, msg):
+    """Values torchvision would wrap or truncate into garbage are refused, naming the file."""
+    from scipy.io import savemat
+
+    layouts.potsdam(tmp_path, "val", n=1)
+    ds = datasets.open_dataset("potsdam3", tmp_path, "val")
+    it = ds.items[0]
+    if img is not None:
+        savemat(it.image, {"img": img})
+    if gt is not None:
+        savemat(it.label, {"gt": gt})
+        savemat(it.image, {"img": np.zeros((4, 4, 3), np.uint8)})
+    with pytest.raises(datasets.ImageError, match=msg):
+        ds.load(it)
+
+
+def test_mat_cell_array_and_16_bit_label_png_are_image_errors(tmp_path):
+    from scipy.io import savemat
+
+    cell = np.empty((1, 2), dtype=object)
+    cell[0, 0], cell[0, 1] = np.zeros((4, 4, 3)), np.zeros((2, 2))
+    savemat(tmp_path / "cell.mat", {"img": cell})
+    with pytest.raises(datasets.ImageError, match=r"cell.mat: expected 'img' of shape \(H, W, >=3\)|cell.mat: expected a numeric"):
+        datasets.read_mat_rgb(tmp_path / "cell.mat")
+    Image.fromarray(np.full((4, 4), 300, np.uint16)).save(tmp_path / "l16.png")
+    with pytest.raises(datasets.ImageError, match=r"l16.png: label values must lie in \[0, 255\], got \[300, 300\]"):
+        datasets._read_pil(tmp_path / "l16.png", "L")
+
+
+def test_folder_reports_a_broken_link_and_names_a_file_root(tmp_path):
+    layouts.folder(tmp_path, n=2, labels=False, nested=False)
+    (tmp_path / "images" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    ds = datasets.folder(tmp_path / "images")
+    assert [it.name for it in ds.items] == ["gone.png", "img0.png", "img1.png"]
+    with pytest.raises(datasets.ImageError, match=r"gone.png: no such file"):
+        ds.load(ds.items[0])
+    with pytest.raises(InputError, match=r"img0.png: not a folder \(expected --images"):
+        datasets.folder(tmp_path / "images" / "img0.png")
+    with pytest.raises(InputError, match=r"img0.png: not a folder \(expected --root"):
+        datasets.open_dataset("potsdam3", tmp_path / "images" / "img0.png", "val")

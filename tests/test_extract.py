@@ -281,6 +281,96 @@ def test_settings_are_pinned_and_finished_output_protected(tmp_path, small, monk
         _run(ds, _opts(path, tmp_path / "out", batch_size=2))
 
 
+def _interrupt_after(monkeypatch, n_chunks):
+    """run_chunk raises KeyboardInterrupt once ``n_chunks`` chunks have run; returns the chunks run."""
+    real, ran = ex.run_chunk, []
+
+    def fake(task, on_batch=None):
+        if len(ran) == n_chunks:
+            raise KeyboardInterrupt
+        ran.append(task.chunk)
+        return real(task, on_batch=on_batch)
+
+    monkeypatch.setattr(ex, "run_chunk", fake)
+    return ran
+
+
+def test_resume_redoes_a_recorded_chunk_whose_files_changed(tmp_path, small, monkeypatch):
+    """An image replaced, and a broken image repaired, after their chunk was recorded: the resumed
+    run redoes that chunk (only), and the output is what a fresh run on the final files gives."""
+    path, _ = small
+    layouts.folder(tmp_path, n=6, labels=True, nested=False)
+    opts = dict(dtype="float32", batch_size=2, chunk_size=2)      # chunks [0,1] [2,3] [4,5]
+    good1 = (tmp_path / "images" / "img1.png").read_bytes()
+    _corrupt(tmp_path / "images" / "img1.png")
+    ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
+    ran = _interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(ds, _opts(path, tmp_path / "out", **opts))
+    assert ran == [0, 1]
+    (tmp_path / "images" / "img1.png").write_bytes(good1)       # repaired (chunk 0)
+    w, h = Image.open(tmp_path / "images" / "img3.png").size
+    Image.fromarray(np.full((h, w, 3), 9, np.uint8)).save(tmp_path / "images" / "img3.png")  # replaced (chunk 1)
+    monkeypatch.undo()
+    real, ran, logs = ex.run_chunk, [], []
+    monkeypatch.setattr(ex, "run_chunk", lambda t, **kw: ran.append(t.chunk) or real(t, **kw))
+    meta = ex.extract(ds, _opts(path, tmp_path / "out", **opts), log=logs.append)
+    assert sorted(ran) == [0, 1, 2] and meta["skipped"] == []
+    assert sum("redoing chunk" in m for m in logs) == 2
+    monkeypatch.undo()
+    _run(datasets.folder(tmp_path / "images", tmp_path / "labels"), _opts(path, tmp_path / "ref", **opts))
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+
+
+def test_resume_refuses_another_on_error_or_image_set(tmp_path, small, monkeypatch):
+    path, _ = small
+    layouts.folder(tmp_path, n=4, labels=False, nested=False)
+    opts = dict(batch_size=2, chunk_size=2)
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        _run(datasets.folder(tmp_path / "images"), _opts(path, tmp_path / "out", **opts))
+    monkeypatch.undo()
+    with pytest.raises(InputError, match=r"other settings \(on_error differ\); pass --overwrite"):
+        _run(datasets.folder(tmp_path / "images"), _opts(path, tmp_path / "out", on_error="fail", **opts))
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "images" / "img9.png")
+    with pytest.raises(InputError, match=r"other settings \(images_sha256, n_images differ\)"):
+        _run(datasets.folder(tmp_path / "images"), _opts(path, tmp_path / "out", **opts))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("at", [1, 2, 3])
+def test_interrupted_finalize_resumes_byte_identical(tmp_path, small, monkeypatch, skip, at):
+    """Killed at the 1st, 2nd or 3rd file move of the finalize step (feats, labels, flip; with a
+    skipped image the moves are row copies), then resumed: the same bytes as an uninterrupted run."""
+    path, _ = small
+    layouts.folder(tmp_path, n=4, labels=True, nested=False)
+    if skip:
+        _corrupt(tmp_path / "images" / "img2.png")
+    ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
+    opts = dict(flip=True, batch_size=2, chunk_size=2)
+    _run(ds, _opts(path, tmp_path / "ref", **opts))
+    name = "_copy_rows" if skip else "replace"
+    target = ex if skip else ex.os
+    real, calls = getattr(target, name), []
+
+    def dies(*a, **k):
+        if name == "replace" and not str(a[0]).endswith(".partial.npy"):
+            return real(*a, **k)                                  # progress-file writes
+        calls.append(a[0])
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(target, name, dies)
+    with pytest.raises(KeyboardInterrupt):
+        _run(ds, _opts(path, tmp_path / "out", **opts))
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "out" / ex.PROGRESS).read_text())["stage"] == "finalizing"
+    assert not (tmp_path / "out" / "feats.json").exists()
+    _run(ds, _opts(path, tmp_path / "out", **opts))
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path, small):
     from omh_ref_cli.main import main
 
@@ -319,13 +409,86 @@ def test_gpu_without_cuda_provider_is_a_clear_error(tmp_path, small, monkeypatch
 
 
 def test_label_map_of_another_size_is_reported(tmp_path, small):
+    """...and the image skipped in the middle of a forward batch leaves its neighbours' rows right."""
     path, _ = small
     layouts.folder(tmp_path, n=3, labels=True, nested=False)
+    _run(datasets.folder(tmp_path / "images", tmp_path / "labels"), _opts(path, tmp_path / "ref"))
     Image.fromarray(np.zeros((5, 5), np.uint8), "L").save(tmp_path / "labels" / "img1.png")
     ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
-    meta = _run(ds, _opts(path, tmp_path / "out"))
+    meta = _run(ds, _opts(path, tmp_path / "out"))                 # one batch: img0, (img1), img2
     assert [s["image"] for s in meta["skipped"]] == ["img1.png"]
     assert "label map is 5x5 px but its image is" in meta["skipped"][0]["error"]
+    for f in ("feats.npy", "labels.npy"):
+        assert np.array_equal(np.load(tmp_path / "out" / f), np.load(tmp_path / "ref" / f)[[0, 2]])
+
+
+def test_an_image_too_small_for_five_crops_is_skipped(tmp_path, small):
+    from omh_ref_cli.main import main
+
+    path, _ = small
+    layouts.folder(tmp_path, n=2, labels=False, nested=False)
+    Image.fromarray(np.zeros((1, 30, 3), np.uint8)).save(tmp_path / "images" / "thin.png")
+    res = CliRunner().invoke(main, ["extract", "--model", str(path), "--images", str(tmp_path / "images"),
+                                    "--crop", "five", "--out", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "out" / "feats.json").read_text())
+    assert [s["image"] for s in meta["skipped"]] == ["thin.png"]
+    assert "image of 30x1 px is too small for five crops" in meta["skipped"][0]["error"]
+    res = CliRunner().invoke(main, ["extract", "--model", str(path), "--images", str(tmp_path / "images"),
+                                    "--crop", "five", "--on-error", "fail", "--out", str(tmp_path / "out2")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "thin.png: image of 30x1 px is too small" in res.output.strip().splitlines()[-1]
+
+
+def _tiny_onnx(path, batch="B", in_type=None, out_rank=4):
+    """A stand-in backbone: (B, 3, 32, 32) -> the input's 2x2 average pool as (B, 16, 16, 3) channels
+    last (or another rank / input type / fixed batch, to test the checks)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    in_type = TensorProto.FLOAT if in_type is None else in_type
+    x = helper.make_tensor_value_info("x", in_type, [batch, 3, 32, 32])
+    nodes = [helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Transpose", ["p"], ["y4"], perm=[0, 2, 3, 1])]
+    out = "y4"
+    if out_rank == 3:
+        shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, 256, 3])
+        nodes.append(helper.make_node("Reshape", ["y4", "shape"], ["y3"]))
+        graph_init = [shape]
+        out = "y3"
+    else:
+        graph_init = []
+    y = helper.make_tensor_value_info(out, in_type, None)
+    g = helper.make_graph(nodes, "tiny", [x], [y], initializer=graph_init)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_models_that_do_not_fit_are_refused_in_one_line(tmp_path):
+    from onnx import TensorProto
+
+    ok = ex.inspect_model(_tiny_onnx(tmp_path / "ok.onnx"))
+    assert (ok.resolution, ok.grid, ok.dim, ok.patch) == (32, (16, 16), 3, 2)
+    cases = [(dict(batch=1), r"expected a dynamic batch axis, got a fixed batch of 1"),
+             (dict(in_type=TensorProto.FLOAT16), r"expected a float32 input, got tensor\(float16\)"),
+             (dict(out_rank=3), r"expected patch features \(B, h, w, C\)")]
+    for i, (kw, msg) in enumerate(cases):
+        with pytest.raises(InputError, match=msg):
+            ex.inspect_model(_tiny_onnx(tmp_path / f"m{i}.onnx", **kw))
+
+
+def test_a_failing_forward_is_one_line(tmp_path, small, monkeypatch):
+    path, _ = small
+    layouts.folder(tmp_path, n=2, labels=False)
+    sess = ex.session(str(path))
+
+    def boom(*a, **k):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : out of memory\nmore detail")
+
+    monkeypatch.setattr(sess, "run", boom, raising=False)
+    with pytest.raises(InputError, match=r"onnxruntime failed on a batch of shape \(2, 3, 32, 32\) "
+                                         r"\(RuntimeError: .*out of memory\)$"):
+        ex.inspect_model(str(path))
 
 
 # ---- Dask ------------------------------------------------------------------------------------------
@@ -342,6 +505,24 @@ def test_dask_local_cluster_is_byte_identical(tmp_path, small):
     assert sorted(one) == sorted(two) == ["feats.json", "feats.npy", "feats_flip.json", "feats_flip.npy", "labels.npy"]
     assert one == two
     assert np.load(tmp_path / "dask" / "feats.npy").shape == (8, 2, 2, 384)
+
+
+def test_dask_on_error_fail_is_one_line_on_stderr(tmp_path, small):
+    """Through the real command line (a subprocess, so the workers' own stderr is seen too)."""
+    import subprocess
+
+    pytest.importorskip("distributed")
+    path, _ = small
+    layouts.folder(tmp_path, n=3, labels=False)
+    _corrupt(tmp_path / "images" / "img1.png")
+    proc = subprocess.run([sys.executable, "-c", "from omh_ref_cli.main import main; main()", "extract",
+                           "--model", str(path), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"),
+                           "--on-error", "fail", "--scheduler", "local:1", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "img1.png: cannot read image" in proc.stderr
 
 
 def test_dask_resumes_a_partial_run(tmp_path, small, monkeypatch):

@@ -201,6 +201,14 @@ def test_knn_from_another_feature_file_is_refused(tmp_path):
     assert code == 2 and "another feature file" in out
 
 
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "-1"), ("--rows-per-task", "0")])
+def test_knn_sizes_must_be_positive(tmp_path, flag, value):
+    a = write_feats(tmp_path / "feats.npy")
+    code, out = run_cli("knn", "--features", a, flag, value)
+    assert code == 2 and f"{flag}: expected a positive integer, got {value}" in out and "Traceback" not in out
+    assert not (tmp_path / "knn.npy").exists()
+
+
 def test_cli_resume_with_changed_flag_is_refused_and_keeps_the_checkpoint(feats, tmp_path):
     common = ["--features", feats, "--out", str(tmp_path / "o"), "--quiet", "--batch-size", "4",
               "--dim", "5", "--levels", "6,3", "--feature-samples", "3"]

@@ -135,6 +135,10 @@ def _read_pil(path: Path, mode: str) -> Image.Image:
 
 
 def _label_image(arr: np.ndarray, path) -> Image.Image:
+    if arr.dtype.kind not in "uifb":
+        raise ImageError(f"{path}: expected a numeric label map, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+        raise ImageError(f"{path}: label values must be whole numbers, got NaN, inf or fractions")
     if arr.size and (arr.min() < 0 or arr.max() > 255):
         raise ImageError(f"{path}: label values must lie in [0, 255], got [{arr.min()}, {arr.max()}]")
     return Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), "L")
@@ -162,10 +166,16 @@ def read_mat_rgb(path) -> Image.Image:
     if img.ndim != 3 or img.shape[2] < 3:
         raise ImageError(f"{path}: expected 'img' of shape (H, W, >=3), got {img.shape}")
     img = img[:, :, :3]
-    if img.dtype.kind == "f":
-        img = (img * 255).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        img = img.astype(np.uint8)
+    if img.dtype.kind not in "uifb":
+        raise ImageError(f"{path}: expected a numeric 'img' array, got dtype {img.dtype}")
+    if img.size == 0:
+        raise ImageError(f"{path}: 'img' is empty (shape {img.shape})")
+    if not np.isfinite(img).all():
+        raise ImageError(f"{path}: 'img' holds NaN or inf")
+    lo, hi = (0, 1) if img.dtype.kind == "f" else (0, 255)
+    if img.min() < lo or img.max() > hi:
+        raise ImageError(f"{path}: a {img.dtype} 'img' must hold values in [{lo}, {hi}], got [{img.min()}, {img.max()}]")
+    img = (img * 255).astype(np.uint8) if img.dtype.kind == "f" else img.astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(img), "RGB")
 
 
@@ -187,7 +197,8 @@ def _read_mat(path: Path, key: str) -> np.ndarray:
 def _subroot(root: Path, sub: str) -> Path:
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"{root}: no such folder (expected --root to be the data set's folder)")
+        what = "not a folder" if root.exists() else "no such folder"
+        raise InputError(f"{root}: {what} (expected --root to be the data set's folder)")
     return root / sub if (root / sub).is_dir() else root
 
 
@@ -233,8 +244,11 @@ def folder(root, labels=None) -> Dataset:
     """Every image under ``root`` (recursive, sorted by relative path); labels from ``labels``."""
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"{root}: no such folder (expected --images to be a folder of images)")
-    paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        what = "not a folder" if root.exists() else "no such folder"
+        raise InputError(f"{root}: {what} (expected --images to be a folder of images)")
+    # broken links are kept: extraction reports them by name instead of dropping them silently
+    paths = sorted((p for p in root.rglob("*")
+                    if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())),
                    key=lambda p: p.relative_to(root).as_posix())
     items = []
     if labels is not None:

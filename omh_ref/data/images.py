@@ -51,11 +51,12 @@ FIVE_CROP_RATIO = 0.5   # STEGO's crop_datasets.py
 def five_crops(img: Image.Image, ratio: float = 0.5) -> list:
     """torchvision's ``five_crop`` with a window of ``int(H * ratio) x int(W * ratio)``, in its order
     (top-left, top-right, bottom-left, bottom-right, centre): STEGO's ``crop_datasets.py`` with
-    ``crop_type="five"``, ``crop_ratio=0.5``, used for its training sets."""
+    ``crop_type="five"``, ``crop_ratio=0.5``, used for its training sets. An image too small for a
+    window of at least 1 x 1 px is an :class:`ImageError` (skipped or fatal per ``--on-error``)."""
     w, h = img.size
     ch, cw = int(h * ratio), int(w * ratio)
     if ch < 1 or cw < 1:
-        raise ValueError(f"image of {w}x{h} px is too small for five crops at ratio {ratio}")
+        raise ImageError(f"image of {w}x{h} px is too small for five crops at ratio {ratio}")
     corners = [(0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)]
     boxes = [crop_box(img.size, (ch, cw), t, l) for t, l in corners] + [crop_box(img.size, (ch, cw))]
     return [img.crop(b) for b in boxes]

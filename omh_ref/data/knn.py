@@ -95,6 +95,9 @@ def build_knn(store: FeatureStore, out_path, k=7, batch_size=256, progress=None,
               rows_per_task=8192):
     """Build and atomically write the table and its sidecar; returns the table. ``scheduler``
     (``local:N`` or a Dask address) spreads the work over Dask workers (omh_ref.distributed)."""
+    for flag, v in (("--batch-size", batch_size), ("--rows-per-task", rows_per_task)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise InputError(f"{flag}: expected a positive integer, got {v!r}")
     if scheduler is None:
         table = topk_cosine(pooled_features(store, batch_size, progress), k)
     else:
