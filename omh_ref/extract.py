@@ -20,9 +20,10 @@ interrupted run (Ctrl-C, a killed process, a lost Dask worker) continues from th
 recorded; nothing already recorded is redone, unless the size or modification time of one of its
 images or labels changed since (a file replaced, a broken one repaired: that chunk is redone). The
 progress file also pins every setting that decides the output (model hash, image list, crop, dtype,
---on-error, device, batch and chunk sizes), so a resumed run cannot mix settings. When every chunk is done, images that could not be read (``--on-error skip``) are left out
-by copying the kept rows, the partial files are renamed into place, ``feats.json`` is written last
-and the progress file is removed.
+--on-error, device, batch and chunk sizes), so a resumed run cannot mix settings. When every
+chunk is done, images that could not be read (``--on-error skip``) are left out by copying the
+kept rows, the partial files are renamed into place, ``feats.json`` is written last and the
+progress file is removed.
 
 The same chunk function runs in-process or on Dask workers (``scheduler="local:N"`` or a scheduler
 address): batches are identical either way, so the outputs are byte-identical. Workers need the

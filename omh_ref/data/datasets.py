@@ -174,7 +174,8 @@ def read_mat_rgb(path) -> Image.Image:
         raise ImageError(f"{path}: 'img' holds NaN or inf")
     lo, hi = (0, 1) if img.dtype.kind == "f" else (0, 255)
     if img.min() < lo or img.max() > hi:
-        raise ImageError(f"{path}: a {img.dtype} 'img' must hold values in [{lo}, {hi}], got [{img.min()}, {img.max()}]")
+        raise ImageError(f"{path}: a {img.dtype} 'img' must hold values in [{lo}, {hi}], "
+                         f"got [{img.min()}, {img.max()}]")
     img = (img * 255).astype(np.uint8) if img.dtype.kind == "f" else img.astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(img), "RGB")
 
