@@ -18,7 +18,8 @@ Work is cut into chunks of whole forward batches. Rows are written straight into
 recorded in ``extract.progress.json`` (atomically replaced) only after its rows are on disk. An
 interrupted run (Ctrl-C, a killed process, a lost Dask worker) continues from the chunks not yet
 recorded; nothing already recorded is redone, unless the size or modification time of one of its
-images or labels changed since (a file replaced, a broken one repaired: that chunk is redone). The
+images or labels changed since (a file replaced, a broken one repaired: that chunk is redone; once
+finalising has begun, such a change is refused and asks for ``--overwrite``). The
 progress file also pins every setting that decides the output (model hash, image list, crop, dtype,
 --on-error, device, batch and chunk sizes), so a resumed run cannot mix settings. When every
 chunk is done, images that could not be read (``--on-error skip``) are left out by copying the
@@ -419,19 +420,26 @@ def extract(ds: Dataset, opts: ExtractOptions, log=print) -> dict:
     kinds = ["feats"] + (["labels"] if ds.has_labels else []) + (["flip"] if opts.flip else [])
     files = {k: str(_partial(out, OUTPUTS[k])) for k in kinds}
     progress_path = out / PROGRESS
-    state = _resume_or_start(out, progress_path, key, opts, ds, bb, files, log)
+    state, resumed = _resume_or_start(out, progress_path, key, opts, ds, bb, files)
 
-    if state["stage"] == "extracting":
-        n_chunks = -(-len(ds) // opts.images_per_chunk)
-        tasks = [_task(c, ds, opts, bb, files, threads) for c in range(n_chunks)]
-        for t in tasks:   # a recorded chunk whose files changed since is redone
-            if str(t.chunk) in state["done"] and state["stat"].get(str(t.chunk)) != t.fingerprint:
-                log(f"redoing chunk {t.chunk} (images {t.items[0][0]}-{t.items[-1][0]}): its files changed "
-                    "since it was recorded")
-                del state["done"][str(t.chunk)]
-        pending = [t for t in tasks if str(t.chunk) not in state["done"]]
-        if pending:
-            _run_tasks(pending, state, progress_path, opts, len(ds), log)
+    n_chunks = -(-len(ds) // opts.images_per_chunk)
+    tasks = [_task(c, ds, opts, bb, files, threads) for c in range(n_chunks)]
+    changed = [t for t in tasks if str(t.chunk) in state["done"] and state["stat"].get(str(t.chunk)) != t.fingerprint]
+    if state["stage"] == "finalizing" and changed:
+        # rows may already be compacted: a chunk can no longer be redone in place
+        t = changed[0]
+        raise InputError(f"{out}: images of this extraction changed after it had finished extracting "
+                         f"(first: chunk {t.chunk}, images {t.items[0][1].name} ...); pass --overwrite to "
+                         "extract again")
+    for t in changed:
+        log(f"redoing chunk {t.chunk} (images {t.items[0][0]}-{t.items[-1][0]}): its files changed "
+            "since it was recorded")
+        del state["done"][str(t.chunk)]
+    if resumed:
+        log(f"resuming: {len(state['done'])} chunk(s) of {n_chunks} already done (from {progress_path})")
+    pending = [t for t in tasks if str(t.chunk) not in state["done"]]
+    if state["stage"] == "extracting" and pending:
+        _run_tasks(pending, state, progress_path, opts, len(ds), log)
     return _finalize(out, progress_path, state, ds, opts, bb, kinds, log)
 
 
@@ -441,7 +449,9 @@ def _task(c, ds, opts, bb, files, threads):
     return ChunkTask(c, items, ds.reader(), opts, bb, files, threads, _chunk_fingerprint(items))
 
 
-def _resume_or_start(out, progress_path, key, opts, ds, bb, files, log):
+def _resume_or_start(out, progress_path, key, opts, ds, bb, files):
+    """-> (state, resumed): the progress state of an unfinished run with the same key, or a fresh
+    one (partial files preallocated)."""
     finals = [out / n for n in (*OUTPUTS.values(), "feats.json", "feats_flip.json")]
     if progress_path.is_file():
         try:
@@ -453,10 +463,7 @@ def _resume_or_start(out, progress_path, key, opts, ds, bb, files, log):
             raise InputError(f"{progress_path}: a progress file of another omh-ref version; pass "
                              "--overwrite to start again")
         if state.get("key") == key and not opts.overwrite:
-            done = len(state["done"])
-            log(f"resuming: {done} chunk(s) of {-(-len(ds) // opts.images_per_chunk)} already done "
-                f"(from {progress_path})")
-            return state
+            return state, True
         if not opts.overwrite:
             diff = sorted(k for k in key if state.get("key", {}).get(k) != key[k])
             raise InputError(f"{out}: holds an unfinished extraction with other settings "
@@ -474,7 +481,7 @@ def _resume_or_start(out, progress_path, key, opts, ds, bb, files, log):
         create_npy(p, *shapes[k])
     state = {"format": 2, "key": key, "stage": "extracting", "done": {}, "stat": {}}
     _atomic_json(progress_path, state)
-    return state
+    return state, False
 
 
 def _run_tasks(tasks, state, progress_path, opts, n_total, log):

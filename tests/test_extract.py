@@ -317,6 +317,7 @@ def test_resume_redoes_a_recorded_chunk_whose_files_changed(tmp_path, small, mon
     meta = ex.extract(ds, _opts(path, tmp_path / "out", **opts), log=logs.append)
     assert sorted(ran) == [0, 1, 2] and meta["skipped"] == []
     assert sum("redoing chunk" in m for m in logs) == 2
+    assert any(m.startswith("resuming: 0 chunk(s) of 3 already done") for m in logs)
     monkeypatch.undo()
     _run(datasets.folder(tmp_path / "images", tmp_path / "labels"), _opts(path, tmp_path / "ref", **opts))
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")
@@ -369,6 +370,26 @@ def test_interrupted_finalize_resumes_byte_identical(tmp_path, small, monkeypatc
     assert not (tmp_path / "out" / "feats.json").exists()
     _run(ds, _opts(path, tmp_path / "out", **opts))
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+
+
+def test_files_changed_during_an_interrupted_finalize_are_refused(tmp_path, small, monkeypatch):
+    """Once rows are being compacted a chunk cannot be redone in place: a changed image then asks
+    for --overwrite instead of keeping its stale row."""
+    path, _ = small
+    layouts.folder(tmp_path, n=4, labels=False, nested=False)
+    _corrupt(tmp_path / "images" / "img1.png")
+    ds = datasets.folder(tmp_path / "images")
+    real = ex._copy_rows
+    monkeypatch.setattr(ex, "_copy_rows", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        _run(ds, _opts(path, tmp_path / "out"))
+    monkeypatch.setattr(ex, "_copy_rows", real)
+    w, h = Image.open(tmp_path / "images" / "img3.png").size
+    Image.fromarray(np.full((h, w, 3), 9, np.uint8)).save(tmp_path / "images" / "img3.png")
+    with pytest.raises(InputError, match=r"changed after it had finished extracting .*img0.png .*--overwrite"):
+        _run(ds, _opts(path, tmp_path / "out"))
+    meta = _run(ds, _opts(path, tmp_path / "out", overwrite=True))
+    assert [s["image"] for s in meta["skipped"]] == ["img1.png"] and meta["shape"][0] == 3
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, small):
@@ -440,9 +461,10 @@ def test_an_image_too_small_for_five_crops_is_skipped(tmp_path, small):
     assert "thin.png: image of 30x1 px is too small" in res.output.strip().splitlines()[-1]
 
 
-def _tiny_onnx(path, batch="B", in_type=None, out_rank=4):
+def _tiny_onnx(path, batch="B", in_type=None, out_rank=4, int_output=False, mean_over_batch=False):
     """A stand-in backbone: (B, 3, 32, 32) -> the input's 2x2 average pool as (B, 16, 16, 3) channels
-    last (or another rank / input type / fixed batch, to test the checks)."""
+    last (or another rank / input type / fixed batch / integer output / batch of 1 out, to test
+    the checks)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -451,6 +473,12 @@ def _tiny_onnx(path, batch="B", in_type=None, out_rank=4):
     nodes = [helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
              helper.make_node("Transpose", ["p"], ["y4"], perm=[0, 2, 3, 1])]
     out = "y4"
+    if int_output:
+        nodes.append(helper.make_node("Cast", ["y4"], ["yi"], to=TensorProto.INT64))
+        out = "yi"
+    if mean_over_batch:
+        nodes.append(helper.make_node("ReduceMean", ["y4"], ["ym"], axes=[0], keepdims=1))
+        out = "ym"
     if out_rank == 3:
         shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, 256, 3])
         nodes.append(helper.make_node("Reshape", ["y4", "shape"], ["y3"]))
@@ -458,7 +486,7 @@ def _tiny_onnx(path, batch="B", in_type=None, out_rank=4):
         out = "y3"
     else:
         graph_init = []
-    y = helper.make_tensor_value_info(out, in_type, None)
+    y = helper.make_tensor_value_info(out, TensorProto.INT64 if int_output else in_type, None)
     g = helper.make_graph(nodes, "tiny", [x], [y], initializer=graph_init)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
@@ -471,7 +499,9 @@ def test_models_that_do_not_fit_are_refused_in_one_line(tmp_path):
     assert (ok.resolution, ok.grid, ok.dim, ok.patch) == (32, (16, 16), 3, 2)
     cases = [(dict(batch=1), r"expected a dynamic batch axis, got a fixed batch of 1"),
              (dict(in_type=TensorProto.FLOAT16), r"expected a float32 input, got tensor\(float16\)"),
-             (dict(out_rank=3), r"expected patch features \(B, h, w, C\)")]
+             (dict(out_rank=3), r"expected patch features \(B, h, w, C\)"),
+             (dict(int_output=True), r"expected float features, got int64"),
+             (dict(mean_over_batch=True), r"expected patch features \(B, h, w, C\) .* got \(1, 16, 16, 3\)")]
     for i, (kw, msg) in enumerate(cases):
         with pytest.raises(InputError, match=msg):
             ex.inspect_model(_tiny_onnx(tmp_path / f"m{i}.onnx", **kw))

@@ -157,6 +157,25 @@ def test_relaxed_targets_interpolate_between_softmax_and_balanced(P, K, seed):
     assert Q.sum(0).std() <= soft.sum(0).std() + 1e-9
 
 
+@pytest.mark.parametrize("eps", [0.05, 0.5])
+def test_balanced_targets_float32_match_the_generic_plan(eps):
+    """The paper-scale dtype: float32 targets (scaling domain, BLAS products) agree with P x the
+    generic sinkhorn plan to float32 rounding, and bad arguments are ValueErrors."""
+    from omh_ref import sinkhorn as sk
+
+    rng = np.random.default_rng(0)
+    s = np.clip(rng.uniform(-1, 1, (300, 27)), -1, 1).astype(np.float32)
+    Q, err = cluster.balanced_targets(s, eps, 20)
+    plan, cache = sk.sinkhorn(1 - s, np.full(300, 1 / 300, np.float32), np.full(27, 1 / 27, np.float32), eps, 20)
+    assert Q.dtype == np.float32
+    np.testing.assert_allclose(Q, 300 * plan, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(Q.sum(0), 300 / 27, rtol=1e-5)
+    with pytest.raises(ValueError, match="n_iters must be a positive integer"):
+        cluster.balanced_targets(s, eps, 0)
+    with pytest.raises(ValueError, match=r"rho must be a positive finite number \(inf: balanced_targets\)"):
+        cluster.relaxed_targets(s, eps, 20, math.inf)
+
+
 @given(P=st.integers(3, 40), K=dims, eps=st.sampled_from([0.05, 0.1, 1.0]),
        rho=st.sampled_from([0.05, 1.0, 50.0, math.inf]), seed=seeds)
 def test_targets_scaling_domain_equals_log_domain(P, K, eps, rho, seed):

@@ -14,8 +14,9 @@ resampling never invents values), 255 = ignore. This is what STEGO's loaders com
                           ``ROOT/gtFine/<split>/<city>/<stem>_gtFine_labelIds.png``; class = labelId - 7,
                           below 0 -> ignore. Sorted by city, then file name.
 ``potsdam3``              ``ROOT/{labelled_train,labelled_test}.txt`` (train, val) list ids;
-                          ``ROOT/imgs/<id>.mat`` (key ``img``, H x W x 4 RGB-IR; the first 3 channels
-                          are used) and ``ROOT/gt/<id>.mat`` (key ``gt``); {0,4} -> 0 roads and cars,
+                          ``ROOT/imgs/<id>.mat`` (key ``img``, H x W x 4 RGB-IR uint8 as IIC saved
+                          it; the first 3 channels are used) and ``ROOT/gt/<id>.mat`` (key ``gt``,
+                          int32); {0,4} -> 0 roads and cars,
                           {1,5} -> 1 buildings and clutter, {2,3} -> 2 vegetation and trees.
 ``folder``                every image under ROOT (recursively, sorted); with a labels folder, the
                           same relative path with a ``.png`` suffix is its label map (values kept as

@@ -34,8 +34,11 @@ def balanced_targets(s, eps_q, n_iters):
 def relaxed_targets(s, eps_q, n_iters, rho):
     """Like :func:`balanced_targets`, but the cluster marginal is only softly imposed: a KL
     penalty of weight ρ on the columns (unbalanced entropic OT, semi-relaxed; Chizat et al.), so
-    the v-update is damped by ρ/(ρ+ε). ρ = inf is the balanced plan, ρ -> 0 plain softmax
+    the v-update is damped by ρ/(ρ+ε). ρ -> inf approaches the balanced plan (ρ = inf is
+    :func:`balanced_targets`, which ends on the columns instead), ρ -> 0 plain softmax
     assignments. Rows are exact (the last update is a row update). -> (Q, 0.0)."""
+    if not 0 < rho < math.inf:
+        raise ValueError(f"rho must be a positive finite number (inf: balanced_targets), got {rho!r}")
     return _semi_relaxed(s, eps_q, n_iters, rho / (rho + eps_q), end_on_rows=True), 0.0
 
 
@@ -45,8 +48,14 @@ def _semi_relaxed(s, eps_q, n_iters, lam, end_on_rows):
 
     Like :func:`omh_ref.sinkhorn.sinkhorn`, it iterates on scalings (two BLAS matrix-vector
     products an iteration) when :func:`omh_ref.sinkhorn.scaling_safe` says nothing can underflow,
-    and in the log domain otherwise or when the scalings are not finite."""
+    and in the log domain otherwise or when the scalings are not finite. NaN logits give NaN
+    targets on purpose: the training loop reports a non-finite loss as divergence and keeps the
+    state before the step."""
     xp = get_array_module(s)
+    if not (n_iters >= 1 and int(n_iters) == n_iters):
+        raise ValueError(f"n_iters must be a positive integer, got {n_iters!r}")
+    if not eps_q > 0:
+        raise ValueError(f"eps_q must be a positive number, got {eps_q!r}")
     P, Kc = s.shape
     dt = s.dtype.type
     if scaling_safe(1 - s, xp.ones(P, dtype=s.dtype), xp.ones(Kc, dtype=s.dtype), eps_q):
