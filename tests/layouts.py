@@ -72,7 +72,7 @@ def potsdam(root, split="val", n=3, seed=0, float_images=False):
             img = img.astype(np.float32) / 255
             rgb = (img[:, :, :3] * 255).astype(np.uint8)  # torchvision to_pil_image: mul(255).byte()
         savemat(root / "imgs" / f"{i}.mat", {"img": img})
-        savemat(root / "gt" / f"{i}.mat", {"gt": raw})
+        savemat(root / "gt" / f"{i}.mat", {"gt": raw.astype(np.int32)})   # IIC saves int32 labels
         out[f"imgs/{i}.mat"] = (rgb, raw)
     return out
 
