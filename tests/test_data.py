@@ -67,14 +67,31 @@ def test_knn_row_ranges_compose(tmp_path):
     assert np.array_equal(np.concatenate(parts), whole)
 
 
-def test_knn_on_dask_is_byte_identical(tmp_path):
+@pytest.mark.parametrize("budget", [None, 2500 * 100])
+def test_knn_on_dask_is_byte_identical(tmp_path, monkeypatch, budget):
+    """With the default block (1024 rows here) and with a memory budget that forces 64-row blocks."""
+    from omh_ref.data import knn
+
     pytest.importorskip("distributed")
+    if budget is not None:
+        monkeypatch.setattr(knn, "BLOCK_ENTRIES", budget)
+    assert knn.block_rows(2500) == (1024 if budget is None else 64)
     _feats(tmp_path / "feats.npy", N=2500)
     store = FeatureStore(tmp_path / "feats.npy")
     one = build_knn(store, tmp_path / "one.npy", k=5, batch_size=100)
     two = build_knn(store, tmp_path / "two.npy", k=5, batch_size=100, scheduler="local:2", rows_per_task=1024)
     assert np.array_equal(one, two) and two.dtype == np.int32
     assert (tmp_path / "one.npy").read_bytes() == (tmp_path / "two.npy").read_bytes()
+
+
+def test_block_rows_bounds_the_similarity_block():
+    from omh_ref.data.knn import BLOCK_ENTRIES, block_rows
+
+    for N in (1, 100, 16384, 16385, 50_000, 250_000, 10**7, 10**9):
+        r = block_rows(N)
+        assert 1024 % r == 0 and (r * N <= BLOCK_ENTRIES or r == 1)
+        assert r == 1024 or 2 * r * N > BLOCK_ENTRIES          # the largest power of two that fits
+    assert block_rows(250_000) == 64 and block_rows(16384) == 1024
 
 
 def test_meta_mismatch_is_named(tmp_path):

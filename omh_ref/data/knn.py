@@ -2,9 +2,9 @@
 mean-pooled, L2-normalised features, column 0 the image itself (STEGO's precomputed NN files).
 
 Built in two streamed passes: pool the features batch by batch into (N, C) float32 (small: 77 MB
-for 50k ViT-S images), then score chunks of rows against all of them (chunk x N similarities at a
-time), so memory stays bounded. A sidecar ``knn.npy.json`` records the feature file's fingerprint;
-a table from another feature file is refused.
+for 50k ViT-S images), then score blocks of rows against all of them (at most 2^24 similarities
+at a time, :func:`block_rows`), so memory stays bounded. A sidecar ``knn.npy.json`` records the
+feature file's fingerprint; a table from another feature file is refused.
 """
 from __future__ import annotations
 
@@ -36,11 +36,27 @@ def pooled_features(store: FeatureStore, batch_size=256, progress=None, start=0,
     return pooled
 
 
-def topk_cosine(pooled, k, chunk=1024, start=0, stop=None):
+BLOCK_ENTRIES = 1 << 24   # similarities scored at once: 64 MB float32, ~250 MB peak with argpartition
+
+
+def block_rows(N: int) -> int:
+    """Rows of the similarity block scored at once for N images: 1024, halved until a block of
+    ``rows x N`` similarities fits ``BLOCK_ENTRIES`` (N = 250k five-crop COCO rows: 64 rows,
+    ~0.25 GB peak instead of 5 GB). A power of two, so every block boundary of the in-process
+    run is one of a Dask run's 1024-aligned task ranges too."""
+    rows = 1024
+    while rows > 1 and rows * N > BLOCK_ENTRIES:
+        rows //= 2
+    return rows
+
+
+def topk_cosine(pooled, k, chunk=None, start=0, stop=None):
     """(stop - start, k+1) int32 for rows [start, stop) (all by default): self first, then the k
-    most similar other rows, most similar first. ``start`` must be a multiple of ``chunk`` for
-    results that do not depend on how the rows were split."""
+    most similar other rows, most similar first, scored ``chunk`` rows at a time
+    (:func:`block_rows` by default). ``start`` must be a multiple of ``chunk`` for results that
+    do not depend on how the rows were split."""
     N = pooled.shape[0]
+    chunk = block_rows(N) if chunk is None else chunk
     stop = N if stop is None else stop
     k = min(k, N - 1)
     out = np.empty((stop - start, k + 1), dtype=np.int32)
@@ -69,8 +85,8 @@ def _knn_on_dask(store: FeatureStore, k, batch_size, scheduler, rows_per_task, p
     """Pooling and top-k split into row ranges on Dask; same result as the in-process code."""
     from ..distributed import dask_client, run_all
 
-    chunk = 1024
-    step = max(chunk, -(-rows_per_task // chunk) * chunk)            # whole top-k chunks per task
+    chunk = block_rows(store.N)
+    step = max(1024, -(-rows_per_task // 1024) * 1024)               # whole top-k blocks per task
     ranges = [(s, min(s + step, store.N)) for s in range(0, store.N, step)]
     pooled = np.empty((store.N, store.C), dtype=np.float32)
     table = np.empty((store.N, min(k, store.N - 1) + 1), dtype=np.int32)
