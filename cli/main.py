@@ -138,8 +138,18 @@ def read_config_file(path):
         raise InputError(f"{p}: TOML configs need Python >= 3.11; use JSON") from None
     except Exception as e:
         raise InputError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: expected a table of config fields at the top level, got {type(data).__name__}")
     if "model" in data or "train" in data:
-        return data.get("model", {}), data.get("train", {})
+        extra = sorted(set(data) - {"model", "train"})
+        if extra:
+            raise InputError(f"{p}: with [model]/[train] tables, top-level keys are not read; move "
+                             f"{', '.join(map(repr, extra))} into one of them")
+        tables = data.get("model", {}), data.get("train", {})
+        for name, table in zip(("model", "train"), tables):
+            if not isinstance(table, dict):
+                raise InputError(f"{p}: [{name}] must be a table of fields, got {type(table).__name__}")
+        return tables
     return data, {}
 
 
@@ -248,6 +258,8 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, resume, ckpt_every,
           log_every, config_file, overwrite, quiet, shifts, **model_flags):
     """Train OMH (or --baseline stego) on memory-mapped features."""
+    import dataclasses
+
     from omh_ref import checkpoint
     from omh_ref.data.store import FeatureStore
     from omh_ref.model import Config
@@ -271,7 +283,14 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
             given[key] = value
     steps, batch_size, lr, lr_clusters, seed, ckpt_every, log_every = (given[k] for k in TRAIN_FILE_KEYS)
     if resume:
+        # the checkpoint's config, with the file's fields as overrides: train() then refuses any
+        # that differ from the checkpoint (as it does for flags)
         base = checkpoint.load(resume)["config"]
+        if fields:
+            try:
+                base = Config.from_dict({**dataclasses.asdict(base), **fields, "in_dim": base.in_dim})
+            except ValueError as e:
+                raise InputError(f"{config_file}: {e}") from None
     else:
         try:
             base = Config.from_dict({**fields, "in_dim": store.C})
@@ -397,7 +416,8 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
         lin = evaluate.linear_eval(params, probe, store, n_classes, batch_size, flipped, device)
         result["linear"] = evaluate.scores_json(lin)
     plans = evaluate.hierarchy_plans(params, cfg)
-    tree = evaluate.hierarchy_text(plans, clu["match"].cluster_to_class, names)
+    tree = evaluate.hierarchy_text(plans, clu["match"].cluster_to_class, names,
+                                   named_level=cfg.effective().eval_level)
     result["hierarchy"] = {"plans": [p.round(4).tolist() for p in plans], "text": tree}
     click.echo(format_eval(result, names))
     if tree:

@@ -211,18 +211,25 @@ def hierarchy_plans(params, cfg: Config):
     return plans
 
 
-def hierarchy_text(plans, class_of_cluster=None, class_names=None, threshold=0.5):
-    """Lines 'level l+1 cluster j <- level l clusters [i (share), ...]' for every adjacent pair;
-    the last level's clusters are named by their matched class when given."""
+def hierarchy_text(plans, class_of_cluster=None, class_names=None, threshold=0.5, named_level=-1):
+    """Lines 'level l+1 cluster j <- level l clusters [i (share), ...]' for every adjacent pair.
+    The clusters of ``named_level`` (the eval level, whose clusters ``class_of_cluster`` maps to
+    classes; the last by default) carry their matched class, as parents or as children."""
+    L = len(plans) + 1
+    named = named_level % L if L else 0
+
+    def tag(k):
+        if class_of_cluster is None or class_of_cluster[k] < 0:
+            return ""
+        c = int(class_of_cluster[k])
+        return f" [{class_names[c] if class_names else c}]"
+
     lines = []
     for lvl, A in enumerate(plans):
         parent = A.argmax(axis=1)
-        last = lvl == len(plans) - 1
         for j in range(A.shape[1]):
-            kids = [f"{i} ({A[i, j]:.2f})" for i in np.flatnonzero(parent == j) if A[i, j] >= threshold]
-            name = f"L{lvl + 1}:{j}"
-            if last and class_of_cluster is not None and class_of_cluster[j] >= 0:
-                c = int(class_of_cluster[j])
-                name += f" [{class_names[c] if class_names else c}]"
+            kids = [f"{i}{tag(i) if lvl == named else ''} ({A[i, j]:.2f})"
+                    for i in np.flatnonzero(parent == j) if A[i, j] >= threshold]
+            name = f"L{lvl + 1}:{j}" + (tag(j) if lvl + 1 == named else "")
             lines.append(f"{name:<28} <- L{lvl}: {', '.join(kids) if kids else '(none)'}")
     return lines

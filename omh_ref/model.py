@@ -67,8 +67,32 @@ class Config:
     extra: dict = field(default_factory=dict)   # free-form notes carried into checkpoints
 
     def __post_init__(self):
+        self._check_types()
         self.levels = tuple(int(k) for k in self.levels)
         self.validate()
+
+    def _check_types(self):
+        """Each field has its default's type (an int is a float too; bools are not numbers), so
+        a config file's ``"levels": 6`` or ``"lr": "x"`` is named, not a TypeError later."""
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        for f in dataclasses.fields(self):
+            v, d = getattr(self, f.name), f.default if f.default is not dataclasses.MISSING else None
+            if isinstance(d, bool):
+                ok, want = isinstance(v, bool), "true or false"
+            elif isinstance(d, int):
+                ok, want = is_int(v), "an integer"
+            elif isinstance(d, float):
+                ok, want = (is_int(v) or isinstance(v, (float, np.floating))), "a number"
+            elif isinstance(d, str):
+                ok, want = isinstance(v, str), "a string"
+            elif isinstance(d, tuple):
+                ok, want = isinstance(v, (tuple, list)) and all(is_int(k) for k in v), "a list of integers"
+            else:
+                ok, want = isinstance(v, dict), "a table"
+            if not ok:
+                raise ValueError(f"config field {f.name!r}: expected {want}, got {v!r}")
 
     def validate(self):
         """Raise a ValueError naming the first bad field."""
@@ -87,15 +111,15 @@ class Config:
             raise bad("levels", "strictly decreasing sizes, finest first (e.g. 108,54,27)")
         for name in ("tau", "eps", "eps_q"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            if not (isinstance(v, (int, float, np.integer, np.floating)) and v > 0 and math.isfinite(v)):
                 raise bad(name, "a positive finite number")
-        if not (isinstance(self.rho_q, (int, float)) and self.rho_q > 0):
+        if not (isinstance(self.rho_q, (int, float, np.integer, np.floating)) and self.rho_q > 0):
             raise bad("rho_q", "a positive number (inf: balanced targets)")
         if not (0 <= self.dropout < 1):
             raise bad("dropout", "a probability in [0, 1)")
         for name in ("lam_clu", "lam_hier", "lam_w", "weight_neg", "weight_inter", "weight_intra"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+            if not (isinstance(v, (int, float, np.integer, np.floating)) and v >= 0 and math.isfinite(v)):
                 raise bad(name, "a finite number >= 0")
         for name in ("shift_neg", "shift_inter", "shift_intra"):
             if not math.isfinite(getattr(self, name)):

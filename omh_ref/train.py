@@ -80,8 +80,10 @@ class _Interrupt:
         return self
 
     def _handle(self, signum, frame):
-        if self.hit and self.prev is not None:
-            signal.signal(signal.SIGINT, self.prev)
+        if self.hit:   # the second Ctrl-C: stop now (the last checkpoint stays as it was)
+            if self.prev is not None:
+                signal.signal(signal.SIGINT, self.prev)
+            raise KeyboardInterrupt
         self.hit = True
 
     def __exit__(self, *exc):
@@ -142,7 +144,13 @@ def _trim_log(log_path, step):
     """On resume, drop log lines past the checkpoint's step (they will be written again)."""
     if not log_path.is_file():
         return
-    keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = []
+    for ln in log_path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (ValueError, KeyError, TypeError):
+            pass   # a line torn by a kill mid-write, or not ours: dropped
     log_path.write_text("".join(ln + "\n" for ln in keep))
 
 
@@ -171,6 +179,10 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
     fingerprint = store.fingerprint()
 
     if opts.resume:
+        same_run = Path(opts.resume).resolve().parent == out.resolve()
+        if ckpt_path.exists() and not same_run and not opts.overwrite:
+            raise InputError(f"{ckpt_path}: --out holds another run's checkpoint; resume {opts.resume} with "
+                             f"--out {Path(opts.resume).parent}, or pass --overwrite to replace that run")
         ck = checkpoint.load(opts.resume)
         diff = [f.name for f in dataclasses.fields(cfg) if getattr(ck["config"], f.name) != getattr(cfg, f.name)]
         if diff:
@@ -204,28 +216,40 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
         opt_state = {"t": opt_state["t"], "m": to_device(opt_state["m"], "gpu"), "v": to_device(opt_state["v"], "gpu")}
     lr = _lr_table(params, opts)
 
-    def save():
-        checkpoint.save(ckpt_path, params, opt_state, step, rng, cfg, arrays={"order": loop["order"]},
-                        info={"pos": loop["pos"], "epoch": loop["epoch"], "features": str(store.path.resolve()),
+    def save(path=ckpt_path, rng_=None, loop_=None):
+        rng_, loop_ = rng if rng_ is None else rng_, loop if loop_ is None else loop_
+        checkpoint.save(path, params, opt_state, step, rng_, cfg, arrays={"order": loop_["order"]},
+                        info={"pos": loop_["pos"], "epoch": loop_["epoch"], "features": str(store.path.resolve()),
                               "features_fingerprint": fingerprint, "knn": str(knn_path.resolve()),
                               "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}})
+
+    def diverged(why):
+        # the state before the step, resumable: parameters, Adam, and the generator and data
+        # position as they were when the step began
+        before = np.random.default_rng()
+        before.bit_generator.state = rng_before
+        save(out / "diverged.npz", before, loop_before)
+        raise InputError(f"training diverged at step {step + 1} ({why}); the state before the step is in "
+                         f"{out / 'diverged.npz'} (continue it with --resume and a lower --lr)")
 
     bar = _progress(opts, step)
     t0 = time.perf_counter()
     interrupted = False
     with _Interrupt() as stop, open(log_path, "a") as log:
         while step < opts.steps:
+            rng_before, loop_before = rng.bit_generator.state, dict(loop)
             idx = _next_batch(loop, store.N, opts.batch_size, rng)
             partners = knn[idx, rng.integers(1, knn.shape[1], size=len(idx))]
             batch = {"feats": store.read(idx), "feats_pos": store.read(partners)}
             if opts.device == "gpu":
                 batch = to_device(batch, "gpu")
-            loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng)
+            try:
+                loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng)
+            except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
+                # what non-finite parameters make of the Sinkhorn and target checks
+                diverged(f"{type(e).__name__}: {e}")
             if not math.isfinite(parts["loss"]):
-                save_path = out / "diverged.npz"
-                checkpoint.save(save_path, params, opt_state, step, rng, cfg)
-                raise InputError(f"training diverged at step {step + 1} (loss {parts['loss']}); "
-                                 f"state before the step is in {save_path}; lower --lr")
+                diverged(f"loss {parts['loss']}")
             adam_step(params, grads, opt_state, lr)
             step += 1
             if step % opts.log_every == 0 or step == opts.steps:

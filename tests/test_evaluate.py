@@ -179,3 +179,20 @@ def test_flip_averaging_uses_the_flipped_file(tmp_path):
     np.save(tmp_path / "same.npy", f)
     res, _ = evaluate.cluster_eval(params, cfg, store, 3, flipped=FeatureStore(tmp_path / "same.npy"))
     assert res["miou"] < 100.0
+
+
+def test_hierarchy_text_names_the_eval_levels_clusters():
+    """The matched class names go on the clusters of the level they were matched at."""
+    from omh_ref.evaluate import hierarchy_text
+
+    A0 = np.array([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])   # 4 -> 3
+    A1 = np.array([[1.0, 0], [0, 1.0], [0, 1.0]])                         # 3 -> 2
+    names = ["sky", "road", "car", "tree"]
+    last = hierarchy_text([A0, A1], np.array([1, 0]), names)
+    assert last[3].startswith("L2:0 [road]") and last[4].startswith("L2:1 [sky]")
+    assert "[" not in "".join(last[:3])                                   # level 1 is not named
+    mid = hierarchy_text([A0, A1], np.array([2, 3, 1]), names, named_level=1)
+    assert [ln.split(" <-")[0].strip() for ln in mid[:3]] == ["L1:0 [car]", "L1:1 [tree]", "L1:2 [road]"]
+    assert mid[3].startswith("L2:0 ") and "[" not in mid[3].split(" <-")[0]
+    first = hierarchy_text([A0, A1], np.array([0, 0, 3, 1]), names, named_level=0)
+    assert first[0].endswith("<- L0: 0 [sky] (1.00), 1 [sky] (1.00)") and first[2].endswith("3 [road] (1.00)")

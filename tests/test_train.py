@@ -78,9 +78,71 @@ def test_training_changes_params_and_logs(feats, tmp_path):
 
 def test_same_seed_same_result(feats, tmp_path):
     cfg = small_cfg()
-    p = [checkpoint.load(train(cfg, opts(feats, tmp_path / str(i), steps=12), say=quiet)["checkpoint"])["params"]
-         for i in range(2)]
+    p = [checkpoint.load(train(cfg, opts(feats, tmp_path / str(i), steps=12, seed=s), say=quiet)["checkpoint"])["params"]
+         for i, s in enumerate((0, 0, 1))]
     assert all(np.array_equal(p[0][k], p[1][k]) for k in p[0])
+    assert not np.array_equal(p[0]["W1"], p[2]["W1"])              # the seed is used
+
+
+def test_resume_trims_the_log_past_the_checkpoint(feats, tmp_path):
+    """A run killed after logging step 30 but before its next checkpoint (step 20), plus a torn
+    last line: the resume keeps steps 10 and 20 only, then logs 30 and 40 again."""
+    cfg = small_cfg()
+    train(cfg, opts(feats, tmp_path / "r", steps=20, ckpt_every=20), say=quiet)
+    log = tmp_path / "r" / "log.jsonl"
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 30, "loss": 0.0}) + "\n" + '{"step": 40, "lo')
+    train(cfg, opts(feats, tmp_path / "r", steps=40, resume=str(tmp_path / "r" / "ckpt.npz")), say=quiet)
+    steps = [json.loads(ln)["step"] for ln in log.read_text().splitlines()]
+    assert steps == [10, 20, 30, 40] and json.loads(log.read_text().splitlines()[2])["loss"] != 0.0
+
+
+def test_divergence_saves_a_resumable_state_before_the_step(feats, tmp_path, monkeypatch):
+    """An error from non-finite parameters (here injected at step 4) is a one-line divergence; the
+    saved state continues bit-exactly as if nothing had happened."""
+    from omh_ref import train as train_mod
+
+    cfg = small_cfg()
+    train(cfg, opts(feats, tmp_path / "straight", steps=6), say=quiet)
+    real, calls = model.loss_and_grads, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise ValueError("sinkhorn: marginals a and b must be strictly positive")
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod.model, "loss_and_grads", flaky)
+    with pytest.raises(InputError, match=r"training diverged at step 4 \(ValueError: sinkhorn: .*diverged.npz"):
+        train(cfg, opts(feats, tmp_path / "d", steps=6), say=quiet)
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "d" / "diverged.npz")["step"] == 3
+    train(cfg, opts(feats, tmp_path / "d", steps=6, resume=str(tmp_path / "d" / "diverged.npz")), say=quiet)
+    a, b = (checkpoint.load(tmp_path / d / "ckpt.npz") for d in ("straight", "d"))
+    assert all(np.array_equal(a["params"][k], b["params"][k]) for k in a["params"])
+
+
+def test_resume_into_another_runs_folder_is_refused(feats, tmp_path):
+    cfg = small_cfg()
+    train(cfg, opts(feats, tmp_path / "a", steps=5), say=quiet)
+    train(cfg, opts(feats, tmp_path / "b", steps=5, seed=2), say=quiet)
+    before = (tmp_path / "b" / "ckpt.npz").read_bytes()
+    with pytest.raises(InputError, match=r"b/ckpt.npz: --out holds another run's checkpoint; resume .*--overwrite"):
+        train(cfg, opts(feats, tmp_path / "b", steps=8, resume=str(tmp_path / "a" / "ckpt.npz")), say=quiet)
+    assert (tmp_path / "b" / "ckpt.npz").read_bytes() == before
+    train(cfg, opts(feats, tmp_path / "c", steps=8, resume=str(tmp_path / "a" / "ckpt.npz")), say=quiet)  # a new folder
+    assert checkpoint.load(tmp_path / "c" / "ckpt.npz")["step"] == 8
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from omh_ref.train import _Interrupt
+
+    with _Interrupt() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.hit
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)   # the handler runs between bytecodes of this thread
 
 
 def test_resume_with_another_config_is_refused(feats, tmp_path):
@@ -233,6 +295,34 @@ def test_config_file_and_flags(tmp_path, feats):
     cfg_file.write_text(json.dumps({"dimm": 5}))
     code, out = run_cli("train", "--features", feats, "--out", str(tmp_path / "o2"), "--quiet", "--config", str(cfg_file))
     assert code == 2 and "dimm" in out
+
+
+@pytest.mark.parametrize("content,match", [
+    ("[1, 2]", r"expected a table of config fields at the top level, got list"),
+    ('{"train": 5}', r"\[train\] must be a table of fields, got int"),
+    ('{"model": {"dim": 5}, "tau": 0.3}', r"top-level keys are not read; move 'tau' into one of them"),
+    ('{"levels": 6}', r"config field 'levels': expected a list of integers, got 6"),
+    ('{"dropout": "0.1"}', r"config field 'dropout': expected a number, got '0.1'"),
+    ('{"eval_level": 0.5}', r"config field 'eval_level': expected an integer, got 0.5"),
+    ('{"pointwise": "no"}', r"config field 'pointwise': expected true or false, got 'no'"),
+])
+def test_config_files_of_the_wrong_shape_are_one_line_errors(tmp_path, feats, content, match):
+    (tmp_path / "c.json").write_text(content)
+    code, out = run_cli("train", "--features", feats, "--out", str(tmp_path / "o"), "--quiet", "--config",
+                        str(tmp_path / "c.json"))
+    assert code == 2 and "Traceback" not in out and __import__("re").search(match, out), out
+
+
+def test_config_file_on_resume_is_compared_with_the_checkpoint(tmp_path, feats):
+    common = ["--features", feats, "--out", str(tmp_path / "o"), "--quiet", "--batch-size", "4"]
+    (tmp_path / "c.json").write_text(json.dumps({"model": {"dim": 5, "levels": [6, 3], "feature_samples": 3}}))
+    assert run_cli("train", *common, "--steps", "2", "--config", str(tmp_path / "c.json"))[0] == 0
+    ck = tmp_path / "o" / "ckpt.npz"
+    assert run_cli("train", *common, "--steps", "3", "--resume", str(ck), "--config", str(tmp_path / "c.json"))[0] == 0
+    (tmp_path / "c.json").write_text(json.dumps({"model": {"dim": 9, "levels": [6, 3], "feature_samples": 3}}))
+    code, out = run_cli("train", *common, "--steps", "4", "--resume", str(ck), "--config", str(tmp_path / "c.json"))
+    assert code == 2 and "another config (differs in dim)" in out
+    assert checkpoint.load(ck)["step"] == 3
 
 
 def test_shifts_auto_are_chosen_and_logged(tmp_path, feats):
