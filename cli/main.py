@@ -38,7 +38,7 @@ def main():
 
 
 @main.command()
-@click.option("--seed", default=0, show_default=True, help="Seed of the random shapes and values.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the random shapes and values.")
 @click.option("--only", default=None, help="Run only the checks whose name contains this text.")
 def gradcheck(seed, only):
     """Check every hand-written backward pass against finite differences (float64).
@@ -245,7 +245,7 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--lr", default=5e-4, show_default=True, help="Learning rate of the projection head.")
 @click.option("--lr-clusters", default=5e-3, show_default=True, help="Learning rate of the centroids.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
 @click.option("--resume", default=None, type=click.Path(), help="Checkpoint to continue from (bit-exact).")
 @click.option("--ckpt-every", default=100, show_default=True)
@@ -309,11 +309,11 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(), help="Report folder.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
-@click.option("--steps", default=300, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--n-train", default=600, show_default=True, help="Synthetic training images.")
-@click.option("--n-val", default=200, show_default=True, help="Synthetic validation images.")
-@click.option("--probe-epochs", default=5, show_default=True)
+@click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-train", default=600, show_default=True, type=click.IntRange(min=1), help="Synthetic training images.")
+@click.option("--n-val", default=200, show_default=True, type=click.IntRange(min=1), help="Synthetic validation images.")
+@click.option("--probe-epochs", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
@@ -322,9 +322,12 @@ def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, qu
     from omh_ref import demo as demo_mod
 
     try:
-        seeds = tuple(int(s) for s in seeds.split(",") if s.strip())
+        parsed = tuple(int(s) for s in seeds.split(",") if s.strip())
     except ValueError:
-        raise InputError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
+        parsed = ()
+    if not parsed or min(parsed) < 0:
+        raise InputError(f"--seeds: expected comma-separated integers >= 0, got {seeds!r}")
+    seeds = parsed
     opts = demo_mod.DemoOptions(out=out, seeds=seeds, steps=steps, batch_size=batch_size, n_train=n_train,
                                 n_val=n_val, probe_epochs=probe_epochs, device=device, progress=not quiet)
     rep = demo_mod.run(opts, say=click.echo)
@@ -338,7 +341,7 @@ def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, qu
 @click.option("--n-images", default=600, show_default=True)
 @click.option("--grid", default=16, show_default=True, help="Feature grid side (h = w).")
 @click.option("--dim", default=384, show_default=True, help="Feature channels C.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), show_default=True)
 @friendly_errors
 def synth(out, split, n_images, grid, dim, seed, dtype):
@@ -362,15 +365,15 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
 @click.option("--train-features", default=None, type=click.Path(), help="Features for the linear probe.")
 @click.option("--train-labels", default=None, type=click.Path(),
               help="Labels for the linear probe. [default: the one the train feats.json names]")
-@click.option("--n-classes", default=None, type=int, help="[default: feats.json's n_classes, else the eval level's K].")
+@click.option("--n-classes", default=None, type=click.IntRange(min=1), help="[default: feats.json's n_classes, else the eval level's K].")
 @click.option("--class-names", default=None, help="cocostuff27, cityscapes27, potsdam3, or a text file (one per line).")
-@click.option("--probe-epochs", default=10, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Seed of the linear probe.")
+@click.option("--probe-epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the linear probe.")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Write the scores as JSON.")
 @click.option("--out", default=None, type=click.Path(), help="Folder for PNGs (confusion, predictions, hierarchy).")
 @click.option("--crf", is_flag=True, help="Refine cluster predictions with a dense CRF (needs the images, omh-ref[crf]).")
-@click.option("--crf-workers", default=1, show_default=True, help="Processes for the CRF (1 = serial).")
+@click.option("--crf-workers", default=1, show_default=True, type=click.IntRange(min=1), help="Processes for the CRF (1 = serial).")
 @click.option("--crf-timeout", default=600.0, show_default=True, help="Seconds a CRF batch may take before it is stopped.")
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -389,6 +392,11 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
         resolve_device(device)
     except ValueError as e:
         raise InputError(str(e)) from None
+    # output paths are checked before minutes of evaluation, not after
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"{out}: is a file (expected --out to be a folder for the pictures)")
+    if json_out is not None and (Path(json_out).is_dir() or Path(json_out).parent.is_file()):
+        raise InputError(f"{json_out}: cannot write the --json file there (expected a file path)")
     params, cfg = load_params(checkpoint, device)
     labels = labels or listed_labels(features)
     if labels is None:
@@ -424,6 +432,7 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
         click.echo("hierarchy (child clusters absorbed by each parent, share of the child's mass):")
         click.echo("\n".join("  " + t for t in tree))
     if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=1))
         click.echo(f"wrote {json_out}")
     if out:
@@ -465,7 +474,9 @@ def resolve_class_names(spec, store, n_classes):
             raise InputError(f"--class-names {spec!r}: not a built-in ({', '.join(CLASS_NAMES)}) nor a file")
         names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
     if names is not None and len(names) != n_classes:
-        raise InputError(f"--class-names: {len(names)} names for {n_classes} classes")
+        source = "--class-names" if spec is not None else f"{store.path.with_suffix('.json')} class_names"
+        raise InputError(f"{source}: {len(names)} names for {n_classes} classes (--n-classes or the data's "
+                         "n_classes); pass --class-names to name them")
     return names or [str(i) for i in range(n_classes)]
 
 

@@ -73,11 +73,28 @@ def load(path) -> dict:
     def group(prefix):
         return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
 
-    rng = np.random.default_rng()
-    rng.bit_generator.state = meta["rng_state"]
-    cfg = meta["config"]
-    cfg["levels"] = tuple(cfg["levels"])
-    return {"params": group("param/"),
-            "opt_state": {"t": meta["adam_t"], "m": group("adam_m/"), "v": group("adam_v/")},
-            "step": meta["step"], "rng": rng, "config": Config.from_dict(cfg),
-            "arrays": group("extra/"), "info": meta["info"]}
+    try:
+        rng = np.random.default_rng()
+        rng.bit_generator.state = meta["rng_state"]
+        cfg = meta["config"]
+        cfg["levels"] = tuple(cfg["levels"])
+        out = {"params": group("param/"),
+               "opt_state": {"t": meta["adam_t"], "m": group("adam_m/"), "v": group("adam_v/")},
+               "step": meta["step"], "rng": rng, "config": Config.from_dict(cfg),
+               "arrays": group("extra/"), "info": meta["info"]}
+    except (KeyError, TypeError, ValueError) as e:   # a field missing, of another version, or corrupt
+        raise InputError(f"{path}: not a usable omh-ref checkpoint ({type(e).__name__}: {e})") from None
+    return out
+
+
+def check_params(path, params, cfg: Config):
+    """Every parameter the config needs, with its shape (a checkpoint edited or cut short); called
+    where a checkpoint is used as a model (training's --resume, evaluation)."""
+    C, D = cfg.in_dim, cfg.dim
+    want = {"W1": (D, C), "b1": (D,), "W2": (C, C), "b2": (C,), "W3": (D, C), "b3": (D,),
+            **{f"M{i}": (k, D) for i, k in enumerate(cfg.effective().levels)}}
+    for k, shape in want.items():
+        got = params.get(k)
+        if got is None or got.shape != shape:
+            raise InputError(f"{path}: parameter {k} should have shape {shape} for its config, got "
+                             f"{'nothing' if got is None else got.shape}")

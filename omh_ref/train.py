@@ -55,9 +55,11 @@ class TrainOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise InputError(f"--{name.replace('_', '-')}: expected a positive integer, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise InputError(f"--seed: expected an integer >= 0, got {self.seed!r}")
         for name in ("lr", "lr_clusters"):
             v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)):
                 raise InputError(f"--{name.replace('_', '-')}: expected a positive number, got {v!r}")
         try:
             resolve_device(self.device)
@@ -184,6 +186,7 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
             raise InputError(f"{ckpt_path}: --out holds another run's checkpoint; resume {opts.resume} with "
                              f"--out {Path(opts.resume).parent}, or pass --overwrite to replace that run")
         ck = checkpoint.load(opts.resume)
+        checkpoint.check_params(opts.resume, ck["params"], ck["config"])
         diff = [f.name for f in dataclasses.fields(cfg) if getattr(ck["config"], f.name) != getattr(cfg, f.name)]
         if diff:
             raise InputError(f"{opts.resume}: checkpoint has another config (differs in {', '.join(diff)})")
@@ -281,4 +284,5 @@ def _progress(opts, start):
 def load_params(path, device="cpu"):
     """Parameters and config of a checkpoint, for evaluation."""
     ck = checkpoint.load(path)
+    checkpoint.check_params(path, ck["params"], ck["config"])
     return to_device(ck["params"], device), ck["config"]

@@ -28,3 +28,83 @@ def test_gradcheck_fails_loudly_on_a_broken_backward(monkeypatch):
     monkeypatch.setattr(relu, "backward", lambda dy, cache: dy * (cache > 0) * 1.01)
     res = CliRunner().invoke(main, ["gradcheck", "--only", "relu"])
     assert res.exit_code == 1 and "FAIL" in res.output
+
+
+def _synth_run(tmp_path):
+    """Tiny synthetic train/val data and a 3-step checkpoint whose eval level has 9 clusters."""
+    run = CliRunner().invoke
+    for split, n in (("train", 12), ("val", 8)):
+        res = run(main, ["synth", "--out", str(tmp_path / split), "--split", split, "--n-images", str(n),
+                         "--grid", "6", "--dim", "8"])
+        assert res.exit_code == 0, res.output
+    res = run(main, ["train", "--features", str(tmp_path / "train" / "feats.npy"), "--out", str(tmp_path / "r"),
+                     "--steps", "3", "--batch-size", "4", "--levels", "12,9", "--dim", "5", "--quiet"])
+    assert res.exit_code == 0, res.output
+    return ["eval", "--checkpoint", str(tmp_path / "r" / "ckpt.npz"), "--features", str(tmp_path / "val" / "feats.npy"),
+            "--quiet"]
+
+
+def test_eval_bad_arguments_are_one_line_and_checked_before_evaluating(tmp_path, monkeypatch):
+    import numpy as np
+
+    from omh_ref import evaluate
+
+    base = _synth_run(tmp_path)
+    (tmp_path / "afile").write_text("")
+    np.save(tmp_path / "empty.npy", np.zeros((8, 0, 48), np.uint8))
+    calls = []
+    real = evaluate.cluster_eval
+    monkeypatch.setattr(evaluate, "cluster_eval", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cases = [
+        (["--batch-size", "0"], r"Invalid value for '--batch-size': 0 is not in the range x>=1"),
+        (["--n-classes", "-2"], r"Invalid value for '--n-classes'"),
+        (["--probe-epochs", "0"], r"Invalid value for '--probe-epochs'"),
+        (["--seed", "-1"], r"Invalid value for '--seed'"),
+        (["--out", str(tmp_path / "afile")], r"afile: is a file \(expected --out to be a folder"),
+        (["--json", str(tmp_path / "afile" / "s.json")], r"s.json: cannot write the --json file there"),
+        (["--n-classes", "2"], r"val/feats.json class_names: 9 names for 2 classes .*pass --class-names"),
+        (["--labels", str(tmp_path / "empty.npy")], r"empty.npy: empty label maps \(shape \(8, 0, 48\)\)"),
+    ]
+    for args, msg in cases:
+        res = CliRunner().invoke(main, base + args)
+        assert res.exit_code == 2 and "Traceback" not in res.output, (args, res.output)
+        assert __import__("re").search(msg, res.output.strip().splitlines()[-1]), (args, res.output)
+    assert calls == []                     # every one refused before any evaluation ran
+    res = CliRunner().invoke(main, base + ["--json", str(tmp_path / "new" / "dir" / "s.json")])
+    assert res.exit_code == 0 and (tmp_path / "new" / "dir" / "s.json").is_file(), res.output
+
+
+def test_os_errors_are_one_line(tmp_path, monkeypatch):
+    """friendly_errors turns an OSError (a full disk, a permission) into one line, exit 2."""
+    from pathlib import Path
+
+    base = _synth_run(tmp_path)
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    res = CliRunner().invoke(main, base + ["--json", str(tmp_path / "s.json")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1] == f"error: [Errno 28] No space left on device: '{tmp_path / 's.json'}'"
+
+
+def test_checkpoint_with_missing_or_misshapen_parameters_is_named(tmp_path):
+    import numpy as np
+
+    from omh_ref import checkpoint
+
+    base = _synth_run(tmp_path)
+    ck = checkpoint.load(tmp_path / "r" / "ckpt.npz")
+    params = dict(ck["params"])
+    params["M1"] = params["M1"][:4]
+    checkpoint.save(tmp_path / "bad.npz", params, ck["opt_state"], ck["step"], ck["rng"], ck["config"])
+    del params["W2"]
+    params["M1"] = ck["params"]["M1"]
+    checkpoint.save(tmp_path / "bad2.npz", params, ck["opt_state"], ck["step"], ck["rng"], ck["config"])
+    for name, msg in (("bad.npz", r"parameter M1 should have shape \(9, 5\) for its config, got \(4, 5\)"),
+                      ("bad2.npz", r"parameter W2 should have shape \(8, 8\) for its config, got nothing")):
+        base[2] = str(tmp_path / name)
+        res = CliRunner().invoke(main, base)
+        assert res.exit_code == 2 and __import__("re").search(msg, res.output), res.output
+    assert np.asarray(ck["params"]["M1"]).shape == (9, 5)

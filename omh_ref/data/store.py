@@ -81,6 +81,14 @@ class FeatureStore:
             m = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise InputError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(m, dict):
+            raise InputError(f"{path}: expected a JSON object of metadata, got {type(m).__name__}")
+        types = {"shape": list, "images": list, "n_classes": int, "dtype": str, "labels": str, "class_names": list}
+        for k, t in types.items():
+            if m.get(k) is not None and (not isinstance(m[k], t) or isinstance(m[k], bool)):
+                raise InputError(f"{path}: field {k!r} should be {t.__name__} or null, got {m[k]!r}")
+        if m.get("n_classes") is not None and m["n_classes"] < 1:
+            raise InputError(f"{path}: field 'n_classes' should be >= 1, got {m['n_classes']}")
         shape = m.get("shape")
         if shape is not None and tuple(shape) != self.feats.shape:
             raise InputError(f"{path}: says shape {tuple(shape)} but {self.path} has shape {self.feats.shape}")
@@ -97,6 +105,8 @@ class FeatureStore:
             raise InputError(f"{path}: expected labels of shape (N, H, W), got shape {lab.shape}")
         if lab.dtype.kind not in "iu":
             raise InputError(f"{path}: expected integer labels (uint8/int16), got dtype {lab.dtype}")
+        if min(lab.shape[1:]) == 0:
+            raise InputError(f"{path}: empty label maps (shape {lab.shape})")
         if lab.shape[0] != self.N:
             raise InputError(f"{path}: has {lab.shape[0]} label maps but {self.path} has {self.N} feature rows")
         return lab

@@ -306,7 +306,7 @@ def describe(spec: SynthSpec, split: str = "train", dtype: str = "float32") -> d
     h = spec.grid
     return {"backbone": "synthetic", "onnx_sha256": None, "resolution": spec.resolution,
             "patch_size": spec.patch, "dtype": dtype, "shape": [spec.n_images, h, h, spec.dim],
-            "images": image_names(spec, split), "omh_ref_version": __version__,
+            "images": image_names(spec, split), "labels": "labels.npy", "omh_ref_version": __version__,
             "n_classes": spec.n_classes, "class_names": class_names(spec),
             "hierarchy": {"superclass_of_class": superclass_of_class(spec),
                           "n_super": spec.n_super, "n_parts": spec.parts_per_class},
