@@ -101,3 +101,32 @@ def test_eval_cli_with_crf_and_overlays(tmp_path):
     assert saved["crf"] is True and saved["cluster"]["miou"] > 90
     grid = np.asarray(Image.open(tmp_path / "pics" / "predictions.png"))
     assert grid.shape[1] > 4 * 8 * 2   # image, labels, prediction, overlay columns
+
+
+@needs_crf
+def test_cluster_eval_scores_what_the_crf_returns(tmp_path, monkeypatch):
+    """The CRF's refined maps, not the raw predictions, are what gets scored (a bypass of the CRF
+    in cluster_eval would pass the end-to-end test above: its world scores 100 either way)."""
+    from omh_ref import crf, evaluate, model
+    from tests.test_evaluate import _identity_params, _known_world
+
+    store, protos = _known_world(tmp_path, N=4)
+    lab = np.load(tmp_path / "labels.npy")
+    for i in range(store.N):
+        Image.fromarray(np.full(lab.shape[1:] + (3,), 60 * i, np.uint8)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "feats.json").write_text(json.dumps({"images": [f"img{i}.png" for i in range(store.N)]}))
+    store = type(store)(store.path, labels=tmp_path / "labels.npy")
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
+    params = _identity_params(cfg, protos, np.array([0, 1, 2]))
+    seen = []
+
+    def fake(images, logits, workers, timeout):
+        seen.append((np.stack(images).shape, logits.shape))
+        return np.zeros(logits.shape[:-1], np.int64)          # (N, H, W): every pixel cluster 0
+
+    monkeypatch.setattr(crf, "refine_batch", fake)
+    clu, _ = evaluate.cluster_eval(params, cfg, store, 3, 4, crf_workers=1)
+    assert seen and seen[0][0] == (4,) + lab.shape[1:] + (3,)
+    conf = np.asarray(clu["confusion"])                     # (clusters, classes)
+    assert seen[0][1][-1] == 3 and conf.sum() == (lab != 255).sum()
+    assert conf[1:].sum() == 0 and (conf[0] == np.bincount(lab[lab != 255].ravel(), minlength=3)).all()
