@@ -150,17 +150,28 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
     probe = to_device(probe, device)
     state = adam_init(probe)
     steps = epochs * ((store.N + batch_size - 1) // batch_size)
+    labelled = 0
     with tqdm(total=steps, desc="linear probe", unit="step", disable=not progress) as bar:
         for _ in range(epochs):
             order = rng.permutation(store.N)
             for s in range(0, store.N, batch_size):
                 idx = np.sort(order[s:s + batch_size])
                 z = to_device(Z[idx], device)
-                lab = to_device(store.read_labels(idx).astype(np.int64), device)
+                host = store.read_labels(idx).astype(np.int64)
+                valid = (host >= 0) & (host < n_classes)
+                bad = ~valid & ~np.isin(host, metrics.IGNORE)
+                if bad.any():
+                    raise InputError(f"{store.labels_path}: label value {int(host[bad][0])} is neither a class in "
+                                     f"[0, {n_classes}) nor ignore (255 or -1)")
+                labelled += int(valid.sum())
+                lab = to_device(host, device)
                 loss, grads = _probe_loss_and_grads(probe, z, lab, size, n_classes)
                 adam_step(probe, grads, state, lr)
                 bar.update(1)
                 bar.set_postfix(ce=f"{float(loss):.3f}")
+            if labelled == 0:
+                raise InputError(f"{store.labels_path}: no labelled pixels to train the linear probe on "
+                                 "(every label is ignore)")
     return to_host(probe)
 
 

@@ -52,6 +52,7 @@ def test_eval_bad_arguments_are_one_line_and_checked_before_evaluating(tmp_path,
     base = _synth_run(tmp_path)
     (tmp_path / "afile").write_text("")
     np.save(tmp_path / "empty.npy", np.zeros((8, 0, 48), np.uint8))
+    np.save(tmp_path / "odd.npy", np.zeros((8, 7, 5), np.uint8))
     calls = []
     real = evaluate.cluster_eval
     monkeypatch.setattr(evaluate, "cluster_eval", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -64,6 +65,7 @@ def test_eval_bad_arguments_are_one_line_and_checked_before_evaluating(tmp_path,
         (["--json", str(tmp_path / "afile" / "s.json")], r"s.json: cannot write the --json file there"),
         (["--n-classes", "2"], r"val/feats.json class_names: 9 names for 2 classes .*pass --class-names"),
         (["--labels", str(tmp_path / "empty.npy")], r"empty.npy: empty label maps \(shape \(8, 0, 48\)\)"),
+        (["--labels", str(tmp_path / "odd.npy")], r"odd.npy: label maps of 7x5 px do not have the shape of .*6x6"),
     ]
     for args, msg in cases:
         res = CliRunner().invoke(main, base + args)

@@ -8,6 +8,7 @@ from numpy.lib.format import open_memmap
 
 from omh_ref import demo, evaluate, model
 from omh_ref.data.store import FeatureStore
+from omh_ref.errors import InputError
 from omh_ref.gradcheck import check_vjp
 
 
@@ -196,3 +197,21 @@ def test_hierarchy_text_names_the_eval_levels_clusters():
     assert mid[3].startswith("L2:0 ") and "[" not in mid[3].split(" <-")[0]
     first = hierarchy_text([A0, A1], np.array([0, 0, 3, 1]), names, named_level=0)
     assert first[0].endswith("<- L0: 0 [sky] (1.00), 1 [sky] (1.00)") and first[2].endswith("3 [road] (1.00)")
+
+
+def test_linear_probe_refuses_invalid_or_absent_training_labels(tmp_path):
+    """A value that is neither a class nor ignore was silently treated as ignore; a split with no
+    labelled pixel trained nothing and still printed a score."""
+    store, protos = _known_world(tmp_path, N=4)
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
+    params = _identity_params(cfg, protos, np.arange(3))
+    lab = np.load(tmp_path / "labels.npy")
+    lab[2, 3, 3] = 77
+    np.save(tmp_path / "bad.npy", lab)
+    with pytest.raises(InputError, match=r"bad.npy: label value 77 is neither a class in \[0, 3\) nor ignore"):
+        evaluate.linear_probe(params, FeatureStore(store.path, labels=tmp_path / "bad.npy"), 3, epochs=1,
+                              progress=False)
+    np.save(tmp_path / "none.npy", np.full_like(lab, 255))
+    with pytest.raises(InputError, match=r"none.npy: no labelled pixels to train the linear probe on"):
+        evaluate.linear_probe(params, FeatureStore(store.path, labels=tmp_path / "none.npy"), 3, epochs=1,
+                              progress=False)

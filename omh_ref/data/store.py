@@ -107,6 +107,9 @@ class FeatureStore:
             raise InputError(f"{path}: expected integer labels (uint8/int16), got dtype {lab.dtype}")
         if min(lab.shape[1:]) == 0:
             raise InputError(f"{path}: empty label maps (shape {lab.shape})")
+        if lab.shape[1] * self.w != lab.shape[2] * self.h:
+            raise InputError(f"{path}: label maps of {lab.shape[1]}x{lab.shape[2]} px do not have the shape of "
+                             f"{self.path}'s {self.h}x{self.w} feature grid (expected the same aspect ratio)")
         if lab.shape[0] != self.N:
             raise InputError(f"{path}: has {lab.shape[0]} label maps but {self.path} has {self.N} feature rows")
         return lab
