@@ -199,6 +199,12 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
                              f"{store.path} has {store.N}")
         _trim_log(log_path, step)
         say(f"resuming from {opts.resume} at step {step}")
+        before = ck["info"].get("options", {})
+        changed = [k for k in ("batch_size", "lr", "lr_clusters", "knn_k") if k in before and before[k] != getattr(opts, k)]
+        if changed:   # allowed (a lower --lr after a divergence), but said: the run is no longer one
+            say("note: " + ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {getattr(opts, k)}" for k in changed)
+                + " since the checkpoint; the continuation differs from an uninterrupted run")
+        opts = dataclasses.replace(opts, seed=before.get("seed", opts.seed))   # the run's seed, in its records
     else:
         if ckpt_path.exists() and not opts.overwrite:
             raise InputError(f"{ckpt_path}: a checkpoint is already there; continue it with --resume "

@@ -363,3 +363,17 @@ def test_a_new_run_never_overwrites_a_checkpoint_silently(feats, tmp_path):
         train(small_cfg(), opts(feats, tmp_path / "r", steps=5), say=quiet)
     assert (tmp_path / "r" / "ckpt.npz").read_bytes() == before
     assert train(small_cfg(), opts(feats, tmp_path / "r", steps=5, overwrite=True), say=quiet)["step"] == 5
+
+
+def test_resume_with_other_loop_options_says_so_and_keeps_the_seed(feats, tmp_path):
+    cfg = small_cfg()
+    train(cfg, opts(feats, tmp_path / "r", steps=5, seed=3), say=quiet)
+    said = []
+    train(cfg, opts(feats, tmp_path / "r", steps=8, lr=1e-4, resume=str(tmp_path / "r" / "ckpt.npz")),
+          say=said.append)
+    assert any(m.startswith("note: --lr 0.0005 -> 0.0001 since the checkpoint") for m in said), said
+    assert checkpoint.load(tmp_path / "r" / "ckpt.npz")["info"]["options"]["seed"] == 3
+    said.clear()
+    train(cfg, opts(feats, tmp_path / "r", steps=9, lr=1e-4, resume=str(tmp_path / "r" / "ckpt.npz")),
+          say=said.append)
+    assert not any(m.startswith("note:") for m in said)
