@@ -282,6 +282,9 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
         if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
             given[key] = value
     steps, batch_size, lr, lr_clusters, seed, ckpt_every, log_every = (given[k] for k in TRAIN_FILE_KEYS)
+    if "in_dim" in fields and fields["in_dim"] != store.C:
+        raise InputError(f"{config_file}: in_dim {fields['in_dim']!r} but {store.path} has C={store.C} channels "
+                         "(in_dim comes from the features; leave it out)")
     if resume:
         # the checkpoint's config, with the file's fields as overrides: train() then refuses any
         # that differ from the checkpoint (as it does for flags)

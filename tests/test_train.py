@@ -305,6 +305,7 @@ def test_config_file_and_flags(tmp_path, feats):
     ('{"dropout": "0.1"}', r"config field 'dropout': expected a number, got '0.1'"),
     ('{"eval_level": 0.5}', r"config field 'eval_level': expected an integer, got 0.5"),
     ('{"pointwise": "no"}', r"config field 'pointwise': expected true or false, got 'no'"),
+    ('{"in_dim": 384}', r"c.json: in_dim 384 but .*feats.npy has C=11 channels"),
 ])
 def test_config_files_of_the_wrong_shape_are_one_line_errors(tmp_path, feats, content, match):
     (tmp_path / "c.json").write_text(content)
