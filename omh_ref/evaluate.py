@@ -152,18 +152,19 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
     steps = epochs * ((store.N + batch_size - 1) // batch_size)
     labelled = 0
     with tqdm(total=steps, desc="linear probe", unit="step", disable=not progress) as bar:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = rng.permutation(store.N)
             for s in range(0, store.N, batch_size):
                 idx = np.sort(order[s:s + batch_size])
                 z = to_device(Z[idx], device)
                 host = store.read_labels(idx).astype(np.int64)
-                valid = (host >= 0) & (host < n_classes)
-                bad = ~valid & ~np.isin(host, metrics.IGNORE)
-                if bad.any():
-                    raise InputError(f"{store.labels_path}: label value {int(host[bad][0])} is neither a class in "
-                                     f"[0, {n_classes}) nor ignore (255 or -1)")
-                labelled += int(valid.sum())
+                if epoch == 0:   # every label is seen once in the first epoch
+                    valid = (host >= 0) & (host < n_classes)
+                    bad = ~valid & ~np.isin(host, metrics.IGNORE)
+                    if bad.any():
+                        raise InputError(f"{store.labels_path}: label value {int(host[bad][0])} is neither a "
+                                         f"class in [0, {n_classes}) nor ignore (255 or -1)")
+                    labelled += int(valid.sum())
                 lab = to_device(host, device)
                 loss, grads = _probe_loss_and_grads(probe, z, lab, size, n_classes)
                 adam_step(probe, grads, state, lr)
@@ -226,8 +227,7 @@ def hierarchy_text(plans, class_of_cluster=None, class_names=None, threshold=0.5
     """Lines 'level l+1 cluster j <- level l clusters [i (share), ...]' for every adjacent pair.
     The clusters of ``named_level`` (the eval level, whose clusters ``class_of_cluster`` maps to
     classes; the last by default) carry their matched class, as parents or as children."""
-    L = len(plans) + 1
-    named = named_level % L if L else 0
+    named = named_level % (len(plans) + 1)
 
     def tag(k):
         if class_of_cluster is None or class_of_cluster[k] < 0:

@@ -67,9 +67,8 @@ class Config:
     extra: dict = field(default_factory=dict)   # free-form notes carried into checkpoints
 
     def __post_init__(self):
-        self._check_types()
-        self.levels = tuple(int(k) for k in self.levels)
         self.validate()
+        self.levels = tuple(int(k) for k in self.levels)
 
     def _check_types(self):
         """Each field has its default's type (an int is a float too; bools are not numbers), so
@@ -95,15 +94,16 @@ class Config:
                 raise ValueError(f"config field {f.name!r}: expected {want}, got {v!r}")
 
     def validate(self):
-        """Raise a ValueError naming the first bad field."""
+        """Raise a ValueError naming the first bad field: its type (:meth:`_check_types`), then
+        its range."""
         def bad(name, expected):
             return ValueError(f"config field {name!r}: expected {expected}, got {getattr(self, name)!r}")
 
+        self._check_types()
         for name in ("in_dim", "dim", "sinkhorn_iters", "sinkhorn_iters_q", "feature_samples"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            if getattr(self, name) < 1:
                 raise bad(name, "a positive integer")
-        if not isinstance(self.neg_samples, (int, np.integer)) or self.neg_samples < 0:
+        if self.neg_samples < 0:
             raise bad("neg_samples", "an integer >= 0")
         if len(self.levels) < 1 or any(k < 1 for k in self.levels):
             raise bad("levels", "one or more cluster counts, each >= 1")
@@ -111,15 +111,15 @@ class Config:
             raise bad("levels", "strictly decreasing sizes, finest first (e.g. 108,54,27)")
         for name in ("tau", "eps", "eps_q"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float, np.integer, np.floating)) and v > 0 and math.isfinite(v)):
+            if not (v > 0 and math.isfinite(v)):
                 raise bad(name, "a positive finite number")
-        if not (isinstance(self.rho_q, (int, float, np.integer, np.floating)) and self.rho_q > 0):
+        if not self.rho_q > 0:
             raise bad("rho_q", "a positive number (inf: balanced targets)")
         if not (0 <= self.dropout < 1):
             raise bad("dropout", "a probability in [0, 1)")
         for name in ("lam_clu", "lam_hier", "lam_w", "weight_neg", "weight_inter", "weight_intra"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float, np.integer, np.floating)) and v >= 0 and math.isfinite(v)):
+            if not (v >= 0 and math.isfinite(v)):
                 raise bad(name, "a finite number >= 0")
         for name in ("shift_neg", "shift_inter", "shift_intra"):
             if not math.isfinite(getattr(self, name)):

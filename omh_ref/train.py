@@ -225,8 +225,7 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
         opt_state = {"t": opt_state["t"], "m": to_device(opt_state["m"], "gpu"), "v": to_device(opt_state["v"], "gpu")}
     lr = _lr_table(params, opts)
 
-    def save(path=ckpt_path, rng_=None, loop_=None):
-        rng_, loop_ = rng if rng_ is None else rng_, loop if loop_ is None else loop_
+    def save(path, rng_, loop_):
         checkpoint.save(path, params, opt_state, step, rng_, cfg, arrays={"order": loop_["order"]},
                         info={"pos": loop_["pos"], "epoch": loop_["epoch"], "features": str(store.path.resolve()),
                               "features_fingerprint": fingerprint, "knn": str(knn_path.resolve()),
@@ -268,10 +267,10 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
                 bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "corr", "clu_0") if k in parts})
             bar.update(1)
             if step % opts.ckpt_every == 0 or step == opts.steps:
-                save()
+                save(ckpt_path, rng, loop)
             if stop.hit:
                 interrupted = True
-                save()
+                save(ckpt_path, rng, loop)
                 break
     bar.close()
     if interrupted:

@@ -196,11 +196,16 @@ def _read_mat(path: Path, key: str) -> np.ndarray:
     return np.asarray(mat[key])
 
 
+def _require_folder(path, expected: str) -> Path:
+    """``path`` as a Path; an InputError saying whether it is missing or not a folder otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: {'not a folder' if path.exists() else 'no such folder'} (expected {expected})")
+    return path
+
+
 def _subroot(root: Path, sub: str) -> Path:
-    root = Path(root)
-    if not root.is_dir():
-        what = "not a folder" if root.exists() else "no such folder"
-        raise InputError(f"{root}: {what} (expected --root to be the data set's folder)")
+    root = _require_folder(root, "--root to be the data set's folder")
     return root / sub if (root / sub).is_dir() else root
 
 
@@ -244,19 +249,14 @@ def potsdam3(root, split: str) -> Dataset:
 
 def folder(root, labels=None) -> Dataset:
     """Every image under ``root`` (recursive, sorted by relative path); labels from ``labels``."""
-    root = Path(root)
-    if not root.is_dir():
-        what = "not a folder" if root.exists() else "no such folder"
-        raise InputError(f"{root}: {what} (expected --images to be a folder of images)")
+    root = _require_folder(root, "--images to be a folder of images")
     # broken links are kept: extraction reports them by name instead of dropping them silently
     paths = sorted((p for p in root.rglob("*")
                     if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())),
                    key=lambda p: p.relative_to(root).as_posix())
     items = []
     if labels is not None:
-        labels = Path(labels)
-        if not labels.is_dir():
-            raise InputError(f"{labels}: no such folder (expected --labels to be a folder of label PNGs)")
+        labels = _require_folder(labels, "--labels to be a folder of label PNGs")
         if labels.resolve() == root.resolve():
             raise InputError(f"{labels}: the labels folder must differ from the images folder")
     for p in paths:
