@@ -1,6 +1,6 @@
 """Ablations of the OMH formulation on the demo data: one line of JSON per (variant, seed).
 
-    python benchmarks/ablate_demo.py --steps 300 --seeds 0,1,2 --variant 'name:{"lam_hier": 0}' ...
+    python -m benchmarks.ablate_demo --steps 300 --seeds 0,1,2 --variant 'name:{"lam_hier": 0}' ...
 
 Each variant is a name and a JSON dict of Config overrides applied to the demo config; the
 results (cluster and linear mIoU/acc on the synthetic val split) go to stdout and --out.
@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 from omh_ref import demo
-from omh_ref.data.store import FeatureStore
-from omh_ref.evaluate import cluster_eval, linear_eval, linear_probe
-from omh_ref.train import TrainOptions, load_params, train
+from omh_ref.evaluate.predict import cluster_eval
+from omh_ref.evaluate.probe import linear_eval, linear_probe
+from omh_ref.features.store import FeatureStore
+from omh_ref.train.checkpoint import load_params
+from omh_ref.train.loop import TrainOptions, train
 
 
 def main(argv=None):

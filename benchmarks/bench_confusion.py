@@ -1,4 +1,4 @@
-"""Confusion-matrix throughput: omh_ref.metrics.ConfusionAccumulator against a bare np.bincount.
+"""Confusion-matrix throughput: omh_ref.evaluate.metrics.ConfusionAccumulator against a bare np.bincount.
 
 Both count the same batches (default: 100 batches of 2·10^6 pixels, uint8 labels with 5% ignore
 (255), 27 classes, 27 clusters, uint8 predictions):
@@ -9,10 +9,10 @@ Both count the same batches (default: 100 batches of 2·10^6 pixels, uint8 label
 * floor: ``np.bincount`` alone on a joint int64 index computed outside the timer (what any
   bincount-based count must pay at least).
 
-The goal recorded in the issue: ours ≥ 0.7× bare. Prints a line per method and, last, one JSON
+The goal: ours ≥ 0.7× bare. Prints a line per method and, last, one JSON
 line with the numbers (also returned by :func:`main`).
 
-    python benchmarks/bench_confusion.py [--pixels 2e8] [--batch 2e6] [--pred-dtype uint8]
+    python -m benchmarks.bench_confusion [--pixels 2e8] [--batch 2e6] [--pred-dtype uint8]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from omh_ref.metrics import ConfusionAccumulator
+from omh_ref.evaluate.metrics import ConfusionAccumulator
 
 
 def make_batches(pixels, batch, n_classes, n_clusters, pred_dtype, ignore, seed):

@@ -20,7 +20,7 @@ and ORT 16-22 ms against 10 ms. After a 0.1 s pause both were back at their stan
 Turning ORT's spinning off (``--no-ort-spinning``) instead left ORT slower (about 18 ms after
 any pause), so ORT keeps its default.
 
-    python benchmarks/bench_extract.py [--arch vit_small] [--patch 8] [--resolution 224] \
+    python -m benchmarks.bench_extract [--arch vit_small] [--patch 8] [--resolution 224] \
         [--batch 8] [--threads 1,2] [--repeats 5] [--warmup 1] [--pause 0.1] [--quick]
 
 With ``--pipeline N`` (default 32, 0 to skip), the whole ``omh-ref extract`` path is timed too:
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omh_ref import bench
+from benchmarks import harness as bench
 
 EXPORT_SCRIPT = Path(__file__).resolve().parents[1] / "weights" / "export_dino.py"
 TOL = 1e-4  # max abs difference ORT vs torch required before timing
@@ -138,9 +138,9 @@ def run_case(model, onnx_path, x, threads, repeats, warmup, pause=0.1, spinning=
 
 
 def pipeline_case(onnx_path, image_dir, n_images, threads, batch, out_dir) -> dict:
-    """Time ``omh_ref.extract.extract`` over ``n_images`` JPEGs (one untimed warm-up image first)."""
-    from omh_ref.data import datasets
-    from omh_ref.extract import ExtractOptions, extract
+    """Time ``omh_ref.extract.job.extract`` over ``n_images`` JPEGs (one untimed warm-up image first)."""
+    from omh_ref.extract import datasets
+    from omh_ref.extract.job import ExtractOptions, extract
 
     ds = datasets.folder(image_dir)
     opts = dict(model=str(onnx_path), batch_size=batch, chunk_size=batch * 4, threads=threads,

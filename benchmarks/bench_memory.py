@@ -1,11 +1,11 @@
 """Peak resident memory while training on a memory-mapped feature file larger than half of RAM.
 
-    python benchmarks/bench_memory.py --gb 12 --steps 100 [--path /tmp/omh_big/feats.npy] [--keep]
+    python -m benchmarks.bench_memory --gb 12 --steps 100 [--path /tmp/omh_big/feats.npy] [--keep]
 
 Writes (once) a float16 feature file of the requested size with paper-scale images (28x28x384,
 ViT-S/8 at 224 px), builds its KNN table and trains OMH at paper scale (levels 108/54/27, batch
 16), sampling this process's resident set size (VmRSS) every 50 ms. Prints one JSON line:
-file size, machine RAM, peak RSS during KNN and during training, step time. The goal (issue:
+file size, machine RAM, peak RSS during KNN and during training, step time. The goal (
 training on a >= 12 GB file): peak RSS < 1.5 GB, and not growing with the file.
 """
 import argparse
@@ -75,10 +75,10 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep the big file afterwards")
     a = ap.parse_args(argv)
 
-    from omh_ref.data.knn import build_knn
-    from omh_ref.data.store import FeatureStore
-    from omh_ref.model import Config
-    from omh_ref.train import TrainOptions, train
+    from omh_ref.core.config import Config
+    from omh_ref.features.knn import build_knn
+    from omh_ref.features.store import FeatureStore
+    from omh_ref.train.loop import TrainOptions, train
 
     path = Path(a.path)
     if not path.is_file() or abs(path.stat().st_size / 1e9 - a.gb) > 0.5:

@@ -1,21 +1,21 @@
-"""omh_ref.sinkhorn against POT's log-domain Sinkhorn on torch tensors with autograd, float32.
+"""omh_ref.core.ops.sinkhorn against POT's log-domain Sinkhorn on torch tensors with autograd, float32.
 
 Problems as the model meets them: the hierarchy's 108x54 and 54x27 plans (ε 0.2 and 0.05,
 50 iterations, forward + backward into the cost and both marginals) and the balanced cluster
 targets (12544 pixels x 108 clusters, ε 0.05, 20 iterations, forward only; POT with numpy arrays
 timed beside it for information). POT runs ``ot.sinkhorn(b, a, Mᵀ, reg, method="sinkhorn_log",
 numItermax=n, stopThr=0)`` (the transposed problem, so both run the same iteration sequence);
-plans and gradients are checked to agree before timing. Goal recorded in issue 6: ours ≥ 2×
+plans and gradients are checked to agree before timing. Goal: ours ≥ 2×
 faster. Prints one line per case and, last, one JSON line (also returned by :func:`main`).
 
-    python benchmarks/bench_sinkhorn.py [--threads 1,2] [--repeats 20] [--quick]
+    python -m benchmarks.bench_sinkhorn [--threads 1,2] [--repeats 20] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from omh_ref import bench
+from benchmarks import harness as bench
 
 
 def main(argv=None):

@@ -3,17 +3,17 @@ torch CPU autograd of the independent torch rendering (tests/torch_reference.py)
 
 Same params, batch, random draws; loss and gradients are checked to agree before anything is
 timed. Then both are timed (median of --repeats after --warmup, interleaved) at each thread
-count, and one step of ours is profiled by part. Goal recorded in issue 6: numpy ≤ 0.8× torch.
+count, and one step of ours is profiled by part. Goal: numpy ≤ 0.8× torch.
 Prints the table and, last, one JSON line with the numbers (also returned by :func:`main`).
 
-    python benchmarks/bench_step.py [--batch 16] [--grid 28] [--threads 1,2] [--repeats 10] [--quick]
+    python -m benchmarks.bench_step [--batch 16] [--grid 28] [--threads 1,2] [--repeats 10] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from omh_ref import bench
+from benchmarks import harness as bench
 
 
 def main(argv=None):

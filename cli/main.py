@@ -1,19 +1,18 @@
-"""``omh-ref``: the click command line. Each command is a thin edge over the library.
+"""``omh-ref``: the click command line. Each command is a thin edge: parse the flags, call the
+library, print.
 
-Bad input (an :class:`omh_ref.errors.InputError` or a config ValueError) is printed as one line
-``error: ...`` and exits with status 2, never a traceback.
+Bad input (an :class:`omh_ref.core.errors.InputError`) is printed as one line ``error: ...`` and
+exits with status 2, never a traceback.
 """
 import functools
-import json
 import sys
 import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from omh_ref import __version__
-from omh_ref.errors import InputError
+from omh_ref.core.errors import InputError
 
 
 def friendly_errors(fn):
@@ -46,7 +45,7 @@ def gradcheck(seed, only):
     Prints one row per check (name, shapes, max relative error, tolerance, pass) and exits 1 if
     any check fails.
     """
-    from omh_ref.checks import cases
+    from omh_ref.core.checks import cases
 
     t0 = time.perf_counter()
     click.echo(f"{'check':<40} {'shapes':<34} {'max rel err':>10} {'tol':>8}  pass")
@@ -77,8 +76,8 @@ def knn(features, out, k, batch_size, scheduler, rows_per_task):
     """Build the KNN table of images (cosine of mean-pooled features; column 0 = self)."""
     from tqdm import tqdm
 
-    from omh_ref.data.knn import build_knn
-    from omh_ref.data.store import FeatureStore
+    from omh_ref.features.knn import build_knn
+    from omh_ref.features.store import FeatureStore
 
     store = FeatureStore(features)
     out = Path(out) if out else store.path.with_name("knn.npy")
@@ -90,96 +89,20 @@ def knn(features, out, k, batch_size, scheduler, rows_per_task):
     click.echo(f"wrote {out} {table.shape}")
 
 
-# Model flags: (option, config field, type). Only flags the user gives override the config.
-MODEL_FLAGS = [
-    ("--levels", "levels", str), ("--dim", "dim", int), ("--tau", "tau", float),
-    ("--eps", "eps", float), ("--sinkhorn-iters", "sinkhorn_iters", int),
-    ("--sinkhorn-backward", "sinkhorn_backward", click.Choice(["unrolled", "implicit"])),
-    ("--marginals", "marginals", click.Choice(["uniform", "usage"])),
-    ("--cluster-target", "cluster_target", click.Choice(["balanced", "soft", "hard"])),
-    ("--eps-q", "eps_q", float), ("--sinkhorn-iters-q", "sinkhorn_iters_q", int),
-    ("--lam-clu", "lam_clu", float), ("--lam-hier", "lam_hier", float), ("--lam-w", "lam_w", float),
-    ("--weight-neg", "weight_neg", float), ("--weight-inter", "weight_inter", float),
-    ("--weight-intra", "weight_intra", float), ("--dropout", "dropout", float),
-    ("--feature-samples", "feature_samples", int), ("--neg-samples", "neg_samples", int),
-    ("--baseline", "baseline", click.Choice(["omh", "stego"])), ("--eval-level", "eval_level", int),
-]
-
-
 def model_options(fn):
-    for flag, field, typ in reversed(MODEL_FLAGS):
-        fn = click.option(flag, field, type=typ, default=None, help=f"Config field {field}.")(fn)
+    """One flag per config field (omh_ref.core.config), help and choices from its declaration;
+    only flags the user gives override the config."""
+    from omh_ref.core.config import flag_specs
+
+    for spec in reversed(flag_specs()):
+        if spec.kind is bool:
+            opt = click.option(f"{spec.flag}/--no-{spec.flag[2:]}", spec.name, default=None, help=spec.help)
+        else:
+            typ = click.Choice(spec.choices) if spec.choices else {tuple: str}.get(spec.kind, spec.kind)
+            opt = click.option(spec.flag, spec.name, type=typ, default=None, help=spec.help)
+        fn = opt(fn)
     return click.option("--shifts", default=None,
                         help="'auto' or three numbers neg,inter,intra (STEGO shifts).")(fn)
-
-
-def parse_levels(text):
-    try:
-        return tuple(int(x) for x in str(text).split(",") if x.strip())
-    except ValueError:
-        raise InputError(f"--levels: expected comma-separated integers like 108,54,27, got {text!r}") from None
-
-
-def read_config_file(path):
-    """A TOML or JSON file: model fields (flat, or under a [model] table) and optionally a
-    [train] table of loop options (steps, batch_size, lr, lr_clusters, seed, ckpt_every,
-    log_every). -> (model fields, train fields)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such file (expected a TOML or JSON config)")
-    try:
-        if p.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(p.read_text())
-        else:
-            data = json.loads(p.read_text())
-    except ImportError:
-        raise InputError(f"{p}: TOML configs need Python >= 3.11; use JSON") from None
-    except Exception as e:
-        raise InputError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{p}: expected a table of config fields at the top level, got {type(data).__name__}")
-    if "model" in data or "train" in data:
-        extra = sorted(set(data) - {"model", "train"})
-        if extra:
-            raise InputError(f"{p}: with [model]/[train] tables, top-level keys are not read; move "
-                             f"{', '.join(map(repr, extra))} into one of them")
-        tables = data.get("model", {}), data.get("train", {})
-        for name, table in zip(("model", "train"), tables):
-            if not isinstance(table, dict):
-                raise InputError(f"{p}: [{name}] must be a table of fields, got {type(table).__name__}")
-        return tables
-    return data, {}
-
-
-def resolve_config(base, overrides, shifts):
-    """base Config + explicitly given flags -> (Config, shifts_auto)."""
-    import dataclasses
-
-    from omh_ref.model import Config
-
-    fields = dataclasses.asdict(base)
-    for field, value in overrides.items():
-        if value is not None:
-            fields[field] = parse_levels(value) if field == "levels" else value
-    auto = False
-    if shifts is not None:
-        if shifts == "auto":
-            auto = True
-        else:
-            try:
-                neg, inter, intra = (float(x) for x in shifts.split(","))
-            except ValueError:
-                raise InputError(f"--shifts: expected 'auto' or three numbers neg,inter,intra, got {shifts!r}") from None
-            fields.update(shift_neg=neg, shift_inter=inter, shift_intra=intra)
-    try:
-        return Config.from_dict(fields), auto
-    except ValueError as e:
-        raise InputError(str(e)) from None
-
-
-TRAIN_FILE_KEYS = ("steps", "batch_size", "lr", "lr_clusters", "seed", "ckpt_every", "log_every")
 
 
 @main.command()
@@ -213,8 +136,8 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 
     Interrupted runs continue where they stopped when started again with the same arguments.
     """
-    from omh_ref.data import datasets
-    from omh_ref.extract import ExtractOptions, extract as run_extract
+    from omh_ref.extract import datasets
+    from omh_ref.extract.job import ExtractOptions, extract as run_extract
 
     if (images is None) == (dataset is None):
         raise InputError("give either --images DIR or --dataset NAME --root DIR")
@@ -258,12 +181,9 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, resume, ckpt_every,
           log_every, config_file, overwrite, quiet, shifts, **model_flags):
     """Train OMH (or --baseline stego) on memory-mapped features."""
-    import dataclasses
-
-    from omh_ref import checkpoint
-    from omh_ref.data.store import FeatureStore
-    from omh_ref.model import Config
-    from omh_ref.train import TrainOptions, train as run_train
+    from omh_ref.core.config import read_file
+    from omh_ref.features.store import FeatureStore
+    from omh_ref.train.loop import FILE_KEYS, TrainOptions, loop_settings, model_config, train as run_train
 
     if features is None:
         from omh_ref.demo import prepare_data
@@ -271,39 +191,15 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
         features = str(prepare_data(Path(out) / "data", say=click.echo)["train"] / "feats.npy")
         click.echo(f"no --features: training on the embedded demo data ({features})")
     store = FeatureStore(features)
-    fields, train_fields = read_config_file(config_file) if config_file else ({}, {})
-    # The file's [train] table sets loop options; flags given on the command line win.
+    tables = read_file(config_file) if config_file else {"model": {}, "train": {}}
+    ctx = click.get_current_context()
     given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters, seed=seed,
                  ckpt_every=ckpt_every, log_every=log_every)
-    ctx = click.get_current_context()
-    for key, value in train_fields.items():
-        if key not in TRAIN_FILE_KEYS:
-            raise InputError(f"{config_file}: unknown [train] field {key!r} (known: {', '.join(TRAIN_FILE_KEYS)})")
-        if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
-            given[key] = value
-    steps, batch_size, lr, lr_clusters, seed, ckpt_every, log_every = (given[k] for k in TRAIN_FILE_KEYS)
-    if "in_dim" in fields and fields["in_dim"] != store.C:
-        raise InputError(f"{config_file}: in_dim {fields['in_dim']!r} but {store.path} has C={store.C} channels "
-                         "(in_dim comes from the features; leave it out)")
-    if resume:
-        # the checkpoint's config, with the file's fields as overrides: train() then refuses any
-        # that differ from the checkpoint (as it does for flags)
-        base = checkpoint.load(resume)["config"]
-        if fields:
-            try:
-                base = Config.from_dict({**dataclasses.asdict(base), **fields, "in_dim": base.in_dim})
-            except ValueError as e:
-                raise InputError(f"{config_file}: {e}") from None
-    else:
-        try:
-            base = Config.from_dict({**fields, "in_dim": store.C})
-        except ValueError as e:
-            raise InputError(f"{config_file or 'config'}: {e}") from None
-    cfg, auto = resolve_config(base, model_flags, shifts)
-    opts = TrainOptions(features=features, out=out, knn=knn, steps=steps, batch_size=batch_size, lr=lr,
-                        lr_clusters=lr_clusters, seed=seed, device=device, resume=resume,
-                        ckpt_every=ckpt_every, log_every=log_every, shifts_auto=auto and not resume,
-                        progress=not quiet, overwrite=overwrite)
+    explicit = {k for k in FILE_KEYS if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    loop = loop_settings(given, tables["train"], explicit, config_file)
+    cfg, auto = model_config(store, tables["model"], model_flags, shifts, resume, source=config_file or "config")
+    opts = TrainOptions(features=features, out=out, knn=knn, device=device, resume=resume,
+                        shifts_auto=auto and not resume, progress=not quiet, overwrite=overwrite, **loop)
     res = run_train(cfg, opts, say=click.echo)
     click.echo(f"step {res['step']}: checkpoint {res['checkpoint']}, log {res['log']}")
     sys.exit(130 if res["interrupted"] else 0)
@@ -349,7 +245,7 @@ def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, qu
 @friendly_errors
 def synth(out, split, n_images, grid, dim, seed, dtype):
     """Write the synthetic DINO-like demo data (a superclass -> class -> part hierarchy)."""
-    from omh_ref.data import synthetic
+    from omh_ref.features import synthetic
 
     try:
         spec = synthetic.SynthSpec(n_images=n_images, grid=grid, dim=dim, seed=seed)
@@ -385,149 +281,19 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
              probe_epochs, batch_size, seed, json_out, out, crf, crf_workers, crf_timeout, device, quiet):
     """Score a checkpoint: cluster (Hungarian) and linear-probe mIoU / accuracy, per-class IoU,
     the cluster->class matching and the learned hierarchy."""
-    from omh_ref import evaluate, report
-    from omh_ref.backend import resolve_device
-    from omh_ref.data.images import image_paths
-    from omh_ref.data.store import FeatureStore, listed_labels
-    from omh_ref.train import load_params
+    from omh_ref.evaluate.job import EvalOptions, format_table, run
 
-    try:
-        resolve_device(device)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    # output paths are checked before minutes of evaluation, not after
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise InputError(f"{out}: is a file (expected --out to be a folder for the pictures)")
-    if json_out is not None and (Path(json_out).is_dir() or Path(json_out).parent.is_file()):
-        raise InputError(f"{json_out}: cannot write the --json file there (expected a file path)")
-    params, cfg = load_params(checkpoint, device)
-    labels = labels or listed_labels(features)
-    if labels is None:
-        raise InputError(f"--labels: not given, and {Path(features).with_suffix('.json')} names no labels file "
-                         "(expected --labels labels.npy)")
-    store = FeatureStore(features, labels=labels)
-    flipped = FeatureStore(flipped_features) if flipped_features else None
-    if flipped is not None and (flipped.N, flipped.h, flipped.w, flipped.C) != (store.N, store.h, store.w, store.C):
-        raise InputError(f"{flipped_features}: shape {flipped.feats.shape} differs from {features} {store.feats.shape}")
-    K = cfg.effective().levels[cfg.effective().eval_level]
-    n_classes = n_classes or int(store.meta.get("n_classes") or K)
-    names = resolve_class_names(class_names, store, n_classes)
-    if K < n_classes:
-        raise InputError(f"{checkpoint}: the eval level has {K} clusters, fewer than the {n_classes} classes")
-    clu, preds = evaluate.cluster_eval(params, cfg, store, n_classes, batch_size, flipped, device, keep=4,
-                                       crf_workers=max(crf_workers, 1) if crf else None, crf_timeout=crf_timeout)
-    result = {"cluster": evaluate.scores_json(clu), "crf": bool(crf)}
-    if train_features or train_labels:
-        train_labels = train_labels or (listed_labels(train_features) if train_features else None)
-        if not (train_features and train_labels):
-            raise InputError("--train-features and --train-labels: give both for the linear probe")
-        tr = FeatureStore(train_features, labels=train_labels)
-        probe = evaluate.linear_probe(params, tr, n_classes, probe_epochs, batch_size, seed=seed, device=device,
-                                      progress=not quiet)
-        lin = evaluate.linear_eval(params, probe, store, n_classes, batch_size, flipped, device)
-        result["linear"] = evaluate.scores_json(lin)
-    plans = evaluate.hierarchy_plans(params, cfg)
-    tree = evaluate.hierarchy_text(plans, clu["match"].cluster_to_class, names,
-                                   named_level=cfg.effective().eval_level)
-    result["hierarchy"] = {"plans": [p.round(4).tolist() for p in plans], "text": tree}
-    click.echo(format_eval(result, names))
-    if tree:
-        click.echo("hierarchy (child clusters absorbed by each parent, share of the child's mass):")
-        click.echo("\n".join("  " + t for t in tree))
+    opts = EvalOptions(checkpoint=checkpoint, features=features, labels=labels, flipped_features=flipped_features,
+                       train_features=train_features, train_labels=train_labels, n_classes=n_classes,
+                       class_names=class_names, probe_epochs=probe_epochs, batch_size=batch_size, seed=seed,
+                       json=json_out, out=out, crf=crf, crf_workers=crf_workers, crf_timeout=crf_timeout,
+                       device=device, progress=not quiet)
+    result = run(opts)
+    click.echo(format_table(result))
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(result, indent=1))
         click.echo(f"wrote {json_out}")
     if out:
-        o = Path(out)
-        o.mkdir(parents=True, exist_ok=True)
-        report.confusion_png(o / "confusion_cluster.png", clu["confusion"][clu["match"].class_to_cluster],
-                             row_names=[f"c{c}" for c in clu["match"].class_to_cluster], col_names=names)
-        lab = store.read_labels(np.arange(len(preds)))
-        rows = [[report.colorize(lab[i], n_classes), report.colorize(clu["match"].cluster_to_class[preds[i]], n_classes)]
-                for i in range(len(preds))]
-        titles = ["labels", "clusters (matched)"]
-        paths = image_paths(store.meta, store.path)
-        if paths is not None:   # overlays where the listed images can be read
-            from omh_ref.data.images import load_rgb
-
-            for i, row in enumerate(rows):
-                img = load_rgb(paths[i], lab.shape[1])
-                if img is not None and img.shape[:2] == lab.shape[1:]:
-                    row.insert(0, img)
-                    row.append(report.overlay(img, row[-1]))
-            titles = ["image", *titles, "overlay"] if all(len(r) == 4 for r in rows) else titles
-        report.grid_png(o / "predictions.png", rows, titles=titles)
-        for lvl, A in enumerate(plans):
-            report.confusion_png(o / f"hierarchy_L{lvl}_L{lvl + 1}.png", A.T, cell=10)
-        (o / "hierarchy.txt").write_text("\n".join(tree) + "\n")
-        click.echo(f"pictures in {o}")
-
-
-def resolve_class_names(spec, store, n_classes):
-    from omh_ref.data.classes import CLASS_NAMES
-
-    if spec is None:
-        names = store.meta.get("class_names")
-    elif spec in CLASS_NAMES:
-        names = CLASS_NAMES[spec]
-    else:
-        p = Path(spec)
-        if not p.is_file():
-            raise InputError(f"--class-names {spec!r}: not a built-in ({', '.join(CLASS_NAMES)}) nor a file")
-        names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-    if names is not None and len(names) != n_classes:
-        source = "--class-names" if spec is not None else f"{store.path.with_suffix('.json')} class_names"
-        raise InputError(f"{source}: {len(names)} names for {n_classes} classes (--n-classes or the data's "
-                         "n_classes); pass --class-names to name them")
-    return names or [str(i) for i in range(n_classes)]
-
-
-def format_eval(result, names):
-    lines = [f"{'probe':<10} {'mIoU':>7} {'acc':>7}"]
-    for probe in ("cluster", "linear"):
-        if probe in result:
-            lines.append(f"{probe:<10} {result[probe]['miou']:7.2f} {result[probe]['acc']:7.2f}")
-    lines.append("")
-    head = f"{'class':<24} {'cluster IoU':>11}" + (f" {'linear IoU':>11}" if "linear" in result else "")
-    lines.append(head + f" {'cluster':>8}")
-    c2k = result["cluster"]["match"]["class_to_cluster"]
-    for c, name in enumerate(names):
-        row = f"{name:<24} {_fmt(result['cluster']['iou'][c]):>11}"
-        if "linear" in result:
-            row += f" {_fmt(result['linear']['iou'][c]):>11}"
-        lines.append(row + f" {c2k[c]:>8}")
-    unmatched = result["cluster"]["match"]["unmatched"]
-    if unmatched:
-        lines.append(f"unmatched clusters: {unmatched}")
-    return "\n".join(lines)
-
-
-def _fmt(v):
-    return "n/a" if v is None else f"{v:.2f}"
-
-
-@main.command()
-@click.option("--json", "json_out", default=None, type=click.Path(), help="Write every number as JSON.")
-@click.option("--quick", is_flag=True, help="Fewer repeats: a few minutes on 2 cores.")
-@click.option("--tiny", is_flag=True, hidden=True, help="Tiny shapes, one repeat (for tests).")
-def bench(json_out, quick, tiny):
-    """Speed against peers measured in the same run: the training step vs torch autograd, Sinkhorn
-    vs POT, confusion accumulation vs bincount, scaling, GPU. Each ratio is printed beside its goal."""
-    from omh_ref import bench as bench_mod
-    from omh_ref.model import small_config
-
-    settings = None
-    if tiny:
-        settings = {"cfg": small_config(), "batch_size": 3, "grid": (5, 4), "threads": (1,), "repeats": 1,
-                    "warmup": 0, "sinkhorn_repeats": 1, "hier": ((7, 5),), "targets": (60, 7),
-                    "eval_pixels": 1e5, "eval_repeats": 1, "scaling_repeats": 1, "batch_sizes": (2, 3),
-                    "levels": ((6,), (6, 4))}
-    res = bench_mod.run_all(quick=quick or tiny, settings=settings, say=lambda m: click.echo(m, err=True))
-    click.echo(bench_mod.format_report(res))
-    if json_out:
-        Path(json_out).write_text(json.dumps(res, indent=1))
-        click.echo(f"wrote {json_out}")
+        click.echo(f"pictures in {out}")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report
-from .data import synthetic
-from .data.store import FeatureStore
-from .evaluate import cluster_eval, linear_eval, linear_probe, scores_json
-from .model import Config
-from .train import TrainOptions, load_params, train
+from .core.config import Config
+from .core.files import write_text
+from .evaluate import pictures
+from .evaluate.predict import cluster_eval, scores_json
+from .evaluate.probe import linear_eval, linear_probe
+from .features import synthetic
+from .features.store import FeatureStore
+from .train.checkpoint import load_params
+from .train.loop import TrainOptions, train
 
 METHODS = {
     "OMH": {},
@@ -44,8 +47,8 @@ class DemoOptions:
 
 
 def demo_config(n_classes: int, **overrides) -> Config:
-    """The demo's model: three levels 4K/2K/K over the K true classes (DESIGN.md's 36/18/9 for
-    the default 9), everything else DESIGN.md's defaults."""
+    """The demo's model: three levels 4K/2K/K over the K true classes (36/18/9 for the default 9),
+    every other field the Config default."""
     base = dict(levels=(4 * n_classes, 2 * n_classes, n_classes))
     base.update(overrides)
     return Config(**base)
@@ -99,7 +102,7 @@ def run(opts: DemoOptions, say=print) -> dict:
     summary = {m: _summary(rs) for m, rs in runs.items()}
     rep = {"methods": summary, "runs": runs, "options": dataclasses.asdict(opts), "n_classes": n_classes,
            "class_names": class_names, "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "report.json").write_text(json.dumps(rep, indent=1))
+    write_text(out / "report.json", json.dumps(rep, indent=1))
     _pictures(out, val_store, shown, logs, n_classes, class_names)
     return rep
 
@@ -129,13 +132,13 @@ def _pictures(out, val_store, shown, logs, n_classes, class_names):
     labels = val_store.read_labels(idx)
     rows = []
     for i in idx:
-        row = [report.colorize(labels[i], n_classes)]
+        row = [pictures.colorize(labels[i], n_classes)]
         for preds, clu in shown.values():
             mapped = clu["match"].cluster_to_class[preds[i]]
-            row.append(report.colorize(mapped, n_classes))
+            row.append(pictures.colorize(mapped, n_classes))
         rows.append(row)
-    report.grid_png(out / "predictions.png", rows, titles=["labels", *shown])
-    report.loss_curves_png(out / "loss_curves.png", logs)
+    pictures.grid_png(out / "predictions.png", rows, titles=["labels", *shown])
+    pictures.loss_curves_png(out / "loss_curves.png", logs)
     for method, (_, clu) in shown.items():
         name = method.replace(" ", "_").replace("/", "")
-        report.confusion_png(out / f"confusion_{name}.png", clu["confusion"], col_names=class_names)
+        pictures.confusion_png(out / f"confusion_{name}.png", clu["confusion"], col_names=class_names)

@@ -1,6 +1,6 @@
 """Shared test set-up: hypothesis profiles and the array-module parametrisation.
 
-Profiles (STYLE.md, after MyGrad): ``HYPOTHESIS_PROFILE=dev`` (few examples, fast) or ``ci``
+Profiles (after MyGrad's): ``HYPOTHESIS_PROFILE=dev`` (few examples, fast) or ``ci``
 (the default; more examples, no deadline because the first call of a numpy path can be slow).
 """
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from omh_ref.backend import gpu_available
+from omh_ref.core.backend import gpu_available
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])

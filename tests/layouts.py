@@ -1,4 +1,4 @@
-"""Tiny on-disk fixtures of the data set layouts omh_ref.data.datasets reads (built per test).
+"""Tiny on-disk fixtures of the data set layouts omh_ref.extract.datasets reads (built per test).
 
 Every builder draws from a seeded generator and returns what it wrote, so tests can compute the
 expected labels themselves: ``{name: (rgb uint8 (H, W, 3), raw label uint8 (H, W))}``.

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from omh_ref import backend
+from omh_ref.core import backend
 
 
 class _FakeCupyArray:

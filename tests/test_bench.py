@@ -1,6 +1,6 @@
-"""The benchmark harness (omh_ref.bench, ``omh-ref bench``) in a tiny configuration: the shape of
-its results, and that the agreement checks between ours and the peers really run (a broken
-gradient makes them raise). No timing is asserted."""
+"""The benchmark harness (benchmarks/harness.py, ``python -m benchmarks``) in a tiny configuration:
+the shape of its results, and that the agreement checks between ours and the peers really run (a
+broken gradient makes them raise). No timing is asserted."""
 import json
 
 import numpy as np
@@ -9,11 +9,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("ot")
 
-from click.testing import CliRunner
-from omh_ref_cli.main import main
-
-from omh_ref import bench, model
-from omh_ref.ops import relu
+from benchmarks import __main__ as bench_main
+from benchmarks import harness as bench
+from omh_ref.core import model
+from omh_ref.core.ops import relu, sinkhorn
 
 TINY = {"cfg": model.small_config(), "batch_size": 3, "grid": (5, 4), "threads": (1,), "repeats": 1, "warmup": 0}
 
@@ -82,24 +81,24 @@ def test_sinkhorn_benchmark_structure():
 
 
 def test_sinkhorn_benchmark_refuses_a_broken_backward(monkeypatch):
-    good = bench.sinkhorn_backward_all
+    good = sinkhorn.backward
 
     def broken(dplan, cache):
         dC, da, db = good(dplan, cache)
         return dC * np.float32(1.01), da, db
 
-    monkeypatch.setattr(bench, "sinkhorn_backward_all", broken)
+    monkeypatch.setattr(sinkhorn, "backward", broken)
     with pytest.raises(bench.Mismatch, match="dcost"):
         bench.sinkhorn_case(*bench.hierarchy_problem(7, 5, D=3), 0.2, 9, repeats=1, warmup=0)
 
 
-def test_cli_bench_tiny(tmp_path):
+def test_python_m_benchmarks_tiny(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    res = CliRunner().invoke(main, ["bench", "--tiny", "--json", str(out)])
-    assert res.exit_code == 0, res.output
+    bench_main.main(["--tiny", "--json", str(out)])
+    printed = capsys.readouterr().out
     for text in ("Training step", "numpy / torch", "goal <= 0.8", "torch / ours", "goal >= 2.0",
                  "ours / bare", "goal >= 0.7", "Scaling", "GPU:"):
-        assert text in res.output, text
+        assert text in printed, text
     data = json.loads(out.read_text())
     assert set(data) >= {"versions", "step", "profile", "components", "sinkhorn", "eval", "scaling", "gpu"}
     (comp,) = data["components"]["runs"]

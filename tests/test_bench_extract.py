@@ -4,9 +4,7 @@ A smoke run of the quick preset (random-init ViT-S/16, 64 px, batch 4, 2 repeats
 checks the result's structure and that the ORT-vs-torch agreement check ran before timing; a
 second test checks that disagreeing outputs refuse to be timed.
 """
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +13,7 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")  # torch.onnx.export (TorchScript exporter) needs it
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_extract.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_extract", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-be = _load_script()
+from benchmarks import bench_extract as be  # noqa: E402
 
 
 def test_quick_run_structure(capsys):

@@ -23,7 +23,7 @@ def test_gradcheck_only_filter_and_unknown_filter():
 
 
 def test_gradcheck_fails_loudly_on_a_broken_backward(monkeypatch):
-    from omh_ref.ops import relu
+    from omh_ref.core.ops import relu
 
     monkeypatch.setattr(relu, "backward", lambda dy, cache: dy * (cache > 0) * 1.01)
     res = CliRunner().invoke(main, ["gradcheck", "--only", "relu"])
@@ -47,15 +47,15 @@ def _synth_run(tmp_path):
 def test_eval_bad_arguments_are_one_line_and_checked_before_evaluating(tmp_path, monkeypatch):
     import numpy as np
 
-    from omh_ref import evaluate
+    from omh_ref.evaluate import job
 
     base = _synth_run(tmp_path)
     (tmp_path / "afile").write_text("")
     np.save(tmp_path / "empty.npy", np.zeros((8, 0, 48), np.uint8))
     np.save(tmp_path / "odd.npy", np.zeros((8, 7, 5), np.uint8))
     calls = []
-    real = evaluate.cluster_eval
-    monkeypatch.setattr(evaluate, "cluster_eval", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = job.cluster_eval
+    monkeypatch.setattr(job, "cluster_eval", lambda *a, **k: calls.append(1) or real(*a, **k))
     cases = [
         (["--batch-size", "0"], r"Invalid value for '--batch-size': 0 is not in the range x>=1"),
         (["--n-classes", "-2"], r"Invalid value for '--n-classes'"),
@@ -77,24 +77,27 @@ def test_eval_bad_arguments_are_one_line_and_checked_before_evaluating(tmp_path,
 
 
 def test_os_errors_are_one_line(tmp_path, monkeypatch):
-    """friendly_errors turns an OSError (a full disk, a permission) into one line, exit 2."""
-    from pathlib import Path
+    """friendly_errors turns an OSError (a full disk, a permission) into one line naming the file,
+    exit 2, and the failed write leaves no temporary file behind."""
+    import os
 
     base = _synth_run(tmp_path)
+    before = set(os.listdir(tmp_path))
 
-    def full(self, *a, **k):
-        raise OSError(28, "No space left on device", str(self))
+    def full(fd):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(os, "fsync", full)
     res = CliRunner().invoke(main, base + ["--json", str(tmp_path / "s.json")])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert res.output.strip().splitlines()[-1] == f"error: [Errno 28] No space left on device: '{tmp_path / 's.json'}'"
+    assert set(os.listdir(tmp_path)) == before
 
 
 def test_checkpoint_with_missing_or_misshapen_parameters_is_named(tmp_path):
     import numpy as np
 
-    from omh_ref import checkpoint
+    from omh_ref.train import checkpoint
 
     base = _synth_run(tmp_path)
     ck = checkpoint.load(tmp_path / "r" / "ckpt.npz")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omh_ref import crf
-from omh_ref.data.images import image_paths, load_rgb, stego_crop
-from omh_ref.errors import InputError
+from omh_ref.evaluate import crf
+from omh_ref.extract.images import image_paths, load_rgb, stego_crop
+from omh_ref.core.errors import InputError
 
 needs_crf = pytest.mark.skipif(not crf.available(), reason="pydensecrf2 (omh-ref[crf]) not installed")
 
@@ -76,8 +76,9 @@ def test_image_paths_and_load(tmp_path):
 def test_eval_cli_with_crf_and_overlays(tmp_path):
     from click.testing import CliRunner
 
-    from omh_ref import checkpoint, model
-    from omh_ref.optim import adam_init
+    from omh_ref.core import model
+    from omh_ref.train import checkpoint
+    from omh_ref.core.optim import adam_init
     from omh_ref_cli.main import main
     from tests.test_evaluate import _identity_params, _known_world
 
@@ -107,7 +108,8 @@ def test_eval_cli_with_crf_and_overlays(tmp_path):
 def test_cluster_eval_scores_what_the_crf_returns(tmp_path, monkeypatch):
     """The CRF's refined maps, not the raw predictions, are what gets scored (a bypass of the CRF
     in cluster_eval would pass the end-to-end test above: its world scores 100 either way)."""
-    from omh_ref import crf, evaluate, model
+    from omh_ref.core import model
+    from omh_ref.evaluate import crf, predict
     from tests.test_evaluate import _identity_params, _known_world
 
     store, protos = _known_world(tmp_path, N=4)
@@ -125,7 +127,7 @@ def test_cluster_eval_scores_what_the_crf_returns(tmp_path, monkeypatch):
         return np.zeros(logits.shape[:-1], np.int64)          # (N, H, W): every pixel cluster 0
 
     monkeypatch.setattr(crf, "refine_batch", fake)
-    clu, _ = evaluate.cluster_eval(params, cfg, store, 3, 4, crf_workers=1)
+    clu, _ = predict.cluster_eval(params, cfg, store, 3, 4, crf_workers=1)
     assert seen and seen[0][0] == (4,) + lab.shape[1:] + (3,)
     conf = np.asarray(clu["confusion"])                     # (clusters, classes)
     assert seen[0][1][-1] == 3 and conf.sum() == (lab != 255).sum()

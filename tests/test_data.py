@@ -5,9 +5,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from numpy.lib.format import open_memmap
 
-from omh_ref.data.knn import build_knn, load_knn, pooled_features, topk_cosine
-from omh_ref.data.store import FeatureStore
-from omh_ref.errors import InputError
+from omh_ref.features.knn import build_knn, load_knn, pooled_features, topk_cosine
+from omh_ref.features.store import FeatureStore
+from omh_ref.core.errors import InputError
 from tests.strategies import seeds
 
 
@@ -70,7 +70,7 @@ def test_knn_row_ranges_compose(tmp_path):
 @pytest.mark.parametrize("budget", [None, 2500 * 100])
 def test_knn_on_dask_is_byte_identical(tmp_path, monkeypatch, budget):
     """With the default block (1024 rows here) and with a memory budget that forces 64-row blocks."""
-    from omh_ref.data import knn
+    from omh_ref.features import knn
 
     pytest.importorskip("distributed")
     if budget is not None:
@@ -85,7 +85,7 @@ def test_knn_on_dask_is_byte_identical(tmp_path, monkeypatch, budget):
 
 
 def test_block_rows_bounds_the_similarity_block():
-    from omh_ref.data.knn import BLOCK_ENTRIES, block_rows
+    from omh_ref.features.knn import BLOCK_ENTRIES, block_rows
 
     for N in (1, 100, 16384, 16385, 50_000, 250_000, 10**7, 10**9):
         r = block_rows(N)

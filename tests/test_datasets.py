@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omh_ref.data import datasets
-from omh_ref.data.images import crop_box, five_crops, resize_short, stego_crop
-from omh_ref.errors import InputError
+from omh_ref.extract import datasets
+from omh_ref.extract.images import crop_box, five_crops, resize_short, stego_crop
+from omh_ref.core.errors import InputError
 
 from . import layouts
 

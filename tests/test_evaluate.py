@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 from numpy.lib.format import open_memmap
 
-from omh_ref import demo, evaluate, model
-from omh_ref.data.store import FeatureStore
-from omh_ref.errors import InputError
-from omh_ref.gradcheck import check_vjp
+from omh_ref import demo
+from omh_ref.core import model
+from omh_ref.evaluate import predict
+from omh_ref.evaluate import probe as probe_mod
+from omh_ref.features.store import FeatureStore
+from omh_ref.core.errors import InputError
+from omh_ref.core.gradcheck import check_vjp
 
 
 def _known_world(tmp_path, N=6, h=4, C=5, K=3, patch=2, seed=0):
@@ -42,7 +45,7 @@ def test_cluster_eval_recovers_a_known_permutation(tmp_path):
     store, protos = _known_world(tmp_path)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
     perm = np.array([2, 0, 1])
-    res, preds = evaluate.cluster_eval(_identity_params(cfg, protos, perm), cfg, store, n_classes=3, keep=2)
+    res, preds = predict.cluster_eval(_identity_params(cfg, protos, perm), cfg, store, n_classes=3, keep=2)
     assert res["miou"] == pytest.approx(100.0) and res["acc"] == pytest.approx(100.0)
     # cluster c is prototype perm[c], so it must be matched to class perm[c]
     assert res["match"].cluster_to_class.tolist() == perm.tolist()
@@ -54,8 +57,8 @@ def test_linear_probe_learns_a_separable_world(tmp_path):
     store, protos = _known_world(tmp_path, N=8)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
     params = _identity_params(cfg, protos, np.arange(3))
-    probe = evaluate.linear_probe(params, store, 3, epochs=60, batch_size=4, lr=5e-2, progress=False)
-    res = evaluate.linear_eval(params, probe, store, 3)
+    probe = probe_mod.linear_probe(params, store, 3, epochs=60, batch_size=4, lr=5e-2, progress=False)
+    res = probe_mod.linear_eval(params, probe, store, 3)
     assert res["acc"] > 95
 
 
@@ -65,13 +68,12 @@ def test_probe_gradient(tmp_path):
     lab = rng.integers(0, 3, size=(2, 6, 8))
     lab[0, 0, :3] = 255
 
-    def f(W, b):
-        return evaluate._probe_loss_and_grads({"W": W, "b": b}, z, lab, (6, 8), 3)[0]
+    def forward(W, b):
+        return probe_mod.loss_and_grads({"W": W, "b": b}, z, lab, (6, 8), 3)   # the grads are the cache
 
-    def vjp(v, W, b):
-        g = evaluate._probe_loss_and_grads({"W": W, "b": b}, z, lab, (6, 8), 3)[1]
+    def backward(v, g):
         return g["W"] * v, g["b"] * v
-    assert check_vjp(f, vjp, (rng.standard_normal((3, 5)), rng.standard_normal(3))).passed
+    assert check_vjp(forward, backward, (rng.standard_normal((3, 5)), rng.standard_normal(3))).passed
 
 
 def test_checkpoint_feature_mismatch_is_clear(tmp_path):
@@ -79,7 +81,7 @@ def test_checkpoint_feature_mismatch_is_clear(tmp_path):
     cfg = model.Config(in_dim=7, dim=5, levels=(3,))
     params = model.init_params(cfg, np.random.default_rng(0))
     with pytest.raises(ValueError, match="C=5 channels.*expects 7"):
-        evaluate.cluster_eval(params, cfg, store, 3)
+        predict.cluster_eval(params, cfg, store, 3)
 
 
 def test_tiny_demo_end_to_end(tmp_path):
@@ -100,8 +102,8 @@ def test_tiny_demo_end_to_end(tmp_path):
 def test_eval_cli_prints_tables_and_writes_json_and_pngs(tmp_path):
     from click.testing import CliRunner
 
-    from omh_ref import checkpoint
-    from omh_ref.optim import adam_init
+    from omh_ref.train import checkpoint
+    from omh_ref.core.optim import adam_init
     from omh_ref_cli.main import main
 
     store, protos = _known_world(tmp_path, N=8)
@@ -131,8 +133,8 @@ def test_eval_cli_prints_tables_and_writes_json_and_pngs(tmp_path):
 def test_eval_cli_bad_input(tmp_path):
     from click.testing import CliRunner
 
-    from omh_ref import checkpoint
-    from omh_ref.optim import adam_init
+    from omh_ref.train import checkpoint
+    from omh_ref.core.optim import adam_init
     from omh_ref_cli.main import main
 
     store, protos = _known_world(tmp_path)
@@ -164,7 +166,7 @@ def test_bad_labels_name_the_file(tmp_path, make, match):
     store = FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "bad.npy")
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
     with pytest.raises(ValueError, match=match):
-        evaluate.cluster_eval(_identity_params(cfg, protos, np.arange(3)), cfg, store, 3)
+        predict.cluster_eval(_identity_params(cfg, protos, np.arange(3)), cfg, store, 3)
 
 
 def test_flip_averaging_uses_the_flipped_file(tmp_path):
@@ -174,17 +176,17 @@ def test_flip_averaging_uses_the_flipped_file(tmp_path):
     # a correctly flipped copy leaves perfect predictions perfect ...
     f = np.load(tmp_path / "feats.npy")
     np.save(tmp_path / "flip.npy", f[:, :, ::-1].copy())
-    res, _ = evaluate.cluster_eval(params, cfg, store, 3, flipped=FeatureStore(tmp_path / "flip.npy"))
+    res, _ = predict.cluster_eval(params, cfg, store, 3, flipped=FeatureStore(tmp_path / "flip.npy"))
     assert res["miou"] == pytest.approx(100.0)
     # ... and an unflipped copy (the flip undone twice) is averaged in and hurts
     np.save(tmp_path / "same.npy", f)
-    res, _ = evaluate.cluster_eval(params, cfg, store, 3, flipped=FeatureStore(tmp_path / "same.npy"))
+    res, _ = predict.cluster_eval(params, cfg, store, 3, flipped=FeatureStore(tmp_path / "same.npy"))
     assert res["miou"] < 100.0
 
 
 def test_hierarchy_text_names_the_eval_levels_clusters():
     """The matched class names go on the clusters of the level they were matched at."""
-    from omh_ref.evaluate import hierarchy_text
+    from omh_ref.evaluate.hierarchy import hierarchy_text
 
     A0 = np.array([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])   # 4 -> 3
     A1 = np.array([[1.0, 0], [0, 1.0], [0, 1.0]])                         # 3 -> 2
@@ -209,9 +211,9 @@ def test_linear_probe_refuses_invalid_or_absent_training_labels(tmp_path):
     lab[2, 3, 3] = 77
     np.save(tmp_path / "bad.npy", lab)
     with pytest.raises(InputError, match=r"bad.npy: label value 77 is neither a class in \[0, 3\) nor ignore"):
-        evaluate.linear_probe(params, FeatureStore(store.path, labels=tmp_path / "bad.npy"), 3, epochs=1,
+        probe_mod.linear_probe(params, FeatureStore(store.path, labels=tmp_path / "bad.npy"), 3, epochs=1,
                               progress=False)
     np.save(tmp_path / "none.npy", np.full_like(lab, 255))
     with pytest.raises(InputError, match=r"none.npy: no labelled pixels to train the linear probe on"):
-        evaluate.linear_probe(params, FeatureStore(store.path, labels=tmp_path / "none.npy"), 3, epochs=1,
+        probe_mod.linear_probe(params, FeatureStore(store.path, labels=tmp_path / "none.npy"), 3, epochs=1,
                               progress=False)

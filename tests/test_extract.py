@@ -15,11 +15,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from omh_ref import extract as ex
-from omh_ref.data import datasets
-from omh_ref.data.images import five_crops, stego_crop
-from omh_ref.data.store import FeatureStore
-from omh_ref.errors import InputError
+from omh_ref.extract import backbone
+from omh_ref.extract import images as ex_images
+from omh_ref.extract import job as ex
+from omh_ref.extract import datasets
+from omh_ref.extract.images import five_crops, stego_crop
+from omh_ref.features import meta as feats_meta
+from omh_ref.features.store import FeatureStore
+from omh_ref.core.errors import InputError
 
 from . import layouts
 
@@ -55,7 +58,7 @@ def small(tmp_path_factory):
 
 
 def _torch_input(rgb_crops):
-    """STEGO's ToTensor + Normalize written in torch (independent of omh_ref.extract.normalize)."""
+    """STEGO's ToTensor + Normalize written in torch (independent of omh_ref.extract.backbone.normalize)."""
     t = torch.from_numpy(np.stack(rgb_crops)).permute(0, 3, 1, 2).float().div(255)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -86,11 +89,11 @@ def _files(out):
 # ---- numerics --------------------------------------------------------------------------------------
 def test_normalize_matches_torch_bitwise():
     rgb = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    assert np.array_equal(ex.normalize(rgb), _torch_input(list(rgb)).numpy())
+    assert np.array_equal(backbone.normalize(rgb), _torch_input(list(rgb)).numpy())
 
 
 def test_vit_s8_224_features_match_torch(tmp_path, tmp_path_factory):
-    """The issue's check: a random ViT-S/8 exported by weights/export_dino.py, features extracted
+    """The extraction check: a random ViT-S/8 exported by weights/export_dino.py, features extracted
     from image files by onnxruntime, equal to the torch forward within 1e-4."""
     path, model = _export(tmp_path_factory, 8, 224, seed=0)
     truth = layouts.folder(tmp_path, n=3, labels=False, nested=False)
@@ -127,10 +130,9 @@ def test_folder_outputs_and_metadata(tmp_path, small):
     assert not np.allclose(flip, feats, atol=1e-2)
     for i, n in enumerate(names):   # labels: the same crop, values kept (folder), 255 ignore
         assert (store.labels[i] == np.asarray(stego_crop(Image.fromarray(truth[n][1]), 32))).all()
-    for key in ("backbone", "onnx_sha256", "resolution", "patch", "dtype", "images", "omh_ref_version"):
-        assert key in meta
+    assert set(feats_meta.FIELDS) <= set(meta) and meta["format"] == feats_meta.FORMAT   # the one schema
     assert meta["images"] == names and meta["image_root"] == str((tmp_path / "images").resolve())
-    assert meta["onnx_sha256"] == ex.file_sha256(path) and meta["dtype"] == "float16"
+    assert meta["onnx_sha256"] == backbone.file_sha256(path) and meta["dtype"] == "float16"
     assert json.loads((out / "feats.json").read_text()) == meta
     assert meta["skipped"] == [] and meta["flipped"] == "feats_flip.npy" and meta["labels"] == "labels.npy"
 
@@ -178,7 +180,7 @@ def test_each_dataset_layout_through_the_cli(tmp_path, small, name):
 def test_eval_finds_each_rows_image_crop(tmp_path, small, name, crop):
     """What ``eval`` shows and refines with the CRF for row i (``image_paths`` + ``load_rgb``) is
     exactly the crop extraction fed the backbone for row i: .mat images and five-crop rows too."""
-    from omh_ref.data.images import image_paths, load_rgb, split_crop
+    from omh_ref.extract.images import image_paths, load_rgb, split_crop
 
     path, _ = small
     if name == "folder":
@@ -189,7 +191,7 @@ def test_eval_finds_each_rows_image_crop(tmp_path, small, name, crop):
         ds = datasets.open_dataset(name, tmp_path / "data", "val")
     meta = _run(ds, _opts(path, tmp_path / "out", crop=crop))
     paths = image_paths(meta, tmp_path / "out" / "feats.npy")
-    want = [c[0] for it in ds.items for c in ex.crops(*ds.load(it), crop, 32)]
+    want = [c[0] for it in ds.items for c in ex_images.crops(*ds.load(it), crop, 32)]
     assert paths is not None and len(paths) == len(want) == meta["shape"][0]
     for p, w in zip(paths, want):
         assert (load_rgb(p, 32) == w).all()
@@ -426,7 +428,7 @@ def test_gpu_without_cuda_provider_is_a_clear_error(tmp_path, small, monkeypatch
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(InputError, match="--device gpu: this onnxruntime has no CUDA provider"):
-        ex.providers("gpu")
+        backbone.providers("gpu")
 
 
 def test_label_map_of_another_size_is_reported(tmp_path, small):
@@ -495,7 +497,7 @@ def _tiny_onnx(path, batch="B", in_type=None, out_rank=4, int_output=False, mean
 def test_models_that_do_not_fit_are_refused_in_one_line(tmp_path):
     from onnx import TensorProto
 
-    ok = ex.inspect_model(_tiny_onnx(tmp_path / "ok.onnx"))
+    ok = backbone.inspect_model(_tiny_onnx(tmp_path / "ok.onnx"))
     assert (ok.resolution, ok.grid, ok.dim, ok.patch) == (32, (16, 16), 3, 2)
     cases = [(dict(batch=1), r"expected a dynamic batch axis, got a fixed batch of 1"),
              (dict(in_type=TensorProto.FLOAT16), r"expected a float32 input, got tensor\(float16\)"),
@@ -504,13 +506,13 @@ def test_models_that_do_not_fit_are_refused_in_one_line(tmp_path):
              (dict(mean_over_batch=True), r"expected patch features \(B, h, w, C\) .* got \(1, 16, 16, 3\)")]
     for i, (kw, msg) in enumerate(cases):
         with pytest.raises(InputError, match=msg):
-            ex.inspect_model(_tiny_onnx(tmp_path / f"m{i}.onnx", **kw))
+            backbone.inspect_model(_tiny_onnx(tmp_path / f"m{i}.onnx", **kw))
 
 
 def test_a_failing_forward_is_one_line(tmp_path, small, monkeypatch):
     path, _ = small
     layouts.folder(tmp_path, n=2, labels=False)
-    sess = ex.session(str(path))
+    sess = backbone.session(str(path))
 
     def boom(*a, **k):
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : out of memory\nmore detail")
@@ -518,7 +520,7 @@ def test_a_failing_forward_is_one_line(tmp_path, small, monkeypatch):
     monkeypatch.setattr(sess, "run", boom, raising=False)
     with pytest.raises(InputError, match=r"onnxruntime failed on a batch of shape \(2, 3, 32, 32\) "
                                          r"\(RuntimeError: .*out of memory\)$"):
-        ex.inspect_model(str(path))
+        backbone.inspect_model(str(path))
 
 
 # ---- Dask ------------------------------------------------------------------------------------------

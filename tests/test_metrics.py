@@ -1,4 +1,4 @@
-"""omh_ref.metrics against an independent torch rendering of STEGO's ``UnsupervisedMetrics``.
+"""omh_ref.evaluate.metrics against an independent torch rendering of STEGO's ``UnsupervisedMetrics``.
 
 ``StegoMetrics`` below is STEGO's class (mhamilton723/STEGO, ``src/utils.py``) written as STEGO
 wrote it, minus the torchmetrics base class (its state is a plain tensor here), plus two test
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.optimize import linear_sum_assignment
 
-from omh_ref.backend import to_host
-from omh_ref.metrics import (ConfusionAccumulator, Match, confusion, hungarian, identity_match,
+from omh_ref.core.backend import to_host
+from omh_ref.evaluate.metrics import (ConfusionAccumulator, Match, confusion, hungarian, identity_match,
                              matched_histogram, scores)
 
 F32_RTOL = 1e-6   # STEGO computes IoU and accuracy in float32; ours is float64

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from omh_ref import model
-from omh_ref.backend import to_device, to_host
-from omh_ref.checks import model_check
-from omh_ref.gradcheck import TOLERANCES
+from omh_ref.core import head, model
+from omh_ref.core.backend import to_device, to_host
+from omh_ref.core.checks import model_check
+from omh_ref.core.gradcheck import TOLERANCES
 from tests.strategies import seeds
 
 VARIANTS = {
@@ -82,7 +82,7 @@ def test_stego_baseline_semantics():
     # Detached code: the head's gradient is the correlation loss's alone.
     no_clu = dataclasses.replace(cfg, lam_clu=0.0)
     _, _, g_corr = _run(no_clu, 1)
-    for k in model.HEAD_KEYS:
+    for k in head.KEYS:
         np.testing.assert_allclose(grads[k], g_corr[k], rtol=1e-12, atol=1e-15)
 
 

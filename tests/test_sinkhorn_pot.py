@@ -1,4 +1,4 @@
-"""omh_ref.sinkhorn cross-checked against POT, plus Sinkhorn's property tests.
+"""omh_ref.core.ops.sinkhorn cross-checked against POT, plus Sinkhorn's property tests.
 
 * Plans at convergence against ``ot.sinkhorn(..., method="sinkhorn_log")`` (numpy backend), over
   several ε, odd non-square sizes, non-uniform marginals and a total mass other than 1; and the
@@ -27,8 +27,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from omh_ref.backend import to_host
-from omh_ref.sinkhorn import marginal_errors, sinkhorn, sinkhorn_backward, sinkhorn_backward_all
+from omh_ref.core.backend import to_host
+from omh_ref.core.ops import sinkhorn as sk
+from omh_ref.core.ops.sinkhorn import marginal_errors
 from tests.strategies import arrays, seeds, simplex
 
 try:
@@ -96,7 +97,7 @@ def converged_iters(C, a, b, eps):
     n_iters = 8
     while True:
         # "implicit" stores no potentials, so the search costs forward passes only
-        _, cache = sinkhorn(C, a, b, eps, n_iters, backward="implicit")
+        _, cache = sk.forward(C, a, b, eps, n_iters, backward="implicit")
         if cache.marginal_error <= CONVERGED * a.sum():
             return n_iters
         n_iters *= 2
@@ -120,7 +121,7 @@ def pot_plan(C, a, b, reg):
 @pytest.mark.parametrize("n, m, mass", [(7, 5, 1.0), (5, 9, 1.0), (3, 11, 2.5)])
 def test_plan_matches_pot(n, m, mass, eps, rng):
     C, a, b = problem(rng, n, m, mass)
-    plan, cache = sinkhorn(C, a, b, eps, converged_iters(C, a, b, eps))
+    plan, cache = sk.forward(C, a, b, eps, converged_iters(C, a, b, eps))
     want = pot_plan(C, a, b, eps)
     assert rel_err(plan, want) <= PLAN_RTOL
     # the report says how far from POT's fixed point we can be: rows off by ≤ CONVERGED·mass
@@ -140,7 +141,7 @@ def test_eps_is_pots_reg(eps, rng):
     """
     n, m = 5, 7
     C, a, b = problem(rng, n, m)
-    ours, _ = sinkhorn(C, a, b, eps, converged_iters(C, a, b, eps))
+    ours, _ = sk.forward(C, a, b, eps, converged_iters(C, a, b, eps))
     pot = pot_plan(C, a, b, eps)
     assert rel_err(ours, pot) <= PLAN_RTOL
 
@@ -167,7 +168,7 @@ def test_eps_is_pots_reg(eps, rng):
 def test_pot_docstring_example():
     # regression values from POT's own ot.sinkhorn docstring (a = b = [.5, .5],
     # M = [[0, 1], [1, 0]], reg = 1); this symmetric case converges after one iteration
-    plan, _ = sinkhorn(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([0.5, 0.5]),
+    plan, _ = sk.forward(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([0.5, 0.5]),
                        np.array([0.5, 0.5]), 1.0, 3)
     want = np.array([[0.36552929, 0.13447071], [0.13447071, 0.36552929]])
     np.testing.assert_allclose(plan, want, atol=1e-8)
@@ -203,10 +204,9 @@ def test_gradients_match_pot_autograd(n, m, mass, eps, rng):
     dir_scale = np.abs(want_a) @ np.abs(da_dir) + np.abs(want_b) @ np.abs(db_dir)
 
     for mode in ("unrolled", "implicit"):
-        plan, cache = sinkhorn(C, a, b, eps, n_iters, backward=mode)
+        plan, cache = sk.forward(C, a, b, eps, n_iters, backward=mode)
         assert rel_err(plan, Tt.detach().numpy()) <= PLAN_RTOL, mode
-        dC, da, db = sinkhorn_backward_all(G, cache)
-        np.testing.assert_array_equal(sinkhorn_backward(G, cache), dC)
+        dC, da, db = sk.backward(G, cache)
         GT = np.abs(G * plan).max()
         assert_grad_close(dC, want_C, GT / eps, f"{mode}: dcost")
         # marginal gradients are compared only where they are defined: zero-sum directions
@@ -238,7 +238,7 @@ def problems(draw, eps_choices=(1.0, 0.1, 0.05, 1e-2), cost_hi=2.0):
 def test_plan_invariants(prob, xp):
     """T ≥ 0; columns exact after the last (column) update; the reported row error is measured."""
     C, a, b, eps, n_iters = prob
-    plan, cache = sinkhorn(xp.asarray(C), xp.asarray(a), xp.asarray(b), eps, n_iters)
+    plan, cache = sk.forward(xp.asarray(C), xp.asarray(a), xp.asarray(b), eps, n_iters)
     plan, err = to_host(plan), to_host(cache.marginal_error)
     assert np.all(plan >= 0)
     # elementwise, relative to each b_j; holds for |C|/ε ≤ 200 (rounding in the log domain grows
@@ -276,22 +276,27 @@ def test_batched_equals_loop(prob, mode, seed, xp):
     C, a, b, eps, n_iters = prob
     lead = C.shape[:-2]
     dplan = np.random.default_rng(seed).standard_normal(C.shape)
-    plan, cache = sinkhorn(xp.asarray(C), xp.asarray(a), xp.asarray(b), eps, n_iters, backward=mode)
-    grads = [to_host(g) for g in sinkhorn_backward_all(xp.asarray(dplan), cache)]
+    plan, cache = sk.forward(xp.asarray(C), xp.asarray(a), xp.asarray(b), eps, n_iters, backward=mode)
+    grads = [to_host(g) for g in sk.backward(xp.asarray(dplan), cache)]
     plan, err = to_host(plan), to_host(cache.marginal_error)
     assert plan.shape == C.shape and err.shape == lead
     assert grads[1].shape == lead + a.shape[-1:] and grads[2].shape == lead + b.shape[-1:]
     for idx in np.ndindex(*lead):
         ai = a[idx] if a.ndim > 1 else a
         bi = b[idx] if b.ndim > 1 else b
-        p1, c1 = sinkhorn(xp.asarray(C[idx]), xp.asarray(ai), xp.asarray(bi), eps, n_iters,
-                          backward=mode)
-        np.testing.assert_allclose(plan[idx], to_host(p1), rtol=1e-12, atol=1e-300)
-        np.testing.assert_allclose(err[idx], to_host(c1.marginal_error), rtol=1e-10, atol=1e-15)
-        g1 = sinkhorn_backward_all(xp.asarray(dplan[idx]), c1)
+        p1, c1 = sk.forward(xp.asarray(C[idx]), xp.asarray(ai), xp.asarray(bi), eps, n_iters,
+                            backward=mode)
+        # The domain (scaling or log) is chosen for the whole batch: one problem whose kernel could
+        # underflow sends every problem of the batch to the log domain, while solved alone the
+        # others run on scalings. Then the two agree to rounding (as the domains do everywhere,
+        # tests/test_losses.py), not bit for bit.
+        same = (cache.E is None) == (c1.E is None)
+        np.testing.assert_allclose(plan[idx], to_host(p1), rtol=1e-12, atol=1e-300 if same else 1e-15)
+        np.testing.assert_allclose(err[idx], to_host(c1.marginal_error), rtol=1e-10, atol=1e-15 if same else 1e-13)
+        g1 = sk.backward(xp.asarray(dplan[idx]), c1)
         for name, got, want in zip(("dcost", "da", "db"), grads, g1):
             want = to_host(want)
-            assert rel_err(got[idx], want) <= 1e-10, name
+            assert rel_err(got[idx], want) <= (1e-10 if same else 1e-9), name
 
 
 @st.composite
@@ -319,9 +324,9 @@ def test_stable_small_eps_tiny_marginals(prob, seed, xp):
     """ε down to 1e-3, costs in [0, 2], marginal entries ~1e-30: plan and gradients finite."""
     C, a, b, eps, n_iters = prob
     assert np.all(a > 0) and np.all(b > 0)
-    plan, cache = sinkhorn(xp.asarray(C), xp.asarray(a), xp.asarray(b), eps, n_iters)
+    plan, cache = sk.forward(xp.asarray(C), xp.asarray(a), xp.asarray(b), eps, n_iters)
     dplan = np.random.default_rng(seed).standard_normal(C.shape)
-    dC, da, db = (to_host(g) for g in sinkhorn_backward_all(xp.asarray(dplan), cache))
+    dC, da, db = (to_host(g) for g in sk.backward(xp.asarray(dplan), cache))
     plan = to_host(plan)
     assert np.all(np.isfinite(plan)) and np.all(plan >= 0)
     assert np.isfinite(to_host(cache.marginal_error))
@@ -334,8 +339,8 @@ def test_stable_small_eps_tiny_marginals(prob, seed, xp):
 @xp_settings
 def test_float32_matches_float64(prob, xp):
     C, a, b, eps, n_iters = prob
-    p64, _ = sinkhorn(xp.asarray(C), xp.asarray(a), xp.asarray(b), eps, n_iters)
-    p32, _ = sinkhorn(xp.asarray(C, dtype=xp.float32), xp.asarray(a, dtype=xp.float32),
+    p64, _ = sk.forward(xp.asarray(C), xp.asarray(a), xp.asarray(b), eps, n_iters)
+    p32, _ = sk.forward(xp.asarray(C, dtype=xp.float32), xp.asarray(a, dtype=xp.float32),
                       xp.asarray(b, dtype=xp.float32), eps, n_iters)
     p32 = to_host(p32)
     assert p32.dtype == np.float32
@@ -356,12 +361,12 @@ def test_float32_matches_float64(prob, xp):
 def test_implicit_backward_nearly_deterministic(C, a, b, eps):
     C, a, b = np.array(C), np.array(a), np.array(b)
     dplan = np.array([[0.3, -1.2], [0.7, 0.1]])
-    plan, cache = sinkhorn(C, a, b, eps, 50, backward="implicit")
+    plan, cache = sk.forward(C, a, b, eps, 50, backward="implicit")
     assert cache.marginal_error < 1e-12
-    dC, da, db = sinkhorn_backward_all(dplan, cache)
+    dC, da, db = sk.backward(dplan, cache)
     assert all(np.all(np.isfinite(g)) for g in (dC, da, db))
     # both true gradients are ~1e-17: agree with the long unrolled run at the scale of |G|/eps
-    ref = sinkhorn_backward_all(dplan, sinkhorn(C, a, b, eps, 3000)[1])[0]
+    ref = sk.backward(dplan, sk.forward(C, a, b, eps, 3000)[1])[0]
     scale = np.abs(dplan * plan).max() / eps
     assert np.abs(dC - ref).max() <= 1e-9 * scale
 
@@ -375,8 +380,8 @@ def test_implicit_backward_finite_on_converged_small_eps(n, m, eps, tiny, seed):
     if tiny:
         a[0] = 1e-30
     a, b = a / a.sum(), b / b.sum()
-    _, cache = sinkhorn(C, a, b, eps, 2000, backward="implicit")
-    grads = sinkhorn_backward_all(rng.standard_normal((n, m)), cache)
+    _, cache = sk.forward(C, a, b, eps, 2000, backward="implicit")
+    grads = sk.backward(rng.standard_normal((n, m)), cache)
     assert all(np.all(np.isfinite(g)) for g in grads)
 
 
@@ -393,18 +398,18 @@ def _ok_args(xp):
 @pytest.mark.parametrize("eps", [0.0, -0.1, float("nan"), float("inf")])
 def test_bad_eps(eps, xp):
     with pytest.raises(ValueError, match="eps"):
-        sinkhorn(*_ok_args(xp), eps, 5)
+        sk.forward(*_ok_args(xp), eps, 5)
 
 
 @pytest.mark.parametrize("n_iters", [0, -2, 2.5])
 def test_bad_n_iters(n_iters, xp):
     with pytest.raises(ValueError, match="n_iters"):
-        sinkhorn(*_ok_args(xp), 0.1, n_iters)
+        sk.forward(*_ok_args(xp), 0.1, n_iters)
 
 
 def test_bad_backward_mode(xp):
     with pytest.raises(ValueError, match="backward"):
-        sinkhorn(*_ok_args(xp), 0.1, 5, backward="exact")
+        sk.forward(*_ok_args(xp), 0.1, 5, backward="exact")
 
 
 @pytest.mark.parametrize("which, value", [("a", 0.0), ("a", -0.2), ("b", 0.0), ("b", -0.1),
@@ -416,7 +421,7 @@ def test_nonpositive_marginal(which, value, xp):
     x[0] += -value if np.isfinite(value) else 0.0      # keep the masses equal where possible
     # the message names both marginals ("a and b"), not only the offending one
     with pytest.raises(ValueError, match=r"marginals a and b must be strictly positive"):
-        sinkhorn(xp.asarray(C), xp.asarray(a), xp.asarray(b), 0.1, 5)
+        sk.forward(xp.asarray(C), xp.asarray(a), xp.asarray(b), 0.1, 5)
 
 
 @pytest.mark.parametrize("case", ["a-length", "b-length", "swapped", "cost-1d"])
@@ -429,7 +434,7 @@ def test_mismatched_shapes(case, xp):
         "cost-1d": ((C[0], a, b), r"cost must have shape"),
     }[case]
     with pytest.raises(ValueError, match=pattern):
-        sinkhorn(*args, 0.1, 5)
+        sk.forward(*args, 0.1, 5)
 
 
 @pytest.mark.parametrize("which, lead", [("a", (4,)), ("b", (4,)), ("a", (2, 2)), ("b", (3, 1))])
@@ -443,14 +448,14 @@ def test_mismatched_leading_axes(which, lead, xp):
         b = xp.broadcast_to(b, lead + b.shape).copy()               # *lead, 5
         shape = lead + (5,)
     with pytest.raises(ValueError, match=rf"marginal {which} of shape {re.escape(str(shape))}"):
-        sinkhorn(C, a, b, 0.1, 5)
+        sk.forward(C, a, b, 0.1, 5)
 
 
 @pytest.mark.parametrize("scale_b", [1.01, 0.5])
 def test_unequal_masses(scale_b, xp):
     C, a, b = _ok_args(xp)
     with pytest.raises(ValueError, match=r"equal total mass \(sum a == sum b\)"):
-        sinkhorn(C, a, b * scale_b, 0.1, 5)
+        sk.forward(C, a, b * scale_b, 0.1, 5)
 
 
 def test_nonfinite_cost(xp):
@@ -458,4 +463,4 @@ def test_nonfinite_cost(xp):
     C = to_host(C).copy()
     C[1, 2] = np.inf
     with pytest.raises(ValueError, match="cost contains NaN or inf"):
-        sinkhorn(xp.asarray(C), a, b, 0.1, 5)
+        sk.forward(xp.asarray(C), a, b, 0.1, 5)

@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import omh_ref
-from omh_ref.data import synthetic
-from omh_ref.data.synthetic import SynthSpec, generate, iter_batches, write
+from omh_ref.features import synthetic
+from omh_ref.features.synthetic import SynthSpec, generate, iter_batches, write
 from tests.strategies import seeds
 
 # Odd, distinct tiny sizes so a swapped axis fails loudly (kept here rather than in
@@ -153,7 +153,8 @@ def test_feats_json_fields(tmp_path):
     with open(tmp_path / "feats.json") as fh:
         meta = json.load(fh)
     assert meta["backbone"] == "synthetic" and meta["onnx_sha256"] is None
-    assert meta["resolution"] == 15 and meta["patch_size"] == 5 and meta["dtype"] == "float16"
+    assert meta["resolution"] == 15 and meta["patch"] == 5 and meta["dtype"] == "float16"
+    assert meta["grid"] == [3, 3] and meta["dim"] == 13 and meta["format"] == 1
     assert meta["shape"] == [5, 3, 3, 13] and meta["split"] == "val"
     assert meta["images"] == [f"synth_val_{i:06d}" for i in range(5)]
     assert meta["omh_ref_version"] == omh_ref.__version__

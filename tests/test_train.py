@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 from numpy.lib.format import open_memmap
 
-from omh_ref import checkpoint, model
-from omh_ref.errors import InputError
-from omh_ref.train import TrainOptions, train
+from omh_ref.core import model
+from omh_ref.train import checkpoint
+from omh_ref.core.errors import InputError
+from omh_ref.train.loop import TrainOptions, train
 from omh_ref_cli.main import main
 
 C = 11
@@ -100,7 +101,7 @@ def test_resume_trims_the_log_past_the_checkpoint(feats, tmp_path):
 def test_divergence_saves_a_resumable_state_before_the_step(feats, tmp_path, monkeypatch):
     """An error from non-finite parameters (here injected at step 4) is a one-line divergence; the
     saved state continues bit-exactly as if nothing had happened."""
-    from omh_ref import train as train_mod
+    from omh_ref.train import loop as train_mod
 
     cfg = small_cfg()
     train(cfg, opts(feats, tmp_path / "straight", steps=6), say=quiet)
@@ -135,7 +136,7 @@ def test_resume_into_another_runs_folder_is_refused(feats, tmp_path):
 
 
 def test_a_second_ctrl_c_stops_at_once():
-    from omh_ref.train import _Interrupt
+    from omh_ref.train.loop import _Interrupt
 
     with _Interrupt() as stop:
         os.kill(os.getpid(), signal.SIGINT)
@@ -163,8 +164,9 @@ def test_resume_on_another_feature_file_is_refused(feats, tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from omh_ref import checkpoint, model
-    from omh_ref.optim import adam_init
+    from omh_ref.core import model
+    from omh_ref.train import checkpoint
+    from omh_ref.core.optim import adam_init
     cfg = model.small_config()
     rng = np.random.default_rng(0)
     params = {"big": rng.standard_normal(8_000_000).astype(np.float32)}
@@ -197,9 +199,9 @@ def test_kill_9_during_checkpoint_write_leaves_a_readable_checkpoint(tmp_path):
 def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(feats, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
-        from omh_ref import model
-        from omh_ref.train import TrainOptions, train
-        import omh_ref.model as m
+        from omh_ref.core import model
+        from omh_ref.train.loop import TrainOptions, train
+        import omh_ref.core.model as m
         real = m.loss_and_grads
         calls = [0]
         def slow(*a, **k):

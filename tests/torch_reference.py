@@ -1,6 +1,6 @@
 """An independent torch rendering of omh-ref's forward computations (float64, autograd).
 
-Written from DESIGN.md 1.2-1.5 and STEGO's published code, not translated from omh_ref's NumPy:
+Written from docs/METHOD.md and STEGO's published code, not translated from omh_ref's NumPy:
 torch's own layers do the work (``F.linear``, 1x1 ``F.conv2d`` on NCHW, ``F.grid_sample``,
 ``F.interpolate``, ``F.normalize``, ``F.kl_div``), STEGO's correlation helper keeps its NCHW
 einsum layout, and autograd supplies every gradient. ``tests/test_torch_crosscheck.py`` compares
@@ -8,7 +8,7 @@ omh_ref's values and hand-written gradients with these.
 
 Conventions taken from omh_ref's docstrings (the contract an outside rendering must match):
 channels-last arrays at the API, weights (out, in), sampling coordinates (N, S1, S2, 2) in (x, y)
-order used as the grid unchanged, all random draws from :func:`omh_ref.model.draw`.
+order used as the grid unchanged, all random draws from :func:`omh_ref.core.model.draw`.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def correlation_nchw(f1, f2, c1, c2, shift, pointwise=True, zero_clamp=True):
 
 
 def correlation(f1, f2, c1, c2, shift, pointwise=True, zero_clamp=True):
-    """Channels-last inputs (N, S1, S2, ·), as omh_ref.losses.correlation.forward."""
+    """Channels-last inputs (N, S1, S2, ·), as omh_ref.core.losses.correlation.forward."""
     return correlation_nchw(nchw(f1), nchw(f2), nchw(c1), nchw(c2), shift, pointwise, zero_clamp)
 
 
@@ -134,7 +134,7 @@ def sinkhorn(cost, a, b, eps, n_iters):
     return torch.exp(K + u.unsqueeze(-1) + v.unsqueeze(-2))
 
 
-# ---------------------------------------------------------------- losses of DESIGN.md 1.5
+# ---------------------------------------------------------------- losses (docs/METHOD.md)
 
 def balanced_targets(s, eps_q, n_iters):
     """SwAV-style equipartitioned targets, detached: P · Sinkhorn(1 − s, 1/P, 1/K)."""
@@ -201,10 +201,10 @@ def hierarchy_loss(logp_c, logp_p, M_c, M_p, eps, n_iters, lam_w, marginals="uni
 # ---------------------------------------------------------------- the whole objective
 
 def model_loss(params, batch, cfg, draws, targets=None):
-    """The OMH objective of DESIGN.md 1.2-1.5 for one batch and one set of draws.
+    """The OMH objective of docs/METHOD.md for one batch and one set of draws.
 
     params: dict of float64 tensors (``W1 b1 W2 b2 W3 b3 M0..``); batch: numpy ``feats`` and
-    ``feats_pos`` (B, h, w, C); draws: :func:`omh_ref.model.draw`'s dict; targets: optional list
+    ``feats_pos`` (B, h, w, C); draws: :func:`omh_ref.core.model.draw`'s dict; targets: optional list
     of fixed per-level targets (else computed here, detached). -> (loss, parts, targets)."""
     cfg = cfg.effective()
     f = tensor(batch["feats"])                                         # B,h,w,C

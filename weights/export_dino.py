@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a DINO ViT backbone to ONNX for ``omh-ref extract`` (DESIGN.md 1.1 and 2).
+"""Export a DINO ViT backbone to ONNX for ``omh-ref extract`` (docs/METHOD.md, docs/ARCHITECTURE.md).
 
 The model maps an image batch (B, 3, H, W), float32, already normalised (ImageNet mean/std), to the
 last block's patch tokens after the final LayerNorm, CLS dropped, channels last: (B, H/p, W/p, C).
@@ -287,7 +287,7 @@ def export(model: VisionTransformer, resolution: int, out_dir, opset: int = 17) 
     dummy = torch.zeros(1, 3, resolution, resolution, dtype=torch.float32)
     with torch.no_grad(), warnings.catch_warnings():
         # Expected: the spatial size is meant to be baked in (fixed export resolution), and the
-        # TorchScript exporter (dynamo=False) is chosen on purpose (ECOSYSTEM.md: ~4e-6 vs torch).
+        # TorchScript exporter (dynamo=False) is chosen on purpose (it matches torch to ~4e-6 on these machines).
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")

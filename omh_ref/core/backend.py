@@ -1,0 +1,132 @@
+"""Array namespace (NumPy or CuPy), device moves and seeded generators.
+
+This is the only module that imports CuPy. Every op picks its namespace per call from its input
+arrays with :func:`get_array_module`, so the same code runs on host and device arrays. The device
+is chosen only at the edges (``--device cpu|gpu``) with :func:`resolve_device` and :func:`to_device`.
+
+Randomness: every draw goes through an explicit ``numpy.random.Generator`` (see :func:`make_rng`).
+Draws are made on the host and moved to the arrays' device, so a seed gives the same numbers on
+CPU and GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_CUPY = None
+_CUPY_CHECKED = False
+
+
+def _cupy():
+    """Return the cupy module when it imports *and* a CUDA device is usable, else None.
+
+    CuPy imports fine on machines without a GPU and only fails at the first array op, so import
+    success alone is not enough (``cupy.cuda.is_available()`` decides).
+    """
+    global _CUPY, _CUPY_CHECKED
+    if not _CUPY_CHECKED:
+        _CUPY_CHECKED = True
+        try:
+            import cupy
+
+            if cupy.cuda.is_available():
+                _CUPY = cupy
+        except Exception:  # ImportError, or a broken CUDA install raising at query time
+            _CUPY = None
+    return _CUPY
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees a CUDA device."""
+    return _cupy() is not None
+
+
+def _is_cupy_array(x) -> bool:
+    # Decided by the type's module so that no cupy import is needed to recognise numpy arrays.
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(*arrays):
+    """Return numpy or cupy for the given arrays (non-arrays such as floats and None are ignored).
+
+    Mixed numpy/cupy inputs raise a ValueError: silently copying between devices hides bugs and
+    costs transfers on every call.
+    """
+    kinds = {_is_cupy_array(a) for a in arrays if hasattr(a, "shape") and hasattr(a, "dtype")}
+    if kinds == {True, False}:
+        raise ValueError(
+            "mixed numpy and cupy arrays in one call; move all inputs to one device first "
+            "(omh_ref.core.backend.to_device)"
+        )
+    if True in kinds:
+        return _cupy() or _import_cupy_or_fail()
+    return np
+
+
+def _import_cupy_or_fail():
+    import cupy  # a cupy array exists, so cupy imports
+
+    return cupy
+
+
+def resolve_device(device: str) -> str:
+    """Validate a ``--device`` value; 'gpu' without a usable CuPy is a clear error."""
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"--device: expected 'cpu' or 'gpu', got {device!r}")
+    if device == "gpu" and not gpu_available():
+        raise ValueError(
+            "--device gpu: CuPy with a CUDA device is not available (install omh-ref[gpu] "
+            "on a machine with an NVIDIA GPU)"
+        )
+    return device
+
+
+def xp_for(device: str):
+    """The array namespace for a device name."""
+    return _cupy() if resolve_device(device) == "gpu" else np
+
+
+def to_device(x, device: str):
+    """Move an array (or a dict of arrays, recursively) to 'cpu' or 'gpu'."""
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if device == "gpu":
+        return xp_for("gpu").asarray(x)
+    return to_host(x)
+
+
+def to_host(x):
+    """Return a numpy array (a no-op for numpy input); dicts are moved recursively."""
+    if isinstance(x, dict):
+        return {k: to_host(v) for k, v in x.items()}
+    if _is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def make_rng(seed) -> np.random.Generator:
+    """A seeded PCG64 generator; the only source of randomness in omh-ref."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)
+
+
+def random_normal(rng: np.random.Generator, shape, like):
+    """Standard normal draws from ``rng`` with the dtype and device of ``like``."""
+    xp = get_array_module(like)
+    return xp.asarray(rng.standard_normal(shape).astype(like.dtype, copy=False))
+
+
+def random_uniform(rng: np.random.Generator, shape, like, low=0.0, high=1.0):
+    """Uniform draws in [low, high) from ``rng`` with the dtype and device of ``like``."""
+    xp = get_array_module(like)
+    return xp.asarray(rng.uniform(low, high, size=shape).astype(like.dtype, copy=False))
+
+
+def logsumexp(x, axis):
+    """Max-shifted log-sum-exp along ``axis`` (keepdims=False); finite for any finite input."""
+    xp = get_array_module(x)
+    m = xp.max(x, axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)  # all -inf slices stay -inf without NaN
+    with np.errstate(divide="ignore"):  # log(0) = -inf for an all -inf slice is the answer
+        out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
+    return xp.squeeze(out, axis=axis)

@@ -1,0 +1,188 @@
+"""The gradient-check suite behind ``omh-ref gradcheck``: every differentiable piece, random shapes.
+
+Each case hands an op's, a Sinkhorn mode's, a loss's or the whole model's ``forward`` and
+``backward`` to :func:`omh_ref.core.gradcheck.check_vjp` (plus a few full-Jacobian checks on tiny
+inputs); constant arguments (a sampling grid, a temperature) are bound with a lambda. Shapes are
+drawn from the seed, so a seed names one exact run.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import head, model
+from .gradcheck import check_jacobian, check_vjp
+from .losses import cluster, correlation, hierarchy
+from .ops import (cosine, dropout, grid_sample, kl, linear, log_softmax, normalize, relu, resize, sinkhorn,
+                  softmax)
+
+
+def _simplex(rng, shape):
+    x = rng.random(shape) + 0.05
+    return x / x.sum(-1, keepdims=True)
+
+
+def sinkhorn_case(rng, eps, n_iters, mode="unrolled", lead=(2,), spread=2.0):
+    """(forward, backward, args) for the plan as a function of (cost, a, b); a and b perturbations
+    are projected to zero total mass (Σa = Σb must hold), which the implicit gauge also requires.
+    Costs are uniform in [0, spread]."""
+    n, m = rng.integers(2, 7, size=2)
+    cost = rng.random(lead + (n, m)) * spread
+    a, b = _simplex(rng, (n,)), _simplex(rng, (m,))
+
+    def forward(cost, a, b):
+        a = a - (a.sum() - 1) / a.size   # keep the masses equal under perturbation
+        b = b - (b.sum() - 1) / b.size
+        return sinkhorn.forward(cost, a, b, eps, n_iters, backward=mode)
+
+    def backward(dplan, cache):
+        dc, da, db = sinkhorn.backward(dplan, cache)
+        da = da.reshape(-1, da.shape[-1]).sum(0)
+        db = db.reshape(-1, db.shape[-1]).sum(0)
+        return dc, da - da.mean(), db - db.mean()   # the projection's transpose
+    return forward, backward, (cost, a, b)
+
+
+def cases(seed=0):
+    """Yield (name, callable -> Report) for the whole suite."""
+    rng = np.random.default_rng(seed)
+    r = lambda *shape: rng.standard_normal(shape)  # noqa: E731
+    dims = lambda: tuple(int(k) for k in rng.integers(2, 6, size=3))  # noqa: E731
+
+    N, H, W = dims()
+    C, D, K = (int(k) for k in rng.integers(2, 7, size=3))
+    yield "linear", lambda: check_vjp(linear.forward, linear.backward, (r(N, H, C), r(D, C), r(D)), name="linear")
+    yield "relu", lambda: check_vjp(relu.forward, relu.backward, (r(N, H, C),), name="relu")
+    mask = dropout.channel_mask((N, H, W, C), 0.3, rng, r(1))
+    yield "dropout", lambda: check_vjp(lambda x: dropout.forward(x, 0.3, mask=mask), dropout.backward,
+                                        (r(N, H, W, C),), name="dropout")
+    # (At an exact zero vector the map jumps, so finite differences cannot judge it there; the
+    # tests check that its output and gradient stay finite instead.)
+    yield "normalize", lambda: check_vjp(normalize.forward, normalize.backward, (r(N, H, C),), name="normalize")
+    yield "cosine", lambda: check_vjp(cosine.forward, cosine.backward, (r(N, H, D), r(K, D)), name="cosine")
+    yield "softmax(tau=0.1)", lambda: check_vjp(lambda x: softmax.forward(x, 0.1), softmax.backward,
+                                                 (r(N, H, K),), name="softmax(tau=0.1)")
+    yield "log_softmax(tau=0.1)", lambda: check_vjp(lambda x: log_softmax.forward(x, 0.1), log_softmax.backward,
+                                                     (r(N, H, K),), name="log_softmax(tau=0.1)")
+    q = _simplex(rng, (N, K))
+    logp = np.log(_simplex(rng, (N, K)))
+    yield "kl", lambda: check_vjp(kl.forward, kl.backward, (q, logp), name="kl")
+    coords = rng.uniform(-1.1, 1.1, size=(N, 3, 4, 2))   # a few points beyond the border
+    yield "grid_sample", lambda: check_vjp(lambda x: grid_sample.forward(x, coords), grid_sample.backward,
+                                            (r(N, H, W, C),), name="grid_sample")
+    yield "resize", lambda: check_vjp(lambda x: resize.forward(x, (H + 3, W * 2)), resize.backward,
+                                       (r(N, H, W, C),), name="resize")
+    yield "jacobian:cosine", lambda: check_jacobian(cosine.forward, cosine.backward, (r(2, 3), r(2, 3)),
+                                                    name="jacobian:cosine")
+    yield "jacobian:grid_sample", lambda: check_jacobian(
+        lambda x: grid_sample.forward(x, coords[:1, :2, :2]), grid_sample.backward, (r(1, 3, 2, 2),),
+        name="jacobian:grid_sample")
+
+    for eps, it in ((1.0, 10), (0.05, 30), (1e-3, 50)):
+        name = f"sinkhorn unrolled eps={eps:g}"
+        # Costs spread over 20·eps keep the plan away from a vertex, where every gradient would
+        # vanish and the check would prove nothing; the step scales with eps because the plan's
+        # curvature grows like 1/eps (central-difference error ~ h²/eps³).
+        step = 1e-6 * min(1.0, eps * 10)
+        yield name, (lambda c=sinkhorn_case(rng, eps, it, spread=min(2.0, 20 * eps)), nm=name, h=step:
+                     check_vjp(*c, eps=h, name=nm))
+    yield "sinkhorn implicit eps=0.1", (lambda c=sinkhorn_case(rng, 0.1, 2000, "implicit"):
+                                        check_vjp(*c, name="sinkhorn implicit eps=0.1"))
+    yield "jacobian:sinkhorn", (lambda c=sinkhorn_case(rng, 0.2, 15, lead=()):
+                                check_jacobian(*c, name="jacobian:sinkhorn"))
+
+    S, S2 = 3, 4
+    fa, fb = r(N, S, S, C), r(N, S2, S, C)
+    for pw, zc in ((True, True), (False, False)):
+        name = f"correlation pointwise={pw} clamp={zc}"
+        fwd = (lambda c1, c2, pw=pw, zc=zc: correlation.forward(fa, fb, c1, c2, 0.1, pw, zc))
+        yield name, (lambda fwd=fwd, nm=name: check_vjp(fwd, correlation.backward,
+                                                        (r(N, S, S, D), r(N, S2, S, D)), name=nm))
+
+    P = N * H
+    for target in cluster.TARGETS:
+        s = np.tanh(r(P, K))
+        Q = {"balanced": cluster.balanced_targets(s, 0.2, 10)[0], "hard": cluster.hard_targets(s),
+             "soft": None}[target]
+        name = f"cluster {target}"
+        fwd = (lambda s, lp, Q=Q, t=target: cluster.forward(s, lp, t, Q=Q))
+        yield name, (lambda fwd=fwd, s=s, nm=name: check_vjp(
+            fwd, cluster.backward, (s, log_softmax.forward(s, 0.3)[0]), name=nm))
+
+    Kc, Kp = K + 2, K
+    for marg, mode, eps, it in (("uniform", "unrolled", 0.05, 30), ("uniform", "unrolled", 1e-3, 40),
+                                ("usage", "unrolled", 0.3, 20), ("usage", "implicit", 0.2, 1000)):
+        name = f"hierarchy {marg} {mode} eps={eps:g}"
+        # Small eps: potentials ~C/eps make the 4-point stencil necessary (tests/test_losses.py).
+        fd = dict(stencil=4, eps=3e-5) if eps < 0.01 else {}
+        # Checked from logits through log_softmax, the domain the model uses: assignments stay
+        # normalised, so usage marginals keep Σa = Σb = 1 under perturbation.
+        yield name, (lambda nm=name, kw=dict(eps=eps, n_iters=it, marginals=marg, backward_mode=mode), fd=fd:
+                     check_vjp(*hierarchy_from_logits(**kw), (r(P, Kc), r(P, Kp), r(Kc, D), r(Kp, D)),
+                               name=nm, **fd))
+
+    variants = {"model omh balanced": {}, "model omh soft+usage": dict(cluster_target="soft", marginals="usage"),
+                "model omh hard+implicit": dict(cluster_target="hard", sinkhorn_backward="implicit",
+                                                sinkhorn_iters=300),
+                "model stego baseline": dict(baseline="stego")}
+    for name, over in variants.items():
+        yield name, (lambda over=over, nm=name, s=int(rng.integers(1 << 30)): model_check(s, nm, **over))
+
+    # The projection head as one piece (weights only: its input, the backbone's features, is frozen).
+    hp, x_head = tuple(head.init(C, D, rng, np.float64).values()), r(N, H, C)
+    yield "head", lambda: check_vjp(lambda *w: head.forward(dict(zip(head.KEYS, w)), x_head),
+                                     lambda dz, cache: tuple(head.backward(dz, cache).values()), hp, name="head")
+
+
+def hierarchy_from_logits(tau=0.5, lam_w=0.1, **kw):
+    """(forward, backward) of the hierarchy loss as a function of (child logits, parent logits,
+    M_child, M_parent), through log_softmax: the domain the model uses, where assignments stay
+    normalised (so usage marginals keep Σa = Σb = 1 under perturbation). ``kw``: eps, n_iters,
+    marginals, backward_mode."""
+    def forward(xc, xp_, mc, mp):
+        (lc, cc), (lp, cp) = log_softmax.forward(xc, tau), log_softmax.forward(xp_, tau)
+        loss, hc = hierarchy.forward(lc, lp, mc, mp, lam_w=lam_w, **kw)
+        return loss, (hc, cc, cp)
+
+    def backward(dloss, cache):
+        hc, cc, cp = cache
+        dlc, dlp, dmc, dmp = hierarchy.backward(dloss, hc)
+        return log_softmax.backward(dlc, cc), log_softmax.backward(dlp, cp), dmc, dmp
+    return forward, backward
+
+
+def model_check(seed, name="model", **overrides):
+    """Gradient check of the whole objective w.r.t. every parameter, randomness and the
+    no-gradient cluster targets held fixed."""
+    cfg = model.small_config(**overrides)
+    rng = np.random.default_rng(seed)
+    params = model.init_params(cfg, rng, dtype=np.float64)
+    batch = model.random_batch(cfg, rng)
+    keys = list(params)
+    targets = model.forward(params, batch, cfg, np.random.default_rng(seed))[2]["targets"]
+
+    # The STEGO baseline detaches the code from its cluster head, so its head gradient is the
+    # correlation loss's gradient alone; check that part against the correlation part.
+    head_idx = [i for i, k in enumerate(keys) if k in head.KEYS]
+
+    def objective(part):
+        def forward(*vals):
+            loss, parts, cache = model.forward(dict(zip(keys, vals)), batch, cfg, np.random.default_rng(seed),
+                                               targets)
+            return (loss if part == "loss" else parts[part]), cache
+        return forward
+
+    def backward(dloss, cache):
+        grads = model.backward(dloss, cache)
+        return tuple(grads[k] for k in keys)
+    vals = tuple(params.values())
+    if not cfg.detach_clusters:
+        return check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1)
+    full = check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1,
+                     wrt=[i for i in range(len(keys)) if i not in head_idx])
+    corr = check_vjp(objective("corr"), backward, vals, name=name, n_dirs=1, wrt=head_idx)
+    return max(full, corr, key=lambda rep: (not rep.passed, rep.max_rel_err))
+
+
+def run(seed=0, only=None):
+    """Run the suite; ``only`` filters case names by substring. -> list of Reports."""
+    return [check() for name, check in cases(seed) if only is None or only in name]

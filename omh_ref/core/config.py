@@ -1,0 +1,249 @@
+"""The model's configuration: every choice of the method as a named field, its validation, config
+files (TOML or JSON) and the merge of file and command-line values.
+
+Each field is declared once, with its default, a one-line help text and its rule
+(:func:`_field`). Validation, the ``omh-ref train`` flags (``--eps``, ``--rho-q`` …, built from
+:func:`flag_specs`) and their help come from that declaration, so a new field is one edit here
+plus the code that reads it. ``docs/METHOD.md`` says what each field means in the method.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .losses.cluster import TARGETS
+from .losses.hierarchy import MARGINALS
+from .ops.sinkhorn import BACKWARD_MODES
+
+BASELINES = ("omh", "stego")
+
+
+def _field(default, help, rule=None, choices=None, flag=True):
+    """A config field: ``rule`` names its range check (see ``_RULES``), ``choices`` its allowed
+    strings; ``flag=False`` keeps it off the command line."""
+    meta = {"help": help, "rule": rule, "choices": choices, "flag": flag}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_RULES = {
+    "positive int": (lambda v: v >= 1, "a positive integer"),
+    "int >= 0": (lambda v: v >= 0, "an integer >= 0"),
+    "positive finite": (lambda v: v > 0 and math.isfinite(v), "a positive finite number"),
+    "positive or inf": (lambda v: v > 0, "a positive number (inf: strictly balanced targets)"),
+    ">= 0 finite": (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
+    "finite": (lambda v: math.isfinite(v), "a finite number"),
+    "probability <1": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+}
+
+
+@dataclass
+class Config:
+    """Every choice of the method, by name (docs/METHOD.md)."""
+
+    in_dim: int = _field(384, "C, the backbone's feature size (ViT-S 384, ViT-B 768); taken from the features",
+                         "positive int", flag=False)
+    dim: int = _field(70, "D, the code size", "positive int")
+    levels: tuple = _field((108, 54, 27), "cluster counts of the levels, finest first, e.g. 108,54,27")
+    tau: float = _field(0.1, "softmax temperature of the cluster assignments", "positive finite")
+    dropout: float = _field(0.1, "channel dropout on the features in training", "probability <1")
+    eps: float = _field(0.2, "hierarchy Sinkhorn ε (docs/ablations.md: 0.2 beat 0.05)", "positive finite")
+    sinkhorn_iters: int = _field(50, "hierarchy Sinkhorn iterations", "positive int")
+    sinkhorn_backward: str = _field("unrolled", "backward through the hierarchy's Sinkhorn",
+                                    choices=BACKWARD_MODES)
+    marginals: str = _field("usage", "hierarchy marginals (docs/ablations.md: usage won)", choices=MARGINALS)
+    cluster_target: str = _field("balanced", "cluster-loss targets", choices=TARGETS)
+    eps_q: float = _field(0.05, "ε of the balanced-target Sinkhorn", "positive finite")
+    sinkhorn_iters_q: int = _field(20, "iterations of the balanced-target Sinkhorn", "positive int")
+    rho_q: float = _field(0.1, "cluster-marginal KL weight of the balanced targets; inf = strictly balanced "
+                               "(docs/ablations.md: 0.1 beat inf)", "positive or inf")
+    lam_clu: float = _field(1.0, "weight λ_clu of the cluster losses", ">= 0 finite")
+    lam_hier: float = _field(1.0, "weight λ_hier of the hierarchy losses (0: no hierarchy)", ">= 0 finite")
+    lam_w: float = _field(0.1, "weight λ_W of the Wasserstein term <T, C> in each hierarchy loss", ">= 0 finite")
+    feature_samples: int = _field(11, "S: S x S sampled points per image for the correlation loss", "positive int")
+    neg_samples: int = _field(5, "random negative pairings per step", "int >= 0")
+    weight_neg: float = _field(0.63, "correlation weight of negative pairs", ">= 0 finite")
+    weight_inter: float = _field(0.25, "correlation weight of KNN pairs", ">= 0 finite")
+    weight_intra: float = _field(0.67, "correlation weight of self pairs", ">= 0 finite")
+    shift_neg: float = _field(0.66, "correlation shift of negative pairs", "finite")
+    shift_inter: float = _field(0.02, "correlation shift of KNN pairs", "finite")
+    shift_intra: float = _field(0.08, "correlation shift of self pairs", "finite")
+    pointwise: bool = _field(True, "centre the feature correlations per row (STEGO's pointwise)")
+    zero_clamp: bool = _field(True, "clamp code correlations at 0 (STEGO's zero_clamp)")
+    baseline: str = _field("omh", "omh, or stego: one hard k-means head on a detached code, no hierarchy",
+                           choices=BASELINES)
+    eval_level: int = _field(-1, "index into levels of the level whose clusters are the predictions")
+    extra: dict = _field({}, "free-form notes carried into checkpoints", flag=False)
+
+    def __post_init__(self):
+        self.validate()
+        self.levels = tuple(int(k) for k in self.levels)
+
+    def _check_types(self):
+        """Each field has its default's type (an int is a float too; bools are not numbers), so
+        a config file's ``"levels": 6`` or ``"lr": "x"`` is named, not a TypeError later."""
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        for f in dataclasses.fields(self):
+            v, d = getattr(self, f.name), f.default if f.default is not dataclasses.MISSING else None
+            if isinstance(d, bool):
+                ok, want = isinstance(v, bool), "true or false"
+            elif isinstance(d, int):
+                ok, want = is_int(v), "an integer"
+            elif isinstance(d, float):
+                ok, want = (is_int(v) or isinstance(v, (float, np.floating))), "a number"
+            elif isinstance(d, str):
+                ok, want = isinstance(v, str), "a string"
+            elif isinstance(d, tuple):
+                ok, want = isinstance(v, (tuple, list)) and all(is_int(k) for k in v), "a list of integers"
+            else:
+                ok, want = isinstance(v, dict), "a table"
+            if not ok:
+                raise ValueError(f"config field {f.name!r}: expected {want}, got {v!r}")
+
+    def validate(self):
+        """Raise a ValueError naming the first bad field: its type (:meth:`_check_types`), then
+        its range (the field's rule or choices)."""
+        def bad(name, expected):
+            return ValueError(f"config field {name!r}: expected {expected}, got {getattr(self, name)!r}")
+
+        self._check_types()
+        for f in dataclasses.fields(self):
+            v, rule, choices = getattr(self, f.name), f.metadata["rule"], f.metadata["choices"]
+            if rule is not None and not _RULES[rule][0](v):
+                raise bad(f.name, _RULES[rule][1])
+            if choices is not None and v not in choices:
+                raise bad(f.name, f"one of {choices}")
+        if len(self.levels) < 1 or any(k < 1 for k in self.levels):
+            raise bad("levels", "one or more cluster counts, each >= 1")
+        if any(a <= b for a, b in zip(self.levels, self.levels[1:])):
+            raise bad("levels", "strictly decreasing sizes, finest first (e.g. 108,54,27)")
+        if not -len(self.levels) <= self.eval_level < len(self.levels):
+            raise bad("eval_level", f"an index into levels {self.levels}")
+
+    def effective(self) -> "Config":
+        """The config the model actually runs: ``baseline='stego'`` becomes one hard k-means head
+        of the eval level's size on a detached code, without hierarchy."""
+        if self.baseline != "stego":
+            return self
+        return dataclasses.replace(self, levels=(self.levels[self.eval_level],), eval_level=-1,
+                                   cluster_target="hard", lam_hier=0.0)
+
+    @property
+    def detach_clusters(self) -> bool:
+        return self.baseline == "stego"
+
+    @property
+    def eval_k(self) -> int:
+        """Clusters of the level whose argmax is the prediction."""
+        cfg = self.effective()
+        return cfg.levels[cfg.eval_level]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line flags, config files and merging
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FlagSpec:
+    """One command-line flag of a config field: ``--name-with-dashes``."""
+    name: str           # the field
+    flag: str
+    kind: type          # bool, int, float, str, tuple
+    help: str
+    choices: tuple | None
+
+
+def flag_specs() -> list:
+    """The flags of every config field that has one, in declaration order."""
+    out = []
+    for f in dataclasses.fields(Config):
+        if f.metadata["flag"]:
+            out.append(FlagSpec(f.name, "--" + f.name.replace("_", "-"), type(f.default), f.metadata["help"],
+                                f.metadata["choices"]))
+    return out
+
+
+def parse_levels(text, source="--levels") -> tuple:
+    """'108,54,27' -> (108, 54, 27); anything else is an InputError naming ``source``."""
+    try:
+        return tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"{source}: expected comma-separated integers like 108,54,27, got {text!r}") from None
+
+
+def parse_shifts(text) -> tuple:
+    """``--shifts``: 'auto' -> ({}, True); 'neg,inter,intra' -> ({shift_neg: ...}, False)."""
+    if text is None:
+        return {}, False
+    if text == "auto":
+        return {}, True
+    try:
+        neg, inter, intra = (float(x) for x in text.split(","))
+    except ValueError:
+        raise InputError(f"--shifts: expected 'auto' or three numbers neg,inter,intra, got {text!r}") from None
+    return {"shift_neg": neg, "shift_inter": inter, "shift_intra": intra}, False
+
+
+def read_file(path) -> dict:
+    """A TOML or JSON config file as its tables: ``{"model": {...}, "train": {...}}`` (either may
+    be empty). Model fields may also stand at the top level of a file without tables."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file (expected a TOML or JSON config)")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(p.read_text())
+        else:
+            data = json.loads(p.read_text())
+    except ImportError:
+        raise InputError(f"{p}: TOML configs need Python >= 3.11; use JSON") from None
+    except Exception as e:
+        raise InputError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: expected a table of config fields at the top level, got {type(data).__name__}")
+    if "model" not in data and "train" not in data:
+        return {"model": data, "train": {}}
+    extra = sorted(set(data) - {"model", "train"})
+    if extra:
+        raise InputError(f"{p}: with [model]/[train] tables, top-level keys are not read; move "
+                         f"{', '.join(map(repr, extra))} into one of them")
+    for name in ("model", "train"):
+        if not isinstance(data.get(name, {}), dict):
+            raise InputError(f"{p}: [{name}] must be a table of fields, got {type(data[name]).__name__}")
+    return {"model": data.get("model", {}), "train": data.get("train", {})}
+
+
+def merge(base, *layers, source=None) -> Config:
+    """``base`` (a Config or a dict of fields) with each layer of overrides applied in turn (later
+    layers win; None values are skipped; ``levels`` may be a '108,54,27' string). A bad field is an
+    InputError naming the field (and ``source``, a file, when given)."""
+    fields = dataclasses.asdict(base) if isinstance(base, Config) else dict(base)
+    for layer in layers:
+        for name, value in layer.items():
+            if value is not None:
+                fields[name] = parse_levels(value) if name == "levels" and isinstance(value, str) else value
+    try:
+        return Config.from_dict(fields)
+    except ValueError as e:
+        raise InputError(f"{source}: {e}" if source else str(e)) from None

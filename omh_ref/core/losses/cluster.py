@@ -1,0 +1,102 @@
+"""Per-level cluster loss, trained jointly with the projection.
+
+Inputs are one level's cosine logits s (P, K) and log-assignments ``log p = log_softmax(s/τ)``
+(computed once by the caller, who also owns the softmax backward). Targets:
+
+* ``balanced`` (default): ``Q = P · Sinkhorn(1 − s, 1/P, 1/K)`` over the batch's pixels and the
+  level's clusters (each row sums to 1, each cluster receives the same mass), no gradient through
+  Q (the SwAV recipe); ``L = −mean_pixels Σ_k Q_k log p_k``. With a finite ``rho_q`` (the
+  model's default, 0.1) the cluster marginal is a KL penalty instead of a constraint
+  (:func:`relaxed_targets`): a batch of 8 images rarely holds every class in equal shares, and
+  strict equipartition split classes by image style on the demo data (docs/ablations.md).
+* ``soft``: ``L = −mean_pixels Σ_k p_k s_k`` with the gradient through p (STEGO's ClusterLookup
+  with a temperature).
+* ``hard``: ``L = −mean_pixels max_k s_k`` (STEGO's cluster probe: one-hot k-means).
+"""
+import math
+
+from ..backend import get_array_module
+from ..ops.sinkhorn import log_iterations, scaling_iterations, scaling_safe
+
+TARGETS = ("balanced", "soft", "hard")
+
+
+def balanced_targets(s, eps_q, n_iters):
+    """Q (P, K): equipartitioned soft targets from an entropic OT plan, rows rescaled to sum to 1:
+    the iterations of :func:`omh_ref.core.ops.sinkhorn.forward` (row then column update, ending on the
+    columns, so every cluster receives exactly P/K), written for one 2-D problem with matrix-vector
+    products. Also returns the plan's row-marginal error (the convergence report)."""
+    P = s.shape[0]
+    Q = _semi_relaxed(s, eps_q, n_iters, 1.0, end_on_rows=False)
+    return Q, float(abs(Q.sum(1) - 1).sum()) / P
+
+
+def relaxed_targets(s, eps_q, n_iters, rho):
+    """Like :func:`balanced_targets`, but the cluster marginal is only softly imposed: a KL
+    penalty of weight ρ on the columns (unbalanced entropic OT, semi-relaxed; Chizat et al.), so
+    the v-update is damped by ρ/(ρ+ε). ρ -> inf approaches the balanced plan (ρ = inf is
+    :func:`balanced_targets`, which ends on the columns instead), ρ -> 0 plain softmax
+    assignments. Rows are exact (the last update is a row update). -> (Q, 0.0)."""
+    if not 0 < rho < math.inf:
+        raise ValueError(f"rho must be a positive finite number (inf: balanced_targets), got {rho!r}")
+    return _semi_relaxed(s, eps_q, n_iters, rho / (rho + eps_q), end_on_rows=True), 0.0
+
+
+def _semi_relaxed(s, eps_q, n_iters, lam, end_on_rows):
+    """P · plan of the (semi-relaxed, damping ``lam``; 1 = balanced) entropic OT between the P
+    pixels (mass 1/P each) and the K clusters (1/K each) with cost 1 − s.
+
+    It runs Sinkhorn's own iteration kernel (:mod:`omh_ref.core.ops.sinkhorn`): on scalings with
+    two BLAS matrix-vector products an iteration when :func:`~omh_ref.core.ops.sinkhorn.scaling_safe`
+    says nothing can underflow, in the log domain otherwise or when the scalings are not finite.
+    NaN logits give NaN targets on purpose: the training loop reports a non-finite loss as
+    divergence and keeps the state before the step."""
+    xp = get_array_module(s)
+    if not (n_iters >= 1 and int(n_iters) == n_iters):
+        raise ValueError(f"n_iters must be a positive integer, got {n_iters!r}")
+    if not eps_q > 0:
+        raise ValueError(f"eps_q must be a positive number, got {eps_q!r}")
+    P, Kc = s.shape
+    dt = s.dtype.type
+    if scaling_safe(1 - s, xp.ones(P, dtype=s.dtype), xp.ones(Kc, dtype=s.dtype), eps_q):
+        # P,K; the row shift is absorbed by u
+        E = xp.exp((s - s.max(axis=1, keepdims=True)) / dt(eps_q))
+        u, v, _, _ = scaling_iterations(E, dt(1.0 / P), dt(1.0 / Kc), int(n_iters), lam, end_on_rows, blas=True)
+        Q = (u * dt(P))[:, None] * E * v
+        if bool(xp.all(xp.isfinite(Q))):
+            return Q
+    K = (s - 1) / dt(eps_q)                                            # −C/ε
+    u, v, _, _ = log_iterations(K, -math.log(P), -math.log(Kc), int(n_iters), lam, end_on_rows)
+    return xp.exp(K + u[:, None] + v) * dt(P)
+
+
+def hard_targets(s):
+    """One-hot argmax of s (P, K)."""
+    return (s == s.max(axis=-1, keepdims=True)).astype(s.dtype)
+
+
+def forward(s, logp, target="balanced", eps_q=0.05, n_iters_q=20, Q=None):
+    """s, logp (P, K). Q fixes the targets (balanced/hard) instead of computing them, which is how
+    gradient checks hold the no-gradient target constant. -> (loss, cache); cache[1] is Q."""
+    xp = get_array_module(s, logp)
+    if target not in TARGETS:
+        raise ValueError(f"cluster_target must be one of {TARGETS}, got {target!r}")
+    P = s.shape[0]
+    if target == "soft":
+        p = xp.exp(logp)
+        return -(p * s).sum() / P, (target, None, p, s)
+    if Q is None:
+        Q = balanced_targets(s, eps_q, n_iters_q)[0] if target == "balanced" else hard_targets(s)
+    src = logp if target == "balanced" else s
+    return -(Q * src).sum() / P, (target, Q, None, s)
+
+
+def backward(dloss, cache):
+    """-> (ds, dlogp); a term that does not depend on one of them gives 0 for it."""
+    target, Q, p, s = cache
+    scale = s.dtype.type(-dloss / s.shape[0])
+    if target == "soft":
+        return p * scale, p * s * scale       # dlogp: d(p)/d(logp) = p
+    if target == "balanced":
+        return 0, Q * scale
+    return Q * scale, 0

@@ -1,0 +1,75 @@
+"""OMH hierarchy loss between a child level and its parent level.
+
+``C = 1 − cos(M_child, M_parent)`` (K_c x K_p); ``T = Sinkhorn(C, a, b, ε)`` with uniform marginals
+or, with ``marginals="usage"``, the batch's mean soft assignments (gradients flow into both),
+smoothed as ``(mean p + δ) / (1 + K δ)`` with δ = USAGE_FLOOR so that a cluster no pixel uses
+(its mean assignment underflowed to 0) still gets the positive mass Sinkhorn's logarithms need;
+``A = diag(1/a) T`` row-normalised: child cluster i's soft, nearly sparse parent assignment;
+``q = p_child A`` the child assignment pushed through the hierarchy;
+``L = mean_pixels KL(q || p_parent) + λ_W <T, C>``.
+"""
+from ..backend import get_array_module
+from ..ops import cosine, kl
+from ..ops import sinkhorn
+
+MARGINALS = ("uniform", "usage")
+USAGE_FLOOR = 1e-6   # far below 1/K for any K in use, far above float32's tiny
+
+
+def _usage(p):
+    """Smoothed mean assignment (K,) of p (P, K) and the factor its gradient carries."""
+    K = p.shape[1]
+    scale = p.dtype.type(1.0 / (1.0 + K * USAGE_FLOOR))
+    return (p.mean(axis=0) + p.dtype.type(USAGE_FLOOR)) * scale, scale
+
+
+def forward(logp_child, logp_parent, M_child, M_parent, eps=0.05, n_iters=50, lam_w=0.1,
+            marginals="uniform", backward_mode="unrolled"):
+    """logp_child (P, K_c), logp_parent (P, K_p) log-assignments; M_child (K_c, D),
+    M_parent (K_p, D) raw centroids. -> (loss, cache); ``cache[-1]`` holds diagnostics
+    (kl, wasserstein, marginal_error, plan_sparsity, the plan)."""
+    xp = get_array_module(logp_child, logp_parent, M_child, M_parent)
+    if marginals not in MARGINALS:
+        raise ValueError(f"marginals must be one of {MARGINALS}, got {marginals!r}")
+    P, Kc = logp_child.shape
+    Kp = logp_parent.shape[1]
+    p_child = xp.exp(logp_child)
+    p_parent = xp.exp(logp_parent)
+    cs, ccache = cosine.forward(M_child, M_parent)                       # Kc,Kp
+    C = 1 - cs
+    if marginals == "usage":
+        (a, _), (b, _) = _usage(p_child), _usage(p_parent)
+    else:
+        a = xp.full((Kc,), 1.0 / Kc, dtype=C.dtype)
+        b = xp.full((Kp,), 1.0 / Kp, dtype=C.dtype)
+    T, scache = sinkhorn.forward(C, a, b, eps, n_iters, backward=backward_mode)  # Kc,Kp
+    A = T / a[:, None]                                                   # rows sum to 1
+    q = p_child @ A                                                      # P,Kp
+    kl_rows, kcache = kl.forward(q, logp_parent)
+    l_kl = kl_rows.mean()
+    l_w = (T * C).sum()
+    diag = {"kl": l_kl, "wasserstein": l_w, "marginal_error": scache.marginal_error,
+            "plan_sparsity": A.max(axis=1).mean(), "plan": T}
+    cache = (p_child, p_parent, C, a, A, T, scache, kcache, ccache, lam_w, marginals, diag)
+    return l_kl + C.dtype.type(lam_w) * l_w, cache
+
+
+def backward(dloss, cache):
+    """-> (dlogp_child, dlogp_parent, dM_child, dM_parent)."""
+    p_child, p_parent, C, a, A, T, scache, kcache, ccache, lam_w, marginals, _ = cache
+    xp = get_array_module(C)
+    P = p_child.shape[0]
+    dt = C.dtype.type
+    dq, dlogp_parent = kl.backward(xp.full((P,), dloss / P, dtype=C.dtype), kcache)
+    dp_child = dq @ A.T                                                  # P,Kc
+    dA = p_child.T @ dq                                                  # Kc,Kp
+    dT = dA / a[:, None] + dt(lam_w * dloss) * C
+    dC_s, da, db = sinkhorn.backward(dT, scache)
+    dC = dC_s + dt(lam_w * dloss) * T
+    if marginals == "usage":
+        da = da - (dA * T).sum(axis=1) / (a * a)                         # through A = T / a
+        sa, sb = _usage(p_child)[1], _usage(p_parent)[1]
+        dp_child = dp_child + da[None, :] * (sa / dt(P))
+        dlogp_parent = dlogp_parent + p_parent * (db[None, :] * (sb / dt(P)))
+    dM_child, dM_parent = cosine.backward(-dC, ccache)
+    return dp_child * p_child, dlogp_parent, dM_child, dM_parent

@@ -1,0 +1,178 @@
+"""``omh-ref eval``: a checkpoint and a labelled split in, scores, the learned hierarchy and
+pictures out. The command line parses flags into :class:`EvalOptions`, calls :func:`run` and
+prints :func:`format_table`; a notebook does the same."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core.backend import resolve_device
+from ..core.errors import InputError
+from ..core.files import write_text
+from ..extract.classes import CLASS_NAMES
+from ..extract.images import image_paths, load_rgb
+from ..features.meta import listed_labels, path_for
+from ..features.store import FeatureStore
+from ..train.checkpoint import load_params
+from . import pictures
+from .hierarchy import hierarchy_plans, hierarchy_text
+from .predict import cluster_eval, scores_json
+from .probe import linear_eval, linear_probe
+
+
+@dataclass
+class EvalOptions:
+    """What ``omh-ref eval`` takes (its flags, by the same names)."""
+
+    checkpoint: str
+    features: str
+    labels: str | None = None            # default: the labels file feats.json names
+    flipped_features: str | None = None
+    train_features: str | None = None    # the linear probe's training split
+    train_labels: str | None = None
+    n_classes: int | None = None         # default: feats.json's n_classes, else the eval level's K
+    class_names: str | None = None       # a built-in name or a text file, one name a line
+    probe_epochs: int = 10
+    batch_size: int = 16
+    seed: int = 0
+    json: str | None = None
+    out: str | None = None               # folder for PNGs
+    crf: bool = False
+    crf_workers: int = 1
+    crf_timeout: float = 600.0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def _check_outputs(opts: EvalOptions):
+    """Output paths are checked before minutes of evaluation, not after."""
+    try:
+        resolve_device(opts.device)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if opts.out is not None and Path(opts.out).exists() and not Path(opts.out).is_dir():
+        raise InputError(f"{opts.out}: is a file (expected --out to be a folder for the pictures)")
+    if opts.json is not None and (Path(opts.json).is_dir() or Path(opts.json).parent.is_file()):
+        raise InputError(f"{opts.json}: cannot write the --json file there (expected a file path)")
+
+
+def run(opts: EvalOptions) -> dict:
+    """Score the checkpoint; write ``--json`` and the pictures of ``--out``. -> the result
+    ({'cluster', 'crf', 'linear'?, 'hierarchy', 'class_names', 'pictures'?}), JSON-ready."""
+    _check_outputs(opts)
+    params, cfg = load_params(opts.checkpoint, opts.device)
+    labels = opts.labels or listed_labels(opts.features)
+    if labels is None:
+        raise InputError(f"--labels: not given, and {path_for(opts.features)} names no labels file "
+                         "(expected --labels labels.npy)")
+    store = FeatureStore(opts.features, labels=labels)
+    flipped = FeatureStore(opts.flipped_features) if opts.flipped_features else None
+    if flipped is not None and (flipped.N, flipped.h, flipped.w, flipped.C) != (store.N, store.h, store.w, store.C):
+        raise InputError(f"{opts.flipped_features}: shape {flipped.feats.shape} differs from {opts.features} "
+                         f"{store.feats.shape}")
+    K = cfg.eval_k
+    n_classes = opts.n_classes or int(store.meta.get("n_classes") or K)
+    names = resolve_class_names(opts.class_names, store, n_classes)
+    if K < n_classes:
+        raise InputError(f"{opts.checkpoint}: the eval level has {K} clusters, fewer than the {n_classes} classes")
+    clu, preds = cluster_eval(params, cfg, store, n_classes, opts.batch_size, flipped, opts.device, keep=4,
+                              crf_workers=max(opts.crf_workers, 1) if opts.crf else None,
+                              crf_timeout=opts.crf_timeout)
+    result = {"cluster": scores_json(clu), "crf": bool(opts.crf)}
+    if opts.train_features or opts.train_labels:
+        train_labels = opts.train_labels or (listed_labels(opts.train_features) if opts.train_features else None)
+        if not (opts.train_features and train_labels):
+            raise InputError("--train-features and --train-labels: give both for the linear probe")
+        tr = FeatureStore(opts.train_features, labels=train_labels)
+        probe = linear_probe(params, tr, n_classes, opts.probe_epochs, opts.batch_size, seed=opts.seed,
+                             device=opts.device, progress=opts.progress)
+        lin = linear_eval(params, probe, store, n_classes, opts.batch_size, flipped, opts.device)
+        result["linear"] = scores_json(lin)
+    plans = hierarchy_plans(params, cfg)
+    tree = hierarchy_text(plans, clu["match"].cluster_to_class, names, named_level=cfg.effective().eval_level)
+    result["hierarchy"] = {"plans": [p.round(4).tolist() for p in plans], "text": tree}
+    result["class_names"] = names
+    if opts.json:
+        Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+        write_text(opts.json, json.dumps(result, indent=1))
+    if opts.out:
+        write_pictures(Path(opts.out), store, clu, preds, plans, tree, names, n_classes)
+    return result
+
+
+def write_pictures(out: Path, store: FeatureStore, clu, preds, plans, tree, names, n_classes):
+    """confusion_cluster.png, predictions.png (with the images and overlays where ``feats.json``
+    lists readable ones), hierarchy_L{l}_L{l+1}.png and hierarchy.txt under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    match = clu["match"]
+    pictures.confusion_png(out / "confusion_cluster.png", clu["confusion"][match.class_to_cluster],
+                           row_names=[f"c{c}" for c in match.class_to_cluster], col_names=names)
+    lab = store.read_labels(np.arange(len(preds)))
+    rows = [[pictures.colorize(lab[i], n_classes), pictures.colorize(match.cluster_to_class[preds[i]], n_classes)]
+            for i in range(len(preds))]
+    titles = ["labels", "clusters (matched)"]
+    paths = image_paths(store.meta, store.path)
+    if paths is not None:   # overlays where the listed images can be read
+        for i, row in enumerate(rows):
+            img = load_rgb(paths[i], lab.shape[1])
+            if img is not None and img.shape[:2] == lab.shape[1:]:
+                row.insert(0, img)
+                row.append(pictures.overlay(img, row[-1]))
+        titles = ["image", *titles, "overlay"] if all(len(r) == 4 for r in rows) else titles
+    pictures.grid_png(out / "predictions.png", rows, titles=titles)
+    for lvl, A in enumerate(plans):
+        pictures.confusion_png(out / f"hierarchy_L{lvl}_L{lvl + 1}.png", A.T, cell=10)
+    write_text(out / "hierarchy.txt", "\n".join(tree) + "\n")
+
+
+def resolve_class_names(spec, store: FeatureStore, n_classes) -> list:
+    """Names of the classes: ``spec`` (a built-in data set name or a text file, one per line),
+    else ``feats.json``'s ``class_names``, else '0', '1', ...; a count that does not match
+    ``n_classes`` is an InputError naming its source."""
+    if spec is None:
+        names = store.meta.get("class_names")
+    elif spec in CLASS_NAMES:
+        names = CLASS_NAMES[spec]
+    else:
+        p = Path(spec)
+        if not p.is_file():
+            raise InputError(f"--class-names {spec!r}: not a built-in ({', '.join(CLASS_NAMES)}) nor a file")
+        names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    if names is not None and len(names) != n_classes:
+        source = "--class-names" if spec is not None else f"{path_for(store.path)} class_names"
+        raise InputError(f"{source}: {len(names)} names for {n_classes} classes (--n-classes or the data's "
+                         "n_classes); pass --class-names to name them")
+    return names or [str(i) for i in range(n_classes)]
+
+
+def format_table(result) -> str:
+    """The printed scores: both probes, per-class IoU with the matched cluster, the hierarchy."""
+    names = result["class_names"]
+    lines = [f"{'probe':<10} {'mIoU':>7} {'acc':>7}"]
+    for probe in ("cluster", "linear"):
+        if probe in result:
+            lines.append(f"{probe:<10} {result[probe]['miou']:7.2f} {result[probe]['acc']:7.2f}")
+    lines.append("")
+    head = f"{'class':<24} {'cluster IoU':>11}" + (f" {'linear IoU':>11}" if "linear" in result else "")
+    lines.append(head + f" {'cluster':>8}")
+    c2k = result["cluster"]["match"]["class_to_cluster"]
+    for c, name in enumerate(names):
+        row = f"{name:<24} {_fmt(result['cluster']['iou'][c]):>11}"
+        if "linear" in result:
+            row += f" {_fmt(result['linear']['iou'][c]):>11}"
+        lines.append(row + f" {c2k[c]:>8}")
+    unmatched = result["cluster"]["match"]["unmatched"]
+    if unmatched:
+        lines.append(f"unmatched clusters: {unmatched}")
+    tree = result["hierarchy"]["text"]
+    if tree:
+        lines.append("hierarchy (child clusters absorbed by each parent, share of the child's mass):")
+        lines += ["  " + t for t in tree]
+    return "\n".join(lines)
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.2f}"

@@ -1,0 +1,134 @@
+"""Codes, cluster predictions and their scores for a trained checkpoint (docs/METHOD.md).
+
+* Codes: the projection head (:mod:`omh_ref.core.head`) without dropout, batch by batch over a
+  memory-mapped feature file; with a flipped feature file, the flipped code is flipped back and
+  averaged (STEGO).
+* Cluster predictions: the eval level's cosine logits, bilinearly upsampled (align_corners=False)
+  to label resolution, argmax; scored by Hungarian matching on the confusion over the whole split
+  (:mod:`.metrics`), optionally after the dense CRF (:mod:`.crf`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..core import head
+from ..core.backend import to_device, to_host
+from ..core.config import Config
+from ..core.errors import InputError
+from ..core.ops import cosine, resize
+from ..features.store import FeatureStore
+from . import metrics
+
+
+def code(params, f):
+    """The code z (B, h, w, D) of features f (B, h, w, C): the projection head, no dropout."""
+    return head.forward(params, f)[0]
+
+
+def codes(params, store: FeatureStore, batch_size=16, flipped: FeatureStore | None = None, device="cpu"):
+    """Yield (start, z) over the store; z (B, h, w, D) on ``device``."""
+    dt = params["W1"].dtype
+    for s, f in store.batches(batch_size):
+        z = code(params, to_device(f.astype(dt), device))
+        if flipped is not None:
+            ff = to_device(flipped.read(np.arange(s, s + len(f))).astype(dt), device)
+            z = (z + code(params, ff)[:, :, ::-1]) / 2
+        yield s, z
+
+
+def check_compat(params, cfg: Config, store: FeatureStore):
+    if store.C != params["W1"].shape[1]:
+        raise InputError(f"{store.path}: features have C={store.C} channels but the checkpoint's head expects "
+                         f"{params['W1'].shape[1]}")
+
+
+def label_shape(store: FeatureStore):
+    if store.labels is None:
+        raise InputError(f"{store.path}: no labels given (expected --labels labels.npy)")
+    return store.labels.shape[1:]
+
+
+def cluster_logits(params, cfg: Config, z, size):
+    """Eval-level cosine logits of codes z (B, h, w, D), upsampled to size -> (B, H, W, K)."""
+    cfg = cfg.effective()
+    M = params[f"M{cfg.eval_level % len(cfg.levels)}"]
+    s, _ = cosine.forward(z, M)
+    return resize.forward(s, size)[0]
+
+
+def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size=16, flipped=None,
+                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0):
+    """Confusion over the whole split, Hungarian matching and scores.
+
+    crf_workers: None = no CRF; else refine every prediction with the dense CRF on the images
+    that ``feats.json`` lists (serially for 1, a process pool otherwise).
+    -> (result dict {'miou', 'acc', 'iou', 'match', 'unmatched', 'confusion'}, first ``keep`` predictions)."""
+    check_compat(params, cfg, store)
+    size = label_shape(store)
+    K = cfg.effective().levels[cfg.effective().eval_level]
+    acc = metrics.ConfusionAccumulator(K, n_classes)
+    paths = _crf_images(store, size) if crf_workers is not None else None
+    kept = []
+    for s, z in codes(params, store, batch_size, flipped, device):
+        logits = cluster_logits(params, cfg, z, size)
+        if paths is None:
+            pred = to_host(logits.argmax(axis=-1))
+        else:
+            from . import crf
+
+            imgs = np.stack([_read_image(p, size[0]) for p in paths[s:s + len(z)]])
+            pred = crf.refine_batch(imgs, to_host(logits), crf_workers, crf_timeout)
+        update_confusion(acc, pred, store, s)
+        if len(kept) < keep:
+            kept.extend(pred[: keep - len(kept)])
+    return summarize(acc.matrix, store), np.asarray(kept)
+
+
+def update_confusion(acc, pred, store, start):
+    """Accumulate one batch; bad labels become an InputError naming the labels file."""
+    try:
+        acc.update(pred, store.read_labels(np.arange(start, start + len(pred))))
+    except ValueError as e:
+        raise InputError(f"{store.labels_path}: {e}") from None
+
+
+def _crf_images(store, size):
+    from ..extract.images import image_paths
+
+    if size[0] != size[1]:
+        raise InputError(f"{store.labels_path}: --crf needs square label maps (STEGO crops), got {size}")
+    paths = image_paths(store.meta, store.path)
+    if paths is None:
+        raise InputError(f"{store.path.with_suffix('.json')}: --crf needs the images, but the feature "
+                         "file's metadata lists none that exist (fields 'images', 'image_root')")
+    return paths
+
+
+def _read_image(path, size):
+    from ..extract.images import load_rgb
+
+    img = load_rgb(path, size)
+    if img is None:
+        raise InputError(f"{path}: cannot read this image (needed by --crf)")
+    return img
+
+
+def scores_json(res) -> dict:
+    """JSON-ready scores: miou, acc, per-class iou (None for NaN) and the match when present."""
+    out = {"miou": res["miou"], "acc": res["acc"],
+           "iou": [None if np.isnan(v) else float(v) for v in res["iou"]]}
+    if "match" in res:
+        out["match"] = res["match"].to_dict()
+    return out
+
+
+def summarize(conf, store, match=None):
+    """Scores of a confusion matrix (Hungarian matching unless ``match`` is given); a split with
+    no labelled pixel is an InputError naming the labels file."""
+    if conf.sum() == 0:
+        raise InputError(f"{store.labels_path}: no labelled pixels in this split (every label is "
+                         "ignore, 255 or -1, or outside [0, n_classes)); nothing to score")
+    match = metrics.hungarian(conf) if match is None else match
+    return {**metrics.scores(conf, match), "match": match, "confusion": conf}
+
+

@@ -1,0 +1,134 @@
+"""The backbone: an ONNX ViT run with onnxruntime (no torch), and its input contract.
+
+Input: float32 (B, 3, R, R) images, ``/255`` then ImageNet mean/std (:func:`normalize`, bit for
+bit torchvision's ``ToTensor`` + ``Normalize``); output: patch features (B, h, w, C) with
+``R / h`` a whole patch size (``weights/export_dino.py`` writes such files). Sessions are cached
+per process, so Dask workers reuse theirs across chunks.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """(..., R, R, 3) uint8 -> (..., 3, R, R) float32: ToTensor (/255) and ImageNet mean/std."""
+    x = rgb.astype(np.float32) / np.float32(255)
+    x = (x - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+# --------------------------------------------------------------------------------------------------
+# The backbone
+# --------------------------------------------------------------------------------------------------
+def providers(device: str) -> list:
+    import onnxruntime as ort
+
+    if device == "gpu":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InputError("--device gpu: this onnxruntime has no CUDA provider (install "
+                             "omh-ref[gpu], which brings onnxruntime-gpu, on a machine with CUDA)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+_SESSIONS: dict = {}
+
+
+def session(model, device="cpu", threads=None):
+    """An onnxruntime session, cached per process (Dask workers reuse theirs across chunks)."""
+    import onnxruntime as ort
+
+    st = os.stat(model)
+    key = (str(Path(model).resolve()), st.st_size, st.st_mtime_ns, device, threads)
+    if key not in _SESSIONS:
+        so = ort.SessionOptions()
+        if threads is not None:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        try:
+            _SESSIONS[key] = ort.InferenceSession(str(model), so, providers=providers(device))
+        except InputError:
+            raise
+        except Exception as e:  # onnxruntime raises its own exception types for a bad file
+            raise InputError(f"{model}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
+    return _SESSIONS[key]
+
+
+@dataclass
+class Backbone:
+    """What extraction needs to know of an .onnx backbone."""
+    path: str
+    sha256: str
+    input_name: str
+    resolution: int
+    grid: tuple
+    dim: int
+
+    @property
+    def patch(self) -> int:
+        return self.resolution // self.grid[0]
+
+
+def inspect_model(model, resolution=None, device="cpu", threads=None) -> Backbone:
+    """Read the model's input/output contract; a mismatch with ``--resolution`` is an InputError."""
+    sess = session(model, device, threads)
+    ins = sess.get_inputs()
+    if len(ins) != 1 or len(ins[0].shape) != 4:
+        raise InputError(f"{model}: expected one input of shape (B, 3, H, W), got "
+                         f"{[tuple(i.shape) for i in ins]}")
+    b, c, h, w = ins[0].shape
+    if ins[0].type != "tensor(float)":
+        raise InputError(f"{model}: expected a float32 input, got {ins[0].type}")
+    if isinstance(b, int):
+        raise InputError(f"{model}: expected a dynamic batch axis, got a fixed batch of {b} (export it with "
+                         "weights/export_dino.py)")
+    if c != 3:
+        raise InputError(f"{model}: expected 3 input channels, got {c}")
+    fixed = [d for d in (h, w) if isinstance(d, int)]
+    if fixed and (len(fixed) == 1 or h != w):
+        raise InputError(f"{model}: expected a square input, got {h}x{w}")
+    if fixed and resolution is not None and resolution != h:
+        raise InputError(f"--resolution {resolution}: {model} takes {h} px inputs (export one at "
+                         f"{resolution} with weights/export_dino.py --resolution {resolution})")
+    res = h if fixed else (resolution or 224)
+    y = session_run(sess, model, ins[0].name, np.zeros((2, 3, res, res), np.float32))
+    if y.dtype.kind != "f":
+        raise InputError(f"{model}: expected float features, got {y.dtype}")
+    if y.ndim != 4 or y.shape[0] != 2 or y.shape[1] != y.shape[2] or res % y.shape[1]:
+        raise InputError(f"{model}: expected patch features (B, h, w, C) with res/h a whole patch "
+                         f"size, got {y.shape} for {res} px")
+    return Backbone(str(model), file_sha256(model), ins[0].name, int(res), (int(y.shape[1]), int(y.shape[2])),
+                    int(y.shape[3]))
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def session_run(sess, model, input_name, x):
+    try:
+        return sess.run(None, {input_name: x})[0]
+    except Exception as e:  # onnxruntime's own exception types (a bad graph, out of memory, ...)
+        raise InputError(f"{model}: onnxruntime failed on a batch of shape {x.shape} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def run(sess, bb, x):
+    y = session_run(sess, bb.path, bb.input_name, x)
+    if not np.isfinite(y).all():
+        raise InputError(f"{bb.path}: the backbone produced NaN or inf features (a broken export?)")
+    return y

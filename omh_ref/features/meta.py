@@ -1,0 +1,124 @@
+"""``feats.json``: the one schema of a feature file's metadata, with its one writer (:func:`make`
+then :func:`write`) and its one reader (:func:`read`). ``omh-ref extract`` and the synthetic demo
+data both write through here; the feature store, evaluation and segmentation read through here.
+
+The file sits beside ``feats.npy`` (the same stem, ``.json``). Fields (``None`` where unknown):
+
+=================  ===============================================================================
+``format``         1 (this schema)
+``backbone``       the backbone's name (the ONNX file's stem, or ``synthetic``)
+``onnx``           the ONNX file's name; ``onnx_sha256`` its sha256
+``resolution``     the backbone's input size in px (square crops)
+``patch``          pixels per patch side; ``grid`` [h, w]; ``dim`` C
+``dtype``          float16 | float32; ``shape`` [N, h, w, C], as ``feats.npy``
+``images``         the row order: one name per row (five-crop rows end in ``#tl`` … ``#c``)
+``image_root``     the folder relative image names are resolved against
+``labels``         the labels file beside it (``labels.npy``) or None; ``label_ignore`` 255
+``flipped``        the flipped features' file (``feats_flip.npy``) or None
+``n_classes``      classes of the labels; ``class_names`` their names, in label order
+``dataset``        cocostuff27 | cityscapes27 | potsdam3 | folder | synthetic; ``split``
+``skipped``        [{"image", "error"}] images that could not be read and have no row
+``omh_ref_version``
+=================  ===============================================================================
+
+A writer may add fields of its own (``crop``, ``preprocessing``, ``hierarchy``, ``synth_spec``
+…); the reader keeps them. Files written before this schema (``patch_size`` for ``patch``, no
+``format``) are read too.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..core.errors import InputError
+from ..core.files import write_json
+
+FORMAT = 1
+LABEL_IGNORE = 255
+
+# name -> (types allowed besides None, required when writing)
+FIELDS = {
+    "format": (int, True), "backbone": (str, True), "onnx": (str, False), "onnx_sha256": (str, False),
+    "resolution": (int, True), "patch": (int, True), "grid": (list, True), "dim": (int, True),
+    "dtype": (str, True), "shape": (list, True), "images": (list, False), "image_root": (str, False),
+    "labels": (str, False), "label_ignore": (int, False), "flipped": (str, False), "n_classes": (int, False),
+    "class_names": (list, False), "dataset": (str, False), "split": (str, False), "skipped": (list, False),
+    "omh_ref_version": (str, True),
+}
+
+
+def path_for(features) -> Path:
+    """``feats.json`` of ``feats.npy`` (the same stem)."""
+    return Path(features).with_suffix(".json")
+
+
+def make(*, shape, dtype, backbone, resolution, patch, **fields) -> dict:
+    """A complete, checked record: the required fields as arguments, the others (and a writer's
+    own extras) as keywords. ``grid`` and ``dim`` follow from ``shape``."""
+    shape = [int(x) for x in shape]
+    rec = {name: None for name in FIELDS}
+    rec.update(format=FORMAT, backbone=backbone, resolution=int(resolution), patch=int(patch),
+               grid=shape[1:3], dim=shape[3], dtype=str(np.dtype(dtype)), shape=shape, label_ignore=LABEL_IGNORE,
+               skipped=[], omh_ref_version=__version__)
+    rec.update(fields)
+    _check(rec, "feats.json record")
+    if rec["images"] is not None and len(rec["images"]) != shape[0]:
+        raise ValueError(f"feats.json record: {len(rec['images'])} image names for {shape[0]} rows")
+    missing = [k for k, (_, required) in FIELDS.items() if required and rec[k] is None]
+    if missing:
+        raise ValueError(f"feats.json record: missing {', '.join(missing)}")
+    return rec
+
+
+def write(path, record: dict) -> None:
+    """Write a :func:`make` record atomically (the last file of a feature folder to appear)."""
+    write_json(path, record)
+
+
+def _check(m: dict, where) -> None:
+    for k, (t, _) in FIELDS.items():
+        v = m.get(k)
+        if v is not None and (not isinstance(v, t) or isinstance(v, bool)):
+            raise InputError(f"{where}: field {k!r} should be {t.__name__} or null, got {v!r}")
+    if m.get("n_classes") is not None and m["n_classes"] < 1:
+        raise InputError(f"{where}: field 'n_classes' should be >= 1, got {m['n_classes']}")
+
+
+def read(path, feats=None, feats_path="its features") -> dict:
+    """The record at ``path``, checked, and against the feature array ``feats`` (its shape, row
+    count and dtype; read from ``feats_path``) when given. An InputError names the file and the
+    field."""
+    path = Path(path)
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(m, dict):
+        raise InputError(f"{path}: expected a JSON object of metadata, got {type(m).__name__}")
+    if "patch" not in m and "patch_size" in m:          # written before the schema had one name
+        m["patch"] = m["patch_size"]
+    _check(m, path)
+    if feats is not None:
+        shape = m.get("shape")
+        if shape is not None and tuple(shape) != feats.shape:
+            raise InputError(f"{path}: says shape {tuple(shape)} but {feats_path} has shape {feats.shape}")
+        images = m.get("images")
+        if images is not None and len(images) != feats.shape[0]:
+            raise InputError(f"{path}: lists {len(images)} images but {feats_path} has {feats.shape[0]} rows")
+        if m.get("dtype") is not None and np.dtype(m["dtype"]) != feats.dtype:
+            raise InputError(f"{path}: says dtype {m['dtype']} but {feats_path} holds {feats.dtype}")
+    return m
+
+
+def listed_labels(features) -> Path | None:
+    """The labels file that ``feats.json`` beside ``features`` names (relative to its folder), or
+    None (no metadata, no labels, or a file the store will report when it opens it)."""
+    p = path_for(features)
+    try:
+        name = read(p).get("labels") if p.is_file() else None
+    except InputError:
+        return None
+    return None if not name else Path(features).parent / name

@@ -1,0 +1,140 @@
+"""The feature store: ``feats.npy`` (N, h, w, C) opened with ``np.load(mmap_mode="r")``, never whole.
+
+Rows are read in batches by index. The pages a read touches belong to the file (the kernel's page
+cache), but they still count towards this process's resident memory while mapped, so after each
+read the store tells the kernel it no longer needs them (``madvise(MADV_DONTNEED)``, a no-op for
+the data: a read-only file mapping re-reads from the cache or the disk). Resident memory then stays
+at a few batches, whatever N is.
+
+Validation is at open time (files exist, ndim, dtype, ``feats.json`` and ``labels.npy``
+consistent) and per read (no NaN/inf in the rows read): a full scan of a 30 GB file at open would
+cost minutes. Every problem is an :class:`~omh_ref.core.errors.InputError` naming the file.
+``feats.json`` is read through :mod:`omh_ref.features.meta`, its one reader.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputError
+from . import meta as feats_meta
+
+FEATURE_DTYPES = (np.float16, np.float32)
+LABEL_DTYPES = (np.uint8, np.int16, np.int32, np.int64, np.uint16)
+
+
+def _open_npy(path: Path, what: str):
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (expected {what})")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # not an .npy file, truncated header, pickled objects...
+        raise InputError(f"{path}: not a readable .npy file ({type(e).__name__}: {e}); expected {what}") from None
+
+
+class FeatureStore:
+    """Memory-mapped features with optional labels and metadata.
+
+    ``FeatureStore(path, labels=None, meta=None)``: ``meta`` defaults to ``feats.json`` beside the
+    features (optional), ``labels`` to nothing. Attributes: N, h, w, C, dtype, meta, labels (a
+    memmap or None).
+    """
+
+    def __init__(self, path, labels=None, meta=None):
+        self.path = Path(path)
+        self.feats = _open_npy(self.path, "features (N, h, w, C) float16/float32")
+        f = self.feats
+        if f.ndim != 4:
+            raise InputError(f"{self.path}: expected features of shape (N, h, w, C), got shape {f.shape}")
+        if f.dtype not in FEATURE_DTYPES:
+            raise InputError(f"{self.path}: expected float16 or float32 features, got dtype {f.dtype}")
+        if f.shape[0] == 0 or min(f.shape[1:]) == 0:
+            raise InputError(f"{self.path}: empty feature file (shape {f.shape})")
+        self.N, self.h, self.w, self.C = f.shape
+        self.dtype = f.dtype
+        self.meta = self._load_meta(meta)
+        self.labels_path = None if labels is None else Path(labels)
+        self.labels = None if labels is None else self._load_labels(self.labels_path)
+        self._mmap = getattr(f, "_mmap", None)
+
+    def _load_meta(self, meta):
+        path = Path(meta) if meta is not None else feats_meta.path_for(self.path)
+        if not path.is_file():
+            if meta is not None:
+                raise InputError(f"{path}: no such file (expected the features' metadata JSON)")
+            return {}
+        return feats_meta.read(path, self.feats, self.path)
+
+    def _load_labels(self, path: Path):
+        lab = _open_npy(path, "labels (N, H, W) of integers")
+        if lab.ndim != 3:
+            raise InputError(f"{path}: expected labels of shape (N, H, W), got shape {lab.shape}")
+        if lab.dtype.kind not in "iu":
+            raise InputError(f"{path}: expected integer labels (uint8/int16), got dtype {lab.dtype}")
+        if min(lab.shape[1:]) == 0:
+            raise InputError(f"{path}: empty label maps (shape {lab.shape})")
+        if lab.shape[1] * self.w != lab.shape[2] * self.h:
+            raise InputError(f"{path}: label maps of {lab.shape[1]}x{lab.shape[2]} px do not have the shape of "
+                             f"{self.path}'s {self.h}x{self.w} feature grid (expected the same aspect ratio)")
+        if lab.shape[0] != self.N:
+            raise InputError(f"{path}: has {lab.shape[0]} label maps but {self.path} has {self.N} feature rows")
+        return lab
+
+    def read(self, idx, dtype=np.float32):
+        """Rows ``idx`` (1-D integer array, any order, repeats allowed) as (len(idx), h, w, C).
+
+        Reads each distinct row once in file order, then releases the pages (see module doc)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.N):
+            raise InputError(f"{self.path}: row index out of range [0, {self.N})")
+        uniq, inv = np.unique(idx, return_inverse=True)
+        rows = np.asarray(self.feats[uniq], dtype=dtype)
+        self.release()
+        bad = ~np.isfinite(rows.reshape(len(uniq), -1)).all(axis=1)
+        if bad.any():
+            raise InputError(f"{self.path}: row {int(uniq[np.argmax(bad)])} contains NaN or inf "
+                             "(expected finite features)")
+        return rows[inv]
+
+    def read_labels(self, idx):
+        if self.labels is None:
+            raise InputError("no labels file was given (expected --labels labels.npy)")
+        out = np.asarray(self.labels[np.asarray(idx, dtype=np.int64)])
+        lm = getattr(self.labels, "_mmap", None)
+        if lm is not None:
+            _dontneed(lm)
+        return out
+
+    def release(self):
+        """Drop this process's mapping of the pages read so far (the data stays on disk/cache)."""
+        if self._mmap is not None:
+            _dontneed(self._mmap)
+
+    def batches(self, batch_size, dtype=np.float32):
+        """(start index, rows) for consecutive batches over the whole file."""
+        for s in range(0, self.N, batch_size):
+            yield s, self.read(np.arange(s, min(s + batch_size, self.N)), dtype)
+
+    def fingerprint(self) -> str:
+        """sha256 of the .npy header, the file size and the first and last rows: identifies the
+        file a KNN table or a checkpoint was made from without reading it whole."""
+        h = hashlib.sha256()
+        with open(self.path, "rb") as fh:
+            h.update(fh.read(128))
+        h.update(str(os.path.getsize(self.path)).encode())
+        h.update(np.ascontiguousarray(self.feats[0]).tobytes())
+        h.update(np.ascontiguousarray(self.feats[-1]).tobytes())
+        self.release()
+        return h.hexdigest()
+
+
+def _dontneed(mm):
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,1 @@
+"""A feature becomes a code: the training loop (``loop``) and its checkpoints (``checkpoint``)."""

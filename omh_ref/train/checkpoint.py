@@ -1,0 +1,85 @@
+"""Checkpoints: one ``.npz`` with parameters, Adam state, step, RNG state, config and loop state.
+
+Written atomically (:func:`omh_ref.core.files.atomic_write`: a temporary file beside it, fsynced,
+renamed over the old one), so a kill at any moment leaves either the previous checkpoint or the new
+one, never a torn file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..core import head
+from ..core.backend import to_device, to_host
+from ..core.config import Config
+from ..core.errors import InputError
+from ..core.files import atomic_write
+
+FORMAT = 1
+
+
+def save(path, params, opt_state, step, rng, cfg: Config, arrays=None, info=None):
+    """Write a checkpoint. ``arrays``: extra named arrays (the data order); ``info``: extra JSON."""
+    out = {f"param/{k}": to_host(v) for k, v in params.items()}
+    out.update({f"adam_m/{k}": to_host(v) for k, v in opt_state["m"].items()})
+    out.update({f"adam_v/{k}": to_host(v) for k, v in opt_state["v"].items()})
+    out.update({f"extra/{k}": np.asarray(v) for k, v in (arrays or {}).items()})
+    meta = {"format": FORMAT, "omh_ref_version": __version__, "step": int(step), "adam_t": int(opt_state["t"]),
+            "rng_state": rng.bit_generator.state, "config": dataclasses.asdict(cfg), "info": info or {}}
+    out["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    atomic_write(path, lambda fh: np.savez(fh, **out))
+
+
+def load(path) -> dict:
+    """-> {'params', 'opt_state', 'step', 'rng', 'config', 'arrays', 'info'} (host arrays)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (expected a checkpoint .npz written by omh-ref train)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+        meta = json.loads(bytes(data.pop("meta")).decode())
+    except Exception as e:
+        raise InputError(f"{path}: not a readable omh-ref checkpoint ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{path}: checkpoint format {meta.get('format')}, expected {FORMAT}")
+
+    def group(prefix):
+        return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+
+    try:
+        rng = np.random.default_rng()
+        rng.bit_generator.state = meta["rng_state"]
+        cfg = meta["config"]
+        cfg["levels"] = tuple(cfg["levels"])
+        out = {"params": group("param/"),
+               "opt_state": {"t": meta["adam_t"], "m": group("adam_m/"), "v": group("adam_v/")},
+               "step": meta["step"], "rng": rng, "config": Config.from_dict(cfg),
+               "arrays": group("extra/"), "info": meta["info"]}
+    except (KeyError, TypeError, ValueError) as e:   # a field missing, of another version, or corrupt
+        raise InputError(f"{path}: not a usable omh-ref checkpoint ({type(e).__name__}: {e})") from None
+    return out
+
+
+def check_params(path, params, cfg: Config):
+    """Every parameter the config needs, with its shape (a checkpoint edited or cut short); called
+    where a checkpoint is used as a model (training's --resume, evaluation)."""
+    C, D = cfg.in_dim, cfg.dim
+    want = {**head.shapes(C, D), **{f"M{i}": (k, D) for i, k in enumerate(cfg.effective().levels)}}
+    for k, shape in want.items():
+        got = params.get(k)
+        if got is None or got.shape != shape:
+            raise InputError(f"{path}: parameter {k} should have shape {shape} for its config, got "
+                             f"{'nothing' if got is None else got.shape}")
+
+
+def load_params(path, device="cpu"):
+    """Parameters (on ``device``) and config of a checkpoint, checked: a trained model, for
+    evaluation and segmentation."""
+    ck = load(path)
+    check_params(path, ck["params"], ck["config"])
+    return to_device(ck["params"], device), ck["config"]

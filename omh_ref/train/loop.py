@@ -1,0 +1,323 @@
+"""The training loop: memory-mapped features in, checkpoints and ``log.jsonl`` out.
+
+One seeded generator drives everything (data order, KNN partner ranks, the model's dropout masks,
+sampling points and negative permutations), and its state is checkpointed with the parameters,
+the Adam moments and the position in the current epoch's order, so ``--resume`` continues
+bit-exactly: 100 steps straight equal 50 steps + resume + 50 steps.
+
+Ctrl-C (SIGINT) is caught between steps: the step in flight finishes, a checkpoint is written,
+and the loop returns ``interrupted=True``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core import model
+from ..core.config import merge, parse_shifts
+from ..core.backend import resolve_device, to_device
+from ..core.errors import InputError
+from ..core.files import write_text
+from ..core.ops import grid_sample, normalize
+from ..core.optim import adam_init, adam_step
+from ..features.knn import build_knn, load_knn
+from ..features.store import FeatureStore
+from . import checkpoint
+
+
+@dataclass
+class TrainOptions:
+    """What the loop needs besides the model config (``omh-ref train``'s flags)."""
+
+    features: str
+    out: str
+    knn: str | None = None           # default: <features dir>/knn.npy, built when missing
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 5e-4                 # projection head (STEGO's net lr)
+    lr_clusters: float = 5e-3        # centroids (STEGO's cluster-probe lr)
+    seed: int = 0
+    device: str = "cpu"
+    resume: str | None = None
+    ckpt_every: int = 100
+    log_every: int = 10
+    knn_k: int = 7                   # partners drawn from ranks 1..knn_k
+    shifts_auto: bool = False
+    progress: bool = True
+    overwrite: bool = False          # start over in a folder that already holds a checkpoint
+
+    def validate(self):
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "knn_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise InputError(f"--{name.replace('_', '-')}: expected a positive integer, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise InputError(f"--seed: expected an integer >= 0, got {self.seed!r}")
+        for name in ("lr", "lr_clusters"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)):
+                raise InputError(f"--{name.replace('_', '-')}: expected a positive number, got {v!r}")
+        try:
+            resolve_device(self.device)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+
+FILE_KEYS = ("steps", "batch_size", "lr", "lr_clusters", "seed", "ckpt_every", "log_every")
+
+
+def loop_settings(flags: dict, file_table: dict, explicit, source) -> dict:
+    """The loop options of a run: a config file's ``[train]`` table (keys in :data:`FILE_KEYS`)
+    over the command line's defaults; flags given explicitly (named in ``explicit``) win."""
+    out = dict(flags)
+    for key, value in file_table.items():
+        if key not in FILE_KEYS:
+            raise InputError(f"{source}: unknown [train] field {key!r} (known: {', '.join(FILE_KEYS)})")
+        if key not in explicit:
+            out[key] = value
+    return out
+
+
+def model_config(store: FeatureStore, file_fields: dict, flags: dict, shifts=None, resume=None,
+                 source="config"):
+    """The model config of a run -> (Config, shifts_auto). A new run: the defaults, then the config
+    file's fields, then the flags given (``None`` = not given), ``in_dim`` from the features. A
+    resumed run starts from the checkpoint's config instead; :func:`train` then refuses any field
+    that differs from it."""
+    if "in_dim" in file_fields and file_fields["in_dim"] != store.C:
+        raise InputError(f"{source}: in_dim {file_fields['in_dim']!r} but {store.path} has C={store.C} channels "
+                         "(in_dim comes from the features; leave it out)")
+    if resume:
+        base = checkpoint.load(resume)["config"]
+        if file_fields:
+            base = merge(base, file_fields, {"in_dim": base.in_dim}, source=source)
+    else:
+        base = merge({}, file_fields, {"in_dim": store.C}, source=source)
+    shift_fields, auto = parse_shifts(shifts)
+    return merge(base, flags, shift_fields), auto
+
+
+class _Interrupt:
+    """SIGINT sets a flag the loop reads between steps (a second Ctrl-C still kills at once)."""
+
+    def __init__(self):
+        self.hit = False
+        self.prev = None
+
+    def __enter__(self):
+        try:
+            self.prev = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:   # not the main thread: no handler, Ctrl-C behaves as usual
+            self.prev = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.hit:   # the second Ctrl-C: stop now (the last checkpoint stays as it was)
+            if self.prev is not None:
+                signal.signal(signal.SIGINT, self.prev)
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGINT, self.prev)
+
+
+def auto_shifts(store: FeatureStore, knn, cfg: model.Config, rng, n_images=64):
+    """Each pair type's mean raw feature correlation on a sample of the training set
+    (``--shifts auto``, docs/METHOD.md): intra = an image with itself, inter = with a KNN partner (ranks 1..k),
+    neg = with a random other image. -> {'shift_intra', 'shift_inter', 'shift_neg'}."""
+    n = min(n_images, store.N)
+    idx = np.sort(rng.choice(store.N, size=n, replace=False))
+    partners = knn[idx, rng.integers(1, knn.shape[1], size=n)]
+    others = (idx + rng.integers(1, store.N, size=n)) % store.N if store.N > 1 else idx
+    S = cfg.feature_samples
+
+    def sampled(rows):
+        coords = rng.uniform(-1, 1, size=(n, S, S, 2)).astype(np.float32)
+        f = grid_sample.forward(store.read(rows), coords)[0].reshape(n, S * S, -1)
+        return normalize.forward(f)[0]
+
+    a = sampled(idx)
+    corr = lambda x, y: float(np.matmul(x, y.transpose(0, 2, 1)).mean())  # noqa: E731
+    return {"shift_intra": corr(a, a), "shift_inter": corr(a, sampled(partners)),
+            "shift_neg": corr(a, sampled(others))}
+
+
+def _ensure_knn(store, opts, say):
+    """The KNN table: the one given (checked), or the cached knn.npy beside the features, built
+    when missing and rebuilt when it belongs to another version of the file."""
+    if opts.knn:
+        return load_knn(opts.knn, store, min_k=1), Path(opts.knn)
+    path = store.path.with_name("knn.npy")
+    if path.is_file():
+        try:
+            return load_knn(path, store, min_k=opts.knn_k), path
+        except InputError as e:
+            say(f"knn: cached table is stale ({e}); rebuilding it")
+    else:
+        say(f"knn: {path} not found; building it (k={opts.knn_k}) from {store.path}")
+    build_knn(store, path, k=opts.knn_k)
+    return load_knn(path, store, min_k=1), path
+
+
+def _next_batch(state, N, B, rng):
+    """Indices of the next batch: epochs are seeded permutations, the last partial batch dropped."""
+    if state["pos"] + B > N:
+        state["order"] = rng.permutation(N)
+        state["pos"] = 0
+        state["epoch"] += 1
+    idx = state["order"][state["pos"]:state["pos"] + B]
+    state["pos"] += B
+    return idx
+
+
+def _trim_log(log_path, step):
+    """On resume, drop log lines past the checkpoint's step (they will be written again)."""
+    if not log_path.is_file():
+        return
+    keep = []
+    for ln in log_path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (ValueError, KeyError, TypeError):
+            pass   # a line torn by a kill mid-write, or not ours: dropped
+    write_text(log_path, "".join(ln + "\n" for ln in keep))
+
+
+def _lr_table(params, opts):
+    return {k: (opts.lr_clusters if k.startswith("M") else opts.lr) for k in params}
+
+
+def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
+    """Train; returns {'step', 'checkpoint', 'log', 'interrupted', 'config'}.
+
+    ``cfg.in_dim`` must match the features' C. On resume the checkpoint's config must equal
+    ``cfg`` (an InputError names the fields that differ)."""
+    opts.validate()
+    store = FeatureStore(opts.features)
+    if cfg.in_dim != store.C:
+        raise InputError(f"{store.path}: features have C={store.C} channels but the config says in_dim={cfg.in_dim}")
+    if opts.batch_size > store.N:
+        raise InputError(f"--batch-size {opts.batch_size}: larger than the {store.N} images in {store.path}")
+    if cfg.weight_neg > 0 and opts.batch_size < 2:
+        raise InputError("--batch-size: negative pairs need at least 2 images per batch")
+    knn, knn_path = _ensure_knn(store, opts, say)
+    knn = knn[:, : opts.knn_k + 1]
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out / "ckpt.npz", out / "log.jsonl"
+    fingerprint = store.fingerprint()
+
+    if opts.resume:
+        same_run = Path(opts.resume).resolve().parent == out.resolve()
+        if ckpt_path.exists() and not same_run and not opts.overwrite:
+            raise InputError(f"{ckpt_path}: --out holds another run's checkpoint; resume {opts.resume} with "
+                             f"--out {Path(opts.resume).parent}, or pass --overwrite to replace that run")
+        ck = checkpoint.load(opts.resume)
+        checkpoint.check_params(opts.resume, ck["params"], ck["config"])
+        diff = [f.name for f in dataclasses.fields(cfg) if getattr(ck["config"], f.name) != getattr(cfg, f.name)]
+        if diff:
+            raise InputError(f"{opts.resume}: checkpoint has another config (differs in {', '.join(diff)})")
+        if ck["info"].get("features_fingerprint") not in (None, fingerprint):
+            raise InputError(f"{opts.resume}: checkpoint was trained on another feature file than {store.path}")
+        params, opt_state, rng, step = ck["params"], ck["opt_state"], ck["rng"], ck["step"]
+        loop = {"order": ck["arrays"]["order"], "pos": int(ck["info"]["pos"]), "epoch": int(ck["info"]["epoch"])}
+        if len(loop["order"]) != store.N:
+            raise InputError(f"{opts.resume}: checkpoint's data order has {len(loop['order'])} images, "
+                             f"{store.path} has {store.N}")
+        _trim_log(log_path, step)
+        say(f"resuming from {opts.resume} at step {step}")
+        before = ck["info"].get("options", {})
+        changed = [k for k in ("batch_size", "lr", "lr_clusters", "knn_k") if k in before and before[k] != getattr(opts, k)]
+        if changed:   # allowed (a lower --lr after a divergence), but said: the run is no longer one
+            say("note: " + ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {getattr(opts, k)}" for k in changed)
+                + " since the checkpoint; the continuation differs from an uninterrupted run")
+        opts = dataclasses.replace(opts, seed=before.get("seed", opts.seed))   # the run's seed, in its records
+    else:
+        if ckpt_path.exists() and not opts.overwrite:
+            raise InputError(f"{ckpt_path}: a checkpoint is already there; continue it with --resume "
+                             f"{ckpt_path}, or pass --overwrite to start over")
+        rng = np.random.default_rng(opts.seed)
+        if opts.shifts_auto:
+            shifts = auto_shifts(store, knn, cfg, np.random.default_rng([opts.seed, 1]))
+            cfg = dataclasses.replace(cfg, **shifts)
+            say("shifts auto: " + ", ".join(f"{k}={v:.4f}" for k, v in shifts.items()))
+        params = model.init_params(cfg, rng, dtype=np.float32)
+        opt_state = adam_init(params)
+        step = 0
+        loop = {"order": rng.permutation(store.N), "pos": 0, "epoch": 0}
+        if log_path.exists():
+            log_path.unlink()
+    if opts.device == "gpu":
+        params = to_device(params, "gpu")
+        opt_state = {"t": opt_state["t"], "m": to_device(opt_state["m"], "gpu"), "v": to_device(opt_state["v"], "gpu")}
+    lr = _lr_table(params, opts)
+
+    def save(path, rng_, loop_):
+        checkpoint.save(path, params, opt_state, step, rng_, cfg, arrays={"order": loop_["order"]},
+                        info={"pos": loop_["pos"], "epoch": loop_["epoch"], "features": str(store.path.resolve()),
+                              "features_fingerprint": fingerprint, "knn": str(knn_path.resolve()),
+                              "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}})
+
+    def diverged(why):
+        # the state before the step, resumable: parameters, Adam, and the generator and data
+        # position as they were when the step began
+        before = np.random.default_rng()
+        before.bit_generator.state = rng_before
+        save(out / "diverged.npz", before, loop_before)
+        raise InputError(f"training diverged at step {step + 1} ({why}); the state before the step is in "
+                         f"{out / 'diverged.npz'} (continue it with --resume and a lower --lr)")
+
+    bar = _progress(opts, step)
+    t0 = time.perf_counter()
+    interrupted = False
+    with _Interrupt() as stop, open(log_path, "a") as log:
+        while step < opts.steps:
+            rng_before, loop_before = rng.bit_generator.state, dict(loop)
+            idx = _next_batch(loop, store.N, opts.batch_size, rng)
+            partners = knn[idx, rng.integers(1, knn.shape[1], size=len(idx))]
+            batch = {"feats": store.read(idx), "feats_pos": store.read(partners)}
+            if opts.device == "gpu":
+                batch = to_device(batch, "gpu")
+            try:
+                loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng)
+            except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
+                # what non-finite parameters make of the Sinkhorn and target checks
+                diverged(f"{type(e).__name__}: {e}")
+            if not math.isfinite(parts["loss"]):
+                diverged(f"loss {parts['loss']}")
+            adam_step(params, grads, opt_state, lr)
+            step += 1
+            if step % opts.log_every == 0 or step == opts.steps:
+                rec = {"step": step, "epoch": loop["epoch"], "seconds": round(time.perf_counter() - t0, 3), **parts}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "corr", "clu_0") if k in parts})
+            bar.update(1)
+            if step % opts.ckpt_every == 0 or step == opts.steps:
+                save(ckpt_path, rng, loop)
+            if stop.hit:
+                interrupted = True
+                save(ckpt_path, rng, loop)
+                break
+    bar.close()
+    if interrupted:
+        say(f"interrupted at step {step}: checkpoint written to {ckpt_path}; continue with --resume {ckpt_path}")
+    return {"step": step, "checkpoint": str(ckpt_path), "log": str(log_path), "interrupted": interrupted,
+            "config": cfg}
+
+
+def _progress(opts, start):
+    from tqdm import tqdm
+
+    return tqdm(total=opts.steps, initial=start, disable=not opts.progress, unit="step",
+                dynamic_ncols=True, desc="train")
