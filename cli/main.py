@@ -13,6 +13,7 @@ import click
 
 from omh_ref import __version__
 from omh_ref.core.errors import InputError
+from omh_ref.extract.datasets import READERS
 
 
 def friendly_errors(fn):
@@ -110,7 +111,7 @@ def model_options(fn):
 @click.option("--images", default=None, type=click.Path(), help="A folder of images (searched recursively).")
 @click.option("--labels", default=None, type=click.Path(),
               help="With --images: a folder of label PNGs at the images' relative paths (255 = ignore).")
-@click.option("--dataset", default=None, type=click.Choice(["cocostuff27", "cityscapes27", "potsdam3"]),
+@click.option("--dataset", default=None, type=click.Choice(sorted(READERS)),
               help="A STEGO-layout data set under --root.")
 @click.option("--root", default=None, type=click.Path(), help="The data set's folder (or STEGO's data dir).")
 @click.option("--split", default="val", type=click.Choice(["train", "val"]), show_default=True)

@@ -1,0 +1,153 @@
+"""The house rules of the layout (docs/ARCHITECTURE.md), checked on the source:
+
+* imports run downward only: core <- features <- extract <- train <- evaluate <- demo, and no
+  import cycle between modules (function-level imports included);
+* the package never imports the tests, the benchmarks or the command line, nor edits sys.path;
+* every op and loss has ``backward(d<out>, cache)``, the upstream gradient first;
+* no file cites a document that is not in the repository.
+"""
+import ast
+import inspect
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = {"core": 0, "features": 1, "extract": 2, "train": 3, "evaluate": 4, "demo": 5}
+
+
+def _modules(repo=REPO):
+    """{dotted name: path} of every module of the package under ``repo``."""
+    out = {}
+    for p in sorted((repo / "omh_ref").rglob("*.py")):
+        parts = list(p.relative_to(repo).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def _imports(name, path, modules):
+    """Every omh_ref module ``name`` imports (anywhere in the file), and every other top-level
+    package it imports."""
+    is_pkg = path.name == "__init__.py"
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    found, other = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                (found if a.name.split(".")[0] == "omh_ref" else other).add(a.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                mod = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                mod = node.module
+            if mod.split(".")[0] != "omh_ref":
+                other.add(mod)
+                continue
+            for a in node.names:   # `from pkg import submodule` is an edge to the submodule
+                found.add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod)
+    return {m for m in found if m in modules}, other
+
+
+def _layer(name):
+    parts = name.split(".")
+    return LAYERS.get(parts[1], -1) if len(parts) > 1 else -1   # omh_ref itself: the version only
+
+
+def upward_imports(modules):
+    return sorted(f"{name} imports {dep}" for name, path in modules.items()
+                  for dep in _imports(name, path, modules)[0] if _layer(dep) > _layer(name))
+
+
+def import_cycle(modules):
+    """One import cycle as a list of modules, or None."""
+    graph = {name: _imports(name, path, modules)[0] - {name} for name, path in modules.items()}
+    state, stack = {}, []
+
+    def visit(n):
+        state[n] = "open"
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == "open":
+                return stack[stack.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = "done"
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_imports_run_downward_only():
+    assert upward_imports(_modules()) == []
+
+
+def test_no_import_cycles():
+    assert import_cycle(_modules()) is None
+
+
+def test_the_package_never_imports_tests_benchmarks_or_the_cli():
+    modules = _modules()
+    for name, path in modules.items():
+        other = _imports(name, path, modules)[1]
+        assert not {m.split(".")[0] for m in other} & {"tests", "benchmarks", "omh_ref_cli", "cli"}, name
+        assert "sys.path" not in path.read_text(), f"{name} edits sys.path"
+
+
+def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
+    """The checker itself can fail: a core module importing evaluation, and two modules importing
+    each other through a function-level import."""
+    files = {"omh_ref/__init__.py": "", "omh_ref/core/__init__.py": "", "omh_ref/evaluate/__init__.py": "",
+             "omh_ref/core/a.py": "def f():\n    from ..evaluate import metrics\n",
+             "omh_ref/evaluate/metrics.py": "from ..core import a\n",
+             "omh_ref/core/b.py": "from .a import f\n"}
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    modules = _modules(tmp_path)
+    assert upward_imports(modules) == ["omh_ref.core.a imports omh_ref.evaluate.metrics"]
+    assert import_cycle(modules) == ["omh_ref.core.a", "omh_ref.evaluate.metrics", "omh_ref.core.a"]
+
+
+def _backwards():
+    from omh_ref.core import head, losses, ops
+
+    mods = [getattr(ops, n) for n in ops.__all__] + [getattr(losses, n) for n in losses.__all__] + [head]
+    return [(m.__name__, m.backward) for m in mods]
+
+
+@pytest.mark.parametrize("name,fn", _backwards())
+def test_every_backward_takes_the_upstream_gradient_first(name, fn):
+    params = list(inspect.signature(fn).parameters)
+    assert params[:2] != [] and params[0].startswith("d") and params[1] == "cache", (name, params)
+
+
+def _tracked_text_files():
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        files = [REPO / f for f in out.splitlines()]
+    except (OSError, subprocess.CalledProcessError):   # not a checkout: every file
+        files = [p for p in REPO.rglob("*") if p.is_file() and ".git" not in p.parts]
+    return [p for p in files if p.suffix in (".py", ".md", ".toml", ".txt", ".json", ".sh", "") and p.is_file()]
+
+
+def test_no_file_cites_a_document_outside_the_repository():
+    outside = re.compile(r"\b(DESIGN\.md|ECOSYSTEM\.md|STYLE\.md|DEVELOPERS\.md|shared/)|\bissue \d+|\bissue #\d+")
+    cited = re.compile(r"\b((?:docs|weights|benchmarks|configs)/[\w./-]+\.(?:md|py|json|toml))")
+    bad = []
+    for p in _tracked_text_files():
+        if p.name == "test_layout.py":
+            continue
+        text = p.read_text(errors="replace")
+        for m in outside.finditer(text):
+            bad.append(f"{p.relative_to(REPO)}: {m.group(0)}")
+        for m in cited.finditer(text):
+            if not (REPO / m.group(1)).exists():
+                bad.append(f"{p.relative_to(REPO)}: {m.group(1)} does not exist")
+    assert not bad, bad
