@@ -9,7 +9,9 @@ Three forms of one mechanism:
   path (``np.lib.format.open_memmap``, ``os.pwrite`` of rows);
 * :func:`atomic_write` — ``write(fileobj)`` on the open temporary file (``np.savez``, PIL's
   ``Image.save``);
-* :func:`write_text` / :func:`write_json` — the common cases.
+* :func:`write_text` / :func:`write_json` — the common cases;
+* :func:`move_into_place` — the last step alone, for a file that was written and fsynced under
+  its temporary name by other means (extraction's row files, which several processes fill).
 
 Appending to a log (``log.jsonl``) is not a rewrite and does not go through here.
 """
@@ -68,6 +70,12 @@ def atomic_path(path):
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def move_into_place(src, dst) -> None:
+    """Rename ``src`` (written and fsynced already) over ``dst`` and make the rename durable."""
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
 
 
 def atomic_write(path, write, mode: str = "wb") -> None:

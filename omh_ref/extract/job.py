@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.files import atomic_path, write_json
+from ..core.files import atomic_path, move_into_place, write_json
 from ..features import meta as feats_meta
 from .backbone import Backbone, inspect_model, normalize, run, session
 from .datasets import Dataset, ImageError
@@ -383,7 +383,7 @@ def _finalize(out, progress_path, state, ds, opts, bb, kinds, log):
             _copy_rows(part, final, rows, opts.batch_size)
             part.unlink()
         else:
-            os.replace(part, final)
+            move_into_place(part, final)   # its rows were fsynced as they were written
     meta = describe(ds, opts, bb, keep, failures, kinds)
     if "flip" in kinds:
         feats_meta.write(out / "feats_flip.json", dict(meta, flipped_of="feats.npy"))

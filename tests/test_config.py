@@ -1,0 +1,58 @@
+"""The config module: each field declared once (default, help, rule) gives its validation and its
+``omh-ref train`` flag; config files and flags merge in a fixed order."""
+import dataclasses
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from omh_ref.core.config import Config, flag_specs, merge, parse_shifts, read_file
+from omh_ref.core.errors import InputError
+from omh_ref_cli.main import main
+
+
+def test_every_field_has_help_and_all_but_in_dim_and_extra_a_train_flag():
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    assert all(f.metadata["help"] for f in fields.values())
+    assert {s.name for s in flag_specs()} == set(fields) - {"in_dim", "extra"}
+    helptext = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
+    for spec in flag_specs():
+        assert spec.flag in helptext, spec.flag
+
+
+@pytest.mark.parametrize("name,value,want", [
+    ("rho_q", 0.0, "a positive number"), ("tau", math.inf, "a positive finite number"),
+    ("dropout", 1.0, "a probability in [0, 1)"), ("neg_samples", -1, "an integer >= 0"),
+    ("lam_w", -0.1, "a finite number >= 0"), ("shift_neg", math.nan, "a finite number"),
+    ("marginals", "both", "one of ('uniform', 'usage')"), ("dim", 2.5, "an integer"),
+])
+def test_each_rule_names_its_field(name, value, want):
+    with pytest.raises(ValueError, match=f"config field {name!r}: expected {want}".replace("(", r"\(")
+                       .replace(")", r"\)").replace("[", r"\[")):
+        Config(**{name: value})
+
+
+def test_rho_q_inf_is_strict_balance_and_accepted_from_the_command_line(tmp_path):
+    assert Config(rho_q=math.inf).rho_q == math.inf
+    cfg = merge(Config(), {"rho_q": float("inf"), "levels": "9,3", "eps": None})
+    assert cfg.levels == (9, 3) and cfg.rho_q == math.inf and cfg.eps == Config().eps
+
+
+def test_merge_names_the_source_and_the_field():
+    with pytest.raises(InputError, match=r"^cfg.toml: config field 'eps': expected a positive finite number"):
+        merge({}, {"eps": -1.0}, source="cfg.toml")
+    with pytest.raises(InputError, match=r"^--levels: expected comma-separated integers"):
+        merge({}, {"levels": "9,x"})
+    with pytest.raises(InputError, match=r"^config: unknown field\(s\) epz"):
+        merge({}, {"epz": 1.0})
+
+
+def test_shifts_and_config_files(tmp_path):
+    assert parse_shifts("auto") == ({}, True) and parse_shifts(None) == ({}, False)
+    assert parse_shifts("0.1,0.2,0.3")[0] == {"shift_neg": 0.1, "shift_inter": 0.2, "shift_intra": 0.3}
+    with pytest.raises(InputError, match="--shifts"):
+        parse_shifts("0.1,0.2")
+    (tmp_path / "flat.json").write_text('{"eps": 0.3}')
+    assert read_file(tmp_path / "flat.json") == {"model": {"eps": 0.3}, "train": {}}
+    (tmp_path / "t.toml").write_text("[model]\neps = 0.3\n[train]\nsteps = 5\n")
+    assert read_file(tmp_path / "t.toml") == {"model": {"eps": 0.3}, "train": {"steps": 5}}
