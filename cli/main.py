@@ -67,7 +67,7 @@ def gradcheck(seed, only):
 
 @main.command()
 @click.option("--features", required=True, type=click.Path(), help="feats.npy (N, h, w, C).")
-@click.option("--out", default=None, type=click.Path(), help="Output table [default: knn.npy beside the features].")
+@click.option("--out", default=None, type=click.Path(), help="Output table [default: <features stem>.knn.npy beside them].")
 @click.option("--k", "k", default=7, show_default=True, help="Neighbours per image (besides itself).")
 @click.option("--batch-size", default=256, show_default=True, help="Images pooled per read.")
 @click.option("--scheduler", default=None, help="Run on Dask: local:N (N worker processes) or a scheduler address.")
@@ -77,16 +77,21 @@ def knn(features, out, k, batch_size, scheduler, rows_per_task):
     """Build the KNN table of images (cosine of mean-pooled features; column 0 = self)."""
     from tqdm import tqdm
 
-    from omh_ref.features.knn import build_knn
+    from omh_ref.core.lock import FolderLock
+    from omh_ref.features.knn import build_knn, default_path
     from omh_ref.features.store import FeatureStore
 
     store = FeatureStore(features)
-    out = Path(out) if out else store.path.with_name("knn.npy")
+    out = Path(out) if out else default_path(store)
     if k < 1:
         raise InputError(f"--k: expected a positive integer, got {k}")
-    with tqdm(total=store.N, unit="img", desc="knn") as bar:
-        table = build_knn(store, out, k=k, batch_size=batch_size, progress=bar.update, scheduler=scheduler,
-                          rows_per_task=rows_per_task)
+    with FolderLock(out.parent, "knn", say=click.echo), tqdm(total=store.N, unit="img", desc="knn") as bar:
+        try:
+            table = build_knn(store, out, k=k, batch_size=batch_size, progress=bar.update, scheduler=scheduler,
+                              rows_per_task=rows_per_task)
+        except OSError as e:
+            raise InputError(f"{e.filename or out}: cannot write the KNN table ({e.strerror}); the features "
+                             "are untouched; run the command again once the folder takes it") from None
     click.echo(f"wrote {out} {table.shape}")
 
 
@@ -163,7 +168,7 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 
 @main.command()
 @click.option("--features", default=None, type=click.Path(), help="feats.npy [default: the embedded demo data].")
-@click.option("--knn", default=None, type=click.Path(), help="KNN table [default: knn.npy beside the features, built if missing].")
+@click.option("--knn", default=None, type=click.Path(), help="KNN table [default: <features stem>.knn.npy beside them, built if missing].")
 @click.option("--out", default="runs/train", show_default=True, type=click.Path(), help="Output folder.")
 @click.option("--steps", default=300, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from .core.config import Config
 from .core.files import write_text
+from .core.lock import FolderLock
 from .evaluate import pictures
 from .evaluate.predict import cluster_eval, scores_json
 from .evaluate.probe import linear_eval, linear_probe
@@ -71,6 +72,12 @@ def prepare_data(root, n_train=600, n_val=200, say=print) -> dict:
 
 
 def run(opts: DemoOptions, say=print) -> dict:
+    """The whole demo under ``opts.out``, which it holds locked (one demo per folder at a time)."""
+    with FolderLock(opts.out, "demo", say=say):
+        return _run(opts, say)
+
+
+def _run(opts: DemoOptions, say) -> dict:
     t0 = time.perf_counter()
     out = Path(opts.out)
     data = prepare_data(out / "data", opts.n_train, opts.n_val, say)

@@ -5,8 +5,10 @@ dataset layouts and Dask.
 Small models keep it fast: ViT-S/16 at 32 px (2x2 grid) for the mechanics; one ViT-S/8 at 224 px
 (the real backbone's 28x28 grid) for the numerical comparison with torch.
 """
+import errno
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -619,3 +621,55 @@ def test_extracted_features_train_and_evaluate(tmp_path, tmp_path_factory):
     res = run(main, ["eval", "--checkpoint", str(tmp_path / "run" / "ckpt.npz"), "--features", str(feats / "feats.npy"),
                      "--quiet"])
     assert res.exit_code == 2 and "--labels: not given, and " in res.output and "names no labels file" in res.output
+
+
+def test_a_full_disk_during_a_chunk_says_what_is_intact_and_a_rerun_finishes(tmp_path, small, monkeypatch):
+    path, _ = small
+    layouts.folder(tmp_path, n=6, labels=True, nested=False)
+    ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
+    opts = dict(dtype="float32", batch_size=2, chunk_size=2)           # chunks [0,1] [2,3] [4,5]
+    _run(ds, _opts(path, tmp_path / "ref", **opts))
+    real, calls = ex.RowWriter.write, []
+
+    def full(self, row, rows):
+        calls.append(row)
+        if row == 2:                                                  # the second chunk's first rows
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, row, rows)
+
+    monkeypatch.setattr(ex.RowWriter, "write", full)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=(rf"^{out}: cannot write extracted rows \(No space left on device\); "
+                                          rf"the 1 chunk\(s\) of 3 recorded in {out / ex.PROGRESS} are intact; "
+                                          r"run the same command again to continue$")):
+        _run(ds, _opts(path, out, **opts))
+    monkeypatch.undo()
+    assert not [p for p in os.listdir(out) if ".tmp-" in p or p.startswith(".omh-ref.lock")]
+    _run(ds, _opts(path, out, **opts))
+    assert _files(out) == _files(tmp_path / "ref")
+
+
+def test_two_extractions_into_one_folder(tmp_path, small):
+    """A second extraction into a folder another process is writing is refused in one line."""
+    import subprocess
+    import textwrap
+
+    path, _ = small
+    layouts.folder(tmp_path, n=2, labels=False)
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import time
+        from omh_ref.core.lock import FolderLock
+        with FolderLock({str(out)!r}, "extract"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=rf"^{out}: another omh-ref extract \(pid {p.pid} on .*is writing here"):
+            _run(datasets.folder(tmp_path / "images"), _opts(path, out))
+    finally:
+        p.kill()
+        p.wait()
+    assert sorted(os.listdir(out)) == [".omh-ref.lock"]                # nothing of ours was written

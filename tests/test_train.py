@@ -260,7 +260,7 @@ def test_knn_from_another_feature_file_is_refused(tmp_path):
     a = write_feats(tmp_path / "a" / "feats.npy")
     b = write_feats(tmp_path / "b" / "feats.npy", seed=3)
     assert run_cli("knn", "--features", a)[0] == 0
-    code, out = run_cli("train", "--features", b, "--knn", str(tmp_path / "a" / "knn.npy"), "--quiet",
+    code, out = run_cli("train", "--features", b, "--knn", str(tmp_path / "a" / "feats.knn.npy"), "--quiet",
                         "--out", str(tmp_path / "o"))
     assert code == 2 and "another feature file" in out
 
@@ -270,7 +270,7 @@ def test_knn_sizes_must_be_positive(tmp_path, flag, value):
     a = write_feats(tmp_path / "feats.npy")
     code, out = run_cli("knn", "--features", a, flag, value)
     assert code == 2 and f"{flag}: expected a positive integer, got {value}" in out and "Traceback" not in out
-    assert not (tmp_path / "knn.npy").exists()
+    assert not (tmp_path / "feats.knn.npy").exists()
 
 
 def test_cli_resume_with_changed_flag_is_refused_and_keeps_the_checkpoint(feats, tmp_path):

@@ -42,6 +42,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.files import atomic_path, move_into_place, write_json
+from ..core.lock import FolderLock
 from ..features import meta as feats_meta
 from .backbone import Backbone, inspect_model, normalize, run, session
 from .datasets import Dataset, ImageError
@@ -265,6 +266,11 @@ def extract(ds: Dataset, opts: ExtractOptions, log=print) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{out}: cannot make the --out folder ({e.strerror})") from None
+    with FolderLock(out, "extract", say=log):
+        return _extract(ds, opts, out, log)
+
+
+def _extract(ds, opts, out, log):
     threads = opts.threads if opts.threads is not None or not (opts.scheduler or "").startswith("local:") else 1
     bb = inspect_model(opts.model, opts.resolution, opts.device, opts.threads)
     key = _job_key(ds, opts, bb)
@@ -290,8 +296,17 @@ def extract(ds: Dataset, opts: ExtractOptions, log=print) -> dict:
         log(f"resuming: {len(state['done'])} chunk(s) of {n_chunks} already done (from {progress_path})")
     pending = [t for t in tasks if str(t.chunk) not in state["done"]]
     if state["stage"] == "extracting" and pending:
-        _run_tasks(pending, state, progress_path, opts, len(ds), log)
-    return _finalize(out, progress_path, state, ds, opts, bb, kinds, log)
+        try:
+            _run_tasks(pending, state, progress_path, opts, len(ds), log)
+        except OSError as e:
+            raise InputError(f"{e.filename or out}: cannot write extracted rows ({e.strerror}); the "
+                             f"{len(state['done'])} chunk(s) of {n_chunks} recorded in {progress_path} are intact; "
+                             "run the same command again to continue") from None
+    try:
+        return _finalize(out, progress_path, state, ds, opts, bb, kinds, log)
+    except OSError as e:
+        raise InputError(f"{e.filename or out}: cannot finish the extraction ({e.strerror}); every extracted row "
+                         "is intact; run the same command again to finish") from None
 
 
 def _task(c, ds, opts, bb, files, threads):

@@ -1,5 +1,8 @@
-"""KNN table of images: ``knn.npy`` int32 (N, k+1), row i = image i's neighbours by cosine of
-mean-pooled, L2-normalised features, column 0 the image itself (STEGO's precomputed NN files).
+"""KNN table of images: ``<features stem>.knn.npy`` int32 (N, k+1), row i = image i's neighbours
+by cosine of mean-pooled, L2-normalised features, column 0 the image itself (STEGO's precomputed
+NN files). One table per feature file, so ``train.npy`` and ``val.npy`` in one folder keep
+theirs; a ``knn.npy`` from before that naming is still used when its sidecar's fingerprint
+matches the features.
 
 Built in two streamed passes: pool the features batch by batch into (N, C) float32 (small: 77 MB
 for 50k ViT-S images), then score blocks of rows against all of them (at most 2^24 similarities
@@ -20,6 +23,36 @@ from .store import FeatureStore
 
 def meta_path(knn_path) -> Path:
     return Path(str(knn_path) + ".json")
+
+
+def default_path(store: FeatureStore) -> Path:
+    """Where the table of ``store``'s features lives: ``feats.npy`` -> ``feats.knn.npy``."""
+    return store.path.with_name(store.path.stem + ".knn.npy")
+
+
+LEGACY_NAME = "knn.npy"   # one table per folder, before tables were named after their features
+
+
+def cached_table(store: FeatureStore, min_k: int, say=print):
+    """(table, path) of a usable cached table of ``store`` with at least ``min_k`` neighbours:
+    its own, or a legacy ``knn.npy`` whose recorded fingerprint is this file's; None otherwise
+    (a stale own table is reported through ``say``)."""
+    path = default_path(store)
+    if path.is_file():
+        try:
+            return load_knn(path, store, min_k=min_k), path
+        except InputError as e:
+            say(f"knn: cached table is stale ({e}); rebuilding it")
+            return None
+    legacy = store.path.with_name(LEGACY_NAME)
+    if legacy.is_file() and meta_path(legacy).is_file():
+        try:
+            fp = json.loads(meta_path(legacy).read_text()).get("fingerprint")
+            if fp == store.fingerprint():
+                return load_knn(legacy, store, min_k=min_k), legacy
+        except (OSError, ValueError, InputError):
+            pass   # not this file's (or unreadable): build our own
+    return None
 
 
 def pooled_features(store: FeatureStore, batch_size=256, progress=None, start=0, stop=None):

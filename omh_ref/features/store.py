@@ -60,6 +60,7 @@ class FeatureStore:
         self.labels_path = None if labels is None else Path(labels)
         self.labels = None if labels is None else self._load_labels(self.labels_path)
         self._mmap = getattr(f, "_mmap", None)
+        self._size = f.offset + f.size * f.dtype.itemsize if hasattr(f, "offset") else 0
 
     def _load_meta(self, meta):
         path = Path(meta) if meta is not None else feats_meta.path_for(self.path)
@@ -92,13 +93,31 @@ class FeatureStore:
         if idx.size and (idx.min() < 0 or idx.max() >= self.N):
             raise InputError(f"{self.path}: row index out of range [0, {self.N})")
         uniq, inv = np.unique(idx, return_inverse=True)
-        rows = np.asarray(self.feats[uniq], dtype=dtype)
+        self._check_size(int(uniq[0]) if uniq.size else 0)
+        try:
+            rows = np.asarray(self.feats[uniq], dtype=dtype)
+        except OSError as e:   # an unreadable block (EIO): name the rows, not numpy's internals
+            raise InputError(f"{self.path}: cannot read rows {int(uniq[0])}..{int(uniq[-1])} "
+                             f"({e.strerror or e})") from None
         self.release()
         bad = ~np.isfinite(rows.reshape(len(uniq), -1)).all(axis=1)
         if bad.any():
             raise InputError(f"{self.path}: row {int(uniq[np.argmax(bad)])} contains NaN or inf "
                              "(expected finite features)")
         return rows[inv]
+
+    def _check_size(self, row):
+        """The file must still be as long as when it was opened: reading a memory map past the end
+        of a file truncated meanwhile kills the process (SIGBUS) instead of raising, so a shrunk
+        file is named here first (one ``stat`` a read)."""
+        try:
+            size = os.stat(self.path).st_size
+        except OSError as e:
+            raise InputError(f"{self.path}: the feature file is gone or unreadable while in use ({e.strerror}); "
+                             f"row {row} cannot be read") from None
+        if size < self._size:
+            raise InputError(f"{self.path}: the feature file shrank from {self._size} to {size} bytes while in "
+                             f"use (overwritten or truncated?); row {row} cannot be read")
 
     def read_labels(self, idx):
         if self.labels is None:

@@ -65,6 +65,16 @@ def load(path) -> dict:
     return out
 
 
+def step_of(path) -> int | None:
+    """The step of the checkpoint at ``path`` (its metadata only), or None where there is no
+    readable one."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return int(json.loads(bytes(z["meta"]).decode())["step"])
+    except Exception:   # missing, torn, another format: there is no step to speak of
+        return None
+
+
 def check_params(path, params, cfg: Config):
     """Every parameter the config needs, with its shape (a checkpoint edited or cut short); called
     where a checkpoint is used as a model (training's --resume, evaluation)."""

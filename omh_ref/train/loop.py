@@ -25,9 +25,10 @@ from ..core.config import merge, parse_shifts
 from ..core.backend import resolve_device, to_device
 from ..core.errors import InputError
 from ..core.files import write_text
+from ..core.lock import FolderLock
 from ..core.ops import grid_sample, normalize
 from ..core.optim import adam_init, adam_step
-from ..features.knn import build_knn, load_knn
+from ..features.knn import build_knn, cached_table, default_path, load_knn
 from ..features.store import FeatureStore
 from . import checkpoint
 
@@ -152,19 +153,26 @@ def auto_shifts(store: FeatureStore, knn, cfg: model.Config, rng, n_images=64):
 
 
 def _ensure_knn(store, opts, say):
-    """The KNN table: the one given (checked), or the cached knn.npy beside the features, built
-    when missing and rebuilt when it belongs to another version of the file."""
+    """The KNN table: the one given (checked), or the features' cached table
+    (:func:`~omh_ref.features.knn.cached_table`), built when missing and rebuilt when it belongs to
+    another version of the file. A build holds the features folder's lock; a run that finds
+    another process building the same table waits for it and then reads its table."""
     if opts.knn:
         return load_knn(opts.knn, store, min_k=1), Path(opts.knn)
-    path = store.path.with_name("knn.npy")
-    if path.is_file():
+    found = cached_table(store, opts.knn_k, say)
+    if found is not None:
+        return found
+    with FolderLock(default_path(store).parent, "knn", wait=True, say=say):
+        found = cached_table(store, opts.knn_k, say)    # built by the process we waited for
+        if found is not None:
+            return found
+        path = default_path(store)
+        say(f"knn: building {path} (k={opts.knn_k}) from {store.path}")
         try:
-            return load_knn(path, store, min_k=opts.knn_k), path
-        except InputError as e:
-            say(f"knn: cached table is stale ({e}); rebuilding it")
-    else:
-        say(f"knn: {path} not found; building it (k={opts.knn_k}) from {store.path}")
-    build_knn(store, path, k=opts.knn_k)
+            build_knn(store, path, k=opts.knn_k)
+        except OSError as e:
+            raise InputError(f"{path}: cannot write the KNN table ({e.strerror}); the features are untouched, "
+                             "and training has not started") from None
     return load_knn(path, store, min_k=1), path
 
 
@@ -201,7 +209,8 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
     """Train; returns {'step', 'checkpoint', 'log', 'interrupted', 'config'}.
 
     ``cfg.in_dim`` must match the features' C. On resume the checkpoint's config must equal
-    ``cfg`` (an InputError names the fields that differ)."""
+    ``cfg`` (an InputError names the fields that differ). The run holds the lock of ``opts.out``
+    (:class:`~omh_ref.core.lock.FolderLock`) from before its first write to its end."""
     opts.validate()
     store = FeatureStore(opts.features)
     if cfg.in_dim != store.C:
@@ -210,6 +219,11 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
         raise InputError(f"--batch-size {opts.batch_size}: larger than the {store.N} images in {store.path}")
     if cfg.weight_neg > 0 and opts.batch_size < 2:
         raise InputError("--batch-size: negative pairs need at least 2 images per batch")
+    with FolderLock(opts.out, "train", say=say):
+        return _train(cfg, opts, say, store)
+
+
+def _train(cfg, opts, say, store):
     knn, knn_path = _ensure_knn(store, opts, say)
     knn = knn[:, : opts.knn_k + 1]
     out = Path(opts.out)
@@ -262,11 +276,23 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
         opt_state = {"t": opt_state["t"], "m": to_device(opt_state["m"], "gpu"), "v": to_device(opt_state["v"], "gpu")}
     lr = _lr_table(params, opts)
 
+    saved = {"step": checkpoint.step_of(ckpt_path) if opts.resume else None}   # the last step on disk
+
+    def intact():
+        if saved["step"] is None:
+            return "no checkpoint of this run was written yet"
+        return f"the step-{saved['step']} checkpoint {ckpt_path} is intact; continue with --resume {ckpt_path}"
+
     def save(path, rng_, loop_):
-        checkpoint.save(path, params, opt_state, step, rng_, cfg, arrays={"order": loop_["order"]},
-                        info={"pos": loop_["pos"], "epoch": loop_["epoch"], "features": str(store.path.resolve()),
-                              "features_fingerprint": fingerprint, "knn": str(knn_path.resolve()),
-                              "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}})
+        try:
+            checkpoint.save(path, params, opt_state, step, rng_, cfg, arrays={"order": loop_["order"]},
+                            info={"pos": loop_["pos"], "epoch": loop_["epoch"], "features": str(store.path.resolve()),
+                                  "features_fingerprint": fingerprint, "knn": str(knn_path.resolve()),
+                                  "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}})
+        except OSError as e:
+            raise InputError(f"{path}: cannot write the step-{step} checkpoint ({e.strerror}); {intact()}") from None
+        if path == ckpt_path:
+            saved["step"] = step
 
     def diverged(why):
         # the state before the step, resumable: parameters, Adam, and the generator and data
@@ -280,7 +306,7 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
     bar = _progress(opts, step)
     t0 = time.perf_counter()
     interrupted = False
-    with _Interrupt() as stop, open(log_path, "a") as log:
+    with _Interrupt() as stop, _log_file(log_path, intact) as log:
         while step < opts.steps:
             rng_before, loop_before = rng.bit_generator.state, dict(loop)
             idx = _next_batch(loop, store.N, opts.batch_size, rng)
@@ -300,7 +326,6 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
             if step % opts.log_every == 0 or step == opts.steps:
                 rec = {"step": step, "epoch": loop["epoch"], "seconds": round(time.perf_counter() - t0, 3), **parts}
                 log.write(json.dumps(rec) + "\n")
-                log.flush()
                 bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "corr", "clu_0") if k in parts})
             bar.update(1)
             if step % opts.ckpt_every == 0 or step == opts.steps:
@@ -314,6 +339,36 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
         say(f"interrupted at step {step}: checkpoint written to {ckpt_path}; continue with --resume {ckpt_path}")
     return {"step": step, "checkpoint": str(ckpt_path), "log": str(log_path), "interrupted": interrupted,
             "config": cfg}
+
+
+class _log_file:
+    """``log.jsonl`` opened for appending; a failed write is one line naming it and what is intact."""
+
+    def __init__(self, path, intact):
+        self.path, self.intact, self.fh = path, intact, None
+
+    def _fail(self, e):
+        raise InputError(f"{self.path}: cannot append to the training log ({e.strerror}); {self.intact()}") from None
+
+    def __enter__(self):
+        try:
+            self.fh = open(self.path, "a")
+        except OSError as e:
+            self._fail(e)
+        return self
+
+    def write(self, line):
+        try:
+            self.fh.write(line)
+            self.fh.flush()
+        except OSError as e:
+            self._fail(e)
+
+    def __exit__(self, *exc):
+        try:
+            self.fh.close()
+        except OSError:
+            pass
 
 
 def _progress(opts, start):
