@@ -273,6 +273,9 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
 @click.option("--n-classes", default=None, type=click.IntRange(min=1), help="[default: feats.json's n_classes, else the eval level's K].")
 @click.option("--class-names", default=None, help="cocostuff27, cityscapes27, potsdam3, or a text file (one per line).")
 @click.option("--probe-epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--probe-cache", default="auto", show_default=True, type=click.Choice(["auto", "memmap", "none"]),
+              help="Linear probe: cache the training codes in a temporary file (memmap) or recompute them every "
+                   "epoch (none); auto caches when the file fits in half the free temporary space.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the linear probe.")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Write the scores as JSON.")
@@ -284,17 +287,18 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def eval_cmd(checkpoint, features, labels, flipped_features, train_features, train_labels, n_classes, class_names,
-             probe_epochs, batch_size, seed, json_out, out, crf, crf_workers, crf_timeout, device, quiet):
+             probe_epochs, probe_cache, batch_size, seed, json_out, out, crf, crf_workers, crf_timeout, device, quiet):
     """Score a checkpoint: cluster (Hungarian) and linear-probe mIoU / accuracy, per-class IoU,
     the cluster->class matching and the learned hierarchy."""
     from omh_ref.evaluate.job import EvalOptions, format_table, run
 
     opts = EvalOptions(checkpoint=checkpoint, features=features, labels=labels, flipped_features=flipped_features,
                        train_features=train_features, train_labels=train_labels, n_classes=n_classes,
-                       class_names=class_names, probe_epochs=probe_epochs, batch_size=batch_size, seed=seed,
+                       class_names=class_names, probe_epochs=probe_epochs, probe_cache=probe_cache,
+                       batch_size=batch_size, seed=seed,
                        json=json_out, out=out, crf=crf, crf_workers=crf_workers, crf_timeout=crf_timeout,
                        device=device, progress=not quiet)
-    result = run(opts)
+    result = run(opts, say=click.echo)
     click.echo(format_table(result))
     if json_out:
         click.echo(f"wrote {json_out}")

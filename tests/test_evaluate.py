@@ -62,6 +62,53 @@ def test_linear_probe_learns_a_separable_world(tmp_path):
     assert res["acc"] > 95
 
 
+def _probe_in_memory(params, store, n_classes, epochs, batch_size, lr, seed):
+    """The probe as it was before it streamed: every code held in memory at once (the reference
+    the streaming probe must reproduce)."""
+    from omh_ref.core.optim import adam_init, adam_step
+
+    size = predict.label_shape(store)
+    Z = np.concatenate([z for _, z in predict.codes(params, store, batch_size)])
+    rng = np.random.default_rng(seed)
+    bound = 1 / np.sqrt(Z.shape[-1])
+    probe = {"W": rng.uniform(-bound, bound, (n_classes, Z.shape[-1])).astype(np.float32),
+             "b": np.zeros(n_classes, np.float32)}
+    state = adam_init(probe)
+    for _ in range(epochs):
+        order = rng.permutation(store.N)
+        for s in range(0, store.N, batch_size):
+            idx = np.sort(order[s:s + batch_size])
+            lab = store.read_labels(idx).astype(np.int64)
+            adam_step(probe, probe_mod.loss_and_grads(probe, Z[idx], lab, size, n_classes)[1], state, lr)
+    return probe
+
+
+def test_the_streaming_probe_reproduces_the_in_memory_one(tmp_path):
+    """Cached codes give the same probe bit for bit; recomputed codes within float32 rounding;
+    the temporary code file is gone afterwards and the log says which mode ran."""
+    import os
+
+    store, protos = _known_world(tmp_path, N=11, seed=2)
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
+    params = model.init_params(cfg, np.random.default_rng(4))
+    want = _probe_in_memory(params, store, 3, epochs=3, batch_size=4, lr=5e-2, seed=7)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    said = []
+    got = probe_mod.linear_probe(params, store, 3, epochs=3, batch_size=4, lr=5e-2, seed=7, progress=False,
+                                 cache="auto", cache_dir=cache, say=said.append)
+    assert all(np.array_equal(got[k], want[k]) for k in want) and "caching the codes" in said[0]
+    assert os.listdir(cache) == []
+    said.clear()
+    fly = probe_mod.linear_probe(params, store, 3, epochs=3, batch_size=4, lr=5e-2, seed=7, progress=False,
+                                 cache="none", say=said.append)
+    for k in want:
+        np.testing.assert_allclose(fly[k], want[k], rtol=1e-5, atol=1e-6)
+    assert "recomputed from" in said[0]
+    with pytest.raises(InputError, match="--probe-cache: expected one of auto, memmap, none"):
+        probe_mod.linear_probe(params, store, 3, epochs=1, cache="ram", progress=False)
+
+
 def test_probe_gradient(tmp_path):
     rng = np.random.default_rng(1)
     z = rng.standard_normal((2, 3, 4, 5))

@@ -36,6 +36,7 @@ class EvalOptions:
     n_classes: int | None = None         # default: feats.json's n_classes, else the eval level's K
     class_names: str | None = None       # a built-in name or a text file, one name a line
     probe_epochs: int = 10
+    probe_cache: str = "auto"            # auto | memmap | none (evaluate/probe.py)
     batch_size: int = 16
     seed: int = 0
     json: str | None = None
@@ -59,9 +60,10 @@ def _check_outputs(opts: EvalOptions):
         raise InputError(f"{opts.json}: cannot write the --json file there (expected a file path)")
 
 
-def run(opts: EvalOptions) -> dict:
-    """Score the checkpoint; write ``--json`` and the pictures of ``--out``. -> the result
-    ({'cluster', 'crf', 'linear'?, 'hierarchy', 'class_names', 'pictures'?}), JSON-ready."""
+def run(opts: EvalOptions, say=None) -> dict:
+    """Score the checkpoint; write ``--json`` and the pictures of ``--out``; ``say`` hears what the
+    run chooses on its way. -> the result ({'cluster', 'crf', 'linear'?, 'hierarchy',
+    'class_names'}), JSON-ready."""
     _check_outputs(opts)
     params, cfg = load_params(opts.checkpoint, opts.device)
     labels = opts.labels or listed_labels(opts.features)
@@ -88,7 +90,7 @@ def run(opts: EvalOptions) -> dict:
             raise InputError("--train-features and --train-labels: give both for the linear probe")
         tr = FeatureStore(opts.train_features, labels=train_labels)
         probe = linear_probe(params, tr, n_classes, opts.probe_epochs, opts.batch_size, seed=opts.seed,
-                             device=opts.device, progress=opts.progress)
+                             device=opts.device, progress=opts.progress, cache=opts.probe_cache, say=say)
         lin = linear_eval(params, probe, store, n_classes, opts.batch_size, flipped, opts.device)
         result["linear"] = scores_json(lin)
     plans = hierarchy_plans(params, cfg)

@@ -4,25 +4,39 @@ cross-entropy on the labelled pixels (STEGO), Adam, seeded; evaluated with the i
 (cluster i = class i)."""
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
 from ..core.backend import get_array_module, to_device, to_host
 from ..core.errors import InputError
 from ..core.ops import linear, log_softmax, resize
 from ..core.optim import adam_init, adam_step
+from ..features.rows import RowWriter, create_npy
 from ..features.store import FeatureStore
 from . import metrics
-from .predict import codes, label_shape, summarize, update_confusion
+from .predict import code, codes, label_shape, summarize, update_confusion
+
+
+CACHE_MODES = ("auto", "memmap", "none")
 
 
 def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=16, lr=1e-3, seed=0,
-                 device="cpu", progress=True):
-    """Train the probe on detached codes of ``store`` (features + labels). -> (W, b) on host."""
+                 device="cpu", progress=True, cache="auto", cache_dir=None, say=None):
+    """Train the probe on detached codes of ``store`` (features + labels). -> (W, b) on host.
+
+    Streams: each epoch visits the images in a seeded random order, a batch at a time, so what is
+    resident does not grow with N. The codes come from :class:`CodeSource` (``cache``): computed
+    once into a temporary code file and read back batch by batch (``memmap``; the same numbers
+    as holding them in memory), or recomputed from the features every epoch (``none``); ``auto``
+    caches when the file fits in half of the free space of ``cache_dir`` (the system's temporary
+    folder by default). Which one ran is told through ``say``."""
     from tqdm import tqdm
 
     size = label_shape(store)
-    Z = np.concatenate([to_host(z) for _, z in codes(params, store, batch_size, device=device)])  # N,h,w,D
-    D = Z.shape[-1]
+    D = params["W1"].shape[0]
     rng = np.random.default_rng(seed)
     bound = 1 / np.sqrt(D)
     probe = {"W": rng.uniform(-bound, bound, (n_classes, D)).astype(np.float32),
@@ -31,12 +45,13 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
     state = adam_init(probe)
     steps = epochs * ((store.N + batch_size - 1) // batch_size)
     labelled = 0
-    with tqdm(total=steps, desc="linear probe", unit="step", disable=not progress) as bar:
+    with CodeSource(params, store, batch_size, device, cache, cache_dir, say or (lambda m: None), progress) as source, \
+            tqdm(total=steps, desc="linear probe", unit="step", disable=not progress) as bar:
         for epoch in range(epochs):
             order = rng.permutation(store.N)
             for s in range(0, store.N, batch_size):
                 idx = np.sort(order[s:s + batch_size])
-                z = to_device(Z[idx], device)
+                z = source.read(idx)
                 host = store.read_labels(idx).astype(np.int64)
                 if epoch == 0:   # every label is seen once in the first epoch
                     valid = (host >= 0) & (host < n_classes)
@@ -54,6 +69,62 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
                 raise InputError(f"{store.labels_path}: no labelled pixels to train the linear probe on "
                                  "(every label is ignore)")
     return to_host(probe)
+
+
+class CodeSource:
+    """Codes of rows of ``store`` by index, on ``device``; a context manager that removes its
+    temporary code file on every exit path. See :func:`linear_probe` for the modes."""
+
+    def __init__(self, params, store: FeatureStore, batch_size, device, cache="auto", cache_dir=None,
+                 say=lambda m: None, progress=False):
+        if cache not in CACHE_MODES:
+            raise InputError(f"--probe-cache: expected one of {', '.join(CACHE_MODES)}, got {cache!r}")
+        self.params, self.store, self.batch_size, self.device = params, store, batch_size, device
+        self.mode, self.cache_dir, self.say, self.progress = cache, cache_dir, say, progress
+        self.tmp, self.codes = None, None
+
+    def __enter__(self):
+        s = self.store
+        D = self.params["W1"].shape[0]
+        nbytes = s.N * s.h * s.w * D * np.dtype(self.params["W1"].dtype).itemsize
+        base = Path(self.cache_dir or tempfile.gettempdir())
+        mode = self.mode
+        if mode == "auto":
+            mode = "memmap" if nbytes <= shutil.disk_usage(base).free // 2 else "none"
+        if mode == "none":
+            self.say(f"linear probe: codes recomputed from {s.path} every epoch (a code file of "
+                     f"{nbytes / 2**30:.1f} GiB would not fit in {base})" if self.mode == "auto" else
+                     f"linear probe: codes recomputed from {s.path} every epoch")
+            return self
+        self.tmp = Path(tempfile.mkdtemp(prefix="omh-ref-codes-", dir=base))
+        path = self.tmp / "codes.npy"
+        self.say(f"linear probe: caching the codes in {path} ({nbytes / 2**30:.2f} GiB, removed afterwards)")
+        try:
+            create_npy(path, (s.N, s.h, s.w, D), self.params["W1"].dtype)
+            w = RowWriter(path)
+            try:
+                for start, z in codes(self.params, s, self.batch_size, device=self.device):
+                    w.write(start, to_host(z))
+            finally:
+                w.close()
+            self.codes = FeatureStore(path)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def read(self, idx):
+        """Codes (len(idx), h, w, D) of rows ``idx`` (sorted), on the device."""
+        if self.codes is not None:
+            return to_device(self.codes.read(idx, dtype=self.params["W1"].dtype), self.device)
+        f = to_device(self.store.read(idx).astype(self.params["W1"].dtype), self.device)
+        return code(self.params, f)
+
+    def __exit__(self, *exc):
+        self.codes = None
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
 
 def loss_and_grads(probe, z, lab, size, n_classes):

@@ -44,6 +44,7 @@ from ..core.errors import InputError
 from ..core.files import atomic_path, move_into_place, write_json
 from ..core.lock import FolderLock
 from ..features import meta as feats_meta
+from ..features.rows import RowWriter, create_npy
 from .backbone import Backbone, inspect_model, normalize, run, session
 from .datasets import Dataset, ImageError
 from .images import FIVE_CROP_RATIO, FIVE_CROPS, crops
@@ -103,39 +104,6 @@ class ExtractOptions:
     def images_per_chunk(self) -> int:
         ipb = self.images_per_batch
         return -(-self.chunk_size // ipb) * ipb
-
-
-# --------------------------------------------------------------------------------------------------
-# Row files: preallocated .npy written at byte offsets
-# --------------------------------------------------------------------------------------------------
-def create_npy(path, shape, dtype):
-    """A preallocated (sparse) .npy of ``shape``; returns nothing, rows are written by RowWriter."""
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    del mm
-
-
-class RowWriter:
-    """Writes whole rows of a C-ordered .npy in place (``os.pwrite``), from any process."""
-
-    def __init__(self, path):
-        arr = np.load(path, mmap_mode="r")
-        self.shape, self.dtype, self.offset = arr.shape, arr.dtype, arr.offset
-        del arr
-        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        self.fd = os.open(path, os.O_RDWR)
-
-    def write(self, row: int, rows: np.ndarray):
-        data = np.ascontiguousarray(rows, dtype=self.dtype)
-        assert data.shape[1:] == self.shape[1:] and row + len(data) <= self.shape[0]
-        buf, pos = memoryview(data).cast("B"), self.offset + row * self.row_bytes
-        while len(buf):
-            n = os.pwrite(self.fd, buf, pos)
-            buf, pos = buf[n:], pos + n
-
-    def close(self, sync=True):
-        if sync:
-            os.fsync(self.fd)
-        os.close(self.fd)
 
 
 # --------------------------------------------------------------------------------------------------
