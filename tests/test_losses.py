@@ -60,6 +60,20 @@ def test_cluster_grad(target, P, K, tau, seed):
     assert check_vjp(fwd, cluster.backward, (s, log_softmax.forward(s, tau)[0]), seed=seed).passed
 
 
+def test_hard_targets_break_ties_to_the_lowest_index():
+    """Tied maxima give one 1 at the first of them (torch.argmax, STEGO's one_hot(argmax)), so a
+    tied row's hard loss is −max s, not −(number of ties)·max s."""
+    s = np.array([[0.5, 0.5, 0.1],       # tie at the front
+                  [-0.2, 0.3, 0.3],      # tie at the back
+                  [0.7, 0.7, 0.7],       # all tied
+                  [0.1, -0.4, 0.9]])     # no tie
+    Q = cluster.hard_targets(s)
+    np.testing.assert_array_equal(Q, [[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1]])
+    assert Q.dtype == s.dtype
+    loss, _ = cluster.forward(s, log_softmax.forward(s, 0.1)[0], "hard")
+    assert loss == pytest.approx(-(0.5 + 0.3 + 0.7 + 0.9) / 4, rel=1e-15)
+
+
 @given(P=st.integers(5, 40), K=dims, eps=st.sampled_from([1.0, 0.05, 1e-3]), seed=seeds)
 def test_balanced_targets_are_balanced(P, K, eps, seed):
     rng, r = _rand(seed)

@@ -296,6 +296,14 @@ def test_relaxed_targets(rng, P, K, eps_q, iters, rho):
     assert_close(Q, np_(tQ), VAL_RTOL, "relaxed targets")
 
 
+def test_hard_targets_ties(rng):
+    """Tied logits (rounded to halves, so many rows hold tied maxima): the same one-hot rows as
+    torch's argmax, which takes the first of tied maxima."""
+    s = np.round(2 * np.tanh(rng.standard_normal((40, 5)))) / 2
+    assert (np.sum(s == s.max(1, keepdims=True), axis=1) > 1).sum() >= 5
+    np.testing.assert_array_equal(cluster.hard_targets(s), np_(tr.hard_targets(tr.tensor(s))))
+
+
 @pytest.mark.parametrize("target", ["balanced", "soft", "hard"])
 def test_cluster_loss(rng, target):
     P, K, tau = 15, 7, 0.37
