@@ -206,16 +206,33 @@ def _simplex(rng, shape):
     return x / x.sum(-1, keepdims=True)
 
 
-@pytest.mark.parametrize("lead", [(), (2,)])
-@pytest.mark.parametrize("eps,n_iters,spread", [(0.5, 1, 2.0), (0.3, 7, 2.0), (0.05, 50, 2.0),
-                                                (1e-3, 13, 0.02)])
-def test_sinkhorn_unrolled(rng, lead, eps, n_iters, spread):
-    """Costs uniform in [0, spread]; at ε = 1e-3 the spread keeps C/ε ~ 20 so the plan is not yet
-    a vertex and its gradient is not pure rounding (see test_sinkhorn_vertex_regime)."""
-    n, m = 5, 3
+def _cost(rng, lead, n, m, spread, offset):
+    """Costs uniform in [0, spread], plus (offset > 0) a row offset uniform in [0, offset] and
+    column offsets evenly spaced over [0, offset] in random order. The offsets do not change the
+    plan (the potentials absorb them) but make every row's span at least offset − spread."""
     cost = rng.random(lead + (n, m)) * spread
+    if offset:
+        cols = rng.permuted(np.broadcast_to(np.linspace(0.0, offset, m), lead + (1, m)), axis=-1)
+        cost = cost + offset * rng.random(lead + (n, 1)) + cols
+    return cost
+
+
+@pytest.mark.parametrize("lead", [(), (2,)])
+@pytest.mark.parametrize("eps,n_iters,spread,offset,domain", [
+    (0.5, 1, 2.0, 0.0, "scaling"), (0.3, 7, 2.0, 0.0, "scaling"), (0.05, 50, 2.0, 0.0, "scaling"),
+    (0.05, 50, 1.0, 8.0, "log"), (1e-3, 13, 0.02, 0.0, "scaling"), (1e-3, 13, 0.02, 2.0, "log"),
+    (1e-3, 50, 0.02, 2.0, "log")])
+def test_sinkhorn_unrolled(rng, lead, eps, n_iters, spread, offset, domain):
+    """Each case runs the domain it names (asserted). The interaction part of the cost spreads over
+    at most 40·ε, so the plan is not yet a vertex and its gradient is not pure rounding (see
+    test_sinkhorn_vertex_regime); the log cases' offsets put every row's span/ε at 140 (ε = 0.05)
+    and ~2000 (ε = 1e-3), far above the scaling domain's limit of 40, with potentials ~offset/ε.
+    Same tolerances as every other op (measured worst over 100 seeds at ε = 1e-3, log: 1e-11)."""
+    n, m = 5, 3
+    cost = _cost(rng, lead, n, m, spread, offset)
     a, b = _simplex(rng, lead + (n,)), _simplex(rng, lead + (m,))
     plan, cache = sk.forward(cost, a, b, eps, n_iters)
+    assert (cache.E is None) == (domain == "log"), f"expected the {domain} domain to run"
     dplan = rng.standard_normal(plan.shape)
     tplan, (dC, da, db) = torch_vjp(lambda C, a, b: tr.sinkhorn(C, a, b, eps, n_iters),
                                     (cost, a, b), dplan, [0, 1, 2])
@@ -227,19 +244,29 @@ def test_sinkhorn_unrolled(rng, lead, eps, n_iters, spread):
     assert_close(got_db, db, GRAD_RTOL, "sinkhorn db")
 
 
+# Rounding of a vertex plan's cost gradient, relative to |dplan ⊙ plan|/ε (the size of the terms
+# it cancels): measured ≤ 6.5e-14 over 400 random problems.
+VERTEX_ROUNDING = 1e-12
+
+
 def test_sinkhorn_vertex_regime(rng):
-    """ε = 1e-3 with costs in [0, 2]: C/ε up to 2000, the plan is an OT vertex and dC is a
-    cancellation of terms of size |dplan ⊙ plan|/ε, so both sides agree only to rounding at that
-    scale. Checks the forward to 1e-8 and that nothing overflows or turns NaN."""
+    """ε = 1e-3 with costs in [0, 2] (log domain, C/ε up to 2000): the plan is an OT vertex, whose
+    true cost gradient is ~e^(−gap/ε), between 1e-11 and 1e-100 in 400 random problems, while both
+    sides compute it as a cancellation of terms of size |dplan ⊙ plan|/ε ~ 1e2..1e3 and so carry
+    rounding of ~1e-14 of that. A relative comparison cannot hold there (it is rounding over a
+    number far below it); the cost gradient is compared at the rounding scale instead, the plan
+    and the marginal gradients (which stay O(1)) at the usual tolerances."""
     cost = rng.random((5, 3)) * 2.0
     a, b = _simplex(rng, (5,)), _simplex(rng, (3,))
     plan, cache = sk.forward(cost, a, b, 1e-3, 13)
+    assert cache.E is None
     dplan = rng.standard_normal(plan.shape)
     tplan, (dC, da, db) = torch_vjp(lambda C, a, b: tr.sinkhorn(C, a, b, 1e-3, 13), (cost, a, b), dplan, [0, 1, 2])
     assert_close(plan, tplan, VAL_RTOL, "plan")
     got_dC, got_da, got_db = sk.backward(dplan, cache)
     assert all(np.isfinite(g).all() for g in (got_dC, got_da, got_db))
-    assert_close(got_dC, dC, GRAD_RTOL, "dcost", scale=np.abs(dplan * plan).max() / 1e-3)
+    scale = np.abs(dplan * plan).max() / 1e-3
+    assert np.abs(got_dC - dC).max() <= VERTEX_ROUNDING * scale, "dcost beyond rounding"
     assert_close(got_da, da, GRAD_RTOL, "da")
     assert_close(got_db, db, GRAD_RTOL, "db")
 

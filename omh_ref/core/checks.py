@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import head, model
-from .gradcheck import check_jacobian, check_vjp
+from .gradcheck import TOLERANCES, Report, _shapes, check_jacobian, check_vjp
 from .losses import cluster, correlation, hierarchy
 from .ops import (cosine, dropout, grid_sample, kl, linear, log_softmax, normalize, relu, resize, sinkhorn,
                   softmax)
@@ -21,12 +21,20 @@ def _simplex(rng, shape):
     return x / x.sum(-1, keepdims=True)
 
 
-def sinkhorn_case(rng, eps, n_iters, mode="unrolled", lead=(2,), spread=2.0):
+def sinkhorn_case(rng, eps, n_iters, mode="unrolled", lead=(2,), spread=2.0, offset=0.0):
     """(forward, backward, args) for the plan as a function of (cost, a, b); a and b perturbations
     are projected to zero total mass (Σa = Σb must hold), which the implicit gauge also requires.
-    Costs are uniform in [0, spread]."""
+
+    Costs are uniform in [0, spread] plus a row offset uniform in [0, offset] and column offsets
+    evenly spaced over [0, offset] in random order. The offsets leave the plan unchanged (the
+    potentials absorb them) but widen every row's span to at least offset − spread: with that
+    ≫ 40·ε the kernel could underflow, so the log domain runs with potentials ~offset/ε, while the
+    plan stays as far from a vertex as ``spread`` makes it."""
     n, m = rng.integers(2, 7, size=2)
     cost = rng.random(lead + (n, m)) * spread
+    if offset:
+        cols = rng.permuted(np.broadcast_to(np.linspace(0.0, offset, m), lead + (1, m)), axis=-1)
+        cost = cost + offset * rng.random(lead + (n, 1)) + cols
     a, b = _simplex(rng, (n,)), _simplex(rng, (m,))
 
     def forward(cost, a, b):
@@ -40,6 +48,17 @@ def sinkhorn_case(rng, eps, n_iters, mode="unrolled", lead=(2,), spread=2.0):
         db = db.reshape(-1, db.shape[-1]).sum(0)
         return dc, da - da.mean(), db - db.mean()   # the projection's transpose
     return forward, backward, (cost, a, b)
+
+
+def check_in_domain(case, domain, name, **fd):
+    """check_vjp of a :func:`sinkhorn_case`, failing (with the domain in the row) when the forward
+    ran the other domain: a case named for a path must exercise that path."""
+    forward, backward, args = case
+    ran = "log" if forward(*args)[1].E is None else "scaling"
+    if ran != domain:
+        return Report(f"{name} (ran the {ran} domain)", _shapes(args), float("inf"),
+                      TOLERANCES["float64"]["rtol"], False)
+    return check_vjp(forward, backward, args, name=name, **fd)
 
 
 def cases(seed=0):
@@ -77,14 +96,20 @@ def cases(seed=0):
         lambda x: grid_sample.forward(x, coords[:1, :2, :2]), grid_sample.backward, (r(1, 3, 2, 2),),
         name="jacobian:grid_sample")
 
-    for eps, it in ((1.0, 10), (0.05, 30), (1e-3, 50)):
-        name = f"sinkhorn unrolled eps={eps:g}"
-        # Costs spread over 20·eps keep the plan away from a vertex, where every gradient would
-        # vanish and the check would prove nothing; the step scales with eps because the plan's
-        # curvature grows like 1/eps (central-difference error ~ h²/eps³).
-        step = 1e-6 * min(1.0, eps * 10)
-        yield name, (lambda c=sinkhorn_case(rng, eps, it, spread=min(2.0, 20 * eps)), nm=name, h=step:
-                     check_vjp(*c, eps=h, name=nm))
+    # Each unrolled case names the domain it must run (check_in_domain fails it otherwise). The
+    # interaction part of the cost spreads over at most 20·ε, which keeps the plan away from a
+    # vertex, where every cost gradient vanishes and the check would prove nothing; the log cases
+    # add row and column offsets (every row's span/ε ≥ 140 at ε = 0.05 and ≥ 1980 at ε = 1e-3, far
+    # above the scaling domain's 40).
+    # The step scales with ε because the plan's curvature grows like 1/ε (central-difference error
+    # ~ h²/ε³); at ε = 1e-3 with potentials ~1/ε the 4-point stencil at h = 1e-5 has a worst
+    # relative error of 4e-6 over 200 random cases (2-point at 1e-8: 4e-5, rounding).
+    for eps, it, domain in ((1.0, 10, "scaling"), (0.05, 30, "scaling"), (0.05, 30, "log"),
+                            (1e-3, 50, "scaling"), (1e-3, 50, "log")):
+        name = f"sinkhorn unrolled eps={eps:g} {domain}"
+        fd = dict(stencil=4, eps=1e-5) if (eps < 0.01 and domain == "log") else dict(eps=1e-6 * min(1.0, eps * 10))
+        c = sinkhorn_case(rng, eps, it, spread=min(2.0, 20 * eps), offset=max(2.0, 160 * eps) if domain == "log" else 0.0)
+        yield name, (lambda c=c, d=domain, nm=name, fd=fd: check_in_domain(c, d, nm, **fd))
     yield "sinkhorn implicit eps=0.1", (lambda c=sinkhorn_case(rng, 0.1, 2000, "implicit"):
                                         check_vjp(*c, name="sinkhorn implicit eps=0.1"))
     yield "jacobian:sinkhorn", (lambda c=sinkhorn_case(rng, 0.2, 15, lead=()):
