@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from omh_ref.core import head, model  # noqa: E402
+from omh_ref.core.config import Config  # noqa: E402
 from omh_ref.core.losses import cluster, correlation, hierarchy  # noqa: E402
 from omh_ref.core.ops import (cosine, dropout, grid_sample, kl, linear, log_softmax,  # noqa: E402
                          normalize, relu, resize, softmax)
@@ -379,13 +380,19 @@ MODEL_CASES = {
     "no-dropout-two-levels": {"dropout": 0.0, "levels": (5, 3), "neg_samples": 3},
     "one-level-no-neg": {"levels": (7,), "weight_neg": 0.0},
     "implicit-converged": {"sinkhorn_backward": "implicit", "sinkhorn_iters": 400},
+    "shipped-defaults": None,   # Config(): τ 0.1, ε 0.2, levels 108/54/27, C 384, D 70, weights as shipped
 }
+
+
+def model_case_config(case):
+    """small_config (distinct, non-unit loss weights) with the case's fields, or every default."""
+    return Config() if MODEL_CASES[case] is None else model.small_config(**MODEL_CASES[case])
 
 
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
 @pytest.mark.parametrize("seed", [3, 11])
 def test_model(case, seed):
-    cfg = model.small_config(**MODEL_CASES[case])
+    cfg = model_case_config(case)
     rng = np.random.default_rng(seed)
     params = model.init_params(cfg, rng, dtype=np.float64)
     batch = model.random_batch(cfg, rng)

@@ -7,9 +7,12 @@ drawn from the seed, so a seed names one exact run.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from . import head, model
+from .config import Config
 from .gradcheck import TOLERANCES, Report, _shapes, check_jacobian, check_vjp
 from .losses import cluster, correlation, hierarchy
 from .ops import (cosine, dropout, grid_sample, kl, linear, log_softmax, normalize, relu, resize, sinkhorn,
@@ -151,11 +154,21 @@ def cases(seed=0):
                 "model stego baseline": dict(baseline="stego")}
     for name, over in variants.items():
         yield name, (lambda over=over, nm=name, s=int(rng.integers(1 << 30)): model_check(s, nm, **over))
+    # The real defaults (every Config field as shipped: τ = 0.1, ε = 0.2, levels 108/54/27, C = 384,
+    # D = 70, 11 x 11 samples, 5 negatives), float64, on the small batch. Step 1e-8: at this size
+    # ~300k clamped code correlations and ~46k ReLUs put a few kinks within a 1e-6 step of the
+    # point, each worth ~1e-5 of the quotient (16 seeds: worst 8e-5, 3 over rtol; zero_clamp off:
+    # median 15x lower); at 1e-8 almost none is crossed and rounding stays ~7e-7 (worst 1e-6).
+    yield "model omh defaults", (lambda s=int(rng.integers(1 << 30)): model_check(
+        s, "model omh defaults", cfg=Config(), step=DEFAULTS_STEP))
 
     # The projection head as one piece (weights only: its input, the backbone's features, is frozen).
     hp, x_head = tuple(head.init(C, D, rng, np.float64).values()), r(N, H, C)
     yield "head", lambda: check_vjp(lambda *w: head.forward(dict(zip(head.KEYS, w)), x_head),
                                      lambda dz, cache: tuple(head.backward(dz, cache).values()), hp, name="head")
+
+
+DEFAULTS_STEP = 1e-8   # finite-difference step of the whole-model check at the shipped defaults
 
 
 def hierarchy_from_logits(tau=0.5, lam_w=0.1, **kw):
@@ -175,10 +188,12 @@ def hierarchy_from_logits(tau=0.5, lam_w=0.1, **kw):
     return forward, backward
 
 
-def model_check(seed, name="model", **overrides):
+def model_check(seed, name="model", cfg=None, step=None, **overrides):
     """Gradient check of the whole objective w.r.t. every parameter, randomness and the
-    no-gradient cluster targets held fixed."""
-    cfg = model.small_config(**overrides)
+    no-gradient cluster targets held fixed, in float64 on a small batch (3 images, 5 x 4 grid).
+    ``cfg`` (default :func:`omh_ref.core.model.small_config`) with ``overrides`` applied; ``step``
+    the finite-difference step (default the checker's)."""
+    cfg = model.small_config(**overrides) if cfg is None else dataclasses.replace(cfg, **overrides)
     rng = np.random.default_rng(seed)
     params = model.init_params(cfg, rng, dtype=np.float64)
     batch = model.random_batch(cfg, rng)
@@ -201,10 +216,10 @@ def model_check(seed, name="model", **overrides):
         return tuple(grads[k] for k in keys)
     vals = tuple(params.values())
     if not cfg.detach_clusters:
-        return check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1)
-    full = check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1,
+        return check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1, eps=step)
+    full = check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1, eps=step,
                      wrt=[i for i in range(len(keys)) if i not in head_idx])
-    corr = check_vjp(objective("corr"), backward, vals, name=name, n_dirs=1, wrt=head_idx)
+    corr = check_vjp(objective("corr"), backward, vals, name=name, n_dirs=1, eps=step, wrt=head_idx)
     return max(full, corr, key=lambda rep: (not rep.passed, rep.max_rel_err))
 
 
