@@ -72,9 +72,21 @@ def test_training_changes_params_and_logs(feats, tmp_path):
     assert [ln["step"] for ln in lines] == [10, 20]
     for key in ("loss", "corr", "clu_0", "hier_0", "sinkhorn_err_0", "plan_sparsity_0", "seconds"):
         assert key in lines[-1]
+
+
+def test_first_step_is_adams_at_each_parameters_rate(feats, tmp_path):
+    """After one step from the seed's initialisation every entry has moved by Adam's first step,
+    lr · |g| / (|g| + 1e-8): at most its rate, and the rate itself wherever |g| ≫ 1e-8 (here
+    3e-4 for the head and 7e-3 for the centroids, so a swapped or ignored rate fails)."""
+    cfg = small_cfg()
+    res = train(cfg, opts(feats, tmp_path / "r", steps=1, lr=3e-4, lr_clusters=7e-3), say=quiet)
     init = model.init_params(cfg, np.random.default_rng(0))
     trained = checkpoint.load(res["checkpoint"])["params"]
-    assert not np.allclose(init["W1"], trained["W1"])
+    for k in init:
+        rate = 7e-3 if k.startswith("M") else 3e-4
+        moved = np.abs(trained[k].astype(np.float64) - init[k]) / rate
+        assert moved.max() <= 1 + 1e-3, k                      # float32 rounding of p − Δ
+        assert abs(np.median(moved) - 1) <= 1e-3, (k, np.median(moved))
 
 
 def test_same_seed_same_result(feats, tmp_path):
@@ -95,7 +107,12 @@ def test_resume_trims_the_log_past_the_checkpoint(feats, tmp_path):
         f.write(json.dumps({"step": 30, "loss": 0.0}) + "\n" + '{"step": 40, "lo')
     train(cfg, opts(feats, tmp_path / "r", steps=40, resume=str(tmp_path / "r" / "ckpt.npz")), say=quiet)
     steps = [json.loads(ln)["step"] for ln in log.read_text().splitlines()]
-    assert steps == [10, 20, 30, 40] and json.loads(log.read_text().splitlines()[2])["loss"] != 0.0
+    assert steps == [10, 20, 30, 40]
+    # the re-logged records are the ones of a run that was never killed
+    train(cfg, opts(feats, tmp_path / "straight", steps=40), say=quiet)
+    strip = lambda p: [{k: v for k, v in json.loads(ln).items() if k != "seconds"}  # noqa: E731
+                       for ln in open(p).read().splitlines()]
+    assert strip(log) == strip(tmp_path / "straight" / "log.jsonl")
 
 
 def test_divergence_saves_a_resumable_state_before_the_step(feats, tmp_path, monkeypatch):
@@ -334,8 +351,47 @@ def test_shifts_auto_are_chosen_and_logged(tmp_path, feats):
                         "--shifts", "auto")
     assert code == 0 and "shifts auto:" in out
     cfg = checkpoint.load(tmp_path / "o" / "ckpt.npz")["config"]
-    assert cfg.shift_neg != model.Config().shift_neg
-    assert -1 <= cfg.shift_neg <= cfg.shift_intra <= 1
+    # the run's shifts are auto_shifts' values on its features, drawn from the child generator
+    # [seed, 1], and the ones printed
+    from omh_ref.features.knn import load_knn
+    from omh_ref.features.store import FeatureStore
+    from omh_ref.train.loop import auto_shifts
+
+    store = FeatureStore(feats)
+    knn = load_knn(store.path.with_name("knn.npy"), store, min_k=7)[:, :8]
+    want = auto_shifts(store, knn, cfg, np.random.default_rng([0, 1]))
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert ", ".join(f"{k}={v:.4f}" for k, v in want.items()) in out
+
+
+def _constant_images(path, vectors, h=3, w=4):
+    """A feature file whose image n has every patch equal to vectors[n]."""
+    f = open_memmap(path, mode="w+", dtype=np.float32, shape=(len(vectors), h, w, vectors.shape[1]))
+    f[:] = vectors[:, None, None, :]
+    f.flush()
+    del f
+    return str(path)
+
+
+def test_auto_shifts_are_each_pair_types_mean_correlation(tmp_path):
+    """Images that are one vector each, so every pair type's correlation is known exactly: intra
+    (an image with itself) 1; orthonormal images: inter and neg 0; twins (2j, 2j+1 share a vector,
+    each the other's first KNN partner): inter 1."""
+    from omh_ref.features.knn import build_knn, load_knn
+    from omh_ref.features.store import FeatureStore
+    from omh_ref.train.loop import auto_shifts
+
+    cfg = model.small_config(in_dim=8)
+    for name, vectors, inter in (("orthonormal", 3 * np.eye(8), 0.0),
+                                 ("twins", np.repeat(2 * np.eye(8)[:4], 2, axis=0), 1.0)):
+        store = FeatureStore(_constant_images(tmp_path / f"{name}.npy", vectors.astype(np.float32)))
+        build_knn(store, tmp_path / f"{name}_knn.npy", k=1)
+        knn = load_knn(tmp_path / f"{name}_knn.npy", store, min_k=1)
+        got = auto_shifts(store, knn, cfg, np.random.default_rng(0))
+        assert got["shift_intra"] == pytest.approx(1.0, abs=1e-6), name
+        assert got["shift_inter"] == pytest.approx(inter, abs=1e-6), name
+        if name == "orthonormal":
+            assert got["shift_neg"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_train_without_features_uses_the_embedded_demo_data(tmp_path):
