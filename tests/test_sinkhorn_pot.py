@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from omh_ref.core.backend import to_host
+from omh_ref.core.errors import NonFiniteError
 from omh_ref.core.ops import sinkhorn as sk
 from omh_ref.core.ops.sinkhorn import marginal_errors
 from tests.strategies import arrays, seeds, simplex
@@ -412,15 +413,26 @@ def test_bad_backward_mode(xp):
         sk.forward(*_ok_args(xp), 0.1, 5, backward="exact")
 
 
-@pytest.mark.parametrize("which, value", [("a", 0.0), ("a", -0.2), ("b", 0.0), ("b", -0.1),
-                                          ("a", float("nan"))])
+@pytest.mark.parametrize("which, value", [("a", 0.0), ("a", -0.2), ("b", 0.0), ("b", -0.1)])
 def test_nonpositive_marginal(which, value, xp):
     C, a, b = (to_host(x).copy() for x in _ok_args(xp))
     x = a if which == "a" else b
     x[1] = value
-    x[0] += -value if np.isfinite(value) else 0.0      # keep the masses equal where possible
+    x[0] += -value                                   # keep the masses equal
     # the message names both marginals ("a and b"), not only the offending one
-    with pytest.raises(ValueError, match=r"marginals a and b must be strictly positive"):
+    with pytest.raises(ValueError, match=r"marginals a and b must be strictly positive") as e:
+        sk.forward(xp.asarray(C), xp.asarray(a), xp.asarray(b), 0.1, 5)
+    assert not isinstance(e.value, NonFiniteError)   # bad input, not a divergence
+
+
+@pytest.mark.parametrize("which, value", [("a", float("nan")), ("b", float("inf")), ("cost", float("nan")),
+                                          ("cost", -float("inf"))])
+def test_non_finite_input_is_a_non_finite_error(which, value, xp):
+    """NaN or inf (what diverging parameters produce) raise omh-ref's NonFiniteError, the one type
+    training reports as a divergence."""
+    C, a, b = (to_host(x).copy() for x in _ok_args(xp))
+    {"a": a, "b": b, "cost": C}[which].flat[1] = value
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
         sk.forward(xp.asarray(C), xp.asarray(a), xp.asarray(b), 0.1, 5)
 
 
@@ -462,5 +474,5 @@ def test_nonfinite_cost(xp):
     C, a, b = _ok_args(xp)
     C = to_host(C).copy()
     C[1, 2] = np.inf
-    with pytest.raises(ValueError, match="cost contains NaN or inf"):
+    with pytest.raises(NonFiniteError, match="cost contains NaN or inf"):
         sk.forward(xp.asarray(C), a, b, 0.1, 5)

@@ -115,29 +115,102 @@ def test_resume_trims_the_log_past_the_checkpoint(feats, tmp_path):
     assert strip(log) == strip(tmp_path / "straight" / "log.jsonl")
 
 
-def test_divergence_saves_a_resumable_state_before_the_step(feats, tmp_path, monkeypatch):
-    """An error from non-finite parameters (here injected at step 4) is a one-line divergence; the
-    saved state continues bit-exactly as if nothing had happened."""
-    from omh_ref.train import loop as train_mod
-
-    cfg = small_cfg()
-    train(cfg, opts(feats, tmp_path / "straight", steps=6), say=quiet)
+def _fail_at_call(n, make_failure):
+    """model.loss_and_grads whose n-th call goes through ``make_failure(real, args, kwargs)``."""
     real, calls = model.loss_and_grads, []
 
     def flaky(*a, **k):
         calls.append(1)
-        if len(calls) == 4:
-            raise ValueError("sinkhorn: marginals a and b must be strictly positive")
-        return real(*a, **k)
+        return make_failure(real, a, k) if len(calls) == n else real(*a, **k)
+    return flaky
 
-    monkeypatch.setattr(train_mod.model, "loss_and_grads", flaky)
-    with pytest.raises(InputError, match=r"training diverged at step 4 \(ValueError: sinkhorn: .*diverged.npz"):
+
+def _nan_gradient(real, a, k):
+    loss, parts, grads = real(*a, **k)          # a finite loss
+    grads = dict(grads, W3=grads["W3"].copy())
+    grads["W3"][1, 2] = np.nan
+    return loss, parts, grads
+
+
+def _nan_centroid(real, a, k):
+    params = dict(a[0], M1=a[0]["M1"].copy())   # what the step sees; the run's own stay finite
+    params["M1"][0, 0] = np.nan
+    return real(params, *a[1:], **k)
+
+
+@pytest.mark.parametrize("failure,why", [
+    (_nan_gradient, r"gradient squared norm nan: non-finite entries in W3"),
+    (_nan_centroid, r"sinkhorn: cost contains NaN or inf"),
+])
+def test_divergence_saves_the_state_before_the_step(feats, tmp_path, monkeypatch, failure, why):
+    """A NaN gradient with a finite loss, and a NaN reaching the hierarchy's Sinkhorn, at step 4:
+    a one-line divergence, and diverged.npz is the state after step 3 exactly (parameters, Adam
+    moments and count, generator, data position: equal to a 3-step run's checkpoint), which
+    resumes bit-exactly as if nothing had happened."""
+    from omh_ref.train import loop as train_mod
+
+    cfg = small_cfg()
+    train(cfg, opts(feats, tmp_path / "three", steps=3), say=quiet)
+    train(cfg, opts(feats, tmp_path / "straight", steps=6), say=quiet)
+    monkeypatch.setattr(train_mod.model, "loss_and_grads", _fail_at_call(4, failure))
+    with pytest.raises(InputError, match=rf"training diverged at step 4 \({why}\).*diverged.npz") as e:
         train(cfg, opts(feats, tmp_path / "d", steps=6), say=quiet)
+    assert "\n" not in str(e.value)
     monkeypatch.undo()
-    assert checkpoint.load(tmp_path / "d" / "diverged.npz")["step"] == 3
+    d, three = (checkpoint.load(p) for p in (tmp_path / "d" / "diverged.npz", tmp_path / "three" / "ckpt.npz"))
+    assert d["step"] == 3 and d["opt_state"]["t"] == three["opt_state"]["t"] == 3
+    for k in three["params"]:
+        assert np.array_equal(d["params"][k], three["params"][k]), k
+        assert np.array_equal(d["opt_state"]["m"][k], three["opt_state"]["m"][k]), k
+        assert np.array_equal(d["opt_state"]["v"][k], three["opt_state"]["v"][k]), k
+    assert d["rng"].bit_generator.state == three["rng"].bit_generator.state
+    assert np.array_equal(d["arrays"]["order"], three["arrays"]["order"]) and d["info"]["pos"] == three["info"]["pos"]
     train(cfg, opts(feats, tmp_path / "d", steps=6, resume=str(tmp_path / "d" / "diverged.npz")), say=quiet)
     a, b = (checkpoint.load(tmp_path / d / "ckpt.npz") for d in ("straight", "d"))
     assert all(np.array_equal(a["params"][k], b["params"][k]) for k in a["params"])
+
+
+def test_a_bug_is_not_reported_as_divergence(feats, tmp_path, monkeypatch):
+    """Only omh-ref's NonFiniteError is a divergence: any other error (a ValueError included)
+    propagates as itself, with its traceback, and writes no diverged.npz."""
+    from omh_ref.train import loop as train_mod
+
+    def bug(real, a, k):
+        raise ValueError("an unrelated bug")
+    monkeypatch.setattr(train_mod.model, "loss_and_grads", _fail_at_call(2, bug))
+    with pytest.raises(ValueError, match="an unrelated bug") as e:
+        train(small_cfg(), opts(feats, tmp_path / "b", steps=4), say=quiet)
+    assert type(e.value) is ValueError and e.traceback[-1].name == "bug"   # raised where it happened
+    assert not (tmp_path / "b" / "diverged.npz").exists()
+
+
+def test_resume_from_non_finite_parameters_is_refused(feats, tmp_path):
+    cfg = small_cfg()
+    train(cfg, opts(feats, tmp_path / "r", steps=2), say=quiet)
+    ck = checkpoint.load(tmp_path / "r" / "ckpt.npz")
+    ck["params"]["b2"][0] = np.inf
+    checkpoint.save(tmp_path / "r" / "bad.npz", ck["params"], ck["opt_state"], ck["step"], ck["rng"], ck["config"],
+                    arrays=ck["arrays"], info=ck["info"])
+    with pytest.raises(InputError, match=r"bad.npz: non-finite values in b2; resume from an earlier"):
+        train(cfg, opts(feats, tmp_path / "r", steps=4, resume=str(tmp_path / "r" / "bad.npz")), say=quiet)
+
+
+def test_adam_refuses_non_finite_gradients_before_changing_anything():
+    from omh_ref.core.errors import NonFiniteError
+    from omh_ref.core.optim import adam_init, adam_step
+
+    params = {"a": np.ones(3, np.float32), "b": np.zeros((2, 2), np.float32)}
+    state = adam_init(params)
+    assert adam_step(params, {"a": np.ones(3, np.float32), "b": np.full((2, 2), 2, np.float32)}, state, 0.1) == 19.0
+    before = ({k: v.copy() for k, v in params.items()}, {k: v.copy() for k, v in state["m"].items()},
+              {k: v.copy() for k, v in state["v"].items()})
+    for g, msg in ((np.array([1, np.nan, 0], np.float32), "non-finite entries in a"),
+                   (np.array([1e20, 0, 0], np.float32), "an overflow")):     # finite, but g² is not
+        with pytest.raises(NonFiniteError, match=msg):
+            adam_step(params, {"a": g, "b": np.zeros((2, 2), np.float32)}, state, 0.1)
+        assert state["t"] == 1
+        for now, then in zip((params, state["m"], state["v"]), before):
+            assert all(np.array_equal(now[k], then[k]) for k in now)
 
 
 def test_resume_into_another_runs_folder_is_refused(feats, tmp_path):
