@@ -18,7 +18,7 @@ from ..features.meta import listed_labels, path_for
 from ..features.store import FeatureStore
 from ..train.checkpoint import load_params
 from . import pictures
-from .hierarchy import hierarchy_plans, hierarchy_text
+from .hierarchy import UsageAccumulator, hierarchy_plans, hierarchy_text, marginals_note
 from .predict import cluster_eval, scores_json
 from .probe import linear_eval, linear_probe
 
@@ -78,9 +78,12 @@ def run(opts: EvalOptions) -> dict:
     names = resolve_class_names(opts.class_names, store, n_classes)
     if K < n_classes:
         raise InputError(f"{opts.checkpoint}: the eval level has {K} clusters, fewer than the {n_classes} classes")
+    eff = cfg.effective()
+    # the hierarchy's usage marginals, averaged over the split on the way (no code is kept)
+    usage = UsageAccumulator(cfg) if eff.marginals == "usage" and len(eff.levels) > 1 else None
     clu, preds = cluster_eval(params, cfg, store, n_classes, opts.batch_size, flipped, opts.device, keep=4,
                               crf_workers=max(opts.crf_workers, 1) if opts.crf else None,
-                              crf_timeout=opts.crf_timeout)
+                              crf_timeout=opts.crf_timeout, usage=usage)
     result = {"cluster": scores_json(clu), "crf": bool(opts.crf)}
     if opts.train_features or opts.train_labels:
         train_labels = opts.train_labels or (listed_labels(opts.train_features) if opts.train_features else None)
@@ -91,15 +94,20 @@ def run(opts: EvalOptions) -> dict:
                              device=opts.device, progress=opts.progress)
         lin = linear_eval(params, probe, store, n_classes, opts.batch_size, flipped, opts.device)
         result["linear"] = scores_json(lin)
-    plans = hierarchy_plans(params, cfg)
-    tree = hierarchy_text(plans, clu["match"].cluster_to_class, names, named_level=cfg.effective().eval_level)
-    result["hierarchy"] = {"plans": [p.round(4).tolist() for p in plans], "text": tree}
+    means = usage.means() if usage is not None else None
+    plans = hierarchy_plans(params, cfg, means)
+    tree = hierarchy_text(plans, clu["match"].cluster_to_class, names, named_level=eff.eval_level)
+    note = marginals_note(cfg, usage.images if usage is not None else None)
+    result["hierarchy"] = {"marginals": note["marginals"], "trained_with": note["trained_with"],
+                           "marginals_text": note["text"],
+                           "usage": None if means is None else [m.round(6).tolist() for m in means],
+                           "plans": [p.round(4).tolist() for p in plans], "text": tree}
     result["class_names"] = names
     if opts.json:
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
         write_text(opts.json, json.dumps(result, indent=1))
     if opts.out:
-        write_pictures(Path(opts.out), store, clu, preds, plans, tree, names, n_classes)
+        write_pictures(Path(opts.out), store, clu, preds, plans, [f"# {note['text']}", *tree], names, n_classes)
     return result
 
 
@@ -169,7 +177,8 @@ def format_table(result) -> str:
         lines.append(f"unmatched clusters: {unmatched}")
     tree = result["hierarchy"]["text"]
     if tree:
-        lines.append("hierarchy (child clusters absorbed by each parent, share of the child's mass):")
+        lines.append("hierarchy (child clusters absorbed by each parent, share of the child's mass; "
+                     f"{result['hierarchy']['marginals_text']}):")
         lines += ["  " + t for t in tree]
     return "\n".join(lines)
 

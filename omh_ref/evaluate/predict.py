@@ -57,11 +57,13 @@ def cluster_logits(params, cfg: Config, z, size):
 
 
 def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size=16, flipped=None,
-                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0):
+                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0, usage=None):
     """Confusion over the whole split, Hungarian matching and scores.
 
     crf_workers: None = no CRF; else refine every prediction with the dense CRF on the images
-    that ``feats.json`` lists (serially for 1, a process pool otherwise).
+    that ``feats.json`` lists (serially for 1, a process pool otherwise). usage: a
+    :class:`~omh_ref.evaluate.hierarchy.UsageAccumulator` given every batch's codes on the way
+    (the levels' mean assignments over the split, for the hierarchy's usage marginals).
     -> (result dict {'miou', 'acc', 'iou', 'match', 'unmatched', 'confusion'}, first ``keep`` predictions)."""
     check_compat(params, cfg, store)
     size = label_shape(store)
@@ -70,6 +72,8 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
     paths = _crf_images(store, size) if crf_workers is not None else None
     kept = []
     for s, z in codes(params, store, batch_size, flipped, device):
+        if usage is not None:
+            usage.update(params, z)
         logits = cluster_logits(params, cfg, z, size)
         if paths is None:
             pred = to_host(logits.argmax(axis=-1))
