@@ -120,14 +120,37 @@ def test_eval_cli_prints_tables_and_writes_json_and_pngs(tmp_path):
             "--out", str(tmp_path / "pics"), "--quiet"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "cluster     100.00  100.00" in res.output and "green" in res.output and "L1:0" in res.output
+    assert "cluster    stego      100.00  100.00" in res.output and "cluster    strict     100.00  100.00" in res.output
+    assert "green" in res.output and "L1:0" in res.output
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["cluster"]["miou"] == pytest.approx(100.0) and "linear" in saved
+    assert saved["cluster"]["protocol"] == saved["linear"]["protocol"] == "stego"
+    assert saved["cluster"]["strict"]["miou"] == pytest.approx(100.0)
     assert saved["cluster"]["match"]["cluster_to_class"] == [1, 2, 0]
     for png in ("confusion_cluster.png", "predictions.png", "hierarchy_L0_L1.png"):
         assert (tmp_path / "pics" / png).is_file()
     # each parent absorbs the two fine clusters built from its prototype
     assert "L1:0 [green]" in res.output and "L0: 2 (" in res.output
+
+
+def test_both_extra_cluster_protocols_are_named_in_json_and_table():
+    """4 clusters, 2 classes: cluster 3 (an id >= n_classes) holds 2 pixels of class 1. STEGO's
+    protocol drops them; strict counts them against the unmatched pseudo-class."""
+    from omh_ref.evaluate import job, metrics
+
+    conf = np.array([[5, 1], [0, 4], [0, 0], [0, 2]])
+    res = predict.scores_json(metrics.scores(conf))
+    assert res["protocol"] == "stego" and res["pixels"] == 10 and res["strict"]["pixels"] == 12
+    assert res["miou"] == pytest.approx(100 * (5 / 6 + 4 / 5) / 2) and res["acc"] == pytest.approx(90.0)
+    assert res["iou_unmatched"] is None and res["strict"]["iou_unmatched"] == 0.0
+    assert res["strict"]["miou"] == pytest.approx(100 * (5 / 6 + 4 / 7 + 0) / 3)
+    assert res["strict"]["acc"] == pytest.approx(75.0)
+    table = job.format_table({"cluster": res, "class_names": ["a", "b"],
+                              "hierarchy": {"text": [], "marginals_text": "uniform marginals, as trained"}})
+    assert f"cluster    stego      {res['miou']:6.2f}   90.00" in table
+    assert f"cluster    strict     {res['strict']['miou']:6.2f}   75.00" in table
+    assert metrics.PROTOCOLS["stego"] in table and metrics.PROTOCOLS["strict"] in table
+    assert "unmatched clusters (stego): [2, 3]; strict: [2, 3]" in table
 
 
 def test_eval_cli_bad_input(tmp_path):

@@ -19,6 +19,7 @@ from ..features.store import FeatureStore
 from ..train.checkpoint import load_params
 from . import pictures
 from .hierarchy import UsageAccumulator, hierarchy_plans, hierarchy_text, marginals_note
+from .metrics import PROTOCOLS
 from .predict import cluster_eval, scores_json
 from .probe import linear_eval, linear_probe
 
@@ -157,15 +158,19 @@ def resolve_class_names(spec, store: FeatureStore, n_classes) -> list:
 
 
 def format_table(result) -> str:
-    """The printed scores: both probes, per-class IoU with the matched cluster, the hierarchy."""
+    """The printed scores: both probes under both extra-cluster protocols (named), per-class IoU
+    under the headline protocol with the matched cluster, the hierarchy."""
     names = result["class_names"]
-    lines = [f"{'probe':<10} {'mIoU':>7} {'acc':>7}"]
+    headline = result["cluster"]["protocol"]
+    lines = [f"{'probe':<10} {'protocol':<9} {'mIoU':>7} {'acc':>7}"]
     for probe in ("cluster", "linear"):
         if probe in result:
-            lines.append(f"{probe:<10} {result[probe]['miou']:7.2f} {result[probe]['acc']:7.2f}")
+            for protocol, r in ((headline, result[probe]), ("strict", result[probe]["strict"])):
+                lines.append(f"{probe:<10} {protocol:<9} {_fmt(r['miou']):>7} {_fmt(r['acc']):>7}")
+    lines.append(f"({headline}: {PROTOCOLS[headline]}; strict: {PROTOCOLS['strict']})")
     lines.append("")
     head = f"{'class':<24} {'cluster IoU':>11}" + (f" {'linear IoU':>11}" if "linear" in result else "")
-    lines.append(head + f" {'cluster':>8}")
+    lines.append(head + f" {'cluster':>8}   ({headline} protocol)")
     c2k = result["cluster"]["match"]["class_to_cluster"]
     for c, name in enumerate(names):
         row = f"{name:<24} {_fmt(result['cluster']['iou'][c]):>11}"
@@ -174,7 +179,8 @@ def format_table(result) -> str:
         lines.append(row + f" {c2k[c]:>8}")
     unmatched = result["cluster"]["match"]["unmatched"]
     if unmatched:
-        lines.append(f"unmatched clusters: {unmatched}")
+        lines.append(f"unmatched clusters ({headline}): {unmatched}; strict: "
+                     f"{result['cluster']['strict']['match']['unmatched']}")
     tree = result["hierarchy"]["text"]
     if tree:
         lines.append("hierarchy (child clusters absorbed by each parent, share of the child's mass; "
