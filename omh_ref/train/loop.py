@@ -7,6 +7,11 @@ bit-exactly: 100 steps straight equal 50 steps + resume + 50 steps.
 
 Ctrl-C (SIGINT) is caught between steps: the step in flight finishes, a checkpoint is written,
 and the loop returns ``interrupted=True``.
+
+A step that meets NaN or inf (in a Sinkhorn input, the loss or the gradients) raises
+:class:`~omh_ref.core.errors.NonFiniteError` before it changes anything; the loop saves the state
+from before that step as ``diverged.npz`` and stops with a one-line error. Other exceptions are
+bugs and propagate unchanged.
 """
 from __future__ import annotations
 
