@@ -295,9 +295,15 @@ def test_batched_equals_loop(prob, mode, seed, xp):
         np.testing.assert_allclose(plan[idx], to_host(p1), rtol=1e-12, atol=1e-300 if same else 1e-15)
         np.testing.assert_allclose(err[idx], to_host(c1.marginal_error), rtol=1e-10, atol=1e-15 if same else 1e-13)
         g1 = sk.backward(xp.asarray(dplan[idx]), c1)
-        for name, got, want in zip(("dcost", "da", "db"), grads, g1):
+        # Relative to max |want|, floored at 1e-6 of the size of the terms each gradient is a
+        # cancellation of (as assert_grad_close): a one-row problem's plan is b whatever the cost,
+        # so its true dcost is 0 and each domain returns its own rounding (-0 vs 5e-15, found by
+        # hypothesis), which only an absolute comparison at that scale can judge.
+        scales = (np.abs(dplan[idx] * plan[idx]).max() / eps, np.abs(dplan[idx]).max(), np.abs(dplan[idx]).max())
+        for name, got, want, scale in zip(("dcost", "da", "db"), grads, g1, scales):
             want = to_host(want)
-            assert rel_err(got[idx], want) <= (1e-10 if same else 1e-9), name
+            diff = np.abs(got[idx] - want).max()
+            assert diff <= (1e-10 if same else 1e-9) * max(np.abs(want).max(), 1e-6 * scale), name
 
 
 @st.composite
