@@ -167,14 +167,37 @@ def test_eval_cli_prints_tables_and_writes_json_and_pngs(tmp_path):
             "--out", str(tmp_path / "pics"), "--quiet"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "cluster     100.00  100.00" in res.output and "green" in res.output and "L1:0" in res.output
+    assert "cluster    stego      100.00  100.00" in res.output and "cluster    strict     100.00  100.00" in res.output
+    assert "green" in res.output and "L1:0" in res.output
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["cluster"]["miou"] == pytest.approx(100.0) and "linear" in saved
+    assert saved["cluster"]["protocol"] == saved["linear"]["protocol"] == "stego"
+    assert saved["cluster"]["strict"]["miou"] == pytest.approx(100.0)
     assert saved["cluster"]["match"]["cluster_to_class"] == [1, 2, 0]
     for png in ("confusion_cluster.png", "predictions.png", "hierarchy_L0_L1.png"):
         assert (tmp_path / "pics" / png).is_file()
     # each parent absorbs the two fine clusters built from its prototype
     assert "L1:0 [green]" in res.output and "L0: 2 (" in res.output
+
+
+def test_both_extra_cluster_protocols_are_named_in_json_and_table():
+    """4 clusters, 2 classes: cluster 3 (an id >= n_classes) holds 2 pixels of class 1. STEGO's
+    protocol drops them; strict counts them against the unmatched pseudo-class."""
+    from omh_ref.evaluate import job, metrics
+
+    conf = np.array([[5, 1], [0, 4], [0, 0], [0, 2]])
+    res = predict.scores_json(metrics.scores(conf))
+    assert res["protocol"] == "stego" and res["pixels"] == 10 and res["strict"]["pixels"] == 12
+    assert res["miou"] == pytest.approx(100 * (5 / 6 + 4 / 5) / 2) and res["acc"] == pytest.approx(90.0)
+    assert res["iou_unmatched"] is None and res["strict"]["iou_unmatched"] == 0.0
+    assert res["strict"]["miou"] == pytest.approx(100 * (5 / 6 + 4 / 7 + 0) / 3)
+    assert res["strict"]["acc"] == pytest.approx(75.0)
+    table = job.format_table({"cluster": res, "class_names": ["a", "b"],
+                              "hierarchy": {"text": [], "marginals_text": "uniform marginals, as trained"}})
+    assert f"cluster    stego      {res['miou']:6.2f}   90.00" in table
+    assert f"cluster    strict     {res['strict']['miou']:6.2f}   75.00" in table
+    assert metrics.PROTOCOLS["stego"] in table and metrics.PROTOCOLS["strict"] in table
+    assert "unmatched clusters (stego): [2, 3]; strict: [2, 3]" in table
 
 
 def test_eval_cli_bad_input(tmp_path):
@@ -229,6 +252,61 @@ def test_flip_averaging_uses_the_flipped_file(tmp_path):
     np.save(tmp_path / "same.npy", f)
     res, _ = predict.cluster_eval(params, cfg, store, 3, flipped=FeatureStore(tmp_path / "same.npy"))
     assert res["miou"] < 100.0
+
+
+def _usage_world(tmp_path, marginals="usage"):
+    store, protos = _known_world(tmp_path, N=7)
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 4, 3), tau=0.5, marginals=marginals)
+    params = model.init_params(cfg, np.random.default_rng(3), dtype=np.float64)
+    return store, cfg, params
+
+
+def test_usage_is_streamed_and_gives_the_trained_losss_plan(tmp_path):
+    """The eval hierarchy with usage marginals is the plan the training loss computes when the
+    whole split is its batch (hierarchy.forward with marginals='usage' on every code at once),
+    while the usage itself is summed batch by batch (3 images at a time, 7 images)."""
+    from omh_ref.core.losses import hierarchy
+    from omh_ref.core.ops import cosine, log_softmax
+    from omh_ref.evaluate.hierarchy import UsageAccumulator, hierarchy_plans
+
+    store, cfg, params = _usage_world(tmp_path)
+    usage = UsageAccumulator(cfg)
+    res, _ = predict.cluster_eval(params, cfg, store, 3, batch_size=3, usage=usage)
+    assert (usage.images, usage.pixels) == (7, 7 * 16)
+    plans = hierarchy_plans(params, cfg, usage.means())
+    z = predict.code(params, store.read(np.arange(7)).astype(np.float64)).reshape(-1, 5)     # all codes
+    logp = [log_softmax.forward(cosine.forward(z, params[f"M{i}"])[0], cfg.tau)[0] for i in range(3)]
+    for i, A in enumerate(plans):
+        np.testing.assert_allclose(usage.means()[i], np.exp(logp[i]).mean(0), rtol=1e-12)
+        _, cache = hierarchy.forward(logp[i], logp[i + 1], params[f"M{i}"], params[f"M{i + 1}"], cfg.eps,
+                                     cfg.sinkhorn_iters, marginals="usage")
+        np.testing.assert_allclose(A, cache[4], rtol=1e-9, atol=1e-14)         # A = diag(1/a) T
+        np.testing.assert_allclose(A.sum(1), 1.0, atol=1e-6)
+    uniform = hierarchy_plans(params, cfg)
+    assert np.abs(uniform[0] - plans[0]).max() > 1e-3       # the marginals matter for this model
+
+
+@pytest.mark.parametrize("marginals,said", [("usage", "usage marginals as trained: mean assignments over the 7 "
+                                                       "evaluation images"),
+                                            ("uniform", "uniform marginals, as trained")])
+def test_eval_says_which_marginals_the_hierarchy_has(tmp_path, marginals, said):
+    from omh_ref.core.optim import adam_init
+    from omh_ref.evaluate import job
+    from omh_ref.train import checkpoint
+
+    store, cfg, params = _usage_world(tmp_path, marginals)
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    checkpoint.save(tmp_path / "ck.npz", params, adam_init(params), 0, np.random.default_rng(0), cfg)
+    result = job.run(job.EvalOptions(checkpoint=str(tmp_path / "ck.npz"), features=str(store.path),
+                                     labels=str(tmp_path / "labels.npy"), n_classes=3, batch_size=3,
+                                     json=str(tmp_path / "s.json"), out=str(tmp_path / "pics"), progress=False))
+    saved = json.loads((tmp_path / "s.json").read_text())["hierarchy"]
+    assert saved["marginals"] == marginals and saved["trained_with"] == marginals and saved["marginals_text"] == said
+    assert (saved["usage"] is None) == (marginals == "uniform")
+    if marginals == "usage":
+        assert [len(u) for u in saved["usage"]] == [6, 4, 3] and all(abs(sum(u) - 1) < 1e-5 for u in saved["usage"])
+    assert f"share of the child's mass; {said}):" in job.format_table(result)
+    assert (tmp_path / "pics" / "hierarchy.txt").read_text().startswith(f"# {said}\n")
 
 
 def test_hierarchy_text_names_the_eval_levels_clusters():

@@ -62,3 +62,17 @@ def test_kink_within_one_step_is_judged_at_a_finer_step():
     def wrong(v, cache):
         return relu.backward(v, cache) * 1.01
     assert not check_vjp(relu.forward, wrong, (x,), n_dirs=5).passed
+
+
+def test_a_sinkhorn_case_fails_when_it_runs_another_domain():
+    # the suite's Sinkhorn cases name their domain; one that ran the other path must not pass
+    from omh_ref.core.checks import check_in_domain, sinkhorn_case
+
+    rng = np.random.default_rng(5)
+    scaling = sinkhorn_case(rng, 1e-3, 20, spread=0.02)                # span/ε ≤ 20
+    log = sinkhorn_case(rng, 1e-3, 20, spread=0.02, offset=2.0)        # span/ε ≥ 1980
+    assert check_in_domain(scaling, "scaling", "s", eps=1e-8).passed
+    assert check_in_domain(log, "log", "l", stencil=4, eps=1e-5).passed
+    rep = check_in_domain(scaling, "log", "s")
+    assert not rep.passed and "ran the scaling domain" in rep.name
+    assert not check_in_domain(log, "scaling", "l").passed

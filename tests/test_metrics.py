@@ -1,12 +1,15 @@
-"""omh_ref.evaluate.metrics against an independent torch rendering of STEGO's ``UnsupervisedMetrics``.
+"""omh_ref.evaluate.metrics against a NumPy rendering of the logic of STEGO's ``UnsupervisedMetrics``.
 
-``StegoMetrics`` below is STEGO's class (mhamilton723/STEGO, ``src/utils.py``) written as STEGO
-wrote it, minus the torchmetrics base class (its state is a plain tensor here), plus two test
-hooks: ``official_mask`` picks STEGO's own prediction mask (``preds < n_classes``, which drops
-every pixel predicted into an extra cluster) or the corrected one (``preds < n_classes +
-extra_clusters``) that omh_ref implements; and ``compute`` keeps ``iou`` and ``histogram`` on
-``self`` so per-class values can be compared. STEGO's values are float32 (its default-dtype
-division, and the float32 zero column with extra clusters), so agreement is to float32 rounding.
+``StegoLogic`` below follows STEGO's ``update`` and ``compute`` (mhamilton723/STEGO,
+``src/utils.py``; HP's ``utils/seg_utils.py`` is the same) step by step, written for this test:
+the mask ``(0 ≤ target < n_classes) & (0 ≤ preds < n_classes)`` (so pixels predicted into a
+cluster id ≥ n_classes are dropped), the bincount of ``(n_classes + extra) · target + preds``
+transposed into ``stats[pred, target]``, the two assignments with extra clusters (``stats`` for
+the unmatched set, ``stats.T`` for the histogram's rows), the unmatched rows summed into one row,
+a zero column, and IoU / accuracy in float32 (torch's true division of integer tensors, and the
+float32 zero column, give float32). omh_ref's headline protocol ``stego`` must equal it exactly
+(to float32 rounding); ``count_extra=True`` widens the mask to every cluster id, which is the
+``strict`` protocol's definition, and omh_ref's ``strict`` scores must equal that.
 
 Also: hypothesis properties (cluster relabelling, perfect prediction up to relabelling, streaming
 over batches, the joint index against a naive count), the claim that SciPy solves a tall matrix
@@ -23,8 +26,9 @@ from hypothesis.extra import numpy as hnp
 from scipy.optimize import linear_sum_assignment
 
 from omh_ref.core.backend import to_host
-from omh_ref.evaluate.metrics import (ConfusionAccumulator, Match, confusion, hungarian, identity_match,
-                             matched_histogram, scores)
+from omh_ref.evaluate.metrics import (PROTOCOLS, ConfusionAccumulator, Match, confusion, hungarian,
+                                      identity_match, matched_histogram, protocol_scores, scores,
+                                      stego_confusion)
 
 F32_RTOL = 1e-6   # STEGO computes IoU and accuracy in float32; ours is float64
 
@@ -35,94 +39,75 @@ def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
-def make_stego(torch):
-    """STEGO's UnsupervisedMetrics, as written in STEGO's src/utils.py (see the module docstring)."""
+class StegoLogic:
+    """The logic of STEGO's UnsupervisedMetrics.update / compute (see the module docstring).
+    ``count_extra`` widens its prediction mask from ``preds < n_classes`` to every cluster id."""
 
-    class StegoMetrics:
-        def __init__(self, prefix, n_classes, extra_clusters, compute_hungarian, official_mask):
-            self.n_classes = n_classes
-            self.extra_clusters = extra_clusters
-            self.compute_hungarian = compute_hungarian
-            self.prefix = prefix
-            self.official_mask = official_mask
-            self.stats = torch.zeros(n_classes + self.extra_clusters, n_classes, dtype=torch.int64)
+    def __init__(self, n_classes, extra_clusters, compute_hungarian=True, count_extra=False):
+        self.n, self.extra, self.hungarian, self.count_extra = n_classes, extra_clusters, compute_hungarian, count_extra
+        self.stats = np.zeros((n_classes + extra_clusters, n_classes), dtype=np.int64)
 
-        def update(self, preds, target):
-            with torch.no_grad():
-                actual = target.reshape(-1)
-                preds = preds.reshape(-1)
-                n_pred = self.n_classes if self.official_mask else self.n_classes + self.extra_clusters
-                mask = (actual >= 0) & (actual < self.n_classes) & (preds >= 0) & (preds < n_pred)
-                actual = actual[mask]
-                preds = preds[mask]
-                self.stats += torch.bincount(
-                    (self.n_classes + self.extra_clusters) * actual + preds,
-                    minlength=self.n_classes * (self.n_classes + self.extra_clusters)) \
-                    .reshape(self.n_classes, self.n_classes + self.extra_clusters).t().to(self.stats.device)
+    def update(self, preds, target):
+        n, width = self.n, self.n + self.extra
+        actual, preds = target.reshape(-1).astype(np.int64), preds.reshape(-1).astype(np.int64)
+        limit = width if self.count_extra else n
+        keep = (actual >= 0) & (actual < n) & (preds >= 0) & (preds < limit)
+        counts = np.bincount(width * actual[keep] + preds[keep], minlength=n * width)
+        self.stats += counts.reshape(n, width).T
 
-        def compute(self):
-            if self.compute_hungarian:
-                self.assignments = linear_sum_assignment(self.stats.detach().cpu(), maximize=True)
-                if self.extra_clusters == 0:
-                    self.histogram = self.stats[np.argsort(self.assignments[1]), :]
-                if self.extra_clusters > 0:
-                    self.assignments_t = linear_sum_assignment(self.stats.detach().cpu().t(), maximize=True)
-                    histogram = self.stats[self.assignments_t[1], :]
-                    missing = list(set(range(self.n_classes + self.extra_clusters)) - set(self.assignments[0]))
-                    new_row = self.stats[missing, :].sum(0, keepdim=True)
-                    histogram = torch.cat([histogram, new_row], axis=0)
-                    new_col = torch.zeros(self.n_classes + 1, 1, device=histogram.device)
-                    self.histogram = torch.cat([histogram, new_col], axis=1)
-            else:
-                self.assignments = (torch.arange(self.n_classes).unsqueeze(1),
-                                    torch.arange(self.n_classes).unsqueeze(1))
-                self.histogram = self.stats
-
-            tp = torch.diag(self.histogram)
-            fp = torch.sum(self.histogram, dim=0) - tp
-            fn = torch.sum(self.histogram, dim=1) - tp
-
-            iou = tp / (tp + fp + fn)
-            prc = tp / (tp + fn)  # noqa: F841 (STEGO computes it and does not report it)
-            opc = torch.sum(tp) / torch.sum(self.histogram)
-            self.iou = iou  # test hook
-
-            metric_dict = {self.prefix + "mIoU": iou[~torch.isnan(iou)].mean().item(),
-                           self.prefix + "Accuracy": opc.item()}
-            return {k: 100 * v for k, v in metric_dict.items()}
-
-    return StegoMetrics
+    def compute(self):
+        n, stats = self.n, self.stats
+        if not self.hungarian:
+            hist = stats
+        elif self.extra == 0:
+            rows, cols = linear_sum_assignment(stats, maximize=True)
+            hist = stats[np.argsort(cols)]
+        else:
+            rows, _ = linear_sum_assignment(stats, maximize=True)
+            _, rows_for_classes = linear_sum_assignment(stats.T, maximize=True)
+            missing = sorted(set(range(n + self.extra)) - set(rows.tolist()))
+            hist = np.concatenate([stats[rows_for_classes], stats[missing].sum(0, keepdims=True)])
+            hist = np.concatenate([hist.astype(np.float32), np.zeros((n + 1, 1), np.float32)], axis=1)
+        self.histogram = hist
+        tp = np.diag(hist)
+        fp, fn = hist.sum(0) - tp, hist.sum(1) - tp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.iou = tp.astype(np.float32) / (tp + fp + fn).astype(np.float32)
+            acc = np.float32(tp.sum()) / np.float32(hist.sum())
+        return {"mIoU": 100 * float(self.iou[~np.isnan(self.iou)].mean()), "Accuracy": 100 * float(acc)}
 
 
-def stego_run(batches, n_clusters, n_classes, official_mask=False, compute_hungarian=True):
-    torch = pytest.importorskip("torch")
-    m = make_stego(torch)("", n_classes, n_clusters - n_classes, compute_hungarian, official_mask)
+def stego_run(batches, n_clusters, n_classes, count_extra=False, compute_hungarian=True):
+    m = StegoLogic(n_classes, n_clusters - n_classes, compute_hungarian, count_extra)
     for pred, label in batches:
-        m.update(torch.as_tensor(pred.astype(np.int64)), torch.as_tensor(label.astype(np.int64)))
-    out = m.compute()
-    return out, m
+        m.update(pred, label)
+    return m.compute(), m
 
 
 def ours_run(batches, n_clusters, n_classes):
     acc = ConfusionAccumulator(n_clusters, n_classes)
     for pred, label in batches:
         acc.update(pred, label)
-    return acc.matrix, scores(acc.matrix, hungarian(acc.matrix))
+    return acc.matrix, scores(acc.matrix)
 
 
-def assert_matches_stego(batches, n_clusters, n_classes, official_mask=False):
-    out, m = stego_run(batches, n_clusters, n_classes, official_mask)
+def assert_matches_stego(batches, n_clusters, n_classes):
+    """Headline (stego) against STEGO's logic, strict against the logic counting every cluster."""
     conf, s = ours_run(batches, n_clusters, n_classes)
-    if not official_mask:
-        np.testing.assert_array_equal(conf, m.stats.numpy())
-    np.testing.assert_array_equal(matched_histogram(conf, hungarian(conf)), m.histogram.numpy())
-    np.testing.assert_allclose(s["miou"], out["mIoU"], rtol=F32_RTOL)
-    np.testing.assert_allclose(s["acc"], out["Accuracy"], rtol=F32_RTOL)
-    stego_iou = 100 * m.iou.double().numpy()
-    np.testing.assert_allclose(s["iou"], stego_iou[:n_classes], rtol=F32_RTOL, equal_nan=True)
-    if n_clusters > n_classes:
-        np.testing.assert_allclose(s["iou_unmatched"], stego_iou[n_classes], rtol=F32_RTOL,
-                                   equal_nan=True)
+    assert s["protocol"] == "stego"
+    for protocol, ours, count_extra in (("stego", s, False), ("strict", s["strict"], True)):
+        out, m = stego_run(batches, n_clusters, n_classes, count_extra)
+        counted = conf if count_extra else stego_confusion(conf)
+        np.testing.assert_array_equal(counted, m.stats)
+        np.testing.assert_array_equal(matched_histogram(counted, ours["match"]), m.histogram)
+        np.testing.assert_allclose(ours["miou"], out["mIoU"], rtol=F32_RTOL, err_msg=protocol)
+        np.testing.assert_allclose(ours["acc"], out["Accuracy"], rtol=F32_RTOL, err_msg=protocol)
+        np.testing.assert_allclose(ours["iou"], 100 * m.iou[:n_classes].astype(np.float64), rtol=F32_RTOL,
+                                   equal_nan=True, err_msg=protocol)
+        if n_clusters > n_classes:
+            np.testing.assert_allclose(ours["iou_unmatched"], 100 * float(m.iou[n_classes]), rtol=F32_RTOL,
+                                       equal_nan=True, err_msg=protocol)
+        assert ours["pixels"] == m.histogram.sum()
     return s
 
 
@@ -151,14 +136,65 @@ def random_batches(rng, n_batches, shape, n_clusters, n_classes, label_dtype=np.
                                                  (np.int64, (-1,))])
 def test_stego_parity_square(rng, label_dtype, ignore):
     batches = random_batches(rng, 3, (2, 7, 11), 5, 5, label_dtype, ignore)
-    assert_matches_stego(batches, 5, 5)
+    s = assert_matches_stego(batches, 5, 5)
+    # no extra cluster: the two protocols are one
+    for key in ("miou", "acc", "pixels"):
+        assert s[key] == s["strict"][key]
+    np.testing.assert_array_equal(s["iou"], s["strict"]["iou"])
 
 
 @pytest.mark.parametrize("n_clusters", [7, 11])
 def test_stego_parity_extra_clusters(rng, n_clusters):
+    """Extra clusters: the headline equals STEGO's code exactly (pixels predicted into cluster
+    ids ≥ 5 dropped, an empty extra row), strict equals the logic counting every cluster."""
     batches = random_batches(rng, 3, (3, 9, 5), n_clusters, 5)
     s = assert_matches_stego(batches, n_clusters, 5)
-    assert s["iou_unmatched"] == 0.0  # unmatched clusters hold pixels, so they count as a 0
+    assert np.isnan(s["iou_unmatched"])          # STEGO: the extra row and column are empty
+    assert s["strict"]["iou_unmatched"] == 0.0   # strict: the unmatched clusters hold pixels
+    dropped = sum(int(((p >= 5) & (lab >= 0) & (lab < 5)).sum()) for p, lab in batches)
+    assert dropped > 0 and s["pixels"] == s["strict"]["pixels"] - dropped
+
+
+def test_stego_protocol_by_hand():
+    """2 classes, 3 clusters; conf rows = clusters, columns = classes."""
+    pred = np.array([0, 0, 1, 1, 1, 2, 2, 0, 1, 2])
+    label = np.array([0, 0, 1, 1, 0, 1, 255, -1, 1, 0], dtype=np.int16)
+    conf = confusion(pred, label, 3, 2)
+    np.testing.assert_array_equal(conf, [[2, 0], [1, 3], [1, 1]])
+    s = scores(conf)
+    # strict: cluster 0 -> class 0, 1 -> 1, 2 unmatched (its 2 pixels are errors).
+    # class 0: tp 2, predicted 2, labelled 4 -> 2/4; class 1: tp 3, predicted 4, labelled 4 -> 3/5;
+    # the unmatched pseudo-class: tp 0 over 2 pixels -> 0
+    st_ = s["strict"]
+    np.testing.assert_array_equal(st_["match"].cluster_to_class, [0, 1, -1])
+    np.testing.assert_allclose(st_["iou"], [50.0, 60.0])
+    np.testing.assert_allclose([st_["miou"], st_["acc"]], [100 * (0.5 + 0.6 + 0) / 3, 100 * 5 / 8])
+    assert st_["iou_unmatched"] == 0.0 and st_["pixels"] == 8
+    # stego: the 2 pixels of cluster id 2 (>= n_classes) are dropped before anything else.
+    # class 0: tp 2, predicted 2, labelled 3 -> 2/3; class 1: tp 3, predicted 4, labelled 3 -> 3/4
+    np.testing.assert_array_equal(s["match"].cluster_to_class, [0, 1, -1])
+    np.testing.assert_allclose(s["iou"], [100 * 2 / 3, 75.0])
+    np.testing.assert_allclose([s["miou"], s["acc"]], [100 * (2 / 3 + 0.75) / 2, 100 * 5 / 6])
+    assert np.isnan(s["iou_unmatched"]) and s["pixels"] == 6
+    assert_matches_stego([(pred, label)], 3, 2)
+
+
+def test_stego_protocol_drops_by_cluster_id_not_by_matching():
+    """STEGO's mask is on the cluster's index: a cluster with id ≥ n_classes loses its pixels even
+    when it is the best match of a class (here cluster 2 is class 1's), and strict is invariant to
+    renaming clusters while stego is not. Both follow their code (assert_matches_stego)."""
+    pred = np.array([0, 0, 0, 2, 2, 2, 2, 1])
+    label = np.array([0, 0, 1, 1, 1, 1, 1, 1], dtype=np.int16)
+    s = assert_matches_stego([(pred, label)], 3, 2)
+    np.testing.assert_array_equal(s["strict"]["match"].cluster_to_class, [0, -1, 1])
+    np.testing.assert_allclose([s["strict"]["miou"], s["strict"]["acc"]], [100 * (2 / 3 + 4 / 6 + 0) / 3, 75.0])
+    # stego: cluster 2's 4 pixels are dropped; cluster 1 (one pixel) becomes class 1's match
+    np.testing.assert_array_equal(s["match"].cluster_to_class, [0, 1, -1])
+    np.testing.assert_allclose([s["miou"], s["acc"]], [100 * (2 / 3 + 1 / 2) / 2, 75.0])
+    renamed = scores(confusion(np.array([0, 2, 1])[pred], label, 3, 2))   # ids 1 and 2 swapped
+    assert renamed["strict"]["miou"] == s["strict"]["miou"] and renamed["strict"]["acc"] == s["strict"]["acc"]
+    # now the one-pixel cluster has id 2 and is the one dropped
+    np.testing.assert_allclose([renamed["miou"], renamed["acc"]], [100 * (2 / 3 + 4 / 5) / 2, 100 * 6 / 7])
 
 
 def test_stego_parity_absent_classes_give_nan(rng):
@@ -172,13 +208,15 @@ def test_stego_parity_absent_classes_give_nan(rng):
             assert np.isnan(s["iou"]).sum() == 1 and np.isnan(s["iou"][3])
 
 
-def test_stego_official_mask_drops_extra_cluster_pixels(rng):
-    # STEGO's own mask (preds < n_classes) is ours with extra-cluster predictions removed
-    batches = random_batches(rng, 2, (7, 9), 8, 5)
-    out, _ = stego_run(batches, 8, 5, official_mask=True)
-    dropped = [(np.where(p < 5, p, -1), lab) for p, lab in batches]
-    _, s = ours_run(dropped, 8, 5)
-    np.testing.assert_allclose([s["miou"], s["acc"]], [out["mIoU"], out["Accuracy"]], rtol=F32_RTOL)
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")
+def test_every_pixel_in_an_extra_cluster():
+    """STEGO's protocol then counts nothing (NaN, as its 0/0); strict still scores (clusters 3 and
+    4 matched to classes 0 and 1: 2 of 3 pixels right)."""
+    pred, label = np.array([3, 3, 4]), np.array([0, 1, 1], dtype=np.int16)
+    out, _ = stego_run([(pred, label)], 5, 3)
+    s = scores(confusion(pred, label, 5, 3))
+    assert np.isnan(s["miou"]) and np.isnan(s["acc"]) and np.isnan(out["mIoU"]) and s["pixels"] == 0
+    assert s["strict"]["acc"] == pytest.approx(200 / 3) and s["strict"]["pixels"] == 3
 
 
 def test_stego_parity_identity_mapping(rng):
@@ -188,29 +226,13 @@ def test_stego_parity_identity_mapping(rng):
     conf, _ = ours_run(batches, 5, 5)
     s = scores(conf, identity_match(5, 5))
     np.testing.assert_allclose([s["miou"], s["acc"]], [out["mIoU"], out["Accuracy"]], rtol=F32_RTOL)
+    assert s["strict"]["miou"] == s["miou"]
 
 
-def test_stego_parity_fixed_case():
-    # hand-checked: 2 classes, 3 clusters. conf rows = clusters, columns = classes
-    pred = np.array([0, 0, 1, 1, 1, 2, 2, 0, 1])
-    label = np.array([0, 0, 1, 1, 0, 1, 255, -1, 1], dtype=np.int16)
-    conf = confusion(pred, label, 3, 2)
-    np.testing.assert_array_equal(conf, [[2, 0], [1, 3], [0, 1]])
-    m = hungarian(conf)
-    np.testing.assert_array_equal(m.cluster_to_class, [0, 1, -1])
-    np.testing.assert_array_equal(m.unmatched, [2])
-    s = scores(conf, m)
-    # class 0: tp 2, predicted 2, labelled 3 -> 2/3; class 1: tp 3, 4, 4 -> 3/5; unmatched: 0
-    np.testing.assert_allclose(s["iou"], [100 * 2 / 3, 60.0])
-    np.testing.assert_allclose(s["miou"], 100 * (2 / 3 + 0.6 + 0) / 3)
-    np.testing.assert_allclose(s["acc"], 100 * 5 / 7)
-    assert s["iou_unmatched"] == 0.0
-
-
-def test_stego_parity_fixed_case_torch():
-    pred = np.array([0, 0, 1, 1, 1, 2, 2, 0, 1])
-    label = np.array([0, 0, 1, 1, 0, 1, 255, -1, 1], dtype=np.int16)
-    assert_matches_stego([(pred, label)], 3, 2)
+def test_protocols_are_named_and_checked():
+    assert set(PROTOCOLS) == {"stego", "strict"}
+    with pytest.raises(ValueError, match="protocol: expected one of"):
+        protocol_scores(np.ones((3, 3)), protocol="loose")
 
 
 # --- SciPy: one solve stands for STEGO's two ------------------------------------------------------
@@ -272,7 +294,9 @@ def test_cluster_relabelling_leaves_scores_unchanged(case, rnd):
     conf_p = confusion(np.where((pred >= 0) & (pred < K), perm[np.clip(pred, 0, K - 1)], pred),
                        label, K, C)
     np.testing.assert_array_equal(conf_p[perm], conf)
-    s, s_p = scores(conf), scores(conf_p)
+    # the strict protocol does not depend on the clusters' names (STEGO's does: it drops ids >= C,
+    # see test_stego_protocol_drops_by_cluster_id_not_by_matching)
+    s, s_p = scores(conf)["strict"], scores(conf_p)["strict"]
     np.testing.assert_allclose(s_p["acc"], s["acc"], rtol=1e-12)  # the optimum is unique in value
     m, m_p = hungarian(conf), hungarian(conf_p)
     if np.array_equal(perm[m.class_to_cluster], m_p.class_to_cluster):
@@ -295,7 +319,7 @@ def test_cluster_relabelling_with_a_unique_optimum(C, extra, data):
     conf_p[perm] = conf                  # cluster k is called perm[k]
     m, m_p = hungarian(conf), hungarian(conf_p)
     np.testing.assert_array_equal(m_p.class_to_cluster, perm[m.class_to_cluster])
-    s, s_p = scores(conf, m), scores(conf_p, m_p)
+    s, s_p = scores(conf, m)["strict"], scores(conf_p, m_p)["strict"]
     np.testing.assert_array_equal(s_p["iou"], s["iou"])
     assert s_p["miou"] == s["miou"] and s_p["acc"] == s["acc"]
 
@@ -307,11 +331,17 @@ def test_perfect_prediction_up_to_relabelling_scores_100(case, rnd):
     assume(valid.any())
     relabel = np.array(rnd.sample(range(K), C))            # injective class -> cluster
     pred = np.where(valid, relabel[np.clip(label, 0, C - 1)], pred)
-    s = scores(confusion(pred, label, K, C))
+    both = scores(confusion(pred, label, K, C))
+    s = both["strict"]
     assert s["miou"] == 100.0 and s["acc"] == 100.0
     present = np.isin(np.arange(C), label)
     assert np.all(s["iou"][present] == 100.0) and np.all(np.isnan(s["iou"][~present]))
     assert np.isnan(s["iou_unmatched"])  # the leftover clusters hold no pixels
+    # stego: classes predicted into a cluster id >= C lose their pixels (IoU NaN); the rest is 100
+    kept = present & (relabel < C)
+    assert np.all(both["iou"][kept] == 100.0) and np.all(np.isnan(both["iou"][~kept]))
+    if kept.any():
+        assert both["miou"] == 100.0 and both["acc"] == 100.0
 
 
 @given(st.lists(label_maps(max_side=5), min_size=1, max_size=4), st.integers(1, 6),

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from omh_ref.core import head, model
 from omh_ref.core.backend import to_device, to_host
-from omh_ref.core.checks import model_check
+from omh_ref.core.checks import DEFAULTS_STEP, model_check
+from omh_ref.core.config import Config
 from omh_ref.core.gradcheck import TOLERANCES
 from tests.strategies import seeds
 
@@ -30,6 +31,24 @@ VARIANTS = {
 def test_model_gradients(name, seed):
     rep = model_check(seed, name, **VARIANTS[name])
     assert rep.passed, rep.row()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_model_gradients_at_the_shipped_defaults(seed):
+    """Every Config default (τ = 0.1, ε = 0.2, levels 108/54/27, C = 384, D = 70, 11 x 11 samples,
+    5 negatives, the shipped weights), float64, a small grid (checks.DEFAULTS_STEP says why its
+    step is 1e-8)."""
+    rep = model_check(seed, "defaults", cfg=Config(), step=DEFAULTS_STEP)
+    assert rep.passed, rep.row()
+
+
+def test_small_config_weights_are_distinct_and_not_one():
+    # what makes a dropped or swapped weight visible to every check built on small_config
+    cfg = model.small_config()
+    weights = [getattr(cfg, k) for k in model.SMALL_WEIGHTS]
+    assert sorted(model.SMALL_WEIGHTS) == sorted(k for k in vars(cfg) if k.startswith(("lam_", "weight_")))
+    assert len(set(weights)) == len(weights) and 1.0 not in weights and 0.0 not in weights
+    assert all(getattr(cfg, k) != getattr(Config(), k) for k in model.SMALL_WEIGHTS)
 
 
 def _run(cfg, seed, dtype=np.float64, xp=np):
@@ -68,8 +87,16 @@ def test_parts_and_grads_keys():
                 *(f"clu_{i}" for i in range(L)), *(f"hier_{i}" for i in range(L - 1)),
                 *(f"sinkhorn_err_{i}" for i in range(L - 1)), *(f"plan_sparsity_{i}" for i in range(L - 1))]:
         assert key in parts and np.isfinite(parts[key]), key
-    total = parts["corr"] + sum(parts[f"clu_{i}"] for i in range(L)) + sum(parts[f"hier_{i}"] for i in range(L - 1))
+    # the weights are distinct and not 1 (small_config), so each must sit on its own term
+    corr = (cfg.weight_intra * parts["corr_intra"] + cfg.weight_inter * parts["corr_inter"]
+            + cfg.weight_neg * parts["corr_neg"])
+    np.testing.assert_allclose(parts["corr"], corr, rtol=1e-12)
+    total = (parts["corr"] + cfg.lam_clu * sum(parts[f"clu_{i}"] for i in range(L))
+             + cfg.lam_hier * sum(parts[f"hier_{i}"] for i in range(L - 1)))
     np.testing.assert_allclose(parts["loss"], total, rtol=1e-12)
+    for i in range(L - 1):
+        np.testing.assert_allclose(parts[f"hier_{i}"], parts[f"hier_kl_{i}"] + cfg.lam_w * parts[f"hier_w_{i}"],
+                                   rtol=1e-12)
 
 
 def test_stego_baseline_semantics():
@@ -87,10 +114,16 @@ def test_stego_baseline_semantics():
 
 
 def test_joint_training_sends_cluster_gradients_into_the_head():
+    """The head's gradient is the correlation part's plus the clustering part's (each computed
+    with the other's weights at 0), and the clustering part is a real share of it: the code is
+    not detached as in the STEGO baseline."""
     cfg = model.small_config()
     _, _, g = _run(cfg, 2)
     _, _, g_corr = _run(dataclasses.replace(cfg, lam_clu=0.0, lam_hier=0.0), 2)
-    assert not np.allclose(g["W1"], g_corr["W1"])
+    _, _, g_clu = _run(dataclasses.replace(cfg, weight_intra=0.0, weight_inter=0.0, weight_neg=0.0), 2)
+    for k in head.KEYS:
+        np.testing.assert_allclose(g[k], g_corr[k] + g_clu[k], rtol=1e-10, atol=1e-14, err_msg=k)
+        assert np.linalg.norm(g_clu[k]) >= 0.05 * np.linalg.norm(g[k]), k
 
 
 def test_float32_matches_float64(xp):

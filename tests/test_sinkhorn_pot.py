@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from omh_ref.core.backend import to_host
+from omh_ref.core.errors import NonFiniteError
 from omh_ref.core.ops import sinkhorn as sk
 from omh_ref.core.ops.sinkhorn import marginal_errors
 from tests.strategies import arrays, seeds, simplex
@@ -294,9 +295,15 @@ def test_batched_equals_loop(prob, mode, seed, xp):
         np.testing.assert_allclose(plan[idx], to_host(p1), rtol=1e-12, atol=1e-300 if same else 1e-15)
         np.testing.assert_allclose(err[idx], to_host(c1.marginal_error), rtol=1e-10, atol=1e-15 if same else 1e-13)
         g1 = sk.backward(xp.asarray(dplan[idx]), c1)
-        for name, got, want in zip(("dcost", "da", "db"), grads, g1):
+        # Relative to max |want|, floored at 1e-6 of the size of the terms each gradient is a
+        # cancellation of (as assert_grad_close): a one-row problem's plan is b whatever the cost,
+        # so its true dcost is 0 and each domain returns its own rounding (-0 vs 5e-15, found by
+        # hypothesis), which only an absolute comparison at that scale can judge.
+        scales = (np.abs(dplan[idx] * plan[idx]).max() / eps, np.abs(dplan[idx]).max(), np.abs(dplan[idx]).max())
+        for name, got, want, scale in zip(("dcost", "da", "db"), grads, g1, scales):
             want = to_host(want)
-            assert rel_err(got[idx], want) <= (1e-10 if same else 1e-9), name
+            diff = np.abs(got[idx] - want).max()
+            assert diff <= (1e-10 if same else 1e-9) * max(np.abs(want).max(), 1e-6 * scale), name
 
 
 @st.composite
@@ -412,15 +419,26 @@ def test_bad_backward_mode(xp):
         sk.forward(*_ok_args(xp), 0.1, 5, backward="exact")
 
 
-@pytest.mark.parametrize("which, value", [("a", 0.0), ("a", -0.2), ("b", 0.0), ("b", -0.1),
-                                          ("a", float("nan"))])
+@pytest.mark.parametrize("which, value", [("a", 0.0), ("a", -0.2), ("b", 0.0), ("b", -0.1)])
 def test_nonpositive_marginal(which, value, xp):
     C, a, b = (to_host(x).copy() for x in _ok_args(xp))
     x = a if which == "a" else b
     x[1] = value
-    x[0] += -value if np.isfinite(value) else 0.0      # keep the masses equal where possible
+    x[0] += -value                                   # keep the masses equal
     # the message names both marginals ("a and b"), not only the offending one
-    with pytest.raises(ValueError, match=r"marginals a and b must be strictly positive"):
+    with pytest.raises(ValueError, match=r"marginals a and b must be strictly positive") as e:
+        sk.forward(xp.asarray(C), xp.asarray(a), xp.asarray(b), 0.1, 5)
+    assert not isinstance(e.value, NonFiniteError)   # bad input, not a divergence
+
+
+@pytest.mark.parametrize("which, value", [("a", float("nan")), ("b", float("inf")), ("cost", float("nan")),
+                                          ("cost", -float("inf"))])
+def test_non_finite_input_is_a_non_finite_error(which, value, xp):
+    """NaN or inf (what diverging parameters produce) raise omh-ref's NonFiniteError, the one type
+    training reports as a divergence."""
+    C, a, b = (to_host(x).copy() for x in _ok_args(xp))
+    {"a": a, "b": b, "cost": C}[which].flat[1] = value
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
         sk.forward(xp.asarray(C), xp.asarray(a), xp.asarray(b), 0.1, 5)
 
 
@@ -462,5 +480,5 @@ def test_nonfinite_cost(xp):
     C, a, b = _ok_args(xp)
     C = to_host(C).copy()
     C[1, 2] = np.inf
-    with pytest.raises(ValueError, match="cost contains NaN or inf"):
+    with pytest.raises(NonFiniteError, match="cost contains NaN or inf"):
         sk.forward(xp.asarray(C), a, b, 0.1, 5)

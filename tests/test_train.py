@@ -72,9 +72,21 @@ def test_training_changes_params_and_logs(feats, tmp_path):
     assert [ln["step"] for ln in lines] == [10, 20]
     for key in ("loss", "corr", "clu_0", "hier_0", "sinkhorn_err_0", "plan_sparsity_0", "seconds"):
         assert key in lines[-1]
+
+
+def test_first_step_is_adams_at_each_parameters_rate(feats, tmp_path):
+    """After one step from the seed's initialisation every entry has moved by Adam's first step,
+    lr · |g| / (|g| + 1e-8): at most its rate, and the rate itself wherever |g| ≫ 1e-8 (here
+    3e-4 for the head and 7e-3 for the centroids, so a swapped or ignored rate fails)."""
+    cfg = small_cfg()
+    res = train(cfg, opts(feats, tmp_path / "r", steps=1, lr=3e-4, lr_clusters=7e-3), say=quiet)
     init = model.init_params(cfg, np.random.default_rng(0))
     trained = checkpoint.load(res["checkpoint"])["params"]
-    assert not np.allclose(init["W1"], trained["W1"])
+    for k in init:
+        rate = 7e-3 if k.startswith("M") else 3e-4
+        moved = np.abs(trained[k].astype(np.float64) - init[k]) / rate
+        assert moved.max() <= 1 + 1e-3, k                      # float32 rounding of p − Δ
+        assert abs(np.median(moved) - 1) <= 1e-3, (k, np.median(moved))
 
 
 def test_same_seed_same_result(feats, tmp_path):
@@ -95,32 +107,110 @@ def test_resume_trims_the_log_past_the_checkpoint(feats, tmp_path):
         f.write(json.dumps({"step": 30, "loss": 0.0}) + "\n" + '{"step": 40, "lo')
     train(cfg, opts(feats, tmp_path / "r", steps=40, resume=str(tmp_path / "r" / "ckpt.npz")), say=quiet)
     steps = [json.loads(ln)["step"] for ln in log.read_text().splitlines()]
-    assert steps == [10, 20, 30, 40] and json.loads(log.read_text().splitlines()[2])["loss"] != 0.0
+    assert steps == [10, 20, 30, 40]
+    # the re-logged records are the ones of a run that was never killed
+    train(cfg, opts(feats, tmp_path / "straight", steps=40), say=quiet)
+    strip = lambda p: [{k: v for k, v in json.loads(ln).items() if k != "seconds"}  # noqa: E731
+                       for ln in open(p).read().splitlines()]
+    assert strip(log) == strip(tmp_path / "straight" / "log.jsonl")
 
 
-def test_divergence_saves_a_resumable_state_before_the_step(feats, tmp_path, monkeypatch):
-    """An error from non-finite parameters (here injected at step 4) is a one-line divergence; the
-    saved state continues bit-exactly as if nothing had happened."""
-    from omh_ref.train import loop as train_mod
-
-    cfg = small_cfg()
-    train(cfg, opts(feats, tmp_path / "straight", steps=6), say=quiet)
+def _fail_at_call(n, make_failure):
+    """model.loss_and_grads whose n-th call goes through ``make_failure(real, args, kwargs)``."""
     real, calls = model.loss_and_grads, []
 
     def flaky(*a, **k):
         calls.append(1)
-        if len(calls) == 4:
-            raise ValueError("sinkhorn: marginals a and b must be strictly positive")
-        return real(*a, **k)
+        return make_failure(real, a, k) if len(calls) == n else real(*a, **k)
+    return flaky
 
-    monkeypatch.setattr(train_mod.model, "loss_and_grads", flaky)
-    with pytest.raises(InputError, match=r"training diverged at step 4 \(ValueError: sinkhorn: .*diverged.npz"):
+
+def _nan_gradient(real, a, k):
+    loss, parts, grads = real(*a, **k)          # a finite loss
+    grads = dict(grads, W3=grads["W3"].copy())
+    grads["W3"][1, 2] = np.nan
+    return loss, parts, grads
+
+
+def _nan_centroid(real, a, k):
+    params = dict(a[0], M1=a[0]["M1"].copy())   # what the step sees; the run's own stay finite
+    params["M1"][0, 0] = np.nan
+    return real(params, *a[1:], **k)
+
+
+@pytest.mark.parametrize("failure,why", [
+    (_nan_gradient, r"gradient squared norm nan: non-finite entries in W3"),
+    (_nan_centroid, r"sinkhorn: cost contains NaN or inf"),
+])
+def test_divergence_saves_the_state_before_the_step(feats, tmp_path, monkeypatch, failure, why):
+    """A NaN gradient with a finite loss, and a NaN reaching the hierarchy's Sinkhorn, at step 4:
+    a one-line divergence, and diverged.npz is the state after step 3 exactly (parameters, Adam
+    moments and count, generator, data position: equal to a 3-step run's checkpoint), which
+    resumes bit-exactly as if nothing had happened."""
+    from omh_ref.train import loop as train_mod
+
+    cfg = small_cfg()
+    train(cfg, opts(feats, tmp_path / "three", steps=3), say=quiet)
+    train(cfg, opts(feats, tmp_path / "straight", steps=6), say=quiet)
+    monkeypatch.setattr(train_mod.model, "loss_and_grads", _fail_at_call(4, failure))
+    with pytest.raises(InputError, match=rf"training diverged at step 4 \({why}\).*diverged.npz") as e:
         train(cfg, opts(feats, tmp_path / "d", steps=6), say=quiet)
+    assert "\n" not in str(e.value)
     monkeypatch.undo()
-    assert checkpoint.load(tmp_path / "d" / "diverged.npz")["step"] == 3
+    d, three = (checkpoint.load(p) for p in (tmp_path / "d" / "diverged.npz", tmp_path / "three" / "ckpt.npz"))
+    assert d["step"] == 3 and d["opt_state"]["t"] == three["opt_state"]["t"] == 3
+    for k in three["params"]:
+        assert np.array_equal(d["params"][k], three["params"][k]), k
+        assert np.array_equal(d["opt_state"]["m"][k], three["opt_state"]["m"][k]), k
+        assert np.array_equal(d["opt_state"]["v"][k], three["opt_state"]["v"][k]), k
+    assert d["rng"].bit_generator.state == three["rng"].bit_generator.state
+    assert np.array_equal(d["arrays"]["order"], three["arrays"]["order"]) and d["info"]["pos"] == three["info"]["pos"]
     train(cfg, opts(feats, tmp_path / "d", steps=6, resume=str(tmp_path / "d" / "diverged.npz")), say=quiet)
     a, b = (checkpoint.load(tmp_path / d / "ckpt.npz") for d in ("straight", "d"))
     assert all(np.array_equal(a["params"][k], b["params"][k]) for k in a["params"])
+
+
+def test_a_bug_is_not_reported_as_divergence(feats, tmp_path, monkeypatch):
+    """Only omh-ref's NonFiniteError is a divergence: any other error (a ValueError included)
+    propagates as itself, with its traceback, and writes no diverged.npz."""
+    from omh_ref.train import loop as train_mod
+
+    def bug(real, a, k):
+        raise ValueError("an unrelated bug")
+    monkeypatch.setattr(train_mod.model, "loss_and_grads", _fail_at_call(2, bug))
+    with pytest.raises(ValueError, match="an unrelated bug") as e:
+        train(small_cfg(), opts(feats, tmp_path / "b", steps=4), say=quiet)
+    assert type(e.value) is ValueError and e.traceback[-1].name == "bug"   # raised where it happened
+    assert not (tmp_path / "b" / "diverged.npz").exists()
+
+
+def test_resume_from_non_finite_parameters_is_refused(feats, tmp_path):
+    cfg = small_cfg()
+    train(cfg, opts(feats, tmp_path / "r", steps=2), say=quiet)
+    ck = checkpoint.load(tmp_path / "r" / "ckpt.npz")
+    ck["params"]["b2"][0] = np.inf
+    checkpoint.save(tmp_path / "r" / "bad.npz", ck["params"], ck["opt_state"], ck["step"], ck["rng"], ck["config"],
+                    arrays=ck["arrays"], info=ck["info"])
+    with pytest.raises(InputError, match=r"bad.npz: non-finite values in b2; resume from an earlier"):
+        train(cfg, opts(feats, tmp_path / "r", steps=4, resume=str(tmp_path / "r" / "bad.npz")), say=quiet)
+
+
+def test_adam_refuses_non_finite_gradients_before_changing_anything():
+    from omh_ref.core.errors import NonFiniteError
+    from omh_ref.core.optim import adam_init, adam_step
+
+    params = {"a": np.ones(3, np.float32), "b": np.zeros((2, 2), np.float32)}
+    state = adam_init(params)
+    assert adam_step(params, {"a": np.ones(3, np.float32), "b": np.full((2, 2), 2, np.float32)}, state, 0.1) == 19.0
+    before = ({k: v.copy() for k, v in params.items()}, {k: v.copy() for k, v in state["m"].items()},
+              {k: v.copy() for k, v in state["v"].items()})
+    for g, msg in ((np.array([1, np.nan, 0], np.float32), "non-finite entries in a"),
+                   (np.array([1e20, 0, 0], np.float32), "an overflow")):     # finite, but g² is not
+        with pytest.raises(NonFiniteError, match=msg):
+            adam_step(params, {"a": g, "b": np.zeros((2, 2), np.float32)}, state, 0.1)
+        assert state["t"] == 1
+        for now, then in zip((params, state["m"], state["v"]), before):
+            assert all(np.array_equal(now[k], then[k]) for k in now)
 
 
 def test_resume_into_another_runs_folder_is_refused(feats, tmp_path):
@@ -334,8 +424,47 @@ def test_shifts_auto_are_chosen_and_logged(tmp_path, feats):
                         "--shifts", "auto")
     assert code == 0 and "shifts auto:" in out
     cfg = checkpoint.load(tmp_path / "o" / "ckpt.npz")["config"]
-    assert cfg.shift_neg != model.Config().shift_neg
-    assert -1 <= cfg.shift_neg <= cfg.shift_intra <= 1
+    # the run's shifts are auto_shifts' values on its features, drawn from the child generator
+    # [seed, 1], and the ones printed
+    from omh_ref.features.knn import load_knn
+    from omh_ref.features.store import FeatureStore
+    from omh_ref.train.loop import auto_shifts
+
+    store = FeatureStore(feats)
+    knn = load_knn(store.path.with_name("knn.npy"), store, min_k=7)[:, :8]
+    want = auto_shifts(store, knn, cfg, np.random.default_rng([0, 1]))
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert ", ".join(f"{k}={v:.4f}" for k, v in want.items()) in out
+
+
+def _constant_images(path, vectors, h=3, w=4):
+    """A feature file whose image n has every patch equal to vectors[n]."""
+    f = open_memmap(path, mode="w+", dtype=np.float32, shape=(len(vectors), h, w, vectors.shape[1]))
+    f[:] = vectors[:, None, None, :]
+    f.flush()
+    del f
+    return str(path)
+
+
+def test_auto_shifts_are_each_pair_types_mean_correlation(tmp_path):
+    """Images that are one vector each, so every pair type's correlation is known exactly: intra
+    (an image with itself) 1; orthonormal images: inter and neg 0; twins (2j, 2j+1 share a vector,
+    each the other's first KNN partner): inter 1."""
+    from omh_ref.features.knn import build_knn, load_knn
+    from omh_ref.features.store import FeatureStore
+    from omh_ref.train.loop import auto_shifts
+
+    cfg = model.small_config(in_dim=8)
+    for name, vectors, inter in (("orthonormal", 3 * np.eye(8), 0.0),
+                                 ("twins", np.repeat(2 * np.eye(8)[:4], 2, axis=0), 1.0)):
+        store = FeatureStore(_constant_images(tmp_path / f"{name}.npy", vectors.astype(np.float32)))
+        build_knn(store, tmp_path / f"{name}_knn.npy", k=1)
+        knn = load_knn(tmp_path / f"{name}_knn.npy", store, min_k=1)
+        got = auto_shifts(store, knn, cfg, np.random.default_rng(0))
+        assert got["shift_intra"] == pytest.approx(1.0, abs=1e-6), name
+        assert got["shift_inter"] == pytest.approx(inter, abs=1e-6), name
+        if name == "orthonormal":
+            assert got["shift_neg"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_train_without_features_uses_the_embedded_demo_data(tmp_path):

@@ -7,10 +7,13 @@ drawn from the seed, so a seed names one exact run.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from . import head, model
-from .gradcheck import check_jacobian, check_vjp
+from .config import Config
+from .gradcheck import TOLERANCES, Report, _shapes, check_jacobian, check_vjp
 from .losses import cluster, correlation, hierarchy
 from .ops import (cosine, dropout, grid_sample, kl, linear, log_softmax, normalize, relu, resize, sinkhorn,
                   softmax)
@@ -21,12 +24,20 @@ def _simplex(rng, shape):
     return x / x.sum(-1, keepdims=True)
 
 
-def sinkhorn_case(rng, eps, n_iters, mode="unrolled", lead=(2,), spread=2.0):
+def sinkhorn_case(rng, eps, n_iters, mode="unrolled", lead=(2,), spread=2.0, offset=0.0):
     """(forward, backward, args) for the plan as a function of (cost, a, b); a and b perturbations
     are projected to zero total mass (Σa = Σb must hold), which the implicit gauge also requires.
-    Costs are uniform in [0, spread]."""
+
+    Costs are uniform in [0, spread] plus a row offset uniform in [0, offset] and column offsets
+    evenly spaced over [0, offset] in random order. The offsets leave the plan unchanged (the
+    potentials absorb them) but widen every row's span to at least offset − spread: with that
+    ≫ 40·ε the kernel could underflow, so the log domain runs with potentials ~offset/ε, while the
+    plan stays as far from a vertex as ``spread`` makes it."""
     n, m = rng.integers(2, 7, size=2)
     cost = rng.random(lead + (n, m)) * spread
+    if offset:
+        cols = rng.permuted(np.broadcast_to(np.linspace(0.0, offset, m), lead + (1, m)), axis=-1)
+        cost = cost + offset * rng.random(lead + (n, 1)) + cols
     a, b = _simplex(rng, (n,)), _simplex(rng, (m,))
 
     def forward(cost, a, b):
@@ -40,6 +51,17 @@ def sinkhorn_case(rng, eps, n_iters, mode="unrolled", lead=(2,), spread=2.0):
         db = db.reshape(-1, db.shape[-1]).sum(0)
         return dc, da - da.mean(), db - db.mean()   # the projection's transpose
     return forward, backward, (cost, a, b)
+
+
+def check_in_domain(case, domain, name, **fd):
+    """check_vjp of a :func:`sinkhorn_case`, failing (with the domain in the row) when the forward
+    ran the other domain: a case named for a path must exercise that path."""
+    forward, backward, args = case
+    ran = "log" if forward(*args)[1].E is None else "scaling"
+    if ran != domain:
+        return Report(f"{name} (ran the {ran} domain)", _shapes(args), float("inf"),
+                      TOLERANCES["float64"]["rtol"], False)
+    return check_vjp(forward, backward, args, name=name, **fd)
 
 
 def cases(seed=0):
@@ -77,14 +99,20 @@ def cases(seed=0):
         lambda x: grid_sample.forward(x, coords[:1, :2, :2]), grid_sample.backward, (r(1, 3, 2, 2),),
         name="jacobian:grid_sample")
 
-    for eps, it in ((1.0, 10), (0.05, 30), (1e-3, 50)):
-        name = f"sinkhorn unrolled eps={eps:g}"
-        # Costs spread over 20·eps keep the plan away from a vertex, where every gradient would
-        # vanish and the check would prove nothing; the step scales with eps because the plan's
-        # curvature grows like 1/eps (central-difference error ~ h²/eps³).
-        step = 1e-6 * min(1.0, eps * 10)
-        yield name, (lambda c=sinkhorn_case(rng, eps, it, spread=min(2.0, 20 * eps)), nm=name, h=step:
-                     check_vjp(*c, eps=h, name=nm))
+    # Each unrolled case names the domain it must run (check_in_domain fails it otherwise). The
+    # interaction part of the cost spreads over at most 20·ε, which keeps the plan away from a
+    # vertex, where every cost gradient vanishes and the check would prove nothing; the log cases
+    # add row and column offsets (every row's span/ε ≥ 140 at ε = 0.05 and ≥ 1980 at ε = 1e-3, far
+    # above the scaling domain's 40).
+    # The step scales with ε because the plan's curvature grows like 1/ε (central-difference error
+    # ~ h²/ε³); at ε = 1e-3 with potentials ~1/ε the 4-point stencil at h = 1e-5 has a worst
+    # relative error of 4e-6 over 200 random cases (2-point at 1e-8: 4e-5, rounding).
+    for eps, it, domain in ((1.0, 10, "scaling"), (0.05, 30, "scaling"), (0.05, 30, "log"),
+                            (1e-3, 50, "scaling"), (1e-3, 50, "log")):
+        name = f"sinkhorn unrolled eps={eps:g} {domain}"
+        fd = dict(stencil=4, eps=1e-5) if (eps < 0.01 and domain == "log") else dict(eps=1e-6 * min(1.0, eps * 10))
+        c = sinkhorn_case(rng, eps, it, spread=min(2.0, 20 * eps), offset=max(2.0, 160 * eps) if domain == "log" else 0.0)
+        yield name, (lambda c=c, d=domain, nm=name, fd=fd: check_in_domain(c, d, nm, **fd))
     yield "sinkhorn implicit eps=0.1", (lambda c=sinkhorn_case(rng, 0.1, 2000, "implicit"):
                                         check_vjp(*c, name="sinkhorn implicit eps=0.1"))
     yield "jacobian:sinkhorn", (lambda c=sinkhorn_case(rng, 0.2, 15, lead=()):
@@ -126,11 +154,21 @@ def cases(seed=0):
                 "model stego baseline": dict(baseline="stego")}
     for name, over in variants.items():
         yield name, (lambda over=over, nm=name, s=int(rng.integers(1 << 30)): model_check(s, nm, **over))
+    # The real defaults (every Config field as shipped: τ = 0.1, ε = 0.2, levels 108/54/27, C = 384,
+    # D = 70, 11 x 11 samples, 5 negatives), float64, on the small batch. Step 1e-8: at this size
+    # ~300k clamped code correlations and ~46k ReLUs put a few kinks within a 1e-6 step of the
+    # point, each worth ~1e-5 of the quotient (16 seeds: worst 8e-5, 3 over rtol; zero_clamp off:
+    # median 15x lower); at 1e-8 almost none is crossed and rounding stays ~7e-7 (worst 1e-6).
+    yield "model omh defaults", (lambda s=int(rng.integers(1 << 30)): model_check(
+        s, "model omh defaults", cfg=Config(), step=DEFAULTS_STEP))
 
     # The projection head as one piece (weights only: its input, the backbone's features, is frozen).
     hp, x_head = tuple(head.init(C, D, rng, np.float64).values()), r(N, H, C)
     yield "head", lambda: check_vjp(lambda *w: head.forward(dict(zip(head.KEYS, w)), x_head),
                                      lambda dz, cache: tuple(head.backward(dz, cache).values()), hp, name="head")
+
+
+DEFAULTS_STEP = 1e-8   # finite-difference step of the whole-model check at the shipped defaults
 
 
 def hierarchy_from_logits(tau=0.5, lam_w=0.1, **kw):
@@ -150,10 +188,12 @@ def hierarchy_from_logits(tau=0.5, lam_w=0.1, **kw):
     return forward, backward
 
 
-def model_check(seed, name="model", **overrides):
+def model_check(seed, name="model", cfg=None, step=None, **overrides):
     """Gradient check of the whole objective w.r.t. every parameter, randomness and the
-    no-gradient cluster targets held fixed."""
-    cfg = model.small_config(**overrides)
+    no-gradient cluster targets held fixed, in float64 on a small batch (3 images, 5 x 4 grid).
+    ``cfg`` (default :func:`omh_ref.core.model.small_config`) with ``overrides`` applied; ``step``
+    the finite-difference step (default the checker's)."""
+    cfg = model.small_config(**overrides) if cfg is None else dataclasses.replace(cfg, **overrides)
     rng = np.random.default_rng(seed)
     params = model.init_params(cfg, rng, dtype=np.float64)
     batch = model.random_batch(cfg, rng)
@@ -176,10 +216,10 @@ def model_check(seed, name="model", **overrides):
         return tuple(grads[k] for k in keys)
     vals = tuple(params.values())
     if not cfg.detach_clusters:
-        return check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1)
-    full = check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1,
+        return check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1, eps=step)
+    full = check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1, eps=step,
                      wrt=[i for i in range(len(keys)) if i not in head_idx])
-    corr = check_vjp(objective("corr"), backward, vals, name=name, n_dirs=1, wrt=head_idx)
+    corr = check_vjp(objective("corr"), backward, vals, name=name, n_dirs=1, eps=step, wrt=head_idx)
     return max(full, corr, key=lambda rep: (not rep.passed, rep.max_rel_err))
 
 

@@ -27,11 +27,18 @@ from .losses import cluster, correlation, hierarchy
 from .ops import cosine, dropout, grid_sample, log_softmax
 
 
+# Loss weights of :func:`small_config`: distinct from each other and from 1 (and from the
+# defaults), so that a weight dropped, swapped or applied twice in a backward changes the gradient.
+SMALL_WEIGHTS = dict(lam_clu=0.7, lam_hier=1.3, lam_w=0.37, weight_intra=0.45, weight_inter=0.85,
+                     weight_neg=1.55)
+
+
 def small_config(**overrides) -> Config:
-    """A tiny valid config with odd, distinct sizes (so transposes fail loudly) for tests,
-    benchmarks and outside checkers."""
+    """A tiny valid config with odd, distinct sizes (so transposes fail loudly) and distinct,
+    non-unit loss weights (so a wrong weight in a backward fails loudly: :data:`SMALL_WEIGHTS`),
+    for tests, benchmarks and outside checkers."""
     base = dict(in_dim=7, dim=5, levels=(6, 4, 3), feature_samples=3, neg_samples=2,
-                sinkhorn_iters=10, sinkhorn_iters_q=5, eps=0.3, eps_q=0.3, tau=0.5)
+                sinkhorn_iters=10, sinkhorn_iters_q=5, eps=0.3, eps_q=0.3, tau=0.5, **SMALL_WEIGHTS)
     base.update(overrides)
     return Config(**base)
 

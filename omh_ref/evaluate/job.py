@@ -18,7 +18,8 @@ from ..features.meta import listed_labels, path_for
 from ..features.store import FeatureStore
 from ..train.checkpoint import load_params
 from . import pictures
-from .hierarchy import hierarchy_plans, hierarchy_text
+from .hierarchy import UsageAccumulator, hierarchy_plans, hierarchy_text, marginals_note
+from .metrics import PROTOCOLS
 from .predict import cluster_eval, scores_json
 from .probe import linear_eval, linear_probe
 
@@ -80,9 +81,12 @@ def run(opts: EvalOptions, say=None) -> dict:
     names = resolve_class_names(opts.class_names, store, n_classes)
     if K < n_classes:
         raise InputError(f"{opts.checkpoint}: the eval level has {K} clusters, fewer than the {n_classes} classes")
+    eff = cfg.effective()
+    # the hierarchy's usage marginals, averaged over the split on the way (no code is kept)
+    usage = UsageAccumulator(cfg) if eff.marginals == "usage" and len(eff.levels) > 1 else None
     clu, preds = cluster_eval(params, cfg, store, n_classes, opts.batch_size, flipped, opts.device, keep=4,
                               crf_workers=max(opts.crf_workers, 1) if opts.crf else None,
-                              crf_timeout=opts.crf_timeout)
+                              crf_timeout=opts.crf_timeout, usage=usage)
     result = {"cluster": scores_json(clu), "crf": bool(opts.crf)}
     if opts.train_features or opts.train_labels:
         train_labels = opts.train_labels or (listed_labels(opts.train_features) if opts.train_features else None)
@@ -93,15 +97,20 @@ def run(opts: EvalOptions, say=None) -> dict:
                              device=opts.device, progress=opts.progress, cache=opts.probe_cache, say=say)
         lin = linear_eval(params, probe, store, n_classes, opts.batch_size, flipped, opts.device)
         result["linear"] = scores_json(lin)
-    plans = hierarchy_plans(params, cfg)
-    tree = hierarchy_text(plans, clu["match"].cluster_to_class, names, named_level=cfg.effective().eval_level)
-    result["hierarchy"] = {"plans": [p.round(4).tolist() for p in plans], "text": tree}
+    means = usage.means() if usage is not None else None
+    plans = hierarchy_plans(params, cfg, means)
+    tree = hierarchy_text(plans, clu["match"].cluster_to_class, names, named_level=eff.eval_level)
+    note = marginals_note(cfg, usage.images if usage is not None else None)
+    result["hierarchy"] = {"marginals": note["marginals"], "trained_with": note["trained_with"],
+                           "marginals_text": note["text"],
+                           "usage": None if means is None else [m.round(6).tolist() for m in means],
+                           "plans": [p.round(4).tolist() for p in plans], "text": tree}
     result["class_names"] = names
     if opts.json:
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
         write_text(opts.json, json.dumps(result, indent=1))
     if opts.out:
-        write_pictures(Path(opts.out), store, clu, preds, plans, tree, names, n_classes)
+        write_pictures(Path(opts.out), store, clu, preds, plans, [f"# {note['text']}", *tree], names, n_classes)
     return result
 
 
@@ -151,15 +160,19 @@ def resolve_class_names(spec, store: FeatureStore, n_classes) -> list:
 
 
 def format_table(result) -> str:
-    """The printed scores: both probes, per-class IoU with the matched cluster, the hierarchy."""
+    """The printed scores: both probes under both extra-cluster protocols (named), per-class IoU
+    under the headline protocol with the matched cluster, the hierarchy."""
     names = result["class_names"]
-    lines = [f"{'probe':<10} {'mIoU':>7} {'acc':>7}"]
+    headline = result["cluster"]["protocol"]
+    lines = [f"{'probe':<10} {'protocol':<9} {'mIoU':>7} {'acc':>7}"]
     for probe in ("cluster", "linear"):
         if probe in result:
-            lines.append(f"{probe:<10} {result[probe]['miou']:7.2f} {result[probe]['acc']:7.2f}")
+            for protocol, r in ((headline, result[probe]), ("strict", result[probe]["strict"])):
+                lines.append(f"{probe:<10} {protocol:<9} {_fmt(r['miou']):>7} {_fmt(r['acc']):>7}")
+    lines.append(f"({headline}: {PROTOCOLS[headline]}; strict: {PROTOCOLS['strict']})")
     lines.append("")
     head = f"{'class':<24} {'cluster IoU':>11}" + (f" {'linear IoU':>11}" if "linear" in result else "")
-    lines.append(head + f" {'cluster':>8}")
+    lines.append(head + f" {'cluster':>8}   ({headline} protocol)")
     c2k = result["cluster"]["match"]["class_to_cluster"]
     for c, name in enumerate(names):
         row = f"{name:<24} {_fmt(result['cluster']['iou'][c]):>11}"
@@ -168,10 +181,12 @@ def format_table(result) -> str:
         lines.append(row + f" {c2k[c]:>8}")
     unmatched = result["cluster"]["match"]["unmatched"]
     if unmatched:
-        lines.append(f"unmatched clusters: {unmatched}")
+        lines.append(f"unmatched clusters ({headline}): {unmatched}; strict: "
+                     f"{result['cluster']['strict']['match']['unmatched']}")
     tree = result["hierarchy"]["text"]
     if tree:
-        lines.append("hierarchy (child clusters absorbed by each parent, share of the child's mass):")
+        lines.append("hierarchy (child clusters absorbed by each parent, share of the child's mass; "
+                     f"{result['hierarchy']['marginals_text']}):")
         lines += ["  " + t for t in tree]
     return "\n".join(lines)
 

@@ -1,28 +1,36 @@
-"""Confusion matrix, Hungarian matching and scores: STEGO's ``UnsupervisedMetrics`` in NumPy.
+"""Confusion matrix, Hungarian matching and scores: STEGO's ``UnsupervisedMetrics`` in NumPy, with
+both conventions for extra clusters.
 
 Orientation: ``conf[k, c]`` is the number of pixels predicted as cluster k whose label is class c,
-shape (n_clusters, n_classes), int64: STEGO's ``stats[pred, actual]``.
+shape (n_clusters, n_classes), int64: STEGO's ``stats[pred, actual]``. The confusion counts every
+cluster (pixels with 0 ≤ label < n_classes and 0 ≤ pred < n_clusters; other predictions are
+dropped); the protocols below differ only in what they make of it.
 
-What is reproduced from STEGO (mhamilton723/STEGO, ``src/utils.py``, ``UnsupervisedMetrics``):
+What is reproduced from STEGO (mhamilton723/STEGO, ``src/utils.py``, ``UnsupervisedMetrics``; HP,
+hynnsk/HP ``utils/seg_utils.py``, has the same class):
 
-* Counting: a pixel counts where ``0 ≤ label < n_classes`` and ``0 ≤ pred < n_clusters``; other
-  predictions are dropped, as STEGO drops them. STEGO's official mask tests ``preds < n_classes``,
-  which leaves its extra-cluster rows always empty and drops pixels predicted into an extra
-  cluster from every count, the accuracy's denominator included; we count every cluster (the mask
-  ``preds < n_classes + extra_clusters`` of later STEGO-derived code). With
-  ``n_clusters == n_classes`` the two agree.
 * Matching: ``scipy.optimize.linear_sum_assignment(conf, maximize=True)`` on pixel counts.
 * Scores: the matched histogram ``H`` has row c = ``conf[cluster matched to c]``. With extra
   clusters (``n_clusters > n_classes``) STEGO appends one row, the sum of the unmatched clusters'
   rows, and one zero column, so ``H`` is (K+1, K+1) and the unmatched clusters act as one extra
   class that is never right. Then ``tp = diag H``, ``iou = tp / (rowsum + colsum − tp)``,
   ``miou = mean of the non-NaN iou`` (the extra entry included: 0 when the unmatched clusters
-  hold any pixel, NaN and left out when they hold none), ``acc = Σ tp / Σ H`` (every counted
-  pixel in the denominator). All ×100.
+  hold any pixel, NaN and left out when they hold none), ``acc = Σ tp / Σ H``. All ×100.
 * STEGO solves the assignment twice with extra clusters (``stats`` for the unmatched set,
   ``stats.t()`` for the histogram's row order). SciPy solves a tall matrix by transposing it
   (``rectangular_lsap.cpp``: "tall rectangular cost matrix must be transposed"), so both calls
   return the same matching even under ties; one solve is enough, and a test pins this.
+
+Extra clusters, two protocols (:data:`PROTOCOLS`; with ``n_clusters == n_classes`` they agree):
+
+* ``stego`` (the headline ``miou``/``acc``): STEGO's and HP's exact protocol. Their ``update``
+  counts a pixel only where ``preds < n_classes``, so every pixel predicted into a cluster id ≥
+  n_classes is dropped from every count, the accuracy's denominator included. The extra clusters'
+  rows stay empty, the matching runs on the first n_classes cluster ids, and the extra pseudo-class
+  is empty (IoU NaN, left out of the mean). Which clusters are "extra" is decided by their index,
+  before any matching.
+* ``strict``: every cluster counts; pixels in clusters left unmatched by the Hungarian matching
+  are errors (STEGO's extra row, whose IoU, usually 0, enters the mean).
 
 Where we differ on purpose: labels that are neither a class nor an ignore value (−1, 255) raise a
 ValueError instead of being dropped; everything is float64 (STEGO's extra-cluster histogram is
@@ -236,21 +244,38 @@ def matched_histogram(conf, match):
     return hist
 
 
-def scores(conf, match=None):
-    """mIoU, pixel accuracy and per-class IoU of a matched confusion matrix, ×100.
+PROTOCOLS = {
+    "stego": "pixels predicted into a cluster id >= n_classes dropped (STEGO's and HP's mask preds < n_classes)",
+    "strict": "every cluster counted; pixels in clusters the matching leaves unmatched are errors",
+}
+HEADLINE = "stego"   # the protocol of the top-level miou / acc / iou (docs/DECISIONS.md says why)
+
+
+def stego_confusion(conf):
+    """The confusion STEGO's ``update`` would have counted: rows of cluster ids ≥ n_classes
+    emptied (its mask ``preds < n_classes`` drops those pixels)."""
+    conf = _check_conf(conf).copy()
+    conf[conf.shape[1]:] = 0
+    return conf
+
+
+def protocol_scores(conf, match=None, protocol=HEADLINE):
+    """mIoU, pixel accuracy and per-class IoU of a confusion matrix under one protocol, ×100.
 
     ``iou_c = tp_c / (pixels predicted c + pixels labelled c − tp_c)`` on the matched histogram
     (see :func:`matched_histogram`); NaN for a class absent from both prediction and label.
     ``miou`` = mean of the non-NaN entries of iou and ``iou_unmatched``; ``acc = Σ tp / all counted
-    pixels``. conf (n_clusters, n_classes); match defaults to ``hungarian(conf)``.
+    pixels``. conf (n_clusters, n_classes); match defaults to ``hungarian`` of the protocol's counts
+    (``stego``: :func:`stego_confusion`). Under ``stego`` a split whose every pixel fell into an
+    extra cluster id has no counted pixel: NaN scores, as STEGO's 0/0.
 
-    -> {"miou": float, "acc": float, "iou": (n_classes,) float64,
-        "iou_unmatched": float (the unmatched clusters' pseudo-class; NaN when there are none or
-        they hold no pixels)}.
+    -> {"miou": float, "acc": float, "iou": (n_classes,) float64, "iou_unmatched": float (the
+        unmatched clusters' pseudo-class; NaN when there are none or they hold no pixels),
+        "match": Match, "pixels": int (counted)}.
     """
-    conf = _check_conf(conf)
-    if conf.sum() == 0:
-        raise ValueError("conf: no valid pixels counted (empty input, or every label ignored)")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {tuple(PROTOCOLS)}, got {protocol!r}")
+    conf = stego_confusion(conf) if protocol == "stego" else _check_conf(conf)
     if match is None:
         match = hungarian(conf)
     hist = matched_histogram(conf, match)
@@ -258,8 +283,25 @@ def scores(conf, match=None):
     tp = np.diag(hist)
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = tp / (hist.sum(axis=1) + hist.sum(axis=0) - tp)   # 0/0 -> NaN: class never seen
-    acc = tp.sum() / hist.sum()
-    return {"miou": 100 * float(iou[~np.isnan(iou)].mean()),
+        acc = tp.sum() / hist.sum()
+    seen = iou[~np.isnan(iou)]
+    return {"miou": 100 * float(seen.mean()) if seen.size else float("nan"),
             "acc": 100 * float(acc),
             "iou": 100 * iou[:n_classes],
-            "iou_unmatched": 100 * float(iou[n_classes]) if iou.size > n_classes else float("nan")}
+            "iou_unmatched": 100 * float(iou[n_classes]) if iou.size > n_classes else float("nan"),
+            "match": match, "pixels": int(hist.sum())}
+
+
+def scores(conf, match=None):
+    """Both protocols of a confusion matrix (:data:`PROTOCOLS`): the headline ``stego`` scores at
+    the top level (``miou``, ``acc``, ``iou``, ``iou_unmatched``, ``match``, ``pixels``, as
+    :func:`protocol_scores`), ``protocol`` naming it, and ``strict`` holding the other. A given
+    ``match`` (e.g. the linear probe's identity) is used by both. A confusion with no counted
+    pixel at all is a ValueError."""
+    conf = _check_conf(conf)
+    if conf.sum() == 0:
+        raise ValueError("conf: no valid pixels counted (empty input, or every label ignored)")
+    out = protocol_scores(conf, match, HEADLINE)
+    out["protocol"] = HEADLINE
+    out["strict"] = protocol_scores(conf, match, "strict")
+    return out

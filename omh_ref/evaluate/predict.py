@@ -57,12 +57,15 @@ def cluster_logits(params, cfg: Config, z, size):
 
 
 def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size=16, flipped=None,
-                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0):
+                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0, usage=None):
     """Confusion over the whole split, Hungarian matching and scores.
 
     crf_workers: None = no CRF; else refine every prediction with the dense CRF on the images
-    that ``feats.json`` lists (serially for 1, a process pool otherwise).
-    -> (result dict {'miou', 'acc', 'iou', 'match', 'unmatched', 'confusion'}, first ``keep`` predictions)."""
+    that ``feats.json`` lists (serially for 1, a process pool otherwise). usage: a
+    :class:`~omh_ref.evaluate.hierarchy.UsageAccumulator` given every batch's codes on the way
+    (the levels' mean assignments over the split, for the hierarchy's usage marginals).
+    -> (result dict: :func:`omh_ref.evaluate.metrics.scores`' keys (the headline protocol's miou, acc,
+    iou, match ..., and ``strict``) and ``confusion``, the first ``keep`` predictions)."""
     check_compat(params, cfg, store)
     size = label_shape(store)
     K = cfg.effective().levels[cfg.effective().eval_level]
@@ -70,6 +73,8 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
     paths = _crf_images(store, size) if crf_workers is not None else None
     kept = []
     for s, z in codes(params, store, batch_size, flipped, device):
+        if usage is not None:
+            usage.update(params, z)
         logits = cluster_logits(params, cfg, z, size)
         if paths is None:
             pred = to_host(logits.argmax(axis=-1))
@@ -114,21 +119,23 @@ def _read_image(path, size):
 
 
 def scores_json(res) -> dict:
-    """JSON-ready scores: miou, acc, per-class iou (None for NaN) and the match when present."""
-    out = {"miou": res["miou"], "acc": res["acc"],
-           "iou": [None if np.isnan(v) else float(v) for v in res["iou"]]}
-    if "match" in res:
-        out["match"] = res["match"].to_dict()
-    return out
+    """JSON-ready scores (NaN -> None): the headline protocol's miou, acc, per-class iou, the
+    unmatched clusters' iou and match, ``protocol`` naming it, and the same under ``strict``."""
+    def num(v):
+        return None if np.isnan(v) else float(v)
+
+    def one(r):
+        return {"miou": num(r["miou"]), "acc": num(r["acc"]), "iou": [num(v) for v in r["iou"]],
+                "iou_unmatched": num(r["iou_unmatched"]), "pixels": r["pixels"], "match": r["match"].to_dict()}
+    return {"protocol": res["protocol"], **one(res), "strict": one(res["strict"])}
 
 
 def summarize(conf, store, match=None):
-    """Scores of a confusion matrix (Hungarian matching unless ``match`` is given); a split with
-    no labelled pixel is an InputError naming the labels file."""
+    """Scores of a confusion matrix under both protocols (Hungarian matching unless ``match`` is
+    given); a split with no labelled pixel is an InputError naming the labels file."""
     if conf.sum() == 0:
         raise InputError(f"{store.labels_path}: no labelled pixels in this split (every label is "
                          "ignore, 255 or -1, or outside [0, n_classes)); nothing to score")
-    match = metrics.hungarian(conf) if match is None else match
-    return {**metrics.scores(conf, match), "match": match, "confusion": conf}
+    return {**metrics.scores(conf, match), "confusion": conf}
 
 

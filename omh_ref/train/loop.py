@@ -7,6 +7,11 @@ bit-exactly: 100 steps straight equal 50 steps + resume + 50 steps.
 
 Ctrl-C (SIGINT) is caught between steps: the step in flight finishes, a checkpoint is written,
 and the loop returns ``interrupted=True``.
+
+A step that meets NaN or inf (in a Sinkhorn input, the loss or the gradients) raises
+:class:`~omh_ref.core.errors.NonFiniteError` before it changes anything; the loop saves the state
+from before that step as ``diverged.npz`` and stops with a one-line error. Other exceptions are
+bugs and propagate unchanged.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import numpy as np
 from ..core import model
 from ..core.config import merge, parse_shifts
 from ..core.backend import resolve_device, to_device
-from ..core.errors import InputError
+from ..core.errors import InputError, NonFiniteError
 from ..core.files import write_text
 from ..core.lock import FolderLock
 from ..core.ops import grid_sample, normalize
@@ -238,6 +243,11 @@ def _train(cfg, opts, say, store):
                              f"--out {Path(opts.resume).parent}, or pass --overwrite to replace that run")
         ck = checkpoint.load(opts.resume)
         checkpoint.check_params(opts.resume, ck["params"], ck["config"])
+        arrays = {**ck["params"], **{f"adam_{m}/{k}": v for m in ("m", "v") for k, v in ck["opt_state"][m].items()}}
+        bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
+        if bad:   # a run resumed from here would diverge at its first step
+            raise InputError(f"{opts.resume}: non-finite values in {', '.join(bad)}; resume from an earlier "
+                             "checkpoint (a diverged run's diverged.npz holds the state before the bad step)")
         diff = [f.name for f in dataclasses.fields(cfg) if getattr(ck["config"], f.name) != getattr(cfg, f.name)]
         if diff:
             raise InputError(f"{opts.resume}: checkpoint has another config (differs in {', '.join(diff)})")
@@ -314,14 +324,20 @@ def _train(cfg, opts, say, store):
             batch = {"feats": store.read(idx), "feats_pos": store.read(partners)}
             if opts.device == "gpu":
                 batch = to_device(batch, "gpu")
+            # A divergence is a NonFiniteError, raised before anything changes: by the Sinkhorn
+            # checks (a NaN cost or marginal), for a non-finite loss, or by adam_step for
+            # non-finite gradients (one scalar, their squared norm, read back per step). Any
+            # other exception is a bug and propagates with its traceback.
+            why = None
             try:
                 loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng)
-            except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
-                # what non-finite parameters make of the Sinkhorn and target checks
-                diverged(f"{type(e).__name__}: {e}")
-            if not math.isfinite(parts["loss"]):
-                diverged(f"loss {parts['loss']}")
-            adam_step(params, grads, opt_state, lr)
+                if not math.isfinite(parts["loss"]):
+                    raise NonFiniteError(f"loss {parts['loss']}")
+                adam_step(params, grads, opt_state, lr)
+            except NonFiniteError as e:
+                why = str(e)
+            if why is not None:
+                diverged(why)
             step += 1
             if step % opts.log_every == 0 or step == opts.steps:
                 rec = {"step": step, "epoch": loop["epoch"], "seconds": round(time.perf_counter() - t0, 3), **parts}

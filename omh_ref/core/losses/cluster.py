@@ -71,8 +71,12 @@ def _semi_relaxed(s, eps_q, n_iters, lam, end_on_rows):
 
 
 def hard_targets(s):
-    """One-hot argmax of s (P, K)."""
-    return (s == s.max(axis=-1, keepdims=True)).astype(s.dtype)
+    """One-hot argmax of s (P, K): exactly one 1 per row, ties to the lowest index (as
+    ``torch.argmax``; a ``s == max`` mask would give tied rows several ones and double their loss)."""
+    xp = get_array_module(s)
+    Q = xp.zeros_like(s)
+    Q[xp.arange(s.shape[0]), s.argmax(axis=-1)] = 1
+    return Q
 
 
 def forward(s, logp, target="balanced", eps_q=0.05, n_iters_q=20, Q=None):

@@ -16,11 +16,17 @@ MARGINALS = ("uniform", "usage")
 USAGE_FLOOR = 1e-6   # far below 1/K for any K in use, far above float32's tiny
 
 
+def usage_marginal(mean_p):
+    """The smoothed usage marginal ``(mean p + δ) / (1 + K δ)`` of a level's mean assignment
+    (K,) (δ = USAGE_FLOOR), and the factor 1 / (1 + K δ) its gradient carries."""
+    K = mean_p.shape[-1]
+    scale = mean_p.dtype.type(1.0 / (1.0 + K * USAGE_FLOOR))
+    return (mean_p + mean_p.dtype.type(USAGE_FLOOR)) * scale, scale
+
+
 def _usage(p):
     """Smoothed mean assignment (K,) of p (P, K) and the factor its gradient carries."""
-    K = p.shape[1]
-    scale = p.dtype.type(1.0 / (1.0 + K * USAGE_FLOOR))
-    return (p.mean(axis=0) + p.dtype.type(USAGE_FLOOR)) * scale, scale
+    return usage_marginal(p.mean(axis=0))
 
 
 def forward(logp_child, logp_parent, M_child, M_parent, eps=0.05, n_iters=50, lam_w=0.1,

@@ -42,6 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import get_array_module, logsumexp
+from ..errors import NonFiniteError
 
 BACKWARD_MODES = ("unrolled", "implicit")
 
@@ -86,10 +87,12 @@ def _check(cost, a, b, eps, n_iters, mode):
         if not ok:
             raise ValueError(f"sinkhorn: marginal {name} of shape {x.shape} does not broadcast over the "
                              f"cost's leading axes {lead}")
+    if not bool(xp.all(xp.isfinite(cost))):
+        raise NonFiniteError("sinkhorn: cost contains NaN or inf")
+    if not (bool(xp.all(xp.isfinite(a))) and bool(xp.all(xp.isfinite(b)))):
+        raise NonFiniteError("sinkhorn: marginals a and b contain NaN or inf")
     if not bool(xp.all(a > 0)) or not bool(xp.all(b > 0)):
         raise ValueError("sinkhorn: marginals a and b must be strictly positive (use tiny masses, not zeros)")
-    if not bool(xp.all(xp.isfinite(cost))):
-        raise ValueError("sinkhorn: cost contains NaN or inf")
     sa, sb = a.sum(-1), b.sum(-1)
     if not bool(xp.all(xp.abs(sa - sb) <= 1e-4 * xp.maximum(sa, sb))):
         raise ValueError("sinkhorn: marginals must have equal total mass (sum a == sum b)")

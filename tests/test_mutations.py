@@ -1,0 +1,166 @@
+"""The whole-model gradient check's power, measured rather than assumed.
+
+Every backward the model's gradient runs through is perturbed in turn (one of its outputs
+multiplied by ``1 + REL``, monkeypatched where the model looks it up), and the suite's
+whole-model check (:func:`omh_ref.core.checks.model_check`, the check behind ``omh-ref
+gradcheck`` and tests/test_model.py) must fail in every configuration whose gradient uses that
+output. Perturbed, by module (output index or key in brackets):
+
+* ``head.backward`` [W1, b1, W2, b2, W3, b3]; ``ops.linear.backward`` [dx, dW, db] and
+  ``backward_params`` [dW, db]; ``ops.relu.backward``
+* ``ops.normalize.backward`` (inside cosine and the correlation loss); ``ops.cosine.backward``
+  [dz, dM]; ``ops.log_softmax.backward``; ``ops.grid_sample.backward``; ``ops.kl.backward``
+  [dq, dlogp]; ``ops.sinkhorn.backward`` [dcost, da, db], unrolled and implicit
+* ``losses.correlation.backward`` [dc1, dc2]; ``losses.cluster.backward`` [ds, dlogp] for each
+  target type where the output is not identically 0; ``losses.hierarchy.backward`` [all four]
+* the loss weights as ``model.backward`` applies them: each of λ_clu, λ_hier, λ_W and the three
+  correlation weights dropped (taken as 1), and λ_clu/λ_hier and w_intra/w_inter swapped.
+
+Not perturbed, because the model's gradient does not run through them: ``ops.dropout.backward``
+(the dropped-out input is the frozen features), ``ops.softmax`` and ``ops.resize`` (evaluation only).
+"""
+import dataclasses
+
+import pytest
+
+from omh_ref.core import head, model
+from omh_ref.core.checks import model_check
+from omh_ref.core.gradcheck import TOLERANCES
+from omh_ref.core.losses import cluster, correlation, hierarchy
+from omh_ref.core.ops import cosine, grid_sample, kl, linear, log_softmax, normalize, relu, sinkhorn
+
+REL = 1e-3          # the perturbation: 0.1 %, 100 times the checker's rtol
+SEED = 7
+
+VARIANTS = {
+    "balanced": {},                                               # relaxed targets, usage marginals
+    "soft": {"cluster_target": "soft"},
+    "hard": {"cluster_target": "hard"},
+    "implicit": {"sinkhorn_backward": "implicit", "sinkhorn_iters": 300},
+    "stego": {"baseline": "stego"},                               # detached code, one hard level
+}
+OMH = ("balanced", "soft", "hard", "implicit")
+ALL = (*OMH, "stego")
+UNROLLED = ("balanced", "soft", "hard")
+
+# (module, function name, output (None: the single output), variants whose gradient uses it)
+BACKWARDS = [
+    *[(head, "backward", k, ALL) for k in head.KEYS],
+    *[(linear, "backward", i, ALL) for i in range(3)],
+    *[(linear, "backward_params", i, ALL) for i in range(2)],
+    (relu, "backward", None, ALL),
+    (normalize, "backward", None, ALL),
+    (cosine, "backward", 0, OMH),            # stego detaches the code: its dz is dropped by design
+    (cosine, "backward", 1, ALL),
+    (log_softmax, "backward", None, OMH),    # stego's hard k-means loss has no log p term
+    (grid_sample, "backward", None, ALL),
+    (kl, "backward", 0, OMH),
+    (kl, "backward", 1, OMH),
+    *[(sinkhorn, "backward", i, UNROLLED) for i in range(3)],
+    *[(sinkhorn, "backward", i, ("implicit",)) for i in range(3)],
+    (correlation, "backward", 0, ALL),
+    (correlation, "backward", 1, ALL),
+    (cluster, "backward", 1, ("balanced", "implicit")),   # balanced: ds is 0, dlogp carries it
+    (cluster, "backward", 0, ("soft", "hard", "stego")),  # hard: dlogp is 0, ds carries it
+    (cluster, "backward", 1, ("soft",)),
+    *[(hierarchy, "backward", i, OMH) for i in range(4)],
+]
+
+
+def _scaled(fn, which, calls):
+    """fn with output ``which`` multiplied by 1 + REL; counts the calls that changed something."""
+    def perturbed(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if which is None:
+            calls.append(1)
+            return out * (1 + REL)
+        out = dict(out) if isinstance(out, dict) else list(out)
+        if not hasattr(out[which], "shape"):
+            return out if isinstance(out, dict) else tuple(out)   # an identically-0 output: unused
+        calls.append(1)
+        out[which] = out[which] * (1 + REL)
+        return out if isinstance(out, dict) else tuple(out)
+    return perturbed
+
+
+def _id(case):
+    mod, fn, which, variants = case
+    return f"{mod.__name__.rsplit('.', 1)[-1]}.{fn}[{which}]-{'+'.join(variants)}"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_unperturbed_model_passes(variant):
+    rep = model_check(SEED, variant, **VARIANTS[variant])
+    assert rep.passed, rep.row()
+
+
+@pytest.mark.parametrize("case", BACKWARDS, ids=_id)
+def test_each_perturbed_backward_fails_the_model_check(case, monkeypatch):
+    mod, fn, which, variants = case
+    calls = []
+    monkeypatch.setattr(mod, fn, _scaled(getattr(mod, fn), which, calls))
+    for variant in variants:
+        calls.clear()
+        rep = model_check(SEED, variant, **VARIANTS[variant])
+        assert calls, f"{variant}: the model never ran the perturbed {mod.__name__}.{fn}"
+        assert not rep.passed, f"{variant}: a {REL:g} relative error went unseen: {rep.row()}"
+        assert rep.max_rel_err > 10 * TOLERANCES["float64"]["rtol"], rep.row()
+
+
+def _weights_in_backward(change):
+    """model.backward with the loss weights it applies changed by ``change(cache)``."""
+    real = model.backward
+
+    def backward(dloss, cache):
+        cache = dict(cache)
+        change(cache)
+        return real(dloss, cache)
+    return backward
+
+
+def _cfg(**kw):
+    return lambda cache: cache.update(cfg=dataclasses.replace(cache["cfg"], **kw))
+
+
+def _corr(name, to):
+    def change(cache):
+        cache["corr"] = [(n, to(cache["cfg"], wt) if n == name else wt, cc, r) for n, wt, cc, r in cache["corr"]]
+    return change
+
+
+def _lam_w(to):
+    def change(cache):
+        cache["hier"] = [hc[:9] + (to,) + hc[10:] for hc in cache["hier"]]
+    return change
+
+
+WEIGHT_BUGS = {
+    "lam_clu dropped": (_cfg(lam_clu=1.0), ALL),
+    "lam_hier dropped": (_cfg(lam_hier=1.0), OMH),
+    "lam_clu and lam_hier swapped": (lambda c: _cfg(lam_clu=c["cfg"].lam_hier, lam_hier=c["cfg"].lam_clu)(c), OMH),
+    "lam_w dropped": (_lam_w(1.0), OMH),
+    "weight_intra dropped": (_corr("intra", lambda cfg, wt: 1.0), ALL),
+    "weight_inter dropped": (_corr("inter", lambda cfg, wt: 1.0), ALL),
+    "weight_neg dropped": (_corr("neg", lambda cfg, wt: 1.0 / cfg.neg_samples), ALL),
+    "weight_intra and weight_inter swapped": (
+        lambda c: (_corr("intra", lambda cfg, wt: cfg.weight_inter)(c), _corr("inter", lambda cfg, wt: cfg.weight_intra)(c)),
+        ALL),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(WEIGHT_BUGS))
+def test_each_wrong_weight_in_the_backward_fails_the_model_check(bug, monkeypatch):
+    change, variants = WEIGHT_BUGS[bug]
+    monkeypatch.setattr(model, "backward", _weights_in_backward(change))
+    for variant in variants:
+        rep = model_check(SEED, variant, **VARIANTS[variant])
+        assert not rep.passed, f"{variant}: {bug} went unseen: {rep.row()}"
+
+
+def test_unit_weights_hide_a_swapped_lambda(monkeypatch):
+    """Why small_config's weights are distinct and not 1: at λ_clu = λ_hier = 1 (the shipped
+    defaults) the same swap passes the check."""
+    monkeypatch.setattr(model, "backward", _weights_in_backward(
+        lambda c: _cfg(lam_clu=c["cfg"].lam_hier, lam_hier=c["cfg"].lam_clu)(c)))
+    assert model_check(SEED, "unit", lam_clu=1.0, lam_hier=1.0).passed
+    assert not model_check(SEED, "distinct").passed
