@@ -426,12 +426,12 @@ def test_shifts_auto_are_chosen_and_logged(tmp_path, feats):
     cfg = checkpoint.load(tmp_path / "o" / "ckpt.npz")["config"]
     # the run's shifts are auto_shifts' values on its features, drawn from the child generator
     # [seed, 1], and the ones printed
-    from omh_ref.features.knn import load_knn
+    from omh_ref.features.knn import default_path, load_knn
     from omh_ref.features.store import FeatureStore
     from omh_ref.train.loop import auto_shifts
 
     store = FeatureStore(feats)
-    knn = load_knn(store.path.with_name("knn.npy"), store, min_k=7)[:, :8]
+    knn = load_knn(default_path(store), store, min_k=7)[:, :8]
     want = auto_shifts(store, knn, cfg, np.random.default_rng([0, 1]))
     assert {k: getattr(cfg, k) for k in want} == want
     assert ", ".join(f"{k}={v:.4f}" for k, v in want.items()) in out
