@@ -386,7 +386,7 @@ def component_benchmark(cfg=None, batch_size=16, grid=(28, 28), threads=(1, 2), 
     * feature sampling: the step's 7 samplings of the C-channel features at S x S points
       (ops.grid_sample vs ``F.grid_sample``);
     * cluster targets: every level's no-gradient target solve on cosine logits (the default
-      relaxed targets, or balanced when ρ_q = inf).
+      relaxed targets, or the strictly balanced ones with ``cluster_target = "balanced"``).
     -> {"runs": [{"threads", name: {"numpy", "torch"} medians in s}]}."""
     import math
 
@@ -407,7 +407,7 @@ def component_benchmark(cfg=None, batch_size=16, grid=(28, 28), threads=(1, 2), 
     n_samplings = 2 + cfg.neg_samples            # the image, its KNN partner, the negatives
     logits = [np.tanh(0.3 * rng.standard_normal((batch_size * grid[0] * grid[1], k))).astype(np.float32)
               for k in cfg.levels]
-    relaxed = math.isfinite(cfg.rho_q)
+    relaxed = cfg.cluster_target == "relaxed"
 
     def ours_head():
         _, cache = head.forward(params, x)
@@ -663,7 +663,8 @@ def sinkhorn_case(cost, a, b, eps, n_iters, backward=True, repeats=20, warmup=2,
 def sinkhorn_benchmark(hier=((108, 54), (54, 27)), eps=(0.2, 0.05), n_iters=50, targets=(12544, 108),
                        eps_q=0.05, n_iters_q=20, threads=(1, 2), repeats=20, warmup=2, seed=0):
     """The hierarchy's Sinkhorn problems (forward + backward) and the balanced cluster targets
-    (forward only; ours is ``cluster.balanced_targets``, what the model calls with ``rho_q = inf``),
+    (forward only; ours is ``cluster.balanced_targets``, what the model calls with
+    ``cluster_target = "balanced"``),
     ours against POT/torch at each thread count. -> {"cases": [...]}."""
     from omh_ref.core.losses import cluster as cluster_mod
 

@@ -21,7 +21,7 @@ def test_every_field_has_help_and_all_but_in_dim_and_extra_a_train_flag():
 
 
 @pytest.mark.parametrize("name,value,want", [
-    ("rho_q", 0.0, "a positive number"), ("tau", math.inf, "a positive finite number"),
+    ("rho_q", 0.0, "a positive finite number"), ("tau", math.inf, "a positive finite number"),
     ("dropout", 1.0, "a probability in [0, 1)"), ("neg_samples", -1, "an integer >= 0"),
     ("lam_w", -0.1, "a finite number >= 0"), ("shift_neg", math.nan, "a finite number"),
     ("marginals", "both", "one of ('uniform', 'usage')"), ("dim", 2.5, "an integer"),
@@ -32,10 +32,9 @@ def test_each_rule_names_its_field(name, value, want):
         Config(**{name: value})
 
 
-def test_rho_q_inf_is_strict_balance_and_accepted_from_the_command_line(tmp_path):
-    assert Config(rho_q=math.inf).rho_q == math.inf
-    cfg = merge(Config(), {"rho_q": float("inf"), "levels": "9,3", "eps": None})
-    assert cfg.levels == (9, 3) and cfg.rho_q == math.inf and cfg.eps == Config().eps
+def test_merge_layers_parse_levels_and_skip_unset_flags():
+    cfg = merge(Config(), {"rho_q": 0.5, "levels": "9,3", "eps": None})
+    assert cfg.levels == (9, 3) and cfg.rho_q == 0.5 and cfg.eps == Config().eps
 
 
 def test_merge_names_the_source_and_the_field():
@@ -56,3 +55,42 @@ def test_shifts_and_config_files(tmp_path):
     assert read_file(tmp_path / "flat.json") == {"model": {"eps": 0.3}, "train": {}}
     (tmp_path / "t.toml").write_text("[model]\neps = 0.3\n[train]\nsteps = 5\n")
     assert read_file(tmp_path / "t.toml") == {"model": {"eps": 0.3}, "train": {"steps": 5}}
+
+
+def test_target_names_say_what_they_do_and_the_old_meaning_is_refused_with_a_hint():
+    assert Config().cluster_target == "relaxed" and Config(cluster_target="balanced").cluster_target == "balanced"
+    with pytest.raises(ValueError, match=r"'rho_q': expected a positive finite number \(strict balance, rho_q = inf, "
+                                         r"is cluster_target = 'balanced'\)"):
+        Config(rho_q=math.inf)
+    with pytest.raises(InputError, match=r"^cfg.toml: cluster_target 'balanced' is strict equipartition and takes no "
+                                         r"rho_q \(got 0.1\); for targets relaxed by rho_q use cluster_target 'relaxed'"):
+        merge({}, {"cluster_target": "balanced", "rho_q": 0.1}, source="cfg.toml")
+    assert merge({}, {"cluster_target": "balanced"}).cluster_target == "balanced"   # rho_q left at its default
+
+
+@pytest.mark.parametrize("old,want", [({"cluster_target": "balanced", "rho_q": 0.1}, ("relaxed", 0.1)),
+                                      ({"cluster_target": "balanced", "rho_q": math.inf}, ("balanced", 0.1)),
+                                      ({"cluster_target": "hard", "rho_q": 0.3}, ("hard", 0.3))])
+def test_a_format_1_checkpoint_is_read_in_todays_terms(tmp_path, old, want):
+    """Format 1 said 'balanced' for the relaxed targets (finite rho_q) and for the strict ones
+    (rho_q = inf); loading one gives the same model under today's names."""
+    import json
+
+    import numpy as np
+
+    from omh_ref.core import model
+    from omh_ref.core.optim import adam_init
+    from omh_ref.train import checkpoint
+
+    cfg = model.small_config()
+    params = model.init_params(cfg, np.random.default_rng(0))
+    checkpoint.save(tmp_path / "c.npz", params, adam_init(params), 3, np.random.default_rng(0), cfg)
+    with np.load(tmp_path / "c.npz") as z:
+        data = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(data["meta"]).decode())
+    meta["format"] = 1
+    meta["config"].update(old)
+    data["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(tmp_path / "old.npz", **data)
+    got = checkpoint.load(tmp_path / "old.npz")["config"]
+    assert (got.cluster_target, got.rho_q) == want

@@ -77,7 +77,8 @@ def test_correlation_zero_codes_finite():
 def test_cluster_grad(target, P, K, tau, seed):
     rng, r = _rand(seed)
     s = np.tanh(r(P, K))
-    Q = {"balanced": cluster.balanced_targets(s, 0.1, 10)[0], "hard": cluster.hard_targets(s), "soft": None}[target]
+    Q = {"relaxed": cluster.relaxed_targets(s, 0.1, 10, 0.5)[0], "balanced": cluster.balanced_targets(s, 0.1, 10)[0],
+         "hard": cluster.hard_targets(s), "soft": None}[target]
 
     def fwd(s, logp):
         return cluster.forward(s, logp, target, Q=Q)

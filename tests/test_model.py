@@ -14,7 +14,8 @@ from omh_ref.core.gradcheck import TOLERANCES
 from tests.strategies import seeds
 
 VARIANTS = {
-    "balanced": {},
+    "relaxed": {},
+    "balanced": dict(cluster_target="balanced"),
     "soft": dict(cluster_target="soft"),
     "hard": dict(cluster_target="hard"),
     "usage": dict(marginals="usage"),

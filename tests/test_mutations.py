@@ -33,15 +33,15 @@ REL = 1e-3          # the perturbation: 0.1 %, 100 times the checker's rtol
 SEED = 7
 
 VARIANTS = {
-    "balanced": {},                                               # relaxed targets, usage marginals
+    "relaxed": {},                                                # relaxed targets, usage marginals
     "soft": {"cluster_target": "soft"},
     "hard": {"cluster_target": "hard"},
     "implicit": {"sinkhorn_backward": "implicit", "sinkhorn_iters": 300},
     "stego": {"baseline": "stego"},                               # detached code, one hard level
 }
-OMH = ("balanced", "soft", "hard", "implicit")
+OMH = ("relaxed", "soft", "hard", "implicit")
 ALL = (*OMH, "stego")
-UNROLLED = ("balanced", "soft", "hard")
+UNROLLED = ("relaxed", "soft", "hard")
 
 # (module, function name, output (None: the single output), variants whose gradient uses it)
 BACKWARDS = [
@@ -60,7 +60,7 @@ BACKWARDS = [
     *[(sinkhorn, "backward", i, ("implicit",)) for i in range(3)],
     (correlation, "backward", 0, ALL),
     (correlation, "backward", 1, ALL),
-    (cluster, "backward", 1, ("balanced", "implicit")),   # balanced: ds is 0, dlogp carries it
+    (cluster, "backward", 1, ("relaxed", "implicit")),    # OT targets: ds is 0, dlogp carries it
     (cluster, "backward", 0, ("soft", "hard", "stego")),  # hard: dlogp is 0, ds carries it
     (cluster, "backward", 1, ("soft",)),
     *[(hierarchy, "backward", i, OMH) for i in range(4)],

@@ -166,14 +166,15 @@ def hard_targets(s):
     return F.one_hot(s.argmax(dim=-1), s.shape[-1]).to(s.dtype)
 
 
-def cluster_loss(s, logp, target, Q=None, eps_q=0.05, n_iters_q=20, rho_q=math.inf):
-    """-> (loss, Q). balanced: −mean Σ Q log p; soft: −mean Σ p s; hard: −mean Σ onehot(argmax s) s."""
+def cluster_loss(s, logp, target, Q=None, eps_q=0.05, n_iters_q=20, rho_q=0.1):
+    """-> (loss, Q). relaxed / balanced: −mean Σ Q log p (Q from the OT targets); soft: −mean Σ p s;
+    hard: −mean Σ onehot(argmax s) s."""
     P = s.shape[0]
     if target == "soft":
         return -(logp.exp() * s).sum() / P, None
-    if target == "balanced":
+    if target in ("relaxed", "balanced"):
         if Q is None:
-            Q = (balanced_targets(s, eps_q, n_iters_q) if math.isinf(rho_q)
+            Q = (balanced_targets(s, eps_q, n_iters_q) if target == "balanced"
                  else relaxed_targets(s, eps_q, n_iters_q, rho_q))
         return -(Q * logp).sum() / P, Q
     Q = hard_targets(s) if Q is None else Q

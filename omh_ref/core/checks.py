@@ -129,8 +129,8 @@ def cases(seed=0):
     P = N * H
     for target in cluster.TARGETS:
         s = np.tanh(r(P, K))
-        Q = {"balanced": cluster.balanced_targets(s, 0.2, 10)[0], "hard": cluster.hard_targets(s),
-             "soft": None}[target]
+        Q = {"relaxed": cluster.relaxed_targets(s, 0.2, 10, 0.1)[0], "balanced": cluster.balanced_targets(s, 0.2, 10)[0],
+             "hard": cluster.hard_targets(s), "soft": None}[target]
         name = f"cluster {target}"
         fwd = (lambda s, lp, Q=Q, t=target: cluster.forward(s, lp, t, Q=Q))
         yield name, (lambda fwd=fwd, s=s, nm=name: check_vjp(
@@ -148,7 +148,9 @@ def cases(seed=0):
                      check_vjp(*hierarchy_from_logits(**kw), (r(P, Kc), r(P, Kp), r(Kc, D), r(Kp, D)),
                                name=nm, **fd))
 
-    variants = {"model omh balanced": {}, "model omh soft+usage": dict(cluster_target="soft", marginals="usage"),
+    variants = {"model omh relaxed": {}, "model omh balanced+uniform": dict(cluster_target="balanced",
+                                                                             marginals="uniform"),
+                "model omh soft+usage": dict(cluster_target="soft", marginals="usage"),
                 "model omh hard+implicit": dict(cluster_target="hard", sinkhorn_backward="implicit",
                                                 sinkhorn_iters=300),
                 "model stego baseline": dict(baseline="stego")}

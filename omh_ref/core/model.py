@@ -16,8 +16,6 @@ negative permutations) is drawn from the ``rng`` passed in, in a fixed order (:f
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import head
@@ -160,7 +158,7 @@ def forward(params, batch, cfg: Config, rng, targets=None):
         s, sc = cosine.forward(zmain, params[f"M{i}"])                 # P,K
         logp, lc = log_softmax.forward(s, cfg.tau)
         Q = None if targets is None else targets[i]
-        if Q is None and cfg.cluster_target == "balanced" and math.isfinite(cfg.rho_q):
+        if Q is None and cfg.cluster_target == "relaxed":
             Q, terr = cluster.relaxed_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, cfg.rho_q)
         elif Q is None and cfg.cluster_target == "balanced":
             Q, terr = cluster.balanced_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q)

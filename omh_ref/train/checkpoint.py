@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,18 @@ from ..core.config import Config
 from ..core.errors import InputError
 from ..core.files import atomic_write
 
-FORMAT = 1
+FORMAT = 2   # 2: cluster_target names say what they do (relaxed / balanced); 1 is read and migrated
+
+
+def _migrate_config(cfg: dict, fmt: int) -> dict:
+    """A format-1 checkpoint's config in today's terms: its 'balanced' with a finite rho_q was the
+    relaxed targets, with rho_q = inf the strictly balanced ones (rho_q then plays no part)."""
+    if fmt == 1 and cfg.get("cluster_target") == "balanced":
+        if math.isfinite(cfg.get("rho_q", 0.1)):
+            cfg["cluster_target"] = "relaxed"
+        else:
+            cfg["rho_q"] = 0.1
+    return cfg
 
 
 def save(path, params, opt_state, step, rng, cfg: Config, arrays=None, info=None):
@@ -45,8 +57,8 @@ def load(path) -> dict:
         meta = json.loads(bytes(data.pop("meta")).decode())
     except Exception as e:
         raise InputError(f"{path}: not a readable omh-ref checkpoint ({type(e).__name__}: {e})") from None
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{path}: checkpoint format {meta.get('format')}, expected {FORMAT}")
+    if meta.get("format") not in (1, FORMAT):
+        raise InputError(f"{path}: checkpoint format {meta.get('format')}, expected {FORMAT} (or 1)")
 
     def group(prefix):
         return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
@@ -54,7 +66,7 @@ def load(path) -> dict:
     try:
         rng = np.random.default_rng()
         rng.bit_generator.state = meta["rng_state"]
-        cfg = meta["config"]
+        cfg = _migrate_config(meta["config"], meta["format"])
         cfg["levels"] = tuple(cfg["levels"])
         out = {"params": group("param/"),
                "opt_state": {"t": meta["adam_t"], "m": group("adam_m/"), "v": group("adam_v/")},

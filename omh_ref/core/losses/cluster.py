@@ -3,12 +3,14 @@
 Inputs are one level's cosine logits s (P, K) and log-assignments ``log p = log_softmax(s/τ)``
 (computed once by the caller, who also owns the softmax backward). Targets:
 
-* ``balanced`` (default): ``Q = P · Sinkhorn(1 − s, 1/P, 1/K)`` over the batch's pixels and the
-  level's clusters (each row sums to 1, each cluster receives the same mass), no gradient through
-  Q (the SwAV recipe); ``L = −mean_pixels Σ_k Q_k log p_k``. With a finite ``rho_q`` (the
-  model's default, 0.1) the cluster marginal is a KL penalty instead of a constraint
-  (:func:`relaxed_targets`): a batch of 8 images rarely holds every class in equal shares, and
-  strict equipartition split classes by image style on the demo data (docs/ablations.md).
+* ``relaxed`` (default): ``Q = P · plan`` of an entropic OT between the batch's pixels (1/P each)
+  and the level's clusters on the cost 1 − s, whose cluster marginal 1/K is a KL penalty of
+  weight ``rho_q`` instead of a constraint (:func:`relaxed_targets`); each row sums to 1; no
+  gradient through Q (the SwAV recipe); ``L = −mean_pixels Σ_k Q_k log p_k``. A batch of 8 images
+  rarely holds every class in equal shares, and strict equipartition split classes by image style
+  on the demo data (docs/ablations.md).
+* ``balanced``: the same with the cluster marginal a constraint (every cluster receives P/K:
+  strict equipartition, :func:`balanced_targets`); ``rho_q`` plays no part.
 * ``soft``: ``L = −mean_pixels Σ_k p_k s_k`` with the gradient through p (STEGO's ClusterLookup
   with a temperature).
 * ``hard``: ``L = −mean_pixels max_k s_k`` (STEGO's cluster probe: one-hot k-means).
@@ -18,7 +20,8 @@ import math
 from ..backend import get_array_module
 from ..ops.sinkhorn import log_iterations, scaling_iterations, scaling_safe
 
-TARGETS = ("balanced", "soft", "hard")
+TARGETS = ("relaxed", "balanced", "soft", "hard")
+PLAN_TARGETS = ("relaxed", "balanced")    # targets from an OT plan: the loss is −Σ Q log p
 
 
 def balanced_targets(s, eps_q, n_iters):
@@ -79,9 +82,10 @@ def hard_targets(s):
     return Q
 
 
-def forward(s, logp, target="balanced", eps_q=0.05, n_iters_q=20, Q=None):
-    """s, logp (P, K). Q fixes the targets (balanced/hard) instead of computing them, which is how
-    gradient checks hold the no-gradient target constant. -> (loss, cache); cache[1] is Q."""
+def forward(s, logp, target="relaxed", eps_q=0.05, n_iters_q=20, Q=None, rho_q=0.1):
+    """s, logp (P, K). Q fixes the targets (relaxed/balanced/hard) instead of computing them,
+    which is how gradient checks hold the no-gradient target constant. -> (loss, cache); cache[1]
+    is Q."""
     xp = get_array_module(s, logp)
     if target not in TARGETS:
         raise ValueError(f"cluster_target must be one of {TARGETS}, got {target!r}")
@@ -89,9 +93,11 @@ def forward(s, logp, target="balanced", eps_q=0.05, n_iters_q=20, Q=None):
     if target == "soft":
         p = xp.exp(logp)
         return -(p * s).sum() / P, (target, None, p, s)
-    if Q is None:
+    if Q is None and target == "relaxed":
+        Q = relaxed_targets(s, eps_q, n_iters_q, rho_q)[0]
+    elif Q is None:
         Q = balanced_targets(s, eps_q, n_iters_q)[0] if target == "balanced" else hard_targets(s)
-    src = logp if target == "balanced" else s
+    src = logp if target in PLAN_TARGETS else s
     return -(Q * src).sum() / P, (target, Q, None, s)
 
 
@@ -101,6 +107,6 @@ def backward(dloss, cache):
     scale = s.dtype.type(-dloss / s.shape[0])
     if target == "soft":
         return p * scale, p * s * scale       # dlogp: d(p)/d(logp) = p
-    if target == "balanced":
+    if target in PLAN_TARGETS:
         return 0, Q * scale
     return Q * scale, 0
