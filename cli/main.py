@@ -181,13 +181,23 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--config", "config_file", default=None, type=click.Path(), help="TOML/JSON config; flags override it.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that already holds a checkpoint.")
+@click.option("--val-features", default=None, type=click.Path(), help="Validate on these features during training.")
+@click.option("--val-labels", default=None, type=click.Path(),
+              help="Their labels [default: the labels file their feats.json names].")
+@click.option("--val-every", default=100, show_default=True, help="Steps between validations (and after the last).")
+@click.option("--keep-best", is_flag=True,
+              help="Keep best.npz, the checkpoint of the best validation mIoU (selection on labels: supervision).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @model_options
 @friendly_errors
 def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, resume, ckpt_every,
-          log_every, config_file, overwrite, quiet, shifts, **model_flags):
+          log_every, config_file, overwrite, val_features, val_labels, val_every, keep_best, quiet, shifts,
+          **model_flags):
     """Train OMH (or --baseline stego) on memory-mapped features."""
     from omh_ref.core.config import read_file
+    from omh_ref.core.lock import FolderLock
+    from omh_ref.evaluate.pictures import curves_png
+    from omh_ref.evaluate.validation import Validator
     from omh_ref.features.store import FeatureStore
     from omh_ref.train.loop import FILE_KEYS, TrainOptions, loop_settings, model_config, train as run_train
 
@@ -200,14 +210,25 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
     tables = read_file(config_file) if config_file else {"model": {}, "train": {}}
     ctx = click.get_current_context()
     given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters, seed=seed,
-                 ckpt_every=ckpt_every, log_every=log_every)
+                 ckpt_every=ckpt_every, log_every=log_every, val_every=val_every)
     explicit = {k for k in FILE_KEYS if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     loop = loop_settings(given, tables["train"], explicit, config_file)
     cfg, auto = model_config(store, tables["model"], model_flags, shifts, resume, source=config_file or "config")
     opts = TrainOptions(features=features, out=out, knn=knn, device=device, resume=resume,
-                        shifts_auto=auto and not resume, progress=not quiet, overwrite=overwrite, **loop)
-    res = run_train(cfg, opts, say=click.echo)
-    click.echo(f"step {res['step']}: checkpoint {res['checkpoint']}, log {res['log']}")
+                        shifts_auto=auto and not resume, progress=not quiet, overwrite=overwrite,
+                        keep_best=keep_best, **loop)
+    validator = None
+    if val_features or val_labels:
+        if not val_features:
+            raise InputError("--val-labels: goes with --val-features")
+        validator = Validator(val_features, val_labels, device=device)
+        validator.check(cfg)
+    res = run_train(cfg, opts, say=click.echo, validate=validator)
+    with FolderLock(out, "train", say=click.echo):
+        curves_png(Path(out) / "curves.png", res["log"])
+    click.echo(f"step {res['step']}: checkpoint {res['checkpoint']}, log {res['log']}, curves {Path(out) / 'curves.png'}"
+               + (f"; best validation mIoU {res['best']['val_miou']:.2f} at step {res['best']['step']} in "
+                  f"{Path(out) / 'best.npz'}" if keep_best and res["best"]["step"] is not None else ""))
     sys.exit(130 if res["interrupted"] else 0)
 
 

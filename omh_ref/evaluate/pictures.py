@@ -65,37 +65,106 @@ def grid_png(path, rows, titles=None, scale=2, pad=4):
     save_png(canvas, path)
 
 
-def loss_curves_png(path, logs: dict, keys=("loss", "corr", "clu_0", "hier_0"), size=(720, 420)):
-    """Plot each run's ``log.jsonl`` series (one panel per key) into one PNG."""
-    series = {}
-    for name, log in logs.items():
-        recs = [json.loads(ln) for ln in Path(log).read_text().splitlines() if ln.strip()]
-        series[name] = recs
-    keys = [k for k in keys if any(k in r for recs in series.values() for r in recs)]
-    W, H = size
-    canvas = Image.new("RGB", (W, H * len(keys) // 2 + 40), (255, 255, 255))
+def read_log(path) -> list:
+    """The records of a ``log.jsonl`` (lines torn by a kill are skipped)."""
+    recs = []
+    for ln in Path(path).read_text().splitlines():
+        try:
+            recs.append(json.loads(ln))
+        except ValueError:
+            pass
+    return recs
+
+
+def _ticks(lo, hi, n=5):
+    """About n round tick values covering [lo, hi]."""
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / max(n - 1, 1)
+    mag = 10 ** np.floor(np.log10(raw))
+    step = mag * min((1, 2, 2.5, 5, 10), key=lambda m: abs(m * mag - raw))
+    first = np.ceil(lo / step) * step
+    return [float(v) for v in np.arange(first, hi + step * 1e-9, step)]
+
+
+def line_panels_png(path, panels, xlabel="step", width=760, panel_h=190):
+    """Line charts stacked in one PNG, each with labelled axes and ticks. ``panels``: a list of
+    (title, y label, {series name: [(x, y), ...]}); a series' colour is the same in every panel,
+    and a legend names them when there is more than one."""
+    names = list(dict.fromkeys(n for _, _, series in panels for n in series))
+    pal = {n: tuple(int(v) for v in c) for n, c in zip(names, palette(len(names)))}
+    top = 6
+    canvas = Image.new("RGB", (width, top + panel_h * max(len(panels), 1)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    pal = palette(len(series))
-    panel_h = (canvas.height - 40) // max(len(keys), 1)
-    for p, key in enumerate(keys):
-        y0 = 30 + p * panel_h
-        box = (60, y0 + 14, W - 20, y0 + panel_h - 16)
-        draw.rectangle(box, outline=(160, 160, 160))
-        vals = [(r["step"], r[key]) for recs in series.values() for r in recs if key in r]
-        if not vals:
+    for p, (title, ylabel, series) in enumerate(panels):
+        y0 = top + p * panel_h
+        box = (70, y0 + 18, width - 20, y0 + panel_h - 34)           # left, top, right, bottom
+        draw.text((box[0], y0 + 2), title, fill=(0, 0, 0))
+        x = box[0] + 7 * len(title) + 16
+        for n in (series if len(series) > 1 or len(names) > 1 else []):   # the panel's legend
+            draw.text((x, y0 + 2), f"-- {n}", fill=pal[n])
+            x += 7 * len(n) + 36
+        pts = [xy for s in series.values() for xy in s]
+        draw.rectangle(box, outline=(150, 150, 150))
+        if not pts:
             continue
-        smin, smax = min(v[0] for v in vals), max(v[0] for v in vals)
-        vmin, vmax = min(v[1] for v in vals), max(v[1] for v in vals)
-        vmax = vmax if vmax > vmin else vmin + 1
-        draw.text((box[0], y0), f"{key}  [{vmin:.3g}, {vmax:.3g}]", fill=(0, 0, 0))
-        for c, (name, recs) in enumerate(series.items()):
-            pts = [(box[0] + (r["step"] - smin) / max(smax - smin, 1) * (box[2] - box[0]),
-                    box[3] - (r[key] - vmin) / (vmax - vmin) * (box[3] - box[1])) for r in recs if key in r]
-            if len(pts) > 1:
-                draw.line(pts, fill=tuple(int(x) for x in pal[c]), width=2)
-    for c, name in enumerate(series):
-        draw.text((60 + c * 160, 8), f"-- {name}", fill=tuple(int(x) for x in pal[c]))
+        xs, ys = [x for x, _ in pts], [y for _, y in pts]
+        xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        ylo, yhi = min(ys), max(ys)
+        if yhi <= ylo:                                   # a flat series sits mid-panel
+            pad = max(abs(ylo) * 0.1, 1e-3)
+            ylo, yhi = ylo - pad, yhi + pad
+
+        def at(x, y):
+            return (box[0] + (x - xlo) / (xhi - xlo) * (box[2] - box[0]),
+                    box[3] - (y - ylo) / (yhi - ylo) * (box[3] - box[1]))
+
+        for t in _ticks(xlo, xhi):
+            X = at(t, ylo)[0]
+            draw.line([(X, box[3]), (X, box[3] + 4)], fill=(80, 80, 80))
+            draw.text((X - 10, box[3] + 6), f"{t:g}", fill=(60, 60, 60))
+        for t in _ticks(ylo, yhi, 4):
+            Y = at(xlo, t)[1]
+            draw.line([(box[0] - 4, Y), (box[0], Y)], fill=(80, 80, 80))
+            draw.text((2, Y - 6), f"{t:.3g}", fill=(60, 60, 60))
+        draw.text((box[2] - 6 * len(xlabel), box[3] + 18), xlabel, fill=(0, 0, 0))
+        draw.text((box[0] + 4, box[1] + 2), ylabel, fill=(110, 110, 110))
+        for n, s in series.items():
+            line = [at(x, y) for x, y in s]
+            if len(line) > 1:
+                draw.line(line, fill=pal[n], width=2)
+            elif line:
+                X, Y = line[0]
+                draw.ellipse((X - 2, Y - 2, X + 2, Y + 2), fill=pal[n])
     save_png(canvas, path)
+
+
+def _series(recs, key):
+    return [(r["step"], r[key]) for r in recs if key in r and r[key] is not None]
+
+
+def loss_curves_png(path, logs: dict, keys=("loss", "corr", "clu_0", "hier_0")):
+    """Each run's ``log.jsonl`` series, one panel per key, every run in each panel."""
+    recs = {name: read_log(log) for name, log in logs.items()}
+    panels = [(key, key, {name: _series(r, key) for name, r in recs.items()}) for key in keys
+              if any(key in x for r in recs.values() for x in r)]
+    line_panels_png(path, panels)
+
+
+def curves_png(path, log) -> None:
+    """One run's training curves: the loss and its parts (correlation, every level's cluster and
+    hierarchy loss) and, when the run validated, the validation cluster mIoU, against step."""
+    recs = read_log(log)
+    keys = sorted({k for r in recs for k in r})
+    panels = [("loss (total)", "loss", {"loss": _series(recs, "loss")}),
+              ("correlation loss", "loss", {"corr": _series(recs, "corr")})]
+    for prefix, title in (("clu_", "cluster loss per level"), ("hier_", "hierarchy loss per level pair")):
+        parts = [k for k in keys if k.startswith(prefix) and k[len(prefix):].isdigit()]
+        if parts:
+            panels.append((title, "loss", {k: _series(recs, k) for k in parts}))
+    if any("val_miou" in r for r in recs):
+        panels.append(("validation: cluster mIoU of the eval level (x100)", "mIoU", {"val_miou": _series(recs, "val_miou")}))
+    line_panels_png(path, panels)
 
 
 def confusion_png(path, conf, row_names=None, col_names=None, cell=14):

@@ -58,9 +58,11 @@ class TrainOptions:
     shifts_auto: bool = False
     progress: bool = True
     overwrite: bool = False          # start over in a folder that already holds a checkpoint
+    val_every: int = 100             # steps between validations, when train() is given a validator
+    keep_best: bool = False          # keep best.npz, the checkpoint of the best validation mIoU
 
     def validate(self):
-        for name in ("steps", "batch_size", "ckpt_every", "log_every", "knn_k"):
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "knn_k", "val_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise InputError(f"--{name.replace('_', '-')}: expected a positive integer, got {v!r}")
@@ -76,7 +78,7 @@ class TrainOptions:
             raise InputError(str(e)) from None
 
 
-FILE_KEYS = ("steps", "batch_size", "lr", "lr_clusters", "seed", "ckpt_every", "log_every")
+FILE_KEYS = ("steps", "batch_size", "lr", "lr_clusters", "seed", "ckpt_every", "log_every", "val_every")
 
 
 def loop_settings(flags: dict, file_table: dict, explicit, source) -> dict:
@@ -210,13 +212,21 @@ def _lr_table(params, opts):
     return {k: (opts.lr_clusters if k.startswith("M") else opts.lr) for k in params}
 
 
-def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
-    """Train; returns {'step', 'checkpoint', 'log', 'interrupted', 'config'}.
+def train(cfg: model.Config, opts: TrainOptions, say=print, validate=None) -> dict:
+    """Train; returns {'step', 'checkpoint', 'log', 'interrupted', 'config', 'best'}.
 
     ``cfg.in_dim`` must match the features' C. On resume the checkpoint's config must equal
     ``cfg`` (an InputError names the fields that differ). The run holds the lock of ``opts.out``
-    (:class:`~omh_ref.core.lock.FolderLock`) from before its first write to its end."""
+    (:class:`~omh_ref.core.lock.FolderLock`) from before its first write to its end.
+
+    ``validate(params, cfg) -> {"val_miou", "val_acc", ...}`` (evaluation's job, e.g.
+    :class:`omh_ref.evaluate.validation.Validator`; the loop knows no labels) runs every
+    ``opts.val_every`` steps and after the last; its numbers go to ``log.jsonl`` and the progress
+    bar, and with ``opts.keep_best`` the best-scoring state is kept as ``best.npz``. Selecting a
+    checkpoint on validation labels is supervision (STEGO's training does it too)."""
     opts.validate()
+    if opts.keep_best and validate is None:
+        raise InputError("--keep-best: needs a validation split (--val-features)")
     store = FeatureStore(opts.features)
     if cfg.in_dim != store.C:
         raise InputError(f"{store.path}: features have C={store.C} channels but the config says in_dim={cfg.in_dim}")
@@ -225,10 +235,10 @@ def train(cfg: model.Config, opts: TrainOptions, say=print) -> dict:
     if cfg.weight_neg > 0 and opts.batch_size < 2:
         raise InputError("--batch-size: negative pairs need at least 2 images per batch")
     with FolderLock(opts.out, "train", say=say):
-        return _train(cfg, opts, say, store)
+        return _train(cfg, opts, say, store, validate)
 
 
-def _train(cfg, opts, say, store):
+def _train(cfg, opts, say, store, validate):
     knn, knn_path = _ensure_knn(store, opts, say)
     knn = knn[:, : opts.knn_k + 1]
     out = Path(opts.out)
@@ -255,6 +265,7 @@ def _train(cfg, opts, say, store):
             raise InputError(f"{opts.resume}: checkpoint was trained on another feature file than {store.path}")
         params, opt_state, rng, step = ck["params"], ck["opt_state"], ck["rng"], ck["step"]
         loop = {"order": ck["arrays"]["order"], "pos": int(ck["info"]["pos"]), "epoch": int(ck["info"]["epoch"])}
+        best = dict(ck["info"].get("best") or {"step": None, "val_miou": None})
         if len(loop["order"]) != store.N:
             raise InputError(f"{opts.resume}: checkpoint's data order has {len(loop['order'])} images, "
                              f"{store.path} has {store.N}")
@@ -279,6 +290,7 @@ def _train(cfg, opts, say, store):
         opt_state = adam_init(params)
         step = 0
         loop = {"order": rng.permutation(store.N), "pos": 0, "epoch": 0}
+        best = {"step": None, "val_miou": None}
         if log_path.exists():
             log_path.unlink()
     if opts.device == "gpu":
@@ -297,7 +309,7 @@ def _train(cfg, opts, say, store):
         try:
             checkpoint.save(path, params, opt_state, step, rng_, cfg, arrays={"order": loop_["order"]},
                             info={"pos": loop_["pos"], "epoch": loop_["epoch"], "features": str(store.path.resolve()),
-                                  "features_fingerprint": fingerprint, "knn": str(knn_path.resolve()),
+                                  "features_fingerprint": fingerprint, "knn": str(knn_path.resolve()), "best": best,
                                   "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}})
         except OSError as e:
             raise InputError(f"{path}: cannot write the step-{step} checkpoint ({e.strerror}); {intact()}") from None
@@ -314,6 +326,7 @@ def _train(cfg, opts, say, store):
                          f"{out / 'diverged.npz'} (continue it with --resume and a lower --lr)")
 
     bar = _progress(opts, step)
+    last_val = None
     t0 = time.perf_counter()
     interrupted = False
     with _Interrupt() as stop, _log_file(log_path, intact) as log:
@@ -339,10 +352,21 @@ def _train(cfg, opts, say, store):
             if why is not None:
                 diverged(why)
             step += 1
-            if step % opts.log_every == 0 or step == opts.steps:
-                rec = {"step": step, "epoch": loop["epoch"], "seconds": round(time.perf_counter() - t0, 3), **parts}
+            val = None
+            if validate is not None and (step % opts.val_every == 0 or step == opts.steps):
+                val = validate(params, cfg)
+                last_val = val
+            if step % opts.log_every == 0 or step == opts.steps or val:
+                rec = {"step": step, "epoch": loop["epoch"], "seconds": round(time.perf_counter() - t0, 3), **parts,
+                       **(val or {})}
                 log.write(json.dumps(rec) + "\n")
-                bar.set_postfix({k: f"{parts[k]:.3f}" for k in ("loss", "corr", "clu_0") if k in parts})
+                post = {k: f"{parts[k]:.3f}" for k in ("loss", "corr", "clu_0") if k in parts}
+                if last_val is not None:
+                    post["val_miou"] = f"{last_val['val_miou']:.1f}"
+                bar.set_postfix(post)
+            if val and opts.keep_best and (best["val_miou"] is None or val["val_miou"] > best["val_miou"]):
+                best.update(step=step, val_miou=val["val_miou"])
+                save(out / "best.npz", rng, loop)
             bar.update(1)
             if step % opts.ckpt_every == 0 or step == opts.steps:
                 save(ckpt_path, rng, loop)
@@ -354,7 +378,7 @@ def _train(cfg, opts, say, store):
     if interrupted:
         say(f"interrupted at step {step}: checkpoint written to {ckpt_path}; continue with --resume {ckpt_path}")
     return {"step": step, "checkpoint": str(ckpt_path), "log": str(log_path), "interrupted": interrupted,
-            "config": cfg}
+            "config": cfg, "best": dict(best)}
 
 
 class _log_file:
