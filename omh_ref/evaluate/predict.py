@@ -57,11 +57,13 @@ def cluster_logits(params, cfg: Config, z, size):
 
 
 def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size=16, flipped=None,
-                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0):
+                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0, on_batch=None):
     """Confusion over the whole split, Hungarian matching and scores.
 
     crf_workers: None = no CRF; else refine every prediction with the dense CRF on the images
     that ``feats.json`` lists (serially for 1, a process pool otherwise).
+    on_batch: called as ``on_batch(start, clusters, refined)`` for every batch, with the cluster
+    predictions (B, H, W) and the CRF's (or None without it), as they stream by.
     -> (result dict {'miou', 'acc', 'iou', 'match', 'unmatched', 'confusion'}, first ``keep`` predictions)."""
     check_compat(params, cfg, store)
     size = label_shape(store)
@@ -71,13 +73,16 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
     kept = []
     for s, z in codes(params, store, batch_size, flipped, device):
         logits = cluster_logits(params, cfg, z, size)
+        raw = to_host(logits.argmax(axis=-1)) if paths is None or on_batch is not None else None
         if paths is None:
-            pred = to_host(logits.argmax(axis=-1))
+            pred = raw
         else:
             from . import crf
 
             imgs = np.stack([_read_image(p, size[0]) for p in paths[s:s + len(z)]])
             pred = crf.refine_batch(imgs, to_host(logits), crf_workers, crf_timeout)
+        if on_batch is not None:
+            on_batch(s, raw, None if paths is None else pred)
         update_confusion(acc, pred, store, s)
         if len(kept) < keep:
             kept.extend(pred[: keep - len(kept)])
