@@ -247,11 +247,11 @@ class Segmenter:
             if not Path(p).is_file():
                 raise InputError(f"{p}: no such file (expected {flag} to be {what})")
         self.params, self.cfg = load_params(checkpoint, device)
-        self.bb = inspect_model(model, None, device, threads)
+        ins = session(model, device, threads).get_inputs()
+        free = len(ins) == 1 and len(ins[0].shape) == 4 and not any(isinstance(d, int) for d in ins[0].shape[2:])
+        self.bb = inspect_model(model, (resolution or DEFAULT_RESOLUTION) if free else None, device, threads)
         if self.bb.dynamic:
-            res = resolution or DEFAULT_RESOLUTION
-            if res != self.bb.resolution:
-                self.bb = inspect_model(model, res, device, threads)
+            res = self.bb.resolution
             self.window = res if windows == "always" else None
         else:
             res = resolution or self.bb.resolution

@@ -74,7 +74,7 @@ def list_images(sources) -> list:
     folder reader) and of the given files, in that order."""
     if not sources:
         raise InputError("--images: give a folder of images or image files")
-    items = []
+    items, seen = [], set()
     for src in sources:
         p = Path(src)
         if p.is_dir():
@@ -82,11 +82,16 @@ def list_images(sources) -> list:
                             and (q.is_file() or q.is_symlink())), key=lambda q: q.relative_to(p).as_posix())
             if not found:
                 raise InputError(f"{p}: no images found (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
-            items += [Item(q.relative_to(p).as_posix(), q) for q in found]
+            new = [Item(q.relative_to(p).as_posix(), q) for q in found]
         elif p.is_file():
-            items.append(Item(p.name, p))
+            new = [Item(p.name, p)]
         else:
             raise InputError(f"{p}: no such file or folder (expected --images to name images or a folder of them)")
+        for it in new:   # a file named twice (a folder and a file in it) is segmented once
+            key = os.path.normcase(os.path.abspath(it.path))
+            if key not in seen:
+                seen.add(key)
+                items.append(it)
     return items
 
 
@@ -116,9 +121,9 @@ def _check_names(items, plans, out: Path):
     for it, files in zip(items, plans):
         for p in files.values():
             key = os.path.normcase(os.path.abspath(p))
-            if key in owner and owner[key] != it.name:
-                raise InputError(f"{p}: both {owner[key]} and {it.name} would write it (rename one of them)")
-            owner[key] = it.name
+            if key in owner and owner[key] != it.path:
+                raise InputError(f"{p}: both {owner[key]} and {it.path} would write it (rename one of them)")
+            owner[key] = it.path
     for it in items:
         key = os.path.normcase(os.path.abspath(it.path))
         if key in owner:
@@ -167,7 +172,7 @@ def run(opts: SegmentOptions, log=print, segmenter: Segmenter | None = None) -> 
                                  batch_size=opts.batch_size, threads=opts.threads)
     items = list_images(opts.images)
     n_levels = len(seg.level_sizes)
-    plans = [output_files(out, it.name, n_levels, opts.levels == "all", opts.overlay) for it in items]
+    plans = [output_files(out, it.name, n_levels, seg.levels_mode == "all", opts.overlay) for it in items]
     _check_names(items, plans, out)
     settings = {**seg.settings, "overlay": bool(opts.overlay)}
     index_path = out / INDEX
@@ -243,7 +248,7 @@ def _record(seg: Segmenter, opts: SegmentOptions, settings, palettes) -> dict:
            "inputs": [str(Path(p)) for p in opts.images],
            "levels": list(seg.level_sizes), "eval_level": seg.eval_level,
            "mask": "class ids" if seg.match is not None else "eval-level cluster ids",
-           "files": {"mask": "<name>.png", **({"levels": "<name>.L<level>.png"} if opts.levels == "all" else {}),
+           "files": {"mask": "<name>.png", **({"levels": "<name>.L<level>.png"} if seg.levels_mode == "all" else {}),
                      **({"overlay": "<name>.overlay.png"} if opts.overlay else {})},
            "palette": {f"L{lvl}": ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in pal]
                        for lvl, pal in enumerate(palettes)},
