@@ -53,7 +53,7 @@ from .hierarchy import hierarchy_plans
 
 DEFAULT_RESOLUTION = 224     # a model whose input size is free
 MAX_ASPECT = 32              # long / short side: beyond, an image is refused (its canvas would be huge)
-BAND_BYTES = 16 << 20        # upsampled logits held at once per level (float32: 16 MiB)
+BAND_BYTES = 2 << 20         # upsampled logits held at once (2 MiB: a band stays in cache)
 WINDOW_MODES = ("auto", "always")
 LEVEL_MODES = ("eval", "all")
 
@@ -403,31 +403,43 @@ class Segmenter:
         return acc
 
     def _upsampled_ids(self, z, zf, lvl, lay, keep=False):
-        """(ids (H, W) of the argmax, the (H, W, K) logits if ``keep`` else None) of level ``lvl``:
-        logits on the grid, upsampled band by band (and averaged with the mirror image's)."""
+        """(ids (H, W) of the argmax, the (H, W, K) logits if ``keep`` else None) of level ``lvl``.
+
+        Separable: the logits on the grid (Gh, Gw, K) are first upsampled along the columns to the
+        image's width (a small matmul, (Gh, W, K)), averaged there with the mirror image's mirrored
+        back (the average of the full-size logits, since the rows' interpolation is linear and acts
+        on each column alike), then along the rows band by band, two taps per output row (the
+        interpolation matrix's two non-zero weights), and reduced by argmax before the next band."""
         xp = get_array_module(z)
         M = self.centroids[lvl]
         K = M.shape[0]
         Gh, Gw, D = z.shape
-        s = (z.reshape(-1, D) @ M.T).reshape(Gh, Gw * K)
-        sf = None if zf is None else (zf.reshape(-1, D) @ M.T).reshape(Gh, Gw * K)
         Rh, Rw = lay.upsample_matrices(xp, z.dtype)
+        c = xp.matmul(Rw, (z.reshape(-1, D) @ M.T).reshape(Gh, Gw, K))        # Gh, W, K
+        if zf is not None:
+            cf = xp.matmul(Rw, (zf.reshape(-1, D) @ M.T).reshape(Gh, Gw, K))
+            c = (c + cf[:, ::-1]) * 0.5
+        i0, i1, w0, w1 = _taps(Rh)
         H, W = lay.size
         band = max(1, BAND_BYTES // (W * K * z.dtype.itemsize))
         ids = np.empty((H, W), id_dtype(K))
         full = xp.empty((H, W, K), z.dtype) if keep else None
         for r0 in range(0, H, band):
-            y = _up(Rh[r0:r0 + band], Rw, s, Gw, K)                  # W, b, K
-            if sf is not None:
-                y = (y + _up(Rh[r0:r0 + band], Rw, sf, Gw, K)[::-1]) * 0.5
-            ids[r0:r0 + band] = to_host(y.argmax(axis=-1).T)
+            r = slice(r0, r0 + band)
+            y = c[i0[r]] * w0[r, None, None]
+            y += c[i1[r]] * w1[r, None, None]                                     # b, W, K
+            ids[r] = to_host(y.argmax(axis=-1))
             if keep:
-                full[r0:r0 + band] = y.transpose(1, 0, 2)
+                full[r] = y
         return ids, full
 
 
-def _up(Rh, Rw, s, Gw, K):
-    """Rows ``Rh`` (b, Gh) of the upsampled logits of the grid ``s`` (Gh, Gw·K), as (W, b, K)."""
-    b = Rh.shape[0]
-    t = (Rh @ s).reshape(b, Gw, K).transpose(1, 0, 2).reshape(Gw, b * K)
-    return (Rw @ t).reshape(Rw.shape[0], b, K)
+def _taps(R):
+    """(i0, i1, w0, w1): the two non-zero entries of each row of a bilinear interpolation matrix
+    (R[r, i0] and R[r, i1], i1 = i0 + 1; w1 = 0 where the row has one, at the last column)."""
+    xp = get_array_module(R)
+    n = R.shape[1]
+    i0 = (R > 0).argmax(axis=1)
+    i1 = xp.minimum(i0 + 1, n - 1)
+    rows = xp.arange(R.shape[0])
+    return i0, i1, R[rows, i0], xp.where(i1 > i0, R[rows, i1], 0).astype(R.dtype)
