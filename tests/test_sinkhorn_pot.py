@@ -294,9 +294,14 @@ def test_batched_equals_loop(prob, mode, seed, xp):
         np.testing.assert_allclose(plan[idx], to_host(p1), rtol=1e-12, atol=1e-300 if same else 1e-15)
         np.testing.assert_allclose(err[idx], to_host(c1.marginal_error), rtol=1e-10, atol=1e-15 if same else 1e-13)
         g1 = sk.backward(xp.asarray(dplan[idx]), c1)
+        # Across domains a gradient that is exactly 0 in one can be rounding noise (~1e-15) in the
+        # other, which no relative tolerance accepts: there the difference is also allowed 1e-12 of
+        # the size of the terms that cancelled (sum |dplan * plan| / eps).
+        floor = 0.0 if same else 1e-12 * float(np.abs(dplan[idx] * to_host(p1)).sum()) / eps
         for name, got, want in zip(("dcost", "da", "db"), grads, g1):
             want = to_host(want)
-            assert rel_err(got[idx], want) <= (1e-10 if same else 1e-9), name
+            diff = float(np.abs(got[idx] - want).max(initial=0.0))
+            assert rel_err(got[idx], want) <= (1e-10 if same else 1e-9) or diff <= floor, name
 
 
 @st.composite
