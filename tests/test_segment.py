@@ -618,3 +618,25 @@ def test_crf_without_the_package_is_one_line(tmp_path, pooled, monkeypatch):
     Image.fromarray(colour_world(20, 30)[0]).save(tmp_path / "x.png")
     one_line_error(cli(["--model", pooled["fixed"], "--checkpoint", pooled["ckpt"], "--images", tmp_path / "x.png",
                         "--out", tmp_path / "out", "--crf"]), r"--crf: needs the dense-CRF package")
+
+
+@needs_crf
+def test_eval_save_masks_with_crf_writes_both_kinds(tmp_path, pooled):
+    write_worlds(tmp_path / "imgs", SIZES[:2])
+    run = CliRunner().invoke
+    res = run(main, ["extract", "--model", pooled["fixed"], "--images", str(tmp_path / "imgs"),
+                     "--out", str(tmp_path / "feats"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    labels = np.stack([np.asarray(Image.fromarray(colour_world(H, W)[1].astype(np.uint8)).resize((32, 32)))
+                       for H, W in SIZES[:2]])   # any labels in range will do: this test is about the files
+    np.save(tmp_path / "labels.npy", labels)
+    res = run(main, ["eval", "--checkpoint", pooled["ckpt"], "--features", str(tmp_path / "feats" / "feats.npy"),
+                     "--labels", str(tmp_path / "labels.npy"), "--n-classes", "4", "--crf",
+                     "--save-masks", str(tmp_path / "masks"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    index = json.loads((tmp_path / "masks" / "masks.json").read_text())
+    assert index["folders"] == ["clusters", "crf"] and index["rows"] == ["w0.png", "w1.png"]
+    for kind in index["folders"]:
+        for row in index["rows"]:
+            m = read_png(tmp_path / "masks" / kind / row)
+            assert m.shape == (32, 32) and m.dtype == np.uint8 and m.max() < 4
