@@ -282,6 +282,50 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+@main.command()
+@click.option("--model", required=True, type=click.Path(), help="ONNX backbone (weights/export_dino.py), the one the checkpoint's features came from.")
+@click.option("--checkpoint", required=True, type=click.Path(), help="ckpt.npz from omh-ref train.")
+@click.option("--images", required=True, multiple=True, type=click.Path(),
+              help="A folder of images (searched recursively) or an image file; repeat for more.")
+@click.option("--out", required=True, type=click.Path(), help="Output folder (masks, overlays, segment.json).")
+@click.option("--resolution", default=None, type=int,
+              help="Short side in px the image is resized to [default: the model's input size, 224 if dynamic].")
+@click.option("--windows", default="auto", type=click.Choice(["auto", "always"]), show_default=True,
+              help="auto: one pass when the model takes any input size, else overlapping square windows; always: windows.")
+@click.option("--levels", default="eval", type=click.Choice(["eval", "all"]), show_default=True,
+              help="all: also one mask per hierarchy level (<name>.L0.png, ...).")
+@click.option("--overlay", is_flag=True, help="Also write colour overlays (<name>.overlay.png; per level with --levels all).")
+@click.option("--flip", is_flag=True, help="Average with the mirrored image.")
+@click.option("--crf", is_flag=True, help="Refine the eval level with a dense CRF (omh-ref[crf]).")
+@click.option("--crf-workers", default=1, show_default=True, type=click.IntRange(min=1), help="Processes for the CRF (1 = serial).")
+@click.option("--crf-timeout", default=600.0, show_default=True, help="Seconds a CRF batch may take before it is stopped.")
+@click.option("--match", default=None, type=click.Path(), help="match.json from omh-ref eval --save-match: masks hold class ids.")
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass (and images per step).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime threads [default: all cores].")
+@click.option("--on-error", default="skip", type=click.Choice(["skip", "fail"]), show_default=True,
+              help="An unreadable image: leave it out (listed in segment.json) or stop.")
+@click.option("--overwrite", is_flag=True, help="Start over: replace the images' masks (needed when the settings differ).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def segment(model, checkpoint, images, out, resolution, windows, levels, overlay, flip, crf, crf_workers, crf_timeout,
+            match, device, batch_size, threads, on_error, overwrite, quiet):
+    """Images -> masks at each image's own size (cluster or class ids), per-level masks, overlays.
+
+    A rerun with the same settings skips the images already done.
+    """
+    from omh_ref.evaluate.segment_job import SegmentOptions, run
+
+    opts = SegmentOptions(model=model, checkpoint=checkpoint, images=list(images), out=out, resolution=resolution,
+                          windows=windows, levels=levels, overlay=overlay, flip=flip, crf=crf,
+                          crf_workers=crf_workers, crf_timeout=crf_timeout, match=match, device=device,
+                          batch_size=batch_size, threads=threads, on_error=on_error, overwrite=overwrite,
+                          progress=not quiet)
+    rec = run(opts, log=click.echo)
+    if not rec["images"]:
+        raise InputError(f"{out}: no image could be segmented (see {Path(out) / 'segment.json'})")
+
+
 @main.command(name="eval")
 @click.option("--checkpoint", required=True, type=click.Path(), help="ckpt.npz from omh-ref train.")
 @click.option("--features", required=True, type=click.Path(), help="Evaluation feats.npy.")
@@ -304,11 +348,16 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
 @click.option("--crf", is_flag=True, help="Refine cluster predictions with a dense CRF (needs the images, omh-ref[crf]).")
 @click.option("--crf-workers", default=1, show_default=True, type=click.IntRange(min=1), help="Processes for the CRF (1 = serial).")
 @click.option("--crf-timeout", default=600.0, show_default=True, help="Seconds a CRF batch may take before it is stopped.")
+@click.option("--save-match", default=None, type=click.Path(),
+              help="Write the cluster->class matching and class names (for omh-ref segment --match).")
+@click.option("--save-masks", default=None, type=click.Path(),
+              help="Folder for every prediction of the split as a PNG (clusters/, and crf/ with --crf).")
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def eval_cmd(checkpoint, features, labels, flipped_features, train_features, train_labels, n_classes, class_names,
-             probe_epochs, probe_cache, batch_size, seed, json_out, out, crf, crf_workers, crf_timeout, device, quiet):
+             probe_epochs, probe_cache, batch_size, seed, json_out, out, crf, crf_workers, crf_timeout, save_match,
+             save_masks, device, quiet):
     """Score a checkpoint: cluster (Hungarian) and linear-probe mIoU / accuracy, per-class IoU,
     the cluster->class matching and the learned hierarchy."""
     from omh_ref.evaluate.job import EvalOptions, format_table, run
@@ -318,11 +367,14 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
                        class_names=class_names, probe_epochs=probe_epochs, probe_cache=probe_cache,
                        batch_size=batch_size, seed=seed,
                        json=json_out, out=out, crf=crf, crf_workers=crf_workers, crf_timeout=crf_timeout,
-                       device=device, progress=not quiet)
+                       device=device, progress=not quiet, save_match=save_match, save_masks=save_masks)
     result = run(opts, say=click.echo)
     click.echo(format_table(result))
-    if json_out:
-        click.echo(f"wrote {json_out}")
+    for path in (json_out, save_match):
+        if path:
+            click.echo(f"wrote {path}")
+    if save_masks:
+        click.echo(f"masks in {save_masks}")
     if out:
         click.echo(f"pictures in {out}")
 

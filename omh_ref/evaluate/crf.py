@@ -64,10 +64,15 @@ def refine_batch(images, logits, workers=1, timeout=600.0):
 
     workers <= 1: serial. Otherwise a process pool; if it has not finished within ``timeout``
     seconds the pool is terminated and an InputError says so (never a hang)."""
+    return np.stack(refine_all(list(zip(images, logits)), workers, timeout))
+
+
+def refine_all(jobs, workers=1, timeout=600.0) -> list:
+    """:func:`refine_batch` for ``[(image (H, W, 3), logits (H, W, K))]`` whose sizes may differ
+    (segmentation's whole images): a list of (H, W) label maps, same pool and timeout."""
     _require()
-    jobs = list(zip(images, logits))
     if workers <= 1 or len(jobs) <= 1:
-        return np.stack([_one(j) for j in jobs])
+        return [_one(j) for j in jobs]
     ctx = mp.get_context("spawn")   # no fork of a process that may hold BLAS threads
     pool = ctx.Pool(min(workers, len(jobs)))
     try:
@@ -78,4 +83,4 @@ def refine_batch(images, logits, workers=1, timeout=600.0):
     finally:
         pool.terminate()
         pool.join()
-    return np.stack(res)
+    return list(res)

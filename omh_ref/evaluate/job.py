@@ -12,12 +12,13 @@ import numpy as np
 from ..core.backend import resolve_device
 from ..core.errors import InputError
 from ..core.files import write_text
+from ..extract.backbone import file_sha256
 from ..extract.classes import CLASS_NAMES
 from ..extract.images import image_paths, load_rgb
 from ..features.meta import listed_labels, path_for
 from ..features.store import FeatureStore
 from ..train.checkpoint import load_params
-from . import pictures
+from . import matching, pictures
 from .hierarchy import UsageAccumulator, hierarchy_plans, hierarchy_text, marginals_note
 from .metrics import PROTOCOLS
 from .predict import cluster_eval, scores_json
@@ -47,6 +48,8 @@ class EvalOptions:
     crf_timeout: float = 600.0
     device: str = "cpu"
     progress: bool = True
+    save_match: str | None = None        # match.json: the cluster -> class matching, for segment --match
+    save_masks: str | None = None        # folder: every prediction of the split as a PNG, streamed
 
 
 def _check_outputs(opts: EvalOptions):
@@ -57,8 +60,11 @@ def _check_outputs(opts: EvalOptions):
         raise InputError(str(e)) from None
     if opts.out is not None and Path(opts.out).exists() and not Path(opts.out).is_dir():
         raise InputError(f"{opts.out}: is a file (expected --out to be a folder for the pictures)")
-    if opts.json is not None and (Path(opts.json).is_dir() or Path(opts.json).parent.is_file()):
-        raise InputError(f"{opts.json}: cannot write the --json file there (expected a file path)")
+    for flag, path in (("--json", opts.json), ("--save-match", opts.save_match)):
+        if path is not None and (Path(path).is_dir() or Path(path).parent.is_file()):
+            raise InputError(f"{path}: cannot write the {flag} file there (expected a file path)")
+    if opts.save_masks is not None and Path(opts.save_masks).exists() and not Path(opts.save_masks).is_dir():
+        raise InputError(f"{opts.save_masks}: is a file (expected --save-masks to be a folder for the masks)")
 
 
 def run(opts: EvalOptions, say=None) -> dict:
@@ -84,10 +90,19 @@ def run(opts: EvalOptions, say=None) -> dict:
     eff = cfg.effective()
     # the hierarchy's usage marginals, averaged over the split on the way (no code is kept)
     usage = UsageAccumulator(cfg) if eff.marginals == "usage" and len(eff.levels) > 1 else None
+    masks = MaskWriter(opts.save_masks, store, K, opts.crf) if opts.save_masks else None
     clu, preds = cluster_eval(params, cfg, store, n_classes, opts.batch_size, flipped, opts.device, keep=4,
                               crf_workers=max(opts.crf_workers, 1) if opts.crf else None,
-                              crf_timeout=opts.crf_timeout, usage=usage)
+                              crf_timeout=opts.crf_timeout, usage=usage, on_batch=masks)
     result = {"cluster": scores_json(clu), "crf": bool(opts.crf)}
+    if opts.save_match or masks is not None:
+        sha = file_sha256(opts.checkpoint)
+        rec = matching.record(clu["match"], names, opts.checkpoint, sha, cfg.effective().eval_level
+                              % len(cfg.effective().levels), scores=clu, crf=opts.crf)
+        if opts.save_match:
+            matching.save(opts.save_match, rec)
+        if masks is not None:
+            masks.finish(opts.checkpoint, sha, opts.features, rec)
     if opts.train_features or opts.train_labels:
         train_labels = opts.train_labels or (listed_labels(opts.train_features) if opts.train_features else None)
         if not (opts.train_features and train_labels):
@@ -137,6 +152,56 @@ def write_pictures(out: Path, store: FeatureStore, clu, preds, plans, tree, name
     for lvl, A in enumerate(plans):
         pictures.confusion_png(out / f"hierarchy_L{lvl}_L{lvl + 1}.png", A.T, cell=10)
     write_text(out / "hierarchy.txt", "\n".join(tree) + "\n")
+
+
+class MaskWriter:
+    """``eval --save-masks DIR``: every prediction of the split written as it streams by
+    (``cluster_eval``'s ``on_batch``), at label resolution: ``DIR/clusters/<image>.png`` (eval-level
+    cluster ids) and, with ``--crf``, ``DIR/crf/<image>.png``; ``DIR/masks.json`` last, with the
+    rows' names and the cluster -> class matching (known only once the whole split is scored).
+    Images are named after ``feats.json``'s list (extension replaced by ``.png``, five-crop rows
+    ``<image>#tl.png`` ...), or by row number where it lists none or two names would collide."""
+
+    def __init__(self, folder, store: FeatureStore, n_clusters, crf):
+        from .segment import id_dtype
+
+        self.folder, self.kinds = Path(folder), ["clusters"] + (["crf"] if crf else [])
+        self.dtype = id_dtype(n_clusters)
+        self.names = _mask_names(store.meta.get("images"), store.N)
+        for k in self.kinds:
+            (self.folder / k).mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, start, clusters, refined):
+        from PIL import Image
+
+        for kind, preds in zip(self.kinds, (clusters, refined)):
+            for i, pred in enumerate(preds):
+                path = self.folder / kind / self.names[start + i]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pictures.save_png(Image.fromarray(np.asarray(pred).astype(self.dtype)), path)
+
+    def finish(self, checkpoint, sha256, features, match_record):
+        write_text(self.folder / "masks.json", json.dumps(
+            {"kind": "omh-ref eval masks", "checkpoint": str(checkpoint), "checkpoint_sha256": sha256,
+             "features": str(features), "folders": self.kinds, "ids": "eval-level cluster ids",
+             "rows": self.names, "match": match_record}, indent=1) + "\n")
+
+
+def _mask_names(images, n) -> list:
+    """One relative ``.png`` name per feature row (see :class:`MaskWriter`)."""
+    from ..extract.images import split_crop
+
+    if images and len(images) == n:
+        names = []
+        for name in images:
+            path, crop = split_crop(name)
+            path = Path(*path.parts[1:]) if path.is_absolute() else path
+            stem = path.with_suffix("")
+            tag = "" if crop is None else f"#{name.rsplit('#', 1)[1]}"
+            names.append((stem.parent / f"{stem.name}{tag}.png").as_posix())
+        if len(set(names)) == n and not any(".." in Path(p).parts for p in names):
+            return names
+    return [f"{i:06d}.png" for i in range(n)]
 
 
 def resolve_class_names(spec, store: FeatureStore, n_classes) -> list:

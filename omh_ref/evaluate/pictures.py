@@ -32,9 +32,49 @@ def palette(n, seed=0):
     return np.array(cols, dtype=np.uint8)
 
 
-def colorize(labels, n):
-    """(H, W) integer map -> (H, W, 3) uint8; values outside [0, n) are black (ignore)."""
-    pal = palette(n)
+def hierarchy_palettes(levels, plans) -> list:
+    """One (K_l, 3) uint8 palette per level in which every cluster wears a shade of its parent's
+    colour, so an overlay shows at a glance which parts make up a class.
+
+    The coarsest level takes :func:`palette`'s well-separated hues. Going down, each child takes its
+    parent's hue (parent = the argmax of its row of the plan ``plans[l]``, K_l x K_{l+1}), nudged
+    by at most ±0.03 so that siblings stay apart, with saturation and value spread over the
+    siblings (dark and saturated to light and pale), not compounded from the parent's: a family is
+    a hue at every depth. Deterministic: the same plans give the same colours."""
+    import colorsys
+
+    levels = [int(k) for k in levels]
+    if len(plans) != len(levels) - 1:
+        raise ValueError(f"{len(levels)} levels need {len(levels) - 1} plans, got {len(plans)}")
+    top = palette(levels[-1])
+    hues = [colorsys.rgb_to_hsv(*(c / 255.0))[0] for c in top.astype(np.float64)]
+    out = [None] * len(levels)
+    out[-1] = top
+    for lvl in range(len(levels) - 2, -1, -1):
+        A = np.asarray(plans[lvl])
+        if A.shape != (levels[lvl], levels[lvl + 1]):
+            raise ValueError(f"plan {lvl}: expected shape {(levels[lvl], levels[lvl + 1])}, got {A.shape}")
+        parent = A.argmax(axis=1)
+        child_hues = [0.0] * levels[lvl]
+        cols = np.zeros((levels[lvl], 3), np.uint8)
+        for j in range(levels[lvl + 1]):
+            kids = np.flatnonzero(parent == j)
+            n = len(kids)
+            for rank, k in enumerate(kids):
+                t = (rank + 0.5) / n                      # (0, 1): this sibling's place
+                h = (hues[j] + 0.06 * (t - 0.5)) % 1.0
+                s = 1.0 - 0.5 * t if n > 1 else 0.85
+                v = 0.55 + 0.45 * t if n > 1 else 0.85
+                child_hues[k] = h
+                cols[k] = [int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v)]
+        out[lvl], hues = cols, child_hues
+    return out
+
+
+def colorize(labels, n, pal=None):
+    """(H, W) integer map -> (H, W, 3) uint8; values outside [0, n) are black (ignore).
+    ``pal``: (n, 3) colours (default :func:`palette`)."""
+    pal = palette(n) if pal is None else np.asarray(pal, np.uint8)
     lab = np.asarray(labels)
     out = np.zeros(lab.shape + (3,), np.uint8)
     ok = (lab >= 0) & (lab < n)

@@ -57,13 +57,15 @@ def cluster_logits(params, cfg: Config, z, size):
 
 
 def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size=16, flipped=None,
-                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0, usage=None):
+                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0, usage=None, on_batch=None):
     """Confusion over the whole split, Hungarian matching and scores.
 
     crf_workers: None = no CRF; else refine every prediction with the dense CRF on the images
     that ``feats.json`` lists (serially for 1, a process pool otherwise). usage: a
     :class:`~omh_ref.evaluate.hierarchy.UsageAccumulator` given every batch's codes on the way
     (the levels' mean assignments over the split, for the hierarchy's usage marginals).
+    on_batch: called as ``on_batch(start, clusters, refined)`` for every batch, with the cluster
+    predictions (B, H, W) and the CRF's (or None without it), as they stream by.
     -> (result dict: :func:`omh_ref.evaluate.metrics.scores`' keys (the headline protocol's miou, acc,
     iou, match ..., and ``strict``) and ``confusion``, the first ``keep`` predictions)."""
     check_compat(params, cfg, store)
@@ -76,13 +78,16 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
         if usage is not None:
             usage.update(params, z)
         logits = cluster_logits(params, cfg, z, size)
+        raw = to_host(logits.argmax(axis=-1)) if paths is None or on_batch is not None else None
         if paths is None:
-            pred = to_host(logits.argmax(axis=-1))
+            pred = raw
         else:
             from . import crf
 
             imgs = np.stack([_read_image(p, size[0]) for p in paths[s:s + len(z)]])
             pred = crf.refine_batch(imgs, to_host(logits), crf_workers, crf_timeout)
+        if on_batch is not None:
+            on_batch(s, raw, None if paths is None else pred)
         update_confusion(acc, pred, store, s)
         if len(kept) < keep:
             kept.extend(pred[: keep - len(kept)])

@@ -73,6 +73,7 @@ class Backbone:
     resolution: int
     grid: tuple
     dim: int
+    dynamic: bool = False    # the input's height and width are free (probed at ``resolution``)
 
     @property
     def patch(self) -> int:
@@ -108,7 +109,7 @@ def inspect_model(model, resolution=None, device="cpu", threads=None) -> Backbon
         raise InputError(f"{model}: expected patch features (B, h, w, C) with res/h a whole patch "
                          f"size, got {y.shape} for {res} px")
     return Backbone(str(model), file_sha256(model), ins[0].name, int(res), (int(y.shape[1]), int(y.shape[2])),
-                    int(y.shape[3]))
+                    int(y.shape[3]), dynamic=not fixed)
 
 
 def file_sha256(path) -> str:

@@ -116,6 +116,14 @@ class Dataset:
         return self.lut[raw]
 
 
+def read_rgb(path) -> Image.Image:
+    """One image file as PIL RGB, converted as extraction converts it (grayscale, RGBA, palette and
+    16-bit images through ``Image.convert("RGB")``; a Potsdam ``.mat`` through
+    :func:`read_mat_rgb`); an unreadable or truncated file is an :class:`ImageError` naming it."""
+    path = Path(path)
+    return read_mat_rgb(path) if path.suffix.lower() == ".mat" else _read_pil(path, "RGB")
+
+
 def _read_pil(path: Path, mode: str) -> Image.Image:
     """An RGB image (``mode="RGB"``) or a label map's raw values as an "L" image (``mode="L"``;
     palette images give their indices, not their colours)."""

@@ -14,14 +14,20 @@ from PIL import Image
 from .datasets import ImageError, read_mat_rgb
 
 
-def resize_short(img: Image.Image, resolution: int) -> Image.Image:
-    """torchvision ``Resize(resolution, NEAREST)`` on a PIL image: the short side becomes
-    ``resolution``, the long side ``int(resolution * long / short)`` (truncated, as torchvision)."""
-    w, h = img.size
+def short_side_size(size, resolution: int) -> tuple:
+    """PIL ``(width, height)`` after torchvision's ``Resize(resolution)`` of an image of ``size``:
+    the short side becomes ``resolution``, the long side ``int(resolution * long / short)``
+    (truncated, as torchvision)."""
+    w, h = size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(resolution * long / short)
-    size = (resolution, new_long) if w <= h else (new_long, resolution)
-    return img if size == (w, h) else img.resize(size, Image.NEAREST)
+    return (resolution, new_long) if w <= h else (new_long, resolution)
+
+
+def resize_short(img: Image.Image, resolution: int) -> Image.Image:
+    """torchvision ``Resize(resolution, NEAREST)`` on a PIL image (:func:`short_side_size`)."""
+    size = short_side_size(img.size, resolution)
+    return img if size == img.size else img.resize(size, Image.NEAREST)
 
 
 def crop_box(size, crop, top=None, left=None):

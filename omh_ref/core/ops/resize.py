@@ -2,14 +2,22 @@
 
 Separable: y = R_h x R_wᵀ per image and channel, with hat-weight matrices built from the
 half-pixel source coordinates ``(i + 0.5)·in/out − 0.5`` (negative values clamped to 0, as torch).
+
+:func:`resize_matrix` also takes the ``extent`` the output spans in input cells when that is not
+the whole input: segmentation pads an image to whole patches, and only the first ``extent`` cells
+of the padded feature grid lie over the image.
 """
 from ..backend import get_array_module
 from .grid_sample import hat_weights
 
 
-def resize_matrix(n_out, n_in, xp, dtype):
-    """(n_out, n_in) interpolation matrix of 1-D bilinear resizing (align_corners=False)."""
-    u = (xp.arange(n_out, dtype=dtype) + 0.5) * (n_in / n_out) - 0.5
+def resize_matrix(n_out, n_in, xp, dtype, extent=None):
+    """(n_out, n_in) interpolation matrix of 1-D bilinear resizing (align_corners=False).
+
+    ``extent`` (default ``n_in``): the number of input cells, from the first one's left edge, that
+    the ``n_out`` outputs cover; source coordinates are ``(i + 0.5)·extent/n_out − 0.5``."""
+    extent = n_in if extent is None else extent
+    u = (xp.arange(n_out, dtype=dtype) + 0.5) * (extent / n_out) - 0.5
     return hat_weights(xp.maximum(u, 0), n_in)
 
 
