@@ -442,6 +442,55 @@ def test_an_interrupted_run_leaves_a_resumable_folder(tmp_path, pooled, monkeypa
     assert rec["complete"] and len(rec["images"]) == 3 and "1 of 3 image(s) already segmented" in logs[0]
 
 
+def test_a_full_disk_during_a_mask_says_what_is_intact_and_a_second_writer_is_refused(tmp_path, pooled, monkeypatch):
+    import errno
+    import subprocess
+    import sys
+    import textwrap
+
+    from omh_ref.core import files
+    from omh_ref.core.errors import InputError
+
+    write_worlds(tmp_path / "imgs")
+    out = tmp_path / "out"
+    opts = segment_job.SegmentOptions(model=pooled["fixed"], checkpoint=pooled["ckpt"], images=[str(tmp_path / "imgs")],
+                                      out=str(out), batch_size=1, progress=False)
+    real, calls = files._fsync_file, []
+
+    def full(path):
+        if str(path).endswith(".png") or ".png.tmp-" in str(path):
+            calls.append(path)
+            if len(calls) == 2:                                  # the second image's mask
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(files, "_fsync_file", full)
+    with pytest.raises(InputError, match=(rf"^{out / 'w1.png'}: cannot write the masks of w1.png \(No space left on "
+                                          rf"device\); the 1 image\(s\) segmented in {out} are intact; run the same "
+                                          r"command again to continue$")):
+        segment_job.run(opts, log=lambda *_: None)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["segment.json", "w0.png"]   # no temp or lock file left
+    code = textwrap.dedent(f"""
+        import time
+        from omh_ref.core.lock import FolderLock
+        with FolderLock({str(out)!r}, "segment"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=rf"^{out}: another omh-ref segment \(pid {p.pid} on "):
+            segment_job.run(opts, log=lambda *_: None)
+    finally:
+        p.kill()
+        p.wait()
+    logs = []
+    rec = segment_job.run(opts, log=logs.append)               # the dead holder's lock is taken over
+    assert rec["complete"] and len(rec["images"]) == 3 and any("taking over the lock" in m for m in logs)
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 def test_unreadable_images_are_skipped_and_listed_or_fail_in_one_line(tmp_path, pooled):
     truths = write_worlds(tmp_path / "imgs", SIZES[:2])

@@ -30,6 +30,7 @@ from PIL import Image
 from .. import __version__
 from ..core.errors import InputError
 from ..core.files import write_json
+from ..core.lock import FolderLock
 from ..extract.datasets import IMAGE_SUFFIXES, ImageError, read_rgb
 from . import pictures
 from .segment import Segmenter, check_aspect
@@ -175,6 +176,14 @@ def run(opts: SegmentOptions, log=print, segmenter: Segmenter | None = None) -> 
     plans = [output_files(out, it.name, n_levels, seg.levels_mode == "all", opts.overlay) for it in items]
     _check_names(items, plans, out)
     settings = {**seg.settings, "overlay": bool(opts.overlay)}
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "segment", say=log):
+        return _run(opts, log, seg, items, plans, settings, out)
+
+
+def _run(opts, log, seg, items, plans, settings, out):
+    from tqdm import tqdm
+
     index_path = out / INDEX
     _start(out, index_path, settings, items, plans, opts.overwrite)
     palettes = seg.palettes()
@@ -201,7 +210,13 @@ def run(opts: SegmentOptions, log=print, segmenter: Segmenter | None = None) -> 
                         log(f"skipped: {err}")
                 if ok:
                     for (it, rgb, files), m in zip(ok, seg.segment_batch([rgb for _, rgb, _ in ok])):
-                        _write(rgb, m, files, palettes, seg.eval_level)
+                        try:
+                            _write(rgb, m, files, palettes, seg.eval_level)
+                        except OSError as e:
+                            n = sum(_done(i, f) for i, f in zip(items, plans))
+                            raise InputError(f"{e.filename or files['mask']}: cannot write the masks of {it.name} "
+                                             f"({e.strerror}); the {n} image(s) segmented in {out} are intact; "
+                                             "run the same command again to continue") from None
                 bar.update(len(group))
         complete = True
     finally:
@@ -209,7 +224,12 @@ def run(opts: SegmentOptions, log=print, segmenter: Segmenter | None = None) -> 
         done = [{"image": it.name, "mask": files["mask"].relative_to(out).as_posix()}
                 for it, files in zip(items, plans) if _done(it, files)]
         record.update(complete=complete, images=done, skipped=skipped)
-        write_json(index_path, record)
+        try:
+            write_json(index_path, record)
+        except OSError:
+            if complete:
+                raise
+            # after a failed run the index stays as it was; the masks on disk say what is done
     log(f"segmented {len(todo) - len(skipped)} image(s), {len(items) - len(todo)} already done, "
         f"{len(skipped)} skipped -> {index_path}")
     return record
