@@ -219,20 +219,22 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_feature_file_truncated_between_two_steps_is_named(tmp_path, monkeypatch):
-    from omh_ref.core import model
+    """The file is cut in half just before the 4th batch is read (reads run a step ahead in a
+    background thread, so the cut is made at the read itself, where it lands the same every run)."""
+    from omh_ref.train import loop
 
     feats = _feats(tmp_path / "feats.npy")
     assert CliRunner().invoke(main, ["knn", "--features", feats]).exit_code == 0
     out = tmp_path / "run"
-    real, calls = model.loss_and_grads, []
+    real, calls = loop._BatchReader._read, []
 
-    def truncating(*a, **k):
+    def truncating(self, idx, partners):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:
             os.truncate(feats, os.path.getsize(feats) // 2)
-        return real(*a, **k)
+        return real(self, idx, partners)
 
-    monkeypatch.setattr(model, "loss_and_grads", truncating)
+    monkeypatch.setattr(loop._BatchReader, "_read", truncating)
     res = CliRunner().invoke(main, _train_args(feats, out))
     assert res.exit_code == 2 and "Traceback" not in res.output
     last = res.output.strip().splitlines()[-1]

@@ -139,8 +139,8 @@ def _nan_centroid(real, a, k):
 
 
 @pytest.mark.parametrize("failure,why", [
-    (_nan_gradient, r"gradient squared norm nan: non-finite entries in W3"),
-    (_nan_centroid, r"sinkhorn: cost contains NaN or inf"),
+    (_nan_gradient, r"non-finite gradients"),
+    (_nan_centroid, r"non-finite loss"),        # the NaN reaches the hierarchy's Sinkhorn, then the loss
 ])
 def test_divergence_saves_the_state_before_the_step(feats, tmp_path, monkeypatch, failure, why):
     """A NaN gradient with a finite loss, and a NaN reaching the hierarchy's Sinkhorn, at step 4:

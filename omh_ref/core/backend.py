@@ -94,13 +94,38 @@ def to_device(x, device: str):
     return to_host(x)
 
 
+_SYNCS = [0]
+
+
+def host_syncs() -> int:
+    """How many device-to-host conversions :func:`to_host` has made in this process. Every such
+    conversion on the training path goes through it (a GPU waits for its queue at each one), so
+    counting them here counts the step's synchronisations, on NumPy arrays too."""
+    return _SYNCS[0]
+
+
 def to_host(x):
-    """Return a numpy array (a no-op for numpy input); dicts are moved recursively."""
+    """Return a numpy array (a no-op for numpy input); dicts are moved recursively. The one
+    device-to-host conversion: each array moved counts one synchronisation (:func:`host_syncs`)."""
     if isinstance(x, dict):
         return {k: to_host(v) for k, v in x.items()}
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        _SYNCS[0] += 1
     if _is_cupy_array(x):
         return x.get()
     return np.asarray(x)
+
+
+def host_floats(values: dict) -> dict:
+    """Python floats of a dict of scalars (0-d device arrays or numbers) in one transfer: the
+    device ones are stacked on the device and moved together, one synchronisation."""
+    dev = {k: v for k, v in values.items() if hasattr(v, "shape")}
+    out = {k: float(v) for k, v in values.items() if k not in dev}
+    if dev:
+        xp = get_array_module(*dev.values())
+        host = to_host(xp.stack([xp.asarray(v, dtype=xp.float64).reshape(()) for v in dev.values()]))
+        out.update(zip(dev, (float(v) for v in host)))
+    return {k: out[k] for k in values}
 
 
 def make_rng(seed) -> np.random.Generator:

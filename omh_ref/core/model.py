@@ -97,12 +97,44 @@ def _check_batch(params, batch, cfg):
             raise ValueError(f"params: missing centroids 'M{i}' for level {i} of {cfg.levels}")
 
 
-def forward(params, batch, cfg: Config, rng, targets=None):
-    """-> (loss, parts, cache). ``targets`` (a list of per-level cluster targets, as returned in
-    ``cache['targets']``) holds the no-gradient targets fixed, for gradient checks.
+def to_device_draws(d: dict, xp, dt, n_images, dropout_p) -> dict:
+    """A step's draws (:func:`draw`, host arrays) on the params' device in one transfer: the
+    dropout mask (n_images, 1, 1, C) scaled by 1/(1-p), both coordinate sets in ``dt`` and the
+    permutations as integer index arrays (a GPU then receives one buffer a step, not one per draw).
+    The same numbers as converting each draw on its own."""
+    parts = [np.ravel(d["coords1"]), np.ravel(d["coords2"])] + [np.asarray(p, np.float64) for p in d["perms"]]
+    keep = None if d["keep"] is None else d["keep"][:n_images]
+    if keep is not None:
+        parts.insert(0, keep.ravel().astype(np.float64))
+    buf = xp.asarray(np.concatenate(parts))                            # the one host -> device copy
+    out, at = {}, 0
 
-    loss is a 0-d array on the params' device; parts a dict of Python floats: the loss parts and
-    diagnostics (``sinkhorn_err_l``, ``plan_sparsity_l``, ``target_err_l``)."""
+    def take(n):
+        nonlocal at
+        at += n
+        return buf[at - n:at]
+
+    if keep is not None:
+        N, C = keep.shape
+        out["mask"] = (take(N * C) / (1.0 - dropout_p)).astype(dt).reshape(N, 1, 1, C)
+    else:
+        out["mask"] = None
+    for k in ("coords1", "coords2"):
+        out[k] = take(d[k].size).astype(dt).reshape(d[k].shape)
+    out["perms"] = [take(len(p)).astype(np.int64) for p in d["perms"]]
+    return out
+
+
+def forward(params, batch, cfg: Config, rng, targets=None, draws=None):
+    """-> (loss, parts, cache). ``targets`` (a list of per-level cluster targets, as returned in
+    ``cache['targets']``) holds the no-gradient targets fixed, for gradient checks. ``draws``: the
+    step's random draws made beforehand with :func:`draw` (the training loop makes them before it
+    draws the next batch); by default drawn here from ``rng``.
+
+    loss is a 0-d array on the params' device; parts a dict of 0-d arrays on that device too (the
+    loss parts and diagnostics ``sinkhorn_err_l``, ``plan_sparsity_l``, ``target_err_l``), so
+    nothing here waits for the device: read them with :func:`omh_ref.core.backend.host_floats`
+    (one transfer) where they are logged."""
     cfg = cfg.effective()
     _check_batch(params, batch, cfg)
     W1 = params["W1"]
@@ -111,19 +143,17 @@ def forward(params, batch, cfg: Config, rng, targets=None):
     f = xp.asarray(batch["feats"], dtype=dt)                          # B,h,w,C
     fp = batch.get("feats_pos")
     B, h, w, C = f.shape
-    d = draw(cfg, B, C, rng)
+    d = draw(cfg, B, C, rng) if draws is None else draws
     x = f if fp is None else xp.concatenate([f, xp.asarray(fp, dtype=dt)])   # 2B,h,w,C
-    mask = None
-    if d["keep"] is not None:
-        keep = d["keep"][: x.shape[0]]
-        mask = xp.asarray((keep / (1.0 - cfg.dropout)).astype(dt).reshape(x.shape[0], 1, 1, C))
+    dd = to_device_draws(d, xp, dt, x.shape[0], cfg.dropout)
+    mask = dd["mask"]
     xd, dcache = dropout.forward(x, cfg.dropout, mask=mask, training=mask is not None)
 
     z, headc = head.forward(params, xd)                                # 2B,h,w,D
     parts = {}
 
     # STEGO correlation loss on sampled points.
-    coords1, coords2 = xp.asarray(d["coords1"], dtype=dt), xp.asarray(d["coords2"], dtype=dt)
+    coords1, coords2 = dd["coords1"], dd["coords2"]
     fs1, _ = grid_sample.forward(f, coords1)                           # B,S,S,C
     zs1, g1 = grid_sample.forward(z[:B], coords1)                      # B,S,S,D
     corr = []  # (pair type, weight, loss cache, where the partner's code gradient goes)
@@ -139,11 +169,11 @@ def forward(params, batch, cfg: Config, rng, targets=None):
         parts["corr_inter"] = loss_inter
         loss = loss + cfg.weight_inter * loss_inter
     neg = []
-    for perm in d["perms"]:
+    for perm in dd["perms"]:
         fsn, _ = grid_sample.forward(f[perm], coords2)
         zsn, gn = grid_sample.forward(z[:B][perm], coords2)
         ln, cc = correlation.forward(fs1, fsn, zs1, zsn, cfg.shift_neg, cfg.pointwise, cfg.zero_clamp)
-        corr.append(("neg", cfg.weight_neg / len(d["perms"]), cc, (gn, perm)))
+        corr.append(("neg", cfg.weight_neg / len(dd["perms"]), cc, (gn, perm)))
         neg.append(ln)
     if neg:
         parts["corr_neg"] = sum(neg) / len(neg)
@@ -159,9 +189,9 @@ def forward(params, batch, cfg: Config, rng, targets=None):
         logp, lc = log_softmax.forward(s, cfg.tau)
         Q = None if targets is None else targets[i]
         if Q is None and cfg.cluster_target == "relaxed":
-            Q, terr = cluster.relaxed_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, cfg.rho_q)
+            Q, terr = cluster.relaxed_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, cfg.rho_q, span_bound=2.0)
         elif Q is None and cfg.cluster_target == "balanced":
-            Q, terr = cluster.balanced_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q)
+            Q, terr = cluster.balanced_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, span_bound=2.0)
             parts[f"target_err_{i}"] = terr
         lclu, kc = cluster.forward(s, logp, cfg.cluster_target, cfg.eps_q, cfg.sinkhorn_iters_q, Q=Q)
         new_targets.append(kc[1])
@@ -174,7 +204,7 @@ def forward(params, batch, cfg: Config, rng, targets=None):
         for i in range(L - 1):
             lh, hc = hierarchy.forward(levels[i][3], levels[i + 1][3], params[f"M{i}"],
                                        params[f"M{i + 1}"], cfg.eps, cfg.sinkhorn_iters, cfg.lam_w,
-                                       cfg.marginals, cfg.sinkhorn_backward)
+                                       cfg.marginals, cfg.sinkhorn_backward, check=False)
             diag = hc[-1]
             parts[f"hier_{i}"] = lh
             parts[f"hier_kl_{i}"] = diag["kl"]
@@ -184,8 +214,7 @@ def forward(params, batch, cfg: Config, rng, targets=None):
             loss = loss + cfg.lam_hier * lh
             hier.append(hc)
 
-    parts = {k: float(v) for k, v in parts.items()}
-    parts["loss"] = float(loss)
+    parts["loss"] = loss
     cache = {"cfg": cfg, "B": B, "dcache": dcache, "head": headc, "z_shape": z.shape, "g1": g1,
              "corr": corr, "levels": levels, "hier": hier,
              "targets": new_targets, "dtype": dt}
@@ -237,7 +266,7 @@ def backward(dloss, cache) -> dict:
     return {k: grads[k] for k in (*head.KEYS, *(f"M{i}" for i in range(L)))}
 
 
-def loss_and_grads(params, batch, cfg: Config, rng, targets=None):
+def loss_and_grads(params, batch, cfg: Config, rng, targets=None, draws=None):
     """-> (loss, parts, grads): one forward and backward pass of the full objective."""
-    loss, parts, cache = forward(params, batch, cfg, rng, targets)
+    loss, parts, cache = forward(params, batch, cfg, rng, targets, draws)
     return loss, parts, backward(1.0, cache)

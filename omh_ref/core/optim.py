@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, to_host
 from .errors import NonFiniteError
 
 
@@ -22,31 +22,51 @@ def squared_norm(grads):
         return sum(get_array_module(g).sum(g * g) for g in grads.values())
 
 
-def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8):
+def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, ok=None):
     """One in-place Adam update (torch.optim.Adam's formula, no weight decay).
 
-    lr is a float or a dict key -> float (e.g. a larger rate for the centroids). Gradients with a
-    NaN or inf (their squared norm, one scalar read back per step, is not finite) raise
-    :class:`~omh_ref.core.errors.NonFiniteError` before anything changes: parameters and moments
-    stay as they were. Finite gradients keep both finite (a step moves a parameter by at most a few
-    lr), so this one check guards the parameters too. -> the squared norm (a float)."""
-    norm2 = float(squared_norm(grads))
-    if not math.isfinite(norm2):
-        bad = [k for k, g in grads.items() if not bool(get_array_module(g).isfinite(g).all())]
-        raise NonFiniteError(f"gradient squared norm {norm2}: "
-                             + (f"non-finite entries in {', '.join(bad)}" if bad else "an overflow"))
+    lr is a float or a dict key -> float (e.g. a larger rate for the centroids).
+
+    Non-finite gradients (their squared norm is not finite) never change anything. Two ways:
+
+    * ``ok=None`` (checked): the norm is read back (one synchronisation) and a non-finite one
+      raises :class:`~omh_ref.core.errors.NonFiniteError` before anything changes. -> the squared
+      norm (a float).
+    * ``ok`` a 0-d boolean on the device (guarded, the training loop's way, no synchronisation):
+      the update is applied only where ``ok`` holds and the gradients are finite; otherwise
+      parameters and moments keep their values, bit for bit. -> the new ``ok`` (``ok`` and finite),
+      so a loop that carries it freezes the state from the first bad step until it looks.
+    Finite gradients keep parameters and moments finite (a step moves a parameter by at most a few
+    lr), so the gradients' norm guards both."""
     b1, b2 = betas
+    xp = get_array_module(*params.values())
+    if ok is None:
+        norm2 = float(to_host(squared_norm(grads)))
+        if not math.isfinite(norm2):
+            bad = [k for k, g in grads.items() if not bool(to_host(get_array_module(g).isfinite(g).all()))]
+            raise NonFiniteError(f"gradient squared norm {norm2}: "
+                                 + (f"non-finite entries in {', '.join(bad)}" if bad else "an overflow"))
+    else:
+        ok = ok & xp.isfinite(squared_norm(grads))
     state["t"] += 1
     t = state["t"]
     c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-    xp = get_array_module(*params.values())
     for k, p in params.items():
         g = grads[k]
         m, v = state["m"][k], state["v"][k]
-        m *= b1
-        m += (1 - b1) * g
-        v *= b2
-        v += (1 - b2) * (g * g)
         rate = lr[k] if isinstance(lr, dict) else lr
-        p -= (rate / c1) * m / (xp.sqrt(v / c2) + eps)
-    return norm2
+        if ok is None:
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * (g * g)
+            p -= (rate / c1) * m / (xp.sqrt(v / c2) + eps)
+        else:   # the same arithmetic, kept only where ok holds
+            with np.errstate(invalid="ignore", over="ignore"):
+                m_new = m * b1 + (1 - b1) * g
+                v_new = v * b2 + (1 - b2) * (g * g)
+                upd = (rate / c1) * m_new / (xp.sqrt(v_new / c2) + eps)
+            m[...] = xp.where(ok, m_new, m)
+            v[...] = xp.where(ok, v_new, v)
+            p -= xp.where(ok, upd, 0)
+    return norm2 if ok is None else ok

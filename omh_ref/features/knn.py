@@ -153,9 +153,21 @@ def build_knn(store: FeatureStore, out_path, k=7, batch_size=256, progress=None,
         table = _knn_on_dask(store, k, batch_size, scheduler, rows_per_task, progress)
     out_path = Path(out_path)
     atomic_write(out_path, lambda fh: np.save(fh, table))
+    # pooling read every row through FeatureStore.read, which refuses NaN and inf: the table
+    # certifies the whole file finite (the training loop then skips that check per batch)
     write_json(meta_path(out_path), {"features": str(store.path.resolve()), "fingerprint": store.fingerprint(),
-                                     "k": int(table.shape[1] - 1)})
+                                     "k": int(table.shape[1] - 1), "finite": True})
     return table
+
+
+def certifies_finite(path, store: FeatureStore) -> bool:
+    """True when the table at ``path`` was built from these very features (its sidecar's
+    fingerprint) and building it found every row finite."""
+    try:
+        meta = json.loads(meta_path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("finite") is True and meta.get("fingerprint") == store.fingerprint()
 
 
 def load_knn(path, store: FeatureStore, min_k=1):

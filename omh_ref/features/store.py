@@ -85,10 +85,12 @@ class FeatureStore:
             raise InputError(f"{path}: has {lab.shape[0]} label maps but {self.path} has {self.N} feature rows")
         return lab
 
-    def read(self, idx, dtype=np.float32):
+    def read(self, idx, dtype=np.float32, check_finite=True):
         """Rows ``idx`` (1-D integer array, any order, repeats allowed) as (len(idx), h, w, C).
 
-        Reads each distinct row once in file order, then releases the pages (see module doc)."""
+        Reads each distinct row once in file order, then releases the pages (see module doc).
+        ``check_finite=False`` skips the NaN/inf check, for a file already known finite (a KNN
+        table built from it certifies that)."""
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.N):
             raise InputError(f"{self.path}: row index out of range [0, {self.N})")
@@ -100,7 +102,7 @@ class FeatureStore:
             raise InputError(f"{self.path}: cannot read rows {int(uniq[0])}..{int(uniq[-1])} "
                              f"({e.strerror or e})") from None
         self.release()
-        bad = ~np.isfinite(rows.reshape(len(uniq), -1)).all(axis=1)
+        bad = ~np.isfinite(rows.reshape(len(uniq), -1)).all(axis=1) if check_finite else np.zeros(0, bool)
         if bad.any():
             raise InputError(f"{self.path}: row {int(uniq[np.argmax(bad)])} contains NaN or inf "
                              "(expected finite features)")

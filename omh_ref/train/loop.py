@@ -27,13 +27,13 @@ import numpy as np
 
 from ..core import model
 from ..core.config import merge, parse_shifts
-from ..core.backend import resolve_device, to_device
+from ..core.backend import get_array_module, host_floats, resolve_device, to_device
 from ..core.errors import InputError, NonFiniteError
 from ..core.files import write_text
 from ..core.lock import FolderLock
 from ..core.ops import grid_sample, normalize
 from ..core.optim import adam_init, adam_step
-from ..features.knn import build_knn, cached_table, default_path, load_knn
+from ..features.knn import build_knn, cached_table, certifies_finite, default_path, load_knn
 from ..features.store import FeatureStore
 from . import checkpoint
 
@@ -163,16 +163,19 @@ def _ensure_knn(store, opts, say):
     """The KNN table: the one given (checked), or the features' cached table
     (:func:`~omh_ref.features.knn.cached_table`), built when missing and rebuilt when it belongs to
     another version of the file. A build holds the features folder's lock; a run that finds
-    another process building the same table waits for it and then reads its table."""
+    another process building the same table waits for it and then reads its table.
+    -> (table, path, certified): ``certified`` when the table's sidecar records that building it
+    found every row of these features finite (the loop then skips the per-batch check)."""
     if opts.knn:
-        return load_knn(opts.knn, store, min_k=1), Path(opts.knn)
+        path = Path(opts.knn)
+        return load_knn(path, store, min_k=1), path, certifies_finite(path, store), certifies_finite(path, store)
     found = cached_table(store, opts.knn_k, say)
     if found is not None:
-        return found
+        return (*found, certifies_finite(found[1], store))
     with FolderLock(default_path(store).parent, "knn", wait=True, say=say):
         found = cached_table(store, opts.knn_k, say)    # built by the process we waited for
         if found is not None:
-            return found
+            return (*found, certifies_finite(found[1], store))
         path = default_path(store)
         say(f"knn: building {path} (k={opts.knn_k}) from {store.path}")
         try:
@@ -180,7 +183,7 @@ def _ensure_knn(store, opts, say):
         except OSError as e:
             raise InputError(f"{path}: cannot write the KNN table ({e.strerror}); the features are untouched, "
                              "and training has not started") from None
-    return load_knn(path, store, min_k=1), path
+    return load_knn(path, store, min_k=1), path, certifies_finite(path, store)
 
 
 def _next_batch(state, N, B, rng):
@@ -239,7 +242,7 @@ def train(cfg: model.Config, opts: TrainOptions, say=print, validate=None) -> di
 
 
 def _train(cfg, opts, say, store, validate):
-    knn, knn_path = _ensure_knn(store, opts, say)
+    knn, knn_path, knn_certified = _ensure_knn(store, opts, say)
     knn = knn[:, : opts.knn_k + 1]
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,69 +319,140 @@ def _train(cfg, opts, say, store, validate):
         if path == ckpt_path:
             saved["step"] = step
 
-    def diverged(why):
-        # the state before the step, resumable: parameters, Adam, and the generator and data
-        # position as they were when the step began
+    B, C = opts.batch_size, store.C
+    eff = cfg.effective()
+    xp = get_array_module(*params.values())
+    # A divergence (NaN or inf in the loss or the gradients) is watched on the device, without a
+    # synchronisation a step: Adam applies a step only while `ok` holds, so from the first bad
+    # step on the parameters and moments stay as they were before it; `bad_at`/`bad_why` remember
+    # which step and what. The loop reads them (with the loss parts, in one transfer) whenever it
+    # logs, validates, checkpoints or stops, and then saves the state from before the bad step.
+    ok, bad_at, bad_why = xp.asarray(True), xp.asarray(-1), xp.asarray(0)
+    window = {}   # step -> (generator state, data position, Adam count) before it, since the last look
+
+    def diverged(first_bad, why):
+        nonlocal step
+        rng_state, loop_state, t = window[first_bad]
         before = np.random.default_rng()
-        before.bit_generator.state = rng_before
-        save(out / "diverged.npz", before, loop_before)
-        raise InputError(f"training diverged at step {step + 1} ({why}); the state before the step is in "
+        before.bit_generator.state = rng_state
+        step, opt_state["t"] = first_bad - 1, t
+        save(out / "diverged.npz", before, loop_state)
+        raise InputError(f"training diverged at step {first_bad} ({why}); the state before the step is in "
                          f"{out / 'diverged.npz'} (continue it with --resume and a lower --lr)")
 
+    reader = _BatchReader(store, opts.device, check_finite=not knn_certified)
     bar = _progress(opts, step)
     last_val = None
     t0 = time.perf_counter()
     interrupted = False
-    with _Interrupt() as stop, _log_file(log_path, intact) as log:
+    # The next batch's indices and partners are drawn as soon as the current step's model draws
+    # are made (the generator's order is unchanged: batch, partners, model draws, next batch, ...),
+    # so its read overlaps the current step in a background thread.
+    state = (rng.bit_generator.state, dict(loop))          # what a checkpoint after `step` records
+    pending = reader.submit(*_next_indices(loop, store.N, B, rng, knn)) if step < opts.steps else None
+    with _Interrupt() as stop, _log_file(log_path, intact) as log, reader:
         while step < opts.steps:
-            rng_before, loop_before = rng.bit_generator.state, dict(loop)
-            idx = _next_batch(loop, store.N, opts.batch_size, rng)
-            partners = knn[idx, rng.integers(1, knn.shape[1], size=len(idx))]
-            batch = {"feats": store.read(idx), "feats_pos": store.read(partners)}
-            if opts.device == "gpu":
-                batch = to_device(batch, "gpu")
-            # A divergence is a NonFiniteError, raised before anything changes: by the Sinkhorn
-            # checks (a NaN cost or marginal), for a non-finite loss, or by adam_step for
-            # non-finite gradients (one scalar, their squared norm, read back per step). Any
-            # other exception is a bug and propagates with its traceback.
-            why = None
-            try:
-                loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng)
-                if not math.isfinite(parts["loss"]):
-                    raise NonFiniteError(f"loss {parts['loss']}")
-                adam_step(params, grads, opt_state, lr)
-            except NonFiniteError as e:
-                why = str(e)
-            if why is not None:
-                diverged(why)
+            batch = pending.result()
+            window[step + 1] = (*state, opt_state["t"])
+            draws = model.draw(eff, B, C, rng)
+            state = (rng.bit_generator.state, dict(loop))
+            if step + 1 < opts.steps:
+                pending = reader.submit(*_next_indices(loop, store.N, B, rng, knn))
+            loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng, draws=draws)
+            finite = xp.isfinite(loss)
+            was_ok = ok
+            ok = adam_step(params, grads, opt_state, lr, ok=ok & finite)
+            first = was_ok & ~ok
+            bad_at = xp.where(first, step + 1, bad_at)
+            bad_why = xp.where(first, xp.where(finite, 2, 1), bad_why)
             step += 1
-            val = None
-            if validate is not None and (step % opts.val_every == 0 or step == opts.steps):
-                val = validate(params, cfg)
+            logged = step % opts.log_every == 0 or step == opts.steps
+            validating = validate is not None and (step % opts.val_every == 0 or step == opts.steps)
+            saving = step % opts.ckpt_every == 0 or step == opts.steps
+            if not (logged or validating or saving or stop.hit):
+                bar.update(1)
+                continue
+            host = host_floats({**parts, "_ok": ok, "_bad_at": bad_at, "_bad_why": bad_why})   # the one read
+            if not host.pop("_ok"):
+                diverged(int(host["_bad_at"]), NON_FINITE[int(host["_bad_why"])])
+            del host["_bad_at"], host["_bad_why"]
+            window.clear()
+            rng_now = np.random.default_rng()
+            rng_now.bit_generator.state = state[0]
+            val = validate(params, cfg) if validating else None
+            if val is not None:
                 last_val = val
-            if step % opts.log_every == 0 or step == opts.steps or val:
-                rec = {"step": step, "epoch": loop["epoch"], "seconds": round(time.perf_counter() - t0, 3), **parts,
-                       **(val or {})}
+            if logged or val:
+                rec = {"step": step, "epoch": state[1]["epoch"], "seconds": round(time.perf_counter() - t0, 3),
+                       **host, **(val or {})}
                 log.write(json.dumps(rec) + "\n")
-                post = {k: f"{parts[k]:.3f}" for k in ("loss", "corr", "clu_0") if k in parts}
+                post = {k: f"{host[k]:.3f}" for k in ("loss", "corr", "clu_0") if k in host}
                 if last_val is not None:
                     post["val_miou"] = f"{last_val['val_miou']:.1f}"
                 bar.set_postfix(post)
             if val and opts.keep_best and (best["val_miou"] is None or val["val_miou"] > best["val_miou"]):
                 best.update(step=step, val_miou=val["val_miou"])
-                save(out / "best.npz", rng, loop)
+                save(out / "best.npz", rng_now, state[1])
             bar.update(1)
-            if step % opts.ckpt_every == 0 or step == opts.steps:
-                save(ckpt_path, rng, loop)
+            if saving or stop.hit:
+                save(ckpt_path, rng_now, state[1])
             if stop.hit:
                 interrupted = True
-                save(ckpt_path, rng, loop)
                 break
     bar.close()
     if interrupted:
         say(f"interrupted at step {step}: checkpoint written to {ckpt_path}; continue with --resume {ckpt_path}")
     return {"step": step, "checkpoint": str(ckpt_path), "log": str(log_path), "interrupted": interrupted,
             "config": cfg, "best": dict(best)}
+
+
+NON_FINITE = {1: "non-finite loss", 2: "non-finite gradients"}
+
+
+def _next_indices(loop, N, B, rng, knn):
+    """The next batch's rows and their KNN partners (drawn from ranks 1..k), in the generator's
+    order: the epoch permutation when one starts, then the partner ranks."""
+    idx = _next_batch(loop, N, B, rng)
+    return idx, knn[idx, rng.integers(1, knn.shape[1], size=len(idx))]
+
+
+class _BatchReader:
+    """Reads batches in a background thread while the current step runs: the memory-mapped rows
+    (release of their pages, shape and size checks included), converted to float32 there for the
+    CPU; for a GPU they stay float16 (half the transfer) and are converted on the device. The
+    finiteness of the rows is checked per read only when no KNN table has certified the whole file
+    (a table built from it reads every row once; see ``features/knn.py``)."""
+
+    def __init__(self, store, device, check_finite=True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store, self.device, self.check_finite = store, device, check_finite
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omh-ref-batches")
+
+    def _read(self, idx, partners):
+        dtype = self.store.dtype if self.device == "gpu" else np.float32
+        rows = self.store.read(np.concatenate([idx, partners]), dtype=dtype, check_finite=self.check_finite)
+        return rows[:len(idx)], rows[len(idx):]
+
+    def submit(self, idx, partners):
+        fut = self.pool.submit(self._read, idx, partners)
+        return _Batch(fut, self.device)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Batch:
+    def __init__(self, fut, device):
+        self.fut, self.device = fut, device
+
+    def result(self):
+        feats, pos = self.fut.result()
+        batch = {"feats": feats, "feats_pos": pos}
+        return to_device(batch, "gpu") if self.device == "gpu" else batch
 
 
 class _log_file:

@@ -24,17 +24,19 @@ TARGETS = ("relaxed", "balanced", "soft", "hard")
 PLAN_TARGETS = ("relaxed", "balanced")    # targets from an OT plan: the loss is −Σ Q log p
 
 
-def balanced_targets(s, eps_q, n_iters):
+def balanced_targets(s, eps_q, n_iters, span_bound=None):
     """Q (P, K): equipartitioned soft targets from an entropic OT plan, rows rescaled to sum to 1:
     the iterations of :func:`omh_ref.core.ops.sinkhorn.forward` (row then column update, ending on the
     columns, so every cluster receives exactly P/K), written for one 2-D problem with matrix-vector
-    products. Also returns the plan's row-marginal error (the convergence report)."""
+    products. Also returns the plan's row-marginal error (the convergence report, a 0-d array on
+    the device: reading it waits for the device, so the model leaves that to whoever logs it).
+    ``span_bound``: see :func:`_semi_relaxed`."""
     P = s.shape[0]
-    Q = _semi_relaxed(s, eps_q, n_iters, 1.0, end_on_rows=False)
-    return Q, float(abs(Q.sum(1) - 1).sum()) / P
+    Q = _semi_relaxed(s, eps_q, n_iters, 1.0, end_on_rows=False, span_bound=span_bound)
+    return Q, abs(Q.sum(1) - 1).sum() / s.dtype.type(P)
 
 
-def relaxed_targets(s, eps_q, n_iters, rho):
+def relaxed_targets(s, eps_q, n_iters, rho, span_bound=None):
     """Like :func:`balanced_targets`, but the cluster marginal is only softly imposed: a KL
     penalty of weight ρ on the columns (unbalanced entropic OT, semi-relaxed; Chizat et al.), so
     the v-update is damped by ρ/(ρ+ε). ρ -> inf approaches the balanced plan (ρ = inf is
@@ -42,16 +44,20 @@ def relaxed_targets(s, eps_q, n_iters, rho):
     assignments. Rows are exact (the last update is a row update). -> (Q, 0.0)."""
     if not 0 < rho < math.inf:
         raise ValueError(f"rho must be a positive finite number (inf: balanced_targets), got {rho!r}")
-    return _semi_relaxed(s, eps_q, n_iters, rho / (rho + eps_q), end_on_rows=True), 0.0
+    return _semi_relaxed(s, eps_q, n_iters, rho / (rho + eps_q), end_on_rows=True, span_bound=span_bound), 0.0
 
 
-def _semi_relaxed(s, eps_q, n_iters, lam, end_on_rows):
+def _semi_relaxed(s, eps_q, n_iters, lam, end_on_rows, span_bound=None):
     """P · plan of the (semi-relaxed, damping ``lam``; 1 = balanced) entropic OT between the P
     pixels (mass 1/P each) and the K clusters (1/K each) with cost 1 − s.
 
     It runs Sinkhorn's own iteration kernel (:mod:`omh_ref.core.ops.sinkhorn`): on scalings with
     two BLAS matrix-vector products an iteration when :func:`~omh_ref.core.ops.sinkhorn.scaling_safe`
     says nothing can underflow, in the log domain otherwise or when the scalings are not finite.
+    ``span_bound``: a bound on every row's span of the cost known without looking at the data (the
+    model's logits are cosines, so 1 − s spans at most 2): the domain is then chosen from it alone
+    and no check reads the device (the data-driven choice and the finiteness fallback each wait
+    for it; the bound makes the scalings provably finite for finite logits).
     NaN logits give NaN targets on purpose: the training loop reports a non-finite loss as
     divergence and keeps the state before the step."""
     xp = get_array_module(s)
@@ -61,12 +67,14 @@ def _semi_relaxed(s, eps_q, n_iters, lam, end_on_rows):
         raise ValueError(f"eps_q must be a positive number, got {eps_q!r}")
     P, Kc = s.shape
     dt = s.dtype.type
-    if scaling_safe(1 - s, xp.ones(P, dtype=s.dtype), xp.ones(Kc, dtype=s.dtype), eps_q):
+    ones_p, ones_k = xp.ones(P, dtype=s.dtype), xp.ones(Kc, dtype=s.dtype)
+    static = span_bound is not None
+    if scaling_safe(1 - s, ones_p, ones_k, eps_q, span_bound=span_bound, ratio_bound=1.0 if static else None):
         # P,K; the row shift is absorbed by u
         E = xp.exp((s - s.max(axis=1, keepdims=True)) / dt(eps_q))
         u, v, _, _ = scaling_iterations(E, dt(1.0 / P), dt(1.0 / Kc), int(n_iters), lam, end_on_rows, blas=True)
         Q = (u * dt(P))[:, None] * E * v
-        if bool(xp.all(xp.isfinite(Q))):
+        if static or bool(xp.all(xp.isfinite(Q))):
             return Q
     K = (s - 1) / dt(eps_q)                                            # −C/ε
     u, v, _, _ = log_iterations(K, -math.log(P), -math.log(Kc), int(n_iters), lam, end_on_rows)

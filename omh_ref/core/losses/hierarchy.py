@@ -30,10 +30,15 @@ def _usage(p):
 
 
 def forward(logp_child, logp_parent, M_child, M_parent, eps=0.05, n_iters=50, lam_w=0.1,
-            marginals="uniform", backward_mode="unrolled"):
+            marginals="uniform", backward_mode="unrolled", check=True):
     """logp_child (P, K_c), logp_parent (P, K_p) log-assignments; M_child (K_c, D),
     M_parent (K_p, D) raw centroids. -> (loss, cache); ``cache[-1]`` holds diagnostics
-    (kl, wasserstein, marginal_error, plan_sparsity, the plan)."""
+    (kl, wasserstein, marginal_error, plan_sparsity, the plan).
+
+    The Sinkhorn's domain comes from bounds that hold by construction (the cost 1 − cos spans at
+    most 2; uniform marginals are equal, usage ones within USAGE_FLOOR of each other's scale), so
+    choosing it reads nothing from the device. ``check=False`` also skips Sinkhorn's value checks
+    (the training step: non-finite values then surface in the loss, which the loop watches)."""
     xp = get_array_module(logp_child, logp_parent, M_child, M_parent)
     if marginals not in MARGINALS:
         raise ValueError(f"marginals must be one of {MARGINALS}, got {marginals!r}")
@@ -48,7 +53,9 @@ def forward(logp_child, logp_parent, M_child, M_parent, eps=0.05, n_iters=50, la
     else:
         a = xp.full((Kc,), 1.0 / Kc, dtype=C.dtype)
         b = xp.full((Kp,), 1.0 / Kp, dtype=C.dtype)
-    T, scache = sinkhorn.forward(C, a, b, eps, n_iters, backward=backward_mode)  # Kc,Kp
+    ratio = USAGE_FLOOR / (1 + USAGE_FLOOR) if marginals == "usage" else 1.0
+    T, scache = sinkhorn.forward(C, a, b, eps, n_iters, backward=backward_mode, check=check,
+                                 bounds=(2.0, ratio))                    # Kc,Kp
     A = T / a[:, None]                                                   # rows sum to 1
     q = p_child @ A                                                      # P,Kp
     kl_rows, kcache = kl.forward(q, logp_parent)

@@ -62,7 +62,7 @@ class SinkhornCache(NamedTuple):
     E: object = None     # row-shifted kernel when the scaling domain ran (us, vs are then scalings)
 
 
-def _check(cost, a, b, eps, n_iters, mode):
+def _check(cost, a, b, eps, n_iters, mode, values=True):
     xp = get_array_module(cost, a, b)
     if cost.ndim < 2:
         raise ValueError(f"sinkhorn: cost must have shape (..., n, m), got {cost.shape}")
@@ -87,6 +87,8 @@ def _check(cost, a, b, eps, n_iters, mode):
         if not ok:
             raise ValueError(f"sinkhorn: marginal {name} of shape {x.shape} does not broadcast over the "
                              f"cost's leading axes {lead}")
+    if not values:
+        return
     if not bool(xp.all(xp.isfinite(cost))):
         raise NonFiniteError("sinkhorn: cost contains NaN or inf")
     if not (bool(xp.all(xp.isfinite(a))) and bool(xp.all(xp.isfinite(b)))):
@@ -98,17 +100,23 @@ def _check(cost, a, b, eps, n_iters, mode):
         raise ValueError("sinkhorn: marginals must have equal total mass (sum a == sum b)")
 
 
-def forward(cost, a, b, eps, n_iters, backward="unrolled"):
+def forward(cost, a, b, eps, n_iters, backward="unrolled", check=True, bounds=None):
     """Entropic OT plan by Sinkhorn (scaling or log domain, see below).
 
     cost (..., n, m); a (..., n) and b (..., m) positive marginals with equal mass (broadcast over
     the leading axes); eps > 0; n_iters ≥ 1; backward 'unrolled' or 'implicit'.
     -> (plan (..., n, m), cache). ``cache.marginal_error`` holds the convergence report.
+
+    ``check=False`` skips the checks of the values (finite, positive, equal masses), which read the
+    device: for callers whose inputs hold them by construction (the hierarchy's). Shapes and
+    arguments are always checked. ``bounds=(span, ratio)``: bounds on the cost's row span and on the
+    marginals' min/max ratios known without the data; the domain is then chosen from them alone
+    (no read), and the bounds rule out the scalings' overflow, so no finiteness fallback runs.
     """
     xp = get_array_module(cost, a, b)
     a = xp.asarray(a, dtype=cost.dtype)
     b = xp.asarray(b, dtype=cost.dtype)
-    _check(cost, a, b, eps, n_iters, backward)
+    _check(cost, a, b, eps, n_iters, backward, values=check)
     lead = cost.shape[:-2]
     a = xp.broadcast_to(a, lead + a.shape[-1:])
     b = xp.broadcast_to(b, lead + b.shape[-1:])
@@ -116,11 +124,12 @@ def forward(cost, a, b, eps, n_iters, backward="unrolled"):
     K = cost * cost.dtype.type(-1.0 / eps)                             # ...,n,m
     keep = backward == "unrolled"
     plan = None
-    if scaling_safe(cost, a, b, eps):
+    span_bound, ratio_bound = bounds if bounds is not None else (None, None)
+    if scaling_safe(cost, a, b, eps, span_bound, ratio_bound):
         E = xp.exp(K - K.max(-1, keepdims=True))                       # ...,n,m in [e^-span, 1]
         U, V, us, vs = scaling_iterations(E, a, b, int(n_iters), keep=keep)
         plan = E * U[..., :, None] * V[..., None, :]
-        if not bool(xp.all(xp.isfinite(plan))):
+        if bounds is None and not bool(xp.all(xp.isfinite(plan))):
             plan = None
     if plan is None:
         E = None
@@ -140,8 +149,14 @@ SCALING_MAX_SPAN = 40.0
 SCALING_MIN_MASS_RATIO = 1e-8
 
 
-def scaling_safe(cost, a, b, eps):
-    """True when the scaling domain cannot underflow or overflow for this problem (see above)."""
+def scaling_safe(cost, a, b, eps, span_bound=None, ratio_bound=None):
+    """True when the scaling domain cannot underflow or overflow for this problem (see above).
+
+    With ``span_bound`` (a bound on every row's span of the cost) and ``ratio_bound`` (on
+    min a / max a and min b / max b) known without the data, the answer comes from them alone and
+    reads nothing from the device; otherwise the data are measured (two reads)."""
+    if span_bound is not None and ratio_bound is not None:
+        return span_bound / eps <= SCALING_MAX_SPAN and ratio_bound >= SCALING_MIN_MASS_RATIO
     xp = get_array_module(cost)
     span = float(xp.max(cost.max(-1) - cost.min(-1))) / eps
     ratio = min(float(xp.min(a / a.max(-1, keepdims=True))), float(xp.min(b / b.max(-1, keepdims=True))))
