@@ -288,6 +288,44 @@ def seeds(features, val_features, val_labels, flipped_features, out, seed_list, 
 
 
 @main.command()
+@click.argument("name")
+@click.option("--root", required=True, type=click.Path(), help="The data set's folder (or STEGO's data dir).")
+@click.option("--weights", required=True, multiple=True, type=click.Path(),
+              help="A DINO .pth (exported here with weights/export_dino.py, which needs torch), or the .onnx "
+                   "files, one per resolution the recipe uses; repeatable.")
+@click.option("--out", required=True, type=click.Path(), help="The run's folder (weights/, feats/, seed<N>/, results).")
+@click.option("--backbone", default=None, type=click.Choice(["vit_small", "vit_base"]),
+              help="Checked against the recipe's backbone [default: the recipe's].")
+@click.option("--seeds", "seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
+@click.option("--crf", is_flag=True, help="Also score the cluster predictions after a dense CRF (omh-ref[crf]).")
+@click.option("--scheduler", default=None,
+              help="Dask for extraction, the KNN table and the seeds' runs: local:N or a scheduler address.")
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the equivalent omh-ref commands (done ones marked) and stop.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def recipe(name, root, weights, out, backbone, seed_list, crf, scheduler, device, dry_run, quiet):
+    """Run a benchmark recipe end to end: export, extract, KNN, train and evaluate per seed, then
+    mean ± std (OUT/results.json, OUT/results.md).
+
+    NAME is a recipe file, or the name of one in the checkout's configs/:
+    {cocostuff27,cityscapes27,potsdam3}_{vits8,vitb8}. Rerun the same command after an
+    interruption: finished stages are skipped, unfinished ones continue."""
+    from omh_ref import recipe as recipe_mod
+    from omh_ref.evaluate.seeds import parse_seeds, table
+
+    opts = recipe_mod.RecipeOptions(name=name, root=root, weights=tuple(weights), out=out, backbone=backbone,
+                                    seeds=parse_seeds(seed_list), crf=crf, scheduler=scheduler, device=device,
+                                    progress=not quiet)
+    if dry_run:
+        click.echo(recipe_mod.format_plan(recipe_mod.plan(opts, say=click.echo)))
+        return
+    rep = recipe_mod.run(opts, say=click.echo)
+    click.echo(table({name: rep["summary"]}, rep["n_seeds"], rep["seconds"], label="recipe"))
+    click.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'results.md'}")
+
+
+@main.command()
 @click.option("--out", required=True, type=click.Path(), help="Output folder (feats.npy, labels.npy, feats.json).")
 @click.option("--split", default="train", type=click.Choice(["train", "val"]), show_default=True)
 @click.option("--n-images", default=600, show_default=True)
