@@ -298,13 +298,15 @@ def seeds(features, val_features, val_labels, flipped_features, out, seed_list, 
               help="Checked against the recipe's backbone [default: the recipe's].")
 @click.option("--seeds", "seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
 @click.option("--crf", is_flag=True, help="Also score the cluster predictions after a dense CRF (omh-ref[crf]).")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="The linear probe on the training crops (it holds every training code in memory).")
 @click.option("--scheduler", default=None,
               help="Dask for extraction, the KNN table and the seeds' runs: local:N or a scheduler address.")
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the equivalent omh-ref commands (done ones marked) and stop.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def recipe(name, root, weights, out, backbone, seed_list, crf, scheduler, device, dry_run, quiet):
+def recipe(name, root, weights, out, backbone, seed_list, crf, probe, scheduler, device, dry_run, quiet):
     """Run a benchmark recipe end to end: export, extract, KNN, train and evaluate per seed, then
     mean ± std (OUT/results.json, OUT/results.md).
 
@@ -315,12 +317,17 @@ def recipe(name, root, weights, out, backbone, seed_list, crf, scheduler, device
     from omh_ref.evaluate.seeds import parse_seeds, table
 
     opts = recipe_mod.RecipeOptions(name=name, root=root, weights=tuple(weights), out=out, backbone=backbone,
-                                    seeds=parse_seeds(seed_list), crf=crf, scheduler=scheduler, device=device,
-                                    progress=not quiet)
+                                    seeds=parse_seeds(seed_list), crf=crf, probe=probe, scheduler=scheduler,
+                                    device=device, progress=not quiet)
     if dry_run:
         click.echo(recipe_mod.format_plan(recipe_mod.plan(opts, say=click.echo)))
         return
-    rep = recipe_mod.run(opts, say=click.echo)
+    try:
+        rep = recipe_mod.run(opts, say=click.echo)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished stages, recorded extraction chunks and checkpoints are kept; run the "
+                   "same command again to continue", err=True)
+        sys.exit(130)
     click.echo(table({name: rep["summary"]}, rep["n_seeds"], rep["seconds"], label="recipe"))
     click.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'results.md'}")
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import shlex
 import sys
 import time
@@ -42,7 +43,7 @@ from .core.errors import InputError
 from .core.files import write_json
 from .core.lock import FolderLock
 from .evaluate import seeds as seeds_job
-from .extract.backbone import file_sha256
+from .extract.backbone import file_sha256, inspect_model, session
 from .extract.classes import CLASS_NAMES
 from .extract.datasets import READERS, open_dataset
 from .extract.job import PROGRESS, ExtractOptions, extract
@@ -170,6 +171,7 @@ class RecipeOptions:
     backbone: str | None = None            # vit_small | vit_base: checked against the recipe's
     seeds: tuple = (0, 1, 2)
     crf: bool = False
+    probe: bool = True                     # the linear probe on the training crops
     scheduler: str | None = None           # Dask: extraction, the KNN table and the seeds' runs
     device: str = "cpu"
     progress: bool = True
@@ -186,7 +188,10 @@ class Stage:
 
 
 def export_script(opts: RecipeOptions) -> Path:
-    return Path(opts.export_script) if opts.export_script else Path(__file__).resolve().parents[1] / "weights" / "export_dino.py"
+    """weights/export_dino.py of the checkout this package runs from (or the one given)."""
+    if opts.export_script:
+        return Path(opts.export_script)
+    return Path(__file__).resolve().parents[1] / "weights" / "export_dino.py"
 
 
 _SHA: dict = {}       # (path, size, mtime) -> sha256: the run plans again after every stage
@@ -283,15 +288,13 @@ def _models(rec: Recipe, opts: RecipeOptions, out: Path) -> tuple:
         if not done and not script.is_file():
             _load_export_script(script)            # the one-line error: where the script would be, what to do
         return Stage("export", ["python", str(script), *argv], done, run), models
-    from .extract.backbone import inspect_model
-
     models = {}
     for p in given:
         key = (_sha256(p), opts.device)
-        if key not in _INSPECTED:
-            _INSPECTED[key] = inspect_model(p, device=opts.device)
-        bb = _INSPECTED[key]
-        fixed = _fixed_size(p)
+        if key not in _INSPECTED:     # a forward of two images: once per file, not once per plan
+            fixed = isinstance(session(p, opts.device).get_inputs()[0].shape[2], int)
+            _INSPECTED[key] = inspect_model(p, device=opts.device), fixed
+        bb, fixed = _INSPECTED[key]
         if bb.dim != ARCH_DIMS[s["arch"]] or (fixed and bb.patch != s["patch"]):
             raise InputError(f"--weights {p}: gives {bb.dim}-channel features with patch {bb.patch}; recipe "
                              f"{rec.name} needs {s['arch']} ({ARCH_DIMS[s['arch']]} channels), patch {s['patch']}")
@@ -306,14 +309,7 @@ def _models(rec: Recipe, opts: RecipeOptions, out: Path) -> tuple:
     return None, models
 
 
-_INSPECTED: dict = {}   # (sha256, device) -> Backbone
-
-
-def _fixed_size(model) -> bool:
-    from .extract.backbone import session
-
-    h = session(model).get_inputs()[0].shape[2]
-    return isinstance(h, int)
+_INSPECTED: dict = {}   # (sha256, device) -> (Backbone, whether its input size is fixed)
 
 
 def _extract_stage(rec, opts, out, split, model, ds, say):
@@ -328,7 +324,7 @@ def _extract_stage(rec, opts, out, split, model, ds, say):
     cmd += ["--scheduler", opts.scheduler] if opts.scheduler else []
     cmd += ["--device", opts.device] if opts.device != "cpu" else []
     want = {"dataset": ds.name, "split": split, "crop": crop, "flipped": "feats_flip.npy" if flip else None,
-            "image_root": str(ds.root.resolve()), "shape": None}
+            "image_root": str(ds.root.resolve())}
     if Path(model).is_file():
         want["onnx_sha256"] = _sha256(model)
 
@@ -380,16 +376,19 @@ def _seeds_options(rec, opts, out, rows) -> seeds_job.SeedsOptions:
     val = out / "feats" / "val"
     s = rec.settings
     notes = [f"recipe {rec.name} ({rec.path}); data {opts.root}; weights {', '.join(map(str, opts.weights))}",
-             f"{s['dataset']}, {s['arch']}/{s['patch']}: training crops {s['train_crop']} at {s['train_resolution']} px, "
+             f"{s['dataset']}, {s['arch']}/{s['patch']}: training crops {s['train_crop']} at "
+             f"{s['train_resolution']} px, "
              f"evaluation at {s['eval_resolution']} px" + (" with flips" if s["eval_flip"] else ""),
              "cluster: Hungarian-matched clusters of the eval level; linear: the supervised linear probe "
-             f"({probe_epochs(rec, rows)} epoch(s)); cluster+CRF: cluster predictions after a dense CRF",
+             f"({probe_epochs(rec, rows)} epoch(s) on the training crops); cluster+CRF: the cluster predictions "
+             "after a dense CRF",
              "OMH settings in this recipe are untested on real data (the recipe file says which values are ours)"]
     return seeds_job.SeedsOptions(
         features=str(out / "feats" / "train" / "feats.npy"), val_features=str(val / "feats.npy"), out=str(out),
         config=rec.config, seeds=tuple(opts.seeds), knn_k=s["knn_k"],
-        flipped_features=str(val / "feats_flip.npy") if s["eval_flip"] else None, probe=True,
+        flipped_features=str(val / "feats_flip.npy") if s["eval_flip"] else None, probe=opts.probe,
         probe_epochs=probe_epochs(rec, rows), crf=opts.crf, scheduler=opts.scheduler, device=opts.device,
+        crf_workers=1 if opts.scheduler else max(1, os.cpu_count() or 1),   # on Dask a worker is one run
         progress=opts.progress, title=f"{rec.name}: {s['dataset']}, {len(opts.seeds)} seed(s)", notes=tuple(notes),
         **{k: rec.train[k] for k in ("steps", "batch_size", "lr", "lr_clusters", "ckpt_every", "log_every")})
 
@@ -413,6 +412,7 @@ def _seeds_command(rec, opts, so: seeds_job.SeedsOptions) -> list:
         else:
             cmd += [f"--{flag}", ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
     cmd += ["--crf"] if so.crf else []
+    cmd += [] if so.probe else ["--no-probe"]
     cmd += ["--scheduler", so.scheduler] if so.scheduler else []
     cmd += ["--device", so.device] if so.device != "cpu" else []
     return cmd

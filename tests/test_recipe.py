@@ -251,6 +251,8 @@ def test_dry_run_prints_the_commands_and_marks_the_done_ones(coco, tmp_path):
     assert "--split val --crop center --flip" in lines[2] and lines[3].startswith("omh-ref knn ")
     assert lines[4].startswith("omh-ref seeds ") and "--probe-epochs 4000" in lines[4]   # 80000 / (4 x 5)
     assert not (tmp_path / "new").exists()                       # a dry run writes nothing
+    no_probe = CliRunner().invoke(main, args + ["--out", str(tmp_path / "new"), "--dry-run", "--no-probe", "--crf"])
+    assert no_probe.output.splitlines()[4].endswith("--crf --no-probe")
     # the finished run: every stage done; the caller's tiny settings show as the seeds' flags
     done = recipe.format_plan(recipe.plan(_opts("cocostuff27_vits8", root, [pth], run), say=quiet))
     assert all(ln.startswith("# done: ") for ln in done.splitlines())
