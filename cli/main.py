@@ -111,6 +111,23 @@ def model_options(fn):
                         help="'auto' or three numbers neg,inter,intra (STEGO shifts).")(fn)
 
 
+def _run_settings(features, config_file, given, model_flags, shifts, resume=None):
+    """(loop settings, Config, shifts auto) of a training run: a config file's [train] table over the
+    loop flags' defaults (flags given explicitly win), its [model] table under the model flags;
+    a [recipe] table is not read."""
+    from omh_ref.core.config import read_file
+    from omh_ref.features.store import FeatureStore
+    from omh_ref.train.loop import FILE_KEYS, loop_settings, model_config
+
+    store = FeatureStore(features)
+    tables = read_file(config_file) if config_file else {"model": {}, "train": {}}
+    ctx = click.get_current_context()
+    explicit = {k for k in FILE_KEYS if k in given and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    loop = loop_settings(given, tables["train"], explicit, config_file)
+    cfg, auto = model_config(store, tables["model"], model_flags, shifts, resume, source=config_file or "config")
+    return loop, cfg, auto
+
+
 @main.command()
 @click.option("--model", required=True, type=click.Path(), help="ONNX backbone (weights/export_dino.py).")
 @click.option("--images", default=None, type=click.Path(), help="A folder of images (searched recursively).")
@@ -179,7 +196,8 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 @click.option("--resume", default=None, type=click.Path(), help="Checkpoint to continue from (bit-exact).")
 @click.option("--ckpt-every", default=100, show_default=True)
 @click.option("--log-every", default=10, show_default=True)
-@click.option("--config", "config_file", default=None, type=click.Path(), help="TOML/JSON config; flags override it.")
+@click.option("--config", "config_file", default=None, type=click.Path(),
+              help="TOML/JSON config ([model], [train]; a recipe's [recipe] table is ignored); flags override it.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that already holds a checkpoint.")
 @click.option("--val-features", default=None, type=click.Path(), help="Validate on these features during training.")
 @click.option("--val-labels", default=None, type=click.Path(),
@@ -194,26 +212,19 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
           log_every, config_file, overwrite, val_features, val_labels, val_every, keep_best, quiet, shifts,
           **model_flags):
     """Train OMH (or --baseline stego) on memory-mapped features."""
-    from omh_ref.core.config import read_file
     from omh_ref.core.lock import FolderLock
     from omh_ref.evaluate.pictures import curves_png
     from omh_ref.evaluate.validation import Validator
-    from omh_ref.features.store import FeatureStore
-    from omh_ref.train.loop import FILE_KEYS, TrainOptions, loop_settings, model_config, train as run_train
+    from omh_ref.train.loop import TrainOptions, train as run_train
 
     if features is None:
         from omh_ref.demo import prepare_data
 
         features = str(prepare_data(Path(out) / "data", say=click.echo)["train"] / "feats.npy")
         click.echo(f"no --features: training on the embedded demo data ({features})")
-    store = FeatureStore(features)
-    tables = read_file(config_file) if config_file else {"model": {}, "train": {}}
-    ctx = click.get_current_context()
     given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters, seed=seed,
                  ckpt_every=ckpt_every, log_every=log_every, val_every=val_every)
-    explicit = {k for k in FILE_KEYS if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
-    loop = loop_settings(given, tables["train"], explicit, config_file)
-    cfg, auto = model_config(store, tables["model"], model_flags, shifts, resume, source=config_file or "config")
+    loop, cfg, auto = _run_settings(features, config_file, given, model_flags, shifts, resume)
     opts = TrainOptions(features=features, out=out, knn=knn, device=device, resume=resume,
                         shifts_auto=auto and not resume, progress=not quiet, overwrite=overwrite,
                         keep_best=keep_best, **loop)
@@ -246,19 +257,100 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
 def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, quiet):
     """Synthetic data -> OMH, OMH without hierarchy, STEGO baseline -> side-by-side table + report."""
     from omh_ref import demo as demo_mod
+    from omh_ref.evaluate.seeds import parse_seeds
 
-    try:
-        parsed = tuple(int(s) for s in seeds.split(",") if s.strip())
-    except ValueError:
-        parsed = ()
-    if not parsed or min(parsed) < 0:
-        raise InputError(f"--seeds: expected comma-separated integers >= 0, got {seeds!r}")
-    seeds = parsed
+    seeds = parse_seeds(seeds)
     opts = demo_mod.DemoOptions(out=out, seeds=seeds, steps=steps, batch_size=batch_size, n_train=n_train,
                                 n_val=n_val, probe_epochs=probe_epochs, device=device, progress=not quiet)
     rep = demo_mod.run(opts, say=click.echo)
     click.echo(demo_mod.table(rep))
     click.echo(f"report: {Path(out) / 'report.json'} and PNGs in {out}")
+
+
+@main.command()
+@click.option("--features", required=True, type=click.Path(), help="Training feats.npy (its labels feed the linear probe).")
+@click.option("--val-features", required=True, type=click.Path(), help="Evaluation feats.npy.")
+@click.option("--val-labels", default=None, type=click.Path(), help="[default: the labels file the val feats.json names]")
+@click.option("--flipped-features", default=None, type=click.Path(), help="Flipped evaluation features (averaged).")
+@click.option("--out", required=True, type=click.Path(), help="Folder: seed<N>/ per run, results.json, results.md.")
+@click.option("--seeds", "seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
+@click.option("--config", "config_file", default=None, type=click.Path(), help="TOML/JSON config; flags override it.")
+@click.option("--steps", default=300, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--lr", default=5e-4, show_default=True, help="Learning rate of the projection head.")
+@click.option("--lr-clusters", default=5e-3, show_default=True, help="Learning rate of the centroids.")
+@click.option("--probe/--no-probe", default=True, show_default=True, help="Linear probe on the training features.")
+@click.option("--probe-epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--knn-k", default=7, show_default=True, type=click.IntRange(min=1),
+              help="KNN partners drawn from ranks 1..k.")
+@click.option("--crf", is_flag=True, help="Also score the cluster predictions after a dense CRF (omh-ref[crf]).")
+@click.option("--scheduler", default=None, help="Run the seeds on Dask: local:N or a scheduler address (one run per worker).")
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@model_options
+@friendly_errors
+def seeds(features, val_features, val_labels, flipped_features, out, seed_list, config_file, steps, batch_size, lr,
+          lr_clusters, probe, probe_epochs, knn_k, crf, scheduler, device, quiet, shifts, **model_flags):
+    """Train and evaluate one config under several seeds: mean ± std per metric and per seed
+    (OUT/results.json, OUT/results.md). A rerun continues: finished runs are not redone."""
+    from omh_ref.evaluate.seeds import SeedsOptions, parse_seeds, run as run_seeds, table
+
+    parsed = parse_seeds(seed_list)
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters)
+    loop, cfg, auto = _run_settings(features, config_file, given, model_flags, shifts)
+    loop.pop("seed", None)     # --seeds names the seeds
+    opts = SeedsOptions(features=features, val_features=val_features, out=out, config=cfg, seeds=parsed,
+                        shifts_auto=auto, val_labels=val_labels, flipped_features=flipped_features, probe=probe,
+                        probe_epochs=probe_epochs, knn_k=knn_k, crf=crf, scheduler=scheduler, device=device,
+                        progress=not quiet, **loop)
+    rep = run_seeds(opts, say=click.echo)
+    click.echo(table({"this config": rep["summary"]}, rep["n_seeds"], rep["seconds"], label="runs"))
+    click.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'results.md'}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--root", required=True, type=click.Path(), help="The data set's folder (or STEGO's data dir).")
+@click.option("--weights", required=True, multiple=True, type=click.Path(),
+              help="A DINO .pth (exported here with weights/export_dino.py, which needs torch), or the .onnx "
+                   "files, one per resolution the recipe uses; repeatable.")
+@click.option("--out", required=True, type=click.Path(), help="The run's folder (weights/, feats/, seed<N>/, results).")
+@click.option("--backbone", default=None, type=click.Choice(["vit_small", "vit_base"]),
+              help="Checked against the recipe's backbone [default: the recipe's].")
+@click.option("--seeds", "seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
+@click.option("--crf", is_flag=True, help="Also score the cluster predictions after a dense CRF (omh-ref[crf]).")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="The linear probe on the training crops (it holds every training code in memory).")
+@click.option("--scheduler", default=None,
+              help="Dask for extraction, the KNN table and the seeds' runs: local:N or a scheduler address.")
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the equivalent omh-ref commands (done ones marked) and stop.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def recipe(name, root, weights, out, backbone, seed_list, crf, probe, scheduler, device, dry_run, quiet):
+    """Run a benchmark recipe end to end: export, extract, KNN, train and evaluate per seed, then
+    mean ± std (OUT/results.json, OUT/results.md).
+
+    NAME is a recipe file, or the name of one in the checkout's configs/:
+    {cocostuff27,cityscapes27,potsdam3}_{vits8,vitb8}. Rerun the same command after an
+    interruption: finished stages are skipped, unfinished ones continue."""
+    from omh_ref import recipe as recipe_mod
+    from omh_ref.evaluate.seeds import parse_seeds, table
+
+    opts = recipe_mod.RecipeOptions(name=name, root=root, weights=tuple(weights), out=out, backbone=backbone,
+                                    seeds=parse_seeds(seed_list), crf=crf, probe=probe, scheduler=scheduler,
+                                    device=device, progress=not quiet)
+    if dry_run:
+        click.echo(recipe_mod.format_plan(recipe_mod.plan(opts, say=click.echo)))
+        return
+    try:
+        rep = recipe_mod.run(opts, say=click.echo)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished stages, recorded extraction chunks and checkpoints are kept; run the "
+                   "same command again to continue", err=True)
+        sys.exit(130)
+    click.echo(table({name: rep["summary"]}, rep["n_seeds"], rep["seconds"], label="recipe"))
+    click.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'results.md'}")
 
 
 @main.command()

@@ -18,7 +18,7 @@ import numpy as np
 from .core.config import Config
 from .core.files import write_text
 from .core.lock import FolderLock
-from .evaluate import pictures
+from .evaluate import pictures, seeds
 from .evaluate.predict import cluster_eval, scores_json
 from .evaluate.probe import linear_eval, linear_probe
 from .features import synthetic
@@ -106,7 +106,7 @@ def _run(opts: DemoOptions, say) -> dict:
             if seed == opts.seeds[0]:
                 logs[method] = res["log"]
                 shown[method] = (preds, clu)
-    summary = {m: _summary(rs) for m, rs in runs.items()}
+    summary = {m: seeds.summarize(rs) for m, rs in runs.items()}
     rep = {"methods": summary, "runs": runs, "options": dataclasses.asdict(opts), "n_classes": n_classes,
            "class_names": class_names, "seconds": round(time.perf_counter() - t0, 1)}
     write_text(out / "report.json", json.dumps(rep, indent=1))
@@ -114,23 +114,9 @@ def _run(opts: DemoOptions, say) -> dict:
     return rep
 
 
-def _summary(rs):
-    def stat(probe, key):
-        v = np.array([r[probe][key] for r in rs])
-        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
-    return {f"{p}_{k}": stat(p, k) for p in ("cluster", "linear") for k in ("miou", "acc")}
-
-
 def table(rep) -> str:
     """The side-by-side table: mean ± std over seeds."""
-    head = f"{'method':<20} {'cluster mIoU':>15} {'cluster acc':>15} {'linear mIoU':>15} {'linear acc':>15}"
-    lines = [head, "-" * len(head)]
-    for m, s in rep["methods"].items():
-        cells = [f"{s[k]['mean']:6.1f} ± {s[k]['std']:4.1f}" for k in ("cluster_miou", "cluster_acc", "linear_miou", "linear_acc")]
-        lines.append(f"{m:<20} " + " ".join(f"{c:>15}" for c in cells))
-    n = len(next(iter(rep["runs"].values())))
-    lines.append(f"(mean ± std over {n} seeds, ×100; {rep['seconds']:.0f} s)")
-    return "\n".join(lines)
+    return seeds.table(rep["methods"], len(next(iter(rep["runs"].values()))), rep["seconds"])
 
 
 def _pictures(out, val_store, shown, logs, n_classes, class_names):

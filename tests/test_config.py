@@ -94,3 +94,16 @@ def test_a_format_1_checkpoint_is_read_in_todays_terms(tmp_path, old, want):
     np.savez(tmp_path / "old.npz", **data)
     got = checkpoint.load(tmp_path / "old.npz")["config"]
     assert (got.cluster_target, got.rho_q) == want
+
+
+def test_a_recipe_table_is_returned_when_present_and_train_ignores_it(tmp_path):
+    (tmp_path / "r.toml").write_text("[model]\neps = 0.3\n[recipe]\ndataset = 'potsdam3'\n")
+    assert read_file(tmp_path / "r.toml") == {"model": {"eps": 0.3}, "train": {}, "recipe": {"dataset": "potsdam3"}}
+    (tmp_path / "only.toml").write_text("[recipe]\narch = 'vit_small'\n")
+    assert read_file(tmp_path / "only.toml") == {"model": {}, "train": {}, "recipe": {"arch": "vit_small"}}
+    (tmp_path / "bad.toml").write_text("eps = 0.3\n[recipe]\narch = 'vit_small'\n")
+    with pytest.raises(InputError, match=r"bad.toml: with \[model\]/\[train\]/\[recipe\] tables, top-level keys"):
+        read_file(tmp_path / "bad.toml")
+    (tmp_path / "bad2.toml").write_text("recipe = 3\n")
+    with pytest.raises(InputError, match=r"bad2.toml: \[recipe\] must be a table"):
+        read_file(tmp_path / "bad2.toml")

@@ -1,7 +1,7 @@
 """The house rules of the layout (docs/ARCHITECTURE.md), checked on the source:
 
 * imports run downward only: core <- features <- extract <- train <- evaluate <- demo, and no
-  import cycle between modules (function-level imports included);
+  import cycle between modules (function-level imports included); recipe sits beside demo;
 * the package never imports the tests, the benchmarks or the command line, nor edits sys.path;
 * every op and loss has ``backward(d<out>, cache)``, the upstream gradient first;
 * no file cites a document that is not in the repository.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "features": 1, "extract": 2, "train": 3, "evaluate": 4, "demo": 5}
+LAYERS = {"core": 0, "features": 1, "extract": 2, "train": 3, "evaluate": 4, "demo": 5, "recipe": 5}
 
 
 def _modules(repo=REPO):

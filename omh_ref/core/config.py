@@ -207,9 +207,15 @@ def parse_shifts(text) -> tuple:
     return {"shift_neg": neg, "shift_inter": inter, "shift_intra": intra}, False
 
 
+TABLES = ("model", "train", "recipe")
+
+
 def read_file(path) -> dict:
     """A TOML or JSON config file as its tables: ``{"model": {...}, "train": {...}}`` (either may
-    be empty). Model fields may also stand at the top level of a file without tables."""
+    be empty). Model fields may also stand at the top level of a file without tables. A
+    ``[recipe]`` table (the settings of ``omh-ref recipe`` that are not the model's or the loop's:
+    crops, resolutions, backbone; see ``configs/``) is returned under ``"recipe"`` when the file
+    has one; ``omh-ref train`` ignores it, so a recipe is also a training config."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file (expected a TOML or JSON config)")
@@ -226,16 +232,19 @@ def read_file(path) -> dict:
         raise InputError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
     if not isinstance(data, dict):
         raise InputError(f"{p}: expected a table of config fields at the top level, got {type(data).__name__}")
-    if "model" not in data and "train" not in data:
+    if not set(TABLES) & set(data):
         return {"model": data, "train": {}}
-    extra = sorted(set(data) - {"model", "train"})
+    extra = sorted(set(data) - set(TABLES))
     if extra:
-        raise InputError(f"{p}: with [model]/[train] tables, top-level keys are not read; move "
+        raise InputError(f"{p}: with [model]/[train]/[recipe] tables, top-level keys are not read; move "
                          f"{', '.join(map(repr, extra))} into one of them")
-    for name in ("model", "train"):
+    for name in TABLES:
         if not isinstance(data.get(name, {}), dict):
             raise InputError(f"{p}: [{name}] must be a table of fields, got {type(data[name]).__name__}")
-    return {"model": data.get("model", {}), "train": data.get("train", {})}
+    out = {"model": data.get("model", {}), "train": data.get("train", {})}
+    if "recipe" in data:
+        out["recipe"] = data["recipe"]
+    return out
 
 
 def _refuse_old_balanced(layer, source):

@@ -1,0 +1,294 @@
+"""The recipes (configs/*.toml) and ``omh-ref recipe``: every recipe is a valid ``train --config``
+file whose backbone, feature size, levels and classes agree; the whole recipe runs on the data set
+fixtures with a random-init backbone (tiny settings laid over the recipe, not edited into it),
+skips what is done, continues after a crash mid-training with the numbers of an uninterrupted
+run, and reports mean ± std over seeds."""
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from omh_ref import recipe
+from omh_ref.core.config import read_file
+from omh_ref.core.errors import InputError
+from omh_ref.extract.classes import CLASS_NAMES
+from omh_ref.features import synthetic
+from omh_ref_cli.main import main
+from tests import layouts
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = [f"{d}_{b}" for d in ("cocostuff27", "cityscapes27", "potsdam3") for b in ("vits8", "vitb8")]
+# seconds, not hours: laid over the recipe's tables as a caller's options (the files stay as shipped)
+TINY = {"train": {"steps": 3, "batch_size": 4, "ckpt_every": 1},
+        "recipe": {"train_resolution": 32, "eval_resolution": 48, "knn_k": 2, "probe_crops": 40}}
+
+
+def quiet(*_):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe files
+# --------------------------------------------------------------------------------------------------
+def test_the_six_recipes_ship():
+    assert recipe.names() == sorted(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_recipe_agrees_with_its_backbone_and_data_set(name):
+    rec = recipe.load(name)
+    s = rec.settings
+    dataset, backbone = name.rsplit("_", 1)
+    assert s["dataset"] == dataset and backbone == f"{recipe.ARCH_SHORT[s['arch']]}{s['patch']}"
+    assert rec.config.in_dim == recipe.ARCH_DIMS[s["arch"]]
+    assert rec.config.eval_k == len(CLASS_NAMES[dataset])
+    assert list(rec.config.levels) == [4 * rec.n_classes, 2 * rec.n_classes, rec.n_classes]
+    assert s["train_resolution"] % s["patch"] == 0 and s["eval_resolution"] % s["patch"] == 0
+    # STEGO's loop, resolutions and crops (the file cites each)
+    assert (rec.train["steps"], rec.train["batch_size"], s["train_resolution"], s["eval_resolution"]) == \
+        (5000, 16, 224, 320)
+    assert s["train_crop"] == ("center" if dataset == "potsdam3" else "five") and s["eval_flip"]
+    # what train --config reads: nothing but [model] and [train] fields
+    tables = read_file(REPO / "configs" / f"{name}.toml")
+    assert set(tables) == {"model", "train", "recipe"}
+
+
+def _features(folder, dim):
+    synthetic.write(synthetic.SynthSpec(n_images=6, grid=4, dim=dim, seed=0), folder)
+    return str(Path(folder) / "feats.npy")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_accepts_every_recipe(tmp_path, name):
+    """``omh-ref train --config`` on each recipe: the config merge, its in_dim check against the
+    features and one real step (the loop flags given on the command line win over [train])."""
+    dim = recipe.load(name).config.in_dim
+    feats = _features(tmp_path / "f", dim)
+    res = CliRunner().invoke(main, ["train", "--features", feats, "--config", str(REPO / "configs" / f"{name}.toml"),
+                                    "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    from omh_ref.train.checkpoint import load
+
+    ck = load(tmp_path / "run" / "ckpt.npz")
+    assert ck["step"] == 1 and ck["config"] == recipe.load(name).config
+    # the other backbone's features are refused, naming the file
+    other = _features(tmp_path / "g", 768 if dim == 384 else 384)
+    res = CliRunner().invoke(main, ["train", "--features", other, "--config", str(REPO / "configs" / f"{name}.toml"),
+                                    "--steps", "1", "--out", str(tmp_path / "run2"), "--quiet"])
+    assert res.exit_code == 2 and f"{name}.toml: in_dim {dim}" in res.output
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("model", "levels", [108, 54, 9]), "the eval level has 9 clusters but cocostuff27 has 27 classes"),
+    (("model", "in_dim", 768), "in_dim should be 384"),
+    (("recipe", "train_crop", "random"), "[recipe] train_crop: expected center or five"),
+    (("recipe", "eval_resolution", 321), "eval_resolution 321 is not a multiple of patch 8"),
+    (("recipe", "colour", 1), "unknown [recipe] key 'colour'"),
+    (("train", "epochs", 3), "unknown [train] field 'epochs'"),
+])
+def test_a_bad_recipe_is_one_error_naming_the_file_and_key(tmp_path, edit, message):
+    table, key, value = edit
+    with pytest.raises(InputError) as err:
+        recipe.load("cocostuff27_vits8", {table: {key: value}})
+    assert message in str(err.value) and "cocostuff27_vits8.toml" in str(err.value)
+    with pytest.raises(InputError, match="not a recipe file and not one of cityscapes27_vitb8"):
+        recipe.load("cocostuff_vits8")
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole recipe on the fixtures
+# --------------------------------------------------------------------------------------------------
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+
+def _random_dino(path):
+    """A random-init DINO ViT-S/8 state dict saved as a .pth (weights/export_dino.py's model)."""
+    mod = recipe._load_export_script(REPO / "weights" / "export_dino.py")
+    torch.manual_seed(0)
+    torch.save(mod.build_vit("vit_small", 8).state_dict(), path)
+    return path
+
+
+def _opts(name, root, weights, out, **kw):
+    return recipe.RecipeOptions(name=name, root=str(root), weights=tuple(map(str, weights)), out=str(out),
+                                seeds=(0, 1), progress=False, overrides=TINY, **kw)
+
+
+def _numbers(rep):
+    return {"runs": rep["runs"], "summary": rep["summary"]}
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    """COCO-Stuff fixture, the recipe run once from a .pth: (root, pth, run folder, report, messages)."""
+    base = tmp_path_factory.mktemp("coco")
+    layouts.coco(base / "data", "train", n=4, seed=1)
+    layouts.coco(base / "data", "val", n=3, seed=2)
+    pth = _random_dino(base / "dino.pth")
+    said = []
+    rep = recipe.run(_opts("cocostuff27_vits8", base / "data", [pth], base / "run"), say=said.append)
+    return base / "data", pth, base / "run", rep, said
+
+
+def test_the_recipe_runs_end_to_end_from_a_pth(coco):
+    root, pth, run, rep, said = coco
+    assert any(m.startswith("[export] python ") and "export_dino.py" in m for m in said)
+    manifest = json.loads((run / "weights" / "manifest.json").read_text())
+    assert {m["file"] for m in manifest["models"]} == {"dino_vits8_32.onnx", "dino_vits8_48.onnx"}
+    train = json.loads((run / "feats" / "train" / "feats.json").read_text())
+    val = json.loads((run / "feats" / "val" / "feats.json").read_text())
+    assert train["shape"] == [20, 4, 4, 384] and train["crop"] == "five"          # 4 images x 5 crops, 32 px
+    assert val["shape"] == [3, 6, 6, 384] and val["flipped"] == "feats_flip.npy"  # 48 px, with flips
+    assert (run / "feats" / "train" / "feats.knn.npy").is_file()
+    saved = json.loads((run / "results.json").read_text())
+    assert [r["seed"] for r in saved["runs"]] == [0, 1]
+    assert set(saved["summary"]) == {"cluster_miou", "cluster_acc", "linear_miou", "linear_acc"}
+    for key, s in saved["summary"].items():
+        values = [r[key.rsplit("_", 1)[0]][key.rsplit("_", 1)[1]] for r in saved["runs"]]
+        assert s["values"] == values
+        assert s["mean"] == pytest.approx(np.mean(values)) and s["std"] == pytest.approx(np.std(values, ddof=1))
+    md = (run / "results.md").read_text()
+    assert "| cluster mIoU | " in md and "| seed 0 | seed 1 |" in md and " ± " in md
+    for seed in (0, 1):
+        ck = json.loads((run / f"seed{seed}" / "eval.json").read_text())
+        assert ck["run"] == saved["runs"][seed]
+        assert len(ck["run"]["cluster"]["iou"]) == 27
+    assert saved["runs"][0] != saved["runs"][1]          # two seeds, two runs
+    assert _numbers(rep) == _numbers(saved)
+
+
+def test_a_rerun_skips_every_finished_stage(coco, monkeypatch):
+    root, pth, run, rep, _ = coco
+
+    def forbidden(*a, **k):
+        raise AssertionError("a finished stage ran again")
+    monkeypatch.setattr(recipe, "extract", forbidden)
+    monkeypatch.setattr(recipe, "build_knn", forbidden)
+    monkeypatch.setattr("omh_ref.evaluate.seeds.train", forbidden)
+    monkeypatch.setattr("omh_ref.evaluate.seeds.run_eval", forbidden)
+    said = []
+    again = recipe.run(_opts("cocostuff27_vits8", root, [pth], run), say=said.append)
+    assert _numbers(again) == _numbers(rep)
+    assert sum("done already" in m for m in said) == 4          # export, 2 extractions, knn
+    assert sum("trained already" in m for m in said) == 2 and sum("evaluated already" in m for m in said) == 2
+    stages = recipe.plan(_opts("cocostuff27_vits8", root, [pth], run), say=quiet)
+    assert all(st.done for st in stages)
+
+
+def test_a_crash_mid_training_resumes_to_the_uninterrupted_numbers(coco, tmp_path, monkeypatch):
+    """The run is cut by an error at seed 1's third step (its step-2 checkpoint on disk); the same
+    command again resumes that run bit-exactly and the results equal the uninterrupted ones."""
+    root, pth, run, rep, _ = coco
+    out = tmp_path / "run"
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("seed*", "results.*", ".omh-ref.lock"))
+    from omh_ref.core import model
+
+    real, calls = model.loss_and_grads, {"n": 0}
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:          # seed 0 took steps 1-3; this is seed 1's step 3
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+    monkeypatch.setattr(model, "loss_and_grads", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        recipe.run(_opts("cocostuff27_vits8", root, [pth], out), say=quiet)
+    assert not (out / ".omh-ref.lock").exists()                  # released on the way out
+    assert (out / "seed0" / "eval.json").is_file() and not (out / "seed1" / "eval.json").exists()
+    from omh_ref.train.checkpoint import step_of
+
+    assert step_of(out / "seed1" / "ckpt.npz") == 2
+    monkeypatch.setattr(model, "loss_and_grads", real)
+    said = []
+    again = recipe.run(_opts("cocostuff27_vits8", root, [pth], out), say=said.append)
+    assert any("seed 1: resuming training at step 2 of 3" in m for m in said)
+    assert any("seed 0: evaluated already" in m for m in said)
+    assert _numbers(again) == _numbers(rep)
+
+
+@pytest.mark.parametrize("name,build,crf", [
+    ("cityscapes27_vits8", lambda root: (layouts.cityscapes(root, "train", seed=1), layouts.cityscapes(root, "val")),
+     True),
+    ("potsdam3_vits8", lambda root: (layouts.potsdam(root, "train", n=6, seed=1), layouts.potsdam(root, "val", n=3)),
+     False),
+])
+def test_cityscapes_and_potsdam_recipes_run_from_onnx_files(coco, tmp_path, name, build, crf):
+    from omh_ref.evaluate import crf as dense_crf
+
+    if crf and not dense_crf.available():
+        pytest.skip("pydensecrf2 (omh-ref[crf]) not installed")
+    _, _, run, _, _ = coco
+    build(tmp_path / "data")
+    onnx = [run / "weights" / "dino_vits8_32.onnx", run / "weights" / "dino_vits8_48.onnx"]
+    said = []
+    rep = recipe.run(_opts(name, tmp_path / "data", onnx, tmp_path / "run", crf=crf), say=said.append)
+    assert not any(m.startswith("[export]") for m in said)
+    n_classes = recipe.load(name).n_classes
+    rows = json.loads((tmp_path / "run" / "feats" / "train" / "feats.json").read_text())["shape"][0]
+    assert rows == (15 if name.startswith("cityscapes") else 6)    # 3 images x 5 crops; 6 centre crops
+    assert [r["seed"] for r in rep["runs"]] == [0, 1]
+    assert all(len(r["cluster"]["iou"]) == n_classes for r in rep["runs"])
+    assert set(rep["summary"]) == {"cluster_miou", "cluster_acc", "linear_miou", "linear_acc"} | \
+        ({"crf_miou", "crf_acc"} if crf else set())
+    if crf:   # the CRF changes predictions, so its scores are its own
+        assert "cluster+CRF mIoU" in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_dry_run_prints_the_commands_and_marks_the_done_ones(coco, tmp_path):
+    root, pth, run, _, _ = coco
+    args = ["recipe", "cocostuff27_vits8", "--root", str(root), "--weights", str(pth), "--seeds", "0,1"]
+    fresh = CliRunner().invoke(main, args + ["--out", str(tmp_path / "new"), "--dry-run"])
+    assert fresh.exit_code == 0, fresh.output
+    lines = fresh.output.splitlines()
+    assert lines[0].startswith("python ") and "export_dino.py --arch vit_small --patch 8 --checkpoint" in lines[0]
+    assert "--resolution 224 --resolution 320" in lines[0]
+    assert lines[1].startswith("omh-ref extract ") and "--split train --crop five" in lines[1]
+    assert "--split val --crop center --flip" in lines[2] and lines[3].startswith("omh-ref knn ")
+    assert lines[4].startswith("omh-ref seeds ") and "--probe-epochs 4000" in lines[4]   # 80000 / (4 x 5)
+    assert not (tmp_path / "new").exists()                       # a dry run writes nothing
+    no_probe = CliRunner().invoke(main, args + ["--out", str(tmp_path / "new"), "--dry-run", "--no-probe", "--crf"])
+    assert no_probe.output.splitlines()[4].endswith("--crf --no-probe")
+    # the finished run: every stage done; the caller's tiny settings show as the seeds' flags
+    done = recipe.format_plan(recipe.plan(_opts("cocostuff27_vits8", root, [pth], run), say=quiet))
+    assert all(ln.startswith("# done: ") for ln in done.splitlines())
+    assert "--steps 3 --batch-size 4" in done.splitlines()[-1]
+
+
+def test_bad_arguments_are_one_line_errors(coco, tmp_path):
+    root, pth, run, _, _ = coco
+    base = ["recipe", "cocostuff27_vits8", "--root", str(root), "--out", str(tmp_path / "o"), "--dry-run"]
+    cases = [
+        (["--weights", str(pth), "--backbone", "vit_base"], "--backbone vit_base: recipe cocostuff27_vits8 is for vit_small"),
+        (["--weights", str(tmp_path / "nope.pth")], "nope.pth: no such file"),
+        (["--weights", str(run / "weights" / "dino_vits8_32.onnx")], "--weights: no model takes 224 px inputs"),
+        (["--weights", str(pth), "--seeds", "0,0"], "--seeds: expected distinct"),
+    ]
+    for extra, message in cases:
+        res = CliRunner().invoke(main, base + extra)
+        assert res.exit_code == 2 and message in res.output, (extra, res.output)
+        assert res.output.startswith("error: ") and res.output.count("\n") == 1
+    res = CliRunner().invoke(main, ["recipe", "cocostuff27_vits8", "--root", str(tmp_path / "none"), "--weights",
+                                    str(pth), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--root" in res.output and "no such folder" in res.output
+    # a .pth outside a checkout: the export script is not there, and the error says what to do
+    opts = dataclasses.replace(_opts("cocostuff27_vits8", root, [pth], tmp_path / "o2"),
+                               export_script=str(tmp_path / "weights" / "export_dino.py"))
+    with pytest.raises(InputError, match="export the .onnx files with that script and pass them instead"):
+        recipe.run(opts, say=quiet)
+    assert not (tmp_path / "o2").exists()                        # refused before anything was written
+
+
+def test_features_of_other_settings_are_refused_not_mixed(coco, tmp_path):
+    root, pth, run, _, _ = coco
+    out = tmp_path / "run"
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("seed*", "results.*", ".omh-ref.lock"))
+    meta = json.loads((out / "feats" / "val" / "feats.json").read_text())
+    meta["flipped"] = None
+    (out / "feats" / "val" / "feats.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"feats/val: holds features of other settings \(flipped differ\)"):
+        recipe.run(_opts("cocostuff27_vits8", root, [pth], out), say=quiet)
