@@ -17,14 +17,16 @@ def _pair(rng, raw_values, size=None):
 
 
 def coco(root, split="val", n=3, seed=0):
-    """cocostuff/curated/<split>2017/Coco164kFull_Stuff_Coarse_7.txt, images/*.jpg, annotations/*.png."""
+    """cocostuff/curated/<split>2017/<the split's list> (STEGO's: the full list for train, the _7
+    one for val), images/*.jpg, annotations/*.png."""
     rng = np.random.default_rng(seed)
     root = Path(root) / "cocostuff"
     d = f"{split}2017"
     for sub in ("curated", "images", "annotations"):
         (root / sub / d).mkdir(parents=True, exist_ok=True)
     ids = [f"{100 + 7 * i:012d}" for i in range(n)]
-    (root / "curated" / d / "Coco164kFull_Stuff_Coarse_7.txt").write_text("\n".join(ids) + "\n")
+    lists = {"train": "Coco164kFull_Stuff_Coarse.txt", "val": "Coco164kFull_Stuff_Coarse_7.txt"}
+    (root / "curated" / d / lists[split]).write_text("\n".join(ids) + "\n")
     out = {}
     for i in ids:
         rgb, raw = _pair(rng, [0, 1, 9, 91, 105, 181, 255])

@@ -113,8 +113,10 @@ def test_palette_label_maps_give_indices_not_colours(tmp_path):
 def test_reader_errors_name_the_path(tmp_path):
     with pytest.raises(InputError, match=r"nowhere: no such folder"):
         datasets.open_dataset("cityscapes27", tmp_path / "nowhere", "val")
-    with pytest.raises(InputError, match=r"Coco164kFull_Stuff_Coarse_7.txt: no such file"):
+    with pytest.raises(InputError, match=r"val2017/Coco164kFull_Stuff_Coarse_7.txt: no such file"):
         datasets.open_dataset("cocostuff27", tmp_path, "val")
+    with pytest.raises(InputError, match=r"train2017/Coco164kFull_Stuff_Coarse.txt: no such file"):   # STEGO's lists
+        datasets.open_dataset("cocostuff27", tmp_path, "train")
     with pytest.raises(InputError, match=r"--dataset: unknown data set 'voc'"):
         datasets.open_dataset("voc", tmp_path, "val")
     with pytest.raises(InputError, match=r"--split: expected one of train, val"):

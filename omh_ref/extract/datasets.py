@@ -6,8 +6,9 @@ label values become class ids through a 256-entry lookup table *after* the geome
 resampling never invents values), 255 = ignore. This is what STEGO's loaders compute:
 
 ========================  ==========================================================================
-``cocostuff27``           ``ROOT/curated/{train2017,val2017}/Coco164kFull_Stuff_Coarse_7.txt`` lists
-                          image ids; ``ROOT/images/<split>2017/<id>.jpg``,
+``cocostuff27``           ``ROOT/curated/train2017/Coco164kFull_Stuff_Coarse.txt`` (train) and
+                          ``ROOT/curated/val2017/Coco164kFull_Stuff_Coarse_7.txt`` (val) list image
+                          ids, as STEGO's ``Coco`` (``subset`` None for train, 7 for val); ``ROOT/images/<split>2017/<id>.jpg``,
                           ``ROOT/annotations/<split>2017/<id>.png`` (fine ids 0-181, 255 unlabelled);
                           the 182 -> 27 coarse map of STEGO's ``Coco`` class (``subset=7``).
 ``cityscapes27``          ``ROOT/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` with
@@ -56,6 +57,8 @@ COCO_FINE_TO_COARSE = (
     16, 21, 17, 22, 16, 21, 21, 25, 21, 26, 21, 24, 20, 17, 14, 21, 26, 15, 23, 20, 21, 24, 15, 24,
     22, 25, 15, 20, 17, 17, 22, 14, 18, 18, 18, 18, 18, 18, 18, 26, 26, 19, 19, 24)
 POTSDAM_FINE_TO_COARSE = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2}
+# STEGO's cocostuff27 (src/data.py, Coco with subset None for training, 7 for validation)
+COCO_LISTS = {"train": "Coco164kFull_Stuff_Coarse.txt", "val": "Coco164kFull_Stuff_Coarse_7.txt"}
 CITYSCAPES_FIRST_CLASS = 7  # labelIds 0-6 are void; 7 (road) is class 0, 33 (bicycle) class 26
 
 
@@ -226,7 +229,7 @@ def _read_list(path: Path) -> list:
 def cocostuff27(root, split: str) -> Dataset:
     root = _subroot(root, "cocostuff")
     d = f"{split}2017"
-    ids = _read_list(root / "curated" / d / "Coco164kFull_Stuff_Coarse_7.txt")
+    ids = _read_list(root / "curated" / d / COCO_LISTS[split])
     items = [Item(f"images/{d}/{i}.jpg", root / "images" / d / f"{i}.jpg",
                   root / "annotations" / d / f"{i}.png") for i in ids]
     return Dataset("cocostuff27", root, split, items, 27, _lut(dict(enumerate(COCO_FINE_TO_COARSE))))
