@@ -166,3 +166,24 @@ def test_float32_and_device_match_float64(name, xp):
         out = to_host(fwd(*[xp.asarray(a, dtype=dtype) for a in args])[0])
         assert out.dtype == dtype  # no silent upcast or downcast
         np.testing.assert_allclose(out, ref, rtol=F32["rtol"], atol=F32["atol"])
+
+
+def test_grid_sample_of_chosen_images_is_sampling_their_copy():
+    """``images=idx`` samples x[idx] without copying it: the same values and gradients."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 5, 3, 6))
+    idx = np.array([2, 0, 3])
+    coords = rng.uniform(-1.1, 1.1, size=(3, 2, 4, 2))
+    y, cache = grid_sample.forward(x, coords, images=idx)
+    want, wcache = grid_sample.forward(x[idx], coords)
+    assert np.array_equal(y, want)
+    dy = rng.standard_normal(y.shape)
+    assert np.array_equal(grid_sample.backward(dy, cache), grid_sample.backward(dy, wcache))
+    assert check_vjp(lambda x: grid_sample.forward(x, coords, images=idx),
+                     lambda d, c: _scatter(grid_sample.backward(d, c), idx, x.shape), (x,)).passed
+
+
+def _scatter(d_sel, idx, shape):
+    out = np.zeros(shape)
+    np.add.at(out, idx, d_sel)
+    return out

@@ -170,8 +170,8 @@ def forward(params, batch, cfg: Config, rng, targets=None, draws=None):
         loss = loss + cfg.weight_inter * loss_inter
     neg = []
     for perm in dd["perms"]:
-        fsn, _ = grid_sample.forward(f[perm], coords2)
-        zsn, gn = grid_sample.forward(z[:B][perm], coords2)
+        fsn, _ = grid_sample.forward(f, coords2, images=perm)          # f[perm] sampled, no copy
+        zsn, gn = grid_sample.forward(z, coords2, images=perm)         # z[:B][perm] likewise
         ln, cc = correlation.forward(fs1, fsn, zs1, zsn, cfg.shift_neg, cfg.pointwise, cfg.zero_clamp)
         corr.append(("neg", cfg.weight_neg / len(dd["perms"]), cc, (gn, perm)))
         neg.append(ln)

@@ -24,22 +24,24 @@ def _source(c, size):
     return xp.clip((c + 1) * ((size - 1) / 2), 0, size - 1)
 
 
-def forward(x, coords):
+def forward(x, coords, images=None):
     """y[n, s, t] = x sampled at coords[n, s, t] = (x, y) in [−1, 1] (torch's order: x is width).
 
-    x (N, H, W, C), coords (N, S1, S2, 2) -> y (N, S1, S2, C).
+    x (N, H, W, C), coords (N', S1, S2, 2) -> y (N', S1, S2, C). ``images`` (N',) integer: sample
+    image ``images[n]`` at ``coords[n]`` (the result of ``forward(x[images], coords)`` without
+    copying the images); by default N' = N and image n.
     """
     xp = get_array_module(x, coords)
     N, H, W, C = x.shape
-    _, S1, S2, _ = coords.shape
-    c = coords.reshape(N, S1 * S2, 2).astype(x.dtype, copy=False)
+    n_out, S1, S2, _ = coords.shape
+    c = coords.reshape(n_out, S1 * S2, 2).astype(x.dtype, copy=False)
     ux, uy = _source(c[..., 0], W), _source(c[..., 1], H)             # N,P
     fx0, fy0 = xp.floor(ux), xp.floor(uy)
     fx, fy = (ux - fx0)[..., None], (uy - fy0)[..., None]              # N,P,1 in x's dtype
     x0, y0 = fx0.astype(xp.int64), fy0.astype(xp.int64)
     x1, y1 = xp.minimum(x0 + 1, W - 1), xp.minimum(y0 + 1, H - 1)
     flat = x.reshape(N * H * W, C)
-    base = (xp.arange(N) * (H * W))[:, None]                           # N,1
+    base = ((xp.arange(N) if images is None else images) * (H * W))[:, None]   # N',1
 
     def at(yi, xi):
         # a row gather of the flattened grid: np.take on axis 0 is a plain copy of C-length
@@ -48,11 +50,13 @@ def forward(x, coords):
 
     y = (at(y0, x0) * ((1 - fx) * (1 - fy)) + at(y0, x1) * (fx * (1 - fy))
          + at(y1, x0) * ((1 - fx) * fy) + at(y1, x1) * (fx * fy))
-    return y.reshape(N, S1, S2, C), (ux, uy, x.shape)
+    return y.reshape(n_out, S1, S2, C), (ux, uy, (n_out, H, W, C))
 
 
 def backward(dy, cache):
-    """-> dx (N, H, W, C). (No gradient for coords: sampling points are random, not learned.)
+    """-> dx (N', H, W, C), the gradient of the sampled images in ``coords``' order (of
+    ``x[images]`` when ``images`` was given). (No gradient for coords: sampling points are
+    random, not learned.)
 
     Recomputes the dense interpolation matrix from the cached source coordinates."""
     ux, uy, (N, H, W, C) = cache
