@@ -765,6 +765,80 @@ def gpu_benchmark(cfg=None, batch_size=16, grid=(28, 28), repeats=10, warmup=2, 
     return out
 
 
+def gpu_sinkhorn_benchmark(hier=((108, 54), (54, 27)), eps=(0.2, 0.05), n_iters=50, repeats=20, warmup=2, seed=0):
+    """The hierarchy's Sinkhorn problems (forward + backward) on CuPy against POT's
+    ``sinkhorn_log`` on torch CUDA tensors with autograd, float32, plans and gradients checked
+    to agree first. -> {"available": False, "reason"} without a GPU or POT."""
+    if not gpu_available():
+        return {"available": False, "reason": "no GPU (CuPy with a CUDA device is not available)"}
+    torch = _torch()
+    if not torch.cuda.is_available():
+        return {"available": False, "reason": "no GPU for torch (a CPU-only torch build)"}
+    if importlib.util.find_spec("ot") is None:
+        return {"available": False, "reason": "POT is not installed"}
+    cp = xp_for("gpu")
+    cases = []
+    for Kc, Kp in hier:
+        C, a, b = hierarchy_problem(Kc, Kp, seed=seed)
+        G = np.random.default_rng(seed + 1).standard_normal(C.shape).astype(C.dtype)
+        gC, ga, gb, gG = (cp.asarray(x) for x in (C, a, b, G))
+        tM, ta, tb = (torch.tensor(x, device="cuda") for x in (C.T.copy(), a, b))
+        tG = torch.tensor(G.T.copy(), device="cuda")
+        for e in eps:
+            def ours(e=e):
+                plan, cache = sinkhorn.forward(gC, ga, gb, e, n_iters)
+                return (plan, *sinkhorn.backward(gG, cache))
+
+            def pot(e=e):
+                M_, a_, b_ = (t.detach().requires_grad_(True) for t in (tM, ta, tb))
+                plan = _pot_sinkhorn(b_, a_, M_, e, n_iters)
+                return (plan, *torch.autograd.grad((plan * tG).sum(), [M_, a_, b_]))
+
+            got, want = [to_host(x) for x in ours()], [t.detach().cpu().numpy() for t in pot()]
+            errs = {"plan": rel_err(got[0], want[0].T), "dcost": rel_err(got[1], want[1].T),
+                    "da": rel_err(got[2], want[2]), "db": rel_err(got[3], want[3])}
+            for k, err in errs.items():
+                if err > (PLAN_RTOL if k == "plan" else SINKHORN_GRAD_RTOL):
+                    raise Mismatch(f"GPU sinkhorn {Kc}x{Kp} eps {e}: {k} relative error {err:.2e}")
+
+            def sync():
+                cp.cuda.Device().synchronize()
+                torch.cuda.synchronize()
+
+            times = _interleaved({"ours": ours, "pot_torch_cuda": pot}, repeats, warmup, sync)
+            row = {"n": Kc, "m": Kp, "eps": e, "rel_err": errs, **{k: _summary(v) for k, v in times.items()}}
+            row["speedup"] = row["pot_torch_cuda"]["median_s"] / row["ours"]["median_s"]
+            cases.append(row)
+    return {"available": True, "device": torch.cuda.get_device_name(), "cases": cases, "goal": GOALS["sinkhorn"]}
+
+
+def training_check(out, steps=200, devices=("cpu", "gpu"), log_every=50):
+    """The same short training run on the demo data on each device, validated at its end:
+    -> {device: {"loss", "val_miou", "seconds"}}; raises Mismatch when the devices' final losses
+    differ by more than float32 rounding can explain over ``steps`` steps (1 %)."""
+    from omh_ref.core.config import Config
+    from omh_ref.demo import prepare_data
+    from omh_ref.evaluate.pictures import read_log
+    from omh_ref.evaluate.validation import Validator
+    from omh_ref.train.loop import TrainOptions, train
+
+    data = prepare_data(Path(out) / "data", say=lambda *a: None)
+    rows = {}
+    for device in devices:
+        t = time.perf_counter()
+        val = Validator(str(data["val"] / "feats.npy"), device=device)
+        cfg = Config(in_dim=384, levels=(36, 18, 9))
+        res = train(cfg, TrainOptions(features=str(data["train"] / "feats.npy"), out=str(Path(out) / f"run_{device}"),
+                                      steps=steps, log_every=log_every, val_every=steps, device=device, progress=False,
+                                      overwrite=True), say=lambda *a: None, validate=val)
+        last = read_log(res["log"])[-1]
+        rows[device] = {"loss": last["loss"], "val_miou": last["val_miou"], "seconds": time.perf_counter() - t}
+    losses = [r["loss"] for r in rows.values()]
+    if max(losses) - min(losses) > 1e-2 * max(abs(x) for x in losses):
+        raise Mismatch(f"final losses after {steps} steps differ between devices: {rows}")
+    return rows
+
+
 # ---------------------------------------------------------------- everything
 
 def run_all(quick=False, settings=None, say=None):
@@ -805,6 +879,8 @@ def run_all(quick=False, settings=None, say=None):
     load["scaling"] = os.getloadavg()
     say("GPU ...")
     out["gpu"] = gpu_benchmark(cfg, B, grid, s["repeats"], s["warmup"])
+    out["gpu_sinkhorn"] = gpu_sinkhorn_benchmark(hier=s.get("hier", ((108, 54), (54, 27))),
+                                                 repeats=s["sinkhorn_repeats"], warmup=s["warmup"])
     out["elapsed_s"] = time.perf_counter() - t0
     return out
 
@@ -877,6 +953,9 @@ def format_report(res) -> str:
     lines += ["", "GPU: " + (g["reason"] if not g["available"] else
                              f"{g['device']}: cupy {1e3 * g['cupy']['median_s']:.1f} ms, torch CUDA "
                              f"{1e3 * g['torch_cuda']['median_s']:.1f} ms, cupy / torch = {g['ratio']:.2f}")]
+    gs = res.get("gpu_sinkhorn", {"available": False, "reason": "not run"})
+    lines.append("GPU Sinkhorn vs POT on CUDA: " + (gs["reason"] if not gs["available"] else "   ".join(
+        f"{c['n']}x{c['m']} eps {c['eps']}: {_goal_text(gs['goal'], c['speedup'])}" for c in gs["cases"])))
     lines.append(f"\n({res['elapsed_s']:.0f} s; 1-min load average at start and after each section: "
                  + ", ".join(f"{k} {v[0]:.2f}" for k, v in res["loadavg"].items()) + ")")
     return "\n".join(lines)

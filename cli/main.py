@@ -40,19 +40,28 @@ def main():
 @main.command()
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the random shapes and values.")
 @click.option("--only", default=None, help="Run only the checks whose name contains this text.")
-def gradcheck(seed, only):
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True,
+              help="Run the checks on NumPy or on CuPy arrays.")
+@friendly_errors
+def gradcheck(seed, only, device):
     """Check every hand-written backward pass against finite differences (float64).
 
     Prints one row per check (name, shapes, max relative error, tolerance, pass) and exits 1 if
     any check fails.
     """
+    from omh_ref.core.backend import resolve_device
     from omh_ref.core.checks import cases
+
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
     t0 = time.perf_counter()
     click.echo(f"{'check':<40} {'shapes':<34} {'max rel err':>10} {'tol':>8}  pass")
     failed = 0
     n = 0
-    for name, check in cases(seed):
+    for name, check in cases(seed, device):
         if only is not None and only not in name:
             continue
         rep = check()
@@ -61,7 +70,7 @@ def gradcheck(seed, only):
         click.echo(rep.row())
     if n == 0:
         raise click.UsageError(f"--only {only!r} matches no check")
-    click.echo(f"{n - failed} passed, {failed} failed in {time.perf_counter() - t0:.1f} s (seed {seed})")
+    click.echo(f"{n - failed} passed, {failed} failed in {time.perf_counter() - t0:.1f} s (seed {seed}, {device})")
     sys.exit(1 if failed else 0)
 
 

@@ -119,3 +119,21 @@ def test_python_m_benchmarks_tiny(tmp_path, capsys):
     assert [r["levels"] for r in data["scaling"]["levels"]] == [[6], [6, 4]]
     assert "ratio_ours_over_bare" in data["eval"]
     assert data["gpu"]["available"] in (True, False)
+
+
+def test_training_check_runs_and_compares_devices(tmp_path):
+    """gpu_check.sh's training row, on the CPU here: the run happens, is validated, and two devices
+    whose losses differ are reported as a mismatch."""
+    rows = bench.training_check(tmp_path, steps=4, devices=("cpu",), log_every=2)
+    assert set(rows) == {"cpu"} and rows["cpu"]["seconds"] > 0 and 0 <= rows["cpu"]["val_miou"] <= 100
+
+
+def test_gpu_check_script_says_so_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={"PYTHON": sys.executable,
+                                                                                     "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0 and "gpu_check: no GPU here" in res.stdout

@@ -1,4 +1,5 @@
 """Training: bit-exact resume, atomic checkpoints (kill -9), Ctrl-C, and clear errors for bad input."""
+import dataclasses
 import json
 import os
 import signal
@@ -509,3 +510,14 @@ def test_resume_with_other_loop_options_says_so_and_keeps_the_seed(feats, tmp_pa
     train(cfg, opts(feats, tmp_path / "r", steps=9, lr=1e-4, resume=str(tmp_path / "r" / "ckpt.npz")),
           say=said.append)
     assert not any(m.startswith("note:") for m in said)
+
+
+def test_prefetching_does_not_change_the_run(feats, tmp_path):
+    """Reading the next batch in a background thread is an overlap, not another computation:
+    the same parameters, bit for bit, with and without it."""
+    cfg = small_cfg()
+    train(cfg, opts(feats, tmp_path / "a", steps=7), say=quiet)
+    train(cfg, dataclasses.replace(opts(feats, tmp_path / "b", steps=7), prefetch=False), say=quiet)
+    a, b = (checkpoint.load(tmp_path / r / "ckpt.npz") for r in ("a", "b"))
+    assert all(np.array_equal(a["params"][k], b["params"][k]) for k in a["params"])
+    assert a["rng"].bit_generator.state == b["rng"].bit_generator.state

@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 
 from . import head, model
+from .backend import to_device
 from .config import Config
 from .gradcheck import TOLERANCES, Report, _shapes, check_jacobian, check_vjp
 from .losses import cluster, correlation, hierarchy
@@ -24,7 +25,7 @@ def _simplex(rng, shape):
     return x / x.sum(-1, keepdims=True)
 
 
-def sinkhorn_case(rng, eps, n_iters, mode="unrolled", lead=(2,), spread=2.0, offset=0.0):
+def sinkhorn_case(rng, eps, n_iters, mode="unrolled", lead=(2,), spread=2.0, offset=0.0, dev=lambda x: x):
     """(forward, backward, args) for the plan as a function of (cost, a, b); a and b perturbations
     are projected to zero total mass (Σa = Σb must hold), which the implicit gauge also requires.
 
@@ -50,7 +51,7 @@ def sinkhorn_case(rng, eps, n_iters, mode="unrolled", lead=(2,), spread=2.0, off
         da = da.reshape(-1, da.shape[-1]).sum(0)
         db = db.reshape(-1, db.shape[-1]).sum(0)
         return dc, da - da.mean(), db - db.mean()   # the projection's transpose
-    return forward, backward, (cost, a, b)
+    return forward, backward, (dev(cost), dev(a), dev(b))
 
 
 def check_in_domain(case, domain, name, **fd):
@@ -64,10 +65,12 @@ def check_in_domain(case, domain, name, **fd):
     return check_vjp(forward, backward, args, name=name, **fd)
 
 
-def cases(seed=0):
-    """Yield (name, callable -> Report) for the whole suite."""
+def cases(seed=0, device="cpu"):
+    """Yield (name, callable -> Report) for the whole suite; ``device="gpu"`` runs every check on
+    CuPy arrays (the same draws, moved to the device)."""
     rng = np.random.default_rng(seed)
-    r = lambda *shape: rng.standard_normal(shape)  # noqa: E731
+    dev = (lambda x: to_device(x, "gpu")) if device == "gpu" else (lambda x: x)
+    r = lambda *shape: dev(rng.standard_normal(shape))  # noqa: E731
     dims = lambda: tuple(int(k) for k in rng.integers(2, 6, size=3))  # noqa: E731
 
     N, H, W = dims()
@@ -85,10 +88,10 @@ def cases(seed=0):
                                                  (r(N, H, K),), name="softmax(tau=0.1)")
     yield "log_softmax(tau=0.1)", lambda: check_vjp(lambda x: log_softmax.forward(x, 0.1), log_softmax.backward,
                                                      (r(N, H, K),), name="log_softmax(tau=0.1)")
-    q = _simplex(rng, (N, K))
-    logp = np.log(_simplex(rng, (N, K)))
+    q = dev(_simplex(rng, (N, K)))
+    logp = dev(np.log(_simplex(rng, (N, K))))
     yield "kl", lambda: check_vjp(kl.forward, kl.backward, (q, logp), name="kl")
-    coords = rng.uniform(-1.1, 1.1, size=(N, 3, 4, 2))   # a few points beyond the border
+    coords = dev(rng.uniform(-1.1, 1.1, size=(N, 3, 4, 2)))   # a few points beyond the border
     yield "grid_sample", lambda: check_vjp(lambda x: grid_sample.forward(x, coords), grid_sample.backward,
                                             (r(N, H, W, C),), name="grid_sample")
     yield "resize", lambda: check_vjp(lambda x: resize.forward(x, (H + 3, W * 2)), resize.backward,
@@ -111,11 +114,12 @@ def cases(seed=0):
                             (1e-3, 50, "scaling"), (1e-3, 50, "log")):
         name = f"sinkhorn unrolled eps={eps:g} {domain}"
         fd = dict(stencil=4, eps=1e-5) if (eps < 0.01 and domain == "log") else dict(eps=1e-6 * min(1.0, eps * 10))
-        c = sinkhorn_case(rng, eps, it, spread=min(2.0, 20 * eps), offset=max(2.0, 160 * eps) if domain == "log" else 0.0)
+        c = sinkhorn_case(rng, eps, it, spread=min(2.0, 20 * eps), offset=max(2.0, 160 * eps) if domain == "log" else 0.0,
+                          dev=dev)
         yield name, (lambda c=c, d=domain, nm=name, fd=fd: check_in_domain(c, d, nm, **fd))
-    yield "sinkhorn implicit eps=0.1", (lambda c=sinkhorn_case(rng, 0.1, 2000, "implicit"):
+    yield "sinkhorn implicit eps=0.1", (lambda c=sinkhorn_case(rng, 0.1, 2000, "implicit", dev=dev):
                                         check_vjp(*c, name="sinkhorn implicit eps=0.1"))
-    yield "jacobian:sinkhorn", (lambda c=sinkhorn_case(rng, 0.2, 15, lead=()):
+    yield "jacobian:sinkhorn", (lambda c=sinkhorn_case(rng, 0.2, 15, lead=(), dev=dev):
                                 check_jacobian(*c, name="jacobian:sinkhorn"))
 
     S, S2 = 3, 4
@@ -155,17 +159,17 @@ def cases(seed=0):
                                                 sinkhorn_iters=300),
                 "model stego baseline": dict(baseline="stego")}
     for name, over in variants.items():
-        yield name, (lambda over=over, nm=name, s=int(rng.integers(1 << 30)): model_check(s, nm, **over))
+        yield name, (lambda over=over, nm=name, s=int(rng.integers(1 << 30)): model_check(s, nm, device=device, **over))
     # The real defaults (every Config field as shipped: τ = 0.1, ε = 0.2, levels 108/54/27, C = 384,
     # D = 70, 11 x 11 samples, 5 negatives), float64, on the small batch. Step 1e-8: at this size
     # ~300k clamped code correlations and ~46k ReLUs put a few kinks within a 1e-6 step of the
     # point, each worth ~1e-5 of the quotient (16 seeds: worst 8e-5, 3 over rtol; zero_clamp off:
     # median 15x lower); at 1e-8 almost none is crossed and rounding stays ~7e-7 (worst 1e-6).
     yield "model omh defaults", (lambda s=int(rng.integers(1 << 30)): model_check(
-        s, "model omh defaults", cfg=Config(), step=DEFAULTS_STEP))
+        s, "model omh defaults", cfg=Config(), step=DEFAULTS_STEP, device=device))
 
     # The projection head as one piece (weights only: its input, the backbone's features, is frozen).
-    hp, x_head = tuple(head.init(C, D, rng, np.float64).values()), r(N, H, C)
+    hp, x_head = tuple(dev(v) for v in head.init(C, D, rng, np.float64).values()), r(N, H, C)
     yield "head", lambda: check_vjp(lambda *w: head.forward(dict(zip(head.KEYS, w)), x_head),
                                      lambda dz, cache: tuple(head.backward(dz, cache).values()), hp, name="head")
 
@@ -190,15 +194,15 @@ def hierarchy_from_logits(tau=0.5, lam_w=0.1, **kw):
     return forward, backward
 
 
-def model_check(seed, name="model", cfg=None, step=None, **overrides):
+def model_check(seed, name="model", cfg=None, step=None, device="cpu", **overrides):
     """Gradient check of the whole objective w.r.t. every parameter, randomness and the
     no-gradient cluster targets held fixed, in float64 on a small batch (3 images, 5 x 4 grid).
     ``cfg`` (default :func:`omh_ref.core.model.small_config`) with ``overrides`` applied; ``step``
     the finite-difference step (default the checker's)."""
     cfg = model.small_config(**overrides) if cfg is None else dataclasses.replace(cfg, **overrides)
     rng = np.random.default_rng(seed)
-    params = model.init_params(cfg, rng, dtype=np.float64)
-    batch = model.random_batch(cfg, rng)
+    params = to_device(model.init_params(cfg, rng, dtype=np.float64), device)
+    batch = to_device(model.random_batch(cfg, rng), device)
     keys = list(params)
     targets = model.forward(params, batch, cfg, np.random.default_rng(seed))[2]["targets"]
 

@@ -60,6 +60,7 @@ class TrainOptions:
     overwrite: bool = False          # start over in a folder that already holds a checkpoint
     val_every: int = 100             # steps between validations, when train() is given a validator
     keep_best: bool = False          # keep best.npz, the checkpoint of the best validation mIoU
+    prefetch: bool = True            # read the next batch in a background thread during a step
 
     def validate(self):
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "knn_k", "val_every"):
@@ -340,7 +341,7 @@ def _train(cfg, opts, say, store, validate):
         raise InputError(f"training diverged at step {first_bad} ({why}); the state before the step is in "
                          f"{out / 'diverged.npz'} (continue it with --resume and a lower --lr)")
 
-    reader = _BatchReader(store, opts.device, check_finite=not knn_certified)
+    reader = _BatchReader(store, opts.device, check_finite=not knn_certified, prefetch=opts.prefetch)
     bar = _progress(opts, step)
     last_val = None
     t0 = time.perf_counter()
@@ -423,11 +424,12 @@ class _BatchReader:
     finiteness of the rows is checked per read only when no KNN table has certified the whole file
     (a table built from it reads every row once; see ``features/knn.py``)."""
 
-    def __init__(self, store, device, check_finite=True):
-        from concurrent.futures import ThreadPoolExecutor
+    def __init__(self, store, device, check_finite=True, prefetch=True):
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         self.store, self.device, self.check_finite = store, device, check_finite
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omh-ref-batches")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omh-ref-batches") if prefetch else None
+        self._done = Future
 
     def _read(self, idx, partners):
         dtype = self.store.dtype if self.device == "gpu" else np.float32
@@ -435,14 +437,21 @@ class _BatchReader:
         return rows[:len(idx)], rows[len(idx):]
 
     def submit(self, idx, partners):
-        fut = self.pool.submit(self._read, idx, partners)
+        if self.pool is not None:
+            return _Batch(self.pool.submit(self._read, idx, partners), self.device)
+        fut = self._done()                                  # no prefetch: read now, in this thread
+        try:
+            fut.set_result(self._read(idx, partners))
+        except BaseException as e:  # delivered at .result(), where a prefetched error would be
+            fut.set_exception(e)
         return _Batch(fut, self.device)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Batch:
