@@ -124,7 +124,7 @@ def _ticks(lo, hi, n=5):
     mag = 10 ** np.floor(np.log10(raw))
     step = mag * min((1, 2, 2.5, 5, 10), key=lambda m: abs(m * mag - raw))
     first = np.ceil(lo / step) * step
-    return [float(v) for v in np.arange(first, hi + step * 1e-9, step)]
+    return [float(v) + 0.0 for v in np.arange(first, hi + step * 1e-9, step)]   # + 0.0: no "-0"
 
 
 def line_panels_png(path, panels, xlabel="step", width=760, panel_h=190):
