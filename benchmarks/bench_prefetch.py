@@ -21,8 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 class Evictor:
     """Drops the file's pages from the page cache every ``every`` seconds."""

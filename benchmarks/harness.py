@@ -388,7 +388,6 @@ def component_benchmark(cfg=None, batch_size=16, grid=(28, 28), threads=(1, 2), 
     * cluster targets: every level's no-gradient target solve on cosine logits (the default
       relaxed targets, or the strictly balanced ones with ``cluster_target = "balanced"``).
     -> {"runs": [{"threads", name: {"numpy", "torch"} medians in s}]}."""
-    import math
 
     from omh_ref.core.losses import cluster as cluster_mod
     from omh_ref.core.ops import grid_sample

@@ -6,7 +6,6 @@ checks that backbone inputs that are not the bare peer's refuse to be timed.
 """
 import math
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -26,19 +25,7 @@ from omh_ref.core.lock import LOCK_NAME, FolderLock
 from omh_ref.train import checkpoint
 from omh_ref_cli.main import main
 
-
-def _holder(folder, command="train", seconds=60):
-    """A live process that holds ``folder``'s lock until killed; returns once it holds it."""
-    code = textwrap.dedent(f"""
-        import sys, time
-        from omh_ref.core.lock import FolderLock
-        with FolderLock({str(folder)!r}, {command!r}):
-            print("held", flush=True)
-            time.sleep({seconds})
-    """)
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "held"
-    return p
+from .helpers import lock_holder
 
 
 def _leftovers(folder):
@@ -46,7 +33,7 @@ def _leftovers(folder):
 
 
 def test_a_second_writer_is_refused_then_a_dead_holders_lock_is_taken_over(tmp_path):
-    p = _holder(tmp_path)
+    p = lock_holder(tmp_path)
     try:
         with pytest.raises(InputError, match=rf"{tmp_path}: another omh-ref train \(pid {p.pid} on "
                                              rf"{socket.gethostname()}, started .*\) is writing here"):
@@ -85,8 +72,8 @@ def test_the_heartbeat_keeps_a_lock_fresh(tmp_path, monkeypatch):
         assert time.time() - (tmp_path / LOCK_NAME).stat().st_mtime < 5
 
 
-def test_waiting_for_the_holder(tmp_path):
-    p = _holder(tmp_path, "knn", seconds=1.0)
+def test_waiting_for_thelock_holder(tmp_path):
+    p = lock_holder(tmp_path, "knn", seconds=1.0)
     said = []
     t0 = time.time()
     with FolderLock(tmp_path, "train", wait=True, say=said.append):
@@ -132,7 +119,7 @@ def test_each_command_refuses_a_folder_another_process_writes(tmp_path, command)
             "demo": ["demo", "--out", str(folder), "--steps", "1", "--n-train", "8", "--n-val", "4",
                      "--seeds", "0", "--quiet"]}[command]
     before = sorted(os.listdir(folder))
-    p = _holder(folder, "extract")
+    p = lock_holder(folder, "extract")
     try:
         res = CliRunner().invoke(main, args)
     finally:

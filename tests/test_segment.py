@@ -444,9 +444,6 @@ def test_an_interrupted_run_leaves_a_resumable_folder(tmp_path, pooled, monkeypa
 
 def test_a_full_disk_during_a_mask_says_what_is_intact_and_a_second_writer_is_refused(tmp_path, pooled, monkeypatch):
     import errno
-    import subprocess
-    import sys
-    import textwrap
 
     from omh_ref.core import files
     from omh_ref.core.errors import InputError
@@ -471,16 +468,10 @@ def test_a_full_disk_during_a_mask_says_what_is_intact_and_a_second_writer_is_re
         segment_job.run(opts, log=lambda *_: None)
     monkeypatch.undo()
     assert sorted(p.name for p in out.iterdir()) == ["segment.json", "w0.png"]   # no temp or lock file left
-    code = textwrap.dedent(f"""
-        import time
-        from omh_ref.core.lock import FolderLock
-        with FolderLock({str(out)!r}, "segment"):
-            print("held", flush=True)
-            time.sleep(60)
-    """)
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    from tests.helpers import lock_holder
+
+    p = lock_holder(out, "segment")
     try:
-        assert p.stdout.readline().strip() == "held"
         with pytest.raises(InputError, match=rf"^{out}: another omh-ref segment \(pid {p.pid} on "):
             segment_job.run(opts, log=lambda *_: None)
     finally:

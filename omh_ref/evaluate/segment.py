@@ -32,7 +32,6 @@ logits are held at a time; a full-size (H, W, K) array only with ``crf`` (the CR
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

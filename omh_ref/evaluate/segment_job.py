@@ -160,8 +160,6 @@ def _load(items, on_error):
 def run(opts: SegmentOptions, log=print, segmenter: Segmenter | None = None) -> dict:
     """Segment every image; -> the ``segment.json`` record. ``segmenter``: one already built for
     these options (a notebook or a benchmark reusing a loaded model); by default built here."""
-    from tqdm import tqdm
-
     if opts.on_error not in ("skip", "fail"):
         raise InputError(f"--on-error: expected skip or fail, got {opts.on_error!r}")
     out = Path(opts.out)

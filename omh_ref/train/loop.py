@@ -28,7 +28,7 @@ import numpy as np
 from ..core import model
 from ..core.config import merge, parse_shifts
 from ..core.backend import get_array_module, host_floats, resolve_device, to_device
-from ..core.errors import InputError, NonFiniteError
+from ..core.errors import InputError
 from ..core.files import write_text
 from ..core.lock import FolderLock
 from ..core.ops import grid_sample, normalize
