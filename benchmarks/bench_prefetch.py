@@ -5,7 +5,8 @@ memory would be): a helper thread drops the file's cached pages (posix_fadvise D
 
     python -m benchmarks.bench_prefetch [--gb 2] [--steps 30] [--rounds 2] [--path /tmp/omh_big/feats.npy]
 
-Paper scale: 28x28x384 float16 features, levels 108/54/27, batch 16 (16 images + 16 KNN
+(``TrainOptions.prefetch``: None, the default, prefetches on a GPU only; this benchmark sets it
+both ways.) Paper scale: 28x28x384 float16 features, levels 108/54/27, batch 16 (16 images + 16 KNN
 partners read a step). Runs alternate (with, without, with, ...) so load elsewhere hits both;
 the same seed, so both train the same steps. Prints one JSON line: steps/s of each, their ratio,
 and the disk's read rate measured on the side.

@@ -60,7 +60,9 @@ class TrainOptions:
     overwrite: bool = False          # start over in a folder that already holds a checkpoint
     val_every: int = 100             # steps between validations, when train() is given a validator
     keep_best: bool = False          # keep best.npz, the checkpoint of the best validation mIoU
-    prefetch: bool = True            # read the next batch in a background thread during a step
+    prefetch: bool | None = None     # read the next batch in a background thread during a step;
+                                     # None: on a GPU only (docs/benchmarks.md: on 2 busy CPU cores
+                                     # the reader thread cost more than it hid)
 
     def validate(self):
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "knn_k", "val_every"):
@@ -341,7 +343,8 @@ def _train(cfg, opts, say, store, validate):
         raise InputError(f"training diverged at step {first_bad} ({why}); the state before the step is in "
                          f"{out / 'diverged.npz'} (continue it with --resume and a lower --lr)")
 
-    reader = _BatchReader(store, opts.device, check_finite=not knn_certified, prefetch=opts.prefetch)
+    prefetch = opts.device == "gpu" if opts.prefetch is None else opts.prefetch
+    reader = _BatchReader(store, opts.device, check_finite=not knn_certified, prefetch=prefetch)
     bar = _progress(opts, step)
     last_val = None
     t0 = time.perf_counter()
