@@ -94,3 +94,10 @@ def test_a_format_1_checkpoint_is_read_in_todays_terms(tmp_path, old, want):
     np.savez(tmp_path / "old.npz", **data)
     got = checkpoint.load(tmp_path / "old.npz")["config"]
     assert (got.cluster_target, got.rho_q) == want
+
+
+def test_parent_targets_need_targets():
+    with pytest.raises(ValueError, match="hier_form"):
+        Config(hier_form="targets", cluster_target="soft")
+    assert Config(hier_form="targets", cluster_target="hard").hier_form == "targets"
+    assert Config(baseline="stego", predict_through_plan=True).effective().predict_through_plan is False
