@@ -64,7 +64,9 @@ def prepare_data(root, n_train=600, n_val=200, say=print) -> dict:
         spec = synthetic.SynthSpec(n_images=n)
         d = root / split
         meta = d / "feats.json"
-        if not (meta.is_file() and json.loads(meta.read_text()).get("synth_spec") == dataclasses.asdict(spec)):
+        rec = json.loads(meta.read_text()) if meta.is_file() else {}
+        if not (rec.get("synth_spec") == dataclasses.asdict(spec) and rec.get("label_hierarchy")
+                and (d / "labels_fine.npy").is_file()):   # written before the parts were: write again
             say(f"demo data: writing synthetic {split} split ({n} images) to {d}")
             synthetic.write(spec, d, split=split)
         paths[split] = d
