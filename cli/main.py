@@ -283,13 +283,18 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
 @click.option("--crf", is_flag=True, help="Refine cluster predictions with a dense CRF (needs the images, omh-ref[crf]).")
 @click.option("--crf-workers", default=1, show_default=True, type=click.IntRange(min=1), help="Processes for the CRF (1 = serial).")
 @click.option("--crf-timeout", default=600.0, show_default=True, help="Seconds a CRF batch may take before it is stopped.")
+@click.option("--level-labels", default=None,
+              help="Label granularity of each level, finest first, '-' to skip one (e.g. parts,classes,superclasses) "
+                   "[default: the granularity with the closest number of classes <= the level's clusters].")
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def eval_cmd(checkpoint, features, labels, flipped_features, train_features, train_labels, n_classes, class_names,
-             probe_epochs, probe_cache, batch_size, seed, json_out, out, crf, crf_workers, crf_timeout, device, quiet):
+             probe_epochs, probe_cache, batch_size, seed, json_out, out, crf, crf_workers, crf_timeout, level_labels,
+             device, quiet):
     """Score a checkpoint: cluster (Hungarian) and linear-probe mIoU / accuracy, per-class IoU,
-    the cluster->class matching and the learned hierarchy."""
+    the cluster->class matching, every level against its label granularity, and the learned
+    hierarchy with its consistency."""
     from omh_ref.evaluate.job import EvalOptions, format_table, run
 
     opts = EvalOptions(checkpoint=checkpoint, features=features, labels=labels, flipped_features=flipped_features,
@@ -297,7 +302,7 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
                        class_names=class_names, probe_epochs=probe_epochs, probe_cache=probe_cache,
                        batch_size=batch_size, seed=seed,
                        json=json_out, out=out, crf=crf, crf_workers=crf_workers, crf_timeout=crf_timeout,
-                       device=device, progress=not quiet)
+                       level_labels=level_labels, device=device, progress=not quiet)
     result = run(opts, say=click.echo)
     click.echo(format_table(result))
     if json_out:

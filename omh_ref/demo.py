@@ -1,8 +1,9 @@
 """``omh-ref demo``: synthetic data -> train OMH, OMH without the hierarchy loss, and the STEGO
 baseline over several seeds -> evaluate -> a side-by-side table and a report folder.
 
-Report (under ``out``): ``report.json`` (every run's cluster and linear scores, means and
-spreads), ``predictions.png`` (val images: labels and each method's matched cluster predictions),
+Report (under ``out``): ``report.json`` (every run's cluster and linear scores, every level's
+scores against its label granularity (parts, classes, superclasses) and the hierarchy's
+consistency, means and spreads), ``predictions.png`` (val images: labels and each method's matched cluster predictions),
 ``loss_curves.png`` (from each run's ``log.jsonl``), ``confusion_<method>.png``, and the runs'
 checkpoints and logs under ``runs/``.
 """
@@ -18,7 +19,8 @@ import numpy as np
 from .core.config import Config
 from .core.files import write_text
 from .core.lock import FolderLock
-from .evaluate import pictures
+from .evaluate import granular, pictures
+from .evaluate.hierarchy import UsageAccumulator, hierarchy_plans
 from .evaluate.predict import cluster_eval, scores_json
 from .evaluate.probe import linear_eval, linear_probe
 from .features import synthetic
@@ -100,11 +102,17 @@ def _run(opts: DemoOptions, say) -> dict:
             if res["interrupted"]:   # Ctrl-C: the run's checkpoint is written; stop the demo here
                 raise KeyboardInterrupt
             params, cfg = load_params(res["checkpoint"], opts.device)
-            clu, preds = cluster_eval(params, cfg, val_store, n_classes, device=opts.device, keep=6)
+            levels = granular.LevelScorer(cfg, val_store, granular.load_granularities(val_store))
+            eff = cfg.effective()
+            usage = UsageAccumulator(cfg) if eff.marginals == "usage" and len(eff.levels) > 1 else None
+            clu, preds = cluster_eval(params, cfg, val_store, n_classes, device=opts.device, keep=6, usage=usage,
+                                      levels=levels)
+            plans = hierarchy_plans(params, cfg, usage.means() if usage else None) if len(eff.levels) > 1 else None
             probe = linear_probe(params, train_store, n_classes, epochs=opts.probe_epochs, seed=seed,
                                  device=opts.device, progress=opts.progress)
             lin = linear_eval(params, probe, val_store, n_classes, device=opts.device)
-            runs.setdefault(method, []).append({"seed": seed, "cluster": scores_json(clu), "linear": scores_json(lin)})
+            runs.setdefault(method, []).append({"seed": seed, "cluster": scores_json(clu), "linear": scores_json(lin),
+                                                "levels": levels.result(plans)})
             if seed == opts.seeds[0]:
                 logs[method] = res["log"]
                 shown[method] = (preds, clu)
@@ -116,11 +124,25 @@ def _run(opts: DemoOptions, say) -> dict:
     return rep
 
 
+def _stat(values):
+    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+    return {"mean": float(np.nanmean(v)) if np.isfinite(v).any() else None,
+            "std": float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0,
+            "values": [float(x) if np.isfinite(x) else None for x in v]}
+
+
 def _summary(rs):
-    def stat(probe, key):
-        v = np.array([r[probe][key] for r in rs])
-        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
-    return {f"{p}_{k}": stat(p, k) for p in ("cluster", "linear") for k in ("miou", "acc")}
+    out = {f"{p}_{k}": _stat([r[p][k] for r in rs]) for p in ("cluster", "linear") for k in ("miou", "acc")}
+    first = rs[0]["levels"]
+    out["levels"] = [{"level": e["level"], "clusters": e["clusters"], "granularity": e["granularity"],
+                      "miou": _stat([r["levels"]["levels"][i]["scores"]["miou"] for r in rs]) if e["scores"] else None,
+                      "strict_miou": (_stat([r["levels"]["levels"][i]["scores"]["strict"]["miou"] for r in rs])
+                                      if e["scores"] else None)}
+                     for i, e in enumerate(first["levels"])]
+    out["consistency"] = [{"child": c["child"], "parent": c["parent"],
+                           "consistency": _stat([r["levels"]["consistency"][i]["consistency"] for r in rs])}
+                          for i, c in enumerate(first["consistency"])]
+    return out
 
 
 def table(rep) -> str:
@@ -132,7 +154,20 @@ def table(rep) -> str:
         lines.append(f"{m:<20} " + " ".join(f"{c:>15}" for c in cells))
     n = len(next(iter(rep["runs"].values())))
     lines.append(f"(mean ± std over {n} seeds, ×100; {rep['seconds']:.0f} s)")
+    lines += ["", "every level against its label granularity (cluster mIoU, STEGO protocol / strict; consistency "
+                  "of each level's plan with the label hierarchy):"]
+    for m, s in rep["methods"].items():
+        cells = [f"L{e['level']} {e['clusters']}->{e['granularity']} {_pm(e['miou'])} / {_pm(e['strict_miou'])}"
+                 for e in s.get("levels", []) if e["granularity"]]
+        cons = [f"L{c['child']}->L{c['parent']} {_pm(c['consistency'], 2)}" for c in s.get("consistency", [])]
+        lines.append(f"{m:<20} " + "; ".join(cells) + (f"; consistency {', '.join(cons)}" if cons else ""))
     return "\n".join(lines)
+
+
+def _pm(stat, digits=1):
+    if stat is None or stat["mean"] is None:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f}±{stat['std']:.{digits}f}"
 
 
 def _pictures(out, val_store, shown, logs, n_classes, class_names):
