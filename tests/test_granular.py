@@ -211,3 +211,18 @@ def test_label_hierarchy_records_are_checked():
                        ([dict(good[0], class_names=["x"]), good[1]], "class_names")):
         with pytest.raises(InputError, match=match):
             feats_meta.check_label_hierarchy(bad)
+
+
+def test_prediction_through_the_plan(tmp_path):
+    """predict_through_plan: the class level predicted from the parts through the plan is right
+    when the plan is (the perfect model), and wrong when the plan is blind though the class
+    centroids themselves are perfect."""
+    import dataclasses
+
+    store = _world(tmp_path)
+    cfg = dataclasses.replace(CFG, predict_through_plan=True)
+    good, _ = cluster_eval(_params(), cfg, store, K_CLS, batch_size=3)
+    assert good["miou"] == pytest.approx(100.0)
+    own, _ = cluster_eval(_params(swap_class_blocks=True), CFG, store, K_CLS, batch_size=3)
+    blind, _ = cluster_eval(_params(swap_class_blocks=True), cfg, store, K_CLS, batch_size=3)
+    assert own["miou"] == pytest.approx(100.0) and blind["miou"] < 50
