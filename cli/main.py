@@ -453,14 +453,18 @@ def segment(model, checkpoint, images, out, resolution, windows, levels, overlay
               help="Write the cluster->class matching and class names (for omh-ref segment --match).")
 @click.option("--save-masks", default=None, type=click.Path(),
               help="Folder for every prediction of the split as a PNG (clusters/, and crf/ with --crf).")
+@click.option("--level-labels", default=None,
+              help="Label granularity of each level, finest first, '-' to skip one (e.g. parts,classes,superclasses) "
+                   "[default: the granularity with the closest number of classes <= the level's clusters].")
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def eval_cmd(checkpoint, features, labels, flipped_features, train_features, train_labels, n_classes, class_names,
              probe_epochs, probe_cache, batch_size, seed, json_out, out, crf, crf_workers, crf_timeout, save_match,
-             save_masks, device, quiet):
+             save_masks, level_labels, device, quiet):
     """Score a checkpoint: cluster (Hungarian) and linear-probe mIoU / accuracy, per-class IoU,
-    the cluster->class matching and the learned hierarchy."""
+    the cluster->class matching, every level against its label granularity, and the learned
+    hierarchy with its consistency."""
     from omh_ref.evaluate.job import EvalOptions, format_table, run
 
     opts = EvalOptions(checkpoint=checkpoint, features=features, labels=labels, flipped_features=flipped_features,
@@ -468,7 +472,8 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
                        class_names=class_names, probe_epochs=probe_epochs, probe_cache=probe_cache,
                        batch_size=batch_size, seed=seed,
                        json=json_out, out=out, crf=crf, crf_workers=crf_workers, crf_timeout=crf_timeout,
-                       device=device, progress=not quiet, save_match=save_match, save_masks=save_masks)
+                       level_labels=level_labels, device=device, progress=not quiet, save_match=save_match,
+                       save_masks=save_masks)
     result = run(opts, say=click.echo)
     click.echo(format_table(result))
     for path in (json_out, save_match):

@@ -1,8 +1,9 @@
 """``omh-ref demo``: synthetic data -> train OMH, OMH without the hierarchy loss, and the STEGO
 baseline over several seeds -> evaluate -> a side-by-side table and a report folder.
 
-Report (under ``out``): ``report.json`` (every run's cluster and linear scores, means and
-spreads), ``predictions.png`` (val images: labels and each method's matched cluster predictions),
+Report (under ``out``): ``report.json`` (every run's cluster and linear scores, every level's
+scores against its label granularity (parts, classes, superclasses) and the hierarchy's
+consistency, means and spreads), ``predictions.png`` (val images: labels and each method's matched cluster predictions),
 ``loss_curves.png`` (from each run's ``log.jsonl``), ``confusion_<method>.png``, and the runs'
 checkpoints and logs under ``runs/``.
 """
@@ -18,7 +19,8 @@ import numpy as np
 from .core.config import Config
 from .core.files import write_text
 from .core.lock import FolderLock
-from .evaluate import pictures, seeds
+from .evaluate import granular, pictures, seeds
+from .evaluate.hierarchy import UsageAccumulator, hierarchy_plans
 from .evaluate.predict import cluster_eval, scores_json
 from .evaluate.probe import linear_eval, linear_probe
 from .features import synthetic
@@ -64,7 +66,9 @@ def prepare_data(root, n_train=600, n_val=200, say=print) -> dict:
         spec = synthetic.SynthSpec(n_images=n)
         d = root / split
         meta = d / "feats.json"
-        if not (meta.is_file() and json.loads(meta.read_text()).get("synth_spec") == dataclasses.asdict(spec)):
+        rec = json.loads(meta.read_text()) if meta.is_file() else {}
+        if not (rec.get("synth_spec") == dataclasses.asdict(spec) and rec.get("label_hierarchy")
+                and (d / "labels_fine.npy").is_file()):   # written before the parts were: write again
             say(f"demo data: writing synthetic {split} split ({n} images) to {d}")
             synthetic.write(spec, d, split=split)
         paths[split] = d
@@ -98,25 +102,67 @@ def _run(opts: DemoOptions, say) -> dict:
             if res["interrupted"]:   # Ctrl-C: the run's checkpoint is written; stop the demo here
                 raise KeyboardInterrupt
             params, cfg = load_params(res["checkpoint"], opts.device)
-            clu, preds = cluster_eval(params, cfg, val_store, n_classes, device=opts.device, keep=6)
+            levels = granular.LevelScorer(cfg, val_store, granular.load_granularities(val_store))
+            eff = cfg.effective()
+            usage = UsageAccumulator(cfg) if eff.marginals == "usage" and len(eff.levels) > 1 else None
+            clu, preds = cluster_eval(params, cfg, val_store, n_classes, device=opts.device, keep=6, usage=usage,
+                                      levels=levels)
+            plans = hierarchy_plans(params, cfg, usage.means() if usage else None) if len(eff.levels) > 1 else None
             probe = linear_probe(params, train_store, n_classes, epochs=opts.probe_epochs, seed=seed,
                                  device=opts.device, progress=opts.progress)
             lin = linear_eval(params, probe, val_store, n_classes, device=opts.device)
-            runs.setdefault(method, []).append({"seed": seed, "cluster": scores_json(clu), "linear": scores_json(lin)})
+            runs.setdefault(method, []).append({"seed": seed, "cluster": scores_json(clu), "linear": scores_json(lin),
+                                                "levels": levels.result(plans)})
             if seed == opts.seeds[0]:
                 logs[method] = res["log"]
                 shown[method] = (preds, clu)
     summary = {m: seeds.summarize(rs) for m, rs in runs.items()}
-    rep = {"methods": summary, "runs": runs, "options": dataclasses.asdict(opts), "n_classes": n_classes,
+    rep = {"methods": summary, "levels": {m: level_summary(rs) for m, rs in runs.items()},
+           "runs": runs, "options": dataclasses.asdict(opts), "n_classes": n_classes,
            "class_names": class_names, "seconds": round(time.perf_counter() - t0, 1)}
     write_text(out / "report.json", json.dumps(rep, indent=1))
     _pictures(out, val_store, shown, logs, n_classes, class_names)
     return rep
 
 
+def _stat(values):
+    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+    return {"mean": float(np.nanmean(v)) if np.isfinite(v).any() else None,
+            "std": float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0,
+            "values": [float(x) if np.isfinite(x) else None for x in v]}
+
+
+def level_summary(rs) -> dict:
+    """Every level's scores against its label granularity and the consistency of each plan, mean ±
+    std over the runs ``rs`` of one method."""
+    first = rs[0]["levels"]
+    return {"levels": [{"level": e["level"], "clusters": e["clusters"], "granularity": e["granularity"],
+                        "miou": _stat([r["levels"]["levels"][i]["scores"]["miou"] for r in rs]) if e["scores"] else None,
+                        "strict_miou": (_stat([r["levels"]["levels"][i]["scores"]["strict"]["miou"] for r in rs])
+                                        if e["scores"] else None)}
+                       for i, e in enumerate(first["levels"])],
+            "consistency": [{"child": c["child"], "parent": c["parent"],
+                             "consistency": _stat([r["levels"]["consistency"][i]["consistency"] for r in rs])}
+                            for i, c in enumerate(first["consistency"])]}
+
+
 def table(rep) -> str:
-    """The side-by-side table: mean ± std over seeds."""
-    return seeds.table(rep["methods"], len(next(iter(rep["runs"].values()))), rep["seconds"])
+    """The side-by-side table (mean ± std over seeds), then every level's scores."""
+    lines = [seeds.table(rep["methods"], len(next(iter(rep["runs"].values()))), rep["seconds"])]
+    lines += ["", "every level against its label granularity (cluster mIoU, STEGO protocol / strict; consistency "
+                  "of each level's plan with the label hierarchy):"]
+    for m, s in rep.get("levels", {}).items():
+        cells = [f"L{e['level']} {e['clusters']}->{e['granularity']} {_pm(e['miou'])} / {_pm(e['strict_miou'])}"
+                 for e in s["levels"] if e["granularity"]]
+        cons = [f"L{c['child']}->L{c['parent']} {_pm(c['consistency'], 2)}" for c in s["consistency"]]
+        lines.append(f"{m:<20} " + "; ".join(cells) + (f"; consistency {', '.join(cons)}" if cons else ""))
+    return "\n".join(lines)
+
+
+def _pm(stat, digits=1):
+    if stat is None or stat["mean"] is None:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f}±{stat['std']:.{digits}f}"
 
 
 def _pictures(out, val_store, shown, logs, n_classes, class_names):

@@ -107,3 +107,10 @@ def test_a_recipe_table_is_returned_when_present_and_train_ignores_it(tmp_path):
     (tmp_path / "bad2.toml").write_text("recipe = 3\n")
     with pytest.raises(InputError, match=r"bad2.toml: \[recipe\] must be a table"):
         read_file(tmp_path / "bad2.toml")
+
+
+def test_parent_targets_need_targets():
+    with pytest.raises(ValueError, match="hier_form"):
+        Config(hier_form="targets", cluster_target="soft")
+    assert Config(hier_form="targets", cluster_target="hard").hier_form == "targets"
+    assert Config(baseline="stego", predict_through_plan=True).effective().predict_through_plan is False

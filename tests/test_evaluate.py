@@ -144,6 +144,12 @@ def test_tiny_demo_end_to_end(tmp_path):
         assert (tmp_path / "demo" / png).stat().st_size > 1000
     table = demo.table(rep)
     assert all(m in table for m in demo.METHODS) and "± " in table
+    # every level against its granularity (36 -> parts, 9 -> classes) and the consistency, per method
+    assert set(rep["levels"]) == set(demo.METHODS) and saved["levels"] == rep["levels"]
+    omh = rep["levels"]["OMH"]
+    assert [e["granularity"] for e in omh["levels"]] == ["parts", "parts", "classes"]
+    assert len(omh["consistency"]) == 2 and "L0 36->parts" in table and "consistency L0->L1" in table
+    assert [e["granularity"] for e in rep["levels"]["STEGO baseline"]["levels"]] == ["classes"]
 
 
 def test_eval_cli_prints_tables_and_writes_json_and_pngs(tmp_path):

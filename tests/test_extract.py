@@ -176,6 +176,20 @@ def test_each_dataset_layout_through_the_cli(tmp_path, small, name):
         want = ds.lut[np.asarray(stego_crop(Image.fromarray(truth[it.name][1]), 32))]
         assert (labels[i] == want).all()
     assert set(np.unique(labels)) <= set(range(ds.n_classes)) | {255}
+    # the finer labels are kept where the data set has them (COCO's 182 ids, Potsdam's 6 classes),
+    # and feats.json names the hierarchy that ties them to the classes
+    hier = meta["label_hierarchy"]
+    assert [g["name"] for g in hier] == [g["name"] for g in datasets.label_hierarchy(name)]
+    if name == "cityscapes27":
+        assert meta["labels_fine"] is None and not (tmp_path / "out" / "labels_fine.npy").exists()
+        return
+    fine = np.load(tmp_path / "out" / "labels_fine.npy")
+    assert meta["labels_fine"] == "labels_fine.npy" and fine.shape == labels.shape
+    for i, it in enumerate(ds.items):
+        raw = np.asarray(stego_crop(Image.fromarray(truth[it.name][1]), 32))
+        assert (fine[i] == ds.fine_lut[raw]).all()
+    known = fine != 255
+    assert known.any() and (np.asarray(hier[0]["parent"])[fine[known]] == labels[known]).all()
 
 
 @pytest.mark.parametrize("name,crop", [("potsdam3", "center"), ("potsdam3", "five"), ("folder", "five")])

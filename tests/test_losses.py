@@ -292,3 +292,52 @@ def test_targets_scaling_domain_equals_log_domain(P, K, eps, rho, seed):
         sk.SCALING_MAX_SPAN = old
     np.testing.assert_allclose(fast, slow, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(ferr, serr, rtol=1e-6, atol=1e-12)
+
+
+def test_plan_sparsity_is_the_conditional_entropy_of_the_rows():
+    """0 for a plan whose every child has one parent, log K_p for evenly spread rows, and
+    Σ_i a_i H(A_i) in between."""
+    from omh_ref.core.losses import plan_sparsity
+
+    a = np.array([0.5, 0.3, 0.2])
+    one_hot = np.zeros((3, 4))
+    one_hot[[0, 1, 2], [2, 0, 2]] = a
+    assert abs(plan_sparsity.forward(one_hot, a)[0]) < 1e-12
+    spread = np.repeat(a[:, None] / 4, 4, axis=1)
+    np.testing.assert_allclose(plan_sparsity.forward(spread, a)[0], np.log(4), rtol=1e-12)
+    rng = np.random.default_rng(0)
+    T = rng.random((3, 4))
+    T *= (a / T.sum(1))[:, None]
+    A = T / a[:, None]
+    np.testing.assert_allclose(plan_sparsity.forward(T, a)[0], -(a * (A * np.log(A)).sum(1)).sum(), rtol=1e-12)
+    dT, _ = plan_sparsity.backward(1.0, plan_sparsity.forward(one_hot, a)[1])
+    assert np.isfinite(dT).all()                    # underflowed entries: finite gradient
+
+
+def test_plan_targets_is_the_cross_entropy_of_the_parent_targets():
+    from omh_ref.core.losses import plan_targets
+
+    rng = np.random.default_rng(1)
+    q = rng.dirichlet(np.ones(4), size=5)
+    Q = rng.dirichlet(np.ones(4), size=5)
+    np.testing.assert_allclose(plan_targets.forward(q, Q)[0], -(Q * np.log(q)).sum(1).mean(), rtol=1e-12)
+
+
+def test_hierarchy_forms_differ_as_stated():
+    """centroids: the Wasserstein term alone (no gradient into the parent's assignment under
+    uniform marginals); targets: needs the parent's targets; unknown forms are named."""
+    rng = np.random.default_rng(2)
+    P, Kc, Kp, D = 9, 5, 3, 4
+    lc = np.log(rng.dirichlet(np.ones(Kc), size=P))
+    lp = np.log(rng.dirichlet(np.ones(Kp), size=P))
+    Mc, Mp = rng.standard_normal((Kc, D)), rng.standard_normal((Kp, D))
+    l_kl, c_kl = hierarchy.forward(lc, lp, Mc, Mp, 0.3, 20, 0.1)
+    l_c, c_c = hierarchy.forward(lc, lp, Mc, Mp, 0.3, 20, 0.1, form="centroids")
+    np.testing.assert_allclose(l_c, 0.1 * c_kl[-1]["wasserstein"], rtol=1e-12)
+    np.testing.assert_allclose(l_kl, c_kl[-1]["kl"] + l_c, rtol=1e-12)
+    dlc, dlp, _, _ = hierarchy.backward(1.0, c_c)
+    assert not np.any(dlc) and not np.any(dlp)
+    with pytest.raises(ValueError, match="Q_parent"):
+        hierarchy.forward(lc, lp, Mc, Mp, 0.3, 20, 0.1, form="targets")
+    with pytest.raises(ValueError, match="form"):
+        hierarchy.forward(lc, lp, Mc, Mp, 0.3, 20, 0.1, form="tree")

@@ -96,8 +96,8 @@ def test_parts_and_grads_keys():
              + cfg.lam_hier * sum(parts[f"hier_{i}"] for i in range(L - 1)))
     np.testing.assert_allclose(parts["loss"], total, rtol=1e-12)
     for i in range(L - 1):
-        np.testing.assert_allclose(parts[f"hier_{i}"], parts[f"hier_kl_{i}"] + cfg.lam_w * parts[f"hier_w_{i}"],
-                                   rtol=1e-12)
+        np.testing.assert_allclose(parts[f"hier_{i}"], parts[f"hier_kl_{i}"] + cfg.lam_w * parts[f"hier_w_{i}"]
+                                   + cfg.lam_sparse * parts[f"hier_entropy_{i}"], rtol=1e-12)
 
 
 def test_stego_baseline_semantics():

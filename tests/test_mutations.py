@@ -12,9 +12,12 @@ output. Perturbed, by module (output index or key in brackets):
   [dz, dM]; ``ops.log_softmax.backward``; ``ops.grid_sample.backward``; ``ops.kl.backward``
   [dq, dlogp]; ``ops.sinkhorn.backward`` [dcost, da, db], unrolled and implicit
 * ``losses.correlation.backward`` [dc1, dc2]; ``losses.cluster.backward`` [ds, dlogp] for each
-  target type where the output is not identically 0; ``losses.hierarchy.backward`` [all four]
+  target type where the output is not identically 0; ``losses.hierarchy.backward`` [all four],
+  in each of its forms; ``losses.plan_sparsity.backward`` [dT] (its da is ~1 everywhere, a
+  constant the marginal's normalisation projects out); ``losses.plan_targets.backward`` [dq]
 * the loss weights as ``model.backward`` applies them: each of λ_clu, λ_hier, λ_W and the three
-  correlation weights dropped (taken as 1), and λ_clu/λ_hier and w_intra/w_inter swapped.
+  correlation weights dropped (taken as 1), λ_sparse dropped, and λ_clu/λ_hier and w_intra/w_inter
+  swapped.
 
 Not perturbed, because the model's gradient does not run through them: ``ops.dropout.backward``
 (the dropped-out input is the frozen features), ``ops.softmax`` and ``ops.resize`` (evaluation only).
@@ -26,7 +29,7 @@ import pytest
 from omh_ref.core import head, model
 from omh_ref.core.checks import model_check
 from omh_ref.core.gradcheck import TOLERANCES
-from omh_ref.core.losses import cluster, correlation, hierarchy
+from omh_ref.core.losses import cluster, correlation, hierarchy, plan_sparsity, plan_targets
 from omh_ref.core.ops import cosine, grid_sample, kl, linear, log_softmax, normalize, relu, sinkhorn
 
 REL = 1e-3          # the perturbation: 0.1 %, 100 times the checker's rtol
@@ -38,7 +41,11 @@ VARIANTS = {
     "hard": {"cluster_target": "hard"},
     "implicit": {"sinkhorn_backward": "implicit", "sinkhorn_iters": 300},
     "stego": {"baseline": "stego"},                               # detached code, one hard level
+    "sparse": {"lam_sparse": 0.45},                               # + the plan-row entropy
+    "centroids": {"hier_form": "centroids", "lam_sparse": 0.45},  # the Wasserstein pull only
+    "targets": {"hier_form": "targets"},                          # parent targets through the plan
 }
+SPARSE = ("sparse", "centroids")
 OMH = ("relaxed", "soft", "hard", "implicit")
 ALL = (*OMH, "stego")
 UNROLLED = ("relaxed", "soft", "hard")
@@ -63,7 +70,11 @@ BACKWARDS = [
     (cluster, "backward", 1, ("relaxed", "implicit")),    # OT targets: ds is 0, dlogp carries it
     (cluster, "backward", 0, ("soft", "hard", "stego")),  # hard: dlogp is 0, ds carries it
     (cluster, "backward", 1, ("soft",)),
-    *[(hierarchy, "backward", i, OMH) for i in range(4)],
+    *[(hierarchy, "backward", i, (*OMH, "centroids", "targets")) for i in range(4)],
+    # Only dT: its da = Σ_j T_ij / a_i is 1 up to the plan's row error, a constant that Σa = 1 (the
+    # usage marginal's normalisation) projects out, so scaling it changes the gradient by ~1e-9.
+    (plan_sparsity, "backward", 0, SPARSE),
+    (plan_targets, "backward", 0, ("targets",)),
 ]
 
 
@@ -134,11 +145,18 @@ def _lam_w(to):
     return change
 
 
+def _lam_sparse(to):
+    def change(cache):
+        cache["hier"] = [hc[:12] + (to,) + hc[13:] for hc in cache["hier"]]
+    return change
+
+
 WEIGHT_BUGS = {
     "lam_clu dropped": (_cfg(lam_clu=1.0), ALL),
     "lam_hier dropped": (_cfg(lam_hier=1.0), OMH),
     "lam_clu and lam_hier swapped": (lambda c: _cfg(lam_clu=c["cfg"].lam_hier, lam_hier=c["cfg"].lam_clu)(c), OMH),
     "lam_w dropped": (_lam_w(1.0), OMH),
+    "lam_sparse dropped": (_lam_sparse(1.0), SPARSE),
     "weight_intra dropped": (_corr("intra", lambda cfg, wt: 1.0), ALL),
     "weight_inter dropped": (_corr("inter", lambda cfg, wt: 1.0), ALL),
     "weight_neg dropped": (_corr("neg", lambda cfg, wt: 1.0 / cfg.neg_samples), ALL),

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import omh_ref
 from omh_ref.features import synthetic
+from omh_ref.features.meta import read as read_meta
 from omh_ref.features.synthetic import SynthSpec, generate, iter_batches, write
 from tests.strategies import seeds
 
@@ -144,7 +145,16 @@ def test_write_equals_generate(tmp_path, dtype):
     assert f.dtype == np.dtype(dtype) and f.shape == feats.shape
     np.testing.assert_array_equal(f, feats.astype(dtype))
     np.testing.assert_array_equal(np.load(paths["labels"]), labels)
-    assert sorted(os.listdir(tmp_path)) == ["feats.json", "feats.npy", "labels.npy"]  # no temp files
+    # the parts, numbered class·P + part, and the hierarchy that names them
+    fine = np.load(paths["labels_fine"])
+    np.testing.assert_array_equal(fine, labels * spec.parts_per_class + meta["parts"])
+    hier = read_meta(paths["json"])["label_hierarchy"]
+    assert [g["name"] for g in hier] == ["parts", "classes", "superclasses"]
+    assert [g["n_classes"] for g in hier] == [spec.n_classes * spec.parts_per_class, spec.n_classes, spec.n_super]
+    parent = np.array(hier[0]["parent"])
+    np.testing.assert_array_equal(parent[fine], labels)                      # parts lie inside their class
+    np.testing.assert_array_equal(np.array(hier[2]["map"])[labels], np.array(hier[1]["parent"])[labels])
+    assert sorted(os.listdir(tmp_path)) == ["feats.json", "feats.npy", "labels.npy", "labels_fine.npy"]  # no temp files
 
 
 def test_feats_json_fields(tmp_path):

@@ -50,8 +50,8 @@ def torch_vjp(fn, args, dout, wrt):
     targs = [tr.tensor(a, requires_grad=i in wrt) if isinstance(a, np.ndarray) else a
              for i, a in enumerate(args)]
     out = fn(*targs)
-    g = torch.autograd.grad((out * tr.tensor(dout)).sum(), [targs[i] for i in wrt])
-    return np_(out), [np_(x) for x in g]
+    g = torch.autograd.grad((out * tr.tensor(dout)).sum(), [targs[i] for i in wrt], allow_unused=True)
+    return np_(out), [np.zeros_like(args[i]) if x is None else np_(x) for i, x in zip(wrt, g)]
 
 
 @pytest.fixture
@@ -350,15 +350,21 @@ def test_cluster_loss(rng, target):
 
 @pytest.mark.parametrize("marginals", ["uniform", "usage"])
 @pytest.mark.parametrize("eps,iters", [(0.3, 10), (0.05, 30)])
-def test_hierarchy(rng, marginals, eps, iters):
+@pytest.mark.parametrize("form,lam_sparse", [("kl", 0.0), ("kl", 0.6), ("centroids", 0.0), ("centroids", 0.6),
+                                             ("targets", 0.0), ("targets", 0.6)])
+def test_hierarchy(rng, marginals, eps, iters, form, lam_sparse):
     P, Kc, Kp, D, tau, lam_w = 11, 7, 3, 5, 0.5, 0.1
     zc = rng.standard_normal((P, D))
     Mc, Mp = rng.standard_normal((Kc, D)), rng.standard_normal((Kp, D))
     lc = log_softmax.forward(cosine.forward(zc, Mc)[0], tau)[0]
-    lp = log_softmax.forward(cosine.forward(zc, Mp)[0], tau)[0]
-    loss, hc = hierarchy.forward(lc, lp, Mc, Mp, eps, iters, lam_w, marginals)
+    sp = cosine.forward(zc, Mp)[0]
+    lp = log_softmax.forward(sp, tau)[0]
+    Q = cluster.relaxed_targets(sp, 0.1, 10, 0.1)[0] if form == "targets" else None
+    loss, hc = hierarchy.forward(lc, lp, Mc, Mp, eps, iters, lam_w, marginals, form=form, lam_sparse=lam_sparse,
+                                 Q_parent=Q)
     dloss = rng.uniform(0.5, 2.0)
-    tl, grads = torch_vjp(lambda *a: tr.hierarchy_loss(*a, eps, iters, lam_w, marginals),
+    tQ = None if Q is None else tr.tensor(Q)
+    tl, grads = torch_vjp(lambda *a: tr.hierarchy_loss(*a, eps, iters, lam_w, marginals, form, lam_sparse, tQ),
                           (lc, lp, Mc, Mp), dloss, [0, 1, 2, 3])
     assert_close(loss, tl, VAL_RTOL, f"hierarchy {marginals} loss")
     for got, want, name in zip(hierarchy.backward(dloss, hc), grads, ("dlogp_c", "dlogp_p", "dM_c", "dM_p")):
@@ -380,6 +386,10 @@ MODEL_CASES = {
     "no-dropout-two-levels": {"dropout": 0.0, "levels": (5, 3), "neg_samples": 3},
     "one-level-no-neg": {"levels": (7,), "weight_neg": 0.0},
     "implicit-converged": {"sinkhorn_backward": "implicit", "sinkhorn_iters": 400},
+    "plan-sparsity": {"lam_sparse": 0.45},
+    "centroids-only": {"hier_form": "centroids", "lam_sparse": 0.45},
+    "parent-targets": {"hier_form": "targets"},
+    "parent-targets-hard-uniform": {"hier_form": "targets", "cluster_target": "hard", "marginals": "uniform"},
     "shipped-defaults": None,   # Config(): τ 0.1, ε 0.2, levels 108/54/27, C 384, D 70, weights as shipped
 }
 

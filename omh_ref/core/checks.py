@@ -15,7 +15,7 @@ from . import head, model
 from .backend import to_device
 from .config import Config
 from .gradcheck import TOLERANCES, Report, _shapes, check_jacobian, check_vjp
-from .losses import cluster, correlation, hierarchy
+from .losses import cluster, correlation, hierarchy, plan_sparsity, plan_targets
 from .ops import (cosine, dropout, grid_sample, kl, linear, log_softmax, normalize, relu, resize, sinkhorn,
                   softmax)
 
@@ -152,12 +152,33 @@ def cases(seed=0, device="cpu"):
                      check_vjp(*hierarchy_from_logits(**kw), (r(P, Kc), r(P, Kp), r(Kc, D), r(Kp, D)),
                                name=nm, **fd))
 
+    # The hierarchy's other formulations (docs/ablations.md): the plan-row entropy alone (the plan
+    # from a Sinkhorn run so that it is a real plan with its marginal), the parent targets through
+    # the plan alone, and the whole hierarchy loss in each form, with the entropy penalty.
+    Tp = sinkhorn.forward(rng.random((Kc, Kp)) * 2, _simplex(rng, (Kc,)), _simplex(rng, (Kp,)), 0.3, 20)[0]
+    yield "plan_sparsity", lambda: check_vjp(plan_sparsity.forward, plan_sparsity.backward,
+                                              (Tp, Tp.sum(axis=1) * rng.uniform(0.8, 1.2, Kc)), name="plan_sparsity")
+    Qp = cluster.relaxed_targets(np.tanh(r(P, Kp)), 0.2, 10, 0.1)[0]
+    yield "plan_targets", lambda: check_vjp(lambda q: plan_targets.forward(q, Qp),
+                                             lambda dl, c: plan_targets.backward(dl, c)[:1],
+                                             (_simplex(rng, (P, Kp)),), name="plan_targets")
+    for form, marg, lam_sparse in (("kl", "usage", 0.7), ("centroids", "uniform", 0.0), ("centroids", "usage", 0.7),
+                                   ("targets", "uniform", 0.0), ("targets", "usage", 0.7), ("kl", "uniform", 0.7)):
+        name = f"hierarchy form={form} {marg} sparse={lam_sparse:g}"
+        kw = dict(eps=0.3, n_iters=20, marginals=marg, form=form, lam_sparse=lam_sparse,
+                  Q_parent=Qp if form == "targets" else None)
+        yield name, (lambda nm=name, kw=kw: check_vjp(*hierarchy_from_logits(**kw),
+                                                      (r(P, Kc), r(P, Kp), r(Kc, D), r(Kp, D)), name=nm))
+
     variants = {"model omh relaxed": {}, "model omh balanced+uniform": dict(cluster_target="balanced",
                                                                              marginals="uniform"),
                 "model omh soft+usage": dict(cluster_target="soft", marginals="usage"),
                 "model omh hard+implicit": dict(cluster_target="hard", sinkhorn_backward="implicit",
                                                 sinkhorn_iters=300),
-                "model stego baseline": dict(baseline="stego")}
+                "model stego baseline": dict(baseline="stego"),
+                "model omh centroids+sparse": dict(hier_form="centroids", lam_sparse=0.45),
+                "model omh targets+sparse": dict(hier_form="targets", lam_sparse=0.45),
+                "model omh targets hard": dict(hier_form="targets", cluster_target="hard")}
     for name, over in variants.items():
         yield name, (lambda over=over, nm=name, s=int(rng.integers(1 << 30)): model_check(s, nm, device=device, **over))
     # The real defaults (every Config field as shipped: τ = 0.1, ε = 0.2, levels 108/54/27, C = 384,

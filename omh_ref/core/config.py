@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import InputError
 from .losses.cluster import TARGETS
-from .losses.hierarchy import MARGINALS
+from .losses.hierarchy import FORMS, MARGINALS
 from .ops.sinkhorn import BACKWARD_MODES
 
 BASELINES = ("omh", "stego")
@@ -71,6 +71,11 @@ class Config:
     lam_clu: float = _field(1.0, "weight λ_clu of the cluster losses", ">= 0 finite")
     lam_hier: float = _field(1.0, "weight λ_hier of the hierarchy losses (0: no hierarchy)", ">= 0 finite")
     lam_w: float = _field(0.1, "weight λ_W of the Wasserstein term <T, C> in each hierarchy loss", ">= 0 finite")
+    hier_form: str = _field("kl", "hierarchy coupling: kl (KL of the child pushed through the plan to the parent's "
+                                  "assignment), centroids (the Wasserstein pull only), targets (the parent's "
+                                  "cluster targets predicted through the plan)", choices=FORMS)
+    lam_sparse: float = _field(0.0, "weight of the plan-row entropy H(parent | child) in each hierarchy loss "
+                                    "(0: none)", ">= 0 finite")
     feature_samples: int = _field(11, "S: S x S sampled points per image for the correlation loss", "positive int")
     neg_samples: int = _field(5, "random negative pairings per step", "int >= 0")
     weight_neg: float = _field(0.63, "correlation weight of negative pairs", ">= 0 finite")
@@ -84,6 +89,8 @@ class Config:
     baseline: str = _field("omh", "omh, or stego: one hard k-means head on a detached code, no hierarchy",
                            choices=BASELINES)
     eval_level: int = _field(-1, "index into levels of the level whose clusters are the predictions")
+    predict_through_plan: bool = _field(False, "predict the eval level through the hierarchy's plans from the "
+                                               "finest level (argmax of p_0 A_0 ... ), not from its own centroids")
     extra: dict = _field({}, "free-form notes carried into checkpoints", flag=False)
 
     def __post_init__(self):
@@ -132,6 +139,8 @@ class Config:
             raise bad("levels", "strictly decreasing sizes, finest first (e.g. 108,54,27)")
         if not -len(self.levels) <= self.eval_level < len(self.levels):
             raise bad("eval_level", f"an index into levels {self.levels}")
+        if self.hier_form == "targets" and self.cluster_target == "soft":
+            raise bad("hier_form", "kl or centroids with cluster_target 'soft' (it has no targets to predict)")
 
     def effective(self) -> "Config":
         """The config the model actually runs: ``baseline='stego'`` becomes one hard k-means head
@@ -139,7 +148,7 @@ class Config:
         if self.baseline != "stego":
             return self
         return dataclasses.replace(self, levels=(self.levels[self.eval_level],), eval_level=-1,
-                                   cluster_target="hard", lam_hier=0.0)
+                                   cluster_target="hard", lam_hier=0.0, predict_through_plan=False)
 
     @property
     def detach_clusters(self) -> bool:

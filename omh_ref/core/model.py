@@ -27,7 +27,7 @@ from .ops import cosine, dropout, grid_sample, log_softmax
 
 # Loss weights of :func:`small_config`: distinct from each other and from 1 (and from the
 # defaults), so that a weight dropped, swapped or applied twice in a backward changes the gradient.
-SMALL_WEIGHTS = dict(lam_clu=0.7, lam_hier=1.3, lam_w=0.37, weight_intra=0.45, weight_inter=0.85,
+SMALL_WEIGHTS = dict(lam_clu=0.7, lam_hier=1.3, lam_w=0.37, lam_sparse=0.23, weight_intra=0.45, weight_inter=0.85,
                      weight_neg=1.55)
 
 
@@ -204,13 +204,17 @@ def forward(params, batch, cfg: Config, rng, targets=None, draws=None):
         for i in range(L - 1):
             lh, hc = hierarchy.forward(levels[i][3], levels[i + 1][3], params[f"M{i}"],
                                        params[f"M{i + 1}"], cfg.eps, cfg.sinkhorn_iters, cfg.lam_w,
-                                       cfg.marginals, cfg.sinkhorn_backward, check=False)
+                                       cfg.marginals, cfg.sinkhorn_backward, cfg.hier_form, cfg.lam_sparse,
+                                       new_targets[i + 1] if cfg.hier_form == "targets" else None,
+                                       check=False)
             diag = hc[-1]
             parts[f"hier_{i}"] = lh
             parts[f"hier_kl_{i}"] = diag["kl"]
             parts[f"hier_w_{i}"] = diag["wasserstein"]
             parts[f"sinkhorn_err_{i}"] = diag["marginal_error"]
             parts[f"plan_sparsity_{i}"] = diag["plan_sparsity"]
+            if cfg.lam_sparse > 0:
+                parts[f"hier_entropy_{i}"] = diag["entropy"]
             loss = loss + cfg.lam_hier * lh
             hier.append(hc)
 

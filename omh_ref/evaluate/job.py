@@ -18,7 +18,7 @@ from ..extract.images import image_paths, load_rgb
 from ..features.meta import listed_labels, path_for
 from ..features.store import FeatureStore
 from ..train.checkpoint import load_params
-from . import matching, pictures
+from . import granular, matching, pictures
 from .hierarchy import UsageAccumulator, hierarchy_plans, hierarchy_text, marginals_note
 from .metrics import PROTOCOLS
 from .predict import cluster_eval, scores_json
@@ -46,6 +46,7 @@ class EvalOptions:
     crf: bool = False
     crf_workers: int = 1
     crf_timeout: float = 600.0
+    level_labels: str | None = None      # granularity per level, e.g. parts,classes,superclasses (granular.py)
     device: str = "cpu"
     progress: bool = True
     save_match: str | None = None        # match.json: the cluster -> class matching, for segment --match
@@ -90,10 +91,11 @@ def run(opts: EvalOptions, say=None) -> dict:
     eff = cfg.effective()
     # the hierarchy's usage marginals, averaged over the split on the way (no code is kept)
     usage = UsageAccumulator(cfg) if eff.marginals == "usage" and len(eff.levels) > 1 else None
+    levels = _level_scorer(opts, cfg, store, n_classes)
     masks = MaskWriter(opts.save_masks, store, K, opts.crf) if opts.save_masks else None
     clu, preds = cluster_eval(params, cfg, store, n_classes, opts.batch_size, flipped, opts.device, keep=4,
                               crf_workers=max(opts.crf_workers, 1) if opts.crf else None,
-                              crf_timeout=opts.crf_timeout, usage=usage, on_batch=masks)
+                              crf_timeout=opts.crf_timeout, usage=usage, on_batch=masks, levels=levels)
     result = {"cluster": scores_json(clu), "crf": bool(opts.crf)}
     if opts.save_match or masks is not None:
         sha = file_sha256(opts.checkpoint)
@@ -120,13 +122,25 @@ def run(opts: EvalOptions, say=None) -> dict:
                            "marginals_text": note["text"],
                            "usage": None if means is None else [m.round(6).tolist() for m in means],
                            "plans": [p.round(4).tolist() for p in plans], "text": tree}
+    result["levels"] = levels.result(plans)
     result["class_names"] = names
     if opts.json:
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
         write_text(opts.json, json.dumps(result, indent=1))
     if opts.out:
         write_pictures(Path(opts.out), store, clu, preds, plans, [f"# {note['text']}", *tree], names, n_classes)
+        pictures.hierarchy_tree_png(Path(opts.out) / "hierarchy_tree.png", result["levels"], plans,
+                                    levels.granularities)
     return result
+
+
+def _level_scorer(opts: EvalOptions, cfg, store, n_classes):
+    """Every level's scorer against the label granularities (evaluate/granular.py)."""
+    notes = []
+    grans = granular.load_granularities(store, n_classes, notes)
+    levels = cfg.effective().levels
+    assignment = granular.parse_level_labels(opts.level_labels, len(levels), grans) if opts.level_labels else None
+    return granular.LevelScorer(cfg, store, grans, assignment, notes)
 
 
 def write_pictures(out: Path, store: FeatureStore, clu, preds, plans, tree, names, n_classes):
@@ -248,6 +262,10 @@ def format_table(result) -> str:
     if unmatched:
         lines.append(f"unmatched clusters ({headline}): {unmatched}; strict: "
                      f"{result['cluster']['strict']['match']['unmatched']}")
+    if "levels" in result:
+        lines.append("")
+        lines.append("every level against its label granularity:")
+        lines += ["  " + t for t in granular.format_levels(result["levels"])]
     tree = result["hierarchy"]["text"]
     if tree:
         lines.append("hierarchy (child clusters absorbed by each parent, share of the child's mass; "

@@ -226,3 +226,75 @@ def confusion_png(path, conf, row_names=None, col_names=None, cell=14):
     for j, n in enumerate(col_names or range(C)):
         draw.text((left + j * cell, 2 + (j % 4) * 16), str(n)[:8], fill=(0, 0, 0))
     save_png(img, path)
+
+
+def _ramp(v):
+    """0..100 -> red .. yellow .. green."""
+    t = min(max(v / 100.0, 0.0), 1.0)
+    return (int(255 * min(1.0, 2 * (1 - t))), int(200 * min(1.0, 2 * t)), 40)
+
+
+def hierarchy_tree_png(path, levels, plans, granularities, left=190, row_h=64, node_h=18):
+    """The levels as rows of a tree, the coarsest on top: one box per cluster, coloured by the IoU
+    of the class it is matched to (strict Hungarian matching; red 0 .. green 100; grey: unmatched
+    or the level is not scored), with its matched class's name where there is room; a line from
+    each child to its parent in the plan (argmax of its row of A), green when the parent's class
+    contains the child's, red when not, grey when either is unmatched. ``levels``: the
+    ``levels`` report of :class:`omh_ref.evaluate.granular.LevelScorer` (``result``);
+    ``granularities``: its Granularity objects."""
+    from .granular import contains
+
+    entries = levels["levels"]
+    gidx = {g.name: i for i, g in enumerate(granularities)}
+    L = len(entries)
+    Kmax = max(e["clusters"] for e in entries)
+    node_w = max(4, min(48, 1400 // Kmax))
+    W = left + Kmax * node_w + 20
+    img = Image.new("RGB", (W, L * row_h + 30), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    cls = []
+    for e in entries:
+        m = e["scores"]["strict"]["match"]["cluster_to_class"] if e["scores"] else [-1] * e["clusters"]
+        cls.append(np.asarray(m))
+    # order: the coarsest by matched class; each finer level by its parent's position, then class
+    order = [None] * L
+    top = L - 1
+    order[top] = sorted(range(entries[top]["clusters"]), key=lambda k: (cls[top][k] < 0, cls[top][k], k))
+    for l in range(L - 2, -1, -1):
+        pos = {k: i for i, k in enumerate(order[l + 1])}
+        par = np.asarray(plans[l]).argmax(axis=1) if plans is not None else np.zeros(entries[l]["clusters"], int)
+        order[l] = sorted(range(entries[l]["clusters"]), key=lambda k: (pos[int(par[k])], cls[l][k] < 0, cls[l][k], k))
+    xy = {}
+    for l, e in enumerate(entries):
+        y = 20 + (top - l) * row_h
+        K = e["clusters"]
+        span = Kmax * node_w / K
+        for i, k in enumerate(order[l]):
+            x0 = left + i * span + 1
+            xy[(l, k)] = (x0 + span / 2, y, y + node_h)
+            c = int(cls[l][k])
+            iou = e["scores"]["strict"]["iou"][c] if (e["scores"] and c >= 0) else None
+            fill = (200, 200, 200) if iou is None else _ramp(iou)
+            draw.rectangle((x0, y, x0 + span - 2, y + node_h), fill=fill, outline=(90, 90, 90))
+            if c >= 0 and span >= 30:
+                name = granularities[gidx[e["granularity"]]].class_names[c]
+                draw.text((x0 + 2, y + 3), str(name)[: int(span // 6)], fill=(0, 0, 0))
+        score = "" if e["scores"] is None else f" mIoU {e['scores']['strict']['miou']:.1f}"
+        draw.text((4, y + 3), f"L{l} K={K} {e['granularity'] or '(not scored)'}{score}"[:30], fill=(0, 0, 0))
+    for l in range(L - 1):
+        if plans is None:
+            break
+        gc, gp = (gidx.get(entries[l]["granularity"]), gidx.get(entries[l + 1]["granularity"]))
+        inside = contains(granularities, gc, gp) if (gc is not None and gp is not None and gc <= gp) else None
+        par = np.asarray(plans[l]).argmax(axis=1)
+        for k in range(entries[l]["clusters"]):
+            j = int(par[k])
+            cx, cy, _ = xy[(l, k)]
+            px, _, py = xy[(l + 1, j)]
+            a, b = int(cls[l][k]), int(cls[l + 1][j])
+            col = (190, 190, 190) if inside is None or a < 0 or b < 0 else ((40, 170, 40) if inside[a, b] else (220, 40, 40))
+            draw.line((cx, cy, px, py), fill=col, width=1)
+    cons = "; ".join(f"L{c['child']}->L{c['parent']} consistency "
+                     + ("n/a" if c["consistency"] is None else f"{c['consistency']:.2f}") for c in levels["consistency"])
+    draw.text((4, L * row_h + 12), cons[:200], fill=(0, 0, 0))
+    save_png(img, path)

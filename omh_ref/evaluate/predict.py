@@ -5,17 +5,20 @@
   averaged (STEGO).
 * Cluster predictions: the eval level's cosine logits, bilinearly upsampled (align_corners=False)
   to label resolution, argmax; scored by Hungarian matching on the confusion over the whole split
-  (:mod:`.metrics`), optionally after the dense CRF (:mod:`.crf`).
+  (:mod:`.metrics`), optionally after the dense CRF (:mod:`.crf`). With
+  ``Config.predict_through_plan`` the eval level's scores are log(p_0 A_0 ⋯ A_{e−1}) instead: the
+  finest level's assignment pushed through the hierarchy's plans (:mod:`.hierarchy`, with the
+  trained marginals: one more pass over the split first measures their usage).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..core import head
-from ..core.backend import to_device, to_host
+from ..core.backend import get_array_module, to_device, to_host
 from ..core.config import Config
 from ..core.errors import InputError
-from ..core.ops import cosine, resize
+from ..core.ops import cosine, resize, softmax
 from ..features.store import FeatureStore
 from . import metrics
 
@@ -48,22 +51,37 @@ def label_shape(store: FeatureStore):
     return store.labels.shape[1:]
 
 
-def cluster_logits(params, cfg: Config, z, size):
-    """Eval-level cosine logits of codes z (B, h, w, D), upsampled to size -> (B, H, W, K)."""
+def cluster_logits(params, cfg: Config, z, size, plans=None):
+    """Eval-level cosine logits of codes z (B, h, w, D), upsampled to size -> (B, H, W, K). With
+    ``cfg.predict_through_plan``: log(p_0 A_0 ⋯) of the finest level's assignment p_0 pushed
+    through ``plans`` (:func:`omh_ref.evaluate.hierarchy.hierarchy_plans`) to the eval level."""
     cfg = cfg.effective()
-    M = params[f"M{cfg.eval_level % len(cfg.levels)}"]
-    s, _ = cosine.forward(z, M)
+    e = cfg.eval_level % len(cfg.levels)
+    if cfg.predict_through_plan and e > 0:
+        if plans is None:
+            raise ValueError("predict_through_plan: the hierarchy's plans are needed")
+        s, _ = cosine.forward(z, params["M0"])
+        q, _ = softmax.forward(s, cfg.tau)
+        xp = get_array_module(q)
+        for A in plans[:e]:
+            q = q @ xp.asarray(A, dtype=q.dtype)
+        s = xp.log(xp.maximum(q, xp.finfo(q.dtype).tiny))
+    else:
+        s, _ = cosine.forward(z, params[f"M{e}"])
     return resize.forward(s, size)[0]
 
 
 def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size=16, flipped=None,
-                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0, usage=None, on_batch=None):
+                 device="cpu", keep=0, crf_workers=None, crf_timeout=600.0, usage=None, on_batch=None,
+                 levels=None):
     """Confusion over the whole split, Hungarian matching and scores.
 
     crf_workers: None = no CRF; else refine every prediction with the dense CRF on the images
     that ``feats.json`` lists (serially for 1, a process pool otherwise). usage: a
     :class:`~omh_ref.evaluate.hierarchy.UsageAccumulator` given every batch's codes on the way
-    (the levels' mean assignments over the split, for the hierarchy's usage marginals).
+    (the levels' mean assignments over the split, for the hierarchy's usage marginals). levels: a
+    :class:`~omh_ref.evaluate.granular.LevelScorer` given every batch's codes on the way (every
+    level's scores against its label granularity).
     on_batch: called as ``on_batch(start, clusters, refined)`` for every batch, with the cluster
     predictions (B, H, W) and the CRF's (or None without it), as they stream by.
     -> (result dict: :func:`omh_ref.evaluate.metrics.scores`' keys (the headline protocol's miou, acc,
@@ -73,11 +91,21 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
     K = cfg.effective().levels[cfg.effective().eval_level]
     acc = metrics.ConfusionAccumulator(K, n_classes)
     paths = _crf_images(store, size) if crf_workers is not None else None
+    plans = None
+    if cfg.effective().predict_through_plan:   # the plans first, with the usage of the whole split
+        from .hierarchy import UsageAccumulator, hierarchy_plans
+
+        u = usage if usage is not None else UsageAccumulator(cfg)
+        for _, z in codes(params, store, batch_size, flipped, device):
+            u.update(params, z)
+        plans, usage = hierarchy_plans(params, cfg, u.means()), None
     kept = []
     for s, z in codes(params, store, batch_size, flipped, device):
         if usage is not None:
             usage.update(params, z)
-        logits = cluster_logits(params, cfg, z, size)
+        if levels is not None:
+            levels.update(params, z, s)
+        logits = cluster_logits(params, cfg, z, size, plans)
         raw = to_host(logits.argmax(axis=-1)) if paths is None or on_batch is not None else None
         if paths is None:
             pred = raw

@@ -246,6 +246,9 @@ class Segmenter:
             if not Path(p).is_file():
                 raise InputError(f"{p}: no such file (expected {flag} to be {what})")
         self.params, self.cfg = load_params(checkpoint, device)
+        if self.cfg.effective().predict_through_plan:
+            raise InputError(f"{checkpoint}: trained with predict_through_plan, which needs the hierarchy's "
+                             "usage over a whole split; segment predicts every level directly (use eval for it)")
         ins = session(model, device, threads).get_inputs()
         free = len(ins) == 1 and len(ins[0].shape) == 4 and not any(isinstance(d, int) for d in ins[0].shape[2:])
         self.bb = inspect_model(model, (resolution or DEFAULT_RESOLUTION) if free else None, device, threads)

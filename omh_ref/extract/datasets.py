@@ -10,7 +10,8 @@ resampling never invents values), 255 = ignore. This is what STEGO's loaders com
                           ``ROOT/curated/val2017/Coco164kFull_Stuff_Coarse_7.txt`` (val) list image
                           ids, as STEGO's ``Coco`` (``subset`` None for train, 7 for val); ``ROOT/images/<split>2017/<id>.jpg``,
                           ``ROOT/annotations/<split>2017/<id>.png`` (fine ids 0-181, 255 unlabelled);
-                          the 182 -> 27 coarse map of STEGO's ``Coco`` class (``subset=7``).
+                          the 182 -> 27 coarse map of STEGO's ``Coco`` class (``subset=7``); the
+                          fine ids are kept too (``labels_fine.npy``).
 ``cityscapes27``          ``ROOT/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` with
                           ``ROOT/gtFine/<split>/<city>/<stem>_gtFine_labelIds.png``; class = labelId - 7,
                           below 0 -> ignore. Sorted by city, then file name.
@@ -18,7 +19,8 @@ resampling never invents values), 255 = ignore. This is what STEGO's loaders com
                           ``ROOT/imgs/<id>.mat`` (key ``img``, H x W x 4 RGB-IR uint8 as IIC saved
                           it; the first 3 channels are used) and ``ROOT/gt/<id>.mat`` (key ``gt``,
                           int32); {0,4} -> 0 roads and cars,
-                          {1,5} -> 1 buildings and clutter, {2,3} -> 2 vegetation and trees.
+                          {1,5} -> 1 buildings and clutter, {2,3} -> 2 vegetation and trees; the 6
+                          classes are kept too (``labels_fine.npy``).
 ``folder``                every image under ROOT (recursively, sorted); with a labels folder, the
                           same relative path with a ``.png`` suffix is its label map (values kept as
                           they are, 255 = ignore), and every image must have one.
@@ -41,7 +43,9 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import InputError
-from .classes import CLASS_NAMES
+from ..features import meta as feats_meta
+from .classes import (CITYSCAPES_CATEGORY, CITYSCAPES_CATEGORY_NAMES, CLASS_NAMES, COCO_FINE_NAMES,
+                      COCO_THINGS_STUFF, COCO_THINGS_STUFF_NAMES, POTSDAM_FINE_NAMES)
 
 IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -60,6 +64,33 @@ POTSDAM_FINE_TO_COARSE = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2}
 # STEGO's cocostuff27 (src/data.py, Coco with subset None for training, 7 for validation)
 COCO_LISTS = {"train": "Coco164kFull_Stuff_Coarse.txt", "val": "Coco164kFull_Stuff_Coarse_7.txt"}
 CITYSCAPES_FIRST_CLASS = 7  # labelIds 0-6 are void; 7 (road) is class 0, 33 (bicycle) class 26
+
+
+FINE_FILE = "labels_fine.npy"   # the fine labels, beside labels.npy, where a data set has them
+
+
+def label_hierarchy(name, fine=True):
+    """The label granularities of a STEGO data set, finest first (``feats.json``'s
+    ``label_hierarchy``, :func:`omh_ref.features.meta.granularity`), or None for an unknown name:
+    COCO-Stuff's 182 fine labels (``labels_fine.npy``) -> its 27 classes -> things / stuff;
+    Cityscapes' 27 classes -> its 7 non-void categories; Potsdam's 6 classes (``labels_fine.npy``)
+    -> its 3. ``fine=False`` leaves out the granularity read from ``labels_fine.npy`` (features
+    extracted without it)."""
+    L = "labels.npy"
+    if name == "cocostuff27":
+        levels = [feats_meta.granularity("fine", 182, FINE_FILE, COCO_FINE_NAMES, parent=list(COCO_FINE_TO_COARSE)),
+                  feats_meta.granularity("classes", 27, L, CLASS_NAMES[name], parent=COCO_THINGS_STUFF),
+                  feats_meta.granularity("things/stuff", 2, L, COCO_THINGS_STUFF_NAMES, map=COCO_THINGS_STUFF)]
+    elif name == "cityscapes27":
+        levels = [feats_meta.granularity("classes", 27, L, CLASS_NAMES[name], parent=CITYSCAPES_CATEGORY),
+                  feats_meta.granularity("categories", 7, L, CITYSCAPES_CATEGORY_NAMES, map=CITYSCAPES_CATEGORY)]
+    elif name == "potsdam3":
+        levels = [feats_meta.granularity("fine", 6, FINE_FILE, POTSDAM_FINE_NAMES,
+                                         parent=[POTSDAM_FINE_TO_COARSE[i] for i in range(6)]),
+                  feats_meta.granularity("classes", 3, L, CLASS_NAMES[name])]
+    else:
+        return None
+    return [g for g in levels if fine or g["labels"] != FINE_FILE]
 
 
 def _lut(mapping: dict) -> np.ndarray:
@@ -85,13 +116,15 @@ class Dataset:
 
     ``load(item) -> (rgb, label)``: a PIL RGB image and a PIL "L" image of raw label values (or
     None); raises :class:`ImageError`. ``lut``: uint8 (256,) raw value -> class id, 255 = ignore.
+    ``fine_lut``: the same for the data set's fine labels (``labels_fine.npy``), or None.
     """
 
-    def __init__(self, name, root, split, items, n_classes=None, lut=None):
+    def __init__(self, name, root, split, items, n_classes=None, lut=None, fine_lut=None):
         self.name, self.root, self.split = name, Path(root), split
         self.items = list(items)
         self.n_classes = n_classes
         self.lut = np.arange(256, dtype=np.uint8) if lut is None else lut
+        self.fine_lut = fine_lut
         self.class_names = CLASS_NAMES.get(name)
         if not self.items:
             what = f"{name} split {split!r}" if split else f"an image ({', '.join(IMAGE_SUFFIXES)})"
@@ -117,6 +150,13 @@ class Dataset:
 
     def map_labels(self, raw: np.ndarray) -> np.ndarray:
         return self.lut[raw]
+
+    def map_fine_labels(self, raw: np.ndarray) -> np.ndarray:
+        return self.fine_lut[raw]
+
+    @property
+    def has_fine_labels(self) -> bool:
+        return self.fine_lut is not None and self.has_labels
 
 
 def read_rgb(path) -> Image.Image:
@@ -232,7 +272,8 @@ def cocostuff27(root, split: str) -> Dataset:
     ids = _read_list(root / "curated" / d / COCO_LISTS[split])
     items = [Item(f"images/{d}/{i}.jpg", root / "images" / d / f"{i}.jpg",
                   root / "annotations" / d / f"{i}.png") for i in ids]
-    return Dataset("cocostuff27", root, split, items, 27, _lut(dict(enumerate(COCO_FINE_TO_COARSE))))
+    return Dataset("cocostuff27", root, split, items, 27, _lut(dict(enumerate(COCO_FINE_TO_COARSE))),
+                   _lut({i: i for i in range(len(COCO_FINE_TO_COARSE))}))
 
 
 def cityscapes27(root, split: str) -> Dataset:
@@ -255,7 +296,8 @@ def potsdam3(root, split: str) -> Dataset:
     lists = {"train": "labelled_train.txt", "val": "labelled_test.txt"}
     ids = _read_list(root / lists[split])
     items = [Item(f"imgs/{i}.mat", root / "imgs" / f"{i}.mat", root / "gt" / f"{i}.mat") for i in ids]
-    return _MatDataset("potsdam3", root, split, items, 3, _lut(POTSDAM_FINE_TO_COARSE))
+    return _MatDataset("potsdam3", root, split, items, 3, _lut(POTSDAM_FINE_TO_COARSE),
+                       _lut({i: i for i in POTSDAM_FINE_TO_COARSE}))
 
 
 def folder(root, labels=None) -> Dataset:

@@ -9,7 +9,8 @@ image i owns rows ``5i .. 5i+4`` in the order tl, tr, bl, br, centre. Label maps
 geometry (NEAREST) and the data set's class lookup (255 = ignore).
 
 Outputs under ``--out`` (:mod:`omh_ref.features.meta`): ``feats.npy`` (N, h, w, C) float16 by default,
-``labels.npy`` uint8 (N, res, res) when the data set has labels, ``feats_flip.npy`` with ``--flip``
+``labels.npy`` uint8 (N, res, res) when the data set has labels, ``labels_fine.npy`` beside it when it
+also has finer labels (COCO-Stuff's 182 fine ids, Potsdam's 6 classes), ``feats_flip.npy`` with ``--flip``
 (features of the horizontally flipped crops, in their own orientation: ``eval`` flips them back),
 and ``feats.json``.
 
@@ -46,11 +47,11 @@ from ..core.lock import FolderLock
 from ..features import meta as feats_meta
 from ..features.rows import RowWriter, create_npy
 from .backbone import Backbone, inspect_model, normalize, run, session
-from .datasets import Dataset, ImageError
+from .datasets import Dataset, ImageError, label_hierarchy
 from .images import FIVE_CROP_RATIO, FIVE_CROPS, crops
 
 PROGRESS = "extract.progress.json"
-OUTPUTS = {"feats": "feats.npy", "labels": "labels.npy", "flip": "feats_flip.npy"}
+OUTPUTS = {"feats": "feats.npy", "labels": "labels.npy", "labels_fine": "labels_fine.npy", "flip": "feats_flip.npy"}
 
 
 @dataclass
@@ -116,7 +117,7 @@ class ChunkTask:
     dataset: Dataset                # without its item list (ds.reader()): tasks stay small
     opts: ExtractOptions
     backbone: Backbone
-    files: dict                     # {"feats": path, "labels": path, "flip": path} of the partials
+    files: dict                     # {"feats": path, "labels": path, "labels_fine": path, "flip": path} of the partials
     threads: int | None = None
     fingerprint: str = ""           # _chunk_fingerprint(items), taken by the driver before the run
 
@@ -179,7 +180,10 @@ def _forward_and_write(sess, bb, ds, batch, nc, writers, flip):
     if flip:
         outs["flip"] = run(sess, bb, np.ascontiguousarray(x[..., ::-1]))
     if "labels" in writers:
-        outs["labels"] = ds.map_labels(np.stack([c[1] for _, cs in batch for c in cs]))
+        raw = np.stack([c[1] for _, cs in batch for c in cs])
+        outs["labels"] = ds.map_labels(raw)
+        if "labels_fine" in writers:
+            outs["labels_fine"] = ds.map_fine_labels(raw)
     # consecutive item indices share one write; a skipped image splits the run
     i = 0
     while i < len(batch):
@@ -206,7 +210,8 @@ def _job_key(ds: Dataset, opts: ExtractOptions, bb: Backbone) -> dict:
             "root": str(ds.root.resolve()), "n_images": len(ds), "images_sha256": names,
             "crop": opts.crop, "flip": opts.flip, "dtype": opts.dtype, "labels": ds.has_labels,
             "on_error": opts.on_error, "device": opts.device,
-            "images_per_batch": opts.images_per_batch, "images_per_chunk": opts.images_per_chunk}
+            "images_per_batch": opts.images_per_batch, "images_per_chunk": opts.images_per_chunk,
+            **({"labels_fine": True} if ds.has_fine_labels else {})}
 
 
 def _chunk_fingerprint(items) -> str:
@@ -242,7 +247,8 @@ def _extract(ds, opts, out, log):
     threads = opts.threads if opts.threads is not None or not (opts.scheduler or "").startswith("local:") else 1
     bb = inspect_model(opts.model, opts.resolution, opts.device, opts.threads)
     key = _job_key(ds, opts, bb)
-    kinds = ["feats"] + (["labels"] if ds.has_labels else []) + (["flip"] if opts.flip else [])
+    kinds = (["feats"] + (["labels"] if ds.has_labels else []) + (["labels_fine"] if ds.has_fine_labels else [])
+             + (["flip"] if opts.flip else []))
     files = {k: str(_partial(out, OUTPUTS[k])) for k in kinds}
     progress_path = out / PROGRESS
     state, resumed = _resume_or_start(out, progress_path, key, opts, ds, bb, files)
@@ -310,7 +316,8 @@ def _resume_or_start(out, progress_path, key, opts, ds, bb, files):
     n_rows = len(ds) * opts.n_crops
     h, w = bb.grid
     shapes = {"feats": ((n_rows, h, w, bb.dim), opts.dtype), "flip": ((n_rows, h, w, bb.dim), opts.dtype),
-              "labels": ((n_rows, bb.resolution, bb.resolution), np.uint8)}
+              "labels": ((n_rows, bb.resolution, bb.resolution), np.uint8),
+              "labels_fine": ((n_rows, bb.resolution, bb.resolution), np.uint8)}
     for k, p in files.items():
         create_npy(p, *shapes[k])
     state = {"format": 2, "key": key, "stage": "extracting", "done": {}, "stat": {}}
@@ -403,6 +410,8 @@ def describe(ds: Dataset, opts: ExtractOptions, bb: Backbone, keep, failures, ki
         crop=opts.crop, **({"five_crop_ratio": FIVE_CROP_RATIO} if opts.crop == "five" else {}),
         dataset=ds.name, split=ds.split, n_classes=ds.n_classes, class_names=ds.class_names,
         labels=OUTPUTS["labels"] if "labels" in kinds else None,
+        labels_fine=OUTPUTS["labels_fine"] if "labels_fine" in kinds else None,
+        label_hierarchy=label_hierarchy(ds.name, "labels_fine" in kinds) if "labels" in kinds else None,
         flipped=OUTPUTS["flip"] if "flip" in kinds else None,
         image_root=str(ds.root.resolve()), images=names,
         skipped=[{"image": ds.items[i].name, "error": msg} for i, msg in failures],

@@ -17,6 +17,12 @@ The file sits beside ``feats.npy`` (the same stem, ``.json``). Fields (``None`` 
 ``flipped``        the flipped features' file (``feats_flip.npy``) or None
 ``n_classes``      classes of the labels; ``class_names`` their names, in label order
 ``dataset``        cocostuff27 | cityscapes27 | potsdam3 | folder | synthetic; ``split``
+``labels_fine``    the finer labels file beside it (``labels_fine.npy``: COCO-Stuff's 182 fine ids,
+                   Potsdam's 6 classes, the synthetic data's parts) or None
+``label_hierarchy`` the label granularities, finest first, or None (:func:`granularity`):
+                   [{"name", "n_classes", "class_names", "labels" (the file its classes are read
+                   from), "map" (that file's value -> class, or None for the identity), "parent"
+                   (class -> class of the next granularity, None for the last)}]
 ``skipped``        [{"image", "error"}] images that could not be read and have no row
 ``omh_ref_version``
 =================  ===============================================================================
@@ -45,9 +51,10 @@ FIELDS = {
     "resolution": (int, True), "patch": (int, True), "grid": (list, True), "dim": (int, True),
     "dtype": (str, True), "shape": (list, True), "images": (list, False), "image_root": (str, False),
     "labels": (str, False), "label_ignore": (int, False), "flipped": (str, False), "n_classes": (int, False),
-    "class_names": (list, False), "dataset": (str, False), "split": (str, False), "skipped": (list, False),
-    "omh_ref_version": (str, True),
+    "class_names": (list, False), "dataset": (str, False), "split": (str, False), "labels_fine": (str, False),
+    "label_hierarchy": (list, False), "skipped": (list, False), "omh_ref_version": (str, True),
 }
+GRANULARITY_KEYS = ("name", "n_classes", "class_names", "labels", "map", "parent")
 
 
 def path_for(features) -> Path:
@@ -85,6 +92,56 @@ def _check(m: dict, where) -> None:
             raise InputError(f"{where}: field {k!r} should be {t.__name__} or null, got {v!r}")
     if m.get("n_classes") is not None and m["n_classes"] < 1:
         raise InputError(f"{where}: field 'n_classes' should be >= 1, got {m['n_classes']}")
+    if m.get("label_hierarchy") is not None:
+        check_label_hierarchy(m["label_hierarchy"], f"{where}: field 'label_hierarchy'")
+
+
+def granularity(name, n_classes, labels, class_names=None, map=None, parent=None) -> dict:
+    """One entry of ``label_hierarchy``: ``n_classes`` classes named ``class_names`` (default
+    '0', '1', ...), read from the labels file ``labels`` (a name beside ``feats.json``) through
+    ``map`` (list: that file's value v -> class map[v]; values outside the list and 255 are
+    ignored; None: the value is the class), and ``parent`` (list: class -> its class in the next,
+    coarser granularity; None for the coarsest)."""
+    rec = {"name": str(name), "n_classes": int(n_classes),
+           "class_names": [str(c) for c in (class_names or range(int(n_classes)))], "labels": str(labels),
+           "map": None if map is None else [int(v) for v in map],
+           "parent": None if parent is None else [int(v) for v in parent]}
+    return rec
+
+
+def check_label_hierarchy(h, where="label_hierarchy") -> None:
+    """An InputError naming the first thing wrong with a ``label_hierarchy`` list: its entries'
+    keys and types, class counts and names, map values in range, and each parent map a function
+    from a granularity's classes onto the next one's (a tree, finest first)."""
+    if not isinstance(h, list) or not h:
+        raise InputError(f"{where}: expected a non-empty list of granularities, finest first")
+    for i, g in enumerate(h):
+        at = f"{where}[{i}]"
+        if not isinstance(g, dict) or set(g) != set(GRANULARITY_KEYS):
+            raise InputError(f"{at}: expected an object with keys {', '.join(GRANULARITY_KEYS)}")
+        n = g["n_classes"]
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 255:
+            raise InputError(f"{at}: 'n_classes' should be an integer in [1, 255], got {n!r}")
+        if not isinstance(g["name"], str) or not isinstance(g["labels"], str) or not g["labels"]:
+            raise InputError(f"{at}: 'name' and 'labels' should be strings")
+        if not isinstance(g["class_names"], list) or len(g["class_names"]) != n:
+            raise InputError(f"{at}: 'class_names' should list {n} names")
+        if g["map"] is not None and not (isinstance(g["map"], list) and len(g["map"]) <= 256 and all(
+                isinstance(v, int) and (0 <= v < n or v == LABEL_IGNORE) for v in g["map"])):
+            raise InputError(f"{at}: 'map' should be a list of at most 256 class ids in [0, {n}) or {LABEL_IGNORE}")
+        last = i == len(h) - 1
+        par = g["parent"]
+        if last:
+            if par is not None:
+                raise InputError(f"{at}: the coarsest granularity has no 'parent' map")
+            continue
+        m = h[i + 1].get("n_classes") if isinstance(h[i + 1], dict) else None
+        if not (isinstance(par, list) and len(par) == n and isinstance(m, int)
+                and all(isinstance(v, int) and 0 <= v < m for v in par)):
+            raise InputError(f"{at}: 'parent' should map each of its {n} classes to one of the next "
+                             f"granularity's {m} classes")
+        if len(set(par)) != m:
+            raise InputError(f"{at}: 'parent' leaves a class of the next granularity without children")
 
 
 def read(path, feats=None, feats_path="its features") -> dict:

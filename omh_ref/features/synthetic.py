@@ -106,8 +106,8 @@ class SynthSpec:
                 raise bad(name, "a positive integer")
         if self.n_classes > 255:
             raise bad("classes_per_super", "n_super·classes_per_super <= 255 (labels are uint8)")
-        if self.parts_per_class > 255:
-            raise bad("parts_per_class", "at most 255")
+        if self.n_classes * self.parts_per_class > 255:
+            raise bad("parts_per_class", "n_super·classes_per_super·parts_per_class <= 255 (part labels are uint8)")
         if self.rank > self.dim:
             raise bad("latent_dim", f"at most dim={self.dim}")
         need = max(self.n_super, self.classes_per_super + 1, self.parts_per_class + 2)
@@ -148,6 +148,20 @@ def superclass_of_class(spec: SynthSpec) -> list:
 def class_names(spec: SynthSpec) -> list:
     """``s{superclass}.c{class}``, the class index being the label value."""
     return [f"s{s}.c{c}" for c, s in enumerate(superclass_of_class(spec))]
+
+
+def label_hierarchy(spec: SynthSpec) -> list:
+    """The ``feats.json`` label hierarchy (:func:`omh_ref.features.meta.granularity`): parts
+    (``labels_fine.npy``, part id = class·parts_per_class + the part's index in its region) ->
+    classes (``labels.npy``) -> superclasses (``labels.npy`` through the class's superclass)."""
+    P, sup = spec.parts_per_class, superclass_of_class(spec)
+    names = class_names(spec)
+    return [feats_meta.granularity("parts", spec.n_classes * P, "labels_fine.npy",
+                                   [f"{names[c]}.p{q}" for c in range(spec.n_classes) for q in range(P)],
+                                   parent=[c for c in range(spec.n_classes) for _ in range(P)]),
+            feats_meta.granularity("classes", spec.n_classes, "labels.npy", names, parent=sup),
+            feats_meta.granularity("superclasses", spec.n_super, "labels.npy", [f"s{s}" for s in range(spec.n_super)],
+                                   map=sup)]
 
 
 def make_world(spec: SynthSpec) -> dict:
@@ -308,8 +322,8 @@ def describe(spec: SynthSpec, split: str = "train", dtype: str = "float32") -> d
     return feats_meta.make(
         shape=[spec.n_images, h, h, spec.dim], dtype=dtype, backbone="synthetic", resolution=spec.resolution,
         patch=spec.patch, images=image_names(spec, split), labels="labels.npy", n_classes=spec.n_classes,
-        class_names=class_names(spec), dataset="synthetic", split=split,
-        hierarchy={"superclass_of_class": superclass_of_class(spec), "n_super": spec.n_super,
+        class_names=class_names(spec), dataset="synthetic", split=split, labels_fine="labels_fine.npy",
+        label_hierarchy=label_hierarchy(spec), hierarchy={"superclass_of_class": superclass_of_class(spec), "n_super": spec.n_super,
                    "n_parts": spec.parts_per_class},
         synth_spec=dataclasses.asdict(spec))
 
@@ -335,7 +349,8 @@ def generate(spec: SynthSpec, split: str = "train"):
 
 
 def write(spec: SynthSpec, out_dir, dtype: str = "float16", batch: int = 64, split: str = "train") -> dict:
-    """Write ``feats.npy``, ``labels.npy`` and ``feats.json`` under ``out_dir``; return their paths.
+    """Write ``feats.npy``, ``labels.npy`` (classes), ``labels_fine.npy`` (parts, numbered
+    class·parts_per_class + part) and ``feats.json`` under ``out_dir``; return their paths.
 
     Features go through ``open_memmap`` in batches (never whole in memory); each file is written
     atomically (:func:`omh_ref.core.files.atomic_path`), ``feats.json`` last, so a reader never
@@ -348,15 +363,19 @@ def write(spec: SynthSpec, out_dir, dtype: str = "float16", batch: int = 64, spl
     os.makedirs(out_dir, exist_ok=True)
     N, h, H, C = spec.n_images, spec.grid, spec.resolution, spec.dim
     paths = {"feats": os.path.join(out_dir, "feats.npy"), "labels": os.path.join(out_dir, "labels.npy"),
-             "json": os.path.join(out_dir, "feats.json")}
-    with atomic_path(paths["feats"]) as tf, atomic_path(paths["labels"]) as tl:
+             "labels_fine": os.path.join(out_dir, "labels_fine.npy"), "json": os.path.join(out_dir, "feats.json")}
+    P = spec.parts_per_class
+    with atomic_path(paths["feats"]) as tf, atomic_path(paths["labels"]) as tl, \
+            atomic_path(paths["labels_fine"]) as tp:
         feats = np.lib.format.open_memmap(tf, mode="w+", dtype=dtype, shape=(N, h, h, C))
         labels = np.lib.format.open_memmap(tl, mode="w+", dtype=np.uint8, shape=(N, H, H))
-        for start, f, l, _ in iter_batches(spec, split, batch):
+        fine = np.lib.format.open_memmap(tp, mode="w+", dtype=np.uint8, shape=(N, H, H))
+        for start, f, l, q in iter_batches(spec, split, batch):
             feats[start:start + len(f)] = f
             labels[start:start + len(f)] = l
-        feats.flush()
-        labels.flush()
-        del feats, labels
+            fine[start:start + len(f)] = l * np.uint8(P) + q
+        for a in (feats, labels, fine):
+            a.flush()
+        del feats, labels, fine
     feats_meta.write(paths["json"], describe(spec, split, dtype))
     return paths

@@ -1,0 +1,143 @@
+"""Tables of the method study and the decision of its pre-stated rule (docs/ablations.md):
+
+    python -m benchmarks.study.report runs/study/results.jsonl [--markdown OUT.md]
+
+Per family: every variant's eval-level cluster mIoU (mean ± std over seeds) and its paired
+difference from the default (mean ± std of the per-seed differences); per-level scores and the
+hierarchy's consistency; then the rule applied mechanically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+RULE_FAMILIES = ("flat", "tree")
+REFERENCES = ("no hierarchy (λ_hier 0)", "STEGO baseline", "k-means (raw)")
+DEFAULT = "default"
+
+
+def load(path):
+    recs = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    bad = [r for r in recs if "error" in r]
+    return [r for r in recs if "error" not in r], bad
+
+
+def _ms(v):
+    v = np.asarray(v, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def by_variant(recs, family, key="miou"):
+    """{variant: {seed: value}} of one family."""
+    out = {}
+    for r in recs:
+        if r["family"] == family and r.get(key) is not None:
+            out.setdefault(r["variant"], {})[r["seed"]] = r[key]
+    return out
+
+
+def paired(vals, base):
+    seeds = sorted(set(vals) & set(base))
+    d = [vals[s] - base[s] for s in seeds]
+    return (*_ms(d), len(seeds)) if seeds else (None, None, 0)
+
+
+def table(recs, family, order):
+    vals = by_variant(recs, family)
+    base = vals.get(DEFAULT, {})
+    lines = ["| variant | cluster mIoU | paired Δ vs default | seeds |", "|---|---|---|---|"]
+    rows = {}
+    for v in order:
+        if v not in vals:
+            continue
+        m, s = _ms(list(vals[v].values()))
+        dm, ds, n = paired(vals[v], base) if v != DEFAULT else (None, None, len(vals[v]))
+        rows[v] = (m, s, dm, ds, n)
+        delta = "–" if dm is None else f"{dm:+.1f} ± {ds:.1f}"
+        lines.append(f"| {v} | {m:.1f} ± {s:.1f} | {delta} | {n} |")
+    return lines, rows
+
+
+def level_table(recs, family, order):
+    """Per variant: mean mIoU of each level against its granularity, and mean consistency."""
+    lines = ["| variant | levels: clusters → granularity: mIoU (strict) | consistency child→parent (coverage) |",
+             "|---|---|---|"]
+    for v in order:
+        rs = [r for r in recs if r["family"] == family and r["variant"] == v and r.get("levels")]
+        if not rs:
+            continue
+        cells = []
+        for i, e in enumerate(rs[0]["levels"]):
+            if e["granularity"] is None:
+                cells.append(f"{e['clusters']} → –")
+                continue
+            m = np.mean([r["levels"][i]["miou"] for r in rs])
+            st = np.mean([r["levels"][i]["strict_miou"] for r in rs])
+            cells.append(f"{e['clusters']} → {e['granularity']}: {m:.1f} ({st:.1f})")
+        cons = []
+        for i, c in enumerate(rs[0]["consistency"]):
+            xs = [r["consistency"][i]["consistency"] for r in rs if r["consistency"][i]["consistency"] is not None]
+            cov = [r["consistency"][i]["coverage"] for r in rs if r["consistency"][i]["coverage"] is not None]
+            cons.append(f"L{c['child']}→L{c['parent']} {np.mean(xs):.2f} ({100 * np.mean(cov):.0f} %)" if xs else
+                        f"L{c['child']}→L{c['parent']} –")
+        lines.append(f"| {v} | {'; '.join(cells)} | {'; '.join(cons) or '–'} |")
+    return lines
+
+
+def decide(all_rows):
+    """The rule: adopted iff mean paired gain > 0 on every rule family and > its spread on one."""
+    cands, verdicts = [], {}
+    variants = set.intersection(*(set(all_rows[f]) for f in RULE_FAMILIES)) - {DEFAULT}
+    for v in sorted(variants):
+        ds = [all_rows[f][v][2:4] for f in RULE_FAMILIES]
+        if any(d[0] is None for d in ds):
+            continue
+        positive = all(d[0] > 0 for d in ds)
+        clear = any(d[0] > d[1] for d in ds)
+        passes = positive and clear
+        verdicts[v] = passes
+        if passes and v not in REFERENCES:
+            cands.append((np.mean([d[0] for d in ds]), v))
+    return (max(cands)[1] if cands else None), verdicts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("results")
+    ap.add_argument("--markdown", default=None)
+    a = ap.parse_args(argv)
+    recs, bad = load(a.results)
+    fams = [f for f in ("flat", "tree", "demo") if any(r["family"] == f for r in recs)]
+    order = list(dict.fromkeys(r["variant"] for r in recs))
+    head = [DEFAULT, *[v for v in REFERENCES if v in order], "through plan"]
+    order = [v for v in head if v in order] + [v for v in order if v not in head]
+    out, all_rows = [], {}
+    for f in fams:
+        lines, rows = table(recs, f, order)
+        all_rows[f] = rows
+        out += [f"### Family `{f}`: eval-level cluster mIoU", "", *lines, "",
+                "Per level (mean over seeds; STEGO protocol, strict in brackets) and hierarchy consistency:", "",
+                *level_table(recs, f, order), ""]
+    if all(f in all_rows for f in RULE_FAMILIES):
+        adopted, verdicts = decide(all_rows)
+        out += ["### The rule", ""]
+        for v, ok in verdicts.items():
+            ds = ", ".join(f"{f} {all_rows[f][v][2]:+.1f} ± {all_rows[f][v][3]:.1f}" for f in RULE_FAMILIES)
+            out.append(f"- {v}: {'passes' if ok else 'fails'} ({ds}){' (reference, not a candidate)' if v in REFERENCES else ''}")
+        out += ["", f"**Adopted: {adopted or 'none: the defaults stay'}**", ""]
+    if bad:
+        out += ["Failed jobs:", *[f"- {r['family']} {r['variant']} seed {r['seed']}: {r['error']}" for r in bad]]
+    text = "\n".join(out)
+    print(text)
+    if a.markdown:
+        from omh_ref.core.files import write_text
+
+        write_text(a.markdown, text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The method study of docs/ablations.md, from one command:
+
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 nice -n 10 \\
+        python -m benchmarks.study.run --out runs/study --workers 2
+    python -m benchmarks.study.report runs/study/results.jsonl     # tables and the rule's decision
+
+For each data family (``flat``, ``tree``: benchmarks/study/data.py), each variant
+(:data:`VARIANTS`: Config overrides of the demo model, levels 4K/2K/K over K classes) and each
+training seed, train as the demo does (300 steps, batch 8, ``--shifts auto``) on the family's
+train split and evaluate on its evaluation split (other images, other pixels of the source
+pictures): the eval level's cluster mIoU and accuracy (Hungarian), every level's scores against
+its label granularity and the hierarchy's consistency (omh_ref.evaluate.granular). The default's
+checkpoint is also evaluated with its eval level predicted through the plans ("through plan"), and
+spherical k-means on the raw features gives the scale ("k-means (raw)"). One JSON record per
+(family, variant, seed) in ``results.jsonl``; a rerun skips what is there (resumable).
+
+Each job runs single-threaded (BLAS threads spinning on a shared 2-core machine made a run 10x
+slower); ``--workers`` jobs run at once.
+"""
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from benchmarks.study import data  # noqa: E402
+from omh_ref import demo  # noqa: E402
+from omh_ref.core.config import Config  # noqa: E402
+from omh_ref.core.files import write_text  # noqa: E402
+from omh_ref.core.ops import cosine, resize  # noqa: E402
+from omh_ref.evaluate import granular, metrics  # noqa: E402
+from omh_ref.evaluate.hierarchy import UsageAccumulator, hierarchy_plans  # noqa: E402
+from omh_ref.evaluate.predict import cluster_eval  # noqa: E402
+from omh_ref.features.store import FeatureStore  # noqa: E402
+from omh_ref.train.checkpoint import load_params  # noqa: E402
+from omh_ref.train.loop import TrainOptions, train  # noqa: E402
+
+FAMILIES = ("flat", "tree", "demo")   # demo: the demo's synthetic data, where the defaults were tuned
+N_SUPER = 3     # both families: the tree's superclasses; the flat family has none (its coarse level is free)
+
+
+def VARIANTS(K):
+    """name -> Config overrides of the demo model (levels 4K/2K/K). ``None``: not trained (derived
+    from the default's checkpoint or no model at all)."""
+    return {
+        "default": {},
+        "no hierarchy (λ_hier 0)": {"lam_hier": 0.0},
+        "STEGO baseline": {"baseline": "stego"},
+        "k-means (raw)": None,
+        "through plan": None,
+        "ε 0.05": {"eps": 0.05},
+        "ε 0.5": {"eps": 0.5},
+        "λ_hier 0.3": {"lam_hier": 0.3},
+        "λ_hier 3": {"lam_hier": 3.0},
+        "λ_W 0 (assignments only)": {"lam_w": 0.0},
+        "λ_W 1": {"lam_w": 1.0},
+        "uniform marginals": {"marginals": "uniform"},
+        "levels 2K/K": {"levels": (2 * K, K)},
+        "levels 2K/K/3, eval middle": {"levels": (2 * K, K, N_SUPER), "eval_level": 1},
+        "centroids only (form)": {"hier_form": "centroids"},
+        "parent targets (form)": {"hier_form": "targets"},
+        "plan sparsity 0.1": {"lam_sparse": 0.1},
+    }
+
+
+def demo_levels(K):
+    return (4 * K, 2 * K, K)
+
+
+def _level_report(params, cfg, store, batch_size=16):
+    """cluster_eval with every level's scores and the consistency (plans with the trained
+    marginals) -> (headline result, level report)."""
+    notes = []
+    grans = granular.load_granularities(store, notes=notes)
+    scorer = granular.LevelScorer(cfg, store, grans, notes=notes)
+    eff = cfg.effective()
+    usage = UsageAccumulator(cfg) if eff.marginals == "usage" and len(eff.levels) > 1 else None
+    clu, _ = cluster_eval(params, cfg, store, int(store.meta["n_classes"]), batch_size, usage=usage, levels=scorer)
+    plans = hierarchy_plans(params, cfg, usage.means() if usage is not None else None) if len(eff.levels) > 1 else None
+    return clu, scorer.result(plans)
+
+
+def _summary(clu, lv):
+    levels = [{"level": e["level"], "clusters": e["clusters"], "granularity": e["granularity"],
+               "miou": None if e["scores"] is None else e["scores"]["miou"],
+               "acc": None if e["scores"] is None else e["scores"]["acc"],
+               "strict_miou": None if e["scores"] is None else e["scores"]["strict"]["miou"]} for e in lv["levels"]]
+    return {"miou": clu["miou"], "acc": clu["acc"], "strict_miou": clu["strict"]["miou"], "levels": levels,
+            "consistency": lv["consistency"]}
+
+
+def spherical_kmeans(x, K, rng, iters=50):
+    """Spherical k-means (cosine), k-means++ seeding from ``rng``; x (N, C) unit rows -> (K, C)."""
+    C = [x[rng.integers(len(x))]]
+    for _ in range(K - 1):
+        d = np.maximum(1 - np.max(x @ np.stack(C).T, axis=1), 0)
+        C.append(x[rng.choice(len(x), p=d / d.sum())])
+    C = np.stack(C)
+    for _ in range(iters):
+        a = (x @ C.T).argmax(axis=1)
+        for k in range(K):
+            m = a == k
+            C[k] = x[m].sum(axis=0) if m.any() else x[rng.integers(len(x))]
+        C /= np.linalg.norm(C, axis=1, keepdims=True)
+    return C
+
+
+def run_kmeans(train_store, val_store, K, seed, n_fit=30000):
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
+    x = train_store.read(np.arange(train_store.N)).reshape(-1, train_store.C)
+    x = x[rng.choice(len(x), size=min(n_fit, len(x)), replace=False)].astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    C = spherical_kmeans(x, K, rng)
+    acc = metrics.ConfusionAccumulator(K, K)
+    size = val_store.labels.shape[1:]
+    for s, f in val_store.batches(32):
+        logits = resize.forward(cosine.forward(f.astype(np.float64), C)[0], size)[0]
+        acc.update(logits.argmax(axis=-1), val_store.read_labels(np.arange(s, s + len(f))))
+    res = metrics.scores(acc.matrix)
+    return {"miou": res["miou"], "acc": res["acc"], "strict_miou": res["strict"]["miou"], "levels": [],
+            "consistency": []}
+
+
+def run_job(job):
+    """One (family, variant, seed): train and evaluate -> a list of records."""
+    t0 = time.perf_counter()
+    fam, variant, seed, steps, paths, out = (job[k] for k in ("family", "variant", "seed", "steps", "paths", "out"))
+    tr = FeatureStore(Path(paths["train"]) / "feats.npy", labels=Path(paths["train"]) / "labels.npy")
+    va = FeatureStore(Path(paths["val"]) / "feats.npy", labels=Path(paths["val"]) / "labels.npy")
+    K = int(tr.meta["n_classes"])
+    base = {"family": fam, "variant": variant, "seed": seed, "steps": steps}
+    if variant == "k-means (raw)":
+        return [dict(base, overrides=None, **run_kmeans(tr, va, K, seed), seconds=round(time.perf_counter() - t0, 1))]
+    over = VARIANTS(K)[variant]
+    cfg = Config(**dict(dict(levels=demo_levels(K), in_dim=tr.C), **over))
+    run_dir = Path(out) / "runs" / fam / f"{_slug(variant)}-seed{seed}"
+    res = train(cfg, TrainOptions(features=str(tr.path), out=str(run_dir), steps=steps, batch_size=8, seed=seed,
+                                  shifts_auto=True, progress=False, ckpt_every=steps, overwrite=True),
+                say=lambda *a: None)
+    params, cfg = load_params(res["checkpoint"])
+    last = [json.loads(ln) for ln in Path(res["log"]).read_text().splitlines() if ln.strip()][-1]
+    diag = {k: round(v, 4) for k, v in last.items() if k.startswith(("plan_sparsity", "hier_entropy"))}
+    clu, lv = _level_report(params, cfg, va)
+    recs = [dict(base, overrides={k: list(v) if isinstance(v, tuple) else v for k, v in over.items()},
+                 **_summary(clu, lv), train_diag=diag, seconds=round(time.perf_counter() - t0, 1))]
+    if variant == "default":
+        t1 = time.perf_counter()
+        cfg_p = dataclasses.replace(cfg, predict_through_plan=True)
+        clu_p, _ = cluster_eval(params, cfg_p, va, K)
+        recs.append(dict(base, variant="through plan", overrides={"predict_through_plan": True}, miou=clu_p["miou"],
+                         acc=clu_p["acc"], strict_miou=clu_p["strict"]["miou"], levels=[], consistency=[],
+                         seconds=round(time.perf_counter() - t1, 1)))
+    return recs
+
+
+def _slug(name):
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name.encode("ascii", "replace").decode())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/study")
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--variants", default=None, help="comma-separated names (default: all)")
+    ap.add_argument("--n-train", type=int, default=600)
+    ap.add_argument("--n-val", type=int, default=200)
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = []
+    if results.is_file():
+        done = [json.loads(ln) for ln in results.read_text().splitlines() if ln.strip()]
+    have = {(r["family"], r["variant"], r["seed"]) for r in done}
+    t0 = time.perf_counter()
+    jobs = []
+    seeds = [int(s) for s in a.seeds.split(",")]
+    for fam in a.families.split(","):
+        if fam == "demo":
+            paths = demo.prepare_data(out / "data" / fam, a.n_train, a.n_val)
+        else:
+            paths = data.write_family(fam, str(out / "data" / fam), a.n_train, a.n_val)
+        names = [n for n, o in VARIANTS(9).items() if o is not None or n == "k-means (raw)"]
+        if a.variants:
+            want = a.variants.split(",")
+            names = [n for n in names if n in want]
+        for seed in seeds:                       # seed-major: every variant has some seeds early
+            for v in names:
+                if (fam, v, seed) not in have:
+                    jobs.append({"family": fam, "variant": v, "seed": seed, "steps": a.steps,
+                                 "paths": {k: str(p) for k, p in paths.items()}, "out": str(out)})
+    print(f"study: {len(jobs)} jobs to run ({len(done)} records already in {results})", flush=True)
+    with ProcessPoolExecutor(max_workers=a.workers) as pool:
+        futs = {pool.submit(run_job, j): j for j in jobs}
+        for f in as_completed(futs):
+            j = futs[f]
+            try:
+                recs = f.result()
+            except Exception as e:   # one failed job is recorded and said, the study goes on
+                recs = [{"family": j["family"], "variant": j["variant"], "seed": j["seed"], "error": repr(e)}]
+            done += recs
+            write_text(results, "".join(json.dumps(r) + "\n" for r in done))
+            for r in recs:
+                print(json.dumps({k: r.get(k) for k in ("family", "variant", "seed", "miou", "seconds", "error")
+                                  if k in r}), flush=True)
+    meta = {"command": " ".join(sys.argv), "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
+            "python": platform.python_version(), "numpy": np.__version__, "finished": time.strftime("%Y-%m-%d %H:%M"),
+            "wall_seconds_this_invocation": round(time.perf_counter() - t0, 1), "workers": a.workers}
+    write_text(out / "study_meta.json", json.dumps(meta, indent=1))
+    print(json.dumps(meta), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

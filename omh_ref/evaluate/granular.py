@@ -1,0 +1,284 @@
+"""Multi-granular evaluation: every cluster level scored against the label granularity that
+matches it, and the learned hierarchy's consistency with the labels' own hierarchy.
+
+**Granularities** (finest first) come from ``feats.json``'s ``label_hierarchy``
+(:func:`omh_ref.features.meta.granularity`: parts -> classes -> superclasses for the synthetic
+data), else from the data set's name (:func:`omh_ref.extract.datasets.label_hierarchy`: COCO-Stuff
+182 -> 27 -> things/stuff, Cityscapes 27 -> 7 categories, Potsdam 6 -> 3), else the labels file
+alone. A granularity whose labels file is missing is left out and said (``notes``).
+
+**Which granularity a level is scored against**: the one with the largest number of classes not
+above the level's cluster count (the closest from below), or the ``--level-labels`` choice
+(:func:`parse_level_labels`). A level with fewer clusters than every granularity is not scored.
+
+**Scores per level**: the level's own predictions (argmax of its cosine logits, bilinearly
+upsampled to label resolution, as the eval level's) against the granularity's labels, a confusion
+over the whole split accumulated batch by batch (nothing held), then Hungarian matching and mIoU /
+accuracy under both extra-cluster protocols (:func:`omh_ref.evaluate.metrics.scores`).
+
+**Hierarchy consistency** of adjacent levels l (child) -> l+1 (parent), with A_l the row-normalised
+plan the model's hierarchy computes (:func:`omh_ref.evaluate.hierarchy.hierarchy_plans`): among the
+child clusters that the Hungarian matching (strict protocol: every cluster competes) gives a class,
+the share of pixel mass whose parent ``argmax_j A_l[i, j]`` is matched to a class that contains the
+child's class (``consistency``); ``consistency_soft`` weighs every parent by A_l[i, j] instead of
+taking the argmax; ``coverage`` is the matched children's share of the child level's pixel mass.
+"Contains" follows the granularities' parent maps (a class contains itself). A perfect model, one
+whose every level is its granularity's partition and whose plans send each child to its true
+parent, scores 100 at every level and consistency 1 (tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core.backend import to_host
+from ..core.config import Config
+from ..core.errors import InputError
+from ..core.ops import cosine, resize
+from ..features.meta import check_label_hierarchy
+from ..features.store import FeatureStore
+from . import metrics
+
+SKIP = "-"                  # --level-labels: this level is not scored
+MAX_ELEMENTS = 1 << 25      # upsampled logits held at once (floats), per level
+
+
+@dataclass
+class Granularity:
+    """One label granularity: ``lut`` (256,) uint8 maps its labels file's values to classes (255:
+    ignore); ``parent`` (n_classes,) int64 the class of the next coarser granularity, or None."""
+    name: str
+    n_classes: int
+    class_names: list
+    labels: Path
+    lut: np.ndarray
+    parent: np.ndarray | None
+
+    def to_dict(self):
+        return {"name": self.name, "n_classes": self.n_classes, "labels": self.labels.name}
+
+
+def _lut(mapping, n):
+    if mapping is None:             # identity: invalid values stay invalid and are reported by name
+        return np.arange(256, dtype=np.uint8)
+    lut = np.full(256, 255, dtype=np.uint8)
+    lut[: len(mapping)] = mapping
+    return lut
+
+
+def load_granularities(store: FeatureStore, n_classes=None, notes=None) -> list:
+    """The granularities of ``store``'s labels, finest first (see the module's doc). The one read
+    from the labels file ``feats.json`` names is read from ``store.labels_path`` (the labels
+    evaluation was given). ``notes`` (a list) hears what was left out and why."""
+    from ..extract.datasets import label_hierarchy
+
+    notes = [] if notes is None else notes
+    meta, folder = store.meta, store.path.parent
+    main = meta.get("labels") or "labels.npy"
+    recs = meta.get("label_hierarchy")
+    if recs is None:
+        fine = meta.get("labels_fine")
+        recs = label_hierarchy(meta.get("dataset"), bool(fine) and (folder / fine).is_file())
+    if recs is None:
+        n = int(n_classes or meta.get("n_classes") or 0)
+        if n < 1:
+            raise InputError(f"{store.path}: cannot tell the number of classes (no n_classes in feats.json)")
+        return [Granularity("classes", n, list(meta.get("class_names") or map(str, range(n))), store.labels_path,
+                            _lut(None, n), None)]
+    check_label_hierarchy(recs, f"{store.path.with_suffix('.json')}: label_hierarchy")
+    out = []
+    for rec in recs:
+        path = store.labels_path if rec["labels"] == main else folder / rec["labels"]
+        if not path.is_file():
+            notes.append(f"granularity {rec['name']!r} left out: its labels file {path} does not exist")
+            continue
+        parent = None if rec["parent"] is None else np.asarray(rec["parent"], dtype=np.int64)
+        out.append(Granularity(rec["name"], rec["n_classes"], rec["class_names"], path,
+                               _lut(rec["map"], rec["n_classes"]), parent))
+    # a granularity left out breaks the parent chain: compose the parents across the gap
+    for i, g in enumerate(out[:-1]):
+        j0 = [r["name"] for r in recs].index(g.name)
+        j1 = [r["name"] for r in recs].index(out[i + 1].name)
+        if j1 != j0 + 1:
+            p = np.arange(g.n_classes)
+            for r in recs[j0:j1]:
+                p = np.asarray(r["parent"])[p]
+            g.parent = p
+    if not out:
+        raise InputError(f"{store.path}: none of the label granularities has its labels file")
+    out[-1].parent = None
+    return out
+
+
+def parse_level_labels(text, n_levels, granularities) -> list:
+    """``--level-labels``: one granularity name (or index) per level, finest level first,
+    comma-separated, ``-`` for a level not to score; e.g. ``parts,classes,superclasses``.
+    -> [granularity index or None] per level."""
+    names = [g.name for g in granularities]
+    items = [t.strip() for t in str(text).split(",")]
+    if len(items) != n_levels:
+        raise InputError(f"--level-labels: {len(items)} entries for the model's {n_levels} levels "
+                         f"(expected one per level, finest first, from {', '.join(names)} or '{SKIP}')")
+    out = []
+    for t in items:
+        if t == SKIP:
+            out.append(None)
+        elif t in names:
+            out.append(names.index(t))
+        elif t.isdigit() and int(t) < len(names):
+            out.append(int(t))
+        else:
+            raise InputError(f"--level-labels: unknown granularity {t!r} (expected one of {', '.join(names)}, "
+                             f"an index, or '{SKIP}')")
+    return out
+
+
+def closest_granularities(levels, granularities) -> list:
+    """Per level, the index of the granularity with the most classes not above the level's cluster
+    count (None when every granularity has more)."""
+    out = []
+    for k in levels:
+        fit = [i for i, g in enumerate(granularities) if g.n_classes <= k]
+        out.append(max(fit, key=lambda i: (granularities[i].n_classes, -i)) if fit else None)
+    return out
+
+
+def contains(granularities, gi, gj) -> np.ndarray:
+    """(n_gi, n_gj) bool: class c of granularity gi lies inside class d of gj (gi <= gj, finest
+    first; a class contains itself)."""
+    if gi > gj:
+        raise ValueError(f"contains: granularity {gi} is coarser than {gj}")
+    idx = np.arange(granularities[gi].n_classes)
+    for g in granularities[gi:gj]:
+        idx = g.parent[idx]
+    out = np.zeros((granularities[gi].n_classes, granularities[gj].n_classes), dtype=bool)
+    out[np.arange(len(idx)), idx] = True
+    return out
+
+
+def consistency(plan, child_class, parent_class, child_mass, inside):
+    """Hierarchy consistency of one adjacent pair (see the module's doc).
+
+    plan (K_c, K_p) row-normalised; child_class (K_c,), parent_class (K_p,) the matched class of
+    each cluster, −1 unmatched; child_mass (K_c,) pixels per child cluster; inside (n_c, n_p) bool,
+    :func:`contains`. -> {'consistency', 'consistency_soft', 'coverage'} (None where no matched
+    child holds any pixel)."""
+    plan, child_mass = np.asarray(plan, dtype=np.float64), np.asarray(child_mass, dtype=np.float64)
+    child_class, parent_class = np.asarray(child_class), np.asarray(parent_class)
+    matched = child_class >= 0
+    ok = np.zeros(plan.shape, dtype=bool)                                     # K_c, K_p
+    pm = parent_class >= 0
+    ok[np.ix_(matched, pm)] = inside[np.ix_(child_class[matched], parent_class[pm])]
+    mass = child_mass * matched
+    total = mass.sum()
+    if total <= 0:
+        return {"consistency": None, "consistency_soft": None,
+                "coverage": 0.0 if child_mass.sum() > 0 else None}
+    hard = ok[np.arange(len(plan)), plan.argmax(axis=1)]
+    return {"consistency": float((mass * hard).sum() / total),
+            "consistency_soft": float((mass * (plan * ok).sum(axis=1)).sum() / total),
+            "coverage": float(total / child_mass.sum())}
+
+
+class LevelScorer:
+    """Every scored level's confusion against its granularity, accumulated batch by batch:
+    :meth:`update` with each batch's codes (as :func:`omh_ref.evaluate.predict.cluster_eval` gives
+    them), then :meth:`result` with the hierarchy's plans."""
+
+    def __init__(self, cfg: Config, store: FeatureStore, granularities, assignment=None, notes=None):
+        self.cfg = cfg.effective()
+        self.granularities = granularities
+        self.notes = list(notes or [])
+        levels = self.cfg.levels
+        self.rule = "closest number of classes <= K" if assignment is None else "--level-labels"
+        self.assignment = closest_granularities(levels, granularities) if assignment is None else list(assignment)
+        for l, gi in enumerate(self.assignment):
+            if gi is not None and granularities[gi].n_classes > levels[l]:
+                raise InputError(f"--level-labels: level {l} has {levels[l]} clusters, fewer than the "
+                                 f"{granularities[gi].n_classes} classes of {granularities[gi].name!r}")
+        self.acc = {l: metrics.ConfusionAccumulator(levels[l], granularities[gi].n_classes)
+                    for l, gi in enumerate(self.assignment) if gi is not None}
+        self.readers = {}
+        used = {granularities[gi].labels for gi in self.assignment if gi is not None}
+        for path in used:
+            self.readers[path] = store if path == store.labels_path else FeatureStore(store.path, labels=path)
+        shapes = {p: r.labels.shape for p, r in self.readers.items()}
+        if len(set(shapes.values())) > 1:
+            raise InputError("label files of different shapes: " + ", ".join(f"{p} {s}" for p, s in shapes.items()))
+        self.size = next(iter(shapes.values()))[1:] if shapes else None
+
+    def update(self, params, z, start):
+        """Add the codes z (B, h, w, D) of rows start .. start + B."""
+        if not self.acc:
+            return
+        rows = np.arange(start, start + z.shape[0])
+        labels = {p: r.read_labels(rows) for p, r in self.readers.items()}
+        H, W = self.size
+        for l, acc in self.acc.items():
+            g = self.granularities[self.assignment[l]]
+            lab = labels[g.labels]
+            lab = g.lut[np.where((lab >= 0) & (lab <= 255), lab, 255).astype(np.intp)]
+            s, _ = cosine.forward(z, params[f"M{l}"])                             # B,h,w,K
+            step = max(1, MAX_ELEMENTS // (H * W * s.shape[-1]))
+            for b in range(0, len(rows), step):
+                pred = to_host(resize.forward(s[b:b + step], (H, W))[0].argmax(axis=-1))
+                try:
+                    acc.update(pred, lab[b:b + step])
+                except ValueError as e:
+                    raise InputError(f"{g.labels} (granularity {g.name!r}): {e}") from None
+
+    def result(self, plans=None) -> dict:
+        """JSON-ready: the granularities, each level's scores (:func:`omh_ref.evaluate.predict.scores_json`
+        keys; None for a level not scored) and each adjacent pair's consistency (None where either
+        level is not scored or there is no plan)."""
+        from .predict import scores_json
+
+        levels, res = self.cfg.levels, {}
+        out = {"rule": self.rule, "granularities": [g.to_dict() for g in self.granularities], "levels": [],
+               "consistency": [], "notes": self.notes}
+        for l, k in enumerate(levels):
+            gi = self.assignment[l]
+            entry = {"level": l, "clusters": k, "granularity": None, "n_classes": None, "scores": None}
+            if gi is not None:
+                conf = self.acc[l].matrix
+                if conf.sum() == 0:
+                    raise InputError(f"{self.granularities[gi].labels}: no labelled pixels for granularity "
+                                     f"{self.granularities[gi].name!r}; nothing to score")
+                res[l] = metrics.scores(conf)
+                entry.update(granularity=self.granularities[gi].name, n_classes=self.granularities[gi].n_classes,
+                             scores=scores_json(res[l]), mass=conf.sum(axis=1).tolist())
+            out["levels"].append(entry)
+        for l in range(len(levels) - 1):
+            gc, gp = self.assignment[l], self.assignment[l + 1]
+            item = {"child": l, "parent": l + 1, "consistency": None, "consistency_soft": None, "coverage": None}
+            if plans is not None and gc is not None and gp is not None and gc <= gp:
+                strict_c, strict_p = res[l]["strict"]["match"], res[l + 1]["strict"]["match"]
+                item.update(consistency(plans[l], strict_c.cluster_to_class, strict_p.cluster_to_class,
+                                        self.acc[l].matrix.sum(axis=1), contains(self.granularities, gc, gp)))
+            out["consistency"].append(item)
+        return out
+
+
+def format_levels(rep) -> list:
+    """Lines of the printed per-level table and the consistency of each adjacent pair."""
+    def f(v, scale=1.0):
+        return "n/a" if v is None else f"{v * scale:.2f}"
+
+    lines = [f"{'level':<6} {'clusters':>8} {'granularity':<14} {'classes':>7} {'mIoU':>7} {'acc':>7} "
+             f"{'strict mIoU':>11} {'strict acc':>10}"]
+    for e in rep["levels"]:
+        s = e["scores"]
+        if s is None:
+            lines.append(f"L{e['level']:<5} {e['clusters']:>8} {'(not scored)':<14}")
+            continue
+        lines.append(f"L{e['level']:<5} {e['clusters']:>8} {e['granularity'][:14]:<14} {e['n_classes']:>7} "
+                     f"{f(s['miou']):>7} {f(s['acc']):>7} {f(s['strict']['miou']):>11} {f(s['strict']['acc']):>10}")
+    for c in rep["consistency"]:
+        lines.append(f"consistency L{c['child']} -> L{c['parent']}: {f(c['consistency'])} (soft {f(c['consistency_soft'])}, "
+                     f"matched children hold {f(c['coverage'], 100)}% of the pixels)")
+    lines.append(f"(levels scored against the granularity with the {rep['rule']}; consistency: share of the "
+                 "matched child clusters' pixels whose parent in the plan is matched to a class containing theirs)")
+    lines += [f"note: {n}" for n in rep["notes"]]
+    return lines
