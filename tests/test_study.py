@@ -1,0 +1,93 @@
+"""The method study's machinery (benchmarks/study): its pre-stated decision rule applied to known
+numbers, and its data families (where scikit-image, the study's own dependency, is installed)."""
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.study import report
+
+
+def _records(family, variant, values):
+    return [{"family": family, "variant": variant, "seed": s, "miou": v} for s, v in enumerate(values)]
+
+
+def _rows(per_family):
+    recs = []
+    for family, variants in per_family.items():
+        for variant, values in variants.items():
+            recs += _records(family, variant, values)
+    order = list(dict.fromkeys(r["variant"] for r in recs))
+    return {f: report.table(recs, f, order)[1] for f in per_family}
+
+
+BASE = [20.0, 22.0, 24.0, 21.0, 23.0]
+
+
+def _shift(values, deltas):
+    return [v + d for v, d in zip(values, deltas)]
+
+
+def test_the_rule_adopts_a_consistent_gain_and_nothing_else():
+    fams = {
+        f: {
+            "default": BASE,
+            # +1 on every seed of both families: positive everywhere, larger than its (zero) spread
+            "steady": _shift(BASE, [1.0] * 5),
+            # +2 ± 0.1 on flat but -0.2 on tree: not positive on every family
+            "one family": _shift(BASE, [2.0, 2.1, 1.9, 2.0, 2.0] if f == "flat" else [-0.2] * 5),
+            # +0.2 on average with a spread of about 3 on both: positive, clear on neither
+            "noisy": _shift(BASE, [3.0, -3.0, 3.0, -3.0, 1.0]),
+            # a reference that passes is reported, never adopted
+            "no hierarchy (λ_hier 0)": _shift(BASE, [5.0] * 5),
+        }
+        for f in report.RULE_FAMILIES
+    }
+    adopted, verdicts = report.decide(_rows(fams))
+    assert verdicts == {"steady": True, "one family": False, "noisy": False, "no hierarchy (λ_hier 0)": True}
+    assert adopted == "steady"
+
+
+def test_the_rule_picks_the_largest_mean_gain_and_keeps_the_default_when_none_passes():
+    fams = {f: {"default": BASE, "small": _shift(BASE, [0.5] * 5), "large": _shift(BASE, [1.5] * 5)}
+            for f in report.RULE_FAMILIES}
+    assert report.decide(_rows(fams))[0] == "large"
+    fams = {f: {"default": BASE, "worse": _shift(BASE, [-0.5] * 5)} for f in report.RULE_FAMILIES}
+    assert report.decide(_rows(fams)) == (None, {"worse": False})
+
+
+def test_paired_differences_pair_by_seed():
+    vals = {0: 10.0, 1: 30.0, 2: 50.0}
+    base = {0: 9.0, 1: 29.0, 3: 0.0}             # seed 2 has no default run, seed 3 no variant run
+    mean, std, n = report.paired(vals, base)
+    assert (mean, std, n) == (1.0, 0.0, 2)
+
+
+def test_the_report_prints_tables_and_the_decision(tmp_path, capsys):
+    recs = []
+    for f in report.RULE_FAMILIES:
+        recs += _records(f, "default", BASE) + _records(f, "steady", _shift(BASE, [1.0] * 5))
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    report.main([str(path), "--markdown", str(tmp_path / "out.md")])
+    text = (tmp_path / "out.md").read_text()
+    assert "| steady | 23.0 ± 1.6 | +1.0 ± 0.0 | 5 |" in text and "**Adopted: steady**" in text
+
+
+def test_the_study_families_are_deterministic_and_split_apart(tmp_path):
+    pytest.importorskip("skimage")
+    from benchmarks.study import data
+
+    a = data.write_family("tree", tmp_path / "a", n_train=3, n_val=2, say=lambda *_: None)
+    b = data.write_family("tree", tmp_path / "b", n_train=3, n_val=2, say=lambda *_: None)
+    for split in ("train", "val"):
+        fa, fb = (np.load(f"{d[split]}/feats.npy") for d in (a, b))
+        assert fa.shape == ((3 if split == "train" else 2), data.GRID, data.GRID, data.DIM)
+        assert np.array_equal(fa, fb) and np.isfinite(fa.astype(np.float32)).all()
+        labels = np.load(f"{a[split]}/labels.npy")
+        assert labels.min() >= 0 and labels.max() < 9
+        meta = json.loads(open(f"{a[split]}/feats.json").read())
+        assert [g["name"] for g in meta["label_hierarchy"]] == ["classes", "superclasses"]
+    # the two splits are different images
+    tr, va = np.load(f"{a['train']}/feats.npy"), np.load(f"{a['val']}/feats.npy")
+    assert not np.array_equal(tr[:2], va)
