@@ -226,3 +226,22 @@ def test_prediction_through_the_plan(tmp_path):
     own, _ = cluster_eval(_params(swap_class_blocks=True), CFG, store, K_CLS, batch_size=3)
     blind, _ = cluster_eval(_params(swap_class_blocks=True), cfg, store, K_CLS, batch_size=3)
     assert own["miou"] == pytest.approx(100.0) and blind["miou"] < 50
+
+
+def test_eval_of_another_granularitys_labels_file_scores_every_level_from_its_own_file(tmp_path):
+    """``eval --labels labels_fine.npy`` (the parts, 8 classes): the labels given are the parts'
+    file, not a stand-in for labels.npy, so the class and superclass levels still read labels.npy
+    (they were scored on the part ids and failed with 'values must be in [0, 4)')."""
+    import dataclasses
+
+    from omh_ref.evaluate.job import EvalOptions, run
+
+    store = _world(tmp_path)
+    params = _params()
+    cfg = dataclasses.replace(CFG, eval_level=0)
+    checkpoint.save(tmp_path / "ck.npz", params, adam_init(params), 0, np.random.default_rng(0), cfg)
+    res = run(EvalOptions(checkpoint=str(tmp_path / "ck.npz"), features=str(store.path),
+                          labels=str(tmp_path / "labels_fine.npy"), n_classes=K_PART, progress=False))
+    assert res["cluster"]["miou"] == pytest.approx(100.0)
+    assert [e["granularity"] for e in res["levels"]["levels"]] == ["parts", "classes", "superclasses"]
+    assert [e["scores"]["miou"] for e in res["levels"]["levels"]] == pytest.approx([100.0] * 3)

@@ -88,9 +88,14 @@ def load_granularities(store: FeatureStore, n_classes=None, notes=None) -> list:
         return [Granularity("classes", n, list(meta.get("class_names") or map(str, range(n))), store.labels_path,
                             _lut(None, n), None)]
     check_label_hierarchy(recs, f"{store.path.with_suffix('.json')}: label_hierarchy")
+    # the labels given stand in for the file feats.json names, unless they are another
+    # granularity's file (eval --labels labels_fine.npy): then every granularity reads its own
+    given = store.labels_path
+    own = {(folder / r["labels"]).resolve() for r in recs if r["labels"] != main}
+    swap = given is not None and given.resolve() not in own
     out = []
     for rec in recs:
-        path = store.labels_path if rec["labels"] == main else folder / rec["labels"]
+        path = given if swap and rec["labels"] == main else folder / rec["labels"]
         if not path.is_file():
             notes.append(f"granularity {rec['name']!r} left out: its labels file {path} does not exist")
             continue
