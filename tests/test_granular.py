@@ -245,3 +245,15 @@ def test_eval_of_another_granularitys_labels_file_scores_every_level_from_its_ow
     assert res["cluster"]["miou"] == pytest.approx(100.0)
     assert [e["granularity"] for e in res["levels"]["levels"]] == ["parts", "classes", "superclasses"]
     assert [e["scores"]["miou"] for e in res["levels"]["levels"]] == pytest.approx([100.0] * 3)
+
+
+def test_a_fine_label_outside_0_255_is_reported_not_ignored(tmp_path):
+    """A granularity read as is (no map) reports label values that are neither a class nor an
+    ignore value, naming its file, also beyond uint8's range (an int16 file's 300 was silently
+    turned into 'ignore')."""
+    store = _world(tmp_path)
+    fine = np.load(tmp_path / "labels_fine.npy").astype(np.int16)
+    fine[1, 2, 3] = 300
+    np.save(tmp_path / "labels_fine.npy", fine)
+    with pytest.raises(InputError, match=r"labels_fine\.npy.*found 300"):
+        _evaluate(store, _params())

@@ -60,9 +60,12 @@ class Granularity:
         return {"name": self.name, "n_classes": self.n_classes, "labels": self.labels.name}
 
 
+_IDENTITY = np.arange(256, dtype=np.uint8)
+
+
 def _lut(mapping, n):
     if mapping is None:             # identity: invalid values stay invalid and are reported by name
-        return np.arange(256, dtype=np.uint8)
+        return _IDENTITY.copy()
     lut = np.full(256, 255, dtype=np.uint8)
     lut[: len(mapping)] = mapping
     return lut
@@ -224,7 +227,8 @@ class LevelScorer:
         for l, acc in self.acc.items():
             g = self.granularities[self.assignment[l]]
             lab = labels[g.labels]
-            lab = g.lut[np.where((lab >= 0) & (lab <= 255), lab, 255).astype(np.intp)]
+            if not np.array_equal(g.lut, _IDENTITY):   # identity: values outside [-1, 255] are reported too
+                lab = g.lut[np.where((lab >= 0) & (lab <= 255), lab, 255).astype(np.intp)]
             s, _ = cosine.forward(z, params[f"M{l}"])                             # B,h,w,K
             step = max(1, MAX_ELEMENTS // (H * W * s.shape[-1]))
             for b in range(0, len(rows), step):
