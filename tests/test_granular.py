@@ -208,7 +208,8 @@ def test_label_hierarchy_records_are_checked():
     feats_meta.check_label_hierarchy(good)
     for bad, match in ((good[:1], "parent"), ([good[0], dict(good[1], map=[0, 5])], "map"),
                        ([dict(good[0], parent=[0, 0, 0, 0]), good[1]], "without children"),
-                       ([dict(good[0], class_names=["x"]), good[1]], "class_names")):
+                       ([dict(good[0], class_names=["x"]), good[1]], "class_names"),
+                       ([good[0], dict(good[1], name="a")], "taken")):   # names pick levels and parents
         with pytest.raises(InputError, match=match):
             feats_meta.check_label_hierarchy(bad)
 
