@@ -258,3 +258,25 @@ def test_a_fine_label_outside_0_255_is_reported_not_ignored(tmp_path):
     np.save(tmp_path / "labels_fine.npy", fine)
     with pytest.raises(InputError, match=r"labels_fine\.npy.*found 300"):
         _evaluate(store, _params())
+
+
+def test_prediction_through_the_plan_reads_the_split_again_only_for_usage_marginals(tmp_path, monkeypatch):
+    """The extra pass measures the usage marginals; with uniform ones (or the eval level the
+    finest, which no plan reaches) it bought nothing and doubled the evaluation."""
+    import dataclasses
+
+    from omh_ref.evaluate import predict
+    from omh_ref.evaluate.hierarchy import UsageAccumulator
+
+    store = _world(tmp_path)
+    passes = []
+    real = predict.codes
+    monkeypatch.setattr(predict, "codes", lambda *a, **k: passes.append(1) or real(*a, **k))
+    through = dataclasses.replace(CFG, predict_through_plan=True)
+    for cfg, want in ((through, 1), (dataclasses.replace(through, eval_level=0), 1),
+                      (dataclasses.replace(through, marginals="usage"), 2)):
+        passes.clear()
+        usage = UsageAccumulator(cfg)
+        res, _ = cluster_eval(_params(), cfg, store, K_CLS, batch_size=3, usage=usage)
+        assert len(passes) == want and usage.images == store.N       # the usage still seen once
+        assert cfg.eval_level == 0 or res["miou"] == pytest.approx(100.0)
