@@ -280,3 +280,27 @@ def test_prediction_through_the_plan_reads_the_split_again_only_for_usage_margin
         res, _ = cluster_eval(_params(), cfg, store, K_CLS, batch_size=3, usage=usage)
         assert len(passes) == want and usage.images == store.N       # the usage still seen once
         assert cfg.eval_level == 0 or res["miou"] == pytest.approx(100.0)
+
+
+def test_without_a_label_hierarchy_the_classes_are_named_as_eval_names_them(tmp_path):
+    """No label hierarchy (an unknown data set): the one granularity takes eval's class names.
+    It took feats.json's, and with --n-classes / --class-names for more classes than those name,
+    the tree picture indexed past them (IndexError after the whole evaluation)."""
+    import dataclasses
+
+    from omh_ref.evaluate.job import EvalOptions, run
+
+    store = _world(tmp_path)
+    m = feats_meta.read(tmp_path / "feats.json")
+    feats_meta.write(tmp_path / "feats.json", dict(m, label_hierarchy=None, class_names=[f"c{i}" for i in range(K_CLS)]))
+    (tmp_path / "names.txt").write_text("\n".join(f"p{i}" for i in range(K_PART)))
+    params = _params()
+    checkpoint.save(tmp_path / "ck.npz", params, adam_init(params), 0, np.random.default_rng(0),
+                    dataclasses.replace(CFG, eval_level=0))
+    res = run(EvalOptions(checkpoint=str(tmp_path / "ck.npz"), features=str(store.path),
+                          labels=str(tmp_path / "labels_fine.npy"), n_classes=K_PART,
+                          class_names=str(tmp_path / "names.txt"), out=str(tmp_path / "o"), progress=False))
+    assert [e["granularity"] for e in res["levels"]["levels"]] == ["classes", None, None]
+    assert (tmp_path / "o" / "hierarchy_tree.png").is_file()
+    grans = granular.load_granularities(FeatureStore(store.path, labels=tmp_path / "labels_fine.npy"), K_PART)
+    assert grans[0].class_names == [str(i) for i in range(K_PART)]        # feats.json's 4 names are too few

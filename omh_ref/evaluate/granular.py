@@ -71,10 +71,12 @@ def _lut(mapping, n):
     return lut
 
 
-def load_granularities(store: FeatureStore, n_classes=None, notes=None) -> list:
+def load_granularities(store: FeatureStore, n_classes=None, notes=None, class_names=None) -> list:
     """The granularities of ``store``'s labels, finest first (see the module's doc). The one read
     from the labels file ``feats.json`` names is read from ``store.labels_path`` (the labels
-    evaluation was given). ``notes`` (a list) hears what was left out and why."""
+    evaluation was given). ``notes`` (a list) hears what was left out and why. Without a label
+    hierarchy, the labels' one granularity has ``n_classes`` classes named ``class_names`` (else
+    ``feats.json``'s names where they are as many, else their numbers)."""
     from ..extract.datasets import label_hierarchy
 
     notes = [] if notes is None else notes
@@ -88,8 +90,9 @@ def load_granularities(store: FeatureStore, n_classes=None, notes=None) -> list:
         n = int(n_classes or meta.get("n_classes") or 0)
         if n < 1:
             raise InputError(f"{store.path}: cannot tell the number of classes (no n_classes in feats.json)")
-        return [Granularity("classes", n, list(meta.get("class_names") or map(str, range(n))), store.labels_path,
-                            _lut(None, n), None)]
+        names = class_names or meta.get("class_names")
+        names = list(names) if names and len(names) == n else [str(i) for i in range(n)]
+        return [Granularity("classes", n, names, store.labels_path, _lut(None, n), None)]
     check_label_hierarchy(recs, f"{store.path.with_suffix('.json')}: label_hierarchy")
     # the labels given stand in for the file feats.json names, unless they are another
     # granularity's file (eval --labels labels_fine.npy): then every granularity reads its own
