@@ -208,7 +208,8 @@ def test_label_hierarchy_records_are_checked():
     feats_meta.check_label_hierarchy(good)
     for bad, match in ((good[:1], "parent"), ([good[0], dict(good[1], map=[0, 5])], "map"),
                        ([dict(good[0], parent=[0, 0, 0, 0]), good[1]], "without children"),
-                       ([dict(good[0], class_names=["x"]), good[1]], "class_names")):
+                       ([dict(good[0], class_names=["x"]), good[1]], "class_names"),
+                       ([good[0], dict(good[1], name="a")], "taken")):   # names pick levels and parents
         with pytest.raises(InputError, match=match):
             feats_meta.check_label_hierarchy(bad)
 
@@ -226,3 +227,80 @@ def test_prediction_through_the_plan(tmp_path):
     own, _ = cluster_eval(_params(swap_class_blocks=True), CFG, store, K_CLS, batch_size=3)
     blind, _ = cluster_eval(_params(swap_class_blocks=True), cfg, store, K_CLS, batch_size=3)
     assert own["miou"] == pytest.approx(100.0) and blind["miou"] < 50
+
+
+def test_eval_of_another_granularitys_labels_file_scores_every_level_from_its_own_file(tmp_path):
+    """``eval --labels labels_fine.npy`` (the parts, 8 classes): the labels given are the parts'
+    file, not a stand-in for labels.npy, so the class and superclass levels still read labels.npy
+    (they were scored on the part ids and failed with 'values must be in [0, 4)')."""
+    import dataclasses
+
+    from omh_ref.evaluate.job import EvalOptions, run
+
+    store = _world(tmp_path)
+    params = _params()
+    cfg = dataclasses.replace(CFG, eval_level=0)
+    checkpoint.save(tmp_path / "ck.npz", params, adam_init(params), 0, np.random.default_rng(0), cfg)
+    res = run(EvalOptions(checkpoint=str(tmp_path / "ck.npz"), features=str(store.path),
+                          labels=str(tmp_path / "labels_fine.npy"), n_classes=K_PART, progress=False))
+    assert res["cluster"]["miou"] == pytest.approx(100.0)
+    assert [e["granularity"] for e in res["levels"]["levels"]] == ["parts", "classes", "superclasses"]
+    assert [e["scores"]["miou"] for e in res["levels"]["levels"]] == pytest.approx([100.0] * 3)
+
+
+def test_a_fine_label_outside_0_255_is_reported_not_ignored(tmp_path):
+    """A granularity read as is (no map) reports label values that are neither a class nor an
+    ignore value, naming its file, also beyond uint8's range (an int16 file's 300 was silently
+    turned into 'ignore')."""
+    store = _world(tmp_path)
+    fine = np.load(tmp_path / "labels_fine.npy").astype(np.int16)
+    fine[1, 2, 3] = 300
+    np.save(tmp_path / "labels_fine.npy", fine)
+    with pytest.raises(InputError, match=r"labels_fine\.npy.*found 300"):
+        _evaluate(store, _params())
+
+
+def test_prediction_through_the_plan_reads_the_split_again_only_for_usage_marginals(tmp_path, monkeypatch):
+    """The extra pass measures the usage marginals; with uniform ones (or the eval level the
+    finest, which no plan reaches) it bought nothing and doubled the evaluation."""
+    import dataclasses
+
+    from omh_ref.evaluate import predict
+    from omh_ref.evaluate.hierarchy import UsageAccumulator
+
+    store = _world(tmp_path)
+    passes = []
+    real = predict.codes
+    monkeypatch.setattr(predict, "codes", lambda *a, **k: passes.append(1) or real(*a, **k))
+    through = dataclasses.replace(CFG, predict_through_plan=True)
+    for cfg, want in ((through, 1), (dataclasses.replace(through, eval_level=0), 1),
+                      (dataclasses.replace(through, marginals="usage"), 2)):
+        passes.clear()
+        usage = UsageAccumulator(cfg)
+        res, _ = cluster_eval(_params(), cfg, store, K_CLS, batch_size=3, usage=usage)
+        assert len(passes) == want and usage.images == store.N       # the usage still seen once
+        assert cfg.eval_level == 0 or res["miou"] == pytest.approx(100.0)
+
+
+def test_without_a_label_hierarchy_the_classes_are_named_as_eval_names_them(tmp_path):
+    """No label hierarchy (an unknown data set): the one granularity takes eval's class names.
+    It took feats.json's, and with --n-classes / --class-names for more classes than those name,
+    the tree picture indexed past them (IndexError after the whole evaluation)."""
+    import dataclasses
+
+    from omh_ref.evaluate.job import EvalOptions, run
+
+    store = _world(tmp_path)
+    m = feats_meta.read(tmp_path / "feats.json")
+    feats_meta.write(tmp_path / "feats.json", dict(m, label_hierarchy=None, class_names=[f"c{i}" for i in range(K_CLS)]))
+    (tmp_path / "names.txt").write_text("\n".join(f"p{i}" for i in range(K_PART)))
+    params = _params()
+    checkpoint.save(tmp_path / "ck.npz", params, adam_init(params), 0, np.random.default_rng(0),
+                    dataclasses.replace(CFG, eval_level=0))
+    res = run(EvalOptions(checkpoint=str(tmp_path / "ck.npz"), features=str(store.path),
+                          labels=str(tmp_path / "labels_fine.npy"), n_classes=K_PART,
+                          class_names=str(tmp_path / "names.txt"), out=str(tmp_path / "o"), progress=False))
+    assert [e["granularity"] for e in res["levels"]["levels"]] == ["classes", None, None]
+    assert (tmp_path / "o" / "hierarchy_tree.png").is_file()
+    grans = granular.load_granularities(FeatureStore(store.path, labels=tmp_path / "labels_fine.npy"), K_PART)
+    assert grans[0].class_names == [str(i) for i in range(K_PART)]        # feats.json's 4 names are too few

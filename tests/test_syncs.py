@@ -43,7 +43,10 @@ class Watched(np.ndarray):
 
 
 @pytest.mark.parametrize("over", [{}, {"cluster_target": "balanced", "marginals": "uniform"},
-                                  {"cluster_target": "hard", "sinkhorn_backward": "implicit"}])
+                                  {"cluster_target": "hard", "sinkhorn_backward": "implicit"},
+                                  {"hier_form": "centroids", "lam_sparse": 0.3},
+                                  {"hier_form": "targets", "lam_sparse": 0.3, "marginals": "uniform"},
+                                  {"hier_form": "targets", "cluster_target": "hard"}])
 def test_a_training_step_converts_nothing_to_the_host(over):
     cfg = model.small_config(**over)
     rng = np.random.default_rng(0)

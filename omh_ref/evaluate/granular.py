@@ -60,18 +60,23 @@ class Granularity:
         return {"name": self.name, "n_classes": self.n_classes, "labels": self.labels.name}
 
 
+_IDENTITY = np.arange(256, dtype=np.uint8)
+
+
 def _lut(mapping, n):
     if mapping is None:             # identity: invalid values stay invalid and are reported by name
-        return np.arange(256, dtype=np.uint8)
+        return _IDENTITY.copy()
     lut = np.full(256, 255, dtype=np.uint8)
     lut[: len(mapping)] = mapping
     return lut
 
 
-def load_granularities(store: FeatureStore, n_classes=None, notes=None) -> list:
+def load_granularities(store: FeatureStore, n_classes=None, notes=None, class_names=None) -> list:
     """The granularities of ``store``'s labels, finest first (see the module's doc). The one read
     from the labels file ``feats.json`` names is read from ``store.labels_path`` (the labels
-    evaluation was given). ``notes`` (a list) hears what was left out and why."""
+    evaluation was given). ``notes`` (a list) hears what was left out and why. Without a label
+    hierarchy, the labels' one granularity has ``n_classes`` classes named ``class_names`` (else
+    ``feats.json``'s names where they are as many, else their numbers)."""
     from ..extract.datasets import label_hierarchy
 
     notes = [] if notes is None else notes
@@ -85,12 +90,18 @@ def load_granularities(store: FeatureStore, n_classes=None, notes=None) -> list:
         n = int(n_classes or meta.get("n_classes") or 0)
         if n < 1:
             raise InputError(f"{store.path}: cannot tell the number of classes (no n_classes in feats.json)")
-        return [Granularity("classes", n, list(meta.get("class_names") or map(str, range(n))), store.labels_path,
-                            _lut(None, n), None)]
+        names = class_names or meta.get("class_names")
+        names = list(names) if names and len(names) == n else [str(i) for i in range(n)]
+        return [Granularity("classes", n, names, store.labels_path, _lut(None, n), None)]
     check_label_hierarchy(recs, f"{store.path.with_suffix('.json')}: label_hierarchy")
+    # the labels given stand in for the file feats.json names, unless they are another
+    # granularity's file (eval --labels labels_fine.npy): then every granularity reads its own
+    given = store.labels_path
+    own = {(folder / r["labels"]).resolve() for r in recs if r["labels"] != main}
+    swap = given is not None and given.resolve() not in own
     out = []
     for rec in recs:
-        path = store.labels_path if rec["labels"] == main else folder / rec["labels"]
+        path = given if swap and rec["labels"] == main else folder / rec["labels"]
         if not path.is_file():
             notes.append(f"granularity {rec['name']!r} left out: its labels file {path} does not exist")
             continue
@@ -219,7 +230,8 @@ class LevelScorer:
         for l, acc in self.acc.items():
             g = self.granularities[self.assignment[l]]
             lab = labels[g.labels]
-            lab = g.lut[np.where((lab >= 0) & (lab <= 255), lab, 255).astype(np.intp)]
+            if not np.array_equal(g.lut, _IDENTITY):   # identity: values outside [-1, 255] are reported too
+                lab = g.lut[np.where((lab >= 0) & (lab <= 255), lab, 255).astype(np.intp)]
             s, _ = cosine.forward(z, params[f"M{l}"])                             # B,h,w,K
             step = max(1, MAX_ELEMENTS // (H * W * s.shape[-1]))
             for b in range(0, len(rows), step):

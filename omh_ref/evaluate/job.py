@@ -91,7 +91,7 @@ def run(opts: EvalOptions, say=None) -> dict:
     eff = cfg.effective()
     # the hierarchy's usage marginals, averaged over the split on the way (no code is kept)
     usage = UsageAccumulator(cfg) if eff.marginals == "usage" and len(eff.levels) > 1 else None
-    levels = _level_scorer(opts, cfg, store, n_classes)
+    levels = _level_scorer(opts, cfg, store, n_classes, names)
     masks = MaskWriter(opts.save_masks, store, K, opts.crf) if opts.save_masks else None
     clu, preds = cluster_eval(params, cfg, store, n_classes, opts.batch_size, flipped, opts.device, keep=4,
                               crf_workers=max(opts.crf_workers, 1) if opts.crf else None,
@@ -134,10 +134,10 @@ def run(opts: EvalOptions, say=None) -> dict:
     return result
 
 
-def _level_scorer(opts: EvalOptions, cfg, store, n_classes):
+def _level_scorer(opts: EvalOptions, cfg, store, n_classes, names=None):
     """Every level's scorer against the label granularities (evaluate/granular.py)."""
     notes = []
-    grans = granular.load_granularities(store, n_classes, notes)
+    grans = granular.load_granularities(store, n_classes, notes, names)
     levels = cfg.effective().levels
     assignment = granular.parse_level_labels(opts.level_labels, len(levels), grans) if opts.level_labels else None
     return granular.LevelScorer(cfg, store, grans, assignment, notes)

@@ -91,14 +91,17 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
     K = cfg.effective().levels[cfg.effective().eval_level]
     acc = metrics.ConfusionAccumulator(K, n_classes)
     paths = _crf_images(store, size) if crf_workers is not None else None
-    plans = None
-    if cfg.effective().predict_through_plan:   # the plans first, with the usage of the whole split
+    plans, eff = None, cfg.effective()
+    if eff.predict_through_plan and eff.eval_level % len(eff.levels) > 0:   # the plans first
         from .hierarchy import UsageAccumulator, hierarchy_plans
 
-        u = usage if usage is not None else UsageAccumulator(cfg)
-        for _, z in codes(params, store, batch_size, flipped, device):
-            u.update(params, z)
-        plans, usage = hierarchy_plans(params, cfg, u.means()), None
+        means = None
+        if eff.marginals == "usage":   # their marginals: the usage of the whole split, one more pass
+            u = usage if usage is not None else UsageAccumulator(cfg)
+            for _, z in codes(params, store, batch_size, flipped, device):
+                u.update(params, z)
+            means, usage = u.means(), None
+        plans = hierarchy_plans(params, cfg, means)
     kept = []
     for s, z in codes(params, store, batch_size, flipped, device):
         if usage is not None:

@@ -115,6 +115,7 @@ def check_label_hierarchy(h, where="label_hierarchy") -> None:
     from a granularity's classes onto the next one's (a tree, finest first)."""
     if not isinstance(h, list) or not h:
         raise InputError(f"{where}: expected a non-empty list of granularities, finest first")
+    seen = set()
     for i, g in enumerate(h):
         at = f"{where}[{i}]"
         if not isinstance(g, dict) or set(g) != set(GRANULARITY_KEYS):
@@ -124,6 +125,9 @@ def check_label_hierarchy(h, where="label_hierarchy") -> None:
             raise InputError(f"{at}: 'n_classes' should be an integer in [1, 255], got {n!r}")
         if not isinstance(g["name"], str) or not isinstance(g["labels"], str) or not g["labels"]:
             raise InputError(f"{at}: 'name' and 'labels' should be strings")
+        if g["name"] in seen:
+            raise InputError(f"{at}: 'name' {g['name']!r} is taken by an earlier granularity (names must differ)")
+        seen.add(g["name"])
         if not isinstance(g["class_names"], list) or len(g["class_names"]) != n:
             raise InputError(f"{at}: 'class_names' should list {n} names")
         if g["map"] is not None and not (isinstance(g["map"], list) and len(g["map"]) <= 256 and all(
