@@ -434,19 +434,16 @@ def component_benchmark(cfg=None, batch_size=16, grid=(28, 28), threads=(1, 2), 
 
     tlogits = [torch.tensor(s) for s in logits]
 
-    def ours_targets():
-        for s in logits:
-            if relaxed:
-                cluster_mod.relaxed_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, cfg.rho_q)
-            else:
-                cluster_mod.balanced_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q)
+    def targets_with(mod, levels):   # the same calls on either rendering (both name them alike)
+        def run():
+            for s in levels:
+                if relaxed:
+                    mod.relaxed_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, cfg.rho_q)
+                else:
+                    mod.balanced_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q)
+        return run
 
-    def torch_targets():
-        for s in tlogits:
-            if relaxed:
-                tr.relaxed_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, cfg.rho_q)
-            else:
-                tr.balanced_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q)
+    ours_targets, torch_targets = targets_with(cluster_mod, logits), targets_with(tr, tlogits)
 
     pairs = {"head": (ours_head, torch_head), "feature sampling": (ours_sampling, torch_sampling),
              "cluster targets": (ours_targets, torch_targets)}
