@@ -304,3 +304,31 @@ def test_without_a_label_hierarchy_the_classes_are_named_as_eval_names_them(tmp_
     assert (tmp_path / "o" / "hierarchy_tree.png").is_file()
     grans = granular.load_granularities(FeatureStore(store.path, labels=tmp_path / "labels_fine.npy"), K_PART)
     assert grans[0].class_names == [str(i) for i in range(K_PART)]        # feats.json's 4 names are too few
+
+
+def test_a_granularity_without_labelled_pixels_is_noted_not_fatal(tmp_path):
+    """All parts ignored (255) in this split: level 0 is not scored and says why; the other levels
+    are scored, and the pair that needs level 0 has no consistency."""
+    store = _world(tmp_path)
+    np.save(tmp_path / "labels_fine.npy", np.full(np.load(tmp_path / "labels_fine.npy").shape, 255, np.uint8))
+    rep = _evaluate(store, _params())
+    assert rep["levels"][0]["scores"] is None and rep["levels"][0]["granularity"] is None
+    assert [e["scores"]["miou"] for e in rep["levels"][1:]] == [pytest.approx(100.0)] * 2
+    assert rep["consistency"][0]["consistency"] is None and rep["consistency"][1]["consistency"] == pytest.approx(1.0)
+    assert any("level 0 not scored" in n and "labels_fine.npy" in n for n in rep["notes"])
+    assert "level 0" in "\n".join(granular.format_levels(rep))
+
+
+def test_fine_labels_named_but_missing_are_noted(tmp_path):
+    """An older feats.json (no label_hierarchy) naming a labels_fine file that is gone."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "feats.npy", rng.standard_normal((2, 2, 2, 3)).astype(np.float32))
+    np.save(tmp_path / "labels.npy", rng.integers(0, 27, size=(2, 4, 4)).astype(np.uint8))
+    feats_meta.write(tmp_path / "feats.json", feats_meta.make(shape=[2, 2, 2, 3], dtype="float32", backbone="t",
+                                                              resolution=4, patch=2, labels="labels.npy",
+                                                              labels_fine="labels_fine.npy", n_classes=27,
+                                                              dataset="cocostuff27"))
+    notes = []
+    grans = granular.load_granularities(FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "labels.npy"),
+                                        notes=notes)
+    assert [g.name for g in grans][0] == "classes" and any("labels_fine.npy" in n for n in notes)

@@ -85,6 +85,8 @@ def load_granularities(store: FeatureStore, n_classes=None, notes=None, class_na
     recs = meta.get("label_hierarchy")
     if recs is None:
         fine = meta.get("labels_fine")
+        if fine and not (folder / fine).is_file():
+            notes.append(f"the fine labels feats.json names, {folder / fine}, do not exist: their granularity is left out")
         recs = label_hierarchy(meta.get("dataset"), bool(fine) and (folder / fine).is_file())
     if recs is None:
         n = int(n_classes or meta.get("n_classes") or 0)
@@ -249,15 +251,17 @@ class LevelScorer:
 
         levels, res = self.cfg.levels, {}
         out = {"rule": self.rule, "granularities": [g.to_dict() for g in self.granularities], "levels": [],
-               "consistency": [], "notes": self.notes}
+               "consistency": [], "notes": list(self.notes)}
         for l, k in enumerate(levels):
             gi = self.assignment[l]
             entry = {"level": l, "clusters": k, "granularity": None, "n_classes": None, "scores": None}
             if gi is not None:
                 conf = self.acc[l].matrix
-                if conf.sum() == 0:
-                    raise InputError(f"{self.granularities[gi].labels}: no labelled pixels for granularity "
-                                     f"{self.granularities[gi].name!r}; nothing to score")
+                if conf.sum() == 0:    # said, not raised: the headline scores are already computed
+                    out["notes"].append(f"level {l} not scored: {self.granularities[gi].labels} has no labelled "
+                                      f"pixels of granularity {self.granularities[gi].name!r} in this split")
+                    out["levels"].append(entry)
+                    continue
                 res[l] = metrics.scores(conf)
                 entry.update(granularity=self.granularities[gi].name, n_classes=self.granularities[gi].n_classes,
                              scores=scores_json(res[l]), mass=conf.sum(axis=1).tolist())
@@ -265,7 +269,7 @@ class LevelScorer:
         for l in range(len(levels) - 1):
             gc, gp = self.assignment[l], self.assignment[l + 1]
             item = {"child": l, "parent": l + 1, "consistency": None, "consistency_soft": None, "coverage": None}
-            if plans is not None and gc is not None and gp is not None and gc <= gp:
+            if plans is not None and l in res and l + 1 in res and gc <= gp:
                 strict_c, strict_p = res[l]["strict"]["match"], res[l + 1]["strict"]["match"]
                 item.update(consistency(plans[l], strict_c.cluster_to_class, strict_p.cluster_to_class,
                                         self.acc[l].matrix.sum(axis=1), contains(self.granularities, gc, gp)))

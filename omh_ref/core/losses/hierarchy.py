@@ -48,7 +48,8 @@ def forward(logp_child, logp_parent, M_child, M_parent, eps=0.05, n_iters=50, la
     """logp_child (P, K_c), logp_parent (P, K_p) log-assignments; M_child (K_c, D),
     M_parent (K_p, D) raw centroids; ``Q_parent`` (P, K_p) the parent's no-gradient cluster
     targets (``form="targets"`` only). -> (loss, cache); ``cache[-1]`` holds diagnostics (kl (the
-    assignment term of the form, 0 for ``centroids``), wasserstein, entropy (H(parent | child)),
+    assignment term of the form, 0 for ``centroids``), wasserstein, entropy (H(parent | child);
+    0, not computed, when ``lam_sparse`` is 0),
     marginal_error, plan_sparsity, the plan).
 
     The Sinkhorn's domain comes from bounds that hold by construction (the cost 1 − cos spans at
