@@ -188,15 +188,21 @@ def test_a_missing_fine_labels_file_leaves_its_granularity_out(tmp_path):
     assert [g.name for g in grans] == ["classes", "superclasses"] and "labels_fine.npy" in notes[0]
 
 
-def test_known_data_sets_get_their_hierarchy_without_one_in_feats_json(tmp_path):
-    """A feats.json written before label hierarchies (cityscapes27, no field) gets the data set's."""
+def _legacy_store(tmp_path, **meta):
+    """A tiny 27-class feature file whose feats.json has no label_hierarchy (written before they
+    existed); ``meta``: its extra fields (dataset, labels_fine)."""
     rng = np.random.default_rng(0)
     np.save(tmp_path / "feats.npy", rng.standard_normal((2, 2, 2, 3)).astype(np.float32))
     np.save(tmp_path / "labels.npy", rng.integers(0, 27, size=(2, 4, 4)).astype(np.uint8))
     feats_meta.write(tmp_path / "feats.json", feats_meta.make(shape=[2, 2, 2, 3], dtype="float32", backbone="t",
                                                               resolution=4, patch=2, labels="labels.npy",
-                                                              n_classes=27, dataset="cityscapes27"))
-    grans = granular.load_granularities(FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "labels.npy"))
+                                                              n_classes=27, **meta))
+    return FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "labels.npy")
+
+
+def test_known_data_sets_get_their_hierarchy_without_one_in_feats_json(tmp_path):
+    """A feats.json written before label hierarchies (cityscapes27, no field) gets the data set's."""
+    grans = granular.load_granularities(_legacy_store(tmp_path, dataset="cityscapes27"))
     assert [(g.name, g.n_classes) for g in grans] == [("classes", 27), ("categories", 7)]
     # road, sidewalk flat; person, rider human; bicycle vehicle (cityscapesScripts' categories)
     assert [grans[0].parent[i] for i in (0, 1, 17, 18, 26)] == [0, 0, 5, 5, 6]
@@ -321,14 +327,7 @@ def test_a_granularity_without_labelled_pixels_is_noted_not_fatal(tmp_path):
 
 def test_fine_labels_named_but_missing_are_noted(tmp_path):
     """An older feats.json (no label_hierarchy) naming a labels_fine file that is gone."""
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "feats.npy", rng.standard_normal((2, 2, 2, 3)).astype(np.float32))
-    np.save(tmp_path / "labels.npy", rng.integers(0, 27, size=(2, 4, 4)).astype(np.uint8))
-    feats_meta.write(tmp_path / "feats.json", feats_meta.make(shape=[2, 2, 2, 3], dtype="float32", backbone="t",
-                                                              resolution=4, patch=2, labels="labels.npy",
-                                                              labels_fine="labels_fine.npy", n_classes=27,
-                                                              dataset="cocostuff27"))
     notes = []
-    grans = granular.load_granularities(FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "labels.npy"),
+    grans = granular.load_granularities(_legacy_store(tmp_path, dataset="cocostuff27", labels_fine="labels_fine.npy"),
                                         notes=notes)
     assert [g.name for g in grans][0] == "classes" and any("labels_fine.npy" in n for n in notes)
