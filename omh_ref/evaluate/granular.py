@@ -48,24 +48,22 @@ MAX_ELEMENTS = 1 << 25      # upsampled logits held at once (floats), per level
 @dataclass
 class Granularity:
     """One label granularity: ``lut`` (256,) uint8 maps its labels file's values to classes (255:
-    ignore); ``parent`` (n_classes,) int64 the class of the next coarser granularity, or None."""
+    ignore), or None when the values are the classes as they are (then values outside the classes
+    are reported by name, not ignored); ``parent`` (n_classes,) int64 the class of the next coarser granularity, or None."""
     name: str
     n_classes: int
     class_names: list
     labels: Path
-    lut: np.ndarray
+    lut: np.ndarray | None
     parent: np.ndarray | None
 
     def to_dict(self):
         return {"name": self.name, "n_classes": self.n_classes, "labels": self.labels.name}
 
 
-_IDENTITY = np.arange(256, dtype=np.uint8)
-
-
-def _lut(mapping, n):
-    if mapping is None:             # identity: invalid values stay invalid and are reported by name
-        return _IDENTITY.copy()
+def _lut(mapping):
+    if mapping is None:             # the values are the classes: invalid ones are reported by name
+        return None
     lut = np.full(256, 255, dtype=np.uint8)
     lut[: len(mapping)] = mapping
     return lut
@@ -94,7 +92,7 @@ def load_granularities(store: FeatureStore, n_classes=None, notes=None, class_na
             raise InputError(f"{store.path}: cannot tell the number of classes (no n_classes in feats.json)")
         names = class_names or meta.get("class_names")
         names = list(names) if names and len(names) == n else [str(i) for i in range(n)]
-        return [Granularity("classes", n, names, store.labels_path, _lut(None, n), None)]
+        return [Granularity("classes", n, names, store.labels_path, None, None)]
     check_label_hierarchy(recs, f"{store.path.with_suffix('.json')}: label_hierarchy")
     # the labels given stand in for the file feats.json names, unless they are another
     # granularity's file (eval --labels labels_fine.npy): then every granularity reads its own
@@ -109,7 +107,7 @@ def load_granularities(store: FeatureStore, n_classes=None, notes=None, class_na
             continue
         parent = None if rec["parent"] is None else np.asarray(rec["parent"], dtype=np.int64)
         out.append(Granularity(rec["name"], rec["n_classes"], rec["class_names"], path,
-                               _lut(rec["map"], rec["n_classes"]), parent))
+                               _lut(rec["map"]), parent))
     # a granularity left out breaks the parent chain: compose the parents across the gap
     for i, g in enumerate(out[:-1]):
         j0 = [r["name"] for r in recs].index(g.name)
@@ -232,7 +230,7 @@ class LevelScorer:
         for l, acc in self.acc.items():
             g = self.granularities[self.assignment[l]]
             lab = labels[g.labels]
-            if not np.array_equal(g.lut, _IDENTITY):   # identity: values outside [-1, 255] are reported too
+            if g.lut is not None:
                 lab = g.lut[np.where((lab >= 0) & (lab <= 255), lab, 255).astype(np.intp)]
             s, _ = cosine.forward(z, params[f"M{l}"])                             # B,h,w,K
             step = max(1, MAX_ELEMENTS // (H * W * s.shape[-1]))
