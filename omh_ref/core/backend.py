@@ -155,3 +155,28 @@ def logsumexp(x, axis):
     with np.errstate(divide="ignore"):  # log(0) = -inf for an all -inf slice is the answer
         out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
     return xp.squeeze(out, axis=axis)
+
+
+def blas_thread_count() -> int | None:
+    """The number of threads NumPy's BLAS runs with in this process (threadpoolctl, which the
+    ``[dist]`` and ``[test]`` extras install), or None when it cannot be told."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+    return max(counts) if counts else None
+
+
+def blas_threads_limited(n: int | None):
+    """A context in which NumPy's BLAS runs ``n`` threads (a no-op for None, or without
+    threadpoolctl)."""
+    import contextlib
+
+    if n is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=int(n), user_api="blas")

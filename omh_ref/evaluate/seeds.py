@@ -187,9 +187,16 @@ def run_seed(task: SeedTask, say=print) -> dict:
     return run
 
 
-def _quiet_run_seed(task: SeedTask) -> dict:
-    """:func:`run_seed` on a Dask worker: its messages stay there, the driver reports progress."""
-    return run_seed(task, say=lambda *a: None)
+def _quiet_run_seed(task: SeedTask, blas_threads=None) -> dict:
+    """:func:`run_seed` on a Dask worker: its messages stay there, the driver reports progress.
+    ``blas_threads``: the driver's BLAS thread count, applied here for the run. Dask's workers
+    start with one BLAS thread (its nanny sets ``OMP_NUM_THREADS=1``), and OpenBLAS's products
+    differ in their last bits between thread counts, so without it a seed run on Dask trained
+    other parameters than the same seed run in the driver."""
+    from ..core.backend import blas_threads_limited
+
+    with blas_threads_limited(blas_threads):
+        return run_seed(task, say=lambda *a: None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,6 +278,7 @@ def _run(opts, say):
             say(f"seed {t.seed} ({len(runs) + 1} of {len(tasks)})")
             runs[t.seed] = run_seed(t, say)
     else:
+        from ..core.backend import blas_thread_count
         from ..features.distributed import dask_client, run_all
 
         say(f"seeds {', '.join(map(str, opts.seeds))} on Dask ({opts.scheduler}), one run per task")
@@ -280,7 +288,8 @@ def _run(opts, say):
                 runs[run["seed"]] = run
                 bar.update(1)
                 say(f"seed {run['seed']}: done")
-            run_all(client, _quiet_run_seed, [(t,) for t in tasks], got, name="omh-ref-seeds")
+            threads = blas_thread_count()
+            run_all(client, _quiet_run_seed, [(t, threads) for t in tasks], got, name="omh-ref-seeds")
     ordered = [runs[s] for s in opts.seeds]
     rep = {"title": opts.title, "runs": ordered, "summary": summarize(ordered), "n_seeds": len(ordered),
            "config": dataclasses.asdict(opts.config),
