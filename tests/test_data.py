@@ -99,3 +99,29 @@ def test_meta_mismatch_is_named(tmp_path):
     (tmp_path / "feats.json").write_text('{"images": ["a", "b"]}')
     with pytest.raises(InputError, match="feats.json: lists 2 images"):
         FeatureStore(tmp_path / "feats.npy")
+
+
+def test_the_finite_certificate_needs_a_file_unchanged_since_before_the_build(tmp_path, monkeypatch):
+    """A table certifies its features finite only when they last changed more than a clock tick
+    before the build (a write in the same tick could leave the timestamps equal), and only while
+    they stay unchanged: a write through a memory map voids it."""
+    import os
+    import time
+
+    from omh_ref.features import knn
+
+    p = _feats(tmp_path / "f.npy").path
+    monkeypatch.setattr(knn, "CLOCK_TICK_S", 3600.0)      # 'just written': no certificate
+    build_knn(FeatureStore(p), tmp_path / "t.npy", k=2)
+    assert not knn.certifies_finite(tmp_path / "t.npy", FeatureStore(p))
+    monkeypatch.setattr(knn, "CLOCK_TICK_S", 0.0)
+    time.sleep(0.02)
+    build_knn(FeatureStore(p), tmp_path / "t.npy", k=2)
+    assert knn.certifies_finite(tmp_path / "t.npy", FeatureStore(p))
+    time.sleep(0.02)
+    with open(p, "r+b") as fh:                                 # same bytes written back: still a write
+        fh.seek(-2, os.SEEK_END)
+        b = fh.read(2)
+        fh.seek(-2, os.SEEK_END)
+        fh.write(b)
+    assert not knn.certifies_finite(tmp_path / "t.npy", FeatureStore(p))

@@ -345,6 +345,71 @@ def test_nan_rows_are_named(tmp_path):
     assert code == 2 and "row 5" in out and "NaN" in out and "Traceback" not in out
 
 
+def test_train_with_a_given_knn_table(tmp_path):
+    """``--knn PATH`` (it crashed on unpacking before any step, and no test reached it)."""
+    a = write_feats(tmp_path / "feats.npy")
+    assert run_cli("knn", "--features", a, "--k", "3")[0] == 0
+    table = tmp_path / "mine.knn.npy"
+    os.replace(tmp_path / "feats.knn.npy", table)
+    os.replace(tmp_path / "feats.knn.npy.json", str(table) + ".json")
+    code, out = run_cli("train", "--features", a, "--knn", str(table), "--out", str(tmp_path / "o"), "--quiet",
+                        "--steps", "3", "--batch-size", "4", "--dim", "5", "--levels", "6,3", "--feature-samples", "3")
+    assert code == 0, out
+    assert checkpoint.load(tmp_path / "o" / "ckpt.npz")["info"]["knn"] == str(table.resolve())
+    assert not (tmp_path / "feats.knn.npy").exists()     # the given table was used, none was built
+
+
+def _certified_feats(tmp_path):
+    """Features whose KNN table certifies them finite (built more than a clock tick after their
+    last write, as a real extraction's table is)."""
+    from omh_ref.features.knn import CLOCK_TICK_S, build_knn, certifies_finite, default_path
+    from omh_ref.features.store import FeatureStore
+
+    p = write_feats(tmp_path / "feats.npy", dtype=np.float32)
+    time.sleep(2 * CLOCK_TICK_S)
+    store = FeatureStore(p)
+    build_knn(store, default_path(store), k=7)
+    assert certifies_finite(default_path(store), store)
+    return p, store
+
+
+def test_nan_written_after_the_knn_build_is_named(tmp_path):
+    """The table's finite certificate is void once a row changes: the per-batch scan is back and
+    names the row (it was keyed to the header and the first and last rows, so training ran into
+    a 'divergence' with lower-lr advice)."""
+    from omh_ref.features.knn import certifies_finite, default_path
+
+    p, store = _certified_feats(tmp_path)
+    f = np.load(p, mmap_mode="r+")
+    f[5, 1, 1, 2] = np.nan
+    f.flush()
+    del f
+    assert not certifies_finite(default_path(store), store)
+    code, out = run_cli("train", "--features", p, "--out", str(tmp_path / "o"), "--quiet", "--steps", "50",
+                        "--batch-size", "4", "--dim", "5", "--levels", "6,3", "--feature-samples", "3")
+    assert code == 2 and "row 5" in out and "NaN" in out and "Traceback" not in out, out
+    assert "lower --lr" not in out
+
+
+def test_a_divergence_on_non_finite_input_says_check_the_features(tmp_path, monkeypatch):
+    """Were the scan skipped on a file that holds NaN (a certificate fooled), the divergence
+    names the row and the features, not the learning rate."""
+    from omh_ref.train import loop
+
+    p, _ = _certified_feats(tmp_path)
+    f = np.load(p, mmap_mode="r+")
+    f[1:-1, 1, 1, 2] = np.nan              # every row but the fingerprinted first and last: step 1 meets it
+    f.flush()
+    del f
+    monkeypatch.setattr(loop, "certifies_finite", lambda path, store: True)
+    with pytest.raises(InputError) as e:
+        train(small_cfg(), TrainOptions(features=p, out=str(tmp_path / "o"), steps=5, batch_size=4, progress=False,
+                                        log_every=5), say=lambda *a: None)
+    msg = str(e.value)
+    assert "diverged at step 1" in msg and "contains NaN" in msg and "check the features" in msg, msg
+    assert "lower --lr" not in msg and (tmp_path / "o" / "diverged.npz").is_file()
+
+
 def test_knn_from_another_feature_file_is_refused(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

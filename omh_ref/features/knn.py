@@ -7,11 +7,15 @@ matches the features.
 Built in two streamed passes: pool the features batch by batch into (N, C) float32 (small: 77 MB
 for 50k ViT-S images), then score blocks of rows against all of them (at most 2^24 similarities
 at a time, :func:`block_rows`), so memory stays bounded. A sidecar ``knn.npy.json`` records the
-feature file's fingerprint; a table from another feature file is refused.
+feature file's fingerprint; a table from another feature file is refused. It also certifies
+that every row was finite when it was built, for as long as the file stays unchanged
+(:func:`certifies_finite`).
 """
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,27 +151,48 @@ def build_knn(store: FeatureStore, out_path, k=7, batch_size=256, progress=None,
     for flag, v in (("--batch-size", batch_size), ("--rows-per-task", rows_per_task)):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise InputError(f"{flag}: expected a positive integer, got {v!r}")
+    before, t0 = file_state(store.path), time.time()
     if scheduler is None:
         table = topk_cosine(pooled_features(store, batch_size, progress), k)
     else:
         table = _knn_on_dask(store, k, batch_size, scheduler, rows_per_task, progress)
     out_path = Path(out_path)
     atomic_write(out_path, lambda fh: np.save(fh, table))
-    # pooling read every row through FeatureStore.read, which refuses NaN and inf: the table
-    # certifies the whole file finite (the training loop then skips that check per batch)
-    write_json(meta_path(out_path), {"features": str(store.path.resolve()), "fingerprint": store.fingerprint(),
-                                     "k": int(table.shape[1] - 1), "finite": True})
+    # Pooling read every row through FeatureStore.read, which refuses NaN and inf, so the table
+    # can certify the file finite (the training loop then skips that check per batch). The
+    # certificate is the file's state as the build began; it holds only while the state is the
+    # same (any write changes the change time), and is given only when the file did not change
+    # while it was read and its last change lies more than a clock tick before the build began
+    # (a write in the same tick could leave the timestamps as they were).
+    meta = {"features": str(store.path.resolve()), "fingerprint": store.fingerprint(),
+            "k": int(table.shape[1] - 1)}
+    if before == file_state(store.path) and before["ctime_ns"] < (t0 - CLOCK_TICK_S) * 1e9:
+        meta["finite"] = before
+    write_json(meta_path(out_path), meta)
     return table
+
+
+CLOCK_TICK_S = 0.05   # above the coarsest timestamp granularity of Linux file systems (10 ms at HZ=100)
+
+
+def file_state(path) -> dict:
+    """What changes whenever a file's bytes change: its size, inode and modification and change
+    times (the change time cannot be set back by any program). A row written through a memory
+    map or a write() changes both times."""
+    st = os.stat(path)
+    return {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
 
 def certifies_finite(path, store: FeatureStore) -> bool:
     """True when the table at ``path`` was built from these very features (its sidecar's
-    fingerprint) and building it found every row finite."""
+    fingerprint), building it found every row finite, and the file has not changed since (its
+    :func:`file_state` is the one recorded): a row written after the build voids it."""
     try:
         meta = json.loads(meta_path(path).read_text())
+        state = file_state(store.path)
     except (OSError, ValueError):
         return False
-    return meta.get("finite") is True and meta.get("fingerprint") == store.fingerprint()
+    return meta.get("finite") == state and meta.get("fingerprint") == store.fingerprint()
 
 
 def load_knn(path, store: FeatureStore, min_k=1):

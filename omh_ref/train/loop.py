@@ -171,7 +171,7 @@ def _ensure_knn(store, opts, say):
     found every row of these features finite (the loop then skips the per-batch check)."""
     if opts.knn:
         path = Path(opts.knn)
-        return load_knn(path, store, min_k=1), path, certifies_finite(path, store), certifies_finite(path, store)
+        return load_knn(path, store, min_k=1), path, certifies_finite(path, store)
     found = cached_table(store, opts.knn_k, say)
     if found is not None:
         return (*found, certifies_finite(found[1], store))
@@ -335,11 +335,16 @@ def _train(cfg, opts, say, store, validate):
 
     def diverged(first_bad, why):
         nonlocal step
-        rng_state, loop_state, t = window[first_bad]
+        rng_state, loop_state, t, rows = window[first_bad]
         before = np.random.default_rng()
         before.bit_generator.state = rng_state
         step, opt_state["t"] = first_bad - 1, t
         save(out / "diverged.npz", before, loop_state)
+        try:   # the step's own input first: NaN or inf there is the features' fault, not the lr's
+            store.read(rows, check_finite=True)
+        except InputError as e:
+            raise InputError(f"training diverged at step {first_bad} ({why}) on non-finite input: {e}; check the "
+                             f"features (the state before the step is in {out / 'diverged.npz'})") from None
         raise InputError(f"training diverged at step {first_bad} ({why}); the state before the step is in "
                          f"{out / 'diverged.npz'} (continue it with --resume and a lower --lr)")
 
@@ -357,7 +362,7 @@ def _train(cfg, opts, say, store, validate):
     with _Interrupt() as stop, _log_file(log_path, intact) as log, reader:
         while step < opts.steps:
             batch = pending.result()
-            window[step + 1] = (*state, opt_state["t"])
+            window[step + 1] = (*state, opt_state["t"], pending.rows)
             draws = model.draw(eff, B, C, rng)
             state = (rng.bit_generator.state, dict(loop))
             if step + 1 < opts.steps:
@@ -440,14 +445,15 @@ class _BatchReader:
         return rows[:len(idx)], rows[len(idx):]
 
     def submit(self, idx, partners):
+        rows = np.concatenate([idx, partners])
         if self.pool is not None:
-            return _Batch(self.pool.submit(self._read, idx, partners), self.device)
+            return _Batch(self.pool.submit(self._read, idx, partners), self.device, rows)
         fut = self._done()                                  # no prefetch: read now, in this thread
         try:
             fut.set_result(self._read(idx, partners))
         except BaseException as e:  # delivered at .result(), where a prefetched error would be
             fut.set_exception(e)
-        return _Batch(fut, self.device)
+        return _Batch(fut, self.device, rows)
 
     def __enter__(self):
         return self
@@ -458,8 +464,11 @@ class _BatchReader:
 
 
 class _Batch:
-    def __init__(self, fut, device):
-        self.fut, self.device = fut, device
+    """A batch being read: ``result()`` gives it, ``rows`` are its feature rows (batch, then
+    partners)."""
+
+    def __init__(self, fut, device, rows):
+        self.fut, self.device, self.rows = fut, device, rows
 
     def result(self):
         feats, pos = self.fut.result()
