@@ -348,3 +348,34 @@ def test_linear_probe_refuses_invalid_or_absent_training_labels(tmp_path):
     with pytest.raises(InputError, match=r"none.npy: no labelled pixels to train the linear probe on"):
         probe_mod.linear_probe(params, FeatureStore(store.path, labels=tmp_path / "none.npy"), 3, epochs=1,
                               progress=False)
+
+
+@pytest.mark.parametrize("flag", ["--out", "--save-masks", "--json"])
+def test_eval_refuses_a_folder_another_process_writes(tmp_path, flag):
+    """eval holds the lock of every folder it writes (--out, --save-masks, --json's folder):
+    another writer there refuses it before it writes anything, in one line naming the holder."""
+    from click.testing import CliRunner
+
+    from omh_ref.core.optim import adam_init
+    from omh_ref.train import checkpoint
+    from omh_ref_cli.main import main
+
+    from .helpers import lock_holder
+
+    store, protos = _known_world(tmp_path, N=4)
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
+    params = _identity_params(cfg, protos, np.array([1, 2, 0]))
+    ck = tmp_path / "ckpt.npz"
+    checkpoint.save(ck, params, adam_init(params), 0, np.random.default_rng(0), cfg)
+    busy = tmp_path / "busy"
+    target = str(busy / "s.json") if flag == "--json" else str(busy)
+    p = lock_holder(busy, "train")
+    try:
+        res = CliRunner().invoke(main, ["eval", "--checkpoint", str(ck), "--features", str(store.path), "--labels",
+                                        str(tmp_path / "labels.npy"), "--n-classes", "3", flag, target, "--quiet"])
+    finally:
+        p.kill()
+        p.wait()
+    assert res.exit_code == 2 and f"another omh-ref train (pid {p.pid}" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert sorted(x.name for x in busy.iterdir()) == [".omh-ref.lock"]      # nothing written there

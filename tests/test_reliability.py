@@ -1,7 +1,8 @@
 """One writer per output folder, and faults that say what is safe.
 
 Locks: a second writer is refused at once in one line naming the holder; a dead holder's lock is
-taken over with a message (same host: its pid is gone; another host: no heartbeat for STALE_S);
+taken over with a message (same host: its pid is gone or another process's; anywhere: no heartbeat
+for STALE_S), and of two contenders for one stale lock only one wins;
 waiting works; only the owner releases. Each writing command (train, knn, demo; extract in
 tests/test_extract.py) refuses a folder another process holds, and two trainings started
 together into one folder leave exactly one run's log and checkpoint. Faults: a full disk during
@@ -61,6 +62,74 @@ def test_another_hosts_lock_is_stale_only_without_a_heartbeat(tmp_path):
     with FolderLock(tmp_path, "train", say=said.append):
         pass
     assert "taking over the lock of omh-ref train (pid 1 on elsewhere" in said[0]
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_two_contenders_for_one_stale_lock_cannot_both_win(tmp_path, monkeypatch):
+    """B judges a dead holder's lock stale; before B renames it aside, A takes it over and holds
+    the folder. B's rename then moves A's live lock: B must see that, put it back and be refused
+    (it deleted A's lock and took the folder too, so both held it)."""
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(),
+                                                  "command": "train", "started": time.time(), "token": "dead"}))
+    rival = []
+
+    def a_takes_it_first():
+        if not rival:
+            rival.append(lock_holder(tmp_path, "extract"))       # takes over the dead lock, holds it
+
+    monkeypatch.setattr(lock_mod, "_before_take_over", a_takes_it_first)
+    try:
+        with pytest.raises(InputError, match=r"another omh-ref extract \(pid \d+ "):
+            FolderLock(tmp_path, "train").acquire()
+        info = json.loads((tmp_path / LOCK_NAME).read_text())
+        assert info["pid"] == rival[0].pid and info["command"] == "extract"   # A's lock, back in place
+        assert _leftovers(tmp_path) == [LOCK_NAME]
+    finally:
+        for p in rival:
+            p.kill()
+            p.wait()
+
+
+def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
+    """Same host, the pid alive but another process now (its start time differs), or a lock
+    without a start time whose heartbeat stopped: taken over (it blocked the folder for ever)."""
+    me = os.getppid()                                   # a live process that is not the holder
+    start = lock_mod._pid_start(me)
+    if start is None:
+        pytest.skip("no /proc here")
+    lock = {"pid": me, "host": socket.gethostname(), "command": "train", "started": time.time(), "token": "x"}
+    (tmp_path / LOCK_NAME).write_text(json.dumps({**lock, "pid_start": start}))
+    with pytest.raises(InputError, match=rf"another omh-ref train \(pid {me} "):   # the same process: live
+        FolderLock(tmp_path, "knn").acquire()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({**lock, "pid_start": start + 1}))
+    said = []
+    with FolderLock(tmp_path, "knn", say=said.append):
+        pass
+    assert "taking over the lock of omh-ref train" in said[0]
+    (tmp_path / LOCK_NAME).write_text(json.dumps(lock))  # no start time recorded: judged by its heartbeat
+    with pytest.raises(InputError, match="is writing here"):
+        FolderLock(tmp_path, "knn").acquire()
+    old = time.time() - lock_mod.STALE_S - 5
+    os.utime(tmp_path / LOCK_NAME, (old, old))
+    said = []
+    with FolderLock(tmp_path, "knn", say=said.append):
+        pass
+    assert "taking over" in said[0] and _leftovers(tmp_path) == []
+
+
+def test_the_heartbeat_touches_only_its_own_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock_mod, "HEARTBEAT_S", 0.05)
+    with FolderLock(tmp_path, "train") as lk:
+        (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "h", "token": "someone else"}))
+        old = time.time() - 100
+        os.utime(tmp_path / LOCK_NAME, (old, old))
+        time.sleep(0.3)
+        assert not lk.owned() and abs((tmp_path / LOCK_NAME).stat().st_mtime - old) < 1
 
 
 def test_the_heartbeat_keeps_a_lock_fresh(tmp_path, monkeypatch):

@@ -1,21 +1,28 @@
 """One writer per output folder: ``with FolderLock(folder, "train"): ...``.
 
-Every command that writes a folder (``train``, ``extract``, ``knn``, ``segment``, ``demo``) holds
-its lock from before its first write until it exits, on every path (normal, error, Ctrl-C). A
+Every command that writes a folder (``train``, ``extract``, ``knn``, ``eval``, ``segment``, ``demo``,
+``seeds``, ``recipe``) holds its lock from before its first write until it exits, on every path
+(normal, error, Ctrl-C). A
 second process that wants the folder is refused at once with one line naming the holder (pid,
 host, command, start time), or, with ``wait=True``, waits for it (what a training run does while
 another builds the KNN table it needs).
 
 Mechanism: a lock file ``.omh-ref.lock`` created with ``O_CREAT | O_EXCL``, which is atomic on
 local file systems and on NFS v3+ (``flock`` is not: several network file systems ignore it, and
-Dask runs share folders over them). The file holds the holder's pid, host, command, start time
-and a random token; a daemon thread touches it every :data:`HEARTBEAT_S` seconds. A lock whose
-holder is dead is taken over with a message: on the same host, when its pid no longer exists;
-from another host, when its heartbeat is older than :data:`STALE_S` seconds. Take-over renames
-the stale file away first (only one contender's rename succeeds), then creates a new one with
-``O_EXCL``, so two processes that both find a stale lock cannot both win. A process releases
-only a lock that still holds its own token. Dask workers that write their own rows of a job
-whose driver holds the lock are not writers in this sense and take no lock.
+Dask runs share folders over them). The file holds the holder's pid (with its start time, where
+``/proc`` tells it), host, command, start time and a random token; a daemon thread touches it every
+:data:`HEARTBEAT_S` seconds while it still holds the holder's token. A lock is stale, and taken
+over with a message, when its heartbeat is older than :data:`STALE_S` seconds, or on the same host
+at once when its pid no longer exists or is another process now (a reused pid: its start time
+differs). So a holder stopped (Ctrl-Z) for longer than :data:`STALE_S` loses its folder.
+
+Take-over renames the lock file aside (only one contender's rename succeeds) and then checks
+what it moved: if that is the stale lock it judged, it is deleted and the contender creates its own
+with ``O_EXCL``; if it is another (a rival took the stale lock over between the judging and the
+rename), it is put back with a hard link, which fails rather than overwrite, and the lock is judged
+again. So two processes that both find a stale lock cannot both win. A process releases only a lock
+that still holds its own token. Dask workers that write their own rows of a job whose driver holds
+the lock are not writers in this sense and take no lock.
 """
 from __future__ import annotations
 
@@ -45,6 +52,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_start(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22),
+    or None where ``/proc`` does not tell it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _before_take_over():
+    """Called between judging a lock stale and renaming it aside; tests replace it to interleave
+    two contenders there."""
+
+
 def _describe(info: dict) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
     return (f"omh-ref {info.get('command', '?')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
@@ -69,25 +91,37 @@ class FolderLock:
 
     # ------------------------------------------------------------------------------------------
     def _info(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                "started": time.time(), "token": self.token}
+        return {"pid": os.getpid(), "pid_start": _pid_start(os.getpid()), "host": socket.gethostname(),
+                "command": self.command, "started": time.time(), "token": self.token}
 
-    def _read(self) -> dict | None:
+    def _read(self):
+        """(raw bytes, parsed info) of the lock file; (None, None) when there is none."""
         try:
-            return json.loads(self.path.read_text())
+            raw = self.path.read_bytes()
         except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}            # being written this instant, or garbage: judged by its age
+            return None, None
+        except OSError:
+            return b"", {}
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            info = {}            # being written this instant, or garbage: judged by its age
+        return raw, info if isinstance(info, dict) else {}
 
     def _stale(self, info: dict) -> bool:
         try:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return False         # released meanwhile: just try again
-        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-            return not _pid_alive(info["pid"])
-        return age > STALE_S
+        if age > STALE_S:        # no heartbeat for that long: dead, or stopped, wherever it ran
+            return True
+        pid = info.get("pid")
+        if info.get("host") == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
+            if not _pid_alive(pid):
+                return True
+            start, now = info.get("pid_start"), _pid_start(pid)
+            return start is not None and now is not None and start != now   # the pid is another process's now
+        return False
 
     def _try_create(self) -> bool:
         try:
@@ -100,11 +134,27 @@ class FolderLock:
             os.fsync(fh.fileno())
         return True
 
-    def _take_over(self, info: dict) -> None:
+    def _take_over(self, raw: bytes, info: dict) -> None:
+        """Remove the stale lock whose bytes are ``raw``, and only that one (see the module doc)."""
+        _before_take_over()
         aside = self.path.with_name(f"{LOCK_NAME}.stale-{self.token}")
         try:
             os.rename(self.path, aside)      # only one contender's rename succeeds
         except FileNotFoundError:
+            return
+        try:
+            moved = aside.read_bytes()
+        except OSError:
+            moved = None
+        if moved != raw:                     # a rival's fresh lock, not the stale one: put it back
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass                         # a third process made a lock meanwhile; the rival's beat will see it
+            except OSError:
+                os.rename(aside, self.path)  # no hard links here: the rename back is the best left
+                return
+            aside.unlink(missing_ok=True)
             return
         aside.unlink(missing_ok=True)
         self.say(f"{self.folder}: taking over the lock of {_describe(info)}, which is no longer running")
@@ -127,11 +177,11 @@ class FolderLock:
             except OSError as e:
                 raise InputError(f"{self.folder}: cannot write there ({e.strerror}); expected a writable "
                                  "output folder") from None
-            info = self._read()
-            if info is None:
+            raw, info = self._read()
+            if raw is None:
                 continue
             if self._stale(info):
-                self._take_over(info)
+                self._take_over(raw, info)
                 continue
             if not self.wait:
                 raise InputError(f"{self.folder}: another {_describe(info)} is writing here; wait for it "
@@ -147,10 +197,16 @@ class FolderLock:
 
     def _beat(self):
         while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass
+            if self.owned():
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    pass
+
+    def owned(self) -> bool:
+        """Whether the lock file still holds this lock's token."""
+        info = self._read()[1]
+        return bool(info) and info.get("token") == self.token
 
     def release(self) -> None:
         if self._nested:
@@ -159,8 +215,7 @@ class FolderLock:
         if self._thread is not None:
             self._thread.join()
         FolderLock._held.pop(str(self.folder.resolve()), None)
-        info = self._read()
-        if info and info.get("token") == self.token:
+        if self.owned():
             self.path.unlink(missing_ok=True)
 
     def __enter__(self):

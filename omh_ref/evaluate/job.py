@@ -12,6 +12,7 @@ import numpy as np
 from ..core.backend import resolve_device
 from ..core.errors import InputError
 from ..core.files import write_text
+from ..core.lock import FolderLock
 from ..extract.backbone import file_sha256
 from ..extract.classes import CLASS_NAMES
 from ..extract.images import image_paths, load_rgb
@@ -68,11 +69,32 @@ def _check_outputs(opts: EvalOptions):
         raise InputError(f"{opts.save_masks}: is a file (expected --save-masks to be a folder for the masks)")
 
 
+def output_folders(opts: EvalOptions) -> list:
+    """The folders a run writes into: ``--out``, ``--save-masks`` and those of ``--json`` and
+    ``--save-match`` (each once)."""
+    folders = [opts.out, opts.save_masks] + [None if p is None else Path(p).parent for p in (opts.json, opts.save_match)]
+    seen = {}
+    for f in folders:
+        if f is not None:
+            seen.setdefault(Path(f).resolve(), Path(f))
+    return list(seen.values())
+
+
 def run(opts: EvalOptions, say=None) -> dict:
     """Score the checkpoint; write ``--json`` and the pictures of ``--out``; ``say`` hears what the
-    run chooses on its way. -> the result ({'cluster', 'crf', 'linear'?, 'hierarchy',
-    'class_names'}), JSON-ready."""
+    run chooses on its way. Every folder it writes is held locked (:func:`output_folders`,
+    :class:`~omh_ref.core.lock.FolderLock`) from before its first write. -> the result
+    ({'cluster', 'crf', 'linear'?, 'hierarchy', 'class_names'}), JSON-ready."""
+    import contextlib
+
     _check_outputs(opts)
+    with contextlib.ExitStack() as held:
+        for folder in output_folders(opts):
+            held.enter_context(FolderLock(folder, "eval", say=say or print))
+        return _run(opts, say)
+
+
+def _run(opts: EvalOptions, say) -> dict:
     params, cfg = load_params(opts.checkpoint, opts.device)
     labels = opts.labels or listed_labels(opts.features)
     if labels is None:
