@@ -41,13 +41,42 @@ class Watched(np.ndarray):
         self._note("tolist")
         return self.view(np.ndarray).tolist()
 
+    def __array_function__(self, func, types, args, kwargs):
+        """NumPy functions of a watched array give watched arrays (np.concatenate, np.where ...
+        gave plain ones), as CuPy's functions of device arrays give device arrays."""
+        return _watched(super().__array_function__(func, types, args, kwargs))
 
-@pytest.mark.parametrize("over", [{}, {"cluster_target": "balanced", "marginals": "uniform"},
-                                  {"cluster_target": "hard", "sinkhorn_backward": "implicit"},
-                                  {"hier_form": "centroids", "lam_sparse": 0.3},
-                                  {"hier_form": "targets", "lam_sparse": 0.3, "marginals": "uniform"},
-                                  {"hier_form": "targets", "cluster_target": "hard"}])
-def test_a_training_step_converts_nothing_to_the_host(over):
+
+def _watched(x):
+    if type(x) is np.ndarray:
+        return x.view(Watched)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_watched(v) for v in x)
+    return x
+
+
+CONFIGS = [{}, {"cluster_target": "balanced", "marginals": "uniform"},
+           {"cluster_target": "hard", "sinkhorn_backward": "implicit"},
+           {"hier_form": "centroids", "lam_sparse": 0.3},
+           {"hier_form": "targets", "lam_sparse": 0.3, "marginals": "uniform"},
+           {"hier_form": "targets", "cluster_target": "hard"}]
+
+
+@pytest.fixture
+def watched_draws(monkeypatch):
+    """The step's draws arrive on the device as one host -> device copy; here that copy's pieces
+    are watched too (wrapped after the conversion, as a device array would be)."""
+    real = model.to_device_draws
+
+    def wrapped(*a, **k):
+        out = real(*a, **k)
+        return {key: (None if v is None else [p.view(Watched) for p in v] if isinstance(v, list) else v.view(Watched))
+                for key, v in out.items()}
+
+    monkeypatch.setattr(model, "to_device_draws", wrapped)
+
+
+def _step(over):
     cfg = model.small_config(**over)
     rng = np.random.default_rng(0)
     params = {k: v.view(Watched) for k, v in model.init_params(cfg, rng, dtype=np.float32).items()}
@@ -58,8 +87,66 @@ def test_a_training_step_converts_nothing_to_the_host(over):
     syncs = backend.host_syncs()
     loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng, draws=draws)
     ok = adam_step(params, grads, state, 1e-3, ok=np.asarray(True).view(Watched) & np.isfinite(loss))
+    return loss, grads, ok, backend.host_syncs() - syncs
+
+
+@pytest.mark.parametrize("over", CONFIGS)
+def test_a_training_step_converts_nothing_to_the_host(over, watched_draws):
+    loss, grads, ok, syncs = _step(over)
     assert type(loss) is Watched and type(grads["W2"]) is Watched and type(ok) is Watched   # watched all along
-    assert Watched.conversions == [] and backend.host_syncs() == syncs
+    assert Watched.conversions == [] and syncs == 0
+
+
+def _planted_sites():
+    """(module, function, config overrides that make the step call it): every loss and every op
+    a training step calls, forward and backward."""
+    from omh_ref.core.losses import cluster, correlation, hierarchy, plan_sparsity, plan_targets
+    from omh_ref.core.ops import cosine, dropout, grid_sample, kl, log_softmax, normalize, sinkhorn
+    from omh_ref.core import head
+
+    sites = [(m, f, {}) for m in (correlation, cluster, hierarchy, cosine, grid_sample, kl, log_softmax,
+                                  normalize, sinkhorn, head) for f in ("forward", "backward")]
+    sites += [(dropout, "forward", {"dropout": 0.2}),      # no backward: the features are frozen
+              (cluster, "relaxed_targets", {}), (cluster, "balanced_targets", {"cluster_target": "balanced"})]
+    sites += [(m, f, over) for m, over in ((plan_sparsity, {"lam_sparse": 0.3}), (plan_targets, {"hier_form": "targets"}))
+              for f in ("forward", "backward")]
+    return sites
+
+
+def _first_array(x):
+    """The first array in x, looking into tuples, lists and dicts (a backward's cache)."""
+    if isinstance(x, np.ndarray):
+        return x if x.size else None
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
+    for v in items:
+        a = _first_array(v)
+        if a is not None:
+            return a
+    return None
+
+
+@pytest.mark.parametrize("module,name,over", _planted_sites(),
+                         ids=lambda v: v.__name__.rsplit(".", 1)[-1] if hasattr(v, "__name__") else
+                         ("-" + "-".join(v) if isinstance(v, dict) else str(v)))
+def test_a_host_read_planted_in_a_loss_or_op_is_seen(module, name, over, watched_draws, monkeypatch):
+    """The check can fail where it matters: a float() of the first array a loss or an op receives
+    (a forward's input; a backward's cache, as its incoming gradient may be a constant the caller
+    made) is counted, because the watched type reaches them all. It was lost where the features
+    were converted, so a read of anything computed from the features alone passed unseen."""
+    real = getattr(module, name)
+    planted = []
+
+    def reads_the_host(*args, **kw):
+        a = _first_array(args[1:] if name == "backward" else args)
+        if a is not None:
+            planted.append(type(a).__name__)
+            float(a.sum())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, name, reads_the_host)
+    _step(over)
+    assert planted, f"{module.__name__}.{name} was not called with an array"
+    assert Watched.conversions.count("float") == len(planted), planted
 
 
 def test_the_counter_sees_a_conversion():

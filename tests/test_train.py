@@ -577,12 +577,30 @@ def test_resume_with_other_loop_options_says_so_and_keeps_the_seed(feats, tmp_pa
     assert not any(m.startswith("note:") for m in said)
 
 
-def test_prefetching_does_not_change_the_run(feats, tmp_path):
+def test_prefetching_does_not_change_the_run(feats, tmp_path, monkeypatch):
     """Reading the next batch in a background thread is an overlap, not another computation:
-    the same parameters, bit for bit, with and without it."""
+    the same parameters, bit for bit, with and without it (both asked for explicitly: on a CPU
+    the default is off, and the two runs compared were both off)."""
+    import threading
+
+    from omh_ref.features.store import FeatureStore
+
+    readers = []
+    real_read = FeatureStore.read
+
+    def read(self, *a, **k):
+        readers.append(threading.current_thread().name)
+        return real_read(self, *a, **k)
+
+    monkeypatch.setattr(FeatureStore, "read", read)
     cfg = small_cfg()
-    train(cfg, opts(feats, tmp_path / "a", steps=7), say=quiet)
-    train(cfg, dataclasses.replace(opts(feats, tmp_path / "b", steps=7), prefetch=False), say=quiet)
+    train(cfg, opts(feats, tmp_path / "b", steps=7), say=quiet)     # builds the KNN table first
+    readers.clear()
+    train(cfg, dataclasses.replace(opts(feats, tmp_path / "a", steps=7), prefetch=True), say=quiet)
+    assert readers and all(r.startswith("omh-ref-batches") for r in readers), readers   # read ahead
+    readers.clear()
+    train(cfg, dataclasses.replace(opts(feats, tmp_path / "b", steps=7), prefetch=False, overwrite=True), say=quiet)
+    assert readers and not any(r.startswith("omh-ref-batches") for r in readers), readers
     a, b = (checkpoint.load(tmp_path / r / "ckpt.npz") for r in ("a", "b"))
     assert all(np.array_equal(a["params"][k], b["params"][k]) for k in a["params"])
     assert a["rng"].bit_generator.state == b["rng"].bit_generator.state

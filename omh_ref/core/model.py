@@ -140,11 +140,11 @@ def forward(params, batch, cfg: Config, rng, targets=None, draws=None):
     W1 = params["W1"]
     xp = get_array_module(*params.values())
     dt = W1.dtype
-    f = xp.asarray(batch["feats"], dtype=dt)                          # B,h,w,C
+    f = xp.asanyarray(batch["feats"], dtype=dt)                       # B,h,w,C (any: a test's watched type stays)
     fp = batch.get("feats_pos")
     B, h, w, C = f.shape
     d = draw(cfg, B, C, rng) if draws is None else draws
-    x = f if fp is None else xp.concatenate([f, xp.asarray(fp, dtype=dt)])   # 2B,h,w,C
+    x = f if fp is None else xp.concatenate([f, xp.asanyarray(fp, dtype=dt)])   # 2B,h,w,C
     dd = to_device_draws(d, xp, dt, x.shape[0], cfg.dropout)
     mask = dd["mask"]
     xd, dcache = dropout.forward(x, cfg.dropout, mask=mask, training=mask is not None)
