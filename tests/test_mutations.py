@@ -13,7 +13,7 @@ output. Perturbed, by module (output index or key in brackets):
   [dq, dlogp]; ``ops.sinkhorn.backward`` [dcost, da, db], unrolled and implicit
 * ``losses.correlation.backward`` [dc1, dc2]; ``losses.cluster.backward`` [ds, dlogp] for each
   target type where the output is not identically 0; ``losses.hierarchy.backward`` [all four],
-  in each of its forms; ``losses.plan_sparsity.backward`` [dT] (its da is ~1 everywhere, a
+  in each of its forms, in the scaling and the log domain; ``losses.plan_sparsity.backward`` [dT] (its da is ~1 everywhere, a
   constant the marginal's normalisation projects out); ``losses.plan_targets.backward`` [dq]
 * the loss weights as ``model.backward`` applies them: each of λ_clu, λ_hier, λ_W and the three
   correlation weights dropped (taken as 1), λ_sparse dropped, and λ_clu/λ_hier and w_intra/w_inter
@@ -27,7 +27,7 @@ import dataclasses
 import pytest
 
 from omh_ref.core import head, model
-from omh_ref.core.checks import model_check
+from omh_ref.core.checks import HIER_LOG_EPS, model_check
 from omh_ref.core.gradcheck import TOLERANCES
 from omh_ref.core.losses import cluster, correlation, hierarchy, plan_sparsity, plan_targets
 from omh_ref.core.ops import cosine, grid_sample, kl, linear, log_softmax, normalize, relu, sinkhorn
@@ -44,8 +44,14 @@ VARIANTS = {
     "sparse": {"lam_sparse": 0.45},                               # + the plan-row entropy
     "centroids": {"hier_form": "centroids", "lam_sparse": 0.45},  # the Wasserstein pull only
     "targets": {"hier_form": "targets"},                          # parent targets through the plan
+    # the hierarchy's log domain (small_config's ε = 0.3 runs the scaling one), in every form
+    "relaxed log": {"eps": HIER_LOG_EPS},
+    "sparse log": {"lam_sparse": 0.45, "eps": HIER_LOG_EPS},
+    "centroids log": {"hier_form": "centroids", "lam_sparse": 0.45, "eps": HIER_LOG_EPS},
+    "targets log": {"hier_form": "targets", "eps": HIER_LOG_EPS},
 }
-SPARSE = ("sparse", "centroids")
+LOG = ("relaxed log", "sparse log", "centroids log", "targets log")
+SPARSE = ("sparse", "centroids", "sparse log", "centroids log")
 OMH = ("relaxed", "soft", "hard", "implicit")
 ALL = (*OMH, "stego")
 UNROLLED = ("relaxed", "soft", "hard")
@@ -61,20 +67,20 @@ BACKWARDS = [
     (cosine, "backward", 1, ALL),
     (log_softmax, "backward", None, OMH),    # stego's hard k-means loss has no log p term
     (grid_sample, "backward", None, ALL),
-    (kl, "backward", 0, OMH),
-    (kl, "backward", 1, OMH),
-    *[(sinkhorn, "backward", i, UNROLLED) for i in range(3)],
+    (kl, "backward", 0, (*OMH, "relaxed log")),
+    (kl, "backward", 1, (*OMH, "relaxed log")),
+    *[(sinkhorn, "backward", i, (*UNROLLED, *LOG)) for i in range(3)],
     *[(sinkhorn, "backward", i, ("implicit",)) for i in range(3)],
     (correlation, "backward", 0, ALL),
     (correlation, "backward", 1, ALL),
     (cluster, "backward", 1, ("relaxed", "implicit")),    # OT targets: ds is 0, dlogp carries it
     (cluster, "backward", 0, ("soft", "hard", "stego")),  # hard: dlogp is 0, ds carries it
     (cluster, "backward", 1, ("soft",)),
-    *[(hierarchy, "backward", i, (*OMH, "centroids", "targets")) for i in range(4)],
+    *[(hierarchy, "backward", i, (*OMH, "centroids", "targets", *LOG)) for i in range(4)],
     # Only dT: its da = Σ_j T_ij / a_i is 1 up to the plan's row error, a constant that Σa = 1 (the
     # usage marginal's normalisation) projects out, so scaling it changes the gradient by ~1e-9.
     (plan_sparsity, "backward", 0, SPARSE),
-    (plan_targets, "backward", 0, ("targets",)),
+    (plan_targets, "backward", 0, ("targets", "targets log")),
 ]
 
 
@@ -182,3 +188,16 @@ def test_unit_weights_hide_a_swapped_lambda(monkeypatch):
         lambda c: _cfg(lam_clu=c["cfg"].lam_hier, lam_hier=c["cfg"].lam_clu)(c)))
     assert model_check(SEED, "unit", lam_clu=1.0, lam_hier=1.0).passed
     assert not model_check(SEED, "distinct").passed
+
+
+@pytest.mark.parametrize("variant", [*LOG, "relaxed"])
+def test_the_log_variants_run_the_log_domain(variant):
+    """The log variants' hierarchy plans run the log domain, the others the scaling one: each
+    domain's backward is what the perturbations above reach."""
+    import numpy as np
+
+    cfg = model.small_config(**VARIANTS[variant])
+    rng = np.random.default_rng(SEED)
+    params = model.init_params(cfg, rng, dtype=np.float64)
+    hier = model.forward(params, model.random_batch(cfg, rng), cfg, rng)[2]["hier"]
+    assert hier and all((hc[6].E is None) == (variant in LOG) for hc in hier)

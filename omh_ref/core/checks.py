@@ -162,13 +162,17 @@ def cases(seed=0, device="cpu"):
     yield "plan_targets", lambda: check_vjp(lambda q: plan_targets.forward(q, Qp),
                                              lambda dl, c: plan_targets.backward(dl, c)[:1],
                                              (_simplex(rng, (P, Kp)),), name="plan_targets")
+    # Each form in both Sinkhorn domains: ε = 0.3 runs the scaling domain, ε = 0.02 the log domain
+    # (the cost's span bound 2 over ε exceeds the scaling domain's 40); each case fails when its
+    # plan ran the other domain.
     for form, marg, lam_sparse in (("kl", "usage", 0.7), ("centroids", "uniform", 0.0), ("centroids", "usage", 0.7),
                                    ("targets", "uniform", 0.0), ("targets", "usage", 0.7), ("kl", "uniform", 0.7)):
-        name = f"hierarchy form={form} {marg} sparse={lam_sparse:g}"
-        kw = dict(eps=0.3, n_iters=20, marginals=marg, form=form, lam_sparse=lam_sparse,
-                  Q_parent=Qp if form == "targets" else None)
-        yield name, (lambda nm=name, kw=kw: check_vjp(*hierarchy_from_logits(**kw),
-                                                      (r(P, Kc), r(P, Kp), r(Kc, D), r(Kp, D)), name=nm))
+        for eps, it, domain in ((0.3, 20, "scaling"), (HIER_LOG_EPS, 40, "log")):
+            name = f"hierarchy form={form} {marg} sparse={lam_sparse:g} eps={eps:g} {domain}"
+            kw = dict(eps=eps, n_iters=it, marginals=marg, form=form, lam_sparse=lam_sparse,
+                      Q_parent=Qp if form == "targets" else None)
+            yield name, (lambda nm=name, kw=kw, d=domain: check_hierarchy_in_domain(
+                hierarchy_from_logits(**kw), (r(P, Kc), r(P, Kp), r(Kc, D), r(Kp, D)), d, nm))
 
     variants = {"model omh relaxed": {}, "model omh balanced+uniform": dict(cluster_target="balanced",
                                                                              marginals="uniform"),
@@ -178,7 +182,12 @@ def cases(seed=0, device="cpu"):
                 "model stego baseline": dict(baseline="stego"),
                 "model omh centroids+sparse": dict(hier_form="centroids", lam_sparse=0.45),
                 "model omh targets+sparse": dict(hier_form="targets", lam_sparse=0.45),
-                "model omh targets hard": dict(hier_form="targets", cluster_target="hard")}
+                "model omh targets hard": dict(hier_form="targets", cluster_target="hard"),
+                # the hierarchy's log domain (small_config's ε = 0.3 runs the scaling one), every form
+                "model omh relaxed log": dict(eps=HIER_LOG_EPS),
+                "model omh sparse log": dict(lam_sparse=0.45, eps=HIER_LOG_EPS),
+                "model omh centroids+sparse log": dict(hier_form="centroids", lam_sparse=0.45, eps=HIER_LOG_EPS),
+                "model omh targets+sparse log": dict(hier_form="targets", lam_sparse=0.45, eps=HIER_LOG_EPS)}
     for name, over in variants.items():
         yield name, (lambda over=over, nm=name, s=int(rng.integers(1 << 30)): model_check(s, nm, device=device, **over))
     # The real defaults (every Config field as shipped: τ = 0.1, ε = 0.2, levels 108/54/27, C = 384,
@@ -196,6 +205,18 @@ def cases(seed=0, device="cpu"):
 
 
 DEFAULTS_STEP = 1e-8   # finite-difference step of the whole-model check at the shipped defaults
+HIER_LOG_EPS = 0.02    # a hierarchy ε whose plan runs the log domain (2 / ε > SCALING_MAX_SPAN)
+
+
+def check_hierarchy_in_domain(fb, args, domain, name, **fd):
+    """check_vjp of a :func:`hierarchy_from_logits` case, failing (with the domain in the row) when
+    its plan ran the other Sinkhorn domain."""
+    forward, backward = fb
+    ran = "log" if forward(*args)[1][0][6].E is None else "scaling"
+    if ran != domain:
+        return Report(f"{name} (ran the {ran} domain)", _shapes(args), float("inf"),
+                      TOLERANCES["float64"]["rtol"], False)
+    return check_vjp(forward, backward, args, name=name, **fd)
 
 
 def hierarchy_from_logits(tau=0.5, lam_w=0.1, **kw):
