@@ -138,23 +138,25 @@ def level_summary(rs) -> dict:
     first = rs[0]["levels"]
     return {"levels": [{"level": e["level"], "clusters": e["clusters"], "granularity": e["granularity"],
                         "miou": _stat([r["levels"]["levels"][i]["scores"]["miou"] for r in rs]) if e["scores"] else None,
-                        "strict_miou": (_stat([r["levels"]["levels"][i]["scores"]["strict"]["miou"] for r in rs])
-                                        if e["scores"] else None)}
+                        "many_to_one_miou": (_stat([r["levels"]["levels"][i]["scores"]["many_to_one"]["miou"]
+                                                    for r in rs]) if e["scores"] else None)}
                        for i, e in enumerate(first["levels"])],
             "consistency": [{"child": c["child"], "parent": c["parent"],
-                             "consistency": _stat([r["levels"]["consistency"][i]["consistency"] for r in rs])}
+                             **{k: _stat([r["levels"]["consistency"][i][k] for r in rs])
+                                for k in ("consistency", "consistency_chance")}}
                             for i, c in enumerate(first["consistency"])]}
 
 
 def table(rep) -> str:
     """The side-by-side table (mean ± std over seeds), then every level's scores."""
     lines = [seeds.table(rep["methods"], len(next(iter(rep["runs"].values()))), rep["seconds"])]
-    lines += ["", "every level against its label granularity (cluster mIoU, STEGO protocol / strict; consistency "
-                  "of each level's plan with the label hierarchy):"]
+    lines += ["", "every level against its label granularity (cluster mIoU, one-to-one strict / many-to-one; "
+                  "consistency of each level's plan with the label hierarchy, and a blind plan's in brackets):"]
     for m, s in rep.get("levels", {}).items():
-        cells = [f"L{e['level']} {e['clusters']}->{e['granularity']} {_pm(e['miou'])} / {_pm(e['strict_miou'])}"
+        cells = [f"L{e['level']} {e['clusters']}->{e['granularity']} {_pm(e['miou'])} / {_pm(e['many_to_one_miou'])}"
                  for e in s["levels"] if e["granularity"]]
-        cons = [f"L{c['child']}->L{c['parent']} {_pm(c['consistency'], 2)}" for c in s["consistency"]]
+        cons = [f"L{c['child']}->L{c['parent']} {_pm(c['consistency'], 2)} ({_pm(c['consistency_chance'], 2)})"
+                for c in s["consistency"]]
         lines.append(f"{m:<20} " + "; ".join(cells) + (f"; consistency {', '.join(cons)}" if cons else ""))
     return "\n".join(lines)
 

@@ -468,3 +468,38 @@ def test_bad_conf_and_match():
         hungarian(-np.ones((3, 3)))
     with pytest.raises(ValueError, match="match: made for 3 clusters"):
         scores(np.ones((4, 3)), identity_match(3, 3))
+
+
+# ------------------------------------------------------------------ many-to-one
+
+def test_many_to_one_by_hand():
+    """3 clusters, 2 classes: clusters 0 and 2 are mostly class 0, cluster 1 class 1."""
+    from omh_ref.evaluate.metrics import many_to_one_scores
+
+    conf = np.array([[8, 2], [1, 9], [5, 0]])
+    r = many_to_one_scores(conf)
+    assert r["cluster_to_class"].tolist() == [0, 1, 0]
+    # predicted class 0 = clusters 0 + 2: [13, 2]; class 1 = cluster 1: [1, 9]
+    assert r["acc"] == pytest.approx(100 * 22 / 25)
+    assert r["iou"] == pytest.approx([100 * 13 / (15 + 14 - 13), 100 * 9 / (10 + 11 - 9)])
+    assert r["miou"] == pytest.approx(np.mean(r["iou"])) and r["pixels"] == 25
+
+
+def test_many_to_one_perfect_blind_and_permuted():
+    """Known answers: a refinement of the classes scores 100; one cluster holding everything
+    scores the majority share as accuracy; cluster ids (rows) do not matter; an empty cluster
+    has no class."""
+    from omh_ref.evaluate.metrics import many_to_one_scores
+
+    rng = np.random.default_rng(0)
+    refine = np.zeros((12, 4), dtype=np.int64)
+    refine[np.arange(12), np.arange(12) % 4] = rng.integers(1, 50, size=12)
+    assert many_to_one_scores(refine)["miou"] == pytest.approx(100.0)
+    blind = np.zeros((6, 3), dtype=np.int64)
+    blind[2] = [5, 3, 2]
+    r = many_to_one_scores(blind)
+    assert r["acc"] == pytest.approx(50.0) and r["cluster_to_class"].tolist() == [-1, -1, 0, -1, -1, -1]
+    assert r["iou"] == pytest.approx([50.0, 0.0, 0.0])
+    conf = rng.integers(0, 30, size=(9, 4))
+    a, b = many_to_one_scores(conf), many_to_one_scores(conf[rng.permutation(9)])
+    assert a["miou"] == b["miou"] and a["acc"] == b["acc"] and np.array_equal(a["iou"], b["iou"])

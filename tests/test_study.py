@@ -91,3 +91,18 @@ def test_the_study_families_are_deterministic_and_split_apart(tmp_path):
     # the two splits are different images
     tr, va = np.load(f"{a['train']}/feats.npy"), np.load(f"{a['val']}/feats.npy")
     assert not np.array_equal(tr[:2], va)
+
+
+def test_the_level_table_pairs_the_finest_consistency_by_seed():
+    def rec(variant, seed, cons):
+        return {"family": "tree", "variant": variant, "seed": seed, "miou": 1.0,
+                "levels": [{"level": 0, "clusters": 6, "granularity": "classes", "miou": 40.0, "many_to_one_miou": 60.0},
+                           {"level": 1, "clusters": 3, "granularity": "superclasses", "miou": 50.0,
+                            "many_to_one_miou": 70.0}],
+                "consistency": [{"child": 0, "parent": 1, "consistency": cons, "consistency_chance": 0.25}]}
+
+    recs = [rec("default", s, c) for s, c in enumerate([0.5, 0.6, 0.7])]
+    recs += [rec("other", s, c) for s, c in enumerate([0.6, 0.8, 0.6])]     # +0.1, +0.2, -0.1
+    lines = report.level_table(recs, "tree", ["default", "other"])
+    assert lines[2] == ("| default | 6 → classes: 40.0 (60.0); 3 → superclasses: 50.0 (70.0) | L0→L1 0.60 (0.25) | – |")
+    assert lines[3].endswith("| L0→L1 0.67 (0.25) | +0.07 ± 0.15 (2/3) |"), lines[3]

@@ -13,18 +13,32 @@ above the level's cluster count (the closest from below), or the ``--level-label
 
 **Scores per level**: the level's own predictions (argmax of its cosine logits, bilinearly
 upsampled to label resolution, as the eval level's) against the granularity's labels, a confusion
-over the whole split accumulated batch by batch (nothing held), then Hungarian matching and mIoU /
-accuracy under both extra-cluster protocols (:func:`omh_ref.evaluate.metrics.scores`).
+over the whole split accumulated batch by batch (nothing held), then two scores, neither of which
+depends on which clusters got which ids (tested: permuting them changes no number):
+
+* ``strict`` (the headline): one-to-one Hungarian matching, every pixel counted, the pixels of the
+  clusters left unmatched errors (:func:`omh_ref.evaluate.metrics.protocol_scores`). With as many
+  clusters as classes this is STEGO's protocol too. STEGO's protocol is not used for a level with
+  more clusters than classes: it drops the pixels of every cluster whose *id* is ≥ n_classes, so
+  the same clusters score 25 or 100 depending on their ids.
+* ``many_to_one``: every cluster counted as its majority class
+  (:func:`omh_ref.evaluate.metrics.many_to_one_scores`); a class split over several clusters is
+  not punished, so over-clustered levels score higher here (more clusters, higher score).
 
 **Hierarchy consistency** of adjacent levels l (child) -> l+1 (parent), with A_l the row-normalised
-plan the model's hierarchy computes (:func:`omh_ref.evaluate.hierarchy.hierarchy_plans`): among the
-child clusters that the Hungarian matching (strict protocol: every cluster competes) gives a class,
-the share of pixel mass whose parent ``argmax_j A_l[i, j]`` is matched to a class that contains the
-child's class (``consistency``); ``consistency_soft`` weighs every parent by A_l[i, j] instead of
-taking the argmax; ``coverage`` is the matched children's share of the child level's pixel mass.
-"Contains" follows the granularities' parent maps (a class contains itself). A perfect model, one
-whose every level is its granularity's partition and whose plans send each child to its true
-parent, scores 100 at every level and consistency 1 (tested).
+plan the model's hierarchy computes (:func:`omh_ref.evaluate.hierarchy.hierarchy_plans`), by a
+many-to-one matching at the parent's granularity: every child and every parent cluster is given
+its majority class of the *parent's* granularity (the child's pixels' labels mapped up the label
+hierarchy), and a child is consistent when its parent in the plan has the child's class. Over the
+child level's labelled pixels: ``consistency`` takes each child's parent as ``argmax_j A_l[i, j]``,
+``consistency_soft`` weighs every parent by A_l[i, j], and ``consistency_chance`` is what a blind
+plan gets, one that sends every child to the parents in proportion to their pixels (so a parent
+level of one class scores 1 with every plan, and says so). Nesting is what this measures: a child
+cluster that is a second cluster of its class under a parent that is another cluster of the same
+class is consistent (the one-to-one matching called it "another class" before, so a perfectly
+nested hierarchy could score 0). A perfect model, one whose every level is its granularity's
+partition (or a refinement of it) and whose plans send each child to a parent of its class, scores
+consistency 1 (tested, also with over-clustered levels and permuted ids).
 """
 from __future__ import annotations
 
@@ -169,28 +183,45 @@ def contains(granularities, gi, gj) -> np.ndarray:
     return out
 
 
-def consistency(plan, child_class, parent_class, child_mass, inside):
+def consistency(plan, child_conf, parent_conf):
     """Hierarchy consistency of one adjacent pair (see the module's doc).
 
-    plan (K_c, K_p) row-normalised; child_class (K_c,), parent_class (K_p,) the matched class of
-    each cluster, −1 unmatched; child_mass (K_c,) pixels per child cluster; inside (n_c, n_p) bool,
-    :func:`contains`. -> {'consistency', 'consistency_soft', 'coverage'} (None where no matched
-    child holds any pixel)."""
-    plan, child_mass = np.asarray(plan, dtype=np.float64), np.asarray(child_mass, dtype=np.float64)
-    child_class, parent_class = np.asarray(child_class), np.asarray(parent_class)
-    matched = child_class >= 0
-    ok = np.zeros(plan.shape, dtype=bool)                                     # K_c, K_p
-    pm = parent_class >= 0
-    ok[np.ix_(matched, pm)] = inside[np.ix_(child_class[matched], parent_class[pm])]
-    mass = child_mass * matched
+    plan (K_c, K_p) row-normalised; child_conf (K_c, n) the child level's confusion against the
+    *parent's* granularity (pixels of child cluster i with parent-granularity class c);
+    parent_conf (K_p, n) the parent level's confusion. -> {'consistency', 'consistency_soft',
+    'consistency_chance' (None where the child level holds no labelled pixel), 'consistent' (per
+    child cluster: whether its argmax parent has its class; None for a child with no pixels)}."""
+    plan = np.asarray(plan, dtype=np.float64)
+    child_conf, parent_conf = np.asarray(child_conf), np.asarray(parent_conf)
+    child_class, parent_class = metrics.majority_classes(child_conf), metrics.majority_classes(parent_conf)
+    ok = (child_class[:, None] >= 0) & (child_class[:, None] == parent_class[None, :])      # K_c, K_p
+    mass = child_conf.sum(axis=1).astype(np.float64)
+    hard = ok[np.arange(len(plan)), plan.argmax(axis=1)]
+    per_child = [None if m == 0 else bool(h) for m, h in zip(mass, hard)]
     total = mass.sum()
     if total <= 0:
-        return {"consistency": None, "consistency_soft": None,
-                "coverage": 0.0 if child_mass.sum() > 0 else None}
-    hard = ok[np.arange(len(plan)), plan.argmax(axis=1)]
+        return {"consistency": None, "consistency_soft": None, "consistency_chance": None, "consistent": per_child}
+    share = parent_conf.sum(axis=1).astype(np.float64)
+    share = share / share.sum() if share.sum() > 0 else share
     return {"consistency": float((mass * hard).sum() / total),
             "consistency_soft": float((mass * (plan * ok).sum(axis=1)).sum() / total),
-            "coverage": float(total / child_mass.sum())}
+            "consistency_chance": float((mass * (ok @ share)).sum() / total),
+            "consistent": per_child}
+
+
+def level_scores_json(conf) -> dict:
+    """A level's JSON scores (NaN -> None): the strict protocol's miou, acc, iou, iou_unmatched,
+    pixels and match at the top (``protocol: "strict"``), the many-to-one scores under
+    ``many_to_one`` (see the module's doc)."""
+    def num(v):
+        return None if np.isnan(v) else float(v)
+
+    st = metrics.protocol_scores(conf, protocol="strict")
+    mo = metrics.many_to_one_scores(conf)
+    return {"protocol": "strict", "miou": num(st["miou"]), "acc": num(st["acc"]), "iou": [num(v) for v in st["iou"]],
+            "iou_unmatched": num(st["iou_unmatched"]), "pixels": st["pixels"], "match": st["match"].to_dict(),
+            "many_to_one": {"miou": num(mo["miou"]), "acc": num(mo["acc"]), "iou": [num(v) for v in mo["iou"]],
+                            "cluster_to_class": mo["cluster_to_class"].tolist()}}
 
 
 class LevelScorer:
@@ -242,12 +273,11 @@ class LevelScorer:
                     raise InputError(f"{g.labels} (granularity {g.name!r}): {e}") from None
 
     def result(self, plans=None) -> dict:
-        """JSON-ready: the granularities, each level's scores (:func:`omh_ref.evaluate.predict.scores_json`
-        keys; None for a level not scored) and each adjacent pair's consistency (None where either
-        level is not scored or there is no plan)."""
-        from .predict import scores_json
-
-        levels, res = self.cfg.levels, {}
+        """JSON-ready: the granularities, each level's scores (:func:`level_scores_json`; None for
+        a level not scored) and each adjacent pair's consistency (:func:`consistency`; None where
+        either level is not scored, the child's granularity is coarser than the parent's, or there
+        is no plan)."""
+        levels, scored = self.cfg.levels, set()
         out = {"rule": self.rule, "granularities": [g.to_dict() for g in self.granularities], "levels": [],
                "consistency": [], "notes": list(self.notes)}
         for l, k in enumerate(levels):
@@ -257,20 +287,20 @@ class LevelScorer:
                 conf = self.acc[l].matrix
                 if conf.sum() == 0:    # said, not raised: the headline scores are already computed
                     out["notes"].append(f"level {l} not scored: {self.granularities[gi].labels} has no labelled "
-                                      f"pixels of granularity {self.granularities[gi].name!r} in this split")
+                                        f"pixels of granularity {self.granularities[gi].name!r} in this split")
                     out["levels"].append(entry)
                     continue
-                res[l] = metrics.scores(conf)
+                scored.add(l)
                 entry.update(granularity=self.granularities[gi].name, n_classes=self.granularities[gi].n_classes,
-                             scores=scores_json(res[l]), mass=conf.sum(axis=1).tolist())
+                             scores=level_scores_json(conf), mass=conf.sum(axis=1).tolist())
             out["levels"].append(entry)
         for l in range(len(levels) - 1):
             gc, gp = self.assignment[l], self.assignment[l + 1]
-            item = {"child": l, "parent": l + 1, "consistency": None, "consistency_soft": None, "coverage": None}
-            if plans is not None and l in res and l + 1 in res and gc <= gp:
-                strict_c, strict_p = res[l]["strict"]["match"], res[l + 1]["strict"]["match"]
-                item.update(consistency(plans[l], strict_c.cluster_to_class, strict_p.cluster_to_class,
-                                        self.acc[l].matrix.sum(axis=1), contains(self.granularities, gc, gp)))
+            item = {"child": l, "parent": l + 1, "consistency": None, "consistency_soft": None,
+                    "consistency_chance": None, "consistent": None}
+            if plans is not None and l in scored and l + 1 in scored and gc <= gp:
+                up = self.acc[l].matrix @ contains(self.granularities, gc, gp).astype(np.int64)   # K_c, n_gp
+                item.update(consistency(plans[l], up, self.acc[l + 1].matrix))
             out["consistency"].append(item)
         return out
 
@@ -281,18 +311,21 @@ def format_levels(rep) -> list:
         return "n/a" if v is None else f"{v * scale:.2f}"
 
     lines = [f"{'level':<6} {'clusters':>8} {'granularity':<14} {'classes':>7} {'mIoU':>7} {'acc':>7} "
-             f"{'strict mIoU':>11} {'strict acc':>10}"]
+             f"{'many-to-one mIoU':>16} {'m-t-o acc':>9}"]
     for e in rep["levels"]:
         s = e["scores"]
         if s is None:
             lines.append(f"L{e['level']:<5} {e['clusters']:>8} {'(not scored)':<14}")
             continue
         lines.append(f"L{e['level']:<5} {e['clusters']:>8} {e['granularity'][:14]:<14} {e['n_classes']:>7} "
-                     f"{f(s['miou']):>7} {f(s['acc']):>7} {f(s['strict']['miou']):>11} {f(s['strict']['acc']):>10}")
+                     f"{f(s['miou']):>7} {f(s['acc']):>7} {f(s['many_to_one']['miou']):>16} "
+                     f"{f(s['many_to_one']['acc']):>9}")
     for c in rep["consistency"]:
-        lines.append(f"consistency L{c['child']} -> L{c['parent']}: {f(c['consistency'])} (soft {f(c['consistency_soft'])}, "
-                     f"matched children hold {f(c['coverage'], 100)}% of the pixels)")
-    lines.append(f"(levels scored against the granularity with the {rep['rule']}; consistency: share of the "
-                 "matched child clusters' pixels whose parent in the plan is matched to a class containing theirs)")
+        lines.append(f"consistency L{c['child']} -> L{c['parent']}: {f(c['consistency'])} (soft "
+                     f"{f(c['consistency_soft'])}; a blind plan: {f(c['consistency_chance'])})")
+    lines.append(f"(levels scored against the granularity with the {rep['rule']}; mIoU/acc: one-to-one Hungarian, "
+                 "every pixel counted (STEGO's protocol where clusters = classes); many-to-one: every cluster as "
+                 "its majority class; consistency: share of the child level's pixels whose cluster's parent in the "
+                 "plan has the same majority class at the parent's granularity)")
     lines += [f"note: {n}" for n in rep["notes"]]
     return lines

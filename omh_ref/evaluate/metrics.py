@@ -292,6 +292,39 @@ def protocol_scores(conf, match=None, protocol=HEADLINE):
             "match": match, "pixels": int(hist.sum())}
 
 
+def majority_classes(conf):
+    """(n_clusters,) int64: each cluster's majority class (the most pixels; ties to the lower class
+    id), −1 for a cluster that holds no counted pixel. Depends on no cluster's id."""
+    conf = np.asarray(to_host(conf))
+    out = conf.argmax(axis=1).astype(np.int64)
+    out[conf.sum(axis=1) == 0] = -1
+    return out
+
+
+def many_to_one_scores(conf):
+    """mIoU, accuracy and per-class IoU, ×100, when every cluster is its majority class
+    (:func:`majority_classes`): several clusters may share a class, a class may have none (IoU 0
+    where it holds pixels), and every pixel counts. The score of an over-clustered level that
+    does not depend on which clusters happen to get which ids, nor punish a class split over two
+    clusters; it does reward more clusters (one cluster per pixel scores 100), so it is reported
+    beside the one-to-one strict score, not instead of it.
+
+    -> {"miou", "acc", "iou" (n_classes,), "cluster_to_class" (n_clusters,), "pixels"}."""
+    conf = _check_conf(conf)
+    n_classes = conf.shape[1]
+    c2k = majority_classes(conf)
+    hist = np.zeros((n_classes, n_classes), dtype=np.float64)       # hist[predicted class, label]
+    used = c2k >= 0
+    np.add.at(hist, c2k[used], conf[used].astype(np.float64))
+    tp = np.diag(hist)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = tp / (hist.sum(axis=1) + hist.sum(axis=0) - tp)
+        acc = tp.sum() / hist.sum()
+    seen = iou[~np.isnan(iou)]
+    return {"miou": 100 * float(seen.mean()) if seen.size else float("nan"), "acc": 100 * float(acc),
+            "iou": 100 * iou, "cluster_to_class": c2k, "pixels": int(hist.sum())}
+
+
 def scores(conf, match=None):
     """Both protocols of a confusion matrix (:data:`PROTOCOLS`): the headline ``stego`` scores at
     the top level (``miou``, ``acc``, ``iou``, ``iou_unmatched``, ``match``, ``pixels``, as

@@ -235,15 +235,14 @@ def _ramp(v):
 
 
 def hierarchy_tree_png(path, levels, plans, granularities, left=190, row_h=64, node_h=18):
-    """The levels as rows of a tree, the coarsest on top: one box per cluster, coloured by the IoU
-    of the class it is matched to (strict Hungarian matching; red 0 .. green 100; grey: unmatched
-    or the level is not scored), with its matched class's name where there is room; a line from
-    each child to its parent in the plan (argmax of its row of A), green when the parent's class
-    contains the child's, red when not, grey when either is unmatched. ``levels``: the
-    ``levels`` report of :class:`omh_ref.evaluate.granular.LevelScorer` (``result``);
-    ``granularities``: its Granularity objects."""
-    from .granular import contains
-
+    """The levels as rows of a tree, the coarsest on top: one box per cluster, named by its
+    majority class (the many-to-one matching) where there is room and coloured by that class's
+    many-to-one IoU (red 0 .. green 100; grey: a cluster with no pixels, or the level is not
+    scored); a line from each child to its parent in the plan (argmax of its row of A), green when
+    the pair is consistent (the parent has the child's majority class at the parent's
+    granularity), red when not, grey when it is not judged. ``levels``: the ``levels`` report of
+    :class:`omh_ref.evaluate.granular.LevelScorer` (``result``); ``granularities``: its
+    Granularity objects."""
     entries = levels["levels"]
     gidx = {g.name: i for i, g in enumerate(granularities)}
     L = len(entries)
@@ -254,7 +253,7 @@ def hierarchy_tree_png(path, levels, plans, granularities, left=190, row_h=64, n
     draw = ImageDraw.Draw(img)
     cls = []
     for e in entries:
-        m = e["scores"]["strict"]["match"]["cluster_to_class"] if e["scores"] else [-1] * e["clusters"]
+        m = e["scores"]["many_to_one"]["cluster_to_class"] if e["scores"] else [-1] * e["clusters"]
         cls.append(np.asarray(m))
     # order: the coarsest by matched class; each finer level by its parent's position, then class
     order = [None] * L
@@ -273,26 +272,24 @@ def hierarchy_tree_png(path, levels, plans, granularities, left=190, row_h=64, n
             x0 = left + i * span + 1
             xy[(l, k)] = (x0 + span / 2, y, y + node_h)
             c = int(cls[l][k])
-            iou = e["scores"]["strict"]["iou"][c] if (e["scores"] and c >= 0) else None
+            iou = e["scores"]["many_to_one"]["iou"][c] if (e["scores"] and c >= 0) else None
             fill = (200, 200, 200) if iou is None else _ramp(iou)
             draw.rectangle((x0, y, x0 + span - 2, y + node_h), fill=fill, outline=(90, 90, 90))
             if c >= 0 and span >= 30:
                 name = granularities[gidx[e["granularity"]]].class_names[c]
                 draw.text((x0 + 2, y + 3), str(name)[: int(span // 6)], fill=(0, 0, 0))
-        score = "" if e["scores"] is None else f" mIoU {e['scores']['strict']['miou']:.1f}"
+        score = "" if e["scores"] is None else f" mIoU {e['scores']['miou']:.1f}"
         draw.text((4, y + 3), f"L{l} K={K} {e['granularity'] or '(not scored)'}{score}"[:30], fill=(0, 0, 0))
     for l in range(L - 1):
         if plans is None:
             break
-        gc, gp = (gidx.get(entries[l]["granularity"]), gidx.get(entries[l + 1]["granularity"]))
-        inside = contains(granularities, gc, gp) if (gc is not None and gp is not None and gc <= gp) else None
+        judged = levels["consistency"][l].get("consistent") or [None] * entries[l]["clusters"]
         par = np.asarray(plans[l]).argmax(axis=1)
         for k in range(entries[l]["clusters"]):
             j = int(par[k])
             cx, cy, _ = xy[(l, k)]
             px, _, py = xy[(l + 1, j)]
-            a, b = int(cls[l][k]), int(cls[l + 1][j])
-            col = (190, 190, 190) if inside is None or a < 0 or b < 0 else ((40, 170, 40) if inside[a, b] else (220, 40, 40))
+            col = (190, 190, 190) if judged[k] is None else ((40, 170, 40) if judged[k] else (220, 40, 40))
             draw.line((cx, cy, px, py), fill=col, width=1)
     cons = "; ".join(f"L{c['child']}->L{c['parent']} consistency "
                      + ("n/a" if c["consistency"] is None else f"{c['consistency']:.2f}") for c in levels["consistency"])
