@@ -78,16 +78,36 @@ def test_eval_bad_arguments_are_one_line_and_checked_before_evaluating(tmp_path,
 
 def test_os_errors_are_one_line(tmp_path, monkeypatch):
     """friendly_errors turns an OSError (a full disk, a permission) into one line naming the file,
-    exit 2, and the failed write leaves no temporary file behind."""
+    exit 2, and the failed write leaves nothing behind: no temporary file, no lock. The disk fills
+    once as eval takes the folder's lock (the line names the folder), once as it writes the --json
+    file after taking it (the line names that file)."""
     import os
+
+    from omh_ref.core.lock import LOCK_NAME
 
     base = _synth_run(tmp_path)
     before = set(os.listdir(tmp_path))
+    real_fsync = os.fsync
 
-    def full(fd):
-        raise OSError(28, "No space left on device")
+    def full_for(which):
+        def fsync(fd):
+            try:
+                name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                name = ""
+            if which(name):
+                raise OSError(28, "No space left on device")
+            return real_fsync(fd)
+        return fsync
 
-    monkeypatch.setattr(os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full_for(lambda name: True))
+    res = CliRunner().invoke(main, base + ["--json", str(tmp_path / "s.json")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1] == (f"error: {tmp_path}: cannot write there (No space left on "
+                                                   "device); expected a writable output folder")
+    assert set(os.listdir(tmp_path)) == before
+
+    monkeypatch.setattr(os, "fsync", full_for(lambda name: name != LOCK_NAME))
     res = CliRunner().invoke(main, base + ["--json", str(tmp_path / "s.json")])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert res.output.strip().splitlines()[-1] == f"error: [Errno 28] No space left on device: '{tmp_path / 's.json'}'"

@@ -128,10 +128,14 @@ class FolderLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self._info(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self._info(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            self.path.unlink(missing_ok=True)   # a half-written lock would block the folder for ever
+            raise
         return True
 
     def _take_over(self, raw: bytes, info: dict) -> None:
