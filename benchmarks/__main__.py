@@ -26,7 +26,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     settings = None
     if args.tiny:
-        from omh_ref.core.model import small_config
+        from omh_ref.core.fixtures import small_config
 
         settings = {"cfg": small_config(), **TINY}
     res = harness.run_all(quick=args.quick or args.tiny, settings=settings,

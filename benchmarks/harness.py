@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omh_ref.core import head, model
+from omh_ref.core import fixtures, head, model
 from omh_ref.core.backend import gpu_available, to_device, to_host, xp_for
 from omh_ref.core.ops import sinkhorn
 
@@ -208,7 +208,7 @@ def make_step_inputs(cfg, batch_size, grid, seed=0):
     rng = np.random.default_rng(seed)
     params = model.init_params(cfg, rng, dtype=np.float32)
     h, w = grid
-    batch = model.random_batch(cfg, rng, B=batch_size, h=h, w=w, dtype=np.float32)
+    batch = fixtures.random_batch(cfg, rng, B=batch_size, h=h, w=w, dtype=np.float32)
     return params, batch, seed + 1
 
 
@@ -239,7 +239,7 @@ def check_step_agreement(params, batch, cfg, step_seed, device="cpu"):
     loss, _, cache = model.forward(dev_params, dev_batch, cfg, np.random.default_rng(step_seed))
     grads = {k: to_host(v) for k, v in model.backward(1.0, cache).items()}
     B, _, _, C = batch["feats"].shape
-    draws = model.draw(cfg.effective(), B, C, np.random.default_rng(step_seed))
+    draws = model.draw(cfg, B, C, np.random.default_rng(step_seed))
     tdev = "cuda" if device == "gpu" else "cpu"
     dtype = getattr(torch, np.dtype(params["W1"].dtype).name)
     with reference_dtype(tr, dtype, device=tdev if tdev != "cpu" else None):
@@ -276,7 +276,7 @@ def _time_step(cfg_json, batch_size, grid, repeats, warmup, seed, threads, peers
         if "torch" in peers:
             tr = torch_reference()
             B, _, _, C = batch["feats"].shape
-            draws = model.draw(cfg.effective(), B, C, np.random.default_rng(step_seed))
+            draws = model.draw(cfg, B, C, np.random.default_rng(step_seed))
             stack.enter_context(reference_dtype(tr, torch.float32))
             tparams, tbatch = _torch_inputs(params, batch, torch.float32, "cpu")
             fns["torch"] = lambda: _torch_step(tr, cfg, tparams, tbatch, draws)
@@ -337,7 +337,7 @@ def gemm_floor(cfg=None, batch_size=16, grid=(28, 28), threads=(1, 2), repeats=7
     step is from its hardware limit. -> {"runs": [{"threads", "floor_s", "step_s", "ratio"}],
     "gflop"}."""
     cfg = paper_config() if cfg is None else cfg
-    cfg = cfg.effective()
+    cfg = cfg
     params, batch, step_seed = make_step_inputs(cfg, batch_size, grid, seed)
     rng = np.random.default_rng(seed + 3)
     B, (h, w), C, D = batch_size, grid, cfg.in_dim, cfg.dim
@@ -459,9 +459,10 @@ def component_benchmark(cfg=None, batch_size=16, grid=(28, 28), threads=(1, 2), 
             "targets": "relaxed" if relaxed else "balanced"}
 
 
-# where our step's time goes: functions called straight from model.forward / model.backward, by
-# their file under omh_ref/core/ (and name); a loss not listed here is a part of its own, named
-# after its module, so a new loss shows up in the profile without an edit here
+# where our step's time goes: functions called straight from the step's own forward / backward
+# functions (model, the base, the cluster levels, OMH: _STEP_FILES), by their file under
+# omh_ref/core/ (and name); a loss not listed here is a part of its own, named after its module,
+# so a new loss shows up in the profile without an edit here
 _PARTS = [
     ("head", [("head.py", None), ("ops/dropout.py", None)]),
     ("correlation", [("ops/grid_sample.py", None), ("losses/correlation.py", None)]),
@@ -471,6 +472,15 @@ _PARTS = [
     ("hierarchy", [("losses/hierarchy.py", None)]),
     ("draws", [("model.py", "draw")]),
 ]
+
+
+_STEP_FILES = ("omh_ref/core/model.py", "omh_ref/core/clusters.py", "omh_ref/core/omh.py", "omh_ref/core/bases/")
+
+
+def _in_step(func) -> bool:
+    """One of the step's own forward / backward functions (whose callees are the parts)."""
+    file = func[0].replace(os.sep, "/")
+    return func[2] in ("forward", "backward") and any(f in file for f in _STEP_FILES)
 
 
 def _part_of(func):
@@ -489,7 +499,8 @@ def step_profile(cfg=None, batch_size=16, grid=(28, 28), seed=0, threads=2, torc
     """Our step split by part, and torch's top ops by self CPU time; both the mean over ``steps``
     profiled steps after one untimed step (a single step varies by ~20 % on a small machine).
 
-    Parts: cumulative time of the calls model.forward / model.backward make into each module
+    Parts: cumulative time of the calls the step's forward / backward functions (model, base,
+    levels, OMH) make into each module
     (head = the projection head and dropout, correlation = grid sampling + STEGO loss, cluster targets =
     the no-gradient target Sinkhorn, cluster levels = cosine logits, log-softmax and cluster
     loss, hierarchy = the OT hierarchy losses, with their Sinkhorn share); 'other' is the rest
@@ -516,7 +527,7 @@ def step_profile(cfg=None, batch_size=16, grid=(28, 28), seed=0, threads=2, torc
     sink = 0.0
     for func, (_, _, _, _, callers) in stats.items():
         for caller, edge in callers.items():
-            if caller[0].endswith("model.py") and caller[2] in ("forward", "backward"):
+            if _in_step(caller) and not _in_step(func):
                 part = _part_of(func)
                 if part is not None:
                     parts[part] = parts.get(part, 0.0) + edge[3]
@@ -548,7 +559,7 @@ def _torch_profile(cfg, params, batch, step_seed, top, steps=1):
     torch = _torch()
     tr = torch_reference()
     B, _, _, C = batch["feats"].shape
-    draws = model.draw(cfg.effective(), B, C, np.random.default_rng(step_seed))
+    draws = model.draw(cfg, B, C, np.random.default_rng(step_seed))
     with reference_dtype(tr, torch.float32), _quiet_stderr():
         tparams, tbatch = _torch_inputs(params, batch, torch.float32, "cpu")
         _torch_step(tr, cfg, tparams, tbatch, draws)
@@ -744,7 +755,7 @@ def gpu_benchmark(cfg=None, batch_size=16, grid=(28, 28), repeats=10, warmup=2, 
     gparams, gbatch = to_device(params, "gpu"), to_device(batch, "gpu")
     tr = torch_reference()
     B, _, _, C = batch["feats"].shape
-    draws = model.draw(cfg.effective(), B, C, np.random.default_rng(step_seed))
+    draws = model.draw(cfg, B, C, np.random.default_rng(step_seed))
 
     def sync():
         cp.cuda.Device().synchronize()

@@ -220,7 +220,7 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, resume, ckpt_every,
           log_every, config_file, overwrite, val_features, val_labels, val_every, keep_best, quiet, shifts,
           **model_flags):
-    """Train OMH (or --baseline stego) on memory-mapped features."""
+    """Train OMH on a base (or, with --no-omh, the base alone) on memory-mapped features."""
     from omh_ref.core.lock import FolderLock
     from omh_ref.evaluate.pictures import curves_png
     from omh_ref.evaluate.validation import Validator

@@ -31,7 +31,7 @@ from .train.loop import TrainOptions, train
 METHODS = {
     "OMH": {},
     "OMH w/o hierarchy": {"lam_hier": 0.0},
-    "STEGO baseline": {"baseline": "stego"},
+    "STEGO baseline": {"omh": False},
 }
 
 
@@ -103,11 +103,10 @@ def _run(opts: DemoOptions, say) -> dict:
                 raise KeyboardInterrupt
             params, cfg = load_params(res["checkpoint"], opts.device)
             levels = granular.LevelScorer(cfg, val_store, granular.load_granularities(val_store))
-            eff = cfg.effective()
-            usage = UsageAccumulator(cfg) if eff.marginals == "usage" and len(eff.levels) > 1 else None
+            usage = UsageAccumulator(cfg) if cfg.marginals == "usage" and len(cfg.levels) > 1 else None
             clu, preds = cluster_eval(params, cfg, val_store, n_classes, device=opts.device, keep=6, usage=usage,
                                       levels=levels)
-            plans = hierarchy_plans(params, cfg, usage.means() if usage else None) if len(eff.levels) > 1 else None
+            plans = hierarchy_plans(params, cfg, usage.means() if usage else None) if len(cfg.levels) > 1 else None
             probe = linear_probe(params, train_store, n_classes, epochs=opts.probe_epochs, seed=seed,
                                  device=opts.device, progress=opts.progress)
             lin = linear_eval(params, probe, val_store, n_classes, device=opts.device)

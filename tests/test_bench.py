@@ -11,10 +11,10 @@ pytest.importorskip("ot")
 
 from benchmarks import __main__ as bench_main
 from benchmarks import harness as bench
-from omh_ref.core import model
+from omh_ref.core import fixtures, model
 from omh_ref.core.ops import relu, sinkhorn
 
-TINY = {"cfg": model.small_config(), "batch_size": 3, "grid": (5, 4), "threads": (1,), "repeats": 1, "warmup": 0}
+TINY = {"cfg": fixtures.small_config(), "batch_size": 3, "grid": (5, 4), "threads": (1,), "repeats": 1, "warmup": 0}
 
 
 def _timing(t):

@@ -78,11 +78,11 @@ def test_a_format_1_checkpoint_is_read_in_todays_terms(tmp_path, old, want):
 
     import numpy as np
 
-    from omh_ref.core import model
+    from omh_ref.core import fixtures, model
     from omh_ref.core.optim import adam_init
     from omh_ref.train import checkpoint
 
-    cfg = model.small_config()
+    cfg = fixtures.small_config()
     params = model.init_params(cfg, np.random.default_rng(0))
     checkpoint.save(tmp_path / "c.npz", params, adam_init(params), 3, np.random.default_rng(0), cfg)
     with np.load(tmp_path / "c.npz") as z:
@@ -109,8 +109,71 @@ def test_a_recipe_table_is_returned_when_present_and_train_ignores_it(tmp_path):
         read_file(tmp_path / "bad2.toml")
 
 
-def test_parent_targets_need_targets():
-    with pytest.raises(ValueError, match="hier_form"):
-        Config(hier_form="targets", cluster_target="soft")
-    assert Config(hier_form="targets", cluster_target="hard").hier_form == "targets"
-    assert Config(baseline="stego", predict_through_plan=True).effective().predict_through_plan is False
+def _format_2_checkpoint(tmp_path, cfg, **old_fields):
+    """A checkpoint as format 2 wrote it: its config with 'baseline' for base/omh and the fields
+    retired since (at ``old_fields``' values, else the values that meant today's method)."""
+    import json
+
+    import numpy as np
+
+    from omh_ref.core import model
+    from omh_ref.core.optim import adam_init
+    from omh_ref.train import checkpoint
+
+    params = model.init_params(cfg, np.random.default_rng(0))
+    checkpoint.save(tmp_path / "c.npz", params, adam_init(params), 3, np.random.default_rng(0), cfg)
+    with np.load(tmp_path / "c.npz") as z:
+        data = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(data["meta"]).decode())
+    meta["format"] = 2
+    old = meta["config"]
+    omh = old.pop("omh")
+    old.pop("base")
+    old.update({"baseline": "omh" if omh else "stego", "hier_form": "kl", "lam_sparse": 0.0,
+                "predict_through_plan": False, **old_fields})
+    if not omh:                 # format 2 kept the config as given and resolved it on every use
+        old.update(levels=[6, 4, 3], cluster_target="relaxed", lam_hier=1.3)
+    data["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path = tmp_path / f"old-{len(list(tmp_path.iterdir()))}.npz"
+    np.savez(path, **data)
+    return path
+
+
+def test_old_checkpoints_and_config_files_load_as_base_and_omh(tmp_path):
+    """'baseline' became base + omh and three fields were retired: a format-2 checkpoint of each
+    kind loads as the same model, and so does a config file that still says baseline."""
+    from omh_ref.core import fixtures
+    from omh_ref.train import checkpoint
+
+    cfg = fixtures.small_config()
+    got = checkpoint.load(_format_2_checkpoint(tmp_path, cfg))["config"]
+    assert got == cfg and got.omh and got.base == "stego"
+    alone = fixtures.small_config(omh=False, levels=(6, 4, 3))
+    got = checkpoint.load(_format_2_checkpoint(tmp_path, alone))["config"]
+    assert got == alone and got.levels == (3,) and got.cluster_target == "hard" and got.lam_hier == 0
+    (tmp_path / "old.toml").write_text('[model]\nbaseline = "stego"\nlevels = [8, 4]\nhier_form = "kl"\n')
+    f = read_file(tmp_path / "old.toml")
+    got = merge(Config(), f["model"], source="old.toml")
+    assert not got.omh and got.levels == (4,) and got.cluster_target == "hard"
+
+
+@pytest.mark.parametrize("field,value", [("hier_form", "centroids"), ("hier_form", "targets"), ("lam_sparse", 0.1),
+                                         ("predict_through_plan", True), ("cluster_target", "soft")])
+def test_a_retired_variant_is_refused_naming_the_commit_that_has_it(tmp_path, field, value):
+    from omh_ref.core import fixtures
+    from omh_ref.core.config import STUDY_COMMIT
+    from omh_ref.train import checkpoint
+
+    with pytest.raises(InputError, match=rf"{field}.*rejected, retired .*commit {STUDY_COMMIT} still has it"):
+        checkpoint.load(_format_2_checkpoint(tmp_path, fixtures.small_config(), **{field: value}))
+    with pytest.raises(InputError, match=rf"^cfg.toml: config field '{field}' = .*commit {STUDY_COMMIT}"):
+        merge(Config(), {field: value}, source="cfg.toml")
+    with pytest.raises(InputError, match=rf"{field}.*commit {STUDY_COMMIT}"):
+        merge({}, {field: value})
+
+
+def test_omh_is_resolved_once_and_stays_resolved():
+    cfg = Config(omh=False, levels=(12, 6, 3), eval_level=1)
+    assert (cfg.levels, cfg.eval_level, cfg.eval_index, cfg.eval_k) == ((6,), -1, 0, 6)
+    assert dataclasses.replace(cfg) == cfg and Config.from_dict(dataclasses.asdict(cfg)) == cfg
+    assert Config(levels=(12, 6, 3), eval_level=1).eval_k == 6

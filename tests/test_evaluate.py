@@ -284,9 +284,9 @@ def test_usage_is_streamed_and_gives_the_trained_losss_plan(tmp_path):
     logp = [log_softmax.forward(cosine.forward(z, params[f"M{i}"])[0], cfg.tau)[0] for i in range(3)]
     for i, A in enumerate(plans):
         np.testing.assert_allclose(usage.means()[i], np.exp(logp[i]).mean(0), rtol=1e-12)
-        _, cache = hierarchy.forward(logp[i], logp[i + 1], params[f"M{i}"], params[f"M{i + 1}"], cfg.eps,
-                                     cfg.sinkhorn_iters, marginals="usage")
-        np.testing.assert_allclose(A, cache[4], rtol=1e-9, atol=1e-14)         # A = diag(1/a) T
+        _, cache = hierarchy.forward(logp[i], logp[i + 1], params[f"M{i}"], params[f"M{i + 1}"],
+                                     eps=cfg.eps, n_iters=cfg.sinkhorn_iters, marginals="usage")
+        np.testing.assert_allclose(A, cache.A, rtol=1e-9, atol=1e-14)         # A = diag(1/a) T
         np.testing.assert_allclose(A.sum(1), 1.0, atol=1e-6)
     uniform = hierarchy_plans(params, cfg)
     assert np.abs(uniform[0] - plans[0]).max() > 1e-3       # the marginals matter for this model

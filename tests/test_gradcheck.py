@@ -78,24 +78,23 @@ def test_a_sinkhorn_case_fails_when_it_runs_another_domain():
     assert not check_in_domain(log, "scaling", "l").passed
 
 
-def test_every_hierarchy_form_is_checked_in_both_domains_and_a_wrong_domain_fails():
-    """``omh-ref gradcheck`` checks each hierarchy form (kl, centroids, targets; with and without
-    the plan-row entropy) at a scaling-domain and a log-domain ε, and the whole model in the log
-    domain in each form; a hierarchy case whose plan ran the other domain does not pass."""
+def test_the_hierarchy_is_checked_in_both_domains_and_a_wrong_domain_fails():
+    """``omh-ref gradcheck`` checks the hierarchy with each marginal at a scaling-domain and a
+    log-domain ε, and the whole model in the log domain too; a hierarchy case whose plan ran the
+    other domain does not pass."""
     from omh_ref.core import checks
-    from omh_ref.core.losses.hierarchy import FORMS
+    from omh_ref.core.losses.hierarchy import MARGINALS
 
     names = [n for n, _ in checks.cases(0)]
-    for form in FORMS:
+    for marg in MARGINALS:
         for domain in ("scaling", "log"):
-            assert any(n.startswith(f"hierarchy form={form} ") and n.endswith(f" {domain}") for n in names), (form, domain)
-    assert {"model omh relaxed log", "model omh centroids+sparse log", "model omh targets+sparse log"} <= set(names)
+            assert any(n.startswith(f"hierarchy {marg} ") and n.endswith(f" {domain}") for n in names), (marg, domain)
+    assert {"model omh relaxed log", "model omh uniform log"} <= set(names)
     rng = np.random.default_rng(3)
     args = tuple(rng.standard_normal(s) for s in ((12, 5), (12, 3), (5, 4), (3, 4)))
-    log = checks.hierarchy_from_logits(eps=checks.HIER_LOG_EPS, n_iters=40, form="targets", lam_sparse=0.5,
-                                       Q_parent=np.full((12, 3), 1 / 3))
+    log = checks.hierarchy_from_logits(eps=checks.HIER_LOG_EPS, n_iters=40, marginals="usage")
     assert checks.check_hierarchy_in_domain(log, args, "log", "l").passed
     rep = checks.check_hierarchy_in_domain(log, args, "scaling", "l")
     assert not rep.passed and "ran the log domain" in rep.name
-    scaling = checks.hierarchy_from_logits(eps=0.3, n_iters=20, form="centroids")
+    scaling = checks.hierarchy_from_logits(eps=0.3, n_iters=20)
     assert not checks.check_hierarchy_in_domain(scaling, args, "log", "s").passed

@@ -268,21 +268,6 @@ def test_label_hierarchy_records_are_checked():
             feats_meta.check_label_hierarchy(bad)
 
 
-def test_prediction_through_the_plan(tmp_path):
-    """predict_through_plan: the class level predicted from the parts through the plan is right
-    when the plan is (the perfect model), and wrong when the plan is blind though the class
-    centroids themselves are perfect."""
-    import dataclasses
-
-    store = _world(tmp_path)
-    cfg = dataclasses.replace(CFG, predict_through_plan=True)
-    good, _ = cluster_eval(_params(), cfg, store, K_CLS, batch_size=3)
-    assert good["miou"] == pytest.approx(100.0)
-    own, _ = cluster_eval(_params(swap_class_blocks=True), CFG, store, K_CLS, batch_size=3)
-    blind, _ = cluster_eval(_params(swap_class_blocks=True), cfg, store, K_CLS, batch_size=3)
-    assert own["miou"] == pytest.approx(100.0) and blind["miou"] < 50
-
-
 def test_eval_of_another_granularitys_labels_file_scores_every_level_from_its_own_file(tmp_path):
     """``eval --labels labels_fine.npy`` (the parts, 8 classes): the labels given are the parts'
     file, not a stand-in for labels.npy, so the class and superclass levels still read labels.npy
@@ -312,28 +297,6 @@ def test_a_fine_label_outside_0_255_is_reported_not_ignored(tmp_path):
     np.save(tmp_path / "labels_fine.npy", fine)
     with pytest.raises(InputError, match=r"labels_fine\.npy.*found 300"):
         _evaluate(store, _params())
-
-
-def test_prediction_through_the_plan_reads_the_split_again_only_for_usage_marginals(tmp_path, monkeypatch):
-    """The extra pass measures the usage marginals; with uniform ones (or the eval level the
-    finest, which no plan reaches) it bought nothing and doubled the evaluation."""
-    import dataclasses
-
-    from omh_ref.evaluate import predict
-    from omh_ref.evaluate.hierarchy import UsageAccumulator
-
-    store = _world(tmp_path)
-    passes = []
-    real = predict.codes
-    monkeypatch.setattr(predict, "codes", lambda *a, **k: passes.append(1) or real(*a, **k))
-    through = dataclasses.replace(CFG, predict_through_plan=True)
-    for cfg, want in ((through, 1), (dataclasses.replace(through, eval_level=0), 1),
-                      (dataclasses.replace(through, marginals="usage"), 2)):
-        passes.clear()
-        usage = UsageAccumulator(cfg)
-        res, _ = cluster_eval(_params(), cfg, store, K_CLS, batch_size=3, usage=usage)
-        assert len(passes) == want and usage.images == store.N       # the usage still seen once
-        assert cfg.eval_level == 0 or res["miou"] == pytest.approx(100.0)
 
 
 def test_without_a_label_hierarchy_the_classes_are_named_as_eval_names_them(tmp_path):

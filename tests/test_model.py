@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from omh_ref.core import head, model
+from omh_ref.core import fixtures, head, model
+from omh_ref.core.bases import stego
 from omh_ref.core.backend import to_device, to_host
 from omh_ref.core.checks import DEFAULTS_STEP, model_check
 from omh_ref.core.config import Config
@@ -16,14 +17,13 @@ from tests.strategies import seeds
 VARIANTS = {
     "relaxed": {},
     "balanced": dict(cluster_target="balanced"),
-    "soft": dict(cluster_target="soft"),
     "hard": dict(cluster_target="hard"),
     "usage": dict(marginals="usage"),
     "implicit": dict(sinkhorn_backward="implicit", sinkhorn_iters=300),
     "two-levels-no-neg": dict(levels=(5, 2), weight_neg=0.0),
     "one-level": dict(levels=(4,)),
     "no-dropout-plain-corr": dict(dropout=0.0, pointwise=False, zero_clamp=False),
-    "stego": dict(baseline="stego"),
+    "stego": dict(omh=False),
 }
 
 
@@ -45,24 +45,24 @@ def test_model_gradients_at_the_shipped_defaults(seed):
 
 def test_small_config_weights_are_distinct_and_not_one():
     # what makes a dropped or swapped weight visible to every check built on small_config
-    cfg = model.small_config()
-    weights = [getattr(cfg, k) for k in model.SMALL_WEIGHTS]
-    assert sorted(model.SMALL_WEIGHTS) == sorted(k for k in vars(cfg) if k.startswith(("lam_", "weight_")))
+    cfg = fixtures.small_config()
+    weights = [getattr(cfg, k) for k in fixtures.SMALL_WEIGHTS]
+    assert sorted(fixtures.SMALL_WEIGHTS) == sorted(k for k in vars(cfg) if k.startswith(("lam_", "weight_")))
     assert len(set(weights)) == len(weights) and 1.0 not in weights and 0.0 not in weights
-    assert all(getattr(cfg, k) != getattr(Config(), k) for k in model.SMALL_WEIGHTS)
+    assert all(getattr(cfg, k) != getattr(Config(), k) for k in fixtures.SMALL_WEIGHTS)
 
 
 def _run(cfg, seed, dtype=np.float64, xp=np):
     rng = np.random.default_rng(seed)
     params = model.init_params(cfg, rng, dtype=dtype)
-    batch = model.random_batch(cfg, rng, dtype=dtype)
+    batch = fixtures.random_batch(cfg, rng, dtype=dtype)
     if xp is not np:
         params, batch = to_device(params, "gpu"), to_device(batch, "gpu")
     return model.loss_and_grads(params, batch, cfg, np.random.default_rng(seed + 1))
 
 
 def test_same_seed_same_result_other_seed_differs():
-    cfg = model.small_config()
+    cfg = fixtures.small_config()
     l1, p1, g1 = _run(cfg, 5)
     l2, p2, g2 = _run(cfg, 5)
     assert p1 == p2 and all(np.array_equal(g1[k], g2[k]) for k in g1)
@@ -72,15 +72,15 @@ def test_same_seed_same_result_other_seed_differs():
 
 def test_randomness_comes_only_from_the_rng():
     # Same params and batch, different step generators: the draws (and so the loss) differ.
-    cfg = model.small_config()
+    cfg = fixtures.small_config()
     rng = np.random.default_rng(0)
-    params, batch = model.init_params(cfg, rng, np.float64), model.random_batch(cfg, rng)
+    params, batch = model.init_params(cfg, rng, np.float64), fixtures.random_batch(cfg, rng)
     losses = {float(model.loss_and_grads(params, batch, cfg, np.random.default_rng(s))[0]) for s in (1, 1, 2)}
     assert len(losses) == 2
 
 
 def test_parts_and_grads_keys():
-    cfg = model.small_config()
+    cfg = fixtures.small_config()
     loss, parts, grads = _run(cfg, 0)
     assert set(grads) == set(model.init_params(cfg, np.random.default_rng(0)))
     L = len(cfg.levels)
@@ -96,14 +96,16 @@ def test_parts_and_grads_keys():
              + cfg.lam_hier * sum(parts[f"hier_{i}"] for i in range(L - 1)))
     np.testing.assert_allclose(parts["loss"], total, rtol=1e-12)
     for i in range(L - 1):
-        np.testing.assert_allclose(parts[f"hier_{i}"], parts[f"hier_kl_{i}"] + cfg.lam_w * parts[f"hier_w_{i}"]
-                                   + cfg.lam_sparse * parts[f"hier_entropy_{i}"], rtol=1e-12)
+        np.testing.assert_allclose(parts[f"hier_{i}"], parts[f"hier_kl_{i}"] + cfg.lam_w * parts[f"hier_w_{i}"],
+                                   rtol=1e-12)
 
 
-def test_stego_baseline_semantics():
-    cfg = model.small_config(baseline="stego", levels=(6, 4, 3))
-    eff = cfg.effective()
-    assert eff.levels == (3,) and eff.cluster_target == "hard" and eff.lam_hier == 0
+def test_the_base_alone_is_stegos_recipe():
+    """omh = false on the STEGO base: one hard k-means probe of the eval level's size on a
+    detached code, no hierarchy, resolved where the config is built."""
+    cfg = fixtures.small_config(omh=False, levels=(6, 4, 3))
+    assert cfg.levels == (3,) and cfg.cluster_target == "hard" and cfg.lam_hier == 0 and cfg.detach_clusters
+    assert fixtures.small_config(omh=False, levels=(6, 4, 3), eval_level=1).levels == (4,)
     loss, parts, grads = _run(cfg, 1)
     assert set(k for k in grads if k.startswith("M")) == {"M0"}
     assert not any(k.startswith("hier") for k in parts)
@@ -118,7 +120,7 @@ def test_joint_training_sends_cluster_gradients_into_the_head():
     """The head's gradient is the correlation part's plus the clustering part's (each computed
     with the other's weights at 0), and the clustering part is a real share of it: the code is
     not detached as in the STEGO baseline."""
-    cfg = model.small_config()
+    cfg = fixtures.small_config()
     _, _, g = _run(cfg, 2)
     _, _, g_corr = _run(dataclasses.replace(cfg, lam_clu=0.0, lam_hier=0.0), 2)
     _, _, g_clu = _run(dataclasses.replace(cfg, weight_intra=0.0, weight_inter=0.0, weight_neg=0.0), 2)
@@ -128,7 +130,7 @@ def test_joint_training_sends_cluster_gradients_into_the_head():
 
 
 def test_float32_matches_float64(xp):
-    cfg = model.small_config()
+    cfg = fixtures.small_config()
     l64, p64, g64 = _run(cfg, 3)
     l32, p32, g32 = _run(cfg, 3, np.float32, xp)
     tol = TOLERANCES["float32"]
@@ -143,10 +145,10 @@ def test_float32_matches_float64(xp):
 
 @given(eps=st.sampled_from([1.0, 0.05, 1e-3]), tau=st.sampled_from([0.01, 0.1]), seed=seeds)
 def test_finite_at_extreme_inputs(eps, tau, seed):
-    cfg = model.small_config(eps=eps, eps_q=eps, tau=tau, marginals="usage")
+    cfg = fixtures.small_config(eps=eps, eps_q=eps, tau=tau, marginals="usage")
     rng = np.random.default_rng(seed)
     params = model.init_params(cfg, rng, np.float64)
-    batch = model.random_batch(cfg, rng)
+    batch = fixtures.random_batch(cfg, rng)
     batch["feats"][0] = 0.0                  # an all-zero image
     batch["feats_pos"][1] *= 1e4             # a huge one
     loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng)
@@ -159,13 +161,13 @@ def test_finite_at_extreme_inputs(eps, tau, seed):
     ("tau", 0, "'tau'"), ("levels", (6, 0), "'levels'"), ("levels", (), "'levels'"),
     ("levels", (3, 6), "'levels'"), ("dim", 0, "'dim'"), ("dropout", 1.0, "'dropout'"),
     ("lam_hier", -1.0, "'lam_hier'"), ("cluster_target", "fuzzy", "'cluster_target'"),
-    ("marginals", "mass", "'marginals'"), ("baseline", "hp", "'baseline'"),
+    ("marginals", "mass", "'marginals'"), ("base", "hp", "'base'"),
     ("sinkhorn_iters", 0, "'sinkhorn_iters'"), ("eval_level", 3, "'eval_level'"),
     ("sinkhorn_backward", "adjoint", "'sinkhorn_backward'"),
 ])
 def test_bad_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
-        model.small_config(**{field: value})
+        fixtures.small_config(**{field: value})
 
 
 def test_unknown_config_field():
@@ -174,16 +176,16 @@ def test_unknown_config_field():
 
 
 def test_config_json_round_trip():
-    cfg = model.small_config(levels=(9, 5), marginals="usage")
+    cfg = fixtures.small_config(levels=(9, 5), marginals="usage")
     import json
     assert model.Config.from_dict(json.loads(cfg.to_json())) == cfg
 
 
 def test_mismatched_batch_dims_are_clear():
-    cfg = model.small_config()
+    cfg = fixtures.small_config()
     rng = np.random.default_rng(0)
     params = model.init_params(cfg, rng, np.float64)
-    batch = model.random_batch(cfg, rng)
+    batch = fixtures.random_batch(cfg, rng)
     with pytest.raises(ValueError, match=r"batch\['feats'\].*C=7"):
         model.loss_and_grads(params, {**batch, "feats": batch["feats"][..., :4]}, cfg, rng)
     with pytest.raises(ValueError, match=r"batch\['feats_pos'\]"):
@@ -198,5 +200,5 @@ def test_derangement_has_no_fixed_points():
     rng = np.random.default_rng(0)
     for n in (2, 3, 7):
         for _ in range(20):
-            perm = model.derangement(n, rng)
+            perm = stego.derangement(n, rng)
             assert sorted(perm) == list(range(n)) and not np.any(perm == np.arange(n))

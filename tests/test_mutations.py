@@ -13,11 +13,9 @@ output. Perturbed, by module (output index or key in brackets):
   [dq, dlogp]; ``ops.sinkhorn.backward`` [dcost, da, db], unrolled and implicit
 * ``losses.correlation.backward`` [dc1, dc2]; ``losses.cluster.backward`` [ds, dlogp] for each
   target type where the output is not identically 0; ``losses.hierarchy.backward`` [all four],
-  in each of its forms, in the scaling and the log domain; ``losses.plan_sparsity.backward`` [dT] (its da is ~1 everywhere, a
-  constant the marginal's normalisation projects out); ``losses.plan_targets.backward`` [dq]
+  with both marginals, in the scaling and the log domain
 * the loss weights as ``model.backward`` applies them: each of λ_clu, λ_hier, λ_W and the three
-  correlation weights dropped (taken as 1), λ_sparse dropped, and λ_clu/λ_hier and w_intra/w_inter
-  swapped.
+  correlation weights dropped (taken as 1), and λ_clu/λ_hier and w_intra/w_inter swapped.
 
 Not perturbed, because the model's gradient does not run through them: ``ops.dropout.backward``
 (the dropped-out input is the frozen features), ``ops.softmax`` and ``ops.resize`` (evaluation only).
@@ -26,10 +24,10 @@ import dataclasses
 
 import pytest
 
-from omh_ref.core import head, model
+from omh_ref.core import fixtures, head, model
 from omh_ref.core.checks import HIER_LOG_EPS, model_check
 from omh_ref.core.gradcheck import TOLERANCES
-from omh_ref.core.losses import cluster, correlation, hierarchy, plan_sparsity, plan_targets
+from omh_ref.core.losses import cluster, correlation, hierarchy
 from omh_ref.core.ops import cosine, grid_sample, kl, linear, log_softmax, normalize, relu, sinkhorn
 
 REL = 1e-3          # the perturbation: 0.1 %, 100 times the checker's rtol
@@ -37,24 +35,18 @@ SEED = 7
 
 VARIANTS = {
     "relaxed": {},                                                # relaxed targets, usage marginals
-    "soft": {"cluster_target": "soft"},
+    "uniform": {"marginals": "uniform"},
     "hard": {"cluster_target": "hard"},
     "implicit": {"sinkhorn_backward": "implicit", "sinkhorn_iters": 300},
-    "stego": {"baseline": "stego"},                               # detached code, one hard level
-    "sparse": {"lam_sparse": 0.45},                               # + the plan-row entropy
-    "centroids": {"hier_form": "centroids", "lam_sparse": 0.45},  # the Wasserstein pull only
-    "targets": {"hier_form": "targets"},                          # parent targets through the plan
-    # the hierarchy's log domain (small_config's ε = 0.3 runs the scaling one), in every form
+    "stego": {"omh": False},                                      # the base alone: detached code, one hard level
+    # the hierarchy's log domain (small_config's ε = 0.3 runs the scaling one), both marginals
     "relaxed log": {"eps": HIER_LOG_EPS},
-    "sparse log": {"lam_sparse": 0.45, "eps": HIER_LOG_EPS},
-    "centroids log": {"hier_form": "centroids", "lam_sparse": 0.45, "eps": HIER_LOG_EPS},
-    "targets log": {"hier_form": "targets", "eps": HIER_LOG_EPS},
+    "uniform log": {"marginals": "uniform", "eps": HIER_LOG_EPS},
 }
-LOG = ("relaxed log", "sparse log", "centroids log", "targets log")
-SPARSE = ("sparse", "centroids", "sparse log", "centroids log")
-OMH = ("relaxed", "soft", "hard", "implicit")
+LOG = ("relaxed log", "uniform log")
+OMH = ("relaxed", "uniform", "hard", "implicit")
 ALL = (*OMH, "stego")
-UNROLLED = ("relaxed", "soft", "hard")
+UNROLLED = ("relaxed", "uniform", "hard")
 
 # (module, function name, output (None: the single output), variants whose gradient uses it)
 BACKWARDS = [
@@ -67,20 +59,17 @@ BACKWARDS = [
     (cosine, "backward", 1, ALL),
     (log_softmax, "backward", None, OMH),    # stego's hard k-means loss has no log p term
     (grid_sample, "backward", None, ALL),
-    (kl, "backward", 0, (*OMH, "relaxed log")),
-    (kl, "backward", 1, (*OMH, "relaxed log")),
-    *[(sinkhorn, "backward", i, (*UNROLLED, *LOG)) for i in range(3)],
+    (kl, "backward", 0, (*OMH, *LOG)),
+    (kl, "backward", 1, (*OMH, *LOG)),
+    (sinkhorn, "backward", 0, (*UNROLLED, *LOG)),
+    # da, db: only usage marginals depend on the parameters (uniform ones are constants)
+    *[(sinkhorn, "backward", i, ("relaxed", "hard", "relaxed log")) for i in (1, 2)],
     *[(sinkhorn, "backward", i, ("implicit",)) for i in range(3)],
     (correlation, "backward", 0, ALL),
     (correlation, "backward", 1, ALL),
-    (cluster, "backward", 1, ("relaxed", "implicit")),    # OT targets: ds is 0, dlogp carries it
-    (cluster, "backward", 0, ("soft", "hard", "stego")),  # hard: dlogp is 0, ds carries it
-    (cluster, "backward", 1, ("soft",)),
-    *[(hierarchy, "backward", i, (*OMH, "centroids", "targets", *LOG)) for i in range(4)],
-    # Only dT: its da = Σ_j T_ij / a_i is 1 up to the plan's row error, a constant that Σa = 1 (the
-    # usage marginal's normalisation) projects out, so scaling it changes the gradient by ~1e-9.
-    (plan_sparsity, "backward", 0, SPARSE),
-    (plan_targets, "backward", 0, ("targets", "targets log")),
+    (cluster, "backward", 1, ("relaxed", "uniform", "implicit")),    # OT targets: ds is 0, dlogp carries it
+    (cluster, "backward", 0, ("hard", "stego")),                     # hard: dlogp is 0, ds carries it
+    *[(hierarchy, "backward", i, (*OMH, *LOG)) for i in range(4)],
 ]
 
 
@@ -140,20 +129,16 @@ def _cfg(**kw):
 
 
 def _corr(name, to):
+    """The STEGO base's cache (B, g1, pairs) with one pair type's weight changed."""
     def change(cache):
-        cache["corr"] = [(n, to(cache["cfg"], wt) if n == name else wt, cc, r) for n, wt, cc, r in cache["corr"]]
+        B, g1, corr = cache["base"]
+        cache["base"] = (B, g1, [(n, to(cache["cfg"], wt) if n == name else wt, cc, r) for n, wt, cc, r in corr])
     return change
 
 
 def _lam_w(to):
     def change(cache):
-        cache["hier"] = [hc[:9] + (to,) + hc[10:] for hc in cache["hier"]]
-    return change
-
-
-def _lam_sparse(to):
-    def change(cache):
-        cache["hier"] = [hc[:12] + (to,) + hc[13:] for hc in cache["hier"]]
+        cache["hier"] = [hc._replace(lam_w=to) for hc in cache["hier"]]
     return change
 
 
@@ -162,7 +147,6 @@ WEIGHT_BUGS = {
     "lam_hier dropped": (_cfg(lam_hier=1.0), OMH),
     "lam_clu and lam_hier swapped": (lambda c: _cfg(lam_clu=c["cfg"].lam_hier, lam_hier=c["cfg"].lam_clu)(c), OMH),
     "lam_w dropped": (_lam_w(1.0), OMH),
-    "lam_sparse dropped": (_lam_sparse(1.0), SPARSE),
     "weight_intra dropped": (_corr("intra", lambda cfg, wt: 1.0), ALL),
     "weight_inter dropped": (_corr("inter", lambda cfg, wt: 1.0), ALL),
     "weight_neg dropped": (_corr("neg", lambda cfg, wt: 1.0 / cfg.neg_samples), ALL),
@@ -196,8 +180,8 @@ def test_the_log_variants_run_the_log_domain(variant):
     domain's backward is what the perturbations above reach."""
     import numpy as np
 
-    cfg = model.small_config(**VARIANTS[variant])
+    cfg = fixtures.small_config(**VARIANTS[variant])
     rng = np.random.default_rng(SEED)
     params = model.init_params(cfg, rng, dtype=np.float64)
-    hier = model.forward(params, model.random_batch(cfg, rng), cfg, rng)[2]["hier"]
-    assert hier and all((hc[6].E is None) == (variant in LOG) for hc in hier)
+    hier = model.forward(params, fixtures.random_batch(cfg, rng), cfg, rng)[2]["hier"]
+    assert hier and all((hc.sinkhorn.E is None) == (variant in LOG) for hc in hier)

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from omh_ref.core import model as core_model
+from omh_ref.core import fixtures, model as core_model
 from omh_ref.core.config import Config
 from omh_ref.core.errors import InputError
 from omh_ref.core.ops import resize
@@ -75,13 +75,8 @@ def colour_ckpt(path):
 
 
 def random_ckpt(path, C, levels=(6, 4, 3), seed=0):
-    cfg = core_model.small_config(in_dim=C, levels=levels)
+    cfg = fixtures.small_config(in_dim=C, levels=levels)
     return save_ckpt(path, core_model.init_params(cfg, np.random.default_rng(seed)), cfg)
-
-
-def _through_plan_params():
-    cfg = core_model.small_config(in_dim=3, levels=(6, 3), predict_through_plan=True)
-    return core_model.init_params(cfg, np.random.default_rng(0)), cfg
 
 
 @pytest.fixture(scope="module")
@@ -579,9 +574,6 @@ def test_bad_arguments_are_one_line_errors_before_any_image_is_read(tmp_path, po
     rec = matching.record(metrics.hungarian(np.eye(4)), list("abcd"), other, "f" * 64, 0)
     matching.save(tmp_path / "foreign.json", rec)
     cases.append((base + imgs + ["--match", tmp_path / "foreign.json"], r"made for another checkpoint"))
-    through = save_ckpt(tmp_path / "through.npz", *_through_plan_params())
-    cases.append((["--model", pooled["fixed"], "--checkpoint", through, "--out", tmp_path / "o"] + imgs,
-                  r"through\.npz: trained with predict_through_plan"))
     for args, pattern in cases:
         one_line_error(cli(args), pattern)
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()

@@ -4,7 +4,7 @@ parts and the divergence flags, one transfer), and nowhere else but its checkpoi
 import numpy as np
 import pytest
 
-from omh_ref.core import backend, model
+from omh_ref.core import backend, fixtures, model
 from omh_ref.core.optim import adam_init, adam_step
 
 
@@ -57,9 +57,7 @@ def _watched(x):
 
 CONFIGS = [{}, {"cluster_target": "balanced", "marginals": "uniform"},
            {"cluster_target": "hard", "sinkhorn_backward": "implicit"},
-           {"hier_form": "centroids", "lam_sparse": 0.3},
-           {"hier_form": "targets", "lam_sparse": 0.3, "marginals": "uniform"},
-           {"hier_form": "targets", "cluster_target": "hard"}]
+           {"omh": False}, {"eps": 0.02, "marginals": "uniform"}]
 
 
 @pytest.fixture
@@ -77,12 +75,12 @@ def watched_draws(monkeypatch):
 
 
 def _step(over):
-    cfg = model.small_config(**over)
+    cfg = fixtures.small_config(**over)
     rng = np.random.default_rng(0)
     params = {k: v.view(Watched) for k, v in model.init_params(cfg, rng, dtype=np.float32).items()}
-    batch = {k: v.view(Watched) for k, v in model.random_batch(cfg, rng, dtype=np.float32).items()}
+    batch = {k: v.view(Watched) for k, v in fixtures.random_batch(cfg, rng, dtype=np.float32).items()}
     state = adam_init(params)
-    draws = model.draw(cfg.effective(), 3, cfg.in_dim, rng)
+    draws = model.draw(cfg, 3, cfg.in_dim, rng)
     Watched.conversions = []
     syncs = backend.host_syncs()
     loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng, draws=draws)
@@ -100,7 +98,7 @@ def test_a_training_step_converts_nothing_to_the_host(over, watched_draws):
 def _planted_sites():
     """(module, function, config overrides that make the step call it): every loss and every op
     a training step calls, forward and backward."""
-    from omh_ref.core.losses import cluster, correlation, hierarchy, plan_sparsity, plan_targets
+    from omh_ref.core.losses import cluster, correlation, hierarchy
     from omh_ref.core.ops import cosine, dropout, grid_sample, kl, log_softmax, normalize, sinkhorn
     from omh_ref.core import head
 
@@ -108,8 +106,6 @@ def _planted_sites():
                                   normalize, sinkhorn, head) for f in ("forward", "backward")]
     sites += [(dropout, "forward", {"dropout": 0.2}),      # no backward: the features are frozen
               (cluster, "relaxed_targets", {}), (cluster, "balanced_targets", {"cluster_target": "balanced"})]
-    sites += [(m, f, over) for m, over in ((plan_sparsity, {"lam_sparse": 0.3}), (plan_targets, {"hier_form": "targets"}))
-              for f in ("forward", "backward")]
     return sites
 
 
@@ -170,7 +166,7 @@ def test_the_loop_reads_once_per_logged_step(tmp_path, monkeypatch):
         in_saves.append(backend.host_syncs() - before)
 
     monkeypatch.setattr(checkpoint, "save", counted_save)
-    cfg = model.small_config()
+    cfg = fixtures.small_config()
     opts = loop.TrainOptions(features=str(feats), out=str(tmp_path / "r"), steps=30, batch_size=4, log_every=10,
                              ckpt_every=15, progress=False)
     loop.train(cfg, opts, say=lambda *a: None)          # builds the KNN table first

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from omh_ref.core import head, model  # noqa: E402
+from omh_ref.core import fixtures, head, model  # noqa: E402
 from omh_ref.core.config import Config  # noqa: E402
 from omh_ref.core.losses import cluster, correlation, hierarchy  # noqa: E402
 from omh_ref.core.ops import (cosine, dropout, grid_sample, kl, linear, log_softmax,  # noqa: E402
@@ -332,7 +332,7 @@ def test_hard_targets_ties(rng):
     np.testing.assert_array_equal(cluster.hard_targets(s), np_(tr.hard_targets(tr.tensor(s))))
 
 
-@pytest.mark.parametrize("target", ["relaxed", "balanced", "soft", "hard"])
+@pytest.mark.parametrize("target", ["relaxed", "balanced", "hard"])
 def test_cluster_loss(rng, target):
     P, K, tau = 15, 7, 0.37
     s = np.tanh(rng.standard_normal((P, K)))
@@ -350,21 +350,17 @@ def test_cluster_loss(rng, target):
 
 @pytest.mark.parametrize("marginals", ["uniform", "usage"])
 @pytest.mark.parametrize("eps,iters", [(0.3, 10), (0.05, 30)])
-@pytest.mark.parametrize("form,lam_sparse", [("kl", 0.0), ("kl", 0.6), ("centroids", 0.0), ("centroids", 0.6),
-                                             ("targets", 0.0), ("targets", 0.6)])
-def test_hierarchy(rng, marginals, eps, iters, form, lam_sparse):
-    P, Kc, Kp, D, tau, lam_w = 11, 7, 3, 5, 0.5, 0.1
+@pytest.mark.parametrize("lam_w", [0.1, 0.6])
+def test_hierarchy(rng, marginals, eps, iters, lam_w):
+    P, Kc, Kp, D, tau = 11, 7, 3, 5, 0.5
     zc = rng.standard_normal((P, D))
     Mc, Mp = rng.standard_normal((Kc, D)), rng.standard_normal((Kp, D))
     lc = log_softmax.forward(cosine.forward(zc, Mc)[0], tau)[0]
     sp = cosine.forward(zc, Mp)[0]
     lp = log_softmax.forward(sp, tau)[0]
-    Q = cluster.relaxed_targets(sp, 0.1, 10, 0.1)[0] if form == "targets" else None
-    loss, hc = hierarchy.forward(lc, lp, Mc, Mp, eps, iters, lam_w, marginals, form=form, lam_sparse=lam_sparse,
-                                 Q_parent=Q)
+    loss, hc = hierarchy.forward(lc, lp, Mc, Mp, eps=eps, n_iters=iters, lam_w=lam_w, marginals=marginals)
     dloss = rng.uniform(0.5, 2.0)
-    tQ = None if Q is None else tr.tensor(Q)
-    tl, grads = torch_vjp(lambda *a: tr.hierarchy_loss(*a, eps, iters, lam_w, marginals, form, lam_sparse, tQ),
+    tl, grads = torch_vjp(lambda *a: tr.hierarchy_loss(*a, eps, iters, lam_w, marginals),
                           (lc, lp, Mc, Mp), dloss, [0, 1, 2, 3])
     assert_close(loss, tl, VAL_RTOL, f"hierarchy {marginals} loss")
     for got, want, name in zip(hierarchy.backward(dloss, hc), grads, ("dlogp_c", "dlogp_p", "dM_c", "dM_p")):
@@ -377,26 +373,22 @@ MODEL_CASES = {
     "default-relaxed": {},
     "strict-balanced": {"cluster_target": "balanced"},
     "uniform": {"marginals": "uniform"},
-    "soft": {"cluster_target": "soft"},
     "hard": {"cluster_target": "hard"},
     "usage": {"marginals": "usage"},
-    "stego": {"baseline": "stego"},
+    "stego": {"omh": False},
     "unrolled-eps-small": {"sinkhorn_backward": "unrolled", "eps": 0.05, "sinkhorn_iters": 30},
     "no-pointwise-no-clamp": {"pointwise": False, "zero_clamp": False},
     "no-dropout-two-levels": {"dropout": 0.0, "levels": (5, 3), "neg_samples": 3},
     "one-level-no-neg": {"levels": (7,), "weight_neg": 0.0},
     "implicit-converged": {"sinkhorn_backward": "implicit", "sinkhorn_iters": 400},
-    "plan-sparsity": {"lam_sparse": 0.45},
-    "centroids-only": {"hier_form": "centroids", "lam_sparse": 0.45},
-    "parent-targets": {"hier_form": "targets"},
-    "parent-targets-hard-uniform": {"hier_form": "targets", "cluster_target": "hard", "marginals": "uniform"},
+    "hard-uniform": {"cluster_target": "hard", "marginals": "uniform"},
     "shipped-defaults": None,   # Config(): τ 0.1, ε 0.2, levels 108/54/27, C 384, D 70, weights as shipped
 }
 
 
 def model_case_config(case):
     """small_config (distinct, non-unit loss weights) with the case's fields, or every default."""
-    return Config() if MODEL_CASES[case] is None else model.small_config(**MODEL_CASES[case])
+    return Config() if MODEL_CASES[case] is None else fixtures.small_config(**MODEL_CASES[case])
 
 
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
@@ -405,13 +397,13 @@ def test_model(case, seed):
     cfg = model_case_config(case)
     rng = np.random.default_rng(seed)
     params = model.init_params(cfg, rng, dtype=np.float64)
-    batch = model.random_batch(cfg, rng)
+    batch = fixtures.random_batch(cfg, rng)
     B, _, _, C = batch["feats"].shape
     step_seed = seed + 1000
 
     loss, parts, grads = model.loss_and_grads(params, batch, cfg, np.random.default_rng(step_seed))
     ours_targets = model.forward(params, batch, cfg, np.random.default_rng(step_seed))[2]["targets"]
-    draws = model.draw(cfg.effective(), B, C, np.random.default_rng(step_seed))
+    draws = model.draw(cfg, B, C, np.random.default_rng(step_seed))
 
     tparams = {k: tr.tensor(v, requires_grad=True) for k, v in params.items()}
     tl, tparts, tQ = tr.model_loss(tparams, batch, cfg, draws)
@@ -429,6 +421,6 @@ def test_model(case, seed):
     for (k, p), g in zip(tparams.items(), tgrads):
         want = np.zeros_like(params[k]) if g is None else np_(g)
         assert_close(grads[k], want, GRAD_RTOL, f"{case} grad {k}")
-    if cfg.baseline == "stego":
+    if not cfg.omh:
         # the detached code: the cluster head sends nothing into the projection head
         assert list(params) == [*head.KEYS, "M0"]

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from numpy.lib.format import open_memmap
 
-from omh_ref.core import model
+from omh_ref.core import fixtures, model
 from omh_ref.train import checkpoint
 from omh_ref.core.errors import InputError
 from omh_ref.train.loop import TrainOptions, train
@@ -36,7 +36,7 @@ def feats(tmp_path):
 
 
 def small_cfg(**kw):
-    return model.small_config(in_dim=C, **kw)
+    return fixtures.small_config(in_dim=C, **kw)
 
 
 def opts(feats, out, **kw):
@@ -255,10 +255,10 @@ def test_resume_on_another_feature_file_is_refused(feats, tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from omh_ref.core import model
+    from omh_ref.core import fixtures, model
     from omh_ref.train import checkpoint
     from omh_ref.core.optim import adam_init
-    cfg = model.small_config()
+    cfg = fixtures.small_config()
     rng = np.random.default_rng(0)
     params = {"big": rng.standard_normal(8_000_000).astype(np.float32)}
     state = adam_init(params)
@@ -290,7 +290,7 @@ def test_kill_9_during_checkpoint_write_leaves_a_readable_checkpoint(tmp_path):
 def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(feats, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
-        from omh_ref.core import model
+        from omh_ref.core import fixtures, model
         from omh_ref.train.loop import TrainOptions, train
         import omh_ref.core.model as m
         real = m.loss_and_grads
@@ -301,7 +301,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(feats, tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)   # as if the user pressed Ctrl-C mid-step
             return real(*a, **k)
         m.loss_and_grads = slow
-        res = train(model.small_config(in_dim={C}), TrainOptions(features={feats!r}, out={str(tmp_path / 'r')!r},
+        res = train(fixtures.small_config(in_dim={C}), TrainOptions(features={feats!r}, out={str(tmp_path / 'r')!r},
                     steps=100, batch_size=4, ckpt_every=1000, progress=False))
         print("RESULT", res["step"], res["interrupted"])
     """)
@@ -520,7 +520,7 @@ def test_auto_shifts_are_each_pair_types_mean_correlation(tmp_path):
     from omh_ref.features.store import FeatureStore
     from omh_ref.train.loop import auto_shifts
 
-    cfg = model.small_config(in_dim=8)
+    cfg = fixtures.small_config(in_dim=8)
     for name, vectors, inter in (("orthonormal", 3 * np.eye(8), 0.0),
                                  ("twins", np.repeat(2 * np.eye(8)[:4], 2, axis=0), 1.0)):
         store = FeatureStore(_constant_images(tmp_path / f"{name}.npy", vectors.astype(np.float32)))

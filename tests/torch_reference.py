@@ -167,11 +167,9 @@ def hard_targets(s):
 
 
 def cluster_loss(s, logp, target, Q=None, eps_q=0.05, n_iters_q=20, rho_q=0.1):
-    """-> (loss, Q). relaxed / balanced: −mean Σ Q log p (Q from the OT targets); soft: −mean Σ p s;
-    hard: −mean Σ onehot(argmax s) s."""
+    """-> (loss, Q). relaxed / balanced: −mean Σ Q log p (Q from the OT targets); hard:
+    −mean Σ onehot(argmax s) s."""
     P = s.shape[0]
-    if target == "soft":
-        return -(logp.exp() * s).sum() / P, None
     if target in ("relaxed", "balanced"):
         if Q is None:
             Q = (balanced_targets(s, eps_q, n_iters_q) if target == "balanced"
@@ -181,11 +179,8 @@ def cluster_loss(s, logp, target, Q=None, eps_q=0.05, n_iters_q=20, rho_q=0.1):
     return -(Q * s).sum() / P, Q
 
 
-def hierarchy_loss(logp_c, logp_p, M_c, M_p, eps, n_iters, lam_w, marginals="uniform", form="kl",
-                   lam_sparse=0.0, Q_p=None):
-    """mean_pixels KL(p_c A || p_p) + λ_W <T, C>, C = 1 − cos(M_c, M_p), A = diag(1/a) T (form kl);
-    λ_W <T, C> alone (centroids); −mean_pixels Σ Q_p log(p_c A) + λ_W <T, C> (targets); plus
-    lam_sparse · (−Σ T log(T / a)), the a-weighted entropy of A's rows."""
+def hierarchy_loss(logp_c, logp_p, M_c, M_p, eps, n_iters, lam_w, marginals="uniform"):
+    """mean_pixels KL(p_c A || p_p) + λ_W <T, C>, C = 1 − cos(M_c, M_p), A = diag(1/a) T."""
     p_c, p_p = logp_c.exp(), logp_p.exp()
     C = 1.0 - cosine(M_c, M_p)                                         # Kc,Kp
     if marginals == "usage":
@@ -199,14 +194,7 @@ def hierarchy_loss(logp_c, logp_p, M_c, M_p, eps, n_iters, lam_w, marginals="uni
     T = sinkhorn(C, a, b, eps, n_iters)
     A = T / a.unsqueeze(1)
     q = p_c @ A                                                        # P,Kp
-    loss = lam_w * (T * C).sum()
-    if form == "kl":
-        loss = loss + kl_rows(q, logp_p).mean()
-    elif form == "targets":
-        loss = loss - (Q_p * torch.log(q)).sum() / q.shape[0]
-    if lam_sparse > 0:
-        loss = loss - lam_sparse * (T * torch.log(A)).sum()
-    return loss
+    return lam_w * (T * C).sum() + kl_rows(q, logp_p).mean()
 
 
 # ---------------------------------------------------------------- the whole objective
@@ -217,7 +205,6 @@ def model_loss(params, batch, cfg, draws, targets=None):
     params: dict of float64 tensors (``W1 b1 W2 b2 W3 b3 M0..``); batch: numpy ``feats`` and
     ``feats_pos`` (B, h, w, C); draws: :func:`omh_ref.core.model.draw`'s dict; targets: optional list
     of fixed per-level targets (else computed here, detached). -> (loss, parts, targets)."""
-    cfg = cfg.effective()
     f = tensor(batch["feats"])                                         # B,h,w,C
     fp = batch.get("feats_pos")
     B, h, w, C = f.shape
@@ -278,8 +265,7 @@ def model_loss(params, batch, cfg, draws, targets=None):
     if cfg.lam_hier > 0:
         for i in range(len(cfg.levels) - 1):
             lh = hierarchy_loss(logps[i], logps[i + 1], P_[f"M{i}"], P_[f"M{i + 1}"], cfg.eps,
-                                cfg.sinkhorn_iters, cfg.lam_w, cfg.marginals, cfg.hier_form, cfg.lam_sparse,
-                                used[i + 1])
+                                cfg.sinkhorn_iters, cfg.lam_w, cfg.marginals)
             parts[f"hier_{i}"] = lh
             loss = loss + cfg.lam_hier * lh
     parts["loss"] = loss

@@ -11,11 +11,11 @@ import dataclasses
 
 import numpy as np
 
-from . import head, model
+from . import fixtures, head, model
 from .backend import to_device
 from .config import Config
 from .gradcheck import TOLERANCES, Report, _shapes, check_jacobian, check_vjp
-from .losses import cluster, correlation, hierarchy, plan_sparsity, plan_targets
+from .losses import cluster, correlation, hierarchy
 from .ops import (cosine, dropout, grid_sample, kl, linear, log_softmax, normalize, relu, resize, sinkhorn,
                   softmax)
 
@@ -134,7 +134,7 @@ def cases(seed=0, device="cpu"):
     for target in cluster.TARGETS:
         s = np.tanh(r(P, K))
         Q = {"relaxed": cluster.relaxed_targets(s, 0.2, 10, 0.1)[0], "balanced": cluster.balanced_targets(s, 0.2, 10)[0],
-             "hard": cluster.hard_targets(s), "soft": None}[target]
+             "hard": cluster.hard_targets(s)}[target]
         name = f"cluster {target}"
         fwd = (lambda s, lp, Q=Q, t=target: cluster.forward(s, lp, t, Q=Q))
         yield name, (lambda fwd=fwd, s=s, nm=name: check_vjp(
@@ -152,42 +152,24 @@ def cases(seed=0, device="cpu"):
                      check_vjp(*hierarchy_from_logits(**kw), (r(P, Kc), r(P, Kp), r(Kc, D), r(Kp, D)),
                                name=nm, **fd))
 
-    # The hierarchy's other formulations (docs/ablations.md): the plan-row entropy alone (the plan
-    # from a Sinkhorn run so that it is a real plan with its marginal), the parent targets through
-    # the plan alone, and the whole hierarchy loss in each form, with the entropy penalty.
-    Tp = sinkhorn.forward(rng.random((Kc, Kp)) * 2, _simplex(rng, (Kc,)), _simplex(rng, (Kp,)), 0.3, 20)[0]
-    yield "plan_sparsity", lambda: check_vjp(plan_sparsity.forward, plan_sparsity.backward,
-                                              (Tp, Tp.sum(axis=1) * rng.uniform(0.8, 1.2, Kc)), name="plan_sparsity")
-    Qp = cluster.relaxed_targets(np.tanh(r(P, Kp)), 0.2, 10, 0.1)[0]
-    yield "plan_targets", lambda: check_vjp(lambda q: plan_targets.forward(q, Qp),
-                                             lambda dl, c: plan_targets.backward(dl, c)[:1],
-                                             (_simplex(rng, (P, Kp)),), name="plan_targets")
-    # Each form in both Sinkhorn domains: ε = 0.3 runs the scaling domain, ε = 0.02 the log domain
-    # (the cost's span bound 2 over ε exceeds the scaling domain's 40); each case fails when its
-    # plan ran the other domain.
-    for form, marg, lam_sparse in (("kl", "usage", 0.7), ("centroids", "uniform", 0.0), ("centroids", "usage", 0.7),
-                                   ("targets", "uniform", 0.0), ("targets", "usage", 0.7), ("kl", "uniform", 0.7)):
+    # Both marginals in both Sinkhorn domains: ε = 0.3 runs the scaling domain, ε = 0.02 the log
+    # domain (the cost's span bound 2 over ε exceeds the scaling domain's 40); each case fails when
+    # its plan ran the other domain.
+    for marg in hierarchy.MARGINALS:
         for eps, it, domain in ((0.3, 20, "scaling"), (HIER_LOG_EPS, 40, "log")):
-            name = f"hierarchy form={form} {marg} sparse={lam_sparse:g} eps={eps:g} {domain}"
-            kw = dict(eps=eps, n_iters=it, marginals=marg, form=form, lam_sparse=lam_sparse,
-                      Q_parent=Qp if form == "targets" else None)
+            name = f"hierarchy {marg} eps={eps:g} {domain}"
+            kw = dict(eps=eps, n_iters=it, marginals=marg, lam_w=0.7)
             yield name, (lambda nm=name, kw=kw, d=domain: check_hierarchy_in_domain(
                 hierarchy_from_logits(**kw), (r(P, Kc), r(P, Kp), r(Kc, D), r(Kp, D)), d, nm))
 
     variants = {"model omh relaxed": {}, "model omh balanced+uniform": dict(cluster_target="balanced",
                                                                              marginals="uniform"),
-                "model omh soft+usage": dict(cluster_target="soft", marginals="usage"),
                 "model omh hard+implicit": dict(cluster_target="hard", sinkhorn_backward="implicit",
                                                 sinkhorn_iters=300),
-                "model stego baseline": dict(baseline="stego"),
-                "model omh centroids+sparse": dict(hier_form="centroids", lam_sparse=0.45),
-                "model omh targets+sparse": dict(hier_form="targets", lam_sparse=0.45),
-                "model omh targets hard": dict(hier_form="targets", cluster_target="hard"),
-                # the hierarchy's log domain (small_config's ε = 0.3 runs the scaling one), every form
+                "model stego (no omh)": dict(omh=False),
+                # the hierarchy's log domain (small_config's ε = 0.3 runs the scaling one)
                 "model omh relaxed log": dict(eps=HIER_LOG_EPS),
-                "model omh sparse log": dict(lam_sparse=0.45, eps=HIER_LOG_EPS),
-                "model omh centroids+sparse log": dict(hier_form="centroids", lam_sparse=0.45, eps=HIER_LOG_EPS),
-                "model omh targets+sparse log": dict(hier_form="targets", lam_sparse=0.45, eps=HIER_LOG_EPS)}
+                "model omh uniform log": dict(marginals="uniform", eps=HIER_LOG_EPS)}
     for name, over in variants.items():
         yield name, (lambda over=over, nm=name, s=int(rng.integers(1 << 30)): model_check(s, nm, device=device, **over))
     # The real defaults (every Config field as shipped: τ = 0.1, ε = 0.2, levels 108/54/27, C = 384,
@@ -212,7 +194,7 @@ def check_hierarchy_in_domain(fb, args, domain, name, **fd):
     """check_vjp of a :func:`hierarchy_from_logits` case, failing (with the domain in the row) when
     its plan ran the other Sinkhorn domain."""
     forward, backward = fb
-    ran = "log" if forward(*args)[1][0][6].E is None else "scaling"
+    ran = "log" if forward(*args)[1][0].sinkhorn.E is None else "scaling"
     if ran != domain:
         return Report(f"{name} (ran the {ran} domain)", _shapes(args), float("inf"),
                       TOLERANCES["float64"]["rtol"], False)
@@ -239,17 +221,17 @@ def hierarchy_from_logits(tau=0.5, lam_w=0.1, **kw):
 def model_check(seed, name="model", cfg=None, step=None, device="cpu", **overrides):
     """Gradient check of the whole objective w.r.t. every parameter, randomness and the
     no-gradient cluster targets held fixed, in float64 on a small batch (3 images, 5 x 4 grid).
-    ``cfg`` (default :func:`omh_ref.core.model.small_config`) with ``overrides`` applied; ``step``
+    ``cfg`` (default :func:`omh_ref.core.fixtures.small_config`) with ``overrides`` applied; ``step``
     the finite-difference step (default the checker's)."""
-    cfg = model.small_config(**overrides) if cfg is None else dataclasses.replace(cfg, **overrides)
+    cfg = fixtures.small_config(**overrides) if cfg is None else dataclasses.replace(cfg, **overrides)
     rng = np.random.default_rng(seed)
     params = to_device(model.init_params(cfg, rng, dtype=np.float64), device)
-    batch = to_device(model.random_batch(cfg, rng), device)
+    batch = to_device(fixtures.random_batch(cfg, rng), device)
     keys = list(params)
     targets = model.forward(params, batch, cfg, np.random.default_rng(seed))[2]["targets"]
 
-    # The STEGO baseline detaches the code from its cluster head, so its head gradient is the
-    # correlation loss's gradient alone; check that part against the correlation part.
+    # A base alone (omh = false) detaches the code from its cluster probe, so its head gradient is
+    # the base loss's gradient alone; check that part against the base's part.
     head_idx = [i for i, k in enumerate(keys) if k in head.KEYS]
 
     def objective(part):

@@ -16,12 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from . import bases
 from .errors import InputError
 from .losses.cluster import TARGETS
-from .losses.hierarchy import FORMS, MARGINALS
+from .losses.hierarchy import MARGINALS
 from .ops.sinkhorn import BACKWARD_MODES
 
-BASELINES = ("omh", "stego")
+# The commit that last held the variants the method study rejected (docs/ablations.md): their
+# code, tests and numbers are there.
+STUDY_COMMIT = "39d3f3a"
 
 
 def _field(default, help, rule=None, choices=None, flag=True):
@@ -61,7 +64,7 @@ class Config:
                                     choices=BACKWARD_MODES)
     marginals: str = _field("usage", "hierarchy marginals (docs/ablations.md: usage won)", choices=MARGINALS)
     cluster_target: str = _field("relaxed", "cluster-loss targets: relaxed (OT, cluster marginal a KL penalty "
-                                            "of weight rho_q), balanced (OT, strict equipartition), soft, hard",
+                                            "of weight rho_q), balanced (OT, strict equipartition), hard",
                                  choices=TARGETS)
     eps_q: float = _field(0.05, "ε of the target Sinkhorn (relaxed and balanced)", "positive finite")
     sinkhorn_iters_q: int = _field(20, "iterations of the target Sinkhorn", "positive int")
@@ -71,11 +74,6 @@ class Config:
     lam_clu: float = _field(1.0, "weight λ_clu of the cluster losses", ">= 0 finite")
     lam_hier: float = _field(1.0, "weight λ_hier of the hierarchy losses (0: no hierarchy)", ">= 0 finite")
     lam_w: float = _field(0.1, "weight λ_W of the Wasserstein term <T, C> in each hierarchy loss", ">= 0 finite")
-    hier_form: str = _field("kl", "hierarchy coupling: kl (KL of the child pushed through the plan to the parent's "
-                                  "assignment), centroids (the Wasserstein pull only), targets (the parent's "
-                                  "cluster targets predicted through the plan)", choices=FORMS)
-    lam_sparse: float = _field(0.0, "weight of the plan-row entropy H(parent | child) in each hierarchy loss "
-                                    "(0: none)", ">= 0 finite")
     feature_samples: int = _field(11, "S: S x S sampled points per image for the correlation loss", "positive int")
     neg_samples: int = _field(5, "random negative pairings per step", "int >= 0")
     weight_neg: float = _field(0.63, "correlation weight of negative pairs", ">= 0 finite")
@@ -86,16 +84,28 @@ class Config:
     shift_intra: float = _field(0.08, "correlation shift of self pairs", "finite")
     pointwise: bool = _field(True, "centre the feature correlations per row (STEGO's pointwise)")
     zero_clamp: bool = _field(True, "clamp code correlations at 0 (STEGO's zero_clamp)")
-    baseline: str = _field("omh", "omh, or stego: one hard k-means head on a detached code, no hierarchy",
-                           choices=BASELINES)
+    base: str = _field("stego", "the base method whose loss trains the projection head (core/bases)",
+                       choices=tuple(bases.BASES))
+    omh: bool = _field(True, "OMH on top of the base: every level's cluster head trained jointly with the code, "
+                             "and the hierarchy between them; --no-omh: the base alone (one cluster probe of the "
+                             "eval level's size on a detached code, trained the base's way)")
     eval_level: int = _field(-1, "index into levels of the level whose clusters are the predictions")
-    predict_through_plan: bool = _field(False, "predict the eval level through the hierarchy's plans from the "
-                                               "finest level (argmax of p_0 A_0 ... ), not from its own centroids")
     extra: dict = _field({}, "free-form notes carried into checkpoints", flag=False)
 
     def __post_init__(self):
         self.validate()
         self.levels = tuple(int(k) for k in self.levels)
+        if not self.omh:
+            self._resolve_base_alone()
+
+    def _resolve_base_alone(self):
+        """``omh = false`` is resolved here, once, where the config is built or loaded: the base's
+        own recipe, one cluster probe of the eval level's size trained the base's way
+        (``PROBE_TARGET``) on a detached code, no hierarchy. Resolving twice changes nothing."""
+        self.levels = (self.levels[self.eval_level],)
+        self.eval_level = -1
+        self.cluster_target = bases.get(self.base).PROBE_TARGET
+        self.lam_hier = 0.0
 
     def _check_types(self):
         """Each field has its default's type (an int is a float too; bools are not numbers), so
@@ -139,37 +149,64 @@ class Config:
             raise bad("levels", "strictly decreasing sizes, finest first (e.g. 108,54,27)")
         if not -len(self.levels) <= self.eval_level < len(self.levels):
             raise bad("eval_level", f"an index into levels {self.levels}")
-        if self.hier_form == "targets" and self.cluster_target == "soft":
-            raise bad("hier_form", "kl or centroids with cluster_target 'soft' (it has no targets to predict)")
-
-    def effective(self) -> "Config":
-        """The config the model actually runs: ``baseline='stego'`` becomes one hard k-means head
-        of the eval level's size on a detached code, without hierarchy."""
-        if self.baseline != "stego":
-            return self
-        return dataclasses.replace(self, levels=(self.levels[self.eval_level],), eval_level=-1,
-                                   cluster_target="hard", lam_hier=0.0, predict_through_plan=False)
 
     @property
     def detach_clusters(self) -> bool:
-        return self.baseline == "stego"
+        """The base alone trains its probe on a detached code (the probe gives the code no gradient)."""
+        return not self.omh
+
+    @property
+    def eval_index(self) -> int:
+        """The eval level as an index in 0 .. len(levels) - 1."""
+        return self.eval_level % len(self.levels)
 
     @property
     def eval_k(self) -> int:
         """Clusters of the level whose argmax is the prediction."""
-        cfg = self.effective()
-        return cfg.levels[cfg.eval_level]
+        return self.levels[self.eval_level]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        """The config of a dict of fields, old names migrated (:func:`upgrade`)."""
+        d = upgrade(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"config: unknown field(s) {', '.join(unknown)}")
         return cls(**d)
+
+
+# Fields of older configs (checkpoints, config files): the value each took when it meant "as now",
+# and the retired choices of fields that stay.
+RETIRED = {"hier_form": "kl", "lam_sparse": 0.0, "predict_through_plan": False}
+RETIRED_TARGETS = ("soft",)
+
+
+def upgrade(d: dict) -> dict:
+    """An older config's fields as today's: ``baseline = "stego"`` is ``omh = false`` on the STEGO
+    base (``"omh"``: ``omh = true``); a retired field at the value that meant today's method is
+    dropped. A retired field at another value, or a retired cluster target, names the commit that
+    still has that variant instead of training another model in its name."""
+    d = dict(d)
+    if "baseline" in d:
+        old = d.pop("baseline")
+        if old not in ("omh", "stego"):
+            raise ValueError(f"config field 'baseline': expected 'omh' or 'stego' (now base and omh), got {old!r}")
+        d.setdefault("omh", old == "omh")
+        d.setdefault("base", "stego")
+    for name, meant_now in RETIRED.items():
+        if name in d:
+            v = d.pop(name)
+            if v != meant_now:
+                raise ValueError(f"config field {name!r} = {v!r}: a variant the method study rejected, retired "
+                                 f"(docs/ablations.md); commit {STUDY_COMMIT} still has it")
+    if d.get("cluster_target") in RETIRED_TARGETS:
+        raise ValueError(f"config field 'cluster_target' = {d['cluster_target']!r}: a variant the method study "
+                         f"rejected, retired (docs/ablations.md); commit {STUDY_COMMIT} still has it")
+    return d
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +308,11 @@ def merge(base, *layers, source=None) -> Config:
     """``base`` (a Config or a dict of fields) with each layer of overrides applied in turn (later
     layers win; None values are skipped; ``levels`` may be a '108,54,27' string). A bad field is an
     InputError naming the field (and ``source``, a file, when given)."""
-    fields = dataclasses.asdict(base) if isinstance(base, Config) else dict(base)
+    try:
+        fields = upgrade(dataclasses.asdict(base) if isinstance(base, Config) else dict(base))
+        layers = [upgrade({k: v for k, v in layer.items() if v is not None}) for layer in layers]
+    except ValueError as e:
+        raise InputError(f"{source}: {e}" if source else str(e)) from None
     for layer in layers:
         _refuse_old_balanced(layer, source)
         for name, value in layer.items():

@@ -230,7 +230,7 @@ class LevelScorer:
     them), then :meth:`result` with the hierarchy's plans."""
 
     def __init__(self, cfg: Config, store: FeatureStore, granularities, assignment=None, notes=None):
-        self.cfg = cfg.effective()
+        self.cfg = cfg
         self.granularities = granularities
         self.notes = list(notes or [])
         levels = self.cfg.levels

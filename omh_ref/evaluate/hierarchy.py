@@ -22,7 +22,7 @@ class UsageAccumulator:
     (feature-grid patch) of the codes given to :meth:`update`, summed in float64 on the host."""
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg.effective()
+        self.cfg = cfg
         self.sums = [np.zeros(k, dtype=np.float64) for k in self.cfg.levels]
         self.pixels = 0
         self.images = 0
@@ -50,7 +50,7 @@ def hierarchy_plans(params, cfg: Config, usage=None):
     of (K_l,) arrays, :meth:`UsageAccumulator.means`). ``usage=None`` gives uniform marginals
     whatever the config (say so: :func:`marginals_note`). Row i is child cluster i's soft parent
     assignment."""
-    cfg = cfg.effective()
+    cfg = cfg
     plans = []
     for i in range(len(cfg.levels) - 1):
         cs, _ = cosine.forward(params[f"M{i}"], params[f"M{i + 1}"])
@@ -71,7 +71,7 @@ def marginals_note(cfg: Config, usage_images=None) -> dict:
     """Which marginals :func:`hierarchy_plans` used -> {'marginals': 'uniform' | 'usage',
     'trained_with': cfg.marginals, 'text': one line for the printed table}. ``usage_images``: the
     number of evaluation images the usage was averaged over (None: no usage was given)."""
-    trained = cfg.effective().marginals
+    trained = cfg.marginals
     if trained == "usage" and usage_images:
         return {"marginals": "usage", "trained_with": trained,
                 "text": f"usage marginals as trained: mean assignments over the {usage_images} evaluation images"}

@@ -110,9 +110,8 @@ def _run(opts: EvalOptions, say) -> dict:
     names = resolve_class_names(opts.class_names, store, n_classes)
     if K < n_classes:
         raise InputError(f"{opts.checkpoint}: the eval level has {K} clusters, fewer than the {n_classes} classes")
-    eff = cfg.effective()
     # the hierarchy's usage marginals, averaged over the split on the way (no code is kept)
-    usage = UsageAccumulator(cfg) if eff.marginals == "usage" and len(eff.levels) > 1 else None
+    usage = UsageAccumulator(cfg) if cfg.marginals == "usage" and len(cfg.levels) > 1 else None
     levels = _level_scorer(opts, cfg, store, n_classes, names)
     masks = MaskWriter(opts.save_masks, store, K, opts.crf) if opts.save_masks else None
     clu, preds = cluster_eval(params, cfg, store, n_classes, opts.batch_size, flipped, opts.device, keep=4,
@@ -121,8 +120,8 @@ def _run(opts: EvalOptions, say) -> dict:
     result = {"cluster": scores_json(clu), "crf": bool(opts.crf)}
     if opts.save_match or masks is not None:
         sha = file_sha256(opts.checkpoint)
-        rec = matching.record(clu["match"], names, opts.checkpoint, sha, cfg.effective().eval_level
-                              % len(cfg.effective().levels), scores=clu, crf=opts.crf)
+        rec = matching.record(clu["match"], names, opts.checkpoint, sha, cfg.eval_index, scores=clu,
+                              crf=opts.crf)
         if opts.save_match:
             matching.save(opts.save_match, rec)
         if masks is not None:
@@ -138,7 +137,7 @@ def _run(opts: EvalOptions, say) -> dict:
         result["linear"] = scores_json(lin)
     means = usage.means() if usage is not None else None
     plans = hierarchy_plans(params, cfg, means)
-    tree = hierarchy_text(plans, clu["match"].cluster_to_class, names, named_level=eff.eval_level)
+    tree = hierarchy_text(plans, clu["match"].cluster_to_class, names, named_level=cfg.eval_level)
     note = marginals_note(cfg, usage.images if usage is not None else None)
     result["hierarchy"] = {"marginals": note["marginals"], "trained_with": note["trained_with"],
                            "marginals_text": note["text"],
@@ -160,7 +159,7 @@ def _level_scorer(opts: EvalOptions, cfg, store, n_classes, names=None):
     """Every level's scorer against the label granularities (evaluate/granular.py)."""
     notes = []
     grans = granular.load_granularities(store, n_classes, notes, names)
-    levels = cfg.effective().levels
+    levels = cfg.levels
     assignment = granular.parse_level_labels(opts.level_labels, len(levels), grans) if opts.level_labels else None
     return granular.LevelScorer(cfg, store, grans, assignment, notes)
 

@@ -5,20 +5,17 @@
   averaged (STEGO).
 * Cluster predictions: the eval level's cosine logits, bilinearly upsampled (align_corners=False)
   to label resolution, argmax; scored by Hungarian matching on the confusion over the whole split
-  (:mod:`.metrics`), optionally after the dense CRF (:mod:`.crf`). With
-  ``Config.predict_through_plan`` the eval level's scores are log(p_0 A_0 ⋯ A_{e−1}) instead: the
-  finest level's assignment pushed through the hierarchy's plans (:mod:`.hierarchy`, with the
-  trained marginals: one more pass over the split first measures their usage).
+  (:mod:`.metrics`), optionally after the dense CRF (:mod:`.crf`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..core import head
-from ..core.backend import get_array_module, to_device, to_host
+from ..core.backend import to_device, to_host
 from ..core.config import Config
 from ..core.errors import InputError
-from ..core.ops import cosine, resize, softmax
+from ..core.ops import cosine, resize
 from ..features.store import FeatureStore
 from . import metrics
 
@@ -51,23 +48,9 @@ def label_shape(store: FeatureStore):
     return store.labels.shape[1:]
 
 
-def cluster_logits(params, cfg: Config, z, size, plans=None):
-    """Eval-level cosine logits of codes z (B, h, w, D), upsampled to size -> (B, H, W, K). With
-    ``cfg.predict_through_plan``: log(p_0 A_0 ⋯) of the finest level's assignment p_0 pushed
-    through ``plans`` (:func:`omh_ref.evaluate.hierarchy.hierarchy_plans`) to the eval level."""
-    cfg = cfg.effective()
-    e = cfg.eval_level % len(cfg.levels)
-    if cfg.predict_through_plan and e > 0:
-        if plans is None:
-            raise ValueError("predict_through_plan: the hierarchy's plans are needed")
-        s, _ = cosine.forward(z, params["M0"])
-        q, _ = softmax.forward(s, cfg.tau)
-        xp = get_array_module(q)
-        for A in plans[:e]:
-            q = q @ xp.asarray(A, dtype=q.dtype)
-        s = xp.log(xp.maximum(q, xp.finfo(q.dtype).tiny))
-    else:
-        s, _ = cosine.forward(z, params[f"M{e}"])
+def cluster_logits(params, cfg: Config, z, size):
+    """Eval-level cosine logits of codes z (B, h, w, D), upsampled to size -> (B, H, W, K)."""
+    s, _ = cosine.forward(z, params[f"M{cfg.eval_index}"])
     return resize.forward(s, size)[0]
 
 
@@ -88,27 +71,16 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
     iou, match ..., and ``strict``) and ``confusion``, the first ``keep`` predictions)."""
     check_compat(params, cfg, store)
     size = label_shape(store)
-    K = cfg.effective().levels[cfg.effective().eval_level]
+    K = cfg.levels[cfg.eval_level]
     acc = metrics.ConfusionAccumulator(K, n_classes)
     paths = _crf_images(store, size) if crf_workers is not None else None
-    plans, eff = None, cfg.effective()
-    if eff.predict_through_plan and eff.eval_level % len(eff.levels) > 0:   # the plans first
-        from .hierarchy import UsageAccumulator, hierarchy_plans
-
-        means = None
-        if eff.marginals == "usage":   # their marginals: the usage of the whole split, one more pass
-            u = usage if usage is not None else UsageAccumulator(cfg)
-            for _, z in codes(params, store, batch_size, flipped, device):
-                u.update(params, z)
-            means, usage = u.means(), None
-        plans = hierarchy_plans(params, cfg, means)
     kept = []
     for s, z in codes(params, store, batch_size, flipped, device):
         if usage is not None:
             usage.update(params, z)
         if levels is not None:
             levels.update(params, z, s)
-        logits = cluster_logits(params, cfg, z, size, plans)
+        logits = cluster_logits(params, cfg, z, size)
         raw = to_host(logits.argmax(axis=-1)) if paths is None or on_batch is not None else None
         if paths is None:
             pred = raw

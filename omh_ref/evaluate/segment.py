@@ -246,9 +246,6 @@ class Segmenter:
             if not Path(p).is_file():
                 raise InputError(f"{p}: no such file (expected {flag} to be {what})")
         self.params, self.cfg = load_params(checkpoint, device)
-        if self.cfg.effective().predict_through_plan:
-            raise InputError(f"{checkpoint}: trained with predict_through_plan, which needs the hierarchy's "
-                             "usage over a whole split; segment predicts every level directly (use eval for it)")
         ins = session(model, device, threads).get_inputs()
         free = len(ins) == 1 and len(ins[0].shape) == 4 and not any(isinstance(d, int) for d in ins[0].shape[2:])
         self.bb = inspect_model(model, (resolution or DEFAULT_RESOLUTION) if free else None, device, threads)
@@ -270,9 +267,8 @@ class Segmenter:
         self.flip, self.crf, self.crf_workers, self.crf_timeout = bool(flip), bool(crf), crf_workers, crf_timeout
         self.device, self.batch_size, self.threads = device, int(batch_size), threads
         self.sess = session(model, device, threads)
-        cfg = self.cfg.effective()
-        self.level_sizes = tuple(cfg.levels)
-        self.eval_level = cfg.eval_level % len(cfg.levels)
+        self.level_sizes = tuple(self.cfg.levels)
+        self.eval_level = self.cfg.eval_index
         self.centroids = [l2.forward(self.params[f"M{i}"])[0] for i in range(len(self.level_sizes))]
         self.checkpoint_sha256 = file_sha256(checkpoint)
         self.match = None

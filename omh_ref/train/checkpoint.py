@@ -20,7 +20,10 @@ from ..core.config import Config
 from ..core.errors import InputError
 from ..core.files import atomic_write
 
-FORMAT = 2   # 2: cluster_target names say what they do (relaxed / balanced); 1 is read and migrated
+# 3: the config says base and omh (Config.upgrade migrates 'baseline' and the retired fields);
+# 2: cluster_target names say what they do (relaxed / balanced). 1 and 2 are read and migrated.
+FORMAT = 3
+READS = (1, 2, 3)
 
 
 def _migrate_config(cfg: dict, fmt: int) -> dict:
@@ -57,8 +60,8 @@ def load(path) -> dict:
         meta = json.loads(bytes(data.pop("meta")).decode())
     except Exception as e:
         raise InputError(f"{path}: not a readable omh-ref checkpoint ({type(e).__name__}: {e})") from None
-    if meta.get("format") not in (1, FORMAT):
-        raise InputError(f"{path}: checkpoint format {meta.get('format')}, expected {FORMAT} (or 1)")
+    if meta.get("format") not in READS:
+        raise InputError(f"{path}: checkpoint format {meta.get('format')}, expected one of {READS}")
 
     def group(prefix):
         return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
@@ -91,7 +94,7 @@ def check_params(path, params, cfg: Config):
     """Every parameter the config needs, with its shape (a checkpoint edited or cut short); called
     where a checkpoint is used as a model (training's --resume, evaluation)."""
     C, D = cfg.in_dim, cfg.dim
-    want = {**head.shapes(C, D), **{f"M{i}": (k, D) for i, k in enumerate(cfg.effective().levels)}}
+    want = {**head.shapes(C, D), **{f"M{i}": (k, D) for i, k in enumerate(cfg.levels)}}
     for k, shape in want.items():
         got = params.get(k)
         if got is None or got.shape != shape:

@@ -323,7 +323,6 @@ def _train(cfg, opts, say, store, validate):
             saved["step"] = step
 
     B, C = opts.batch_size, store.C
-    eff = cfg.effective()
     xp = get_array_module(*params.values())
     # A divergence (NaN or inf in the loss or the gradients) is watched on the device, without a
     # synchronisation a step: Adam applies a step only while `ok` holds, so from the first bad
@@ -363,7 +362,7 @@ def _train(cfg, opts, say, store, validate):
         while step < opts.steps:
             batch = pending.result()
             window[step + 1] = (*state, opt_state["t"], pending.rows)
-            draws = model.draw(eff, B, C, rng)
+            draws = model.draw(cfg, B, C, rng)
             state = (rng.bit_generator.state, dict(loop))
             if step + 1 < opts.steps:
                 pending = reader.submit(*_next_indices(loop, store.N, B, rng, knn))

@@ -11,17 +11,22 @@ Inputs are one level's cosine logits s (P, K) and log-assignments ``log p = log_
   on the demo data (docs/ablations.md).
 * ``balanced``: the same with the cluster marginal a constraint (every cluster receives P/K:
   strict equipartition, :func:`balanced_targets`); ``rho_q`` plays no part.
-* ``soft``: ``L = −mean_pixels Σ_k p_k s_k`` with the gradient through p (STEGO's ClusterLookup
-  with a temperature).
 * ``hard``: ``L = −mean_pixels max_k s_k`` (STEGO's cluster probe: one-hot k-means).
 """
 import math
+from typing import NamedTuple
 
 from ..backend import get_array_module
 from ..ops.sinkhorn import log_iterations, scaling_iterations, scaling_safe
 
-TARGETS = ("relaxed", "balanced", "soft", "hard")
+TARGETS = ("relaxed", "balanced", "hard")
 PLAN_TARGETS = ("relaxed", "balanced")    # targets from an OT plan: the loss is −Σ Q log p
+
+
+class ClusterCache(NamedTuple):
+    target: str       # which targets (TARGETS)
+    Q: object         # (P, K) the no-gradient targets
+    s: object         # (P, K) the cosine logits
 
 
 def balanced_targets(s, eps_q, n_iters, span_bound=None):
@@ -92,29 +97,23 @@ def hard_targets(s):
 
 def forward(s, logp, target="relaxed", eps_q=0.05, n_iters_q=20, Q=None, rho_q=0.1):
     """s, logp (P, K). Q fixes the targets (relaxed/balanced/hard) instead of computing them,
-    which is how gradient checks hold the no-gradient target constant. -> (loss, cache); cache[1]
-    is Q."""
-    xp = get_array_module(s, logp)
+    which is how gradient checks hold the no-gradient target constant. -> (loss, cache); cache.Q
+    (also cache[1]) is Q."""
     if target not in TARGETS:
         raise ValueError(f"cluster_target must be one of {TARGETS}, got {target!r}")
     P = s.shape[0]
-    if target == "soft":
-        p = xp.exp(logp)
-        return -(p * s).sum() / P, (target, None, p, s)
     if Q is None and target == "relaxed":
         Q = relaxed_targets(s, eps_q, n_iters_q, rho_q)[0]
     elif Q is None:
         Q = balanced_targets(s, eps_q, n_iters_q)[0] if target == "balanced" else hard_targets(s)
     src = logp if target in PLAN_TARGETS else s
-    return -(Q * src).sum() / P, (target, Q, None, s)
+    return -(Q * src).sum() / P, ClusterCache(target, Q, s)
 
 
 def backward(dloss, cache):
     """-> (ds, dlogp); a term that does not depend on one of them gives 0 for it."""
-    target, Q, p, s = cache
+    target, Q, s = cache
     scale = s.dtype.type(-dloss / s.shape[0])
-    if target == "soft":
-        return p * scale, p * s * scale       # dlogp: d(p)/d(logp) = p
     if target in PLAN_TARGETS:
         return 0, Q * scale
     return Q * scale, 0
