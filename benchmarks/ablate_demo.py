@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from omh_ref import demo
+from omh_ref.jobs import demo
 from omh_ref.evaluate.predict import cluster_eval
 from omh_ref.evaluate.probe import linear_eval, linear_probe
 from omh_ref.features.store import FeatureStore

@@ -120,7 +120,7 @@ def main(argv=None):
 
 def _eval_rss(path, store, ckpt, probe_cache):
     """Peak RSS of the eval job (cluster scores, a one-epoch linear probe, its scores) on ``path``."""
-    from omh_ref.evaluate.job import EvalOptions, run
+    from omh_ref.jobs.evaluate import EvalOptions, run
 
     labels = path.with_name("labels.npy")
     if not labels.is_file():

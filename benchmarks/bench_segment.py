@@ -4,7 +4,7 @@ One randomly initialised DINO-layout ViT (weights/export_dino.py's ``build_vit``
 ``torch.manual_seed``; nothing is downloaded) is exported to ONNX in a temporary folder, with a
 seeded random checkpoint of the paper's shape (D = 70, levels 108/54/27). N random 640x480 JPEG
 files (:func:`benchmarks.bench_extract.write_jpegs`) are segmented by the whole command path
-(:func:`omh_ref.evaluate.segment_job.run`: decode, resize, windows, forward, head, blend, upsample
+(:func:`omh_ref.jobs.segment.run`: decode, resize, windows, forward, head, blend, upsample
 to 640x480, argmax, PNG written atomically, ``segment.json``), each repeat into a fresh folder.
 
 Two timings of segment: ``segment``, the job given a Segmenter built once outside the timer (the
@@ -75,7 +75,7 @@ def random_checkpoint(path, C, seed):
 def window_batches(seg, paths):
     """The normalised window batches segment feeds the backbone for these images (its own layout,
     canvas and batching), computed outside any timer."""
-    from omh_ref.evaluate import segment as sg
+    from omh_ref.jobs import segmenter as sg
     from omh_ref.extract.backbone import normalize
 
     batches = []
@@ -97,7 +97,7 @@ def window_batches(seg, paths):
 def check_agreement(seg, paths, want_batches):
     """Segment the first batch of images untimed, recording the backbone's inputs: SystemExit
     unless they are the bare peer's first batches bit for bit and the masks have the images' size."""
-    from omh_ref.evaluate import segment as sg
+    from omh_ref.jobs import segmenter as sg
 
     seen = []
     real = sg.run
@@ -147,8 +147,8 @@ def main(argv=None):
     import onnxruntime
     import torch
 
-    from omh_ref.evaluate import segment as sg
-    from omh_ref.evaluate.segment_job import SegmentOptions, run as run_segment
+    from omh_ref.jobs import segmenter as sg
+    from omh_ref.jobs.segment import SegmentOptions, run as run_segment
     from omh_ref.extract.backbone import normalize, session
     from omh_ref.extract.images import stego_crop
 

@@ -824,7 +824,7 @@ def training_check(out, steps=200, devices=("cpu", "gpu"), log_every=50):
     -> {device: {"loss", "val_miou", "seconds"}}; raises Mismatch when the devices' final losses
     differ by more than float32 rounding can explain over ``steps`` steps (1 %)."""
     from omh_ref.core.config import Config
-    from omh_ref.demo import prepare_data
+    from omh_ref.jobs.demo import prepare_data
     from omh_ref.evaluate.pictures import read_log
     from omh_ref.evaluate.validation import Validator
     from omh_ref.train.loop import TrainOptions, train

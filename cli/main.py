@@ -227,7 +227,7 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
     from omh_ref.train.loop import TrainOptions, train as run_train
 
     if features is None:
-        from omh_ref.demo import prepare_data
+        from omh_ref.jobs.demo import prepare_data
 
         features = str(prepare_data(Path(out) / "data", say=click.echo)["train"] / "feats.npy")
         click.echo(f"no --features: training on the embedded demo data ({features})")
@@ -265,8 +265,8 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
 @friendly_errors
 def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, quiet):
     """Synthetic data -> OMH, OMH without hierarchy, STEGO baseline -> side-by-side table + report."""
-    from omh_ref import demo as demo_mod
-    from omh_ref.evaluate.seeds import parse_seeds
+    from omh_ref.jobs import demo as demo_mod
+    from omh_ref.jobs.seeds import parse_seeds
 
     seeds = parse_seeds(seeds)
     opts = demo_mod.DemoOptions(out=out, seeds=seeds, steps=steps, batch_size=batch_size, n_train=n_train,
@@ -302,7 +302,7 @@ def seeds(features, val_features, val_labels, flipped_features, out, seed_list, 
           lr_clusters, probe, probe_epochs, knn_k, crf, scheduler, device, quiet, shifts, **model_flags):
     """Train and evaluate one config under several seeds: mean ± std per metric and per seed
     (OUT/results.json, OUT/results.md). A rerun continues: finished runs are not redone."""
-    from omh_ref.evaluate.seeds import SeedsOptions, parse_seeds, run as run_seeds, table
+    from omh_ref.jobs.seeds import SeedsOptions, parse_seeds, run as run_seeds, table
 
     parsed = parse_seeds(seed_list)
     given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters)
@@ -343,8 +343,8 @@ def recipe(name, root, weights, out, backbone, seed_list, crf, probe, scheduler,
     NAME is a recipe file, or the name of one in the checkout's configs/:
     {cocostuff27,cityscapes27,potsdam3}_{vits8,vitb8}. Rerun the same command after an
     interruption: finished stages are skipped, unfinished ones continue."""
-    from omh_ref import recipe as recipe_mod
-    from omh_ref.evaluate.seeds import parse_seeds, table
+    from omh_ref.jobs import recipe as recipe_mod
+    from omh_ref.jobs.seeds import parse_seeds, table
 
     opts = recipe_mod.RecipeOptions(name=name, root=root, weights=tuple(weights), out=out, backbone=backbone,
                                     seeds=parse_seeds(seed_list), crf=crf, probe=probe, scheduler=scheduler,
@@ -415,7 +415,7 @@ def segment(model, checkpoint, images, out, resolution, windows, levels, overlay
 
     A rerun with the same settings skips the images already done.
     """
-    from omh_ref.evaluate.segment_job import SegmentOptions, run
+    from omh_ref.jobs.segment import SegmentOptions, run
 
     opts = SegmentOptions(model=model, checkpoint=checkpoint, images=list(images), out=out, resolution=resolution,
                           windows=windows, levels=levels, overlay=overlay, flip=flip, crf=crf,
@@ -465,7 +465,7 @@ def eval_cmd(checkpoint, features, labels, flipped_features, train_features, tra
     """Score a checkpoint: cluster (Hungarian) and linear-probe mIoU / accuracy, per-class IoU,
     the cluster->class matching, every level against its label granularity, and the learned
     hierarchy with its consistency."""
-    from omh_ref.evaluate.job import EvalOptions, format_table, run
+    from omh_ref.jobs.evaluate import EvalOptions, format_table, run
 
     opts = EvalOptions(checkpoint=checkpoint, features=features, labels=labels, flipped_features=flipped_features,
                        train_features=train_features, train_labels=train_labels, n_classes=n_classes,

@@ -47,7 +47,7 @@ def _synth_run(tmp_path):
 def test_eval_bad_arguments_are_one_line_and_checked_before_evaluating(tmp_path, monkeypatch):
     import numpy as np
 
-    from omh_ref.evaluate import job
+    from omh_ref.jobs import evaluate as job
 
     base = _synth_run(tmp_path)
     (tmp_path / "afile").write_text("")

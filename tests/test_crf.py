@@ -110,6 +110,7 @@ def test_cluster_eval_scores_what_the_crf_returns(tmp_path, monkeypatch):
     in cluster_eval would pass the end-to-end test above: its world scores 100 either way)."""
     from omh_ref.core import model
     from omh_ref.evaluate import crf, predict
+    from omh_ref.jobs.evaluate import crf_images
     from tests.test_evaluate import _identity_params, _known_world
 
     store, protos = _known_world(tmp_path, N=4)
@@ -127,7 +128,7 @@ def test_cluster_eval_scores_what_the_crf_returns(tmp_path, monkeypatch):
         return np.zeros(logits.shape[:-1], np.int64)          # (N, H, W): every pixel cluster 0
 
     monkeypatch.setattr(crf, "refine_batch", fake)
-    clu, _ = predict.cluster_eval(params, cfg, store, 3, 4, crf_workers=1)
+    clu, _ = predict.cluster_eval(params, cfg, store, 3, 4, crf_workers=1, crf_images=crf_images(store))
     assert seen and seen[0][0] == (4,) + lab.shape[1:] + (3,)
     conf = np.asarray(clu["confusion"])                     # (clusters, classes)
     assert seen[0][1][-1] == 3 and conf.sum() == (lab != 255).sum()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numpy.lib.format import open_memmap
 
-from omh_ref import demo
+from omh_ref.jobs import demo
 from omh_ref.core import model
 from omh_ref.evaluate import predict
 from omh_ref.evaluate import probe as probe_mod
@@ -189,7 +189,8 @@ def test_eval_cli_prints_tables_and_writes_json_and_pngs(tmp_path):
 def test_both_extra_cluster_protocols_are_named_in_json_and_table():
     """4 clusters, 2 classes: cluster 3 (an id >= n_classes) holds 2 pixels of class 1. STEGO's
     protocol drops them; strict counts them against the unmatched pseudo-class."""
-    from omh_ref.evaluate import job, metrics
+    from omh_ref.evaluate import metrics
+    from omh_ref.jobs import evaluate as job
 
     conf = np.array([[5, 1], [0, 4], [0, 0], [0, 2]])
     res = predict.scores_json(metrics.scores(conf))
@@ -297,7 +298,7 @@ def test_usage_is_streamed_and_gives_the_trained_losss_plan(tmp_path):
                                             ("uniform", "uniform marginals, as trained")])
 def test_eval_says_which_marginals_the_hierarchy_has(tmp_path, marginals, said):
     from omh_ref.core.optim import adam_init
-    from omh_ref.evaluate import job
+    from omh_ref.jobs import evaluate as job
     from omh_ref.train import checkpoint
 
     store, cfg, params = _usage_world(tmp_path, marginals)

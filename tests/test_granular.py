@@ -13,6 +13,7 @@ from omh_ref.core.optim import adam_init
 from omh_ref.evaluate import granular
 from omh_ref.evaluate.hierarchy import hierarchy_plans
 from omh_ref.evaluate.predict import cluster_eval
+from omh_ref.extract.datasets import label_hierarchy
 from omh_ref.features import meta as feats_meta
 from omh_ref.features.store import FeatureStore
 from omh_ref.train import checkpoint
@@ -250,7 +251,7 @@ def _legacy_store(tmp_path, **meta):
 
 def test_known_data_sets_get_their_hierarchy_without_one_in_feats_json(tmp_path):
     """A feats.json written before label hierarchies (cityscapes27, no field) gets the data set's."""
-    grans = granular.load_granularities(_legacy_store(tmp_path, dataset="cityscapes27"))
+    grans = granular.load_granularities(_legacy_store(tmp_path, dataset="cityscapes27"), known=label_hierarchy)
     assert [(g.name, g.n_classes) for g in grans] == [("classes", 27), ("categories", 7)]
     # road, sidewalk flat; person, rider human; bicycle vehicle (cityscapesScripts' categories)
     assert [grans[0].parent[i] for i in (0, 1, 17, 18, 26)] == [0, 0, 5, 5, 6]
@@ -274,7 +275,7 @@ def test_eval_of_another_granularitys_labels_file_scores_every_level_from_its_ow
     (they were scored on the part ids and failed with 'values must be in [0, 4)')."""
     import dataclasses
 
-    from omh_ref.evaluate.job import EvalOptions, run
+    from omh_ref.jobs.evaluate import EvalOptions, run
 
     store = _world(tmp_path)
     params = _params()
@@ -305,7 +306,7 @@ def test_without_a_label_hierarchy_the_classes_are_named_as_eval_names_them(tmp_
     the tree picture indexed past them (IndexError after the whole evaluation)."""
     import dataclasses
 
-    from omh_ref.evaluate.job import EvalOptions, run
+    from omh_ref.jobs.evaluate import EvalOptions, run
 
     store = _world(tmp_path)
     m = feats_meta.read(tmp_path / "feats.json")
@@ -340,5 +341,5 @@ def test_fine_labels_named_but_missing_are_noted(tmp_path):
     """An older feats.json (no label_hierarchy) naming a labels_fine file that is gone."""
     notes = []
     grans = granular.load_granularities(_legacy_store(tmp_path, dataset="cocostuff27", labels_fine="labels_fine.npy"),
-                                        notes=notes)
+                                        notes=notes, known=label_hierarchy)
     assert [g.name for g in grans][0] == "classes" and any("labels_fine.npy" in n for n in notes)

@@ -1,7 +1,9 @@
 """The house rules of the layout (docs/ARCHITECTURE.md), checked on the source:
 
-* imports run downward only: core <- features <- extract <- train <- evaluate <- demo, and no
-  import cycle between modules (function-level imports included); recipe sits beside demo;
+* imports run downward only, over four floors: core <- features <- {extract, train, evaluate}
+  <- jobs; the three rooms of the third floor import nothing from each other (scoring reads no
+  images and no checkpoints: the jobs hand it those), and no import cycle between modules
+  (function-level imports included);
 * the package never imports the tests, the benchmarks or the command line, nor edits sys.path;
 * every op and loss has ``backward(d<out>, cache)``, the upstream gradient first;
 * no file cites a document that is not in the repository.
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "features": 1, "extract": 2, "train": 3, "evaluate": 4, "demo": 5, "recipe": 5}
+LAYERS = {"core": 0, "features": 1, "extract": 2, "train": 2, "evaluate": 2, "jobs": 3}
 
 
 def _modules(repo=REPO):
@@ -57,9 +59,16 @@ def _layer(name):
     return LAYERS.get(parts[1], -1) if len(parts) > 1 else -1   # omh_ref itself: the version only
 
 
+def _room(name):
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
 def upward_imports(modules):
+    """Every import of a module on a higher floor, or of another room on the same floor."""
     return sorted(f"{name} imports {dep}" for name, path in modules.items()
-                  for dep in _imports(name, path, modules)[0] if _layer(dep) > _layer(name))
+                  for dep in _imports(name, path, modules)[0]
+                  if _layer(dep) > _layer(name) or (_layer(dep) == _layer(name) and _room(dep) != _room(name)))
 
 
 def import_cycle(modules):
@@ -100,18 +109,23 @@ def test_the_package_never_imports_tests_benchmarks_or_the_cli():
         assert "sys.path" not in path.read_text(), f"{name} edits sys.path"
 
 
-def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
-    """The checker itself can fail: a core module importing evaluation, and two modules importing
-    each other through a function-level import."""
+def test_the_checks_catch_an_upward_import_a_sideways_one_and_a_cycle(tmp_path):
+    """The checker itself can fail: a core module importing evaluation, scoring importing the
+    training room beside it, and two modules importing each other through a function-level
+    import; a job importing all of them is fine."""
     files = {"omh_ref/__init__.py": "", "omh_ref/core/__init__.py": "", "omh_ref/evaluate/__init__.py": "",
+             "omh_ref/train/__init__.py": "", "omh_ref/jobs/__init__.py": "",
              "omh_ref/core/a.py": "def f():\n    from ..evaluate import metrics\n",
-             "omh_ref/evaluate/metrics.py": "from ..core import a\n",
+             "omh_ref/evaluate/metrics.py": "from ..core import a\nfrom ..train.checkpoint import load\n",
+             "omh_ref/train/checkpoint.py": "from ..core import b\n",
+             "omh_ref/jobs/run.py": "from ..evaluate import metrics\nfrom ..train import checkpoint\n",
              "omh_ref/core/b.py": "from .a import f\n"}
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     modules = _modules(tmp_path)
-    assert upward_imports(modules) == ["omh_ref.core.a imports omh_ref.evaluate.metrics"]
+    assert upward_imports(modules) == ["omh_ref.core.a imports omh_ref.evaluate.metrics",
+                                       "omh_ref.evaluate.metrics imports omh_ref.train.checkpoint"]
     assert import_cycle(modules) == ["omh_ref.core.a", "omh_ref.evaluate.metrics", "omh_ref.core.a"]
 
 

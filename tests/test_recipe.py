@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from omh_ref import recipe
+from omh_ref.jobs import recipe
 from omh_ref.core.config import read_file
 from omh_ref.core.errors import InputError
 from omh_ref.extract.classes import CLASS_NAMES
@@ -169,8 +169,8 @@ def test_a_rerun_skips_every_finished_stage(coco, monkeypatch):
         raise AssertionError("a finished stage ran again")
     monkeypatch.setattr(recipe, "extract", forbidden)
     monkeypatch.setattr(recipe, "build_knn", forbidden)
-    monkeypatch.setattr("omh_ref.evaluate.seeds.train", forbidden)
-    monkeypatch.setattr("omh_ref.evaluate.seeds.run_eval", forbidden)
+    monkeypatch.setattr("omh_ref.jobs.seeds.train", forbidden)
+    monkeypatch.setattr("omh_ref.jobs.seeds.run_eval", forbidden)
     said = []
     again = recipe.run(_opts("cocostuff27_vits8", root, [pth], run), say=said.append)
     assert _numbers(again) == _numbers(rep)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from omh_ref.core.config import Config
 from omh_ref.core.errors import InputError
-from omh_ref.evaluate import seeds
+from omh_ref.jobs import seeds
 from omh_ref.features import synthetic
 from omh_ref_cli.main import main
 

@@ -1,4 +1,4 @@
-"""``omh-ref segment`` and its API (omh_ref.evaluate.segment): whole images of any size in, masks
+"""``omh-ref segment`` and its API (omh_ref.jobs.segmenter): whole images of any size in, masks
 at their own size out.
 
 Two kinds of backbone are built here: a hand-made ONNX graph whose features are known (each
@@ -25,8 +25,8 @@ from omh_ref.core.errors import InputError
 from omh_ref.core.ops import resize
 from omh_ref.evaluate import crf as crf_mod
 from omh_ref.evaluate import metrics, pictures
-from omh_ref.evaluate import segment as sg
-from omh_ref.evaluate import segment_job
+from omh_ref.jobs import segmenter as sg
+from omh_ref.jobs import segment as segment_job
 from omh_ref.extract.backbone import IMAGENET_MEAN, IMAGENET_STD
 from omh_ref.train import checkpoint
 from omh_ref_cli.main import main

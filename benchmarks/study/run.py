@@ -39,7 +39,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.study import data  # noqa: E402
-from omh_ref import demo  # noqa: E402
+from omh_ref.jobs import demo  # noqa: E402
 from omh_ref.core.config import Config  # noqa: E402
 from omh_ref.core.files import write_text  # noqa: E402
 from omh_ref.core.ops import cosine, resize  # noqa: E402

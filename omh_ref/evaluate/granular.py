@@ -3,9 +3,9 @@ matches it, and the learned hierarchy's consistency with the labels' own hierarc
 
 **Granularities** (finest first) come from ``feats.json``'s ``label_hierarchy``
 (:func:`omh_ref.features.meta.granularity`: parts -> classes -> superclasses for the synthetic
-data), else from the data set's name (:func:`omh_ref.extract.datasets.label_hierarchy`: COCO-Stuff
-182 -> 27 -> things/stuff, Cityscapes 27 -> 7 categories, Potsdam 6 -> 3), else the labels file
-alone. A granularity whose labels file is missing is left out and said (``notes``).
+data), else from the data set's name by the ``known`` function the caller gives (the eval job
+gives :func:`omh_ref.extract.datasets.label_hierarchy`: COCO-Stuff 182 -> 27 -> things/stuff,
+Cityscapes 27 -> 7 categories, Potsdam 6 -> 3), else the labels file alone. A granularity whose labels file is missing is left out and said (``notes``).
 
 **Which granularity a level is scored against**: the one with the largest number of classes not
 above the level's cluster count (the closest from below), or the ``--level-labels`` choice
@@ -83,13 +83,14 @@ def _lut(mapping):
     return lut
 
 
-def load_granularities(store: FeatureStore, n_classes=None, notes=None, class_names=None) -> list:
+def load_granularities(store: FeatureStore, n_classes=None, notes=None, class_names=None, known=None) -> list:
     """The granularities of ``store``'s labels, finest first (see the module's doc). The one read
     from the labels file ``feats.json`` names is read from ``store.labels_path`` (the labels
     evaluation was given). ``notes`` (a list) hears what was left out and why. Without a label
     hierarchy, the labels' one granularity has ``n_classes`` classes named ``class_names`` (else
-    ``feats.json``'s names where they are as many, else their numbers)."""
-    from ..extract.datasets import label_hierarchy
+    ``feats.json``'s names where they are as many, else their numbers). ``known(dataset, fine)``:
+    the label hierarchy of a known data set (with its fine labels or not), or None, for a
+    ``feats.json`` written before label hierarchies."""
 
     notes = [] if notes is None else notes
     meta, folder = store.meta, store.path.parent
@@ -99,7 +100,7 @@ def load_granularities(store: FeatureStore, n_classes=None, notes=None, class_na
         fine = meta.get("labels_fine")
         if fine and not (folder / fine).is_file():
             notes.append(f"the fine labels feats.json names, {folder / fine}, do not exist: their granularity is left out")
-        recs = label_hierarchy(meta.get("dataset"), bool(fine) and (folder / fine).is_file())
+        recs = None if known is None else known(meta.get("dataset"), bool(fine) and (folder / fine).is_file())
     if recs is None:
         n = int(n_classes or meta.get("n_classes") or 0)
         if n < 1:

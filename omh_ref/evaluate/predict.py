@@ -56,11 +56,12 @@ def cluster_logits(params, cfg: Config, z, size):
 
 def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size=16, flipped=None,
                  device="cpu", keep=0, crf_workers=None, crf_timeout=600.0, usage=None, on_batch=None,
-                 levels=None):
+                 levels=None, crf_images=None):
     """Confusion over the whole split, Hungarian matching and scores.
 
-    crf_workers: None = no CRF; else refine every prediction with the dense CRF on the images
-    that ``feats.json`` lists (serially for 1, a process pool otherwise). usage: a
+    crf_workers: None = no CRF; else refine every prediction with the dense CRF (serially for 1, a
+    process pool otherwise) on the images ``crf_images(start, n)`` gives, (n, H, W, 3) uint8 at
+    label resolution (the eval job reads those ``feats.json`` lists). usage: a
     :class:`~omh_ref.evaluate.hierarchy.UsageAccumulator` given every batch's codes on the way
     (the levels' mean assignments over the split, for the hierarchy's usage marginals). levels: a
     :class:`~omh_ref.evaluate.granular.LevelScorer` given every batch's codes on the way (every
@@ -73,7 +74,9 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
     size = label_shape(store)
     K = cfg.levels[cfg.eval_level]
     acc = metrics.ConfusionAccumulator(K, n_classes)
-    paths = _crf_images(store, size) if crf_workers is not None else None
+    if crf_workers is not None and crf_images is None:
+        raise ValueError("cluster_eval: the CRF needs the images (crf_images)")
+    refine = crf_workers is not None
     kept = []
     for s, z in codes(params, store, batch_size, flipped, device):
         if usage is not None:
@@ -81,16 +84,15 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
         if levels is not None:
             levels.update(params, z, s)
         logits = cluster_logits(params, cfg, z, size)
-        raw = to_host(logits.argmax(axis=-1)) if paths is None or on_batch is not None else None
-        if paths is None:
+        raw = to_host(logits.argmax(axis=-1)) if not refine or on_batch is not None else None
+        if not refine:
             pred = raw
         else:
             from . import crf
 
-            imgs = np.stack([_read_image(p, size[0]) for p in paths[s:s + len(z)]])
-            pred = crf.refine_batch(imgs, to_host(logits), crf_workers, crf_timeout)
+            pred = crf.refine_batch(crf_images(s, len(z)), to_host(logits), crf_workers, crf_timeout)
         if on_batch is not None:
-            on_batch(s, raw, None if paths is None else pred)
+            on_batch(s, raw, pred if refine else None)
         update_confusion(acc, pred, store, s)
         if len(kept) < keep:
             kept.extend(pred[: keep - len(kept)])
@@ -103,27 +105,6 @@ def update_confusion(acc, pred, store, start):
         acc.update(pred, store.read_labels(np.arange(start, start + len(pred))))
     except ValueError as e:
         raise InputError(f"{store.labels_path}: {e}") from None
-
-
-def _crf_images(store, size):
-    from ..extract.images import image_paths
-
-    if size[0] != size[1]:
-        raise InputError(f"{store.labels_path}: --crf needs square label maps (STEGO crops), got {size}")
-    paths = image_paths(store.meta, store.path)
-    if paths is None:
-        raise InputError(f"{store.path.with_suffix('.json')}: --crf needs the images, but the feature "
-                         "file's metadata lists none that exist (fields 'images', 'image_root')")
-    return paths
-
-
-def _read_image(path, size):
-    from ..extract.images import load_rgb
-
-    img = load_rgb(path, size)
-    if img is None:
-        raise InputError(f"{path}: cannot read this image (needed by --crf)")
-    return img
 
 
 def scores_json(res) -> dict:

@@ -15,15 +15,16 @@ from ..core.files import write_text
 from ..core.lock import FolderLock
 from ..extract.backbone import file_sha256
 from ..extract.classes import CLASS_NAMES
+from ..extract.datasets import label_hierarchy
 from ..extract.images import image_paths, load_rgb
 from ..features.meta import listed_labels, path_for
 from ..features.store import FeatureStore
 from ..train.checkpoint import load_params
-from . import granular, matching, pictures
-from .hierarchy import UsageAccumulator, hierarchy_plans, hierarchy_text, marginals_note
-from .metrics import PROTOCOLS
-from .predict import cluster_eval, scores_json
-from .probe import linear_eval, linear_probe
+from ..evaluate import granular, matching, pictures
+from ..evaluate.hierarchy import UsageAccumulator, hierarchy_plans, hierarchy_text, marginals_note
+from ..evaluate.metrics import PROTOCOLS
+from ..evaluate.predict import cluster_eval, label_shape, scores_json
+from ..evaluate.probe import linear_eval, linear_probe
 
 
 @dataclass
@@ -80,6 +81,28 @@ def output_folders(opts: EvalOptions) -> list:
     return list(seen.values())
 
 
+def crf_images(store: FeatureStore):
+    """-> images(start, n): the RGB images ``feats.json`` lists for rows start .. start+n, at the
+    label maps' (square) resolution, (n, H, W, 3) uint8: what the CRF refines on."""
+    size = label_shape(store)
+    if size[0] != size[1]:
+        raise InputError(f"{store.labels_path}: --crf needs square label maps (STEGO crops), got {tuple(size)}")
+    paths = image_paths(store.meta, store.path)
+    if paths is None:
+        raise InputError(f"{store.path.with_suffix('.json')}: --crf needs the images, but the feature "
+                         "file's metadata lists none that exist (fields 'images', 'image_root')")
+
+    def read(start, n):
+        out = []
+        for p in paths[start:start + n]:
+            img = load_rgb(p, size[0])
+            if img is None:
+                raise InputError(f"{p}: cannot read this image (needed by --crf)")
+            out.append(img)
+        return np.stack(out)
+    return read
+
+
 def run(opts: EvalOptions, say=None) -> dict:
     """Score the checkpoint; write ``--json`` and the pictures of ``--out``; ``say`` hears what the
     run chooses on its way. Every folder it writes is held locked (:func:`output_folders`,
@@ -116,6 +139,7 @@ def _run(opts: EvalOptions, say) -> dict:
     masks = MaskWriter(opts.save_masks, store, K, opts.crf) if opts.save_masks else None
     clu, preds = cluster_eval(params, cfg, store, n_classes, opts.batch_size, flipped, opts.device, keep=4,
                               crf_workers=max(opts.crf_workers, 1) if opts.crf else None,
+                              crf_images=crf_images(store) if opts.crf else None,
                               crf_timeout=opts.crf_timeout, usage=usage, on_batch=masks, levels=levels)
     result = {"cluster": scores_json(clu), "crf": bool(opts.crf)}
     if opts.save_match or masks is not None:
@@ -158,7 +182,7 @@ def _run(opts: EvalOptions, say) -> dict:
 def _level_scorer(opts: EvalOptions, cfg, store, n_classes, names=None):
     """Every level's scorer against the label granularities (evaluate/granular.py)."""
     notes = []
-    grans = granular.load_granularities(store, n_classes, notes, names)
+    grans = granular.load_granularities(store, n_classes, notes, names, known=label_hierarchy)
     levels = cfg.levels
     assignment = granular.parse_level_labels(opts.level_labels, len(levels), grans) if opts.level_labels else None
     return granular.LevelScorer(cfg, store, grans, assignment, notes)
@@ -198,7 +222,7 @@ class MaskWriter:
     ``<image>#tl.png`` ...), or by row number where it lists none or two names would collide."""
 
     def __init__(self, folder, store: FeatureStore, n_clusters, crf):
-        from .segment import id_dtype
+        from .segmenter import id_dtype
 
         self.folder, self.kinds = Path(folder), ["clusters"] + (["crf"] if crf else [])
         self.dtype = id_dtype(n_clusters)

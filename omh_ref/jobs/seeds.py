@@ -31,7 +31,7 @@ from ..core.lock import FolderLock
 from ..extract.backbone import file_sha256
 from ..train import checkpoint
 from ..train.loop import TrainOptions, train
-from .job import EvalOptions, run as run_eval
+from .evaluate import EvalOptions, run as run_eval
 
 PROBES = ("cluster", "linear", "crf")          # the scores a run can have, in report order
 PROBE_TITLES = {"cluster": "cluster", "linear": "linear", "crf": "cluster+CRF"}

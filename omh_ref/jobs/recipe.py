@@ -13,7 +13,7 @@ extract train          ``RUN/feats/train``: ``feats.json`` written (extraction r
 extract val            ``RUN/feats/val`` at the evaluation resolution, with flips when the recipe
                        says so
 knn                    ``RUN/feats/train/feats.knn.npy`` whose sidecar names these features
-train, eval per seed   ``RUN/seed<N>/`` (:mod:`omh_ref.evaluate.seeds`: a checkpoint at the last
+train, eval per seed   ``RUN/seed<N>/`` (:mod:`omh_ref.jobs.seeds`: a checkpoint at the last
                        step; ``eval.json`` of this checkpoint and these settings)
 results                ``RUN/results.json``, ``RUN/results.md``: mean ± std per metric, per seed
 =====================  ==========================================================================
@@ -38,18 +38,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core.config import Config, merge, read_file
-from .core.errors import InputError
-from .core.files import write_json
-from .core.lock import FolderLock
-from .evaluate import seeds as seeds_job
-from .extract.backbone import file_sha256, inspect_model, session
-from .extract.classes import CLASS_NAMES
-from .extract.datasets import READERS, open_dataset
-from .extract.job import PROGRESS, ExtractOptions, extract
-from .features.knn import build_knn, cached_table, default_path
-from .features.store import FeatureStore
-from .train.loop import FILE_KEYS, TrainOptions, loop_settings
+from ..core.config import Config, merge, read_file
+from ..core.errors import InputError
+from ..core.files import write_json
+from ..core.lock import FolderLock
+from . import seeds as seeds_job
+from ..extract.backbone import file_sha256, inspect_model, session
+from ..extract.classes import CLASS_NAMES
+from ..extract.datasets import READERS, open_dataset
+from ..extract.job import PROGRESS, ExtractOptions, extract
+from ..features.knn import build_knn, cached_table, default_path
+from ..features.store import FeatureStore
+from ..train.loop import FILE_KEYS, TrainOptions, loop_settings
 
 ARCH_DIMS = {"vit_small": 384, "vit_base": 768}          # weights/export_dino.py ARCHS
 ARCH_SHORT = {"vit_small": "vits", "vit_base": "vitb"}    # its file names: dino_vits8_224.onnx
@@ -70,7 +70,7 @@ RECIPE_KEYS = {
 
 def configs_dir() -> Path:
     """The recipes of the checkout this package runs from (``<repository>/configs``)."""
-    return Path(__file__).resolve().parents[1] / "configs"
+    return Path(__file__).resolve().parents[2] / "configs"
 
 
 def names() -> list:
@@ -191,7 +191,7 @@ def export_script(opts: RecipeOptions) -> Path:
     """weights/export_dino.py of the checkout this package runs from (or the one given)."""
     if opts.export_script:
         return Path(opts.export_script)
-    return Path(__file__).resolve().parents[1] / "weights" / "export_dino.py"
+    return Path(__file__).resolve().parents[2] / "weights" / "export_dino.py"
 
 
 _SHA: dict = {}       # (path, size, mtime) -> sha256: the run plans again after every stage

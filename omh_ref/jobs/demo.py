@@ -16,17 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.config import Config
-from .core.files import write_text
-from .core.lock import FolderLock
-from .evaluate import granular, pictures, seeds
-from .evaluate.hierarchy import UsageAccumulator, hierarchy_plans
-from .evaluate.predict import cluster_eval, scores_json
-from .evaluate.probe import linear_eval, linear_probe
-from .features import synthetic
-from .features.store import FeatureStore
-from .train.checkpoint import load_params
-from .train.loop import TrainOptions, train
+from ..core.config import Config
+from ..core.files import write_text
+from ..core.lock import FolderLock
+from ..evaluate import granular, pictures
+from . import seeds
+from ..evaluate.hierarchy import UsageAccumulator, hierarchy_plans
+from ..evaluate.predict import cluster_eval, scores_json
+from ..evaluate.probe import linear_eval, linear_probe
+from ..features import synthetic
+from ..features.store import FeatureStore
+from ..train.checkpoint import load_params
+from ..train.loop import TrainOptions, train
 
 METHODS = {
     "OMH": {},

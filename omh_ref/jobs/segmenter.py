@@ -1,7 +1,7 @@
 """Segmentation of whole images: an image of any size and aspect in, masks at its own size out.
-The Python API that ``omh-ref segment`` (:mod:`.segment_job`) and notebooks share::
+The Python API that ``omh-ref segment`` (:mod:`.segment`) and notebooks share::
 
-    from omh_ref.evaluate.segment import Segmenter
+    from omh_ref.jobs.segmenter import Segmenter
     seg = Segmenter("dino_vits8_224.onnx", "ckpt.npz", levels="all", flip=True)
     masks = seg.segment("photo.jpg")        # or an (H, W, 3) uint8 array
     masks.clusters, masks.levels, masks.classes
@@ -47,8 +47,8 @@ from ..extract.backbone import file_sha256, inspect_model, normalize, run, sessi
 from ..extract.datasets import ImageError, read_rgb
 from ..extract.images import short_side_size
 from ..train.checkpoint import load_params
-from . import matching, pictures
-from .hierarchy import hierarchy_plans
+from ..evaluate import matching, pictures
+from ..evaluate.hierarchy import hierarchy_plans
 
 DEFAULT_RESOLUTION = 224     # a model whose input size is free
 MAX_ASPECT = 32              # long / short side: beyond, an image is refused (its canvas would be huge)
@@ -238,7 +238,7 @@ class Segmenter:
         except ValueError as e:
             raise InputError(str(e)) from None
         if crf:
-            from . import crf as crf_mod
+            from ..evaluate import crf as crf_mod
 
             crf_mod._require()
         for flag, p, what in (("--model", model, "an .onnx backbone made by weights/export_dino.py"),
@@ -326,7 +326,7 @@ class Segmenter:
                 crf_jobs.append((rgb, to_host(full)))
             out.append(m)
         if self.crf:
-            from . import crf as crf_mod
+            from ..evaluate import crf as crf_mod
 
             dt = id_dtype(self.n_clusters)
             for m, refined in zip(out, crf_mod.refine_all(crf_jobs, self.crf_workers, self.crf_timeout)):

@@ -32,8 +32,8 @@ from ..core.errors import InputError
 from ..core.files import write_json
 from ..core.lock import FolderLock
 from ..extract.datasets import IMAGE_SUFFIXES, ImageError, read_rgb
-from . import pictures
-from .segment import Segmenter, check_aspect
+from ..evaluate import pictures
+from .segmenter import Segmenter, check_aspect
 
 FORMAT = 1
 INDEX = "segment.json"
