@@ -1,6 +1,6 @@
 """Feature extraction on CPU: onnxruntime against the torch forward of the same DINO ViT, images/s.
 
-One randomly initialised DINO-layout ViT (weights/export_dino.py's ``build_vit``, seeded with
+One randomly initialised DINO-layout ViT (omh_ref/extract/export_dino.py's ``build_vit``, seeded with
 ``torch.manual_seed``; nothing is downloaded) is exported to ONNX in a temporary folder with
 ``export_dino.export`` (fixed resolution, dynamic batch). For each thread count an onnxruntime
 session (CPUExecutionProvider, ``intra_op_num_threads = t``, ``inter_op_num_threads = 1``) and
@@ -35,7 +35,6 @@ still win over it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -47,7 +46,6 @@ import numpy as np
 
 from benchmarks import harness as bench
 
-EXPORT_SCRIPT = Path(__file__).resolve().parents[1] / "weights" / "export_dino.py"
 TOL = 1e-4  # max abs difference ORT vs torch required before timing
 PRESETS = {
     "full": {"arch": "vit_small", "patch": 8, "resolution": 224, "batch": 8, "repeats": 5, "warmup": 1},
@@ -56,13 +54,10 @@ PRESETS = {
 
 
 def load_export_script():
-    """weights/export_dino.py as a module (it is a script, not part of the package)."""
-    if not EXPORT_SCRIPT.is_file():
-        raise SystemExit(f"{EXPORT_SCRIPT} not found: the benchmark needs the omh-ref repository checkout")
-    spec = importlib.util.spec_from_file_location("export_dino", EXPORT_SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """omh_ref.extract.export_dino (it needs torch)."""
+    from omh_ref.extract import export_dino
+
+    return export_dino
 
 
 def check_agreement(got, want, tol=TOL) -> float:

@@ -1,7 +1,7 @@
 """The per-stage rates of ``omh-ref recipe`` at paper scale on this machine, for the time estimates
 of a whole recipe (docs/benchmarks.md, README): seconds per unit of each stage, no peer.
 
-- **forward**: the onnxruntime forward of a random-init DINO ViT (weights/export_dino.py, seeded)
+- **forward**: the onnxruntime forward of a random-init DINO ViT (omh_ref/extract/export_dino.py, seeded)
   per crop, for ViT-S/8 and ViT-B/8 at the training (224) and evaluation (320) resolutions,
   batches of 4, ``--threads`` intra-op threads (the ViT is the extraction's cost: the whole
   ``omh-ref extract`` path ran at 95 % of the bare forward in bench_extract);

@@ -1,6 +1,6 @@
 """``omh-ref segment`` on CPU against the bare backbone forward on the same images, images/s.
 
-One randomly initialised DINO-layout ViT (weights/export_dino.py's ``build_vit``, seeded with
+One randomly initialised DINO-layout ViT (omh_ref/extract/export_dino.py's ``build_vit``, seeded with
 ``torch.manual_seed``; nothing is downloaded) is exported to ONNX in a temporary folder, with a
 seeded random checkpoint of the paper's shape (D = 70, levels 108/54/27). N random 640x480 JPEG
 files (:func:`benchmarks.bench_extract.write_jpegs`) are segmented by the whole command path

@@ -37,6 +37,20 @@ def main():
     """omh-ref: the reference implementation of OMH for unsupervised semantic segmentation."""
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@friendly_errors
+def export(args):
+    """Export a DINO ViT backbone (a local .pth, --random-init or --download) to ONNX, checked
+    against torch with onnxruntime and recorded in a manifest; needs torch (omh-ref[torch]).
+    ``omh-ref export --help`` lists its flags."""
+    try:
+        from omh_ref.extract import export_dino
+    except ImportError as e:
+        raise InputError(f"export needs torch ({e}); pip install 'omh-ref[torch]'") from None
+    sys.exit(export_dino.main(list(args)))
+
+
 @main.command()
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the random shapes and values.")
 @click.option("--only", default=None, help="Run only the checks whose name contains this text.")
@@ -138,7 +152,7 @@ def _run_settings(features, config_file, given, model_flags, shifts, resume=None
 
 
 @main.command()
-@click.option("--model", required=True, type=click.Path(), help="ONNX backbone (weights/export_dino.py).")
+@click.option("--model", required=True, type=click.Path(), help="ONNX backbone (omh-ref export).")
 @click.option("--images", default=None, type=click.Path(), help="A folder of images (searched recursively).")
 @click.option("--labels", default=None, type=click.Path(),
               help="With --images: a folder of label PNGs at the images' relative paths (255 = ignore).")
@@ -321,7 +335,7 @@ def seeds(features, val_features, val_labels, flipped_features, out, seed_list, 
 @click.argument("name")
 @click.option("--root", required=True, type=click.Path(), help="The data set's folder (or STEGO's data dir).")
 @click.option("--weights", required=True, multiple=True, type=click.Path(),
-              help="A DINO .pth (exported here with weights/export_dino.py, which needs torch), or the .onnx "
+              help="A DINO .pth (exported here with omh-ref export, which needs torch), or the .onnx "
                    "files, one per resolution the recipe uses; repeatable.")
 @click.option("--out", required=True, type=click.Path(), help="The run's folder (weights/, feats/, seed<N>/, results).")
 @click.option("--backbone", default=None, type=click.Choice(["vit_small", "vit_base"]),
@@ -384,7 +398,7 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
 
 
 @main.command()
-@click.option("--model", required=True, type=click.Path(), help="ONNX backbone (weights/export_dino.py), the one the checkpoint's features came from.")
+@click.option("--model", required=True, type=click.Path(), help="ONNX backbone (omh-ref export), the one the checkpoint's features came from.")
 @click.option("--checkpoint", required=True, type=click.Path(), help="ckpt.npz from omh-ref train.")
 @click.option("--images", required=True, multiple=True, type=click.Path(),
               help="A folder of images (searched recursively) or an image file; repeat for more.")

@@ -1,7 +1,7 @@
 """Regenerate docs/segment_example.png, the README's picture of ``omh-ref segment``.
 
 Nothing is downloaded and no real weights are used: a **randomly initialised** ViT-S/16 is
-exported at 128 px by weights/export_dino.py (seeded), 96 synthetic 'landscapes' (sky, hills,
+exported at 128 px by omh-ref export (seeded), 96 synthetic 'landscapes' (sky, hills,
 a sun, houses, noise; seeded) go through ``omh-ref extract``, a checkpoint with levels 12/6/3 is
 trained on those features for 200 steps (``omh-ref train``), and ``omh-ref segment --levels all
 --overlay`` segments one more landscape of 240x160 px. The picture shows that image and the
@@ -14,7 +14,6 @@ segments: the backbone never saw an image.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -57,9 +56,7 @@ def main(argv=None):
 
     from omh_ref_cli.main import main as cli
 
-    spec = importlib.util.spec_from_file_location("export_dino", REPO / "weights" / "export_dino.py")
-    ed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ed)
+    from omh_ref.extract import export_dino as ed
 
     def run(*a):
         res = CliRunner().invoke(cli, [str(x) for x in a])

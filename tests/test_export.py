@@ -1,4 +1,4 @@
-"""weights/export_dino.py: DINO ViT -> ONNX, checked with onnxruntime, recorded in a manifest.
+"""omh-ref export (omh_ref/extract/export_dino.py): DINO ViT -> ONNX, checked with onnxruntime, recorded in a manifest.
 
 No pretrained weights exist on these machines, so every test uses a randomly initialised model
 through the same code path as a real checkpoint (build_vit -> [load_checkpoint] -> export ->
@@ -7,10 +7,7 @@ real backbone's shape (28x28 grid). Everything is written under tmp_path (``--ma
 """
 import copy
 import functools
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,19 +16,9 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")  # torch.onnx.export (TorchScript exporter) needs it
 
-SCRIPT = Path(__file__).resolve().parents[1] / "weights" / "export_dino.py"
 TOL = 1e-4
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("export_dino", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["export_dino"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ed = _load_script()
+from omh_ref.extract import export_dino as ed  # noqa: E402
 
 
 @functools.cache
@@ -56,13 +43,35 @@ def _ort_feats(path, x):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """One CLI export: ViT-S/16, random init seed 5, 64 px."""
+    """One export through the command line (``omh-ref export``): ViT-S/16, random init seed 5,
+    64 px, the manifest in --out by default."""
+    from click.testing import CliRunner
+
+    from omh_ref_cli.main import main
+
     out = tmp_path_factory.mktemp("export")
+    res = CliRunner().invoke(main, ["export", "--arch", "vit_small", "--patch", "16", "--random-init", "--seed", "5",
+                                    "--resolution", "64", "--out", str(out)])
+    assert res.exit_code == 0, res.output
     manifest = out / "manifest.json"
-    rc = ed.main(["--arch", "vit_small", "--patch", "16", "--random-init", "--seed", "5",
-                  "--resolution", "64", "--out", str(out), "--manifest", str(manifest)])
-    assert rc == 0
+    assert manifest.is_file()
     return out, manifest, _model(5)
+
+
+def test_export_without_torch_is_one_line(monkeypatch):
+    import sys
+
+    from click.testing import CliRunner
+
+    import omh_ref.extract
+    from omh_ref_cli.main import main
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.delitem(sys.modules, "omh_ref.extract.export_dino")
+    monkeypatch.delattr(omh_ref.extract, "export_dino")
+    res = CliRunner().invoke(main, ["export", "--random-init"])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        "error: export needs torch (import of torch halted; None in sys.modules); pip install 'omh-ref[torch]'"]
 
 
 def test_onnx_matches_torch_and_shape(exported):

@@ -6,7 +6,6 @@ Small models keep it fast: ViT-S/16 at 32 px (2x2 grid) for the mechanics; one V
 (the real backbone's 28x28 grid) for the numerical comparison with torch.
 """
 import errno
-import importlib.util
 import json
 import os
 import sys
@@ -32,17 +31,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "weights" / "export_dino.py"
 TOL = 1e-4
 
 
 def _export_script():
-    if "export_dino" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("export_dino", SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["export_dino"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["export_dino"]
+    from omh_ref.extract import export_dino
+
+    return export_dino
 
 
 def _export(tmp_path_factory, patch, resolution, seed):
@@ -95,7 +90,7 @@ def test_normalize_matches_torch_bitwise():
 
 
 def test_vit_s8_224_features_match_torch(tmp_path, tmp_path_factory):
-    """The extraction check: a random ViT-S/8 exported by weights/export_dino.py, features extracted
+    """The extraction check: a random ViT-S/8 exported by omh-ref export, features extracted
     from image files by onnxruntime, equal to the torch forward within 1e-4."""
     path, model = _export(tmp_path_factory, 8, 224, seed=0)
     truth = layouts.folder(tmp_path, n=3, labels=False, nested=False)

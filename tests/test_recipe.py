@@ -3,7 +3,6 @@ file whose backbone, feature size, levels and classes agree; the whole recipe ru
 fixtures with a random-init backbone (tiny settings laid over the recipe, not edited into it),
 skips what is done, continues after a crash mid-training with the numbers of an uninterrupted
 run, and reports mean ± std over seeds."""
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -107,8 +106,8 @@ pytest.importorskip("onnx")
 
 
 def _random_dino(path):
-    """A random-init DINO ViT-S/8 state dict saved as a .pth (weights/export_dino.py's model)."""
-    mod = recipe._load_export_script(REPO / "weights" / "export_dino.py")
+    """A random-init DINO ViT-S/8 state dict saved as a .pth (omh-ref export's model)."""
+    mod = recipe.load_exporter()
     torch.manual_seed(0)
     torch.save(mod.build_vit("vit_small", 8).state_dict(), path)
     return path
@@ -137,7 +136,7 @@ def coco(tmp_path_factory):
 
 def test_the_recipe_runs_end_to_end_from_a_pth(coco):
     root, pth, run, rep, said = coco
-    assert any(m.startswith("[export] python ") and "export_dino.py" in m for m in said)
+    assert any(m.startswith("[export] omh-ref export --arch vit_small") for m in said)
     manifest = json.loads((run / "weights" / "manifest.json").read_text())
     assert {m["file"] for m in manifest["models"]} == {"dino_vits8_32.onnx", "dino_vits8_48.onnx"}
     train = json.loads((run / "feats" / "train" / "feats.json").read_text())
@@ -245,7 +244,7 @@ def test_dry_run_prints_the_commands_and_marks_the_done_ones(coco, tmp_path):
     fresh = CliRunner().invoke(main, args + ["--out", str(tmp_path / "new"), "--dry-run"])
     assert fresh.exit_code == 0, fresh.output
     lines = fresh.output.splitlines()
-    assert lines[0].startswith("python ") and "export_dino.py --arch vit_small --patch 8 --checkpoint" in lines[0]
+    assert lines[0].startswith("omh-ref export --arch vit_small --patch 8 --checkpoint")
     assert "--resolution 224 --resolution 320" in lines[0]
     assert lines[1].startswith("omh-ref extract ") and "--split train --crop five" in lines[1]
     assert "--split val --crop center --flip" in lines[2] and lines[3].startswith("omh-ref knn ")
@@ -275,12 +274,18 @@ def test_bad_arguments_are_one_line_errors(coco, tmp_path):
     res = CliRunner().invoke(main, ["recipe", "cocostuff27_vits8", "--root", str(tmp_path / "none"), "--weights",
                                     str(pth), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--root" in res.output and "no such folder" in res.output
-    # a .pth outside a checkout: the export script is not there, and the error says what to do
-    opts = dataclasses.replace(_opts("cocostuff27_vits8", root, [pth], tmp_path / "o2"),
-                               export_script=str(tmp_path / "weights" / "export_dino.py"))
-    with pytest.raises(InputError, match="export the .onnx files with that script and pass them instead"):
-        recipe.run(opts, say=quiet)
-    assert not (tmp_path / "o2").exists()                        # refused before anything was written
+    # a .pth without torch: the error says what to do, before anything was written
+    import sys
+
+    import omh_ref.extract
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "torch", None)                    # `import torch` fails
+        mp.delitem(sys.modules, "omh_ref.extract.export_dino")
+        mp.delattr(omh_ref.extract, "export_dino")
+        with pytest.raises(InputError, match=r"exporting a .pth needs torch .*pip install 'omh-ref\[torch\]'"):
+            recipe.run(_opts("cocostuff27_vits8", root, [pth], tmp_path / "o2"), say=quiet)
+    assert not (tmp_path / "o2").exists()
 
 
 def test_features_of_other_settings_are_refused_not_mixed(coco, tmp_path):

@@ -4,14 +4,12 @@ at their own size out.
 Two kinds of backbone are built here: a hand-made ONNX graph whose features are known (each
 patch's mean normalised colour, C = 3), with a checkpoint whose head is the identity and whose
 centroids are the colours of the test images' regions, so the right masks are known; and a
-randomly initialised ViT-S/16 exported by weights/export_dino.py, whose features mix the whole
+randomly initialised ViT-S/16 exported by omh-ref export, whose features mix the whole
 window (so stitching, flipping and padding mistakes show).
 """
-import importlib.util
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,13 +85,9 @@ def pooled(tmp_path_factory):
 
 
 def _export_script():
-    if "export_dino" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "export_dino", Path(__file__).resolve().parents[1] / "weights" / "export_dino.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["export_dino"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["export_dino"]
+    from omh_ref.extract import export_dino
+
+    return export_dino
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +311,7 @@ def test_flip_averaging_is_symmetric(vit):
 def test_vit_end_to_end_on_non_square_images(tmp_path, vit):
     """A random-init ViT: every image of a nested folder gets its mask at its own size, per-level
     masks and overlays; segment.json records settings, hashes, palettes and the images done."""
-    from omh_ref.extract.backbone import file_sha256
+    from omh_ref.core.files import file_sha256
 
     rng = np.random.default_rng(0)
     sizes = {"a.png": (50, 70), "sub/b.jpg": (81, 40), "sub/c.png": (33, 120)}

@@ -18,6 +18,7 @@ Appending to a log (``log.jsonl``) is not a rewrite and does not go through here
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -92,3 +93,12 @@ def write_text(path, text: str) -> None:
 def write_json(path, obj, indent=1) -> None:
     """``obj`` as JSON, atomically (readable by others: 0644 like any file open() makes)."""
     write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoints, backbones, match files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

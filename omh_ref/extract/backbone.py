@@ -2,12 +2,11 @@
 
 Input: float32 (B, 3, R, R) images, ``/255`` then ImageNet mean/std (:func:`normalize`, bit for
 bit torchvision's ``ToTensor`` + ``Normalize``); output: patch features (B, h, w, C) with
-``R / h`` a whole patch size (``weights/export_dino.py`` writes such files). Sessions are cached
+``R / h`` a whole patch size (``omh-ref export`` writes such files). Sessions are cached
 per process, so Dask workers reuse theirs across chunks.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.files import file_sha256
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -92,7 +92,7 @@ def inspect_model(model, resolution=None, device="cpu", threads=None) -> Backbon
         raise InputError(f"{model}: expected a float32 input, got {ins[0].type}")
     if isinstance(b, int):
         raise InputError(f"{model}: expected a dynamic batch axis, got a fixed batch of {b} (export it with "
-                         "weights/export_dino.py)")
+                         "omh-ref export)")
     if c != 3:
         raise InputError(f"{model}: expected 3 input channels, got {c}")
     fixed = [d for d in (h, w) if isinstance(d, int)]
@@ -100,7 +100,7 @@ def inspect_model(model, resolution=None, device="cpu", threads=None) -> Backbon
         raise InputError(f"{model}: expected a square input, got {h}x{w}")
     if fixed and resolution is not None and resolution != h:
         raise InputError(f"--resolution {resolution}: {model} takes {h} px inputs (export one at "
-                         f"{resolution} with weights/export_dino.py --resolution {resolution})")
+                         f"{resolution} with omh-ref export --resolution {resolution})")
     res = h if fixed else (resolution or 224)
     y = session_run(sess, model, ins[0].name, np.zeros((2, 3, res, res), np.float32))
     if y.dtype.kind != "f":
@@ -110,14 +110,6 @@ def inspect_model(model, resolution=None, device="cpu", threads=None) -> Backbon
                          f"size, got {y.shape} for {res} px")
     return Backbone(str(model), file_sha256(model), ins[0].name, int(res), (int(y.shape[1]), int(y.shape[2])),
                     int(y.shape[3]), dynamic=not fixed)
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def session_run(sess, model, input_name, x):

@@ -91,7 +91,7 @@ class ExtractOptions:
             bad("--resolution", "a positive number of pixels", self.resolution)
         if not Path(self.model).is_file():
             raise InputError(f"{self.model}: no such file (expected --model to be an .onnx backbone "
-                             "made by weights/export_dino.py)")
+                             "made by omh-ref export)")
 
     @property
     def n_crops(self) -> int:

@@ -13,7 +13,7 @@ from ..core.backend import resolve_device
 from ..core.errors import InputError
 from ..core.files import write_text
 from ..core.lock import FolderLock
-from ..extract.backbone import file_sha256
+from ..core.files import file_sha256
 from ..extract.classes import CLASS_NAMES
 from ..extract.datasets import label_hierarchy
 from ..extract.images import image_paths, load_rgb

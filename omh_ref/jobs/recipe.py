@@ -22,18 +22,16 @@ A stage whose folder holds output of other settings (another backbone file, crop
 config) is refused in one line rather than mixed. :func:`plan` lists the stages as the
 ``omh-ref`` commands that do the same work (``--dry-run``).
 
-The export runs ``weights/export_dino.py`` of the omh-ref checkout this package is installed from
-(it needs torch: ``omh-ref[torch]``). Installed elsewhere, the script is not there: export the
-``.onnx`` files with it on a machine that has the checkout, and pass them instead of the ``.pth``.
+The export runs :mod:`omh_ref.extract.export_dino` (``omh-ref export``; it needs torch:
+``omh-ref[torch]``). Without torch, export the ``.onnx`` files where it is installed and pass them
+instead of the ``.pth``.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,8 @@ from ..core.errors import InputError
 from ..core.files import write_json
 from ..core.lock import FolderLock
 from . import seeds as seeds_job
-from ..extract.backbone import file_sha256, inspect_model, session
+from ..core.files import file_sha256
+from ..extract.backbone import inspect_model, session
 from ..extract.classes import CLASS_NAMES
 from ..extract.datasets import READERS, open_dataset
 from ..extract.job import PROGRESS, ExtractOptions, extract
@@ -51,7 +50,7 @@ from ..features.knn import build_knn, cached_table, default_path
 from ..features.store import FeatureStore
 from ..train.loop import FILE_KEYS, TrainOptions, loop_settings
 
-ARCH_DIMS = {"vit_small": 384, "vit_base": 768}          # weights/export_dino.py ARCHS
+ARCH_DIMS = {"vit_small": 384, "vit_base": 768}          # export_dino.ARCHS
 ARCH_SHORT = {"vit_small": "vits", "vit_base": "vitb"}    # its file names: dino_vits8_224.onnx
 CROPS = ("center", "five")
 # [recipe] keys: (type, check, what the check wants)
@@ -176,7 +175,6 @@ class RecipeOptions:
     device: str = "cpu"
     progress: bool = True
     overrides: dict = field(default_factory=dict)   # laid over the recipe's tables (:func:`load`)
-    export_script: str | None = None       # default: the checkout's weights/export_dino.py
 
 
 @dataclass
@@ -185,13 +183,6 @@ class Stage:
     command: list                          # the equivalent command line
     done: bool                             # its output is complete (the run skips it)
     run: object = None                     # () -> None
-
-
-def export_script(opts: RecipeOptions) -> Path:
-    """weights/export_dino.py of the checkout this package runs from (or the one given)."""
-    if opts.export_script:
-        return Path(opts.export_script)
-    return Path(__file__).resolve().parents[2] / "weights" / "export_dino.py"
 
 
 _SHA: dict = {}       # (path, size, mtime) -> sha256: the run plans again after every stage
@@ -216,7 +207,7 @@ def _check_weights(rec: Recipe, opts: RecipeOptions):
     for p in paths:
         if not p.is_file():
             raise InputError(f"--weights {p}: no such file (expected a DINO .pth or an .onnx from "
-                             "weights/export_dino.py)")
+                             "omh-ref export)")
     kinds = {p.suffix for p in paths}
     if kinds == {".pth"} and len(paths) == 1:
         return "pth", paths[0]
@@ -248,23 +239,14 @@ def _export_done(rec, out, pth) -> bool:
     return True
 
 
-def _load_export_script(path: Path):
-    if not path.is_file():
-        raise InputError(f"--weights: a .pth is exported with weights/export_dino.py of an omh-ref checkout, and "
-                         f"{path} is not there (omh-ref installed outside its checkout); export the .onnx files "
-                         "with that script and pass them instead")
-    mod = sys.modules.get("export_dino")
-    if mod is None or Path(getattr(mod, "__file__", "")).resolve() != path.resolve():
-        try:
-            spec = importlib.util.spec_from_file_location("export_dino", path)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules["export_dino"] = mod       # torch's tracer looks modules up by name
-            spec.loader.exec_module(mod)
-        except ImportError as e:
-            sys.modules.pop("export_dino", None)
-            raise InputError(f"--weights: exporting a .pth needs torch ({e}); pip install 'omh-ref[torch]', or "
-                             "pass exported .onnx files instead") from None
-    return mod
+def load_exporter():
+    """:mod:`omh_ref.extract.export_dino`, imported on first use (it needs torch)."""
+    try:
+        from ..extract import export_dino
+    except ImportError as e:
+        raise InputError(f"--weights: exporting a .pth needs torch ({e}); pip install 'omh-ref[torch]', or "
+                         "pass exported .onnx files instead") from None
+    return export_dino
 
 
 def _models(rec: Recipe, opts: RecipeOptions, out: Path) -> tuple:
@@ -273,21 +255,19 @@ def _models(rec: Recipe, opts: RecipeOptions, out: Path) -> tuple:
     s = rec.settings
     if kind == "pth":
         models = _exported(rec, out)
-        script = export_script(opts)
         argv = ["--arch", s["arch"], "--patch", str(s["patch"]), "--checkpoint", str(given)]
         for r in rec.resolutions:
             argv += ["--resolution", str(r)]
         argv += ["--out", str(out / "weights"), "--manifest", str(out / "weights" / "manifest.json")]
 
         def run():
-            mod = _load_export_script(script)
-            if mod.main(argv) != 0:
-                raise InputError(f"--weights {given}: export failed (weights/export_dino.py said why above); "
+            if load_exporter().main(argv) != 0:
+                raise InputError(f"--weights {given}: export failed (omh-ref export said why above); "
                                  "nothing after it ran")
         done = _export_done(rec, out, given)
-        if not done and not script.is_file():
-            _load_export_script(script)            # the one-line error: where the script would be, what to do
-        return Stage("export", ["python", str(script), *argv], done, run), models
+        if not done:
+            load_exporter()                        # without torch: the one-line error, before anything runs
+        return Stage("export", ["omh-ref", "export", *argv], done, run), models
     models = {}
     for p in given:
         key = (_sha256(p), opts.device)
@@ -304,7 +284,7 @@ def _models(rec: Recipe, opts: RecipeOptions, out: Path) -> tuple:
     missing = [r for r in rec.resolutions if r not in models]
     if missing:
         raise InputError(f"--weights: no model takes {missing[0]} px inputs (recipe {rec.name} extracts at "
-                         f"{' and '.join(map(str, rec.resolutions))} px); export one with weights/export_dino.py "
+                         f"{' and '.join(map(str, rec.resolutions))} px); export one with omh-ref export "
                          f"--resolution {missing[0]}, or pass the .pth")
     return None, models
 

@@ -28,7 +28,7 @@ from ..core.config import Config
 from ..core.errors import InputError
 from ..core.files import write_json, write_text
 from ..core.lock import FolderLock
-from ..extract.backbone import file_sha256
+from ..core.files import file_sha256
 from ..train import checkpoint
 from ..train.loop import TrainOptions, train
 from .evaluate import EvalOptions, run as run_eval

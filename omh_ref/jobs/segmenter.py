@@ -43,7 +43,8 @@ from ..core.backend import get_array_module, resolve_device, to_device, to_host
 from ..core.errors import InputError
 from ..core.ops import normalize as l2
 from ..core.ops import resize
-from ..extract.backbone import file_sha256, inspect_model, normalize, run, session
+from ..core.files import file_sha256
+from ..extract.backbone import inspect_model, normalize, run, session
 from ..extract.datasets import ImageError, read_rgb
 from ..extract.images import short_side_size
 from ..train.checkpoint import load_params
@@ -241,7 +242,7 @@ class Segmenter:
             from ..evaluate import crf as crf_mod
 
             crf_mod._require()
-        for flag, p, what in (("--model", model, "an .onnx backbone made by weights/export_dino.py"),
+        for flag, p, what in (("--model", model, "an .onnx backbone made by omh-ref export"),
                               ("--checkpoint", checkpoint, "a ckpt.npz written by omh-ref train")):
             if not Path(p).is_file():
                 raise InputError(f"{p}: no such file (expected {flag} to be {what})")

@@ -1,5 +1,6 @@
-#!/usr/bin/env python
-"""Export a DINO ViT backbone to ONNX for ``omh-ref extract`` (docs/METHOD.md, docs/ARCHITECTURE.md).
+"""``omh-ref export``: a DINO ViT backbone to ONNX for ``omh-ref extract`` (docs/METHOD.md,
+docs/ARCHITECTURE.md). It needs torch (``pip install 'omh-ref[torch]'``); nothing else in the
+package imports this module except when asked to export.
 
 The model maps an image batch (B, 3, H, W), float32, already normalised (ImageNet mean/std), to the
 last block's patch tokens after the final LayerNorm, CLS dropped, channels last: (B, H/p, W/p, C).
@@ -18,8 +19,8 @@ file and a rename, then loaded like ``--checkpoint``), or a seeded random init (
 tests, machines without weights). Nothing downloads at import or test time. Each export is checked against the torch forward
 with onnxruntime before its entry is written to ``manifest.json``.
 
-    python weights/export_dino.py --arch vit_small --patch 8 \
-        --checkpoint dino_deitsmall8_pretrain.pth --resolution 224 --resolution 320
+    omh-ref export --arch vit_small --patch 8 \
+        --checkpoint dino_deitsmall8_pretrain.pth --resolution 224 --resolution 320 --out weights
 """
 from __future__ import annotations
 
@@ -55,7 +56,6 @@ IMG_SIZE = 224  # the training resolution of the official checkpoints: pos_embed
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 CHECK_TOL = 1e-3  # onnxruntime vs torch, max abs difference allowed at export
-DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifest.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def update_manifest(path, entry: dict) -> None:
 # CLI
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="omh-ref export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="vit_small")
     p.add_argument("--patch", type=int, choices=PATCHES, default=8)
@@ -368,19 +368,22 @@ def parse_args(argv):
                      help="seeded random weights (tests, machines without a checkpoint)")
     src.add_argument("--download", action="store_true",
                      help="fetch DINO's official backbone checkpoint for --arch/--patch (needs internet)")
-    p.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parent,
-                   help="where --download keeps the .pth (default: weights/)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where --download keeps the .pth (default: --out)")
     p.add_argument("--seed", type=int, default=0, help="random-init seed, and the check's batch")
     p.add_argument("--resolution", type=int, action="append",
                    help="input size in px; repeat for several (one .onnx each). Default 224")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
-                   help="folder for the .onnx files (default: weights/)")
+    p.add_argument("--out", type=Path, default=Path("weights"),
+                   help="folder for the .onnx files (default: weights/ here)")
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
-                   help="manifest to update (default: manifest.json beside this script)")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="manifest to update (default: manifest.json in --out)")
     p.add_argument("--tol", type=float, default=CHECK_TOL,
                    help="max abs onnxruntime-vs-torch difference allowed (default 1e-3)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.cache_dir = args.out if args.cache_dir is None else args.cache_dir
+    args.manifest = args.out / "manifest.json" if args.manifest is None else args.manifest
+    return args
 
 
 def main(argv=None) -> int:
