@@ -1,5 +1,5 @@
 """One OMH training step at paper scale: omh_ref's hand-written NumPy forward + backward against
-torch CPU autograd of the independent torch rendering (tests/torch_reference.py), float32.
+torch CPU autograd of the independent torch rendering (omh_ref/core/torch_reference.py), float32.
 
 Same params, batch, random draws; loss and gradients are checked to agree before anything is
 timed. Then both are timed (median of --repeats after --warmup, interleaved) at each thread

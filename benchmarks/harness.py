@@ -6,7 +6,7 @@ goal.
 
 * :func:`step_benchmark` — one training step (forward + backward of the full objective) of
   :func:`omh_ref.core.model.loss_and_grads` against torch CPU autograd of the independent torch
-  rendering ``tests/torch_reference.py`` (``model_loss``), same params, batch, draws, float32.
+  rendering ``omh_ref/core/torch_reference.py`` (``model_loss``), same params, batch, draws, float32.
   Loss and gradients are first checked to agree (:func:`check_step_agreement`, raises
   :class:`Mismatch`); then both are timed, interleaved, at each thread count.
   Goal: ours ≤ 0.4× torch (was 0.8×, met; the next goal is the hardware: :func:`gemm_floor`).
@@ -19,8 +19,8 @@ goal.
 * :func:`scaling_benchmark` — our step time against batch size and number of levels.
 * :func:`gpu_benchmark` — the step with CuPy against torch CUDA, where a GPU is present.
 
-The harness runs from the repository root (``python -m benchmarks``): its torch peer is the
-test suite's independent rendering (``tests/torch_reference.py``), and it needs torch and POT
+The harness runs from the repository root (``python -m benchmarks``): its torch peer is
+the independent torch rendering (``omh_ref/core/torch_reference.py``), and it needs torch and POT
 (``pip install -e '.[test,torch]'``). The library never imports it. Thread counts are set with threadpoolctl (numpy's BLAS) and
 ``torch.set_num_threads``; without threadpoolctl each thread count runs in a fresh subprocess
 with ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set.
@@ -90,8 +90,9 @@ def _torch():
 
 
 def torch_reference():
-    """The test suite's torch rendering of the model (``tests/torch_reference.py``)."""
-    from tests import torch_reference as tr
+    """The independent torch rendering of the model (``omh_ref/core/torch_reference.py``), the one the
+    test suite cross-checks against."""
+    from omh_ref.core import torch_reference as tr
 
     return tr
 

@@ -1,5 +1,5 @@
 """omh_ref's NumPy values and hand-written gradients against an independent torch rendering
-(``tests/torch_reference.py``, float64 autograd): every op, STEGO's correlation loss, Sinkhorn
+(``omh_ref/core/torch_reference.py``, float64 autograd): every op, STEGO's correlation loss, Sinkhorn
 (plan, and gradients w.r.t. cost and marginals), the cluster targets, the hierarchy loss and the
 whole model. Agreement required: 1e-8 relative for values, 1e-6 relative for gradients.
 
@@ -18,7 +18,7 @@ from omh_ref.core.losses import cluster, correlation, hierarchy  # noqa: E402
 from omh_ref.core.ops import (cosine, dropout, grid_sample, kl, linear, log_softmax,  # noqa: E402
                          normalize, relu, resize, softmax)
 from omh_ref.core.ops import sinkhorn as sk  # noqa: E402
-from tests import torch_reference as tr  # noqa: E402
+from omh_ref.core import torch_reference as tr  # noqa: E402
 
 VAL_RTOL = 1e-8    # forward values
 GRAD_RTOL = 1e-6   # gradients
