@@ -245,19 +245,70 @@ def train(cfg: model.Config, opts: TrainOptions, say=print, validate=None) -> di
 
 
 def _train(cfg, opts, say, store, validate):
-    knn, knn_path, knn_certified = _ensure_knn(store, opts, say)
-    knn = knn[:, : opts.knn_k + 1]
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out / "ckpt.npz", out / "log.jsonl"
-    fingerprint = store.fingerprint()
+    return _Run(cfg, opts, say, store, validate).run()
 
-    if opts.resume:
+
+class _Run:
+    """One training run under ``opts.out``: opened (new, or resumed from a checkpoint), stepped,
+    looked at (log, validation, checkpoint; the one host read), closed. Its state is its fields:
+
+    params, opt_state, rng, step, loop (data order and position), best (the best validation so
+    far), cfg and opts as the run records them; ``saved_step`` the last step on disk; the
+    divergence watch ``ok``/``bad_at``/``bad_why`` (device scalars) and ``window`` (step ->
+    generator state, data position, Adam count and rows before it, since the last look)."""
+
+    def __init__(self, cfg, opts, say, store, validate):
+        self.cfg, self.opts, self.say, self.store, self.validate = cfg, opts, say, store, validate
+        knn, self.knn_path, self.knn_certified = _ensure_knn(store, opts, say)
+        self.knn = knn[:, : opts.knn_k + 1]
+        self.out = Path(opts.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path, self.log_path = self.out / "ckpt.npz", self.out / "log.jsonl"
+        self.fingerprint = store.fingerprint()
+        self._resume() if opts.resume else self._start()
+        if self.opts.device == "gpu":
+            st = self.opt_state
+            self.params = to_device(self.params, "gpu")
+            self.opt_state = {"t": st["t"], "m": to_device(st["m"], "gpu"), "v": to_device(st["v"], "gpu")}
+        self.lr = _lr_table(self.params, self.opts)
+        self.saved_step = checkpoint.step_of(self.ckpt_path) if self.opts.resume else None
+        # A divergence (NaN or inf in the loss or the gradients) is watched on the device, without
+        # a synchronisation a step: Adam applies a step only while `ok` holds, so from the first
+        # bad step on the parameters and moments stay as they were before it; `bad_at`/`bad_why`
+        # remember which step and what. The loop reads them (with the loss parts, in one transfer)
+        # whenever it logs, validates, checkpoints or stops, and then saves the state from before
+        # the bad step.
+        self.xp = get_array_module(*self.params.values())
+        self.ok, self.bad_at, self.bad_why = self.xp.asarray(True), self.xp.asarray(-1), self.xp.asarray(0)
+        self.window = {}
+
+    # ---- opening ---------------------------------------------------------------------------------
+    def _resume(self):
+        opts, store, out = self.opts, self.store, self.out
         same_run = Path(opts.resume).resolve().parent == out.resolve()
-        if ckpt_path.exists() and not same_run and not opts.overwrite:
-            raise InputError(f"{ckpt_path}: --out holds another run's checkpoint; resume {opts.resume} with "
+        if self.ckpt_path.exists() and not same_run and not opts.overwrite:
+            raise InputError(f"{self.ckpt_path}: --out holds another run's checkpoint; resume {opts.resume} with "
                              f"--out {Path(opts.resume).parent}, or pass --overwrite to replace that run")
         ck = checkpoint.load(opts.resume)
+        self._check_resumable(ck)
+        self.params, self.opt_state, self.rng, self.step = ck["params"], ck["opt_state"], ck["rng"], ck["step"]
+        self.loop = {"order": ck["arrays"]["order"], "pos": int(ck["info"]["pos"]), "epoch": int(ck["info"]["epoch"])}
+        self.best = dict(ck["info"].get("best") or {"step": None, "val_miou": None})
+        if len(self.loop["order"]) != store.N:
+            raise InputError(f"{opts.resume}: checkpoint's data order has {len(self.loop['order'])} images, "
+                             f"{store.path} has {store.N}")
+        _trim_log(self.log_path, self.step)
+        self.say(f"resuming from {opts.resume} at step {self.step}")
+        before = ck["info"].get("options", {})
+        changed = [k for k in ("batch_size", "lr", "lr_clusters", "knn_k") if k in before and before[k] != getattr(opts, k)]
+        if changed:   # allowed (a lower --lr after a divergence), but said: the run is no longer one
+            self.say("note: " + ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {getattr(opts, k)}" for k in changed)
+                     + " since the checkpoint; the continuation differs from an uninterrupted run")
+        self.opts = dataclasses.replace(opts, seed=before.get("seed", opts.seed))   # the run's seed, in its records
+
+    def _check_resumable(self, ck):
+        """The checkpoint is whole and finite, of this config and of these features."""
+        opts, cfg = self.opts, self.cfg
         checkpoint.check_params(opts.resume, ck["params"], ck["config"])
         arrays = {**ck["params"], **{f"adam_{m}/{k}": v for m in ("m", "v") for k, v in ck["opt_state"][m].items()}}
         bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
@@ -267,151 +318,150 @@ def _train(cfg, opts, say, store, validate):
         diff = [f.name for f in dataclasses.fields(cfg) if getattr(ck["config"], f.name) != getattr(cfg, f.name)]
         if diff:
             raise InputError(f"{opts.resume}: checkpoint has another config (differs in {', '.join(diff)})")
-        if ck["info"].get("features_fingerprint") not in (None, fingerprint):
-            raise InputError(f"{opts.resume}: checkpoint was trained on another feature file than {store.path}")
-        params, opt_state, rng, step = ck["params"], ck["opt_state"], ck["rng"], ck["step"]
-        loop = {"order": ck["arrays"]["order"], "pos": int(ck["info"]["pos"]), "epoch": int(ck["info"]["epoch"])}
-        best = dict(ck["info"].get("best") or {"step": None, "val_miou": None})
-        if len(loop["order"]) != store.N:
-            raise InputError(f"{opts.resume}: checkpoint's data order has {len(loop['order'])} images, "
-                             f"{store.path} has {store.N}")
-        _trim_log(log_path, step)
-        say(f"resuming from {opts.resume} at step {step}")
-        before = ck["info"].get("options", {})
-        changed = [k for k in ("batch_size", "lr", "lr_clusters", "knn_k") if k in before and before[k] != getattr(opts, k)]
-        if changed:   # allowed (a lower --lr after a divergence), but said: the run is no longer one
-            say("note: " + ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {getattr(opts, k)}" for k in changed)
-                + " since the checkpoint; the continuation differs from an uninterrupted run")
-        opts = dataclasses.replace(opts, seed=before.get("seed", opts.seed))   # the run's seed, in its records
-    else:
-        if ckpt_path.exists() and not opts.overwrite:
-            raise InputError(f"{ckpt_path}: a checkpoint is already there; continue it with --resume "
-                             f"{ckpt_path}, or pass --overwrite to start over")
-        rng = np.random.default_rng(opts.seed)
+        if ck["info"].get("features_fingerprint") not in (None, self.fingerprint):
+            raise InputError(f"{opts.resume}: checkpoint was trained on another feature file than {self.store.path}")
+
+    def _start(self):
+        opts, store = self.opts, self.store
+        if self.ckpt_path.exists() and not opts.overwrite:
+            raise InputError(f"{self.ckpt_path}: a checkpoint is already there; continue it with --resume "
+                             f"{self.ckpt_path}, or pass --overwrite to start over")
+        self.rng = np.random.default_rng(opts.seed)
         if opts.shifts_auto:
-            shifts = auto_shifts(store, knn, cfg, np.random.default_rng([opts.seed, 1]))
-            cfg = dataclasses.replace(cfg, **shifts)
-            say("shifts auto: " + ", ".join(f"{k}={v:.4f}" for k, v in shifts.items()))
-        params = model.init_params(cfg, rng, dtype=np.float32)
-        opt_state = adam_init(params)
-        step = 0
-        loop = {"order": rng.permutation(store.N), "pos": 0, "epoch": 0}
-        best = {"step": None, "val_miou": None}
-        if log_path.exists():
-            log_path.unlink()
-    if opts.device == "gpu":
-        params = to_device(params, "gpu")
-        opt_state = {"t": opt_state["t"], "m": to_device(opt_state["m"], "gpu"), "v": to_device(opt_state["v"], "gpu")}
-    lr = _lr_table(params, opts)
+            shifts = auto_shifts(store, self.knn, self.cfg, np.random.default_rng([opts.seed, 1]))
+            self.cfg = dataclasses.replace(self.cfg, **shifts)
+            self.say("shifts auto: " + ", ".join(f"{k}={v:.4f}" for k, v in shifts.items()))
+        self.params = model.init_params(self.cfg, self.rng, dtype=np.float32)
+        self.opt_state = adam_init(self.params)
+        self.step = 0
+        self.loop = {"order": self.rng.permutation(store.N), "pos": 0, "epoch": 0}
+        self.best = {"step": None, "val_miou": None}
+        if self.log_path.exists():
+            self.log_path.unlink()
 
-    saved = {"step": checkpoint.step_of(ckpt_path) if opts.resume else None}   # the last step on disk
-
-    def intact():
-        if saved["step"] is None:
+    # ---- saving and divergence -------------------------------------------------------------------
+    def intact(self) -> str:
+        if self.saved_step is None:
             return "no checkpoint of this run was written yet"
-        return f"the step-{saved['step']} checkpoint {ckpt_path} is intact; continue with --resume {ckpt_path}"
+        return f"the step-{self.saved_step} checkpoint {self.ckpt_path} is intact; continue with --resume {self.ckpt_path}"
 
-    def save(path, rng_, loop_):
+    def save(self, path, rng, loop):
+        """The run's state at ``self.step`` with the generator ``rng`` and data position ``loop``."""
+        info = {"pos": loop["pos"], "epoch": loop["epoch"], "features": str(self.store.path.resolve()),
+                "features_fingerprint": self.fingerprint, "knn": str(self.knn_path.resolve()), "best": self.best,
+                "options": {k: v for k, v in dataclasses.asdict(self.opts).items() if k != "progress"}}
         try:
-            checkpoint.save(path, params, opt_state, step, rng_, cfg, arrays={"order": loop_["order"]},
-                            info={"pos": loop_["pos"], "epoch": loop_["epoch"], "features": str(store.path.resolve()),
-                                  "features_fingerprint": fingerprint, "knn": str(knn_path.resolve()), "best": best,
-                                  "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}})
+            checkpoint.save(path, self.params, self.opt_state, self.step, rng, self.cfg,
+                            arrays={"order": loop["order"]}, info=info)
         except OSError as e:
-            raise InputError(f"{path}: cannot write the step-{step} checkpoint ({e.strerror}); {intact()}") from None
-        if path == ckpt_path:
-            saved["step"] = step
+            raise InputError(f"{path}: cannot write the step-{self.step} checkpoint ({e.strerror}); "
+                             f"{self.intact()}") from None
+        if path == self.ckpt_path:
+            self.saved_step = self.step
 
-    B, C = opts.batch_size, store.C
-    xp = get_array_module(*params.values())
-    # A divergence (NaN or inf in the loss or the gradients) is watched on the device, without a
-    # synchronisation a step: Adam applies a step only while `ok` holds, so from the first bad
-    # step on the parameters and moments stay as they were before it; `bad_at`/`bad_why` remember
-    # which step and what. The loop reads them (with the loss parts, in one transfer) whenever it
-    # logs, validates, checkpoints or stops, and then saves the state from before the bad step.
-    ok, bad_at, bad_why = xp.asarray(True), xp.asarray(-1), xp.asarray(0)
-    window = {}   # step -> (generator state, data position, Adam count) before it, since the last look
-
-    def diverged(first_bad, why):
-        nonlocal step
-        rng_state, loop_state, t, rows = window[first_bad]
+    def diverged(self, first_bad, why):
+        """Save the state before step ``first_bad`` as diverged.npz and stop with what to do."""
+        rng_state, loop_state, t, rows = self.window[first_bad]
         before = np.random.default_rng()
         before.bit_generator.state = rng_state
-        step, opt_state["t"] = first_bad - 1, t
-        save(out / "diverged.npz", before, loop_state)
+        self.step, self.opt_state["t"] = first_bad - 1, t
+        where = self.out / "diverged.npz"
+        self.save(where, before, loop_state)
         try:   # the step's own input first: NaN or inf there is the features' fault, not the lr's
-            store.read(rows, check_finite=True)
+            self.store.read(rows, check_finite=True)
         except InputError as e:
             raise InputError(f"training diverged at step {first_bad} ({why}) on non-finite input: {e}; check the "
-                             f"features (the state before the step is in {out / 'diverged.npz'})") from None
+                             f"features (the state before the step is in {where})") from None
         raise InputError(f"training diverged at step {first_bad} ({why}); the state before the step is in "
-                         f"{out / 'diverged.npz'} (continue it with --resume and a lower --lr)")
+                         f"{where} (continue it with --resume and a lower --lr)")
 
-    prefetch = opts.device == "gpu" if opts.prefetch is None else opts.prefetch
-    reader = _BatchReader(store, opts.device, check_finite=not knn_certified, prefetch=prefetch)
-    bar = _progress(opts, step)
-    last_val = None
-    t0 = time.perf_counter()
-    interrupted = False
-    # The next batch's indices and partners are drawn as soon as the current step's model draws
-    # are made (the generator's order is unchanged: batch, partners, model draws, next batch, ...),
-    # so its read overlaps the current step in a background thread.
-    state = (rng.bit_generator.state, dict(loop))          # what a checkpoint after `step` records
-    pending = reader.submit(*_next_indices(loop, store.N, B, rng, knn)) if step < opts.steps else None
-    with _Interrupt() as stop, _log_file(log_path, intact) as log, reader:
-        while step < opts.steps:
-            batch = pending.result()
-            window[step + 1] = (*state, opt_state["t"], pending.rows)
-            draws = model.draw(cfg, B, C, rng)
-            state = (rng.bit_generator.state, dict(loop))
-            if step + 1 < opts.steps:
-                pending = reader.submit(*_next_indices(loop, store.N, B, rng, knn))
-            loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng, draws=draws)
-            finite = xp.isfinite(loss)
-            was_ok = ok
-            ok = adam_step(params, grads, opt_state, lr, ok=ok & finite)
-            first = was_ok & ~ok
-            bad_at = xp.where(first, step + 1, bad_at)
-            bad_why = xp.where(first, xp.where(finite, 2, 1), bad_why)
-            step += 1
-            logged = step % opts.log_every == 0 or step == opts.steps
-            validating = validate is not None and (step % opts.val_every == 0 or step == opts.steps)
-            saving = step % opts.ckpt_every == 0 or step == opts.steps
-            if not (logged or validating or saving or stop.hit):
-                bar.update(1)
-                continue
-            host = host_floats({**parts, "_ok": ok, "_bad_at": bad_at, "_bad_why": bad_why})   # the one read
-            if not host.pop("_ok"):
-                diverged(int(host["_bad_at"]), NON_FINITE[int(host["_bad_why"])])
-            del host["_bad_at"], host["_bad_why"]
-            window.clear()
-            rng_now = np.random.default_rng()
-            rng_now.bit_generator.state = state[0]
-            val = validate(params, cfg) if validating else None
-            if val is not None:
-                last_val = val
-            if logged or val:
-                rec = {"step": step, "epoch": state[1]["epoch"], "seconds": round(time.perf_counter() - t0, 3),
-                       **host, **(val or {})}
-                log.write(json.dumps(rec) + "\n")
-                post = {k: f"{host[k]:.3f}" for k in ("loss", "corr", "clu_0") if k in host}
-                if last_val is not None:
-                    post["val_miou"] = f"{last_val['val_miou']:.1f}"
-                bar.set_postfix(post)
-            if val and opts.keep_best and (best["val_miou"] is None or val["val_miou"] > best["val_miou"]):
-                best.update(step=step, val_miou=val["val_miou"])
-                save(out / "best.npz", rng_now, state[1])
-            bar.update(1)
-            if saving or stop.hit:
-                save(ckpt_path, rng_now, state[1])
-            if stop.hit:
-                interrupted = True
-                break
-    bar.close()
-    if interrupted:
-        say(f"interrupted at step {step}: checkpoint written to {ckpt_path}; continue with --resume {ckpt_path}")
-    return {"step": step, "checkpoint": str(ckpt_path), "log": str(log_path), "interrupted": interrupted,
-            "config": cfg, "best": dict(best)}
+    # ---- stepping --------------------------------------------------------------------------------
+    def take_step(self, batch, draws):
+        """One optimiser step on the device, the divergence watch updated; reads nothing back.
+        -> the loss parts (device scalars)."""
+        xp = self.xp
+        loss, parts, grads = model.loss_and_grads(self.params, batch, self.cfg, self.rng, draws=draws)
+        finite = xp.isfinite(loss)
+        was_ok = self.ok
+        self.ok = adam_step(self.params, grads, self.opt_state, self.lr, ok=self.ok & finite)
+        first = was_ok & ~self.ok
+        self.bad_at = xp.where(first, self.step + 1, self.bad_at)
+        self.bad_why = xp.where(first, xp.where(finite, 2, 1), self.bad_why)
+        self.step += 1
+        return parts
+
+    def look(self, parts, state, log, bar, stop):
+        """After a step that logs, validates, checkpoints or stops: the one host read (loss parts
+        and the divergence watch), then each of those that is due. ``state`` = (generator state,
+        data position) after the step, what its checkpoint records."""
+        opts, step = self.opts, self.step
+        host = host_floats({**parts, "_ok": self.ok, "_bad_at": self.bad_at, "_bad_why": self.bad_why})
+        if not host.pop("_ok"):
+            self.diverged(int(host["_bad_at"]), NON_FINITE[int(host["_bad_why"])])
+        del host["_bad_at"], host["_bad_why"]
+        self.window.clear()
+        rng_now = np.random.default_rng()
+        rng_now.bit_generator.state = state[0]
+        validating = self.validate is not None and (step % opts.val_every == 0 or step == opts.steps)
+        val = self.validate(self.params, self.cfg) if validating else None
+        if val is not None:
+            self.last_val = val
+        if step % opts.log_every == 0 or step == opts.steps or val:
+            rec = {"step": step, "epoch": state[1]["epoch"], "seconds": round(time.perf_counter() - self.t0, 3),
+                   **host, **(val or {})}
+            log.write(json.dumps(rec) + "\n")
+            post = {k: f"{host[k]:.3f}" for k in ("loss", "corr", "clu_0") if k in host}
+            if self.last_val is not None:
+                post["val_miou"] = f"{self.last_val['val_miou']:.1f}"
+            bar.set_postfix(post)
+        if val and opts.keep_best and (self.best["val_miou"] is None or val["val_miou"] > self.best["val_miou"]):
+            self.best.update(step=step, val_miou=val["val_miou"])
+            self.save(self.out / "best.npz", rng_now, state[1])
+        bar.update(1)
+        if step % opts.ckpt_every == 0 or step == opts.steps or stop.hit:
+            self.save(self.ckpt_path, rng_now, state[1])
+
+    def _due(self, stop) -> bool:
+        """Whether the step just taken logs, validates, checkpoints or stops (a host read)."""
+        opts, step = self.opts, self.step
+        return (step % opts.log_every == 0 or step % opts.ckpt_every == 0 or step == opts.steps or stop.hit
+                or (self.validate is not None and step % opts.val_every == 0))
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Step to ``opts.steps`` or a Ctrl-C. The next batch's indices and partners are drawn as
+        soon as the current step's model draws are made (the generator's order is unchanged:
+        batch, partners, model draws, next batch, ...), so its read overlaps the current step in
+        a background thread."""
+        opts, store, B = self.opts, self.store, self.opts.batch_size
+        prefetch = opts.device == "gpu" if opts.prefetch is None else opts.prefetch
+        reader = _BatchReader(store, opts.device, check_finite=not self.knn_certified, prefetch=prefetch)
+        bar = _progress(opts, self.step)
+        self.last_val, self.t0, interrupted = None, time.perf_counter(), False
+        state = (self.rng.bit_generator.state, dict(self.loop))      # what a checkpoint after `step` records
+        pending = reader.submit(*_next_indices(self.loop, store.N, B, self.rng, self.knn)) if self.step < opts.steps else None
+        with _Interrupt() as stop, _LogFile(self.log_path, self.intact) as log, reader:
+            while self.step < opts.steps:
+                batch = pending.result()
+                self.window[self.step + 1] = (*state, self.opt_state["t"], pending.rows)
+                draws = model.draw(self.cfg, B, store.C, self.rng)
+                state = (self.rng.bit_generator.state, dict(self.loop))
+                if self.step + 1 < opts.steps:
+                    pending = reader.submit(*_next_indices(self.loop, store.N, B, self.rng, self.knn))
+                parts = self.take_step(batch, draws)
+                if not self._due(stop):
+                    bar.update(1)
+                    continue
+                self.look(parts, state, log, bar, stop)
+                if stop.hit:
+                    interrupted = True
+                    break
+        bar.close()
+        if interrupted:
+            self.say(f"interrupted at step {self.step}: checkpoint written to {self.ckpt_path}; continue with "
+                     f"--resume {self.ckpt_path}")
+        return {"step": self.step, "checkpoint": str(self.ckpt_path), "log": str(self.log_path),
+                "interrupted": interrupted, "config": self.cfg, "best": dict(self.best)}
 
 
 NON_FINITE = {1: "non-finite loss", 2: "non-finite gradients"}
@@ -475,7 +525,7 @@ class _Batch:
         return to_device(batch, "gpu") if self.device == "gpu" else batch
 
 
-class _log_file:
+class _LogFile:
     """``log.jsonl`` opened for appending; a failed write is one line naming it and what is intact."""
 
     def __init__(self, path, intact):
