@@ -8,6 +8,7 @@ drawn from the seed, so a seed names one exact run.
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -67,14 +68,22 @@ def check_in_domain(case, domain, name, **fd):
 
 def cases(seed=0, device="cpu"):
     """Yield (name, callable -> Report) for the whole suite; ``device="gpu"`` runs every check on
-    CuPy arrays (the same draws, moved to the device)."""
+    CuPy arrays (the same draws, moved to the device). The groups draw from one generator in a
+    fixed order, so a seed names one exact run."""
     rng = np.random.default_rng(seed)
     dev = (lambda x: to_device(x, "gpu")) if device == "gpu" else (lambda x: x)
     r = lambda *shape: dev(rng.standard_normal(shape))  # noqa: E731
     dims = lambda: tuple(int(k) for k in rng.integers(2, 6, size=3))  # noqa: E731
-
     N, H, W = dims()
     C, D, K = (int(k) for k in rng.integers(2, 7, size=3))
+    d = SimpleNamespace(rng=rng, dev=dev, r=r, N=N, H=H, W=W, C=C, D=D, K=K, device=device)
+    for group in (_op_cases, _sinkhorn_cases, _loss_cases, _model_cases):
+        yield from group(d)
+
+
+def _op_cases(d):
+    """Every op, and full Jacobians of two of them."""
+    rng, dev, r, N, H, W, C, D, K = d.rng, d.dev, d.r, d.N, d.H, d.W, d.C, d.D, d.K
     yield "linear", lambda: check_vjp(linear.forward, linear.backward, (r(N, H, C), r(D, C), r(D)), name="linear")
     yield "relu", lambda: check_vjp(relu.forward, relu.backward, (r(N, H, C),), name="relu")
     mask = dropout.channel_mask((N, H, W, C), 0.3, rng, r(1))
@@ -102,6 +111,10 @@ def cases(seed=0, device="cpu"):
         lambda x: grid_sample.forward(x, coords[:1, :2, :2]), grid_sample.backward, (r(1, 3, 2, 2),),
         name="jacobian:grid_sample")
 
+
+def _sinkhorn_cases(d):
+    """Sinkhorn, unrolled in each domain and implicit."""
+    rng, dev = d.rng, d.dev
     # Each unrolled case names the domain it must run (check_in_domain fails it otherwise). The
     # interaction part of the cost spreads over at most 20·ε, which keeps the plan away from a
     # vertex, where every cost gradient vanishes and the check would prove nothing; the log cases
@@ -122,6 +135,10 @@ def cases(seed=0, device="cpu"):
     yield "jacobian:sinkhorn", (lambda c=sinkhorn_case(rng, 0.2, 15, lead=(), dev=dev):
                                 check_jacobian(*c, name="jacobian:sinkhorn"))
 
+
+def _loss_cases(d):
+    """STEGO's correlation, each cluster target, the hierarchy in both domains."""
+    r, N, H, C, D, K = d.r, d.N, d.H, d.C, d.D, d.K
     S, S2 = 3, 4
     fa, fb = r(N, S, S, C), r(N, S2, S, C)
     for pw, zc in ((True, True), (False, False)):
@@ -162,6 +179,11 @@ def cases(seed=0, device="cpu"):
             yield name, (lambda nm=name, kw=kw, d=domain: check_hierarchy_in_domain(
                 hierarchy_from_logits(**kw), (r(P, Kc), r(P, Kp), r(Kc, D), r(Kp, D)), d, nm))
 
+
+def _model_cases(d):
+    """The whole model in each variant and at the shipped defaults, and the head as one piece."""
+    rng, dev, r, N, H, C, D = d.rng, d.dev, d.r, d.N, d.H, d.C, d.D
+    device = d.device
     variants = {"model omh relaxed": {}, "model omh balanced+uniform": dict(cluster_target="balanced",
                                                                              marginals="uniform"),
                 "model omh hard+implicit": dict(cluster_target="hard", sinkhorn_backward="implicit",
