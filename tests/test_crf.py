@@ -80,9 +80,9 @@ def test_eval_cli_with_crf_and_overlays(tmp_path):
     from omh_ref.train import checkpoint
     from omh_ref.core.optim import adam_init
     from omh_ref_cli.main import main
-    from tests.test_evaluate import _identity_params, _known_world
+    from tests.builders import identity_params, known_world
 
-    store, protos = _known_world(tmp_path, N=4)
+    store, protos = known_world(tmp_path, N=4)
     lab = np.load(tmp_path / "labels.npy")
     palette = np.array([(200, 40, 40), (40, 200, 40), (40, 40, 200)], np.uint8)
     names = []
@@ -91,7 +91,7 @@ def test_eval_cli_with_crf_and_overlays(tmp_path):
         names.append(f"img{i}.png")
     (tmp_path / "feats.json").write_text(json.dumps({"images": names, "n_classes": 3}))
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
-    params = _identity_params(cfg, protos, np.array([0, 1, 2]))
+    params = identity_params(cfg, protos, np.array([0, 1, 2]))
     ck = tmp_path / "ckpt.npz"
     checkpoint.save(ck, params, adam_init(params), 0, np.random.default_rng(0), cfg)
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(ck), "--features", str(store.path), "--labels",
@@ -111,16 +111,16 @@ def test_cluster_eval_scores_what_the_crf_returns(tmp_path, monkeypatch):
     from omh_ref.core import model
     from omh_ref.evaluate import crf, predict
     from omh_ref.jobs.evaluate import crf_images
-    from tests.test_evaluate import _identity_params, _known_world
+    from tests.builders import identity_params, known_world
 
-    store, protos = _known_world(tmp_path, N=4)
+    store, protos = known_world(tmp_path, N=4)
     lab = np.load(tmp_path / "labels.npy")
     for i in range(store.N):
         Image.fromarray(np.full(lab.shape[1:] + (3,), 60 * i, np.uint8)).save(tmp_path / f"img{i}.png")
     (tmp_path / "feats.json").write_text(json.dumps({"images": [f"img{i}.png" for i in range(store.N)]}))
     store = type(store)(store.path, labels=tmp_path / "labels.npy")
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
-    params = _identity_params(cfg, protos, np.array([0, 1, 2]))
+    params = identity_params(cfg, protos, np.array([0, 1, 2]))
     seen = []
 
     def fake(images, logits, workers, timeout):

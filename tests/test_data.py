@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from numpy.lib.format import open_memmap
 
 from omh_ref.features.knn import build_knn, load_knn, pooled_features, topk_cosine
 from omh_ref.features.store import FeatureStore
 from omh_ref.core.errors import InputError
+from tests.builders import write_feats
 from tests.strategies import seeds
 
 
@@ -26,11 +26,7 @@ def test_topk_matches_brute_force(N, k, chunk, seed):
 
 
 def _feats(path, N=10, seed=0):
-    f = open_memmap(path, mode="w+", dtype=np.float16, shape=(N, 3, 4, 5))
-    f[:] = np.random.default_rng(seed).standard_normal(f.shape)
-    f.flush()
-    del f
-    return FeatureStore(path)
+    return FeatureStore(write_feats(path, N, 3, 4, 5, np.float16, seed))
 
 
 def test_store_reads_any_order_with_repeats(tmp_path):

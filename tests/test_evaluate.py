@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from numpy.lib.format import open_memmap
 
 from omh_ref.jobs import demo
 from omh_ref.core import model
@@ -13,39 +12,14 @@ from omh_ref.evaluate import probe as probe_mod
 from omh_ref.features.store import FeatureStore
 from omh_ref.core.errors import InputError
 from omh_ref.core.gradcheck import check_vjp
-
-
-def _known_world(tmp_path, N=6, h=4, C=5, K=3, patch=2, seed=0):
-    """Features that are exactly one of K orthogonal prototypes per patch, labels at patch x2."""
-    rng = np.random.default_rng(seed)
-    protos = np.eye(C)[:K] * 3.0
-    lab_grid = rng.integers(0, K, size=(N, h, h))
-    feats = open_memmap(tmp_path / "feats.npy", mode="w+", dtype=np.float32, shape=(N, h, h, C))
-    feats[:] = protos[lab_grid]
-    feats.flush()
-    labels = np.repeat(np.repeat(lab_grid, patch, axis=1), patch, axis=2).astype(np.uint8)
-    labels[0, 0, 0] = 255                          # an ignored pixel
-    np.save(tmp_path / "labels.npy", labels)
-    del feats
-    return FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "labels.npy"), protos
-
-
-def _identity_params(cfg, protos, perm):
-    C, D = cfg.in_dim, cfg.dim
-    p = {"W1": np.eye(D, C, dtype=np.float32), "b1": np.zeros(D, np.float32),
-         "W2": np.zeros((C, C), np.float32), "b2": np.zeros(C, np.float32),
-         "W3": np.zeros((D, C), np.float32), "b3": np.zeros(D, np.float32)}
-    for i, k in enumerate(cfg.levels):
-        p[f"M{i}"] = np.zeros((k, D), np.float32)
-    p[f"M{len(cfg.levels) - 1}"] = protos[perm].astype(np.float32)   # clusters = permuted classes
-    return p
+from tests.builders import identity_params, known_world
 
 
 def test_cluster_eval_recovers_a_known_permutation(tmp_path):
-    store, protos = _known_world(tmp_path)
+    store, protos = known_world(tmp_path)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
     perm = np.array([2, 0, 1])
-    res, preds = predict.cluster_eval(_identity_params(cfg, protos, perm), cfg, store, n_classes=3, keep=2)
+    res, preds = predict.cluster_eval(identity_params(cfg, protos, perm), cfg, store, n_classes=3, keep=2)
     assert res["miou"] == pytest.approx(100.0) and res["acc"] == pytest.approx(100.0)
     # cluster c is prototype perm[c], so it must be matched to class perm[c]
     assert res["match"].cluster_to_class.tolist() == perm.tolist()
@@ -54,9 +28,9 @@ def test_cluster_eval_recovers_a_known_permutation(tmp_path):
 
 
 def test_linear_probe_learns_a_separable_world(tmp_path):
-    store, protos = _known_world(tmp_path, N=8)
+    store, protos = known_world(tmp_path, N=8)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
-    params = _identity_params(cfg, protos, np.arange(3))
+    params = identity_params(cfg, protos, np.arange(3))
     probe = probe_mod.linear_probe(params, store, 3, epochs=60, batch_size=4, lr=5e-2, progress=False)
     res = probe_mod.linear_eval(params, probe, store, 3)
     assert res["acc"] > 95
@@ -88,7 +62,7 @@ def test_the_streaming_probe_reproduces_the_in_memory_one(tmp_path):
     the temporary code file is gone afterwards and the log says which mode ran."""
     import os
 
-    store, protos = _known_world(tmp_path, N=11, seed=2)
+    store, protos = known_world(tmp_path, N=11, seed=2)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
     params = model.init_params(cfg, np.random.default_rng(4))
     want = _probe_in_memory(params, store, 3, epochs=3, batch_size=4, lr=5e-2, seed=7)
@@ -124,7 +98,7 @@ def test_probe_gradient(tmp_path):
 
 
 def test_checkpoint_feature_mismatch_is_clear(tmp_path):
-    store, protos = _known_world(tmp_path)
+    store, protos = known_world(tmp_path)
     cfg = model.Config(in_dim=7, dim=5, levels=(3,))
     params = model.init_params(cfg, np.random.default_rng(0))
     with pytest.raises(ValueError, match="C=5 channels.*expects 7"):
@@ -159,9 +133,9 @@ def test_eval_cli_prints_tables_and_writes_json_and_pngs(tmp_path):
     from omh_ref.core.optim import adam_init
     from omh_ref_cli.main import main
 
-    store, protos = _known_world(tmp_path, N=8)
+    store, protos = known_world(tmp_path, N=8)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
-    params = _identity_params(cfg, protos, np.array([1, 2, 0]))
+    params = identity_params(cfg, protos, np.array([1, 2, 0]))
     params["M0"] = np.repeat(protos, 2, axis=0).astype(np.float32) + 0.01
     ck = tmp_path / "ckpt.npz"
     checkpoint.save(ck, params, adam_init(params), 0, np.random.default_rng(0), cfg)
@@ -214,7 +188,7 @@ def test_eval_cli_bad_input(tmp_path):
     from omh_ref.core.optim import adam_init
     from omh_ref_cli.main import main
 
-    store, protos = _known_world(tmp_path)
+    store, protos = known_world(tmp_path)
     cfg = model.Config(in_dim=7, dim=5, levels=(3,))
     params = model.init_params(cfg, np.random.default_rng(0))
     ck = tmp_path / "ckpt.npz"
@@ -238,18 +212,18 @@ def _out_of_range(lab):
     (lambda lab: np.full_like(lab, 255), r"bad\.npy: no labelled pixels"),
 ], ids=["label-out-of-range", "all-ignored"])
 def test_bad_labels_name_the_file(tmp_path, make, match):
-    store, protos = _known_world(tmp_path)
+    store, protos = known_world(tmp_path)
     np.save(tmp_path / "bad.npy", make(np.load(tmp_path / "labels.npy")))
     store = FeatureStore(tmp_path / "feats.npy", labels=tmp_path / "bad.npy")
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
     with pytest.raises(ValueError, match=match):
-        predict.cluster_eval(_identity_params(cfg, protos, np.arange(3)), cfg, store, 3)
+        predict.cluster_eval(identity_params(cfg, protos, np.arange(3)), cfg, store, 3)
 
 
 def test_flip_averaging_uses_the_flipped_file(tmp_path):
-    store, protos = _known_world(tmp_path)
+    store, protos = known_world(tmp_path)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
-    params = _identity_params(cfg, protos, np.arange(3))
+    params = identity_params(cfg, protos, np.arange(3))
     # a correctly flipped copy leaves perfect predictions perfect ...
     f = np.load(tmp_path / "feats.npy")
     np.save(tmp_path / "flip.npy", f[:, :, ::-1].copy())
@@ -262,7 +236,7 @@ def test_flip_averaging_uses_the_flipped_file(tmp_path):
 
 
 def _usage_world(tmp_path, marginals="usage"):
-    store, protos = _known_world(tmp_path, N=7)
+    store, protos = known_world(tmp_path, N=7)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 4, 3), tau=0.5, marginals=marginals)
     params = model.init_params(cfg, np.random.default_rng(3), dtype=np.float64)
     return store, cfg, params
@@ -336,9 +310,9 @@ def test_hierarchy_text_names_the_eval_levels_clusters():
 def test_linear_probe_refuses_invalid_or_absent_training_labels(tmp_path):
     """A value that is neither a class nor ignore was silently treated as ignore; a split with no
     labelled pixel trained nothing and still printed a score."""
-    store, protos = _known_world(tmp_path, N=4)
+    store, protos = known_world(tmp_path, N=4)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
-    params = _identity_params(cfg, protos, np.arange(3))
+    params = identity_params(cfg, protos, np.arange(3))
     lab = np.load(tmp_path / "labels.npy")
     lab[2, 3, 3] = 77
     np.save(tmp_path / "bad.npy", lab)
@@ -363,9 +337,9 @@ def test_eval_refuses_a_folder_another_process_writes(tmp_path, flag):
 
     from .helpers import lock_holder
 
-    store, protos = _known_world(tmp_path, N=4)
+    store, protos = known_world(tmp_path, N=4)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
-    params = _identity_params(cfg, protos, np.array([1, 2, 0]))
+    params = identity_params(cfg, protos, np.array([1, 2, 0]))
     ck = tmp_path / "ckpt.npz"
     checkpoint.save(ck, params, adam_init(params), 0, np.random.default_rng(0), cfg)
     busy = tmp_path / "busy"

@@ -26,6 +26,7 @@ from omh_ref.core.lock import LOCK_NAME, FolderLock
 from omh_ref.train import checkpoint
 from omh_ref_cli.main import main
 
+from .builders import write_feats
 from .helpers import lock_holder
 
 
@@ -168,9 +169,7 @@ def test_the_lock_is_released_on_an_error(tmp_path):
 # ------------------------------------------------------------------ the commands
 
 def _feats(path, n=16, seed=0):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, np.random.default_rng(seed).standard_normal((n, 4, 5, 7)).astype(np.float32))
-    return str(path)
+    return write_feats(path, n, 4, 5, 7, np.float32, seed)
 
 
 def _train_args(feats, out, *extra):

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from numpy.lib.format import open_memmap
 
 from omh_ref.core import fixtures, model
+from tests import builders
 from omh_ref.train import checkpoint
 from omh_ref.core.errors import InputError
 from omh_ref.train.loop import TrainOptions, train
@@ -23,11 +24,7 @@ C = 11
 
 
 def write_feats(path, N=24, h=6, w=5, dtype=np.float16, seed=0):
-    f = open_memmap(path, mode="w+", dtype=dtype, shape=(N, h, w, C))
-    f[:] = np.random.default_rng(seed).standard_normal(f.shape)
-    f.flush()
-    del f
-    return str(path)
+    return builders.write_feats(path, N, h, w, C, dtype, seed)
 
 
 @pytest.fixture
