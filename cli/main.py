@@ -31,6 +31,32 @@ def friendly_errors(fn):
     return wrapper
 
 
+def shared_options(*names, **helps):
+    """The options ``names`` as declared once in omh_ref.core.options (default, help, choices);
+    ``helps`` rewords one for this command."""
+    from omh_ref.core import options
+
+    def decorate(fn):
+        for name in reversed(names):
+            o = options.get(name)
+            text = helps.get(name, o.help)
+            if o.kind is bool and o.negatable:
+                opt = click.option(f"{o.flag}/--no-{o.flag[2:]}", o.name, default=o.default, show_default=True, help=text)
+            elif o.kind is bool:
+                opt = click.option(o.flag, o.name, is_flag=True, default=o.default, help=text)
+            elif o.choices:
+                opt = click.option(o.flag, o.name, default=o.default, type=click.Choice(o.choices), show_default=True,
+                                   help=text)
+            else:
+                typ = click.IntRange(min=o.minimum) if o.minimum is not None else o.kind
+                opt = click.option(o.flag, o.name, default=o.default, type=typ, show_default=o.default is not None,
+                                   help=text)
+            fn = opt(fn)
+            fn.__click_params__[-1].declared = o      # what the option was made from (tests/test_options.py)
+        return fn
+    return decorate
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="omh-ref")
 def main():
@@ -93,7 +119,7 @@ def gradcheck(seed, only, device):
 @click.option("--out", default=None, type=click.Path(), help="Output table [default: <features stem>.knn.npy beside them].")
 @click.option("--k", "k", default=7, show_default=True, help="Neighbours per image (besides itself).")
 @click.option("--batch-size", default=256, show_default=True, help="Images pooled per read.")
-@click.option("--scheduler", default=None, help="Run on Dask: local:N (N worker processes) or a scheduler address.")
+@shared_options("scheduler")
 @click.option("--rows-per-task", default=8192, show_default=True, help="Images per Dask task (whole 1024-row blocks).")
 @friendly_errors
 def knn(features, out, k, batch_size, scheduler, rows_per_task):
@@ -170,11 +196,11 @@ def _run_settings(features, config_file, given, model_flags, shifts, resume=None
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), show_default=True)
 @click.option("--on-error", default="skip", type=click.Choice(["skip", "fail"]), show_default=True,
               help="An unreadable image: leave it out (named in the log and feats.json) or stop.")
-@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@shared_options("device")
 @click.option("--threads", default=None, type=int, help="onnxruntime threads per process [default: all cores; 1 with local:N].")
-@click.option("--scheduler", default=None, help="Run on Dask: local:N (N worker processes) or a scheduler address.")
+@shared_options("scheduler")
 @click.option("--overwrite", is_flag=True, help="Replace finished features or an unfinished run with other settings.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@shared_options("quiet")
 @friendly_errors
 def extract(model, images, labels, dataset, root, split, resolution, crop, flip, out, batch_size, chunk_size,
             dtype, on_error, device, threads, scheduler, overwrite, quiet):
@@ -210,25 +236,19 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 @click.option("--features", default=None, type=click.Path(), help="feats.npy [default: the embedded demo data].")
 @click.option("--knn", default=None, type=click.Path(), help="KNN table [default: <features stem>.knn.npy beside them, built if missing].")
 @click.option("--out", default="runs/train", show_default=True, type=click.Path(), help="Output folder.")
-@click.option("--steps", default=300, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--lr", default=5e-4, show_default=True, help="Learning rate of the projection head.")
-@click.option("--lr-clusters", default=5e-3, show_default=True, help="Learning rate of the centroids.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@shared_options("steps", "batch_size", "lr", "lr_clusters", "seed", "device")
 @click.option("--resume", default=None, type=click.Path(), help="Checkpoint to continue from (bit-exact).")
-@click.option("--ckpt-every", default=100, show_default=True)
-@click.option("--log-every", default=10, show_default=True)
+@shared_options("ckpt_every", "log_every")
 @click.option("--config", "config_file", default=None, type=click.Path(),
               help="TOML/JSON config ([model], [train]; a recipe's [recipe] table is ignored); flags override it.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that already holds a checkpoint.")
 @click.option("--val-features", default=None, type=click.Path(), help="Validate on these features during training.")
 @click.option("--val-labels", default=None, type=click.Path(),
               help="Their labels [default: the labels file their feats.json names].")
-@click.option("--val-every", default=100, show_default=True, help="Steps between validations (and after the last).")
+@shared_options("val_every")
 @click.option("--keep-best", is_flag=True,
               help="Keep best.npz, the checkpoint of the best validation mIoU (selection on labels: supervision).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@shared_options("quiet")
 @model_options
 @friendly_errors
 def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, resume, ckpt_every,
@@ -269,13 +289,12 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(), help="Report folder.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
-@click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@shared_options("steps", "batch_size")
 @click.option("--n-train", default=600, show_default=True, type=click.IntRange(min=1), help="Synthetic training images.")
 @click.option("--n-val", default=200, show_default=True, type=click.IntRange(min=1), help="Synthetic validation images.")
 @click.option("--probe-epochs", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@shared_options("device")
+@shared_options("quiet")
 @friendly_errors
 def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, quiet):
     """Synthetic data -> OMH, OMH without hierarchy, STEGO baseline -> side-by-side table + report."""
@@ -298,18 +317,13 @@ def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, qu
 @click.option("--out", required=True, type=click.Path(), help="Folder: seed<N>/ per run, results.json, results.md.")
 @click.option("--seeds", "seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
 @click.option("--config", "config_file", default=None, type=click.Path(), help="TOML/JSON config; flags override it.")
-@click.option("--steps", default=300, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--lr", default=5e-4, show_default=True, help="Learning rate of the projection head.")
-@click.option("--lr-clusters", default=5e-3, show_default=True, help="Learning rate of the centroids.")
-@click.option("--probe/--no-probe", default=True, show_default=True, help="Linear probe on the training features.")
+@shared_options("steps", "batch_size", "lr", "lr_clusters", "probe")
 @click.option("--probe-epochs", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--knn-k", default=7, show_default=True, type=click.IntRange(min=1),
-              help="KNN partners drawn from ranks 1..k.")
-@click.option("--crf", is_flag=True, help="Also score the cluster predictions after a dense CRF (omh-ref[crf]).")
-@click.option("--scheduler", default=None, help="Run the seeds on Dask: local:N or a scheduler address (one run per worker).")
-@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@shared_options("knn_k", "crf", "scheduler",
+                crf="Also score the cluster predictions after a dense CRF (omh-ref[crf]).",
+                scheduler="Run the seeds on Dask: local:N or a scheduler address (one run per worker).")
+@shared_options("device")
+@shared_options("quiet")
 @model_options
 @friendly_errors
 def seeds(features, val_features, val_labels, flipped_features, out, seed_list, config_file, steps, batch_size, lr,
@@ -341,14 +355,12 @@ def seeds(features, val_features, val_labels, flipped_features, out, seed_list, 
 @click.option("--backbone", default=None, type=click.Choice(["vit_small", "vit_base"]),
               help="Checked against the recipe's backbone [default: the recipe's].")
 @click.option("--seeds", "seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
-@click.option("--crf", is_flag=True, help="Also score the cluster predictions after a dense CRF (omh-ref[crf]).")
-@click.option("--probe/--no-probe", default=True, show_default=True,
-              help="The linear probe on the training crops (it holds every training code in memory).")
-@click.option("--scheduler", default=None,
-              help="Dask for extraction, the KNN table and the seeds' runs: local:N or a scheduler address.")
-@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@shared_options("crf", "probe", "scheduler", crf="Also score the cluster predictions after a dense CRF (omh-ref[crf]).",
+                probe="The linear probe on the training crops (it holds every training code in memory).",
+                scheduler="Dask for extraction, the KNN table and the seeds' runs: local:N or a scheduler address.")
+@shared_options("device")
 @click.option("--dry-run", is_flag=True, help="Print the equivalent omh-ref commands (done ones marked) and stop.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@shared_options("quiet")
 @friendly_errors
 def recipe(name, root, weights, out, backbone, seed_list, crf, probe, scheduler, device, dry_run, quiet):
     """Run a benchmark recipe end to end: export, extract, KNN, train and evaluate per seed, then
@@ -411,17 +423,15 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
               help="all: also one mask per hierarchy level (<name>.L0.png, ...).")
 @click.option("--overlay", is_flag=True, help="Also write colour overlays (<name>.overlay.png; per level with --levels all).")
 @click.option("--flip", is_flag=True, help="Average with the mirrored image.")
-@click.option("--crf", is_flag=True, help="Refine the eval level with a dense CRF (omh-ref[crf]).")
-@click.option("--crf-workers", default=1, show_default=True, type=click.IntRange(min=1), help="Processes for the CRF (1 = serial).")
-@click.option("--crf-timeout", default=600.0, show_default=True, help="Seconds a CRF batch may take before it is stopped.")
+@shared_options("crf", "crf_workers", "crf_timeout", crf="Refine the eval level with a dense CRF (omh-ref[crf]).")
 @click.option("--match", default=None, type=click.Path(), help="match.json from omh-ref eval --save-match: masks hold class ids.")
-@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
+@shared_options("device")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass (and images per step).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime threads [default: all cores].")
 @click.option("--on-error", default="skip", type=click.Choice(["skip", "fail"]), show_default=True,
               help="An unreadable image: leave it out (listed in segment.json) or stop.")
 @click.option("--overwrite", is_flag=True, help="Start over: replace the images' masks (needed when the settings differ).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@shared_options("quiet")
 @friendly_errors
 def segment(model, checkpoint, images, out, resolution, windows, levels, overlay, flip, crf, crf_workers, crf_timeout,
             match, device, batch_size, threads, on_error, overwrite, quiet):
@@ -460,9 +470,8 @@ def segment(model, checkpoint, images, out, resolution, windows, levels, overlay
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the linear probe.")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Write the scores as JSON.")
 @click.option("--out", default=None, type=click.Path(), help="Folder for PNGs (confusion, predictions, hierarchy).")
-@click.option("--crf", is_flag=True, help="Refine cluster predictions with a dense CRF (needs the images, omh-ref[crf]).")
-@click.option("--crf-workers", default=1, show_default=True, type=click.IntRange(min=1), help="Processes for the CRF (1 = serial).")
-@click.option("--crf-timeout", default=600.0, show_default=True, help="Seconds a CRF batch may take before it is stopped.")
+@shared_options("crf", "crf_workers", "crf_timeout",
+                crf="Refine cluster predictions with a dense CRF (needs the images, omh-ref[crf]).")
 @click.option("--save-match", default=None, type=click.Path(),
               help="Write the cluster->class matching and class names (for omh-ref segment --match).")
 @click.option("--save-masks", default=None, type=click.Path(),
@@ -470,8 +479,8 @@ def segment(model, checkpoint, images, out, resolution, windows, levels, overlay
 @click.option("--level-labels", default=None,
               help="Label granularity of each level, finest first, '-' to skip one (e.g. parts,classes,superclasses) "
                    "[default: the granularity with the closest number of classes <= the level's clusters].")
-@click.option("--device", default="cpu", type=click.Choice(["cpu", "gpu"]), show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@shared_options("device")
+@shared_options("quiet")
 @friendly_errors
 def eval_cmd(checkpoint, features, labels, flipped_features, train_features, train_labels, n_classes, class_names,
              probe_epochs, probe_cache, batch_size, seed, json_out, out, crf, crf_workers, crf_timeout, save_match,

@@ -232,6 +232,15 @@ def flag_specs() -> list:
     return out
 
 
+def flag_argv(name, value) -> list:
+    """Config field ``name`` at ``value`` as ``omh-ref train`` words: ['--eps', '0.3'],
+    ['--levels', '108,54,27'], ['--no-omh']."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
+    return [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+
+
 def parse_levels(text, source="--levels") -> tuple:
     """'108,54,27' -> (108, 54, 27); anything else is an InputError naming ``source``."""
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.config import Config
+from ..core.options import default
 from ..core.files import write_text
 from ..core.lock import FolderLock
 from ..evaluate import granular, pictures
@@ -40,12 +41,12 @@ METHODS = {
 class DemoOptions:
     out: str = "runs/demo"
     seeds: tuple = (0, 1, 2)
-    steps: int = 300
-    batch_size: int = 8
+    steps: int = default("steps")
+    batch_size: int = default("batch_size")
     n_train: int = 600
     n_val: int = 200
     probe_epochs: int = 5
-    device: str = "cpu"
+    device: str = default("device")
     progress: bool = True
     methods: tuple = tuple(METHODS)
 

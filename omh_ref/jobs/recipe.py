@@ -36,7 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.config import Config, merge, read_file
+from ..core import options
+from ..core.config import Config, flag_argv, merge, read_file
 from ..core.errors import InputError
 from ..core.files import write_json
 from ..core.lock import FolderLock
@@ -301,8 +302,7 @@ def _extract_stage(rec, opts, out, split, model, ds, say):
     flip = False if train else s["eval_flip"]
     cmd = ["omh-ref", "extract", "--model", str(model), "--dataset", s["dataset"], "--root", opts.root,
            "--split", split, "--crop", crop, *(["--flip"] if flip else []), "--out", str(folder)]
-    cmd += ["--scheduler", opts.scheduler] if opts.scheduler else []
-    cmd += ["--device", opts.device] if opts.device != "cpu" else []
+    cmd += options.argv_if_changed("scheduler", opts.scheduler) + options.argv_if_changed("device", opts.device)
     want = {"dataset": ds.name, "split": split, "crop": crop, "flipped": "feats_flip.npy" if flip else None,
             "image_root": str(ds.root.resolve())}
     if Path(model).is_file():
@@ -333,8 +333,7 @@ def _knn_stage(rec, opts, out):
     feats = out / "feats" / "train" / "feats.npy"
     k = rec.settings["knn_k"]
     cmd = ["omh-ref", "knn", "--features", str(feats), "--k", str(k)]
-    if opts.scheduler:
-        cmd += ["--scheduler", opts.scheduler]
+    cmd += options.argv_if_changed("scheduler", opts.scheduler)
     done = feats.is_file() and cached_table(FeatureStore(feats), k, say=lambda *a: None) is not None
 
     def run():
@@ -377,24 +376,17 @@ def _seeds_command(rec, opts, so: seeds_job.SeedsOptions) -> list:
     cmd = ["omh-ref", "seeds", "--features", so.features, "--val-features", so.val_features]
     cmd += ["--flipped-features", so.flipped_features] if so.flipped_features else []
     cmd += ["--out", so.out, "--seeds", ",".join(map(str, so.seeds)), "--config", rec.path,
-            "--probe-epochs", str(so.probe_epochs), "--knn-k", str(so.knn_k)]
+            "--probe-epochs", str(so.probe_epochs), *options.argv("knn_k", so.knn_k)]
     file_tables = read_file(rec.path)
     from_file = loop_settings(_loop_defaults(), file_tables["train"], set(), rec.path)
     for key in ("steps", "batch_size", "lr", "lr_clusters"):      # what the run changes, as flags
         if rec.train[key] != from_file[key]:
-            cmd += [f"--{key.replace('_', '-')}", str(rec.train[key])]
+            cmd += options.argv(key, rec.train[key])
     for key, value in rec.model.items():
-        if file_tables["model"].get(key) == value:
-            continue
-        flag = key.replace("_", "-")
-        if isinstance(value, bool):
-            cmd.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            cmd += [f"--{flag}", ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
-    cmd += ["--crf"] if so.crf else []
-    cmd += [] if so.probe else ["--no-probe"]
-    cmd += ["--scheduler", so.scheduler] if so.scheduler else []
-    cmd += ["--device", so.device] if so.device != "cpu" else []
+        if file_tables["model"].get(key) != value:
+            cmd += flag_argv(key, value)
+    for name in ("crf", "probe", "scheduler", "device"):
+        cmd += options.argv_if_changed(name, getattr(so, name))
     return cmd
 
 

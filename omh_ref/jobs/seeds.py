@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.config import Config
+from ..core.options import default
 from ..core.errors import InputError
 from ..core.files import write_json, write_text
 from ..core.lock import FolderLock
@@ -211,26 +212,26 @@ class SeedsOptions:
     out: str
     config: Config = field(default_factory=Config)
     seeds: tuple = (0, 1, 2)
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 5e-4
-    lr_clusters: float = 5e-3
-    knn_k: int = 7
+    steps: int = default("steps")
+    batch_size: int = default("batch_size")
+    lr: float = default("lr")
+    lr_clusters: float = default("lr_clusters")
+    knn_k: int = default("knn_k")
     shifts_auto: bool = False
-    ckpt_every: int = 100
-    log_every: int = 10
+    ckpt_every: int = default("ckpt_every")
+    log_every: int = default("log_every")
     val_labels: str | None = None        # default: the labels file the val feats.json names
     flipped_features: str | None = None
-    probe: bool = True                   # linear probe on the training features and their labels
+    probe: bool = default("probe")  # linear probe on the training features and their labels
     train_labels: str | None = None      # default: the labels file the train feats.json names
     probe_epochs: int = 10
     n_classes: int | None = None
-    crf: bool = False
-    crf_workers: int = 1
+    crf: bool = default("crf")
+    crf_workers: int = default("crf_workers")
     batch_size_eval: int = 16
     pictures: bool = True
-    scheduler: str | None = None
-    device: str = "cpu"
+    scheduler: str | None = default("scheduler")
+    device: str = default("device")
     progress: bool = True
     title: str = "Results"
     notes: tuple = ()                    # lines for results.md

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..core import model
 from ..core.config import merge, parse_shifts
+from ..core.options import default
 from ..core.backend import get_array_module, host_floats, resolve_device, to_device
 from ..core.errors import InputError
 from ..core.files import write_text
@@ -45,20 +46,20 @@ class TrainOptions:
     features: str
     out: str
     knn: str | None = None           # default: <features dir>/knn.npy, built when missing
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 5e-4                 # projection head (STEGO's net lr)
-    lr_clusters: float = 5e-3        # centroids (STEGO's cluster-probe lr)
-    seed: int = 0
-    device: str = "cpu"
+    steps: int = default("steps")
+    batch_size: int = default("batch_size")
+    lr: float = default("lr")  # projection head (STEGO's net lr)
+    lr_clusters: float = default("lr_clusters")  # centroids (STEGO's cluster-probe lr)
+    seed: int = default("seed")
+    device: str = default("device")
     resume: str | None = None
-    ckpt_every: int = 100
-    log_every: int = 10
-    knn_k: int = 7                   # partners drawn from ranks 1..knn_k
+    ckpt_every: int = default("ckpt_every")
+    log_every: int = default("log_every")
+    knn_k: int = default("knn_k")  # partners drawn from ranks 1..knn_k
     shifts_auto: bool = False
     progress: bool = True
     overwrite: bool = False          # start over in a folder that already holds a checkpoint
-    val_every: int = 100             # steps between validations, when train() is given a validator
+    val_every: int = default("val_every")  # steps between validations, when train() is given a validator
     keep_best: bool = False          # keep best.npz, the checkpoint of the best validation mIoU
     prefetch: bool | None = None     # read the next batch in a background thread during a step;
                                      # None: on a GPU only (docs/benchmarks.md: on 2 busy CPU cores

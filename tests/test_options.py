@@ -1,0 +1,61 @@
+"""Options that several commands take are declared once (omh_ref.core.options): every command's
+flag, every options dataclass's default, and every command line a job prints come from it."""
+import dataclasses
+
+import pytest
+
+from omh_ref.core import options
+from omh_ref.jobs.demo import DemoOptions
+from omh_ref.jobs.seeds import SeedsOptions
+from omh_ref.train.loop import TrainOptions
+from omh_ref_cli.main import main
+
+SHARED = {**options.LOOP, **options.DEVICE, **options.OUTPUT, **options.CRF, **options.DASK, **options.PROBE}
+
+
+# the shared options each command takes (a command's own --batch-size or --seed means something else)
+TAKES = {"train": {"steps", "batch_size", "lr", "lr_clusters", "seed", "device", "ckpt_every", "log_every",
+                   "val_every", "quiet"},
+         "seeds": {"steps", "batch_size", "lr", "lr_clusters", "probe", "knn_k", "crf", "scheduler", "device",
+                   "quiet"},
+         "demo": {"steps", "batch_size", "device", "quiet"},
+         "recipe": {"crf", "probe", "scheduler", "device", "quiet"},
+         "eval": {"crf", "crf_workers", "crf_timeout", "device", "quiet"},
+         "segment": {"crf", "crf_workers", "crf_timeout", "device", "quiet"},
+         "extract": {"device", "scheduler", "quiet"},
+         "knn": {"scheduler"}}
+
+
+@pytest.mark.parametrize("cmd_name", sorted(TAKES))
+def test_every_command_takes_its_shared_options_as_declared(cmd_name):
+    params = {p.name: p for p in main.commands[cmd_name].params}
+    declared = {n for n, p in params.items() if getattr(p, "declared", None) is not None}
+    assert declared == TAKES[cmd_name]
+    for n in declared:
+        o, p = options.get(n), params[n]
+        assert p.declared is o and o.flag in p.opts and p.default == o.default, (cmd_name, n)
+        if o.choices:
+            assert tuple(p.type.choices) == o.choices, (cmd_name, n)
+
+
+@pytest.mark.parametrize("cls", [TrainOptions, SeedsOptions, DemoOptions])
+def test_options_dataclasses_take_their_defaults_from_the_declarations(cls):
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    shared = [n for n in fields if n in SHARED]
+    assert shared
+    for n in shared:
+        assert fields[n] == options.default(n), (cls.__name__, n)
+
+
+def test_argv_spells_what_the_command_parses_back():
+    seeds = main.commands["seeds"]
+    words = ["--features", "a.npy", "--val-features", "b.npy", "--out", "o"]
+    for name, value in (("steps", 7), ("lr", 0.001), ("knn_k", 3), ("crf", True), ("probe", False),
+                        ("scheduler", "local:2"), ("device", "gpu")):
+        words += options.argv(name, value)
+    ctx = seeds.make_context("seeds", words)
+    got = {k: ctx.params[k] for k in ("steps", "lr", "knn_k", "crf", "probe", "scheduler", "device")}
+    assert got == {"steps": 7, "lr": 0.001, "knn_k": 3, "crf": True, "probe": False, "scheduler": "local:2",
+                   "device": "gpu"}
+    assert options.argv_if_changed("probe", True) == [] and options.argv_if_changed("probe", False) == ["--no-probe"]
+    assert options.argv("crf", False) == [] and options.argv("scheduler", None) == []
