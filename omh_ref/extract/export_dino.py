@@ -25,7 +25,6 @@ with onnxruntime before its entry is written to ``manifest.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -39,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..core.files import file_sha256
 
 ARCHS = {  # name: (embed dim, depth, heads, short name for files)
     "vit_small": (384, 12, 6, "vits"),
@@ -323,12 +324,7 @@ def check_onnx(model: nn.Module, path, resolution: int, seed: int = 0, batch: in
     return float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256 = file_sha256
 
 
 def update_manifest(path, entry: dict) -> None:
