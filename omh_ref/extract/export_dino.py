@@ -353,7 +353,8 @@ def update_manifest(path, entry: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
-def parse_args(argv):
+def parser() -> argparse.ArgumentParser:
+    """``omh-ref export``'s flags."""
     p = argparse.ArgumentParser(prog="omh-ref export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="vit_small")
@@ -376,7 +377,11 @@ def parse_args(argv):
                    help="manifest to update (default: manifest.json in --out)")
     p.add_argument("--tol", type=float, default=CHECK_TOL,
                    help="max abs onnxruntime-vs-torch difference allowed (default 1e-3)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    args = parser().parse_args(argv)
     args.cache_dir = args.out if args.cache_dir is None else args.cache_dir
     args.manifest = args.out / "manifest.json" if args.manifest is None else args.manifest
     return args
