@@ -482,30 +482,22 @@ def segment(model, checkpoint, images, out, resolution, windows, levels, overlay
 @shared_options("device")
 @shared_options("quiet")
 @friendly_errors
-def eval_cmd(checkpoint, features, labels, flipped_features, train_features, train_labels, n_classes, class_names,
-             probe_epochs, probe_cache, batch_size, seed, json_out, out, crf, crf_workers, crf_timeout, save_match,
-             save_masks, level_labels, device, quiet):
+def eval_cmd(json_out, quiet, **given):
     """Score a checkpoint: cluster (Hungarian) and linear-probe mIoU / accuracy, per-class IoU,
     the cluster->class matching, every level against its label granularity, and the learned
     hierarchy with its consistency."""
     from omh_ref.jobs.evaluate import EvalOptions, format_table, run
 
-    opts = EvalOptions(checkpoint=checkpoint, features=features, labels=labels, flipped_features=flipped_features,
-                       train_features=train_features, train_labels=train_labels, n_classes=n_classes,
-                       class_names=class_names, probe_epochs=probe_epochs, probe_cache=probe_cache,
-                       batch_size=batch_size, seed=seed,
-                       json=json_out, out=out, crf=crf, crf_workers=crf_workers, crf_timeout=crf_timeout,
-                       level_labels=level_labels, device=device, progress=not quiet, save_match=save_match,
-                       save_masks=save_masks)
+    opts = EvalOptions(json=json_out, progress=not quiet, **given)   # the flags have EvalOptions' names
     result = run(opts, say=click.echo)
     click.echo(format_table(result))
-    for path in (json_out, save_match):
+    for path in (opts.json, opts.save_match):
         if path:
             click.echo(f"wrote {path}")
-    if save_masks:
-        click.echo(f"masks in {save_masks}")
-    if out:
-        click.echo(f"pictures in {out}")
+    if opts.save_masks:
+        click.echo(f"masks in {opts.save_masks}")
+    if opts.out:
+        click.echo(f"pictures in {opts.out}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import pytest
 
 from omh_ref.core import options
 from omh_ref.jobs.demo import DemoOptions
+from omh_ref.jobs.evaluate import EvalOptions
 from omh_ref.jobs.seeds import SeedsOptions
 from omh_ref.train.loop import TrainOptions
 from omh_ref_cli.main import main
@@ -38,13 +39,20 @@ def test_every_command_takes_its_shared_options_as_declared(cmd_name):
             assert tuple(p.type.choices) == o.choices, (cmd_name, n)
 
 
-@pytest.mark.parametrize("cls", [TrainOptions, SeedsOptions, DemoOptions])
-def test_options_dataclasses_take_their_defaults_from_the_declarations(cls):
+@pytest.mark.parametrize("cls,command", [(TrainOptions, "train"), (SeedsOptions, "seeds"), (DemoOptions, "demo"),
+                                         (EvalOptions, "eval")])
+def test_options_dataclasses_take_their_defaults_from_the_declarations(cls, command):
+    """The shared options a command takes have the declared default in its options dataclass too
+    (eval's own --batch-size and --seed mean something else and are its own)."""
     fields = {f.name: f.default for f in dataclasses.fields(cls)}
-    shared = [n for n in fields if n in SHARED]
+    shared = [n for n in fields if n in TAKES[command]]
     assert shared
     for n in shared:
         assert fields[n] == options.default(n), (cls.__name__, n)
+    if cls is not DemoOptions:           # and the loop options the command does not take as flags
+        for n in fields:
+            if n in options.LOOP and n not in TAKES[command] and command != "eval":
+                assert fields[n] == options.default(n), (cls.__name__, n)
 
 
 def test_argv_spells_what_the_command_parses_back():

@@ -13,6 +13,7 @@ from ..core.backend import resolve_device
 from ..core.errors import InputError
 from ..core.files import write_text
 from ..core.lock import FolderLock
+from ..core.options import default
 from ..core.files import file_sha256
 from ..extract.classes import CLASS_NAMES
 from ..extract.datasets import label_hierarchy
@@ -45,11 +46,11 @@ class EvalOptions:
     seed: int = 0
     json: str | None = None
     out: str | None = None               # folder for PNGs
-    crf: bool = False
-    crf_workers: int = 1
-    crf_timeout: float = 600.0
+    crf: bool = default("crf")
+    crf_workers: int = default("crf_workers")
+    crf_timeout: float = default("crf_timeout")
     level_labels: str | None = None      # granularity per level, e.g. parts,classes,superclasses (granular.py)
-    device: str = "cpu"
+    device: str = default("device")
     progress: bool = True
     save_match: str | None = None        # match.json: the cluster -> class matching, for segment --match
     save_masks: str | None = None        # folder: every prediction of the split as a PNG, streamed
