@@ -199,6 +199,33 @@ def hierarchy_loss(logp_c, logp_p, M_c, M_p, eps, n_iters, lam_w, marginals="uni
 
 # ---------------------------------------------------------------- the whole objective
 
+def stego_loss(cfg, f, x, z, B, draws, parts):
+    """STEGO's correlation loss on sampled points (features undropped, as the frozen backbone's
+    output): f (B, C, h, w) the main images' features, x (2B or B, C, h, w) with the partners', z
+    their codes (NCHW). Writes the parts ``corr_*`` into ``parts``. -> the weighted sum."""
+    c1, c2 = tensor(draws["coords1"]), tensor(draws["coords2"])
+    fs1, zs1 = grid_sample_nchw(f, c1), grid_sample_nchw(z[:B], c1)
+    parts["corr_intra"] = correlation_nchw(fs1, fs1, zs1, zs1, cfg.shift_intra, cfg.pointwise,
+                                           cfg.zero_clamp)
+    corr = cfg.weight_intra * parts["corr_intra"]
+    if x.shape[0] > B:                                                 # the KNN partners
+        fs2, zs2 = grid_sample_nchw(x[B:], c2), grid_sample_nchw(z[B:], c2)
+        parts["corr_inter"] = correlation_nchw(fs1, fs2, zs1, zs2, cfg.shift_inter, cfg.pointwise,
+                                               cfg.zero_clamp)
+        corr = corr + cfg.weight_inter * parts["corr_inter"]
+    if draws["perms"]:
+        negs = []
+        for perm in draws["perms"]:
+            idx = torch.as_tensor(np.asarray(perm))
+            fsn, zsn = grid_sample_nchw(f[idx], c2), grid_sample_nchw(z[:B][idx], c2)
+            negs.append(correlation_nchw(fs1, fsn, zs1, zsn, cfg.shift_neg, cfg.pointwise,
+                                         cfg.zero_clamp))
+        parts["corr_neg"] = torch.stack(negs).mean()
+        corr = corr + cfg.weight_neg * parts["corr_neg"]
+    parts["corr"] = corr
+    return corr
+
+
 def model_loss(params, batch, cfg, draws, targets=None):
     """The OMH objective of docs/METHOD.md for one batch and one set of draws.
 
@@ -224,28 +251,7 @@ def model_loss(params, batch, cfg, draws, targets=None):
                                                     P_["W3"], P_["b3"])   # 2B,D,h,w
     parts = {}
 
-    # STEGO correlation on sampled points (features undropped, as the frozen backbone's output).
-    c1, c2 = tensor(draws["coords1"]), tensor(draws["coords2"])
-    fs1, zs1 = grid_sample_nchw(f, c1), grid_sample_nchw(z[:B], c1)
-    parts["corr_intra"] = correlation_nchw(fs1, fs1, zs1, zs1, cfg.shift_intra, cfg.pointwise,
-                                           cfg.zero_clamp)
-    corr = cfg.weight_intra * parts["corr_intra"]
-    if fp is not None:
-        fs2, zs2 = grid_sample_nchw(x[B:], c2), grid_sample_nchw(z[B:], c2)
-        parts["corr_inter"] = correlation_nchw(fs1, fs2, zs1, zs2, cfg.shift_inter, cfg.pointwise,
-                                               cfg.zero_clamp)
-        corr = corr + cfg.weight_inter * parts["corr_inter"]
-    if draws["perms"]:
-        negs = []
-        for perm in draws["perms"]:
-            idx = torch.as_tensor(np.asarray(perm))
-            fsn, zsn = grid_sample_nchw(f[idx], c2), grid_sample_nchw(z[:B][idx], c2)
-            negs.append(correlation_nchw(fs1, fsn, zs1, zsn, cfg.shift_neg, cfg.pointwise,
-                                         cfg.zero_clamp))
-        parts["corr_neg"] = torch.stack(negs).mean()
-        corr = corr + cfg.weight_neg * parts["corr_neg"]
-    parts["corr"] = corr
-    loss = corr
+    loss = stego_loss(cfg, f, x, z, B, draws, parts)
 
     # Cluster levels on the main images' codes, pixels in (b, y, x) order.
     code = nhwc(z[:B]).reshape(-1, z.shape[1])                         # P,D
