@@ -74,26 +74,35 @@ def test_target_names_say_what_they_do_and_the_old_meaning_is_refused_with_a_hin
 def test_a_format_1_checkpoint_is_read_in_todays_terms(tmp_path, old, want):
     """Format 1 said 'balanced' for the relaxed targets (finite rho_q) and for the strict ones
     (rho_q = inf); loading one gives the same model under today's names."""
+    from omh_ref.core import fixtures
+    from omh_ref.train import checkpoint
+
+    got = checkpoint.load(_rewritten_checkpoint(tmp_path, fixtures.small_config(), 1, lambda c: c.update(old)))
+    assert (got["config"].cluster_target, got["config"].rho_q) == want
+
+
+def _rewritten_checkpoint(tmp_path, cfg, fmt, change):
+    """A checkpoint of ``cfg`` saved today, then its format set to ``fmt`` and its config dict
+    changed in place by ``change`` (as an older version wrote it). -> its path."""
     import json
 
     import numpy as np
 
-    from omh_ref.core import fixtures, model
+    from omh_ref.core import model
     from omh_ref.core.optim import adam_init
     from omh_ref.train import checkpoint
 
-    cfg = fixtures.small_config()
     params = model.init_params(cfg, np.random.default_rng(0))
     checkpoint.save(tmp_path / "c.npz", params, adam_init(params), 3, np.random.default_rng(0), cfg)
     with np.load(tmp_path / "c.npz") as z:
         data = {k: z[k] for k in z.files}
     meta = json.loads(bytes(data["meta"]).decode())
-    meta["format"] = 1
-    meta["config"].update(old)
+    meta["format"] = fmt
+    change(meta["config"])
     data["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    np.savez(tmp_path / "old.npz", **data)
-    got = checkpoint.load(tmp_path / "old.npz")["config"]
-    assert (got.cluster_target, got.rho_q) == want
+    path = tmp_path / f"old-{len(list(tmp_path.iterdir()))}.npz"
+    np.savez(path, **data)
+    return path
 
 
 def test_a_recipe_table_is_returned_when_present_and_train_ignores_it(tmp_path):
@@ -112,31 +121,14 @@ def test_a_recipe_table_is_returned_when_present_and_train_ignores_it(tmp_path):
 def _format_2_checkpoint(tmp_path, cfg, **old_fields):
     """A checkpoint as format 2 wrote it: its config with 'baseline' for base/omh and the fields
     retired since (at ``old_fields``' values, else the values that meant today's method)."""
-    import json
-
-    import numpy as np
-
-    from omh_ref.core import model
-    from omh_ref.core.optim import adam_init
-    from omh_ref.train import checkpoint
-
-    params = model.init_params(cfg, np.random.default_rng(0))
-    checkpoint.save(tmp_path / "c.npz", params, adam_init(params), 3, np.random.default_rng(0), cfg)
-    with np.load(tmp_path / "c.npz") as z:
-        data = {k: z[k] for k in z.files}
-    meta = json.loads(bytes(data["meta"]).decode())
-    meta["format"] = 2
-    old = meta["config"]
-    omh = old.pop("omh")
-    old.pop("base")
-    old.update({"baseline": "omh" if omh else "stego", "hier_form": "kl", "lam_sparse": 0.0,
-                "predict_through_plan": False, **old_fields})
-    if not omh:                 # format 2 kept the config as given and resolved it on every use
-        old.update(levels=[6, 4, 3], cluster_target="relaxed", lam_hier=1.3)
-    data["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    path = tmp_path / f"old-{len(list(tmp_path.iterdir()))}.npz"
-    np.savez(path, **data)
-    return path
+    def to_format_2(old):
+        omh = old.pop("omh")
+        old.pop("base")
+        old.update({"baseline": "omh" if omh else "stego", "hier_form": "kl", "lam_sparse": 0.0,
+                    "predict_through_plan": False, **old_fields})
+        if not omh:             # format 2 kept the config as given and resolved it on every use
+            old.update(levels=[6, 4, 3], cluster_target="relaxed", lam_hier=1.3)
+    return _rewritten_checkpoint(tmp_path, cfg, 2, to_format_2)
 
 
 def test_old_checkpoints_and_config_files_load_as_base_and_omh(tmp_path):
