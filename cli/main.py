@@ -52,7 +52,7 @@ def shared_options(*names, **helps):
                 opt = click.option(o.flag, o.name, default=o.default, type=typ, show_default=o.default is not None,
                                    help=text)
             fn = opt(fn)
-            fn.__click_params__[-1].declared = o      # what the option was made from (tests/test_options.py)
+            fn.__click_params__[-1].declared = o      # what the option was made from (tests/core/test_options.py)
         return fn
     return decorate
 

@@ -4,7 +4,10 @@ Test modules import these instead of each other's helpers."""
 import numpy as np
 from numpy.lib.format import open_memmap
 
+from omh_ref.core.config import Config
+from omh_ref.extract.backbone import IMAGENET_MEAN, IMAGENET_STD
 from omh_ref.features.store import FeatureStore
+from omh_ref.train import checkpoint
 
 
 def write_feats(path, N=24, h=6, w=5, C=7, dtype=np.float16, seed=0) -> str:
@@ -47,3 +50,52 @@ def identity_params(cfg, protos, perm):
         p[f"M{i}"] = np.zeros((k, D), np.float32)
     p[f"M{len(cfg.levels) - 1}"] = protos[perm].astype(np.float32)   # clusters = permuted classes
     return p
+
+
+# ---- segment: images of colour regions, a backbone that pools them, a checkpoint that knows them --
+PATCH = 4
+# region colours whose ImageNet-normalised vectors point in four clearly different directions
+COLOURS = np.array([(230, 30, 30), (240, 220, 40), (30, 200, 40), (40, 60, 230)], np.uint8)
+
+
+def pooled_onnx(path, size=None, patch=PATCH):
+    """(B, 3, H, W) -> each patch's mean input (B, H/p, W/p, 3): AveragePool + Transpose. ``size``
+    None: any input size (a dynamic model); else a fixed square input."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    dims = ["B", 3, "H", "W"] if size is None else ["B", 3, size, size]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    nodes = [helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[patch, patch], strides=[patch, patch]),
+             helper.make_node("Transpose", ["p"], ["y"], perm=[0, 2, 3, 1])]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "pooled_colour", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def save_ckpt(path, params, cfg):
+    checkpoint.save(path, params, {"m": {}, "v": {}, "t": 0}, 0, np.random.default_rng(0), cfg)
+    return str(path)
+
+
+def colour_ckpt(path):
+    """Identity head (D = C = 3); level 0: the four region colours (the eval level), level 1: two
+    parents, {red, yellow} and {green, blue}."""
+    v = ((COLOURS / 255.0) - IMAGENET_MEAN) / IMAGENET_STD
+    u = v / np.linalg.norm(v, axis=1, keepdims=True)
+    f32 = np.float32
+    params = {"W1": np.eye(3, dtype=f32), "b1": np.zeros(3, f32), "W2": np.zeros((3, 3), f32),
+              "b2": np.zeros(3, f32), "W3": np.zeros((3, 3), f32), "b3": np.zeros(3, f32),
+              "M0": v.astype(f32), "M1": np.stack([u[0] + u[1], u[2] + u[3]]).astype(f32)}
+    return save_ckpt(path, params, Config(in_dim=3, dim=3, levels=(4, 2), eval_level=0))
+
+
+def colour_world(H, W):
+    """(rgb, truth): four colour regions, laid out asymmetrically (a transposed, mirrored or shifted
+    mask cannot match)."""
+    truth = np.zeros((H, W), np.int64)
+    truth[:, int(W * 0.32):] = 1
+    truth[int(H * 0.35):, int(W * 0.64):] = 2
+    truth[int(H * 0.66):, int(W * 0.06):int(W * 0.5)] = 3
+    return COLOURS[truth], truth

@@ -16,7 +16,7 @@ pytest.importorskip("onnx")
 from benchmarks import bench_segment as bs  # noqa: E402
 from omh_ref.jobs import segmenter as sg  # noqa: E402
 
-from .test_segment import colour_ckpt, colour_world, pooled_onnx  # noqa: E402
+from tests.builders import colour_ckpt, colour_world, pooled_onnx  # noqa: E402
 
 
 def test_quick_run_structure(capsys):

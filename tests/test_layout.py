@@ -6,7 +6,8 @@
   (function-level imports included);
 * the package never imports the tests, the benchmarks or the command line, nor edits sys.path;
 * every op and loss has ``backward(d<out>, cache)``, the upstream gradient first;
-* no file cites a document that is not in the repository.
+* no file cites a document that is not in the repository;
+* the tests mirror the package (a folder per room) and no test module imports another one.
 """
 import ast
 import inspect
@@ -164,4 +165,23 @@ def test_no_file_cites_a_document_outside_the_repository():
         for m in cited.finditer(text):
             if not (REPO / m.group(1)).exists():
                 bad.append(f"{p.relative_to(REPO)}: {m.group(1)} does not exist")
+    assert not bad, bad
+
+
+def test_the_tests_mirror_the_package_and_import_no_other_test_module():
+    tests = REPO / "tests"
+    rooms = {p.name for p in (REPO / "omh_ref").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == rooms, (folders, rooms)
+    bad = []
+    for path in sorted(tests.rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                base = "." * node.level + (node.module or "")
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n.rsplit(".", 1)[-1].startswith("test_") for n in names):
+                bad.append(f"{path.relative_to(REPO)} imports {names[0]}")
     assert not bad, bad

@@ -4,7 +4,7 @@ Locks: a second writer is refused at once in one line naming the holder; a dead 
 taken over with a message (same host: its pid is gone or another process's; anywhere: no heartbeat
 for STALE_S), and of two contenders for one stale lock only one wins;
 waiting works; only the owner releases. Each writing command (train, knn, demo; extract in
-tests/test_extract.py) refuses a folder another process holds, and two trainings started
+tests/extract/test_extract.py) refuses a folder another process holds, and two trainings started
 together into one folder leave exactly one run's log and checkpoint. Faults: a full disk during
 a checkpoint, a read-only output folder and a feature file truncated between two steps each give
 exit 2, one line saying what is intact, and no temporary file left behind."""

@@ -161,7 +161,7 @@ def _loss_cases(d):
     for marg, mode, eps, it in (("uniform", "unrolled", 0.05, 30), ("uniform", "unrolled", 1e-3, 40),
                                 ("usage", "unrolled", 0.3, 20), ("usage", "implicit", 0.2, 1000)):
         name = f"hierarchy {marg} {mode} eps={eps:g}"
-        # Small eps: potentials ~C/eps make the 4-point stencil necessary (tests/test_losses.py).
+        # Small eps: potentials ~C/eps make the 4-point stencil necessary (tests/core/test_losses.py).
         fd = dict(stencil=4, eps=3e-5) if eps < 0.01 else {}
         # Checked from logits through log_softmax, the domain the model uses: assignments stay
         # normalised, so usage marginals keep Σa = Σb = 1 under perturbation.

@@ -3,7 +3,7 @@
 Written from docs/METHOD.md and STEGO's published code, not translated from omh_ref's NumPy:
 torch's own layers do the work (``F.linear``, 1x1 ``F.conv2d`` on NCHW, ``F.grid_sample``,
 ``F.interpolate``, ``F.normalize``, ``F.kl_div``), STEGO's correlation helper keeps its NCHW
-einsum layout, and autograd supplies every gradient. ``tests/test_torch_crosscheck.py`` compares
+einsum layout, and autograd supplies every gradient. ``tests/core/test_torch_crosscheck.py`` compares
 omh_ref's values and hand-written gradients with these.
 
 Conventions taken from omh_ref's docstrings (the contract an outside rendering must match):

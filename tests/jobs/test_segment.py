@@ -18,60 +18,23 @@ from click.testing import CliRunner
 from PIL import Image
 
 from omh_ref.core import fixtures, model as core_model
-from omh_ref.core.config import Config
 from omh_ref.core.errors import InputError
 from omh_ref.core.ops import resize
 from omh_ref.evaluate import crf as crf_mod
 from omh_ref.evaluate import metrics, pictures
 from omh_ref.jobs import segmenter as sg
 from omh_ref.jobs import segment as segment_job
-from omh_ref.extract.backbone import IMAGENET_MEAN, IMAGENET_STD
-from omh_ref.train import checkpoint
 from omh_ref_cli.main import main
+from tests.builders import PATCH, colour_ckpt, colour_world, pooled_onnx, save_ckpt
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-PATCH = 4
-# region colours whose ImageNet-normalised vectors point in four clearly different directions
-COLOURS = np.array([(230, 30, 30), (240, 220, 40), (30, 200, 40), (40, 60, 230)], np.uint8)
 SIZES = [(90, 157), (171, 83), (61, 200)]   # (H, W): wide, tall, very wide
 THRESHOLD = 95.0                              # Hungarian mIoU (x100) the colour masks must reach
 
 
-# ---- backbones and checkpoints made here ---------------------------------------------------------
-def pooled_onnx(path, size=None, patch=PATCH):
-    """(B, 3, H, W) -> each patch's mean input (B, H/p, W/p, 3): AveragePool + Transpose. ``size``
-    None: any input size (a dynamic model); else a fixed square input."""
-    from onnx import TensorProto, helper
-
-    dims = ["B", 3, "H", "W"] if size is None else ["B", 3, size, size]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
-    nodes = [helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[patch, patch], strides=[patch, patch]),
-             helper.make_node("Transpose", ["p"], ["y"], perm=[0, 2, 3, 1])]
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    graph = helper.make_graph(nodes, "pooled_colour", [x], [y])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return str(path)
-
-
-def save_ckpt(path, params, cfg):
-    checkpoint.save(path, params, {"m": {}, "v": {}, "t": 0}, 0, np.random.default_rng(0), cfg)
-    return str(path)
-
-
-def colour_ckpt(path):
-    """Identity head (D = C = 3); level 0: the four region colours (the eval level), level 1: two
-    parents, {red, yellow} and {green, blue}."""
-    v = ((COLOURS / 255.0) - IMAGENET_MEAN) / IMAGENET_STD
-    u = v / np.linalg.norm(v, axis=1, keepdims=True)
-    f32 = np.float32
-    params = {"W1": np.eye(3, dtype=f32), "b1": np.zeros(3, f32), "W2": np.zeros((3, 3), f32),
-              "b2": np.zeros(3, f32), "W3": np.zeros((3, 3), f32), "b3": np.zeros(3, f32),
-              "M0": v.astype(f32), "M1": np.stack([u[0] + u[1], u[2] + u[3]]).astype(f32)}
-    return save_ckpt(path, params, Config(in_dim=3, dim=3, levels=(4, 2), eval_level=0))
-
-
+# ---- backbones and checkpoints made here (the colour ones: tests/builders.py) ---------------------
 def random_ckpt(path, C, levels=(6, 4, 3), seed=0):
     cfg = fixtures.small_config(in_dim=C, levels=levels)
     return save_ckpt(path, core_model.init_params(cfg, np.random.default_rng(seed)), cfg)
@@ -102,16 +65,6 @@ def vit(tmp_path_factory):
 
 
 # ---- images with known regions -------------------------------------------------------------------
-def colour_world(H, W):
-    """(rgb, truth): four colour regions, laid out asymmetrically (a transposed, mirrored or shifted
-    mask cannot match)."""
-    truth = np.zeros((H, W), np.int64)
-    truth[:, int(W * 0.32):] = 1
-    truth[int(H * 0.35):, int(W * 0.64):] = 2
-    truth[int(H * 0.66):, int(W * 0.06):int(W * 0.5)] = 3
-    return COLOURS[truth], truth
-
-
 def write_worlds(folder, sizes=SIZES):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

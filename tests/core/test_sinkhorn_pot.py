@@ -290,7 +290,7 @@ def test_batched_equals_loop(prob, mode, seed, xp):
         # The domain (scaling or log) is chosen for the whole batch: one problem whose kernel could
         # underflow sends every problem of the batch to the log domain, while solved alone the
         # others run on scalings. Then the two agree to rounding (as the domains do everywhere,
-        # tests/test_losses.py), not bit for bit.
+        # tests/core/test_losses.py), not bit for bit.
         same = (cache.E is None) == (c1.E is None)
         np.testing.assert_allclose(plan[idx], to_host(p1), rtol=1e-12, atol=1e-300 if same else 1e-15)
         np.testing.assert_allclose(err[idx], to_host(c1.marginal_error), rtol=1e-10, atol=1e-15 if same else 1e-13)

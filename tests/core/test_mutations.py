@@ -3,7 +3,7 @@
 Every backward the model's gradient runs through is perturbed in turn (one of its outputs
 multiplied by ``1 + REL``, monkeypatched where the model looks it up), and the suite's
 whole-model check (:func:`omh_ref.core.checks.model_check`, the check behind ``omh-ref
-gradcheck`` and tests/test_model.py) must fail in every configuration whose gradient uses that
+gradcheck`` and tests/core/test_model.py) must fail in every configuration whose gradient uses that
 output. Perturbed, by module (output index or key in brackets):
 
 * ``head.backward`` [W1, b1, W2, b2, W3, b3]; ``ops.linear.backward`` [dx, dW, db] and

@@ -25,7 +25,7 @@ from omh_ref.features import meta as feats_meta
 from omh_ref.features.store import FeatureStore
 from omh_ref.core.errors import InputError
 
-from . import layouts
+from tests import layouts
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")

@@ -30,7 +30,7 @@ def test_make_refuses_a_bad_record(bad, msg):
 
 
 def test_both_writers_share_the_schema(tmp_path):
-    """The synthetic data's record has the fields extraction writes (tests/test_extract.py checks
+    """The synthetic data's record has the fields extraction writes (tests/extract/test_extract.py checks
     extraction's), and the store reads it back through the one reader."""
     spec = synthetic.SynthSpec(n_images=4, grid=3, patch=5, dim=13, n_super=2, latent_dim=8, seed=0)
     synthetic.write(spec, tmp_path)

@@ -19,7 +19,7 @@ from omh_ref.features import synthetic
 from omh_ref_cli.main import main
 from tests import layouts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAMES = [f"{d}_{b}" for d in ("cocostuff27", "cityscapes27", "potsdam3") for b in ("vits8", "vitb8")]
 # seconds, not hours: laid over the recipe's tables as a caller's options (the files stay as shipped)
 TINY = {"train": {"steps": 3, "batch_size": 4, "ckpt_every": 1},

@@ -7,7 +7,7 @@ from omh_ref.extract import datasets
 from omh_ref.extract.images import crop_box, five_crops, resize_short, stego_crop
 from omh_ref.core.errors import InputError
 
-from . import layouts
+from tests import layouts
 
 
 # ---- geometry: torchvision's Resize(int) + CenterCrop + five_crop rules -----------------------------

@@ -335,7 +335,7 @@ def test_eval_refuses_a_folder_another_process_writes(tmp_path, flag):
     from omh_ref.train import checkpoint
     from omh_ref_cli.main import main
 
-    from .helpers import lock_holder
+    from tests.helpers import lock_holder
 
     store, protos = known_world(tmp_path, N=4)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
