@@ -389,8 +389,6 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    import onnxruntime
-
     resolutions = args.resolution or [IMG_SIZE]
     for r in resolutions:
         if r <= 0 or r % args.patch:
@@ -399,6 +397,18 @@ def main(argv=None) -> int:
             return 2
     torch.manual_seed(args.seed)
     model = build_vit(args.arch, args.patch)
+    weights = _load_weights(model, args)
+    if weights is None:
+        return 1
+    for r in resolutions:
+        if not _export_one(model, r, args, *weights):
+            return 1
+    return 0
+
+
+def _load_weights(model, args):
+    """The weights ``args`` name into ``model`` (downloaded first with --download). -> (source,
+    checkpoint sha256 or None), or None after printing why not."""
     if args.download:
         url = OFFICIAL_URLS[(args.arch, args.patch)]
         print(f"downloading {url}")
@@ -406,50 +416,44 @@ def main(argv=None) -> int:
             args.checkpoint = download(url, args.cache_dir)
         except OSError as e:  # URLError, timeouts and short reads are OSErrors
             print(f"error: cannot download {url}: {e}", file=sys.stderr)
-            return 1
-    if args.checkpoint is not None:
-        try:
-            info = load_checkpoint(model, args.checkpoint)
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        source = f"checkpoint:{args.checkpoint.name}"
-        ckpt_sha = sha256(args.checkpoint)
-        where = f" from '{info['container']}'" if info["container"] else ""
-        print(f"loaded {info['loaded']} tensors{where} of {args.checkpoint}"
-              + (f" (ignored {len(info['ignored'])} head.* keys)" if info["ignored"] else ""))
-    else:
-        source, ckpt_sha = f"random-init:seed={args.seed}", None
-    for r in resolutions:
-        path = export(model, r, args.out, opset=args.opset)
-        diff = check_onnx(model, path, r, seed=args.seed)
-        ok = diff <= args.tol
-        print(f"{path}: onnxruntime vs torch max abs diff {diff:.3g} "
-              f"({'ok' if ok else 'FAIL'}, tol {args.tol:g})")
-        if not ok:
-            path.unlink(missing_ok=True)
-            print(f"error: check failed; removed {path}", file=sys.stderr)
-            return 1
-        g = r // args.patch
-        update_manifest(args.manifest, {
-            "name": model_name(model, r),
-            "arch": args.arch,
-            "patch": args.patch,
-            "resolution": r,
-            "grid": [g, g],
-            "dim": model.dim,
-            "file": path.name,
-            "sha256": sha256(path),
-            "check": {"max_abs_diff": diff, "tol": args.tol, "pass": ok, "batch": 2,
-                      "seed": args.seed},
-            "source": source,
-            **({"checkpoint_sha256": ckpt_sha} if ckpt_sha else {}),
-            "opset": args.opset,
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-        })
-        print(f"recorded {model_name(model, r)} in {args.manifest}")
-    return 0
+            return None
+    if args.checkpoint is None:
+        return f"random-init:seed={args.seed}", None
+    try:
+        info = load_checkpoint(model, args.checkpoint)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    where = f" from '{info['container']}'" if info["container"] else ""
+    print(f"loaded {info['loaded']} tensors{where} of {args.checkpoint}"
+          + (f" (ignored {len(info['ignored'])} head.* keys)" if info["ignored"] else ""))
+    return f"checkpoint:{args.checkpoint.name}", sha256(args.checkpoint)
+
+
+def _export_one(model, r, args, source, ckpt_sha) -> bool:
+    """Export at ``r`` px, check against torch, record in the manifest; False after printing why
+    the check failed (the file removed)."""
+    import onnxruntime
+
+    path = export(model, r, args.out, opset=args.opset)
+    diff = check_onnx(model, path, r, seed=args.seed)
+    ok = diff <= args.tol
+    print(f"{path}: onnxruntime vs torch max abs diff {diff:.3g} "
+          f"({'ok' if ok else 'FAIL'}, tol {args.tol:g})")
+    if not ok:
+        path.unlink(missing_ok=True)
+        print(f"error: check failed; removed {path}", file=sys.stderr)
+        return False
+    g = r // args.patch
+    update_manifest(args.manifest, {
+        "name": model_name(model, r), "arch": args.arch, "patch": args.patch, "resolution": r,
+        "grid": [g, g], "dim": model.dim, "file": path.name, "sha256": sha256(path),
+        "check": {"max_abs_diff": diff, "tol": args.tol, "pass": ok, "batch": 2, "seed": args.seed},
+        "source": source, **({"checkpoint_sha256": ckpt_sha} if ckpt_sha else {}),
+        "opset": args.opset, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+    })
+    print(f"recorded {model_name(model, r)} in {args.manifest}")
+    return True
 
 
 if __name__ == "__main__":
