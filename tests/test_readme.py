@@ -57,3 +57,15 @@ def test_every_readme_command_is_one_the_tool_takes(text, whole):
             assert flag in flags, f"{words[1]} has no {flag}: {text}"
     if whole and words[1] != "export" and not any(t in text for t in PLACEHOLDERS):
         main.commands[words[1]].make_context(words[1], shlex.split(text)[2:])
+
+
+def _python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_the_readmes_python_that_needs_no_files_runs():
+    """Each Python block that reads no file (no path in it) runs as written."""
+    runnable = [b for b in _python_blocks() if not re.search(r"\.(onnx|npz|jpg|png|npy)\b", b)]
+    assert runnable
+    for block in runnable:
+        exec(compile(block, "README.md", "exec"), {})
