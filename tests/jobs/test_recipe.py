@@ -256,6 +256,19 @@ def test_dry_run_prints_the_commands_and_marks_the_done_ones(coco, tmp_path):
     done = recipe.format_plan(recipe.plan(_opts("cocostuff27_vits8", root, [pth], run), say=quiet))
     assert all(ln.startswith("# done: ") for ln in done.splitlines())
     assert "--steps 3 --batch-size 4" in done.splitlines()[-1]
+    # every printed command is one the command line takes, with the values the run uses
+    import shlex
+
+    from omh_ref.extract import export_dino
+
+    for line in fresh.output.splitlines()[:5] + no_probe.output.splitlines()[4:5] + done.splitlines():
+        words = shlex.split(line.removeprefix("# done: "))
+        if words[1] == "export":
+            export_dino.parse_args(words[2:])
+        else:
+            main.commands[words[1]].make_context(words[1], words[2:])
+    seeds = main.commands["seeds"].make_context("seeds", shlex.split(done.splitlines()[-1].removeprefix("# done: "))[2:])
+    assert (seeds.params["steps"], seeds.params["batch_size"], seeds.params["seed_list"]) == (3, 4, "0,1")
 
 
 def test_bad_arguments_are_one_line_errors(coco, tmp_path):
