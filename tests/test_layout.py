@@ -185,3 +185,13 @@ def test_the_tests_mirror_the_package_and_import_no_other_test_module():
             if any(n.rsplit(".", 1)[-1].startswith("test_") for n in names):
                 bad.append(f"{path.relative_to(REPO)} imports {names[0]}")
     assert not bad, bad
+
+
+def test_the_install_lists_every_package():
+    """pyproject.toml names the packages explicitly; a folder left out installs without it (a
+    pip install, not an editable one, then fails at import)."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "omh_ref").rglob("__init__.py")}
+    assert found | {"omh_ref_cli"} == listed, (found - listed, listed - found - {"omh_ref_cli"})
