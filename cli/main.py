@@ -57,6 +57,13 @@ def shared_options(*names, **helps):
     return decorate
 
 
+def named(name, **kw):
+    """A command's own option, spelled as omh_ref.core.options.flag_of says (the spelling jobs print)."""
+    from omh_ref.core.options import flag_of
+
+    return click.option(flag_of(name), name, **kw)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="omh-ref")
 def main():
@@ -115,9 +122,9 @@ def gradcheck(seed, only, device):
 
 
 @main.command()
-@click.option("--features", required=True, type=click.Path(), help="feats.npy (N, h, w, C).")
-@click.option("--out", default=None, type=click.Path(), help="Output table [default: <features stem>.knn.npy beside them].")
-@click.option("--k", "k", default=7, show_default=True, help="Neighbours per image (besides itself).")
+@named("features", required=True, type=click.Path(), help="feats.npy (N, h, w, C).")
+@named("out", default=None, type=click.Path(), help="Output table [default: <features stem>.knn.npy beside them].")
+@named("k", default=7, show_default=True, help="Neighbours per image (besides itself).")
 @click.option("--batch-size", default=256, show_default=True, help="Images pooled per read.")
 @shared_options("scheduler")
 @click.option("--rows-per-task", default=8192, show_default=True, help="Images per Dask task (whole 1024-row blocks).")
@@ -178,19 +185,19 @@ def _run_settings(features, config_file, given, model_flags, shifts, resume=None
 
 
 @main.command()
-@click.option("--model", required=True, type=click.Path(), help="ONNX backbone (omh-ref export).")
+@named("model", required=True, type=click.Path(), help="ONNX backbone (omh-ref export).")
 @click.option("--images", default=None, type=click.Path(), help="A folder of images (searched recursively).")
 @click.option("--labels", default=None, type=click.Path(),
               help="With --images: a folder of label PNGs at the images' relative paths (255 = ignore).")
-@click.option("--dataset", default=None, type=click.Choice(sorted(READERS)),
+@named("dataset", default=None, type=click.Choice(sorted(READERS)),
               help="A STEGO-layout data set under --root.")
-@click.option("--root", default=None, type=click.Path(), help="The data set's folder (or STEGO's data dir).")
-@click.option("--split", default="val", type=click.Choice(["train", "val"]), show_default=True)
+@named("root", default=None, type=click.Path(), help="The data set's folder (or STEGO's data dir).")
+@named("split", default="val", type=click.Choice(["train", "val"]), show_default=True)
 @click.option("--resolution", default=None, type=int, help="Crop size in px [default: the model's input size].")
-@click.option("--crop", default="center", type=click.Choice(["center", "five"]), show_default=True,
+@named("crop", default="center", type=click.Choice(["center", "five"]), show_default=True,
               help="center: one crop per image; five: STEGO's five half-size crops (training sets).")
-@click.option("--flip", is_flag=True, help="Also write features of the flipped crops (feats_flip.npy).")
-@click.option("--out", required=True, type=click.Path(), help="Output folder.")
+@named("flip", is_flag=True, help="Also write features of the flipped crops (feats_flip.npy).")
+@named("out", required=True, type=click.Path(), help="Output folder.")
 @click.option("--batch-size", default=16, show_default=True, help="Crops per forward pass.")
 @click.option("--chunk-size", default=64, show_default=True, help="Images per recorded unit of progress / Dask task.")
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), show_default=True)
@@ -310,15 +317,15 @@ def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, qu
 
 
 @main.command()
-@click.option("--features", required=True, type=click.Path(), help="Training feats.npy (its labels feed the linear probe).")
-@click.option("--val-features", required=True, type=click.Path(), help="Evaluation feats.npy.")
+@named("features", required=True, type=click.Path(), help="Training feats.npy (its labels feed the linear probe).")
+@named("val_features", required=True, type=click.Path(), help="Evaluation feats.npy.")
 @click.option("--val-labels", default=None, type=click.Path(), help="[default: the labels file the val feats.json names]")
-@click.option("--flipped-features", default=None, type=click.Path(), help="Flipped evaluation features (averaged).")
-@click.option("--out", required=True, type=click.Path(), help="Folder: seed<N>/ per run, results.json, results.md.")
-@click.option("--seeds", "seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
-@click.option("--config", "config_file", default=None, type=click.Path(), help="TOML/JSON config; flags override it.")
+@named("flipped_features", default=None, type=click.Path(), help="Flipped evaluation features (averaged).")
+@named("out", required=True, type=click.Path(), help="Folder: seed<N>/ per run, results.json, results.md.")
+@named("seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
+@named("config_file", default=None, type=click.Path(), help="TOML/JSON config; flags override it.")
 @shared_options("steps", "batch_size", "lr", "lr_clusters", "probe")
-@click.option("--probe-epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@named("probe_epochs", default=10, show_default=True, type=click.IntRange(min=1))
 @shared_options("knn_k", "crf", "scheduler",
                 crf="Also score the cluster predictions after a dense CRF (omh-ref[crf]).",
                 scheduler="Run the seeds on Dask: local:N or a scheduler address (one run per worker).")

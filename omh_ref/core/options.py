@@ -6,7 +6,9 @@ take the part they vary), :data:`DEVICE`, :data:`OUTPUT` (progress), :data:`CRF`
 ``eval``, ``segment``, ``seeds``, ``recipe``) and :data:`DASK`. The command line generates its
 flags from these (``cli/main.py``), the options dataclasses take their defaults from them
 (:func:`default`), and a job that prints the command doing its work (``recipe --dry-run``)
-spells each value with :func:`argv`, so no flag name is written twice.
+spells each value with :func:`argv` (:func:`command`). Any other parameter is spelled by
+:func:`flag_of`, which the command line uses for the flags a job prints, so no flag name is
+written twice.
 """
 from __future__ import annotations
 
@@ -66,6 +68,26 @@ def default(name):
     return _ALL[name].default
 
 
+# How a parameter is spelled on the command line: ``--name-with-dashes``, except these (the
+# command line and every job that prints a command take the spelling from :func:`flag_of`).
+SPELLINGS = {"seed_list": "--seeds", "config_file": "--config", "json_out": "--json"}
+
+
+def flag_of(name) -> str:
+    """The command-line flag of parameter ``name`` (a declared option's, else the rule)."""
+    if name in _ALL:
+        return _ALL[name].flag
+    return SPELLINGS.get(name, "--" + name.replace("_", "-"))
+
+
+def command(name, **values) -> list:
+    """``omh-ref <name>`` with each value spelled by :func:`argv`, in the order given."""
+    words = ["omh-ref", name]
+    for key, value in values.items():
+        words += argv(key, value)
+    return words
+
+
 def argv_if_changed(name, value) -> list:
     """:func:`argv`, or [] when ``value`` is the option's default (a command line then need not
     say it)."""
@@ -75,9 +97,12 @@ def argv_if_changed(name, value) -> list:
 def argv(name, value) -> list:
     """``value`` of option ``name`` as command-line words: [] for an off flag or None,
     ['--crf'] for an on one, ['--no-probe'] for a negatable one turned off."""
-    o = _ALL[name]
-    if o.kind is bool:
+    o = _ALL.get(name)
+    flag = flag_of(name)
+    if isinstance(value, bool) or (o is not None and o.kind is bool):
         if value:
-            return [o.flag]
-        return ["--no-" + o.flag[2:]] if o.negatable else []
-    return [] if value is None else [o.flag, str(value)]
+            return [flag]
+        return ["--no-" + flag[2:]] if o is not None and o.negatable else []
+    if value is None:
+        return []
+    return [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]

@@ -256,10 +256,10 @@ def _models(rec: Recipe, opts: RecipeOptions, out: Path) -> tuple:
     s = rec.settings
     if kind == "pth":
         models = _exported(rec, out)
-        argv = ["--arch", s["arch"], "--patch", str(s["patch"]), "--checkpoint", str(given)]
-        for r in rec.resolutions:
-            argv += ["--resolution", str(r)]
-        argv += ["--out", str(out / "weights"), "--manifest", str(out / "weights" / "manifest.json")]
+        argv = options.command("export", arch=s["arch"], patch=s["patch"], checkpoint=str(given))[2:]
+        for r in rec.resolutions:                                  # the export takes one flag per size
+            argv += options.argv("resolution", r)
+        argv += options.argv("out", str(out / "weights")) + options.argv("manifest", str(out / "weights" / "manifest.json"))
 
         def run():
             if load_exporter().main(argv) != 0:
@@ -300,8 +300,8 @@ def _extract_stage(rec, opts, out, split, model, ds, say):
     folder = out / "feats" / split
     crop = s["train_crop"] if train else "center"
     flip = False if train else s["eval_flip"]
-    cmd = ["omh-ref", "extract", "--model", str(model), "--dataset", s["dataset"], "--root", opts.root,
-           "--split", split, "--crop", crop, *(["--flip"] if flip else []), "--out", str(folder)]
+    cmd = options.command("extract", model=str(model), dataset=s["dataset"], root=opts.root, split=split, crop=crop,
+                          flip=flip, out=str(folder))
     cmd += options.argv_if_changed("scheduler", opts.scheduler) + options.argv_if_changed("device", opts.device)
     want = {"dataset": ds.name, "split": split, "crop": crop, "flipped": "feats_flip.npy" if flip else None,
             "image_root": str(ds.root.resolve())}
@@ -332,8 +332,7 @@ def _extracted(folder: Path, want: dict) -> bool:
 def _knn_stage(rec, opts, out):
     feats = out / "feats" / "train" / "feats.npy"
     k = rec.settings["knn_k"]
-    cmd = ["omh-ref", "knn", "--features", str(feats), "--k", str(k)]
-    cmd += options.argv_if_changed("scheduler", opts.scheduler)
+    cmd = options.command("knn", features=str(feats), k=k) + options.argv_if_changed("scheduler", opts.scheduler)
     done = feats.is_file() and cached_table(FeatureStore(feats), k, say=lambda *a: None) is not None
 
     def run():
@@ -373,10 +372,9 @@ def _seeds_options(rec, opts, out, rows) -> seeds_job.SeedsOptions:
 
 
 def _seeds_command(rec, opts, so: seeds_job.SeedsOptions) -> list:
-    cmd = ["omh-ref", "seeds", "--features", so.features, "--val-features", so.val_features]
-    cmd += ["--flipped-features", so.flipped_features] if so.flipped_features else []
-    cmd += ["--out", so.out, "--seeds", ",".join(map(str, so.seeds)), "--config", rec.path,
-            "--probe-epochs", str(so.probe_epochs), *options.argv("knn_k", so.knn_k)]
+    cmd = options.command("seeds", features=so.features, val_features=so.val_features,
+                          flipped_features=so.flipped_features, out=so.out, seed_list=so.seeds,
+                          config_file=rec.path, probe_epochs=so.probe_epochs, knn_k=so.knn_k)
     file_tables = read_file(rec.path)
     from_file = loop_settings(_loop_defaults(), file_tables["train"], set(), rec.path)
     for key in ("steps", "batch_size", "lr", "lr_clusters"):      # what the run changes, as flags

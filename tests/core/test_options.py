@@ -67,3 +67,26 @@ def test_argv_spells_what_the_command_parses_back():
                    "device": "gpu"}
     assert options.argv_if_changed("probe", True) == [] and options.argv_if_changed("probe", False) == ["--no-probe"]
     assert options.argv("crf", False) == [] and options.argv("scheduler", None) == []
+
+
+def test_every_flag_of_every_command_is_spelled_as_flag_of_says():
+    """So a job that prints a command (recipe --dry-run) spells its flags from the same place the
+    command line takes them: options.flag_of (a declared option's flag, else --name-with-dashes,
+    else SPELLINGS); and omh-ref export's own parser follows the same rule."""
+    for cmd_name, cmd in main.commands.items():
+        for p in cmd.params:
+            if p.param_type_name == "option" and p.opts:
+                assert options.flag_of(p.name) in p.opts, (cmd_name, p.name, p.opts)
+    pytest.importorskip("torch")
+    from omh_ref.extract import export_dino
+
+    for action in export_dino.parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert options.flag_of(action.dest) in action.option_strings, action.option_strings
+
+
+def test_command_spells_values_in_order():
+    assert options.command("knn", features="f.npy", k=5, scheduler=None) == ["omh-ref", "knn", "--features", "f.npy",
+                                                                              "--k", "5"]
+    assert options.command("seeds", seed_list=(0, 1), config_file="c.toml", flip=True, probe=False) == [
+        "omh-ref", "seeds", "--seeds", "0,1", "--config", "c.toml", "--flip", "--no-probe"]
