@@ -222,31 +222,43 @@ def _waves(coef, phase, t):
 def _draw_image(spec: SynthSpec, world: dict, rng: np.random.Generator):
     """One image: (feat (h, w, C) float32, label (H, W) uint8, part (H, W) uint8).
 
-    Every draw of the image is made here, in this order, from ``rng``: region count, scene
-    superclass, region seeds and weights, boundary warp, region classes, part directions,
-    instance offsets, image offset, nuisance waves, noise.
+    Every draw of the image is made from ``rng``, in this order (each step draws its own, in
+    turn): region count, scene superclass, region seeds and weights, boundary warp (layout);
+    region classes; part directions; instance offsets; image offset, nuisance waves; noise.
     """
-    h = w = spec.grid
-    p, H = spec.patch, spec.resolution
-    C, R, P = spec.dim, spec.rank, spec.parts_per_class
-    lat = math.sqrt(C / R)   # latent N(0, I_R) vectors times this have norm ≈ sqrt(C)
+    H, C = spec.resolution, spec.dim
+    t = _pixel_coords(H)
+    n, scene, region = _layout(spec, world, rng, t)
+    cls = _region_classes(spec, world, rng, n, scene)
+    part = _parts(spec, rng, region, t, n)
+    feat = _region_features(spec, world, rng, region, part, cls)
+    field, offset = _nuisance(spec, world, rng)
+    feat += field
+    feat += world["mean"] + offset
+    noise = rng.standard_normal((spec.grid * spec.grid, C), dtype=np.float32)      # hw,C
+    noise *= np.float32(spec.noise_scale)
+    feat = (feat + noise).astype(np.float32).reshape(spec.grid, spec.grid, C)
+    return feat, cls[region].astype(np.uint8), part.astype(np.uint8)
 
-    # Layout: a multiplicatively weighted Voronoi diagram of warped pixel coordinates: curved
-    # boundaries and enclosed blobs, not aligned with patches.
+
+def _layout(spec, world, rng, t):
+    """A multiplicatively weighted Voronoi diagram of warped pixel coordinates: curved boundaries
+    and enclosed blobs, not aligned with patches. -> (n regions, scene superclass, region (H, W))."""
     n = int(rng.integers(spec.min_regions, spec.max_regions + 1))
     scene = int(rng.choice(spec.n_super, p=world["super_freq"]))
     seeds = rng.uniform(0.05, 0.95, size=(n, 2))                                  # n,2 (y, x)
     weights = rng.uniform(0.6, 1.4, size=n)                                       # n
     wcoef = rng.uniform(-2.0, 2.0, size=(2, 3, 2))     # displaced axis, wave, (f_y, f_x) cycles/image
     wphase = rng.uniform(0, 2 * np.pi, size=(2, 3))
-    t = _pixel_coords(H)
     disp = (spec.warp / math.sqrt(1.5)) * _waves(wcoef, wphase, t).sum(axis=1)    # 2,H,W
     dy = t[:, None] + disp[0] - seeds[:, 0, None, None]                           # n,H,W
     dx = t[None, :] + disp[1] - seeds[:, 1, None, None]                           # n,H,W
-    region = np.argmin((dy * dy + dx * dx) / (weights * weights)[:, None, None], axis=0)  # H,W
+    return n, scene, np.argmin((dy * dy + dx * dx) / (weights * weights)[:, None, None], axis=0)
 
-    # Classes: with probability scene_bias from the image's scene superclass, else from all;
-    # either way a region's class has the world's class frequencies as its marginal.
+
+def _region_classes(spec, world, rng, n, scene):
+    """With probability scene_bias from the image's scene superclass, else from all; either way a
+    region's class has the world's class frequencies as its marginal. -> (n,) class ids."""
     from_scene = rng.random(n) < spec.scene_bias
     u = rng.random(n)
     cum_scene = np.cumsum(np.where(world["sup"] == scene, world["freq"], 0.0))    # K
@@ -254,9 +266,12 @@ def _draw_image(spec: SynthSpec, world: dict, rng: np.random.Generator):
     # Divided by their last entry, the CDFs end in exactly 1.0 (as do the equal entries after the
     # scene's last class), so u < 1 never lands past the scene or the class range.
     cum = np.where(from_scene[:, None], cum_scene / cum_scene[-1], cum_all / cum_all[-1])  # n,K
-    cls = (cum <= u[:, None]).sum(axis=1)                                         # n
+    return (cum <= u[:, None]).sum(axis=1)                                        # n
 
-    # Parts: equal-area stripes across each region along a random direction.
+
+def _parts(spec, rng, region, t, n):
+    """Equal-area stripes across each region along a random direction. -> part (H, W)."""
+    H, P = spec.resolution, spec.parts_per_class
     theta = rng.uniform(0, 2 * np.pi, size=n)
     part = np.zeros((H, H), dtype=np.int64)
     if P > 1:
@@ -266,21 +281,32 @@ def _draw_image(spec: SynthSpec, world: dict, rng: np.random.Generator):
                 proj = (np.cos(theta[r]) * t[:, None] + np.sin(theta[r]) * t[None, :])[mask]
                 cuts = np.quantile(proj, np.arange(1, P) / P)
                 part[mask] = np.searchsorted(cuts, proj, side="right")
+    return part
 
-    # Region x part features, mixed into patches by their pixel fractions. Products are einsums
-    # (numpy's own loops, not BLAS): one thread, the same bits whatever the load or the batch
-    # size. With 2 cores and one of them busy, OpenBLAS's threads on these small products made
-    # generation 2-3x slower.
+
+def _region_features(spec, world, rng, region, part, cls):
+    """Region x part features, mixed into patches by their pixel fractions. -> (hw, C). Products
+    are einsums (numpy's own loops, not BLAS): one thread, the same bits whatever the load or the
+    batch size. With 2 cores and one of them busy, OpenBLAS's threads on these small products made
+    generation 2-3x slower."""
+    h = w = spec.grid
+    p, H, C, R, P = spec.patch, spec.resolution, spec.dim, spec.rank, spec.parts_per_class
+    n = len(cls)
+    lat = math.sqrt(C / R)   # latent N(0, I_R) vectors times this have norm ≈ sqrt(C)
     basis = world["basis_t"]                                                      # R,C
     inst = rng.standard_normal((n, R)) * (spec.instance_scale * lat)             # n,R
     seg_lat = world["class_full"][cls][:, None, :] + world["part"][cls] + inst[:, None, :]  # n,P,R
     seg = np.einsum("kr,rc->kc", seg_lat.reshape(n * P, R), basis)               # nP,C
     pix_patch = (np.arange(H) // p)[:, None] * w + (np.arange(H) // p)[None, :]   # H,W
     counts = np.bincount((pix_patch * (n * P) + region * P + part).ravel(), minlength=h * w * n * P)
-    feat = np.einsum("pk,kc->pc", counts.reshape(h * w, n * P) / (p * p), seg)   # hw,C
+    return np.einsum("pk,kc->pc", counts.reshape(h * w, n * P) / (p * p), seg)   # hw,C
 
-    # Per-image offset and smooth nuisance field (at patch centres), both in the style subspace.
-    Sd, J = spec.style_dim, spec.nuisance_waves
+
+def _nuisance(spec, world, rng):
+    """Smooth nuisance field (at patch centres) and per-image offset, both in the style subspace.
+    -> (field (hw, C), offset (C,))."""
+    h = w = spec.grid
+    C, Sd, J = spec.dim, spec.style_dim, spec.nuisance_waves
     style = world["style_c"] * math.sqrt(C / Sd)    # N(0, I_Sd) coefficients -> norm ≈ sqrt(C)  Sd,C
     offset = np.einsum("s,sc->c", rng.standard_normal(Sd) * spec.image_scale, style)             # C
     nfreq = rng.uniform(-spec.nuisance_freq, spec.nuisance_freq, size=(J, 2))
@@ -289,13 +315,7 @@ def _draw_image(spec: SynthSpec, world: dict, rng: np.random.Generator):
     namp = rng.standard_normal((J, Sd)) * (spec.nuisance_scale / math.sqrt(J / 2))  # J,Sd
     nvec = np.einsum("js,sc->jc", namp, style)                                    # J,C
     waves = _waves(nfreq, nphase, _pixel_coords(h)).reshape(J, h * w)              # J,hw
-    feat += np.einsum("jp,jc->pc", waves, nvec)
-    feat += world["mean"] + offset
-
-    noise = rng.standard_normal((h * w, C), dtype=np.float32)                      # hw,C
-    noise *= np.float32(spec.noise_scale)
-    feat = (feat + noise).astype(np.float32).reshape(h, w, C)
-    return feat, cls[region].astype(np.uint8), part.astype(np.uint8)
+    return np.einsum("jp,jc->pc", waves, nvec), offset
 
 
 def iter_batches(spec: SynthSpec, split: str = "train", batch: int = 64):
