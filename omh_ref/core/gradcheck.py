@@ -97,6 +97,54 @@ def _value(forward):
     return lambda *args: _as_array(forward(*args)[0])
 
 
+class _Quotients:
+    """Central difference quotients of ``f`` along a tangent, and the judgement of one
+    direction's analytic value against them (check_vjp's core)."""
+
+    def __init__(self, f, args, v, y0, xp, stencil, rtol, atol, eps):
+        self.f, self.args, self.v, self.y0, self.xp = f, args, v, y0, xp
+        self.offsets, self.weights = stencil
+        self.rtol, self.eps = rtol, eps
+        self.atol = atol + _roundoff(xp, v, y0, eps) * sum(abs(w) for w in self.weights)
+
+    def quotient(self, i, u, h):
+        """<v, stencil difference of f along u at step h> / h."""
+        diff = 0
+        for k, w in zip(self.offsets, self.weights):
+            shifted = list(self.args)
+            shifted[i] = self.args[i] + (k * h) * u
+            diff = diff + w * _as_array(self.f(*shifted))
+        return float(self.xp.sum(self.v * diff)) / h
+
+    def _judge(self, numeric, analytic, floor):
+        err, scale = abs(numeric - analytic), max(abs(numeric), abs(analytic))
+        return err <= floor + self.rtol * scale, _rel(err, scale, self.rtol, floor)
+
+    def judge_direction(self, i, u, analytic):
+        """-> (passed, relative error) of ``analytic`` = <grad_i, u>."""
+        eps, atol = self.eps, self.atol
+        numeric = self.quotient(i, u, eps)
+        passed, rel = self._judge(numeric, analytic, atol)
+        if not passed:
+            # Rounding noise larger than the ulp estimate (f computed through cancelling
+            # intermediates, e.g. Sinkhorn potentials of size C/eps): the same quotient at a
+            # step 0.1% larger has the same truncation error but fresh rounding, so their
+            # difference measures the noise. A wrong gradient misses by far more than that.
+            noise = abs(numeric - self.quotient(i, u, eps * 1.001))
+            passed, rel = self._judge(numeric, analytic, atol + 3 * noise)
+        if not passed:
+            # A kink (ReLU at 0, a clamp, an argmax tie) within one step of x makes the
+            # difference quotient meaningless there. It shows as a quotient that changes when
+            # the step shrinks 100x; a wrong gradient gives the same quotient at both steps.
+            # Only then is the smaller step's quotient judged (with its own noise floor).
+            h2 = eps / 100
+            floor2 = atol + _roundoff(self.xp, self.v, self.y0, h2) * sum(abs(w) for w in self.weights)
+            fine = self.quotient(i, u, h2)
+            if not self._judge(numeric, fine, floor2)[0]:
+                passed, rel = self._judge(fine, analytic, floor2)
+        return passed, rel
+
+
 def check_vjp(forward, backward, args, eps=None, rtol=None, atol=None, seed=0, wrt=None, n_dirs=2,
               name="vjp", stencil=2):
     """Check ``backward`` against central differences of ``forward``'s output.
@@ -121,44 +169,12 @@ def check_vjp(forward, backward, args, eps=None, rtol=None, atol=None, seed=0, w
     grads = _grads(backward, v, cache, args)
     wrt = _default_wrt(args, grads) if wrt is None else wrt
     xp = get_array_module(y0)
-    offsets, weights = STENCILS[stencil]
-    atol = atol + _roundoff(xp, v, y0, eps) * sum(abs(w) for w in weights)
-    def directional(i, u, h):
-        diff = 0
-        for k, w in zip(offsets, weights):
-            shifted = list(args)
-            shifted[i] = args[i] + (k * h) * u
-            diff = diff + w * _as_array(f(*shifted))
-        return float(xp.sum(v * diff)) / h
-
-    def judge(numeric, analytic, floor):
-        err, scale = abs(numeric - analytic), max(abs(numeric), abs(analytic))
-        return err <= floor + rtol * scale, _rel(err, scale, rtol, floor)
-
+    q = _Quotients(f, args, v, y0, xp, STENCILS[stencil], rtol, atol, eps)
     worst, ok = 0.0, True
     for i in wrt:
         for _ in range(n_dirs):
             u = random_normal(rng, args[i].shape, args[i])
-            analytic = float(xp.sum(grads[i] * u))
-            numeric = directional(i, u, eps)
-            passed, rel = judge(numeric, analytic, atol)
-            if not passed:
-                # Rounding noise larger than the ulp estimate (f computed through cancelling
-                # intermediates, e.g. Sinkhorn potentials of size C/eps): the same quotient at a
-                # step 0.1% larger has the same truncation error but fresh rounding, so their
-                # difference measures the noise. A wrong gradient misses by far more than that.
-                noise = abs(numeric - directional(i, u, eps * 1.001))
-                passed, rel = judge(numeric, analytic, atol + 3 * noise)
-            if not passed:
-                # A kink (ReLU at 0, a clamp, an argmax tie) within one step of x makes the
-                # difference quotient meaningless there. It shows as a quotient that changes when
-                # the step shrinks 100x; a wrong gradient gives the same quotient at both steps.
-                # Only then is the smaller step's quotient judged (with its own noise floor).
-                h2 = eps / 100
-                floor2 = atol + _roundoff(xp, v, y0, h2) * sum(abs(w) for w in weights)
-                fine = directional(i, u, h2)
-                if not judge(numeric, fine, floor2)[0]:
-                    passed, rel = judge(fine, analytic, floor2)
+            passed, rel = q.judge_direction(i, u, float(xp.sum(grads[i] * u)))
             ok &= passed
             worst = max(worst, rel)
     return Report(name, _shapes(args), worst, rtol, bool(ok), "vjp")
