@@ -338,7 +338,6 @@ def gemm_floor(cfg=None, batch_size=16, grid=(28, 28), threads=(1, 2), repeats=7
     step is from its hardware limit. -> {"runs": [{"threads", "floor_s", "step_s", "ratio"}],
     "gflop"}."""
     cfg = paper_config() if cfg is None else cfg
-    cfg = cfg
     params, batch, step_seed = make_step_inputs(cfg, batch_size, grid, seed)
     rng = np.random.default_rng(seed + 3)
     B, (h, w), C, D = batch_size, grid, cfg.in_dim, cfg.dim

@@ -20,6 +20,7 @@ from . import bases
 from .errors import InputError
 from .losses.cluster import TARGETS
 from .losses.hierarchy import MARGINALS
+from .options import flag_of
 from .ops.sinkhorn import BACKWARD_MODES
 
 # The commit that last held the variants the method study rejected (docs/ablations.md): their
@@ -227,18 +228,9 @@ def flag_specs() -> list:
     out = []
     for f in dataclasses.fields(Config):
         if f.metadata["flag"]:
-            out.append(FlagSpec(f.name, "--" + f.name.replace("_", "-"), type(f.default), f.metadata["help"],
+            out.append(FlagSpec(f.name, flag_of(f.name), type(f.default), f.metadata["help"],
                                 f.metadata["choices"]))
     return out
-
-
-def flag_argv(name, value) -> list:
-    """Config field ``name`` at ``value`` as ``omh-ref train`` words: ['--eps', '0.3'],
-    ['--levels', '108,54,27'], ['--no-omh']."""
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool):
-        return [flag if value else "--no-" + flag[2:]]
-    return [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
 
 
 def parse_levels(text, source="--levels") -> tuple:

@@ -27,7 +27,7 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return _spelled(self.name)
 
 
 def _family(*opts) -> dict:
@@ -73,11 +73,14 @@ def default(name):
 SPELLINGS = {"seed_list": "--seeds", "config_file": "--config", "json_out": "--json"}
 
 
-def flag_of(name) -> str:
-    """The command-line flag of parameter ``name`` (a declared option's, else the rule)."""
-    if name in _ALL:
-        return _ALL[name].flag
+def _spelled(name) -> str:
     return SPELLINGS.get(name, "--" + name.replace("_", "-"))
+
+
+def flag_of(name) -> str:
+    """The command-line flag of parameter ``name``: ``--name-with-dashes``, or its
+    :data:`SPELLINGS` entry (a declared option, a config field or a command's own)."""
+    return _spelled(name)
 
 
 def command(name, **values) -> list:
@@ -94,15 +97,18 @@ def argv_if_changed(name, value) -> list:
     return [] if value == _ALL[name].default else argv(name, value)
 
 
-def argv(name, value) -> list:
+def argv(name, value, negatable=None) -> list:
     """``value`` of option ``name`` as command-line words: [] for an off flag or None,
-    ['--crf'] for an on one, ['--no-probe'] for a negatable one turned off."""
+    ['--crf'] for an on one, ['--no-probe'] for a negatable one turned off (``negatable``: the
+    declared option's, else False; a config field's flags are all negatable)."""
     o = _ALL.get(name)
     flag = flag_of(name)
+    if negatable is None:
+        negatable = o is not None and o.negatable
     if isinstance(value, bool) or (o is not None and o.kind is bool):
         if value:
             return [flag]
-        return ["--no-" + flag[2:]] if o is not None and o.negatable else []
+        return ["--no-" + flag[2:]] if negatable else []
     if value is None:
         return []
     return [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]

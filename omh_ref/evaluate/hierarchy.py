@@ -50,7 +50,6 @@ def hierarchy_plans(params, cfg: Config, usage=None):
     of (K_l,) arrays, :meth:`UsageAccumulator.means`). ``usage=None`` gives uniform marginals
     whatever the config (say so: :func:`marginals_note`). Row i is child cluster i's soft parent
     assignment."""
-    cfg = cfg
     plans = []
     for i in range(len(cfg.levels) - 1):
         cs, _ = cosine.forward(params[f"M{i}"], params[f"M{i + 1}"])

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..core.config import Config
-from ..core.options import default
 from ..core.files import write_text
 from ..core.lock import FolderLock
+from ..core.options import default
 from ..evaluate import granular, pictures
-from . import seeds
 from ..evaluate.hierarchy import UsageAccumulator, hierarchy_plans
 from ..evaluate.predict import cluster_eval, scores_json
 from ..evaluate.probe import linear_eval, linear_probe
@@ -29,6 +28,7 @@ from ..features import synthetic
 from ..features.store import FeatureStore
 from ..train.checkpoint import load_params
 from ..train.loop import TrainOptions, train
+from . import seeds
 
 METHODS = {
     "OMH": {},

@@ -11,21 +11,20 @@ import numpy as np
 
 from ..core.backend import resolve_device
 from ..core.errors import InputError
-from ..core.files import write_text
+from ..core.files import file_sha256, write_text
 from ..core.lock import FolderLock
 from ..core.options import default
-from ..core.files import file_sha256
+from ..evaluate import granular, matching, pictures
+from ..evaluate.hierarchy import UsageAccumulator, hierarchy_plans, hierarchy_text, marginals_note
+from ..evaluate.metrics import PROTOCOLS
+from ..evaluate.predict import cluster_eval, label_shape, scores_json
+from ..evaluate.probe import linear_eval, linear_probe
 from ..extract.classes import CLASS_NAMES
 from ..extract.datasets import label_hierarchy
 from ..extract.images import image_paths, load_rgb
 from ..features.meta import listed_labels, path_for
 from ..features.store import FeatureStore
 from ..train.checkpoint import load_params
-from ..evaluate import granular, matching, pictures
-from ..evaluate.hierarchy import UsageAccumulator, hierarchy_plans, hierarchy_text, marginals_note
-from ..evaluate.metrics import PROTOCOLS
-from ..evaluate.predict import cluster_eval, label_shape, scores_json
-from ..evaluate.probe import linear_eval, linear_probe
 
 
 @dataclass

@@ -37,12 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core import options
-from ..core.config import Config, flag_argv, merge, read_file
+from ..core.config import Config, merge, read_file
 from ..core.errors import InputError
-from ..core.files import write_json
+from ..core.files import file_sha256, write_json
 from ..core.lock import FolderLock
-from . import seeds as seeds_job
-from ..core.files import file_sha256
 from ..extract.backbone import inspect_model, session
 from ..extract.classes import CLASS_NAMES
 from ..extract.datasets import READERS, open_dataset
@@ -50,6 +48,7 @@ from ..extract.job import PROGRESS, ExtractOptions, extract
 from ..features.knn import build_knn, cached_table, default_path
 from ..features.store import FeatureStore
 from ..train.loop import FILE_KEYS, TrainOptions, loop_settings
+from . import seeds as seeds_job
 
 ARCH_DIMS = {"vit_small": 384, "vit_base": 768}          # export_dino.ARCHS
 ARCH_SHORT = {"vit_small": "vits", "vit_base": "vitb"}    # its file names: dino_vits8_224.onnx
@@ -382,7 +381,7 @@ def _seeds_command(rec, opts, so: seeds_job.SeedsOptions) -> list:
             cmd += options.argv(key, rec.train[key])
     for key, value in rec.model.items():
         if file_tables["model"].get(key) != value:
-            cmd += flag_argv(key, value)
+            cmd += options.argv(key, value, negatable=True)   # every config field flag is --x/--no-x
     for name in ("crf", "probe", "scheduler", "device"):
         cmd += options.argv_if_changed(name, getattr(so, name))
     return cmd

@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from ..core.config import Config
-from ..core.options import default
 from ..core.errors import InputError
-from ..core.files import write_json, write_text
+from ..core.files import file_sha256, write_json, write_text
 from ..core.lock import FolderLock
-from ..core.files import file_sha256
+from ..core.options import default
 from ..train import checkpoint
 from ..train.loop import TrainOptions, train
 from .evaluate import EvalOptions, run as run_eval

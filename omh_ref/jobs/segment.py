@@ -31,8 +31,8 @@ from .. import __version__
 from ..core.errors import InputError
 from ..core.files import write_json
 from ..core.lock import FolderLock
-from ..extract.datasets import IMAGE_SUFFIXES, ImageError, read_rgb
 from ..evaluate import pictures
+from ..extract.datasets import IMAGE_SUFFIXES, ImageError, read_rgb
 from .segmenter import Segmenter, check_aspect
 
 FORMAT = 1

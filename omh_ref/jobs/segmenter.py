@@ -41,15 +41,14 @@ from PIL import Image
 from ..core import head
 from ..core.backend import get_array_module, resolve_device, to_device, to_host
 from ..core.errors import InputError
-from ..core.ops import normalize as l2
-from ..core.ops import resize
 from ..core.files import file_sha256
+from ..core.ops import normalize as l2, resize
+from ..evaluate import matching, pictures
+from ..evaluate.hierarchy import hierarchy_plans
 from ..extract.backbone import inspect_model, normalize, run, session
 from ..extract.datasets import ImageError, read_rgb
 from ..extract.images import short_side_size
 from ..train.checkpoint import load_params
-from ..evaluate import matching, pictures
-from ..evaluate.hierarchy import hierarchy_plans
 
 DEFAULT_RESOLUTION = 224     # a model whose input size is free
 MAX_ASPECT = 32              # long / short side: beyond, an image is refused (its canvas would be huge)
