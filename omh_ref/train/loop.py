@@ -22,16 +22,17 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from ..core import model
-from ..core.config import merge, parse_shifts
-from ..core.options import default
 from ..core.backend import get_array_module, host_floats, resolve_device, to_device
+from ..core.config import merge, parse_shifts
 from ..core.errors import InputError
 from ..core.files import write_text
 from ..core.lock import FolderLock
+from ..core.options import default
 from ..core.ops import grid_sample, normalize
 from ..core.optim import adam_init, adam_step
 from ..features.knn import build_knn, cached_table, certifies_finite, default_path, load_knn
@@ -249,6 +250,12 @@ def _train(cfg, opts, say, store, validate):
     return _Run(cfg, opts, say, store, validate).run()
 
 
+class _Due(NamedTuple):
+    log: bool
+    validate: bool
+    save: bool
+
+
 class _Run:
     """One training run under ``opts.out``: opened (new, or resumed from a checkpoint), stepped,
     looked at (log, validation, checkpoint; the one host read), closed. Its state is its fields:
@@ -266,7 +273,10 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_path, self.log_path = self.out / "ckpt.npz", self.out / "log.jsonl"
         self.fingerprint = store.fingerprint()
-        self._resume() if opts.resume else self._start()
+        if opts.resume:
+            self._resume()
+        else:
+            self._start()
         if self.opts.device == "gpu":
             st = self.opt_state
             self.params = to_device(self.params, "gpu")
@@ -391,11 +401,12 @@ class _Run:
         self.step += 1
         return parts
 
-    def look(self, parts, state, log, bar, stop):
+    def look(self, parts, state, due, log, bar, stop):
         """After a step that logs, validates, checkpoints or stops: the one host read (loss parts
-        and the divergence watch), then each of those that is due. ``state`` = (generator state,
-        data position) after the step, what its checkpoint records."""
-        opts, step = self.opts, self.step
+        and the divergence watch), then each of those that is ``due`` (:meth:`due`; a Ctrl-C is
+        read again at the end, so one during validation still writes the checkpoint). ``state`` =
+        (generator state, data position) after the step, what its checkpoint records."""
+        step = self.step
         host = host_floats({**parts, "_ok": self.ok, "_bad_at": self.bad_at, "_bad_why": self.bad_why})
         if not host.pop("_ok"):
             self.diverged(int(host["_bad_at"]), NON_FINITE[int(host["_bad_why"])])
@@ -403,11 +414,10 @@ class _Run:
         self.window.clear()
         rng_now = np.random.default_rng()
         rng_now.bit_generator.state = state[0]
-        validating = self.validate is not None and (step % opts.val_every == 0 or step == opts.steps)
-        val = self.validate(self.params, self.cfg) if validating else None
+        val = self.validate(self.params, self.cfg) if due.validate else None
         if val is not None:
             self.last_val = val
-        if step % opts.log_every == 0 or step == opts.steps or val:
+        if due.log or val:
             rec = {"step": step, "epoch": state[1]["epoch"], "seconds": round(time.perf_counter() - self.t0, 3),
                    **host, **(val or {})}
             log.write(json.dumps(rec) + "\n")
@@ -415,18 +425,20 @@ class _Run:
             if self.last_val is not None:
                 post["val_miou"] = f"{self.last_val['val_miou']:.1f}"
             bar.set_postfix(post)
-        if val and opts.keep_best and (self.best["val_miou"] is None or val["val_miou"] > self.best["val_miou"]):
+        if val and self.opts.keep_best and (self.best["val_miou"] is None or val["val_miou"] > self.best["val_miou"]):
             self.best.update(step=step, val_miou=val["val_miou"])
             self.save(self.out / "best.npz", rng_now, state[1])
         bar.update(1)
-        if step % opts.ckpt_every == 0 or step == opts.steps or stop.hit:
+        if due.save or stop.hit:
             self.save(self.ckpt_path, rng_now, state[1])
 
-    def _due(self, stop) -> bool:
-        """Whether the step just taken logs, validates, checkpoints or stops (a host read)."""
+    def due(self) -> "_Due":
+        """What the step just taken is scheduled to do (each also after the last step)."""
         opts, step = self.opts, self.step
-        return (step % opts.log_every == 0 or step % opts.ckpt_every == 0 or step == opts.steps or stop.hit
-                or (self.validate is not None and step % opts.val_every == 0))
+        last = step == opts.steps
+        return _Due(log=step % opts.log_every == 0 or last,
+                    validate=self.validate is not None and (step % opts.val_every == 0 or last),
+                    save=step % opts.ckpt_every == 0 or last)
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -450,10 +462,11 @@ class _Run:
                 if self.step + 1 < opts.steps:
                     pending = reader.submit(*_next_indices(self.loop, store.N, B, self.rng, self.knn))
                 parts = self.take_step(batch, draws)
-                if not self._due(stop):
+                due = self.due()
+                if not (any(due) or stop.hit):      # nothing to do: no host read this step
                     bar.update(1)
                     continue
-                self.look(parts, state, log, bar, stop)
+                self.look(parts, state, due, log, bar, stop)
                 if stop.hit:
                     interrupted = True
                     break
