@@ -67,7 +67,8 @@ def named(name, **kw):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="omh-ref")
 def main():
-    """omh-ref: the reference implementation of OMH for unsupervised semantic segmentation."""
+    """omh-ref: a reference implementation of OMH for unsupervised semantic segmentation, as
+    reconstructed from the paper's abstract."""
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)

@@ -168,6 +168,26 @@ def test_no_file_cites_a_document_outside_the_repository():
     assert not bad, bad
 
 
+
+def test_the_tool_never_calls_itself_the_papers_implementation():
+    """The method is a reconstruction from the abstract: wherever the tool names itself (the
+    README's opening, the package docstring, the CLI's help, the install's description) it says
+    so, and no tracked file calls omh-ref *the* reference implementation."""
+    from omh_ref_cli.main import main
+
+    import omh_ref
+
+    said = "as reconstructed from the paper's abstract"
+    readme = (REPO / "README.md").read_text()
+    places = {"README.md's opening": " ".join(readme.split("\n\n")[1].split()),
+              "omh_ref's docstring": " ".join(omh_ref.__doc__.split()),
+              "omh-ref --help": " ".join(main.help.split()),
+              "pyproject.toml": (REPO / "pyproject.toml").read_text()}
+    assert not [where for where, text in places.items() if said not in text]
+    claim = re.compile(r"\bthe reference implementation of OMH", re.I)
+    assert not [p.name for p in _tracked_text_files() if p.name != "test_layout.py"
+                and claim.search(" ".join(p.read_text(errors="replace").split()))]
+
 def test_the_tests_mirror_the_package_and_import_no_other_test_module():
     tests = REPO / "tests"
     rooms = {p.name for p in (REPO / "omh_ref").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
