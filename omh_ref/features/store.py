@@ -24,6 +24,9 @@ from ..core.errors import InputError
 from . import meta as feats_meta
 
 FEATURE_DTYPES = (np.float16, np.float32)
+# Channel counts of the ViTs whose features omh-ref reads (S, B, L, H+, g, 7B of DINO, DINOv2 and
+# DINOv3). A file whose axis 1 is one of them and whose last axis is not is PyTorch's (N, C, h, w).
+BACKBONE_DIMS = (384, 768, 1024, 1280, 1536, 4096)
 LABEL_DTYPES = (np.uint8, np.int16, np.int32, np.int64, np.uint16)
 
 
@@ -34,6 +37,13 @@ def _open_npy(path: Path, what: str):
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # not an .npy file, truncated header, pickled objects...
         raise InputError(f"{path}: not a readable .npy file ({type(e).__name__}: {e}); expected {what}") from None
+
+
+def check_layout(shape, where) -> None:
+    """Refuse a channels-first feature array: axis 1 a backbone's channel count, the last axis not."""
+    if len(shape) == 4 and shape[1] in BACKBONE_DIMS and shape[3] not in BACKBONE_DIMS:
+        raise InputError(f"{where}: shape {tuple(shape)} looks channels-first (N, C, h, w); omh-ref wants "
+                         f"(N, h, w, C) (np.moveaxis(x, 1, -1) converts it)")
 
 
 class FeatureStore:
@@ -54,6 +64,7 @@ class FeatureStore:
             raise InputError(f"{self.path}: expected float16 or float32 features, got dtype {f.dtype}")
         if f.shape[0] == 0 or min(f.shape[1:]) == 0:
             raise InputError(f"{self.path}: empty feature file (shape {f.shape})")
+        check_layout(f.shape, self.path)
         self.N, self.h, self.w, self.C = f.shape
         self.dtype = f.dtype
         self.meta = self._load_meta(meta)

@@ -121,3 +121,22 @@ def test_the_finite_certificate_needs_a_file_unchanged_since_before_the_build(tm
         fh.seek(-2, os.SEEK_END)
         fh.write(b)
     assert not knn.certifies_finite(tmp_path / "t.npy", FeatureStore(p))
+
+
+CHANNELS_LAST = [(10, 16, 16, 384), (3, 28, 28, 768), (2, 14, 14, 1024), (4, 6, 5, 7), (2, 384, 384, 384),
+                 (1, 20, 30, 1536), (2, 768, 12, 768)]
+CHANNELS_FIRST = [(10, 384, 16, 16), (3, 768, 28, 28), (2, 1024, 14, 14), (1, 384, 16, 20), (2, 1536, 8, 8),
+                  (1, 4096, 4, 4)]
+
+
+@pytest.mark.parametrize("shape", CHANNELS_LAST + CHANNELS_FIRST)
+def test_a_channels_first_file_is_refused_and_channels_last_ones_open(tmp_path, shape):
+    """PyTorch's (N, C, h, w) would train as h = C: refused in one line saying what omh-ref wants;
+    every (N, h, w, C) shape opens, including ones whose grid side is a channel count."""
+    np.save(tmp_path / "f.npy", np.zeros(shape, np.float16))
+    if shape in CHANNELS_FIRST:
+        with pytest.raises(InputError, match=r"f\.npy: shape .* looks channels-first \(N, C, h, w\); "
+                                             r"omh-ref wants \(N, h, w, C\)"):
+            FeatureStore(tmp_path / "f.npy")
+    else:
+        assert (FeatureStore(tmp_path / "f.npy").h, FeatureStore(tmp_path / "f.npy").C) == (shape[1], shape[3])
