@@ -202,8 +202,9 @@ def _run_settings(features, config_file, given, model_flags, shifts, resume=None
 @click.option("--batch-size", default=16, show_default=True, help="Crops per forward pass.")
 @click.option("--chunk-size", default=64, show_default=True, help="Images per recorded unit of progress / Dask task.")
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), show_default=True)
-@click.option("--on-error", default="skip", type=click.Choice(["skip", "fail"]), show_default=True,
-              help="An unreadable image: leave it out (named in the log and feats.json) or stop.")
+@click.option("--on-error", default=None, type=click.Choice(["skip", "fail"]),
+              help="An unreadable image or label map: stop, or leave it out (named in the log and feats.json) "
+                   "[default: fail with labels, skip for a bare folder of images].")
 @shared_options("device")
 @click.option("--threads", default=None, type=int, help="onnxruntime threads per process [default: all cores; 1 with local:N].")
 @shared_options("scheduler")

@@ -33,6 +33,7 @@ output folder on a shared file system and omh-ref installed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -64,7 +65,8 @@ class ExtractOptions:
     batch_size: int = 16            # crops per forward pass
     chunk_size: int = 64            # images per unit of recorded progress (rounded to whole batches)
     dtype: str = "float16"
-    on_error: str = "skip"          # skip | fail
+    on_error: str | None = None     # skip | fail; None: fail on a labelled data set (a lost image
+                                    # would shrink the benchmark unseen), skip on a bare folder
     device: str = "cpu"             # cpu | gpu
     threads: int | None = None      # onnxruntime intra-op threads (None: its default)
     overwrite: bool = False
@@ -78,7 +80,7 @@ class ExtractOptions:
             bad("--crop", "center or five", self.crop)
         if self.dtype not in ("float16", "float32"):
             bad("--dtype", "float16 or float32", self.dtype)
-        if self.on_error not in ("skip", "fail"):
+        if self.on_error not in (None, "skip", "fail"):
             bad("--on-error", "skip or fail", self.on_error)
         if self.device not in ("cpu", "gpu"):
             bad("--device", "cpu or gpu", self.device)
@@ -169,7 +171,8 @@ def _load_batch(task: ChunkTask, items):
         except ImageError as e:
             msg = str(e) if str(e).startswith(str(item.image)) else f"{item.image}: {e}"
             if task.opts.on_error == "fail":
-                raise InputError(f"{msg} (--on-error fail; --on-error skip leaves it out)") from None
+                raise InputError(f"{msg} (extraction stops at an unreadable image or label map: "
+                                 "--on-error skip leaves it out and names it)") from None
             failures.append([idx, msg])
     return batch, failures
 
@@ -232,6 +235,8 @@ def _chunk_fingerprint(items) -> str:
 def extract(ds: Dataset, opts: ExtractOptions, log=print) -> dict:
     """Extract features of every item of ``ds`` into ``opts.out``; returns the ``feats.json`` record."""
     opts.validate()
+    if opts.on_error is None:
+        opts = dataclasses.replace(opts, on_error="fail" if ds.has_labels else "skip")
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file (expected --out to be a folder for the features)")
@@ -379,8 +384,10 @@ def _finalize(out, progress_path, state, ds, opts, bb, kinds, log):
         feats_meta.write(out / "feats_flip.json", dict(meta, flipped_of="feats.npy"))
     feats_meta.write(out / "feats.json", meta)
     progress_path.unlink(missing_ok=True)
-    log(f"wrote {out / 'feats.npy'}: {tuple(meta['shape'])} {opts.dtype}"
-        + (f", {len(failures)} image(s) skipped" if failures else ""))
+    log(f"wrote {out / 'feats.npy'}: {tuple(meta['shape'])} {opts.dtype}")
+    if failures:
+        log(f"skipped {len(failures)} of {len(ds)} image(s) (--on-error skip; each with its error in feats.json "
+            f"'skipped'): " + ", ".join(ds.items[i].name for i, _ in failures))
     return meta
 
 

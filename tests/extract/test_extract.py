@@ -222,14 +222,34 @@ def test_skip_leaves_the_image_out_and_names_it(tmp_path, small):
                _opts(path, tmp_path / "ref", dtype="float32", batch_size=2, chunk_size=2))
     _corrupt(tmp_path / "images" / "img2.png")
     logs = []
-    meta = ex.extract(ds, _opts(path, tmp_path / "out", dtype="float32", batch_size=2, chunk_size=2), log=logs.append)
+    meta = ex.extract(ds, _opts(path, tmp_path / "out", dtype="float32", batch_size=2, chunk_size=2,
+                                on_error="skip"), log=logs.append)
     assert any("skipped:" in m and "img2.png" in m for m in logs)
+    assert logs[-1].startswith("skipped 1 of 5 image(s)") and logs[-1].endswith(": img2.png")
     assert [s["image"] for s in meta["skipped"]] == ["img2.png"] and "cannot read image" in meta["skipped"][0]["error"]
     assert meta["images"] == [n for n in ref["images"] if n != "img2.png"]
     keep = [0, 1, 3, 4]
     for f in ("feats.npy", "labels.npy"):
         assert np.array_equal(np.load(tmp_path / "out" / f), np.load(tmp_path / "ref" / f)[keep])
     assert not list((tmp_path / "out").glob("*partial*")) and not (tmp_path / "out" / ex.PROGRESS).exists()
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_by_default_labelled_extraction_stops_at_a_bad_file_and_a_bare_folder_skips(tmp_path, small, labels):
+    """A benchmark must not shrink unseen: with labels a bad image (or label map) stops the run in
+    one line saying how to skip it; a folder of photos without labels leaves it out and says so."""
+    path, _ = small
+    layouts.folder(tmp_path, n=4, labels=labels, nested=False)
+    if labels:   # the user's case: one label map of the wrong size
+        Image.fromarray(np.zeros((5, 5), np.uint8), "L").save(tmp_path / "labels" / "img1.png")
+    else:
+        _corrupt(tmp_path / "images" / "img1.png")
+    ds = datasets.folder(tmp_path / "images", tmp_path / "labels" if labels else None)
+    if labels:
+        with pytest.raises(InputError, match=r"img1.png: label map is 5x5 px .* --on-error skip leaves it out"):
+            _run(ds, _opts(path, tmp_path / "out"))
+    else:
+        assert [s["image"] for s in _run(ds, _opts(path, tmp_path / "out"))["skipped"]] == ["img1.png"]
 
 
 def test_fail_names_the_file_and_resume_redoes_only_what_is_left(tmp_path, small, monkeypatch):
@@ -243,7 +263,7 @@ def test_fail_names_the_file_and_resume_redoes_only_what_is_left(tmp_path, small
     real = ex.run_chunk
     monkeypatch.setattr(ex, "run_chunk", lambda t, **kw: ran.append(t.chunk) or real(t, **kw))
     ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
-    with pytest.raises(InputError, match=r"img5.png: cannot read image .*--on-error fail"):
+    with pytest.raises(InputError, match=r"img5.png: cannot read image .*extraction stops at an unreadable image"):
         _run(ds, _opts(path, tmp_path / "out", on_error="fail", **opts))
     progress = json.loads((tmp_path / "out" / ex.PROGRESS).read_text())
     assert sorted(progress["done"]) == ["0", "1"] and ran == [0, 1, 2]
@@ -313,7 +333,7 @@ def test_resume_redoes_a_recorded_chunk_whose_files_changed(tmp_path, small, mon
     run redoes that chunk (only), and the output is what a fresh run on the final files gives."""
     path, _ = small
     layouts.folder(tmp_path, n=6, labels=True, nested=False)
-    opts = dict(dtype="float32", batch_size=2, chunk_size=2)      # chunks [0,1] [2,3] [4,5]
+    opts = dict(dtype="float32", batch_size=2, chunk_size=2, on_error="skip")      # chunks [0,1] [2,3] [4,5]
     good1 = (tmp_path / "images" / "img1.png").read_bytes()
     _corrupt(tmp_path / "images" / "img1.png")
     ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
@@ -361,7 +381,7 @@ def test_interrupted_finalize_resumes_byte_identical(tmp_path, small, monkeypatc
     if skip:
         _corrupt(tmp_path / "images" / "img2.png")
     ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
-    opts = dict(flip=True, batch_size=2, chunk_size=2)
+    opts = dict(flip=True, batch_size=2, chunk_size=2, on_error="skip")
     _run(ds, _opts(path, tmp_path / "ref", **opts))
     name = "_copy_rows" if skip else "replace"
     target = ex if skip else ex.os
@@ -449,7 +469,7 @@ def test_label_map_of_another_size_is_reported(tmp_path, small):
     _run(datasets.folder(tmp_path / "images", tmp_path / "labels"), _opts(path, tmp_path / "ref"))
     Image.fromarray(np.zeros((5, 5), np.uint8), "L").save(tmp_path / "labels" / "img1.png")
     ds = datasets.folder(tmp_path / "images", tmp_path / "labels")
-    meta = _run(ds, _opts(path, tmp_path / "out"))                 # one batch: img0, (img1), img2
+    meta = _run(ds, _opts(path, tmp_path / "out", on_error="skip"))  # one batch: img0, (img1), img2
     assert [s["image"] for s in meta["skipped"]] == ["img1.png"]
     assert "label map is 5x5 px but its image is" in meta["skipped"][0]["error"]
     for f in ("feats.npy", "labels.npy"):
@@ -540,7 +560,7 @@ def test_dask_local_cluster_is_byte_identical(tmp_path, small):
     path, _ = small
     layouts.folder(tmp_path, n=9, labels=True)
     _corrupt(tmp_path / "images" / "img4.png")
-    opts = dict(dtype="float32", flip=True, batch_size=2, chunk_size=2)
+    opts = dict(dtype="float32", flip=True, batch_size=2, chunk_size=2, on_error="skip")
     _run(datasets.folder(tmp_path / "images", tmp_path / "labels"), _opts(path, tmp_path / "one", **opts))
     _run(datasets.folder(tmp_path / "images", tmp_path / "labels"),
          _opts(path, tmp_path / "dask", scheduler="local:2", **opts))
