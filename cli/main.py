@@ -49,12 +49,54 @@ def shared_options(*names, **helps):
                                    help=text)
             else:
                 typ = click.IntRange(min=o.minimum) if o.minimum is not None else o.kind
+                text, stego = _stego_spellings(o.name, text)
                 opt = click.option(o.flag, o.name, default=o.default, type=typ, show_default=o.default is not None,
-                                   help=text)
+                                   help=text, **stego)
             fn = opt(fn)
             fn.__click_params__[-1].declared = o      # what the option was made from (tests/core/test_options.py)
         return fn
     return decorate
+
+
+class StegoSpelled(click.Option):
+    """An option that also takes STEGO's spelling of its flag (omh_ref.core.stego_names:
+    ``--neg-inter-shift`` for ``--shift-neg``): the same parameter, so a config file and the
+    defaults rank under it as under the flag; its help names it, and using it prints a note."""
+
+    def __init__(self, *decls, aliases=(), **kw):
+        super().__init__(*decls, **kw)
+        self.aliases = tuple(aliases)
+
+    def add_to_parser(self, parser, ctx):
+        super().add_to_parser(parser, ctx)
+        for alias in self.aliases:
+            parser.add_option(obj=self, opts=[alias], dest=f"{self.name}:{alias}", action="store", nargs=self.nargs)
+
+    def consume_value(self, ctx, opts):
+        for alias in self.aliases:
+            if f"{self.name}:{alias}" not in opts:
+                continue
+            if self.name in opts:
+                raise click.UsageError(f"{alias} is STEGO's name for {self.opts[0]}: give one of them", ctx)
+            if not ctx.resilient_parsing:
+                click.echo(f"note: {alias} is STEGO's name for omh-ref's {self.opts[0]}", err=True)
+            ctx.meta[f"stego:{self.name}"] = alias
+            opts = {**opts, self.name: opts[f"{self.name}:{alias}"]}
+        return super().consume_value(ctx, opts)
+
+    def get_error_hint(self, ctx):
+        alias = ctx.meta.get(f"stego:{self.name}")
+        return f"'{alias}' (STEGO's {self.opts[0]})" if alias else super().get_error_hint(ctx)
+
+
+def _stego_spellings(name, text):
+    """(help, click.option keywords) of option ``name`` taking STEGO's spellings of its flag too."""
+    from omh_ref.core.stego_names import flag_aliases
+
+    aliases = flag_aliases(name)
+    if not aliases:
+        return text, {}
+    return f"{text} (STEGO: {', '.join(aliases)})", {"cls": StegoSpelled, "aliases": aliases}
 
 
 def named(name, **kw):
@@ -158,14 +200,17 @@ def model_options(fn):
     from omh_ref.core.config import flag_specs
 
     for spec in reversed(flag_specs()):
+        text, stego = _stego_spellings(spec.name, spec.help)
+        text = f"{text} [default: {spec.shown_default}]"
         if spec.kind is bool:
-            opt = click.option(f"{spec.flag}/--no-{spec.flag[2:]}", spec.name, default=None, help=spec.help)
+            opt = click.option(f"{spec.flag}/--no-{spec.flag[2:]}", spec.name, default=None, help=text)
         else:
             typ = click.Choice(spec.choices) if spec.choices else {tuple: str}.get(spec.kind, spec.kind)
-            opt = click.option(spec.flag, spec.name, type=typ, default=None, help=spec.help)
+            opt = click.option(spec.flag, spec.name, type=typ, default=None, help=text, **stego)
         fn = opt(fn)
     return click.option("--shifts", default=None,
-                        help="'auto' or three numbers neg,inter,intra (STEGO shifts).")(fn)
+                        help="'auto' or three numbers neg,inter,intra (STEGO shifts) "
+                             "[default: the config's shift_neg, shift_inter, shift_intra].")(fn)
 
 
 def _run_settings(features, config_file, given, model_flags, shifts, resume=None):
@@ -325,7 +370,8 @@ def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, qu
 @named("flipped_features", default=None, type=click.Path(), help="Flipped evaluation features (averaged).")
 @named("out", required=True, type=click.Path(), help="Folder: seed<N>/ per run, results.json, results.md.")
 @named("seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
-@named("config_file", default=None, type=click.Path(), help="TOML/JSON config; flags override it.")
+@named("config_file", default=None, type=click.Path(),
+       help="TOML/JSON/YAML config (STEGO's train_config.yml too, omh-ref[yaml]); flags override it.")
 @shared_options("steps", "batch_size", "lr", "lr_clusters", "probe")
 @named("probe_epochs", default=10, show_default=True, type=click.IntRange(min=1))
 @shared_options("knn_k", "crf", "scheduler",
@@ -365,7 +411,8 @@ def seeds(features, val_features, val_labels, flipped_features, out, seed_list, 
               help="Checked against the recipe's backbone [default: the recipe's].")
 @click.option("--seeds", "seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
 @shared_options("crf", "probe", "scheduler", crf="Also score the cluster predictions after a dense CRF (omh-ref[crf]).",
-                probe="The linear probe on the training crops (it holds every training code in memory).",
+                probe="The linear probe on the training crops (streamed: its codes are cached in a temporary "
+                      "file, or recomputed every epoch when the disk has no room for them).",
                 scheduler="Dask for extraction, the KNN table and the seeds' runs: local:N or a scheduler address.")
 @shared_options("device")
 @click.option("--dry-run", is_flag=True, help="Print the equivalent omh-ref commands (done ones marked) and stop.")

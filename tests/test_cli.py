@@ -133,3 +133,69 @@ def test_checkpoint_with_missing_or_misshapen_parameters_is_named(tmp_path):
         res = CliRunner().invoke(main, base)
         assert res.exit_code == 2 and __import__("re").search(msg, res.output), res.output
     assert np.asarray(ck["params"]["M1"]).shape == (9, 5)
+
+
+def test_train_reads_stegos_train_config_and_a_stego_flag_beats_it(tmp_path):
+    """--config train_config.yml trains with STEGO's loss weights, shifts, dim and lr, each renamed
+    key noted and the rest named as not read; --max-steps (STEGO's --steps) given on the command
+    line wins over the file's max_steps, as --steps would."""
+    import pytest
+
+    pytest.importorskip("yaml")
+    from omh_ref.train import checkpoint
+
+    run = CliRunner().invoke
+    res = run(main, ["synth", "--out", str(tmp_path / "train"), "--n-images", "12", "--grid", "6", "--dim", "8"])
+    assert res.exit_code == 0, res.output
+    from tests.stego_files import TRAIN_CONFIG
+
+    (tmp_path / "train_config.yml").write_text(TRAIN_CONFIG)
+    res = run(main, ["train", "--features", str(tmp_path / "train" / "feats.npy"), "--out", str(tmp_path / "r"),
+                     "--config", str(tmp_path / "train_config.yml"), "--max-steps", "2", "--batch-size", "4",
+                     "--levels", "12,9", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "note: --max-steps is STEGO's name for omh-ref's --steps" in res.output
+    assert f"note: {tmp_path / 'train_config.yml'}: neg_inter_shift is STEGO's name for omh-ref's shift_neg" in res.output
+    assert __import__("re").search(r"STEGO keys not read .*: output_root, .*model_type, .*hydra\n", res.output)
+    ck = checkpoint.load(tmp_path / "r" / "ckpt.npz")
+    cfg = ck["config"]
+    assert ck["step"] == 2 and (cfg.dim, cfg.weight_neg, cfg.weight_inter, cfg.shift_neg, cfg.shift_intra) == (
+        70, 0.63, 0.25, 0.46, 0.18)
+
+
+def test_stego_flag_spellings_are_aliases_with_a_note_and_the_right_suggestion(capsys):
+    train = main.commands["train"]
+    ctx = train.make_context("train", ["--neg-inter-shift", "0.6", "--pos-intra-weight", "0.2", "--val-freq", "7"])
+    assert (ctx.params["shift_neg"], ctx.params["weight_intra"], ctx.params["val_every"]) == (0.6, 0.2, 7)
+    assert "note: --neg-inter-shift is STEGO's name for omh-ref's --shift-neg" in capsys.readouterr().err
+    assert main.commands["seeds"].make_context("seeds", ["--features", "f", "--val-features", "v", "--out", "o",
+                                                         "--num-neighbors", "3"]).params["knn_k"] == 3
+    for args, want in ((["--shift-neg", "1", "--neg-inter-shift", "0.6"],
+                        "Error: --neg-inter-shift is STEGO's name for --shift-neg: give one of them"),
+                       (["--neg-inter-shif", "0.6"], "Error: No such option '--neg-inter-shif'. (Did you mean one of: "
+                                                     "'--neg-inter-shift',"),
+                       (["--neg-inter-shift", "x"], "Error: Invalid value for '--neg-inter-shift' (STEGO's --shift-neg)")):
+        res = CliRunner().invoke(main, ["train", *args])
+        assert res.exit_code == 2 and res.output.strip().splitlines()[-1].startswith(want), (args, res.output)
+
+
+def test_every_option_of_every_command_shows_its_default_in_its_help():
+    """Each option that takes a value and has a default shows it; each config-field flag (None
+    until given) shows the field's default as a command line spells it."""
+    import click
+
+    from omh_ref.core.config import flag_specs
+
+    specs = {s.name: s for s in flag_specs()}
+    for name in ("train", "seeds", "eval", "segment", "extract", "recipe", "demo"):
+        cmd = main.commands[name]
+        ctx = click.Context(cmd, info_name=name)
+        for p in cmd.params:
+            if not isinstance(p, click.Option) or p.hidden or (p.is_flag and not p.secondary_opts):
+                continue
+            text = p.get_help_record(ctx)[1]
+            if p.name in specs and name in ("train", "seeds"):     # the commands with a flag per config field
+                assert f"[default: {specs[p.name].shown_default}]" in text, (name, p.opts, text)
+            elif p.default not in (None, click.core.UNSET):
+                assert "[default: " in text, (name, p.opts, text)
+    assert specs["levels"].shown_default == "108,54,27" and specs["omh"].shown_default == "omh"

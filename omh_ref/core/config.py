@@ -1,5 +1,6 @@
 """The model's configuration: every choice of the method as a named field, its validation, config
-files (TOML or JSON) and the merge of file and command-line values.
+files (TOML, JSON or YAML; STEGO's names read as omh-ref's, :mod:`.stego_names`) and the merge of
+file and command-line values.
 
 Each field is declared once, with its default, a one-line help text and its rule
 (:func:`_field`). Validation, the ``omh-ref train`` flags (``--eps``, ``--rho-q`` …, built from
@@ -11,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import bases
+from . import bases, stego_names
 from .errors import InputError
 from .losses.cluster import TARGETS
 from .losses.hierarchy import MARGINALS
@@ -176,7 +179,7 @@ class Config:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"config: unknown field(s) {', '.join(unknown)}")
+            raise ValueError(f"config: unknown field(s) {', '.join(unknown)}{stego_names.hint(unknown)}")
         return cls(**d)
 
 
@@ -221,6 +224,17 @@ class FlagSpec:
     kind: type          # bool, int, float, str, tuple
     help: str
     choices: tuple | None
+    default: object = None   # the field's default, what the flag's help shows
+
+    @property
+    def shown_default(self) -> str:
+        """The default as a command line spells it: '108,54,27', 'omh' / 'no-omh' (click's way for
+        a flag pair), '0.2'."""
+        if isinstance(self.default, bool):
+            return self.flag[2:] if self.default else "no-" + self.flag[2:]
+        if isinstance(self.default, tuple):
+            return ",".join(map(str, self.default))
+        return str(self.default)
 
 
 def flag_specs() -> list:
@@ -229,7 +243,7 @@ def flag_specs() -> list:
     for f in dataclasses.fields(Config):
         if f.metadata["flag"]:
             out.append(FlagSpec(f.name, flag_of(f.name), type(f.default), f.metadata["help"],
-                                f.metadata["choices"]))
+                                f.metadata["choices"], f.default))
     return out
 
 
@@ -255,32 +269,67 @@ def parse_shifts(text) -> tuple:
 
 
 TABLES = ("model", "train", "recipe")
+FORMATS = {".toml": "TOML", ".json": "JSON", ".yml": "YAML", ".yaml": "YAML"}
 
 
-def read_file(path) -> dict:
-    """A TOML or JSON config file as its tables: ``{"model": {...}, "train": {...}}`` (either may
-    be empty). Model fields may also stand at the top level of a file without tables. A
-    ``[recipe]`` table (the settings of ``omh-ref recipe`` that are not the model's or the loop's:
-    crops, resolutions, backbone; see ``configs/``) is returned under ``"recipe"`` when the file
-    has one; ``omh-ref train`` ignores it, so a recipe is also a training config."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such file (expected a TOML or JSON config)")
+def _yaml(text):
+    """YAML as OmegaConf (STEGO's hydra) reads it: ``5e-4`` is a number, not YAML 1.1's string."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
+
+
+def _parse(p: Path):
+    """The file's data by its suffix (TOML, YAML; anything else is read as JSON); one-line errors."""
+    kind = FORMATS.get(p.suffix, "JSON")
     try:
-        if p.suffix == ".toml":
+        if kind == "TOML":
             import tomllib
 
-            data = tomllib.loads(p.read_text())
-        else:
-            data = json.loads(p.read_text())
+            return tomllib.loads(p.read_text())
+        return _yaml(p.read_text()) if kind == "YAML" else json.loads(p.read_text())
     except ImportError:
-        raise InputError(f"{p}: TOML configs need Python >= 3.11; use JSON") from None
+        need = "PyYAML: pip install 'omh-ref[yaml]'" if kind == "YAML" else "Python >= 3.11; use JSON"
+        raise InputError(f"{p}: {kind} configs need {need}") from None
     except Exception as e:
-        raise InputError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({e})") from None
+        raise InputError(f"{p}: not valid {kind} ({' '.join(str(e).split())})") from None
+
+
+def _say_stderr(line):
+    print(line, file=sys.stderr)
+
+
+def read_file(path, say=None) -> dict:
+    """A TOML, JSON or YAML config file as its tables: ``{"model": {...}, "train": {...}}`` (either
+    may be empty). Model fields may also stand at the top level of a file without tables, and so
+    may STEGO's keys, its ``train_config.yml`` as it is (:mod:`omh_ref.core.stego_names`: its loop
+    keys go to "train"; a STEGO name is read as omh-ref's with a note line through ``say``,
+    stderr by default). A ``[recipe]`` table (the settings of ``omh-ref recipe`` that are not the
+    model's or the loop's: crops, resolutions, backbone; see ``configs/``) is returned under
+    ``"recipe"`` when the file has one; ``omh-ref train`` ignores it, so a recipe is also a
+    training config."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file (expected a TOML, JSON or YAML config)")
+    data = _parse(p)
     if not isinstance(data, dict):
         raise InputError(f"{p}: expected a table of config fields at the top level, got {type(data).__name__}")
+    out, notes = _tables(p, data)
+    for line in notes:
+        (say or _say_stderr)(line)
+    return out
+
+
+def _tables(p, data):
+    """(the file's tables in omh-ref's terms, note lines) of its parsed ``data``."""
     if not set(TABLES) & set(data):
-        return {"model": data, "train": {}}
+        return stego_names.translate(data, p)
     extra = sorted(set(data) - set(TABLES))
     if extra:
         raise InputError(f"{p}: with [model]/[train]/[recipe] tables, top-level keys are not read; move "
@@ -288,10 +337,13 @@ def read_file(path) -> dict:
     for name in TABLES:
         if not isinstance(data.get(name, {}), dict):
             raise InputError(f"{p}: [{name}] must be a table of fields, got {type(data[name]).__name__}")
-    out = {"model": data.get("model", {}), "train": data.get("train", {})}
+    out, notes = {"model": {}, "train": {}}, []
+    for name in ("model", "train"):
+        got, said = stego_names.translate(data.get(name, {}), p, table=name, root=data)
+        out[name], notes = got[name], notes + said
     if "recipe" in data:
         out["recipe"] = data["recipe"]
-    return out
+    return out, notes
 
 
 def _refuse_old_balanced(layer, source):

@@ -169,3 +169,22 @@ def test_omh_is_resolved_once_and_stays_resolved():
     assert (cfg.levels, cfg.eval_level, cfg.eval_index, cfg.eval_k) == ((6,), -1, 0, 6)
     assert dataclasses.replace(cfg) == cfg and Config.from_dict(dataclasses.asdict(cfg)) == cfg
     assert Config(levels=(12, 6, 3), eval_level=1).eval_k == 6
+
+
+def test_yaml_configs_read_like_toml_and_fail_in_one_line(tmp_path, monkeypatch):
+    """.yml/.yaml files are YAML (PyYAML, omh-ref[yaml]), tables or not; a broken one is one line,
+    and without PyYAML the line says what to install."""
+    import sys
+
+    pytest.importorskip("yaml")
+    (tmp_path / "t.yaml").write_text("model:\n  eps: 0.3\n  rho_q: 5e-2\ntrain:\n  steps: 5\n")
+    assert read_file(tmp_path / "t.yaml") == {"model": {"eps": 0.3, "rho_q": 0.05}, "train": {"steps": 5}}
+    (tmp_path / "bad.yml").write_text("eps: [0.3\nsteps: 2\n")
+    with pytest.raises(InputError, match=r"bad.yml: not valid YAML \(.*line \d+") as e:
+        read_file(tmp_path / "bad.yml")
+    assert "\n" not in str(e.value)
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    with pytest.raises(InputError, match=r"t.yaml: YAML configs need PyYAML: pip install 'omh-ref\[yaml\]'$"):
+        read_file(tmp_path / "t.yaml")
+    with pytest.raises(InputError, match=r"nope.yml: no such file \(expected a TOML, JSON or YAML config\)"):
+        read_file(tmp_path / "nope.yml")
