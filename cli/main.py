@@ -174,9 +174,8 @@ def gradcheck(seed, only, device):
 @friendly_errors
 def knn(features, out, k, batch_size, scheduler, rows_per_task):
     """Build the KNN table of images (cosine of mean-pooled features; column 0 = self)."""
-    from tqdm import tqdm
-
     from omh_ref.core.lock import FolderLock
+    from omh_ref.core.progress import bar as progress_bar
     from omh_ref.features.knn import build_knn, default_path
     from omh_ref.features.store import FeatureStore
 
@@ -184,7 +183,7 @@ def knn(features, out, k, batch_size, scheduler, rows_per_task):
     out = Path(out) if out else default_path(store)
     if k < 1:
         raise InputError(f"--k: expected a positive integer, got {k}")
-    with FolderLock(out.parent, "knn", say=click.echo), tqdm(total=store.N, unit="img", desc="knn") as bar:
+    with FolderLock(out.parent, "knn", say=click.echo), progress_bar(store.N, "knn", unit="img") as bar:
         try:
             table = build_knn(store, out, k=k, batch_size=batch_size, progress=bar.update, scheduler=scheduler,
                               rows_per_task=rows_per_task)

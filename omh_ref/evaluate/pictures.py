@@ -1,6 +1,11 @@
-"""Pictures for reports, drawn with Pillow only: label maps, prediction grids, loss curves,
-confusion matrices. No plotting library is a dependency. Every picture is written atomically
-(:func:`save_png`)."""
+"""Pictures for reports, drawn with Pillow only (its default font): label maps, palette PNG
+masks, overlays and prediction grids with legends, loss curves, confusion matrices. No plotting
+library is a dependency. Every picture is written atomically (:func:`save_png`).
+
+Colours: class ``c`` of ``n`` is ``palette(n)[c]`` in every picture (label and prediction maps,
+overlays, legends, class masks); clusters take their level's palette
+(:func:`hierarchy_palettes` in ``omh-ref segment``). Ids outside the palette (ignore, unmatched)
+are black."""
 from __future__ import annotations
 
 import json
@@ -12,6 +17,10 @@ from PIL import Image, ImageDraw
 from ..core.files import atomic_write
 
 IGNORE_COLOR = (0, 0, 0)
+WHITE = (255, 255, 255)
+SWATCH = 12          # px: a legend entry's colour square
+LEGEND_ROW = 16      # px: a legend row's height
+_MEASURE = ImageDraw.Draw(Image.new("RGB", (1, 1)))    # measures text in the default font
 
 
 def save_png(img: Image.Image, path) -> None:
@@ -82,19 +91,126 @@ def colorize(labels, n, pal=None):
     return out
 
 
-def overlay(image, colors, alpha=0.5):
-    """Blend a colourised label map over an RGB image (both (H, W, 3) uint8)."""
+def overlay(image, colors, alpha=0.5, ids=None):
+    """Blend a colourised label map over an RGB image (both (H, W, 3) uint8). With ``ids`` (the
+    (H, W) map ``colors`` was made from), the edges of its regions are drawn in the pure colours
+    (:func:`edges`), so that an overlay shows each id in exactly the colour of its legend entry."""
     mix = (1 - alpha) * image.astype(np.float32) + alpha * colors.astype(np.float32)
-    return mix.round().astype(np.uint8)
+    out = mix.round().astype(np.uint8)
+    if ids is not None:
+        edge = edges(ids, max(1, round(min(np.shape(ids)) / 300)))
+        out[edge] = colors[edge]
+    return out
 
 
-def grid_png(path, rows, titles=None, scale=2, pad=4):
-    """Save a grid of RGB images: ``rows`` is a list of lists of (H, W, 3) arrays."""
+def edges(ids, width=1) -> np.ndarray:
+    """(H, W) bool: the pixels of ``ids`` with a 4-neighbour of another id, thickened to
+    ``width`` px (on both sides of each boundary)."""
+    ids = np.asarray(ids)
+    out = np.zeros(ids.shape, bool)
+    for axis in (0, 1):
+        step = np.diff(ids, axis=axis) != 0
+        lo = [slice(None)] * 2
+        hi = [slice(None)] * 2
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        out[tuple(lo)] |= step
+        out[tuple(hi)] |= step
+    for _ in range(width - 1):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
+def palette_png(ids, pal) -> Image.Image:
+    """An id map as a PNG image that keeps the ids: uint8 ids -> mode "P", the pixel values are
+    the ids and its palette shows id ``k`` in ``pal[k]`` (ids beyond ``pal``: black); uint16 ids
+    (more than 256) -> mode "I;16", grey levels (a PNG palette holds 256 colours at most)."""
+    ids = np.asarray(ids)
+    if ids.dtype == np.uint16:
+        return Image.fromarray(ids)
+    if ids.dtype != np.uint8:
+        raise ValueError(f"expected uint8 or uint16 ids, got {ids.dtype}")
+    img = Image.fromarray(ids)
+    full = np.zeros((256, 3), np.uint8)
+    full[:len(pal)] = np.asarray(pal, np.uint8)[:256]
+    img.putpalette(full.ravel().tolist())
+    return img
+
+
+def legend(pal, names=None, ids=None, other="ignore"):
+    """[(rgb, text)] legend entries: one per id in ``ids`` (default: every id of ``pal``), named
+    ``names[id]`` (default ``str(id)``); ids beyond the palette share one black entry ``other``."""
+    pal = np.asarray(pal, np.uint8)
+    ids = range(len(pal)) if ids is None else sorted(int(i) for i in ids)
+    out = [(tuple(int(v) for v in pal[i]), str(names[i]) if names is not None else str(i))
+           for i in ids if 0 <= i < len(pal)]
+    if any(not 0 <= i < len(pal) for i in ids):
+        out.append((IGNORE_COLOR, other))
+    return out
+
+
+def present(ids) -> list:
+    """The ids that occur in an integer map (in O(pixels), without sorting it)."""
+    ids = np.asarray(ids)
+    flat = ids.ravel().astype(np.int64)
+    if flat.size and flat.min() < 0:
+        return np.unique(flat).tolist()
+    return np.flatnonzero(np.bincount(flat)).tolist() if flat.size else []
+
+
+def _text_w(text) -> float:
+    return _MEASURE.textlength(str(text))
+
+
+def _legend_layout(entries, width, pad=4):
+    """([(x, y)] of each entry, rows filling ``width``; the height they take)."""
+    x, y, pos = pad, pad, []
+    for _, text in entries:
+        w = SWATCH + 4 + _text_w(text) + 12
+        if x > pad and x + w > width - pad:
+            x, y = pad, y + LEGEND_ROW
+        pos.append((x, y))
+        x += w
+    return pos, (y + LEGEND_ROW + pad if entries else 0)
+
+
+def draw_legend(canvas: Image.Image, entries, top: int) -> None:
+    """Draw ``entries`` ([(rgb, text)]) on ``canvas`` from row ``top`` down: a colour square
+    (the exact colour inside a grey frame) and the name, in rows as wide as the canvas."""
+    draw = ImageDraw.Draw(canvas)
+    pos, _ = _legend_layout(entries, canvas.width)
+    for (rgb, text), (x, y) in zip(entries, pos):
+        draw.rectangle((x, top + y, x + SWATCH - 1, top + y + SWATCH - 1), fill=rgb, outline=(90, 90, 90))
+        draw.text((x + SWATCH + 4, top + y), str(text), fill=(0, 0, 0))
+
+
+def with_legend(picture, entries, min_width=200) -> Image.Image:
+    """An (H, W, 3) picture, unchanged at the top left, above a legend strip of ``entries``
+    (the canvas is at least ``min_width`` wide, so that a narrow picture's legend fits)."""
+    H, W = picture.shape[:2]
+    width = max(W, min_width)
+    _, h = _legend_layout(entries, width)
+    canvas = Image.new("RGB", (width, H + h), WHITE)
+    canvas.paste(Image.fromarray(picture), (0, 0))
+    draw_legend(canvas, entries, H)
+    return canvas
+
+
+def grid_png(path, rows, titles=None, scale=2, pad=4, legend=None):
+    """Save a grid of RGB images: ``rows`` is a list of lists of (H, W, 3) arrays, each tile
+    scaled by ``scale`` (NEAREST: colours unchanged); ``legend``: [(rgb, text)] entries
+    (:func:`legend`) drawn under the grid."""
     h = max(im.shape[0] for r in rows for im in r) * scale
     w = max(im.shape[1] for r in rows for im in r) * scale
     top = 14 if titles else 0
     ncol = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (ncol * (w + pad) + pad, len(rows) * (h + pad) + pad + top), (255, 255, 255))
+    width = max(ncol * (w + pad) + pad, 200 if legend else 0)
+    height = len(rows) * (h + pad) + pad + top
+    canvas = Image.new("RGB", (width, height + _legend_layout(legend or [], width)[1]), WHITE)
     draw = ImageDraw.Draw(canvas)
     for j, t in enumerate(titles or []):
         draw.text((pad + j * (w + pad), 2), str(t), fill=(0, 0, 0))
@@ -102,6 +218,8 @@ def grid_png(path, rows, titles=None, scale=2, pad=4):
         for j, im in enumerate(r):
             tile = Image.fromarray(im).resize((w, h), Image.NEAREST)
             canvas.paste(tile, (pad + j * (w + pad), top + pad + i * (h + pad)))
+    if legend:
+        draw_legend(canvas, legend, height)
     save_png(canvas, path)
 
 
@@ -127,15 +245,17 @@ def _ticks(lo, hi, n=5):
     return [float(v) + 0.0 for v in np.arange(first, hi + step * 1e-9, step)]   # + 0.0: no "-0"
 
 
-def line_panels_png(path, panels, xlabel="step", width=760, panel_h=190):
-    """Line charts stacked in one PNG, each with labelled axes and ticks. ``panels``: a list of
-    (title, y label, {series name: [(x, y), ...]}); a series' colour is the same in every panel,
-    and a legend names them when there is more than one."""
+def line_panels_png(path, panels, xlabel="step", width=760, panel_h=190, title=None):
+    """Line charts stacked in one PNG, each with labelled axes and ticks, under ``title`` if
+    given. ``panels``: a list of (title, y label, {series name: [(x, y), ...]}); a series' colour
+    is the same in every panel, and a legend names them when there is more than one."""
     names = list(dict.fromkeys(n for _, _, series in panels for n in series))
     pal = {n: tuple(int(v) for v in c) for n, c in zip(names, palette(len(names)))}
-    top = 6
-    canvas = Image.new("RGB", (width, top + panel_h * max(len(panels), 1)), (255, 255, 255))
+    top = 24 if title else 6
+    canvas = Image.new("RGB", (width, top + panel_h * max(len(panels), 1)), WHITE)
     draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((8, 5), str(title), fill=(0, 0, 0))
     for p, (title, ylabel, series) in enumerate(panels):
         y0 = top + p * panel_h
         box = (70, y0 + 18, width - 20, y0 + panel_h - 34)           # left, top, right, bottom
@@ -183,12 +303,26 @@ def _series(recs, key):
     return [(r["step"], r[key]) for r in recs if key in r and r[key] is not None]
 
 
-def loss_curves_png(path, logs: dict, keys=("loss", "corr", "clu_0", "hier_0")):
-    """Each run's ``log.jsonl`` series, one panel per key, every run in each panel."""
+def loss_keys(recs) -> list:
+    """Every loss part the records hold, in order: loss, corr, clu_0, clu_1, ..., hier_0, ..."""
+    found = {k for r in recs for k in r}
+    parts = [k for k in ("loss", "corr") if k in found]
+    for prefix in ("clu_", "hier_"):
+        parts += sorted((k for k in found if k.startswith(prefix) and k[len(prefix):].isdigit()),
+                        key=lambda k: int(k[len(prefix):]))
+    return parts
+
+
+def loss_curves_png(path, logs: dict, keys=None, title=None) -> list:
+    """Each run's ``log.jsonl`` series, one panel per key (default: every loss part any log
+    holds, :func:`loss_keys`), every run in each panel, under ``title`` (say, which seed);
+    -> the keys drawn."""
     recs = {name: read_log(log) for name, log in logs.items()}
+    keys = loss_keys([x for r in recs.values() for x in r]) if keys is None else list(keys)
     panels = [(key, key, {name: _series(r, key) for name, r in recs.items()}) for key in keys
               if any(key in x for r in recs.values() for x in r)]
-    line_panels_png(path, panels)
+    line_panels_png(path, panels, title=title)
+    return [p[0] for p in panels]
 
 
 def curves_png(path, log) -> None:
@@ -207,25 +341,61 @@ def curves_png(path, log) -> None:
     line_panels_png(path, panels)
 
 
-def confusion_png(path, conf, row_names=None, col_names=None, cell=14):
-    """A confusion matrix (rows: clusters/predictions, columns: classes) as a heat map,
-    each column normalised to its class's pixel count."""
+def confusion_png(path, conf, row_names=None, col_names=None, cell=28, row_title="predicted cluster",
+                  col_title="true class", title=None) -> dict:
+    """A confusion matrix (rows: predictions, columns: true classes) as a heat map, each column
+    normalised to its class's pixel count, the per cent printed in every cell of 0.5 % or more;
+    axes titled, every row and column named (column names written upwards). -> the geometry
+    {"left", "top", "cell"} (cell (i, j) starts at left + j * cell, top + i * cell)."""
     conf = np.asarray(conf, dtype=np.float64)
     norm = conf / np.maximum(conf.sum(axis=0, keepdims=True), 1)
     R, C = conf.shape
-    left, top = 70, 70
-    img = Image.new("RGB", (left + C * cell + 10, top + R * cell + 10), (255, 255, 255))
+    rows = [str(n) for n in (row_names if row_names is not None else range(R))]
+    cols = [str(n) for n in (col_names if col_names is not None else range(C))]
+    title = title or f"% of each {col_title}'s pixels in each {row_title} (a column sums to 100)"
+    left = 22 + int(max(map(_text_w, rows))) + 6
+    top = 36 + int(max(map(_text_w, cols))) + 6
+    width = max(left + C * cell + 10, int(_text_w(title)) + 16)
+    img = Image.new("RGB", (width, top + max(R * cell, int(_text_w(row_title))) + 10), WHITE)
     draw = ImageDraw.Draw(img)
+    draw.text((6, 3), title, fill=(0, 0, 0))
+    draw.text((left, 19), col_title, fill=(0, 0, 0))
+    img.paste(_upright(row_title), (3, top))
+    for i, n in enumerate(rows):
+        draw.text((left - 4 - _text_w(n), top + i * cell + (cell - 11) // 2), n, fill=(0, 0, 0))
+    for j, n in enumerate(cols):
+        img.paste(_upright(n), (left + j * cell + (cell - 12) // 2, top - 4 - int(_text_w(n))))
     for i in range(R):
         for j in range(C):
-            v = int(255 * (1 - norm[i, j]))
-            draw.rectangle((left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1),
-                           fill=(v, v, 255))
-    for i, n in enumerate(row_names or range(R)):
-        draw.text((2, top + i * cell), str(n)[:10], fill=(0, 0, 0))
-    for j, n in enumerate(col_names or range(C)):
-        draw.text((left + j * cell, 2 + (j % 4) * 16), str(n)[:8], fill=(0, 0, 0))
+            _cell(draw, left + j * cell, top + i * cell, cell, norm[i, j])
     save_png(img, path)
+    return {"left": left, "top": top, "cell": cell}
+
+
+def matched_rows(conf, class_to_cluster):
+    """(conf with its cluster rows in the order of the classes they are matched to, then the
+    unmatched clusters; the rows' names "cluster k"): a good matching shows as a diagonal."""
+    order = [int(k) for k in class_to_cluster if k >= 0]
+    order += [k for k in range(np.shape(conf)[0]) if k not in set(order)]
+    return np.asarray(conf)[order], [f"cluster {k}" for k in order]
+
+
+def _cell(draw, x, y, cell, share):
+    v = int(255 * (1 - share))
+    draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(v, v, 255), outline=(225, 225, 235))
+    if share >= 0.005 and cell >= 20:                  # blank: under 0.5 %
+        text = f"{100 * share:.0f}"
+        ink = (255, 255, 255) if share > 0.5 else (0, 0, 0)
+        draw.text((x + (cell - _text_w(text)) / 2, y + (cell - 11) / 2), text, fill=ink)
+
+
+def _upright(text) -> Image.Image:
+    """``text`` in black on white, turned to read upwards (for column names and a vertical
+    axis title)."""
+    w = max(1, int(_text_w(text)) + 2)
+    tile = Image.new("RGB", (w, 13), WHITE)
+    ImageDraw.Draw(tile).text((1, 0), str(text), fill=(0, 0, 0))
+    return tile.rotate(90, expand=True)
 
 
 def _ramp(v):

@@ -33,7 +33,7 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
     as holding them in memory), or recomputed from the features every epoch (``none``); ``auto``
     caches when the file fits in half of the free space of ``cache_dir`` (the system's temporary
     folder by default). Which one ran is told through ``say``."""
-    from tqdm import tqdm
+    from ..core.progress import bar as progress_bar
 
     size = label_shape(store)
     D = params["W1"].shape[0]
@@ -46,7 +46,7 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
     steps = epochs * ((store.N + batch_size - 1) // batch_size)
     labelled = 0
     with CodeSource(params, store, batch_size, device, cache, cache_dir, say or (lambda m: None), progress) as source, \
-            tqdm(total=steps, desc="linear probe", unit="step", disable=not progress) as bar:
+            progress_bar(steps, "linear probe", progress, unit="step") as bar:
         for epoch in range(epochs):
             order = rng.permutation(store.N)
             for s in range(0, store.N, batch_size):

@@ -331,11 +331,10 @@ def _resume_or_start(out, progress_path, key, opts, ds, bb, files):
 
 
 def _run_tasks(tasks, state, progress_path, opts, n_total, log):
-    from tqdm import tqdm
+    from ..core.progress import bar as progress_bar
 
     done_images = sum(min(opts.images_per_chunk, n_total - int(c) * opts.images_per_chunk) for c in state["done"])
-    bar = tqdm(total=n_total, initial=done_images, unit="img", desc="extract", disable=not opts.progress,
-               dynamic_ncols=True)
+    bar = progress_bar(n_total, "extract", opts.progress, unit="img", initial=done_images)
 
     fingerprints = {t.chunk: t.fingerprint for t in tasks}
 

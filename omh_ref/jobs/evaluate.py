@@ -193,10 +193,12 @@ def write_pictures(out: Path, store: FeatureStore, clu, preds, plans, tree, name
     lists readable ones), hierarchy_L{l}_L{l+1}.png and hierarchy.txt under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     match = clu["match"]
-    pictures.confusion_png(out / "confusion_cluster.png", clu["confusion"][match.class_to_cluster],
-                           row_names=[f"c{c}" for c in match.class_to_cluster], col_names=names)
+    pal = pictures.palette(n_classes)
+    conf, row_names = pictures.matched_rows(clu["confusion"], match.class_to_cluster)
+    pictures.confusion_png(out / "confusion_cluster.png", conf, row_names=row_names, col_names=names)
     lab = store.read_labels(np.arange(len(preds)))
-    rows = [[pictures.colorize(lab[i], n_classes), pictures.colorize(match.cluster_to_class[preds[i]], n_classes)]
+    mapped = [match.cluster_to_class[p] for p in preds]
+    rows = [[pictures.colorize(lab[i], n_classes, pal), pictures.colorize(mapped[i], n_classes, pal)]
             for i in range(len(preds))]
     titles = ["labels", "clusters (matched)"]
     paths = image_paths(store.meta, store.path)
@@ -205,18 +207,23 @@ def write_pictures(out: Path, store: FeatureStore, clu, preds, plans, tree, name
             img = load_rgb(paths[i], lab.shape[1])
             if img is not None and img.shape[:2] == lab.shape[1:]:
                 row.insert(0, img)
-                row.append(pictures.overlay(img, row[-1]))
+                row.append(pictures.overlay(img, row[-1], ids=mapped[i]))
         titles = ["image", *titles, "overlay"] if all(len(r) == 4 for r in rows) else titles
-    pictures.grid_png(out / "predictions.png", rows, titles=titles)
+    shown = set(range(n_classes)).union(pictures.present(lab), pictures.present(np.asarray(mapped)))
+    legend = pictures.legend(pal, names, shown, other="ignore / unmatched")
+    pictures.grid_png(out / "predictions.png", rows, titles=titles, legend=legend)
     for lvl, A in enumerate(plans):
-        pictures.confusion_png(out / f"hierarchy_L{lvl}_L{lvl + 1}.png", A.T, cell=10)
+        pictures.confusion_png(out / f"hierarchy_L{lvl}_L{lvl + 1}.png", A.T, row_title=f"L{lvl + 1} cluster",
+                               col_title=f"L{lvl} cluster",
+                               title=f"plan L{lvl} -> L{lvl + 1}: % of each L{lvl} cluster's mass on each L{lvl + 1} cluster")
     write_text(out / "hierarchy.txt", "\n".join(tree) + "\n")
 
 
 class MaskWriter:
     """``eval --save-masks DIR``: every prediction of the split written as it streams by
     (``cluster_eval``'s ``on_batch``), at label resolution: ``DIR/clusters/<image>.png`` (eval-level
-    cluster ids) and, with ``--crf``, ``DIR/crf/<image>.png``; ``DIR/masks.json`` last, with the
+    cluster ids, a palette PNG: the pixel values are the ids, the colours visible; uint16 beyond
+    256 clusters) and, with ``--crf``, ``DIR/crf/<image>.png``; ``DIR/masks.json`` last, with the
     rows' names and the cluster -> class matching (known only once the whole split is scored).
     Images are named after ``feats.json``'s list (extension replaced by ``.png``, five-crop rows
     ``<image>#tl.png`` ...), or by row number where it lists none or two names would collide."""
@@ -226,18 +233,17 @@ class MaskWriter:
 
         self.folder, self.kinds = Path(folder), ["clusters"] + (["crf"] if crf else [])
         self.dtype = id_dtype(n_clusters)
+        self.palette = pictures.palette(n_clusters)
         self.names = _mask_names(store.meta.get("images"), store.N)
         for k in self.kinds:
             (self.folder / k).mkdir(parents=True, exist_ok=True)
 
     def __call__(self, start, clusters, refined):
-        from PIL import Image
-
         for kind, preds in zip(self.kinds, (clusters, refined)):
             for i, pred in enumerate(preds):
                 path = self.folder / kind / self.names[start + i]
                 path.parent.mkdir(parents=True, exist_ok=True)
-                pictures.save_png(Image.fromarray(np.asarray(pred).astype(self.dtype)), path)
+                pictures.save_png(pictures.palette_png(np.asarray(pred).astype(self.dtype), self.palette), path)
 
     def finish(self, checkpoint, sha256, features, match_record):
         write_text(self.folder / "masks.json", json.dumps(

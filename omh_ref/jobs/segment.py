@@ -3,19 +3,28 @@
 For an image ``DIR/a/b.jpg`` (``--images DIR``; a file given by itself is named by its file
 name), under ``--out OUT``:
 
-* ``OUT/a/b.png``: single-channel, the image's size, eval-level cluster ids (class ids with
-  ``--match``), uint8 or uint16 when the ids need it;
-* ``OUT/a/b.L0.png`` ... (``--levels all``): every level's cluster ids, finest first;
+* ``OUT/a/b.clusters.png``: the eval level's cluster ids at the image's size; with ``--match``
+  ``OUT/a/b.classes.png`` instead, class ids (255, or 65535, where a cluster has no class);
+* ``OUT/a/b.L0.png`` ... (``--levels all``): every level's cluster ids, finest first (always
+  cluster ids, so these names keep no ``.clusters``);
 * ``OUT/a/b.overlay.png`` (and ``b.L0.overlay.png`` ...) with ``--overlay``: the masks' colours
-  over the image, one palette per level in which children wear shades of their parent's colour;
+  over the image, the regions' edges in the pure colours, a legend under it naming the ids
+  present (the class names with ``--match``);
 * ``OUT/segment.json``: the settings, the checkpoint's and backbone's sha256, the palettes, the
-  class names with ``--match``, the images done and the images skipped with the reason.
+  file names, the class names with ``--match``, the images done and the images skipped with the
+  reason.
+
+Masks are palette PNGs (mode "P"): the pixel values are the ids, the palette shows them in the
+colours of the overlays (one palette per level in which children wear shades of their parent's
+colour; with ``--match`` the classes' colours, those of ``omh-ref eval``'s pictures). More than
+256 ids do not fit a palette: those masks are 16-bit grey (mode "I;16").
 
 Every file is written atomically and an image's main mask last, so its presence means the
 image is done: a rerun with the same settings skips those (and redoes one whose image is newer
-than its mask); other settings are refused unless ``--overwrite``. Unreadable images are skipped
-and listed (``--on-error fail``: a one-line error). The work is :class:`~.segment.Segmenter`'s;
-this module lists, resumes and writes. Images are decoded one batch ahead in a helper thread.
+than its mask); other settings, or a folder of the first naming (``b.png``, ``segment.json``
+format 1), are refused unless ``--overwrite``. Unreadable images are skipped and listed
+(``--on-error fail``: a one-line error). The work is :class:`~.segment.Segmenter`'s; this module
+lists, resumes and writes. Images are decoded one batch ahead in a helper thread.
 """
 from __future__ import annotations
 
@@ -25,18 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .. import __version__
 from ..core.errors import InputError
 from ..core.files import write_json
 from ..core.lock import FolderLock
+from ..core.progress import bar as progress_bar
 from ..evaluate import pictures
 from ..extract.datasets import IMAGE_SUFFIXES, ImageError, read_rgb
 from .segmenter import Segmenter, check_aspect
 
-FORMAT = 1
+FORMAT = 2             # 1: the first naming (b.png, single-channel masks); 2: b.clusters.png / b.classes.png
 INDEX = "segment.json"
+MASK_TAGS = {False: ".clusters.png", True: ".classes.png"}   # with --match: True
 
 
 @dataclass
@@ -96,8 +106,9 @@ def list_images(sources) -> list:
     return items
 
 
-def output_files(out: Path, name: str, n_levels: int, levels_all: bool, overlay: bool) -> dict:
-    """{kind: path} of one image's outputs; "mask" is written last."""
+def output_files(out: Path, name: str, n_levels: int, levels_all: bool, overlay: bool, classes: bool = False) -> dict:
+    """{kind: path} of one image's outputs; "mask" (``<name>.clusters.png``, with ``classes``
+    ``<name>.classes.png``) is written last."""
     stem = out / Path(name).with_suffix("")
 
     def f(tag):
@@ -111,8 +122,17 @@ def output_files(out: Path, name: str, n_levels: int, levels_all: bool, overlay:
                 files[f"L{lvl}.overlay"] = f(f".L{lvl}.overlay.png")
     if overlay:
         files["overlay"] = f(".overlay.png")
-    files["mask"] = f(".png")
+    files["mask"] = f(MASK_TAGS[classes])
     return files
+
+
+def stale_files(out: Path, name: str, n_levels: int) -> list:
+    """Every file an earlier run of any settings may have left for one image: both main masks,
+    the first naming's ``<name>.png``, every level's mask and every overlay."""
+    files = [output_files(out, name, n_levels, True, True, c) for c in (False, True)]
+    stem = out / Path(name).with_suffix("")
+    old = stem.with_name(stem.name + ".png")
+    return sorted({*files[0].values(), *files[1].values(), old})
 
 
 def _check_names(items, plans, out: Path):
@@ -132,7 +152,8 @@ def _check_names(items, plans, out: Path):
 
 
 def _done(it: Item, files: dict) -> bool:
-    """Every output exists and the mask is not older than its image."""
+    """Every output of ``files`` (this run's names: a folder of the first naming is refused by
+    :func:`_start` before this is asked) exists and the main mask is not older than its image."""
     try:
         if not all(p.is_file() for p in files.values()):
             return False
@@ -180,18 +201,18 @@ def run(opts: SegmentOptions, log=print, segmenter: Segmenter | None = None) -> 
 
 
 def _run(opts, log, seg, items, plans, settings, out):
-    from tqdm import tqdm
-
     index_path = out / INDEX
-    _start(out, index_path, settings, items, plans, opts.overwrite)
+    _start(out, index_path, settings, items, len(seg.level_sizes), opts.overwrite)
     palettes = seg.palettes()
+    looks = Looks(palettes, seg.eval_level, seg.class_palette(),
+                  seg.match["class_names"] if seg.match is not None else None)
     record = _record(seg, opts, settings, palettes)
     todo = [(it, files) for it, files in zip(items, plans) if not _done(it, files)]
     if len(todo) < len(items):
         log(f"resuming: {len(items) - len(todo)} of {len(items)} image(s) already segmented in {out}")
     skipped = []
     write_json(index_path, {**record, "complete": False, "images": [], "skipped": []})
-    bar = tqdm(total=len(todo), unit="img", desc="segment", disable=not opts.progress, dynamic_ncols=True)
+    bar = progress_bar(len(todo), "segment", opts.progress, unit="img")
     groups = [todo[s:s + seg.batch_size] for s in range(0, len(todo), seg.batch_size)]
     complete = False
     try:
@@ -209,7 +230,7 @@ def _run(opts, log, seg, items, plans, settings, out):
                 if ok:
                     for (it, rgb, files), m in zip(ok, seg.segment_batch([rgb for _, rgb, _ in ok])):
                         try:
-                            _write(rgb, m, files, palettes, seg.eval_level)
+                            _write(rgb, m, files, looks)
                         except OSError as e:
                             n = sum(_done(i, f) for i, f in zip(items, plans))
                             raise InputError(f"{e.filename or files['mask']}: cannot write the masks of {it.name} "
@@ -233,26 +254,34 @@ def _run(opts, log, seg, items, plans, settings, out):
     return record
 
 
-def _start(out, index_path, settings, items, plans, overwrite):
-    """Resume a run with the same settings; refuse another run's folder unless ``overwrite``.
-    ``overwrite`` starts over: the listed images' old outputs are removed first (so none of them
-    passes for done)."""
+def _start(out, index_path, settings, items, n_levels, overwrite):
+    """Resume a run with the same settings; refuse another run's folder, or one of the first
+    naming, unless ``overwrite``. ``overwrite`` starts over: whatever any run may have written for
+    the listed images (:func:`stale_files`) is removed first (so none of them passes for done,
+    and no mask of another naming stays beside the new ones); input images are never removed."""
     import json
 
     if index_path.is_file() and not overwrite:
         try:
-            old_settings = json.loads(index_path.read_text())["settings"]
+            old = json.loads(index_path.read_text())
+            old_settings = old["settings"]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise InputError(f"{index_path}: unreadable ({type(e).__name__}); pass --overwrite to start "
                              "again") from None
+        if old.get("format") != FORMAT:
+            raise InputError(f"{out}: holds masks of an older omh-ref segment (format {old.get('format')}: "
+                             "<name>.png, now <name>.clusters.png or <name>.classes.png); pass --overwrite to "
+                             "redo them, or choose another --out")
         if old_settings != settings:
             diff = sorted(k for k in settings if not isinstance(old_settings, dict) or old_settings.get(k) != settings[k])
             raise InputError(f"{out}: holds masks made with other settings ({', '.join(diff)} differ); pass "
                              "--overwrite to replace them, or choose another --out")
     if overwrite:
-        for files in plans:
-            for p in files.values():
-                p.unlink(missing_ok=True)
+        inputs = {os.path.normcase(os.path.abspath(it.path)) for it in items}
+        for it in items:
+            for p in stale_files(out, it.name, n_levels):
+                if os.path.normcase(os.path.abspath(p)) not in inputs:
+                    p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -266,35 +295,70 @@ def _record(seg: Segmenter, opts: SegmentOptions, settings, palettes) -> dict:
            "inputs": [str(Path(p)) for p in opts.images],
            "levels": list(seg.level_sizes), "eval_level": seg.eval_level,
            "mask": "class ids" if seg.match is not None else "eval-level cluster ids",
-           "files": {"mask": "<name>.png", **({"levels": "<name>.L<level>.png"} if seg.levels_mode == "all" else {}),
-                     **({"overlay": "<name>.overlay.png"} if opts.overlay else {})},
+           "files": _files_record(seg.match is not None, seg.levels_mode == "all", opts.overlay),
+           "mask_png": {"mask": _png_mode(seg.n_clusters),
+                        **({f"L{lvl}": _png_mode(k) for lvl, k in enumerate(seg.level_sizes)}
+                           if seg.levels_mode == "all" else {})},
            "palette": {f"L{lvl}": ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in pal]
                        for lvl, pal in enumerate(palettes)},
            "run": {"device": opts.device, "batch_size": seg.batch_size, "threads": opts.threads,
                    "omh_ref_version": __version__, "onnxruntime_version": onnxruntime.__version__}}
     if seg.match is not None:
+        unmatched = 255 if seg.match["n_classes"] < 255 else 65535
         rec.update(match=str(opts.match), class_names=seg.match["class_names"],
-                   cluster_to_class=seg.match["lut"].tolist(),
-                   unmatched=255 if seg.match["n_classes"] < 255 else 65535)
+                   cluster_to_class=seg.match["lut"].tolist(), unmatched=unmatched,
+                   class_palette=["#%02x%02x%02x" % tuple(int(v) for v in c) for c in seg.class_palette()])
+        rec["mask_png"]["mask"] = _png_mode(unmatched + 1)
     return rec
 
 
-def _write(rgb, m, files, palettes, eval_level):
-    """One image's outputs, its main mask last."""
+def _files_record(classes, levels_all, overlay) -> dict:
+    """The names of an image's outputs, as segment.json states them."""
+    rec = {"mask": "<name>" + MASK_TAGS[classes]}
+    if levels_all:
+        rec["levels"] = "<name>.L<level>.png"
+    if overlay:
+        rec["overlay"] = "<name>.overlay.png"
+        if levels_all:
+            rec["level_overlays"] = "<name>.L<level>.overlay.png"
+    return rec
+
+
+def _png_mode(n_ids) -> str:
+    return ("P (palette PNG: pixel values are the ids)" if n_ids <= 256
+            else "I;16 (16-bit grey: more than 256 ids do not fit a palette)")
+
+
+@dataclass
+class Looks:
+    """The colours and names of one run's pictures: every level's cluster palette, and with a
+    match the classes' palette (``pictures.palette``, as eval's pictures) and names."""
+    levels: list
+    eval_level: int
+    classes: np.ndarray | None = None
+    class_names: list | None = None
+
+    def of(self, m, kind):
+        """(ids, palette, names) that output ``kind`` of the masks ``m`` shows."""
+        if kind in ("mask", "overlay") and m.classes is not None:
+            return m.classes, self.classes, self.class_names
+        if kind in ("mask", "overlay"):
+            pal = self.levels[self.eval_level]
+            return m.clusters, pal, [f"cluster {k}" for k in range(len(pal))]
+        lvl = int(kind[1:].split(".")[0])
+        return m.levels[lvl], self.levels[lvl], [f"L{lvl} cluster {k}" for k in range(len(self.levels[lvl]))]
+
+
+def _write(rgb, m, files, looks: Looks):
+    """One image's outputs, its main mask last: masks as palette PNGs, overlays with a legend of
+    the ids present."""
     files["mask"].parent.mkdir(parents=True, exist_ok=True)
-    for kind, path in files.items():
-        if kind == "mask":
-            continue
-        if kind.endswith(".overlay"):
-            lvl = int(kind[1:].split(".")[0])
-            img = _overlay(rgb, m.levels[lvl], palettes[lvl])
-        elif kind == "overlay":
-            img = _overlay(rgb, m.clusters, palettes[eval_level])
+    for kind in sorted(files, key=lambda k: k == "mask"):
+        ids, pal, names = looks.of(m, kind)
+        if kind.endswith("overlay"):
+            colours = pictures.colorize(ids, len(pal), pal)
+            entries = pictures.legend(pal, names, pictures.present(ids), other="unmatched")
+            img = pictures.with_legend(pictures.overlay(rgb, colours, ids=ids), entries)
         else:
-            img = Image.fromarray(m.levels[int(kind[1:])])
-        pictures.save_png(img, path)
-    pictures.save_png(Image.fromarray(m.classes if m.classes is not None else m.clusters), files["mask"])
-
-
-def _overlay(rgb, ids, pal):
-    return Image.fromarray(pictures.overlay(rgb, pictures.colorize(ids, len(pal), pal)))
+            img = pictures.palette_png(ids, pal)
+        pictures.save_png(img, files[kind])

@@ -294,6 +294,11 @@ class Segmenter:
         (:func:`omh_ref.evaluate.pictures.hierarchy_palettes`, parents from the learned plans)."""
         return pictures.hierarchy_palettes(self.level_sizes, hierarchy_plans(self.params, self.cfg))
 
+    def class_palette(self):
+        """(n_classes, 3) colours of the match's classes, those of ``omh-ref eval``'s pictures
+        (:func:`omh_ref.evaluate.pictures.palette`); None without a match."""
+        return None if self.match is None else pictures.palette(self.match["n_classes"])
+
     def layout(self, size) -> Layout:
         return layout(size, self.resolution, self.bb.patch, self.window)
 

@@ -570,7 +570,6 @@ class _LogFile:
 
 
 def _progress(opts, start):
-    from tqdm import tqdm
+    from ..core.progress import bar
 
-    return tqdm(total=opts.steps, initial=start, disable=not opts.progress, unit="step",
-                dynamic_ncols=True, desc="train")
+    return bar(opts.steps, "train", opts.progress, unit="step", initial=start)

@@ -100,6 +100,42 @@ def one_line_error(res, pattern):
     assert line.lower().startswith("error: ") and re.search(pattern, line), line
 
 
+def hex_rgb(h):
+    return tuple(int(h[i:i + 2], 16) for i in (1, 3, 5))
+
+
+def png_palette(path, n):
+    """The first ``n`` colours of a palette PNG (and its mode)."""
+    img = Image.open(path)
+    return img.mode, [tuple(c) for c in np.asarray(img.getpalette()[:3 * n], np.uint8).reshape(-1, 3)]
+
+
+def region_edges(ids):
+    """Pixels with a 4-neighbour of another id (computed here, not by the code under test)."""
+    e = np.zeros(ids.shape, bool)
+    dx, dy = ids[:, 1:] != ids[:, :-1], ids[1:] != ids[:-1]
+    e[:, 1:] |= dx
+    e[:, :-1] |= dx
+    e[1:] |= dy
+    e[:-1] |= dy
+    return e
+
+
+def assert_overlay_wears_the_mask_colours(path, ids, pal):
+    """The overlay: the picture at the image's size, the regions' edges in exactly the mask's
+    palette colours, and a legend under it with a swatch of every id present and dark text."""
+    ov = read_png(path)
+    H, W = ids.shape
+    pal = np.asarray(pal, np.uint8)
+    edge = region_edges(ids)
+    assert edge.any() and np.array_equal(ov[:H, :W][edge], pal[ids[edge]])
+    strip = ov[H:]
+    for k in np.unique(ids):
+        assert (strip == pal[k]).all(-1).sum() >= 50, (path, k)          # a 10x10 swatch interior
+    assert (strip.max(-1) < 90).sum() > 20                               # the names' text
+
+
+
 # ---- the masks recover known regions -------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["fixed", "dynamic"])
 def test_masks_recover_the_colour_regions_at_the_images_own_size(tmp_path, pooled, kind):
@@ -112,7 +148,7 @@ def test_masks_recover_the_colour_regions_at_the_images_own_size(tmp_path, poole
                "--out", tmp_path / "out", "--resolution", 64, "--levels", "all", "--overlay"])
     assert res.exit_code == 0, res.output
     for name, truth in truths.items():
-        mask = read_png(tmp_path / "out" / f"{name}.png")
+        mask = read_png(tmp_path / "out" / f"{name}.clusters.png")
         assert mask.shape == truth.shape and mask.dtype == np.uint8
         assert miou(mask, truth) >= THRESHOLD, (name, miou(mask, truth))
         assert np.array_equal(read_png(tmp_path / "out" / f"{name}.L0.png"), mask)
@@ -120,7 +156,7 @@ def test_masks_recover_the_colour_regions_at_the_images_own_size(tmp_path, poole
         assert miou(read_png(tmp_path / "out" / f"{name}.L1.png"), parents, K=2) >= THRESHOLD
         for f in (f"{name}.overlay.png", f"{name}.L0.overlay.png", f"{name}.L1.overlay.png"):
             ov = read_png(tmp_path / "out" / f)
-            assert ov.shape == truth.shape + (3,)
+            assert ov.shape[0] > truth.shape[0] and ov.shape[1] >= truth.shape[1] and ov.shape[2] == 3   # + legend
 
 
 def test_the_threshold_fails_shifted_transposed_cropped_or_coarsely_upsampled_masks(tmp_path, pooled):
@@ -277,12 +313,12 @@ def test_vit_end_to_end_on_non_square_images(tmp_path, vit):
     out = tmp_path / "out"
     for name, (H, W) in sizes.items():
         stem = out / Path(name).with_suffix("")
-        mask = read_png(stem.with_name(stem.name + ".png"))
+        mask = read_png(stem.with_name(stem.name + ".clusters.png"))
         assert mask.shape == (H, W) and mask.dtype == np.uint8 and mask.max() < 3
         for lvl, K in enumerate((6, 4, 3)):
             m = read_png(stem.with_name(f"{stem.name}.L{lvl}.png"))
             assert m.shape == (H, W) and m.max() < K
-            assert read_png(stem.with_name(f"{stem.name}.L{lvl}.overlay.png")).shape == (H, W, 3)
+            assert read_png(stem.with_name(f"{stem.name}.L{lvl}.overlay.png")).shape[0] > H
         assert np.array_equal(read_png(stem.with_name(f"{stem.name}.L2.png")), mask)
     rec = json.loads((out / "segment.json").read_text())
     assert rec["complete"] and rec["skipped"] == []
@@ -291,6 +327,10 @@ def test_vit_end_to_end_on_non_square_images(tmp_path, vit):
     assert rec["settings"]["backbone_sha256"] == file_sha256(vit["model"])
     assert rec["settings"]["resolution"] == 32 and rec["backbone"]["input"] == 32
     assert [len(rec["palette"][f"L{i}"]) for i in range(3)] == [6, 4, 3]
+    assert rec["format"] == 2 and rec["files"] == {"mask": "<name>.clusters.png", "levels": "<name>.L<level>.png",
+                                                   "overlay": "<name>.overlay.png",
+                                                   "level_overlays": "<name>.L<level>.overlay.png"}
+    assert [d["mask"] for d in rec["images"]] == ["a.clusters.png", "sub/b.clusters.png", "sub/c.clusters.png"]
 
 
 def test_palettes_give_children_their_parents_colour_family():
@@ -316,6 +356,29 @@ def test_palettes_give_children_their_parents_colour_family():
             assert len(set(kids)) == len(kids)                  # siblings differ
     assert dist(hue(pals[-1][0]), hue(pals[-1][1])) > 0.2       # families differ
     assert all(np.array_equal(a, b) for a, b in zip(pals, pictures.hierarchy_palettes(levels, plans)))
+
+
+def test_masks_are_palette_pngs_in_the_colours_of_the_overlays_with_legends(tmp_path, pooled):
+    """Every mask keeps its ids as pixel values (mode P) and its palette is the level's palette of
+    segment.json; every overlay draws the same id in the same RGB, with a legend of the ids."""
+    write_worlds(tmp_path / "imgs", SIZES[:2])
+    res = cli(["--model", pooled["fixed"], "--checkpoint", pooled["ckpt"], "--images", tmp_path / "imgs",
+               "--out", tmp_path / "out", "--resolution", 64, "--levels", "all", "--overlay"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    rec = json.loads((out / "segment.json").read_text())
+    pals = {lvl: [hex_rgb(h) for h in rec["palette"][lvl]] for lvl in ("L0", "L1")}
+    assert rec["mask_png"]["mask"].startswith("P ")
+    for name in ("w0", "w1"):
+        mask = read_png(out / f"{name}.clusters.png")
+        assert png_palette(out / f"{name}.clusters.png", 4) == ("P", pals["L0"])   # the eval level is L0
+        assert sorted(np.unique(mask)) == [0, 1, 2, 3]
+        for lvl, K in (("L0", 4), ("L1", 2)):
+            assert png_palette(out / f"{name}.{lvl}.png", K) == ("P", pals[lvl])
+            assert_overlay_wears_the_mask_colours(out / f"{name}.{lvl}.overlay.png", read_png(out / f"{name}.{lvl}.png"),
+                                                  pals[lvl])
+        assert_overlay_wears_the_mask_colours(out / f"{name}.overlay.png", mask, pals["L0"])
+        assert Image.open(out / f"{name}.clusters.png").convert("RGB").getpixel((0, 0)) == pals["L0"][mask[0, 0]]
 
 
 # ---- resume --------------------------------------------------------------------------------------
@@ -345,7 +408,7 @@ def test_resume_skips_done_images_and_redoes_missing_or_newer_ones(tmp_path, poo
         {k: v for k, v in before.items() if k != "segment.json"}
     (out / "w1.L1.png").unlink()                              # an image with an output missing
     img = tmp_path / "imgs" / "w2.png"                         # an image newer than its mask
-    os.utime(img, ns=(img.stat().st_atime_ns, (out / "w2.png").stat().st_mtime_ns + 1))
+    os.utime(img, ns=(img.stat().st_atime_ns, (out / "w2.clusters.png").stat().st_mtime_ns + 1))
     res = cli(args)
     assert res.exit_code == 0 and "1 of 3 image(s) already segmented" in res.output
     n_windows = sum(len(sg.layout((H, W), 32, PATCH, 32).windows) for H, W in SIZES[1:])
@@ -362,6 +425,33 @@ def test_resume_skips_done_images_and_redoes_missing_or_newer_ones(tmp_path, poo
     calls.clear()
     assert cli(args + ["--flip", "--overwrite"]).exit_code == 0 and sum(calls) == 2 * n_windows + 2 * len(
         sg.layout(SIZES[0], 32, PATCH, 32).windows)            # same settings: --overwrite still starts over
+
+
+def test_a_folder_of_the_first_naming_is_refused_in_one_line_and_redone_with_overwrite(tmp_path, pooled):
+    """A folder written by the first naming (b.png, segment.json format 1) is not resumed beside
+    new names: a rerun is refused in one line; --overwrite removes the old masks and redoes every
+    image, and never removes an input image (here --out is the images' folder, where the first
+    naming's mask name is the image's own)."""
+    write_worlds(tmp_path / "imgs", SIZES[:2])
+    out = tmp_path / "out"
+    args = ["--model", pooled["fixed"], "--checkpoint", pooled["ckpt"], "--images", tmp_path / "imgs", "--out", out]
+    assert cli(args).exit_code == 0
+    rec = json.loads((out / "segment.json").read_text())
+    (out / "segment.json").write_text(json.dumps({**rec, "format": 1, "files": {"mask": "<name>.png"}}))
+    for name in ("w0", "w1"):                                  # the first naming's masks
+        os.replace(out / f"{name}.clusters.png", out / f"{name}.png")
+    one_line_error(cli(args), r"holds masks of an older omh-ref segment \(format 1: <name>\.png, now "
+                              r"<name>\.clusters\.png or <name>\.classes\.png\); pass --overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["segment.json", "w0.png", "w1.png"]   # untouched
+    res = cli(args + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["segment.json", "w0.clusters.png", "w1.clusters.png"]
+    assert json.loads((out / "segment.json").read_text())["format"] == 2
+    # the images' own folder as --out: w0.png is the image there, and stays
+    inplace = args[:-1] + [tmp_path / "imgs", "--overwrite"]
+    before = (tmp_path / "imgs" / "w0.png").read_bytes()
+    assert cli(inplace).exit_code == 0
+    assert (tmp_path / "imgs" / "w0.png").read_bytes() == before and (tmp_path / "imgs" / "w0.clusters.png").is_file()
 
 
 def test_an_interrupted_run_leaves_a_resumable_folder(tmp_path, pooled, monkeypatch):
@@ -382,7 +472,7 @@ def test_an_interrupted_run_leaves_a_resumable_folder(tmp_path, pooled, monkeypa
         segment_job.run(opts, log=lambda *_: None)
     rec = json.loads((tmp_path / "out" / "segment.json").read_text())
     assert not rec["complete"] and [d["image"] for d in rec["images"]] == ["w0.png"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["segment.json", "w0.png"]   # no temp files
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["segment.json", "w0.clusters.png"]   # no temp files
     monkeypatch.undo()
     logs = []
     rec = segment_job.run(opts, log=logs.append)
@@ -409,12 +499,12 @@ def test_a_full_disk_during_a_mask_says_what_is_intact_and_a_second_writer_is_re
         return real(path)
 
     monkeypatch.setattr(files, "_fsync_file", full)
-    with pytest.raises(InputError, match=(rf"^{out / 'w1.png'}: cannot write the masks of w1.png \(No space left on "
+    with pytest.raises(InputError, match=(rf"^{out / 'w1.clusters.png'}: cannot write the masks of w1.png \(No space left on "
                                           rf"device\); the 1 image\(s\) segmented in {out} are intact; run the same "
                                           r"command again to continue$")):
         segment_job.run(opts, log=lambda *_: None)
     monkeypatch.undo()
-    assert sorted(p.name for p in out.iterdir()) == ["segment.json", "w0.png"]   # no temp or lock file left
+    assert sorted(p.name for p in out.iterdir()) == ["segment.json", "w0.clusters.png"]   # no temp or lock file left
     from tests.helpers import lock_holder
 
     p = lock_holder(out, "segment")
@@ -448,7 +538,7 @@ def test_unreadable_images_are_skipped_and_listed_or_fail_in_one_line(tmp_path, 
     assert "garbage.jpg: cannot read image" in skipped["garbage.jpg"]
     assert "too elongated" in skipped["sliver.png"]
     for name in truths:
-        assert (tmp_path / "out" / f"{name}.png").is_file()
+        assert (tmp_path / "out" / f"{name}.clusters.png").is_file()
     res = cli(args + ["--out", tmp_path / "out2", "--on-error", "fail"])
     one_line_error(res, r"empty\.png: cannot read image .*\(--on-error fail")
 
@@ -474,7 +564,7 @@ def test_grayscale_rgba_palette_and_16_bit_images_are_converted_as_extraction_do
     assert res.exit_code == 0, res.output
     seg = sg.Segmenter(pooled["dynamic"], pooled["ckpt"], resolution=48)
     for name, arr in expected.items():
-        assert np.array_equal(read_png(tmp_path / "out" / f"{name}.png"), seg.segment(arr).clusters), name
+        assert np.array_equal(read_png(tmp_path / "out" / f"{name}.clusters.png"), seg.segment(arr).clusters), name
     # the API takes the same modes as arrays
     assert np.array_equal(seg.segment(gray).clusters, seg.segment(expected["gray"]).clusters)
     assert np.array_equal(seg.segment(rgba).clusters, seg.segment(rgb).clusters)
@@ -486,6 +576,9 @@ def test_grayscale_rgba_palette_and_16_bit_images_are_converted_as_extraction_do
 
 def test_bad_arguments_are_one_line_errors_before_any_image_is_read(tmp_path, pooled, vit, monkeypatch):
     write_worlds(tmp_path / "imgs", SIZES[:1])
+    write_worlds(tmp_path / "solo", SIZES[:1])
+    os.replace(tmp_path / "solo" / "w0.png", tmp_path / "solo" / "w0.clusters.png")   # an image named like a mask
+    write_worlds(tmp_path / "solo", SIZES[:1])
     (tmp_path / "afile").write_text("x")
     Image.fromarray(colour_world(20, 30)[0]).save(tmp_path / "imgs" / "w0.jpg")   # same output as w0.png
     other = random_ckpt(tmp_path / "other.npz", 3, levels=(4,))
@@ -508,9 +601,10 @@ def test_bad_arguments_are_one_line_errors_before_any_image_is_read(tmp_path, po
         (base + imgs + ["--resolution", 0], r"--resolution: expected a positive number"),
         (base + ["--images", tmp_path / "nope"], r"nope: no such file or folder"),
         (base[:-1] + [tmp_path / "afile"] + imgs, r"afile: is a file \(expected --out to be a folder"),
-        (base + ["--images", tmp_path / "imgs"], r"w0\.png: both .*imgs/w0\.jpg and .*imgs/w0\.png would write it"),
-        (base[:-2] + ["--out", tmp_path / "imgs", "--images", tmp_path / "imgs" / "w0.png"],
-         r"w0\.png: an output of .*w0\.png would replace this image"),
+        (base + ["--images", tmp_path / "imgs"], r"w0\.clusters\.png: both .*imgs/w0\.jpg and .*imgs/w0\.png would write it"),
+        (base[:-2] + ["--out", tmp_path / "solo", "--images", tmp_path / "solo" / "w0.png",
+                      "--images", tmp_path / "solo" / "w0.clusters.png"],
+         r"w0\.clusters\.png: an output of .*solo/w0\.png would replace this image"),
         (base + imgs + ["--match", tmp_path / "m.json"], r"--match .*m\.json: not a match file"),
         (base + imgs + ["--match", tmp_path / "none.json"], r"--match .*none\.json: no such file"),
         (base + imgs + ["--device", "gpu"], r"--device gpu: "),
@@ -524,6 +618,7 @@ def test_bad_arguments_are_one_line_errors_before_any_image_is_read(tmp_path, po
     for args, pattern in cases:
         one_line_error(cli(args), pattern)
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+    assert sorted(p.name for p in (tmp_path / "solo").iterdir()) == ["w0.clusters.png", "w0.png"]
 
 
 # ---- the match: eval --save-match / --save-masks, segment --match ---------------------------------
@@ -561,16 +656,27 @@ def test_eval_saves_the_match_and_the_masks_and_segment_maps_clusters_to_classes
     assert index["rows"] == ["w0.png", "w1.png", "w2.png"] and index["match"]["cluster_to_class"] == perm.tolist()
     for i, row in enumerate(index["rows"]):
         assert np.array_equal(read_png(tmp_path / "masks" / "clusters" / row), want[i])
+    from omh_ref.evaluate.pictures import palette
+
+    png = Image.open(tmp_path / "masks" / "clusters" / index["rows"][0])   # ids kept, colours visible
+    assert png.mode == "P" and np.array_equal(np.array(png.getpalette()[:12]).reshape(4, 3), palette(4))
     # segment --match: class ids, the names in segment.json
     res = cli(["--model", pooled["fixed"], "--checkpoint", pooled["ckpt"], "--images", tmp_path / "imgs",
-               "--out", tmp_path / "out", "--resolution", 64, "--match", tmp_path / "match.json", "--levels", "all"])
+               "--out", tmp_path / "out", "--resolution", 64, "--match", tmp_path / "match.json", "--levels", "all",
+               "--overlay"])
     assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "out" / "segment.json").read_text())
     assert rec["class_names"] == ["sky", "sand", "grass", "sea"] and rec["mask"] == "class ids"
+    assert rec["files"]["mask"] == "<name>.classes.png" and not list((tmp_path / "out").glob("*.clusters.png"))
+    # the classes' colours: eval's pictures' (pictures.palette), in the mask's palette and the overlay
+    class_pal = [tuple(int(v) for v in c) for c in pictures.palette(4)]
+    assert [hex_rgb(h) for h in rec["class_palette"]] == class_pal
     for name, truth in truths.items():
-        classes = read_png(tmp_path / "out" / f"{name}.png")
+        classes = read_png(tmp_path / "out" / f"{name}.classes.png")
         assert (classes == perm[truth]).mean() > 0.97
         assert np.array_equal(classes, perm[read_png(tmp_path / "out" / f"{name}.L0.png")])
+        assert png_palette(tmp_path / "out" / f"{name}.classes.png", 4) == ("P", class_pal)
+        assert_overlay_wears_the_mask_colours(tmp_path / "out" / f"{name}.overlay.png", classes, class_pal)
 
 
 def test_more_than_256_clusters_give_16_bit_masks(tmp_path, pooled):
@@ -580,7 +686,8 @@ def test_more_than_256_clusters_give_16_bit_masks(tmp_path, pooled):
     res = cli(["--model", pooled["dynamic"], "--checkpoint", ck, "--images", tmp_path / "x.png", "--out", tmp_path / "out",
                "--resolution", 32])
     assert res.exit_code == 0, res.output
-    mask = read_png(tmp_path / "out" / "x.png")
+    assert Image.open(tmp_path / "out" / "x.clusters.png").mode == "I;16"     # no palette holds 300 colours
+    mask = read_png(tmp_path / "out" / "x.clusters.png")
     assert mask.dtype == np.uint16 and mask.shape == (40, 60) and mask.max() > 255
     assert np.array_equal(mask, sg.Segmenter(pooled["dynamic"], ck, resolution=32).segment(rgb).clusters)
 
