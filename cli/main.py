@@ -301,12 +301,14 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 @shared_options("val_every")
 @click.option("--keep-best", is_flag=True,
               help="Keep best.npz, the checkpoint of the best validation mIoU (selection on labels: supervision).")
+@shared_options("allow_backbone_mismatch", allow_backbone_mismatch="Validate on --val-features of another "
+                "backbone than --features (with a warning; refused otherwise).")
 @shared_options("quiet")
 @model_options
 @friendly_errors
 def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, resume, ckpt_every,
-          log_every, config_file, overwrite, val_features, val_labels, val_every, keep_best, quiet, shifts,
-          **model_flags):
+          log_every, config_file, overwrite, val_features, val_labels, val_every, keep_best, allow_backbone_mismatch,
+          quiet, shifts, **model_flags):
     """Train OMH on a base (or, with --no-omh, the base alone) on memory-mapped features."""
     from omh_ref.core.lock import FolderLock
     from omh_ref.evaluate.pictures import curves_png
@@ -323,7 +325,7 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
     loop, cfg, auto = _run_settings(features, config_file, given, model_flags, shifts, resume)
     opts = TrainOptions(features=features, out=out, knn=knn, device=device, resume=resume,
                         shifts_auto=auto and not resume, progress=not quiet, overwrite=overwrite,
-                        keep_best=keep_best, **loop)
+                        keep_best=keep_best, allow_backbone_mismatch=allow_backbone_mismatch, **loop)
     validator = None
     if val_features or val_labels:
         if not val_features:
@@ -376,12 +378,13 @@ def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, qu
 @shared_options("knn_k", "crf", "scheduler",
                 crf="Also score the cluster predictions after a dense CRF (omh-ref[crf]).",
                 scheduler="Run the seeds on Dask: local:N or a scheduler address (one run per worker).")
-@shared_options("device")
+@shared_options("device", "allow_backbone_mismatch")
 @shared_options("quiet")
 @model_options
 @friendly_errors
 def seeds(features, val_features, val_labels, flipped_features, out, seed_list, config_file, steps, batch_size, lr,
-          lr_clusters, probe, probe_epochs, knn_k, crf, scheduler, device, quiet, shifts, **model_flags):
+          lr_clusters, probe, probe_epochs, knn_k, crf, scheduler, device, allow_backbone_mismatch, quiet, shifts,
+          **model_flags):
     """Train and evaluate one config under several seeds: mean ± std per metric and per seed
     (OUT/results.json, OUT/results.md). A rerun continues: finished runs are not redone."""
     from omh_ref.jobs.seeds import SeedsOptions, parse_seeds, run as run_seeds, table
@@ -393,7 +396,7 @@ def seeds(features, val_features, val_labels, flipped_features, out, seed_list, 
     opts = SeedsOptions(features=features, val_features=val_features, out=out, config=cfg, seeds=parsed,
                         shifts_auto=auto, val_labels=val_labels, flipped_features=flipped_features, probe=probe,
                         probe_epochs=probe_epochs, knn_k=knn_k, crf=crf, scheduler=scheduler, device=device,
-                        progress=not quiet, **loop)
+                        allow_backbone_mismatch=allow_backbone_mismatch, progress=not quiet, **loop)
     rep = run_seeds(opts, say=click.echo)
     click.echo(table({"this config": rep["summary"]}, rep["n_seeds"], rep["seconds"], label="runs"))
     click.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'results.md'}")
@@ -486,10 +489,11 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
 @click.option("--on-error", default="skip", type=click.Choice(["skip", "fail"]), show_default=True,
               help="An unreadable image: leave it out (listed in segment.json) or stop.")
 @click.option("--overwrite", is_flag=True, help="Start over: replace the images' masks (needed when the settings differ).")
+@shared_options("allow_backbone_mismatch")
 @shared_options("quiet")
 @friendly_errors
 def segment(model, checkpoint, images, out, resolution, windows, levels, overlay, flip, crf, crf_workers, crf_timeout,
-            match, device, batch_size, threads, on_error, overwrite, quiet):
+            match, device, batch_size, threads, on_error, overwrite, allow_backbone_mismatch, quiet):
     """Images -> masks at each image's own size (cluster or class ids), per-level masks, overlays.
 
     A rerun with the same settings skips the images already done.
@@ -500,7 +504,7 @@ def segment(model, checkpoint, images, out, resolution, windows, levels, overlay
                           windows=windows, levels=levels, overlay=overlay, flip=flip, crf=crf,
                           crf_workers=crf_workers, crf_timeout=crf_timeout, match=match, device=device,
                           batch_size=batch_size, threads=threads, on_error=on_error, overwrite=overwrite,
-                          progress=not quiet)
+                          allow_backbone_mismatch=allow_backbone_mismatch, progress=not quiet)
     rec = run(opts, log=click.echo)
     if not rec["images"]:
         raise InputError(f"{out}: no image could be segmented (see {Path(out) / 'segment.json'})")
@@ -534,7 +538,7 @@ def segment(model, checkpoint, images, out, resolution, windows, levels, overlay
 @click.option("--level-labels", default=None,
               help="Label granularity of each level, finest first, '-' to skip one (e.g. parts,classes,superclasses) "
                    "[default: the granularity with the closest number of classes <= the level's clusters].")
-@shared_options("device")
+@shared_options("device", "allow_backbone_mismatch")
 @shared_options("quiet")
 @friendly_errors
 def eval_cmd(json_out, quiet, **given):

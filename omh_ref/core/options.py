@@ -3,7 +3,7 @@ is spelled on a command line. The model's own options are :mod:`omh_ref.core.con
 
 Families: :data:`LOOP` (the training loop: ``omh-ref train``; ``seeds``, ``demo`` and ``recipe``
 take the part they vary), :data:`DEVICE`, :data:`OUTPUT` (progress), :data:`CRF` (the dense CRF of
-``eval``, ``segment``, ``seeds``, ``recipe``) and :data:`DASK`. The command line generates its
+``eval``, ``segment``, ``seeds``, ``recipe``), :data:`DASK` and :data:`PROVENANCE` (mixing backbones). The command line generates its
 flags from these (``cli/main.py``), the options dataclasses take their defaults from them
 (:func:`default`), and a job that prints the command doing its work (``recipe --dry-run``)
 spells each value with :func:`argv` (:func:`command`). Any other parameter is spelled by
@@ -56,7 +56,11 @@ DASK = _family(Option("scheduler", None, "Run on Dask: local:N (N worker process
 PROBE = _family(Option("probe", True, "The linear probe on the training features and their labels.", bool,
                        negatable=True))
 
-_ALL = {**LOOP, **DEVICE, **OUTPUT, **CRF, **DASK, **PROBE}
+PROVENANCE = _family(Option("allow_backbone_mismatch", False,
+                            "Go on (with a warning) when features or the --model come from another backbone than "
+                            "the checkpoint's training features (refused otherwise).", bool))
+
+_ALL = {**LOOP, **DEVICE, **OUTPUT, **CRF, **DASK, **PROBE, **PROVENANCE}
 
 
 def get(name) -> Option:

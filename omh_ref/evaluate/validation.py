@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..core.config import Config
 from ..core.errors import InputError
+from ..features import provenance
 from ..features.meta import listed_labels, path_for
 from ..features.store import FeatureStore
 from .predict import cluster_eval
@@ -23,6 +24,7 @@ class Validator:
         if labels is None:
             raise InputError(f"--val-labels: not given, and {path_for(features)} names no labels file")
         self.store = FeatureStore(features, labels=labels)
+        self.provenance = provenance.of_meta(self.store.meta) if self.store.meta else None
         self.n_classes = n_classes or self.store.meta.get("n_classes")
         self.batch_size, self.device = batch_size, device
 

@@ -8,7 +8,7 @@ per process, so Dask workers reuse theirs across chunks.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +74,21 @@ class Backbone:
     grid: tuple
     dim: int
     dynamic: bool = False    # the input's height and width are free (probed at ``resolution``)
+    stated: dict = field(default_factory=dict)   # what the file says of itself (omh-ref export's metadata)
 
     @property
     def patch(self) -> int:
         return self.resolution // self.grid[0]
+
+    def provenance(self) -> dict:
+        """Which backbone this is (:mod:`omh_ref.features.provenance`): what the file states, else
+        what its outputs show."""
+        st = self.stated
+        rand = st.get("omh_ref.random_init")
+        return {"name": Path(self.path).stem, "arch": st.get("omh_ref.arch"), "patch": self.patch, "dim": self.dim,
+                "weights_sha256": st.get("omh_ref.weights_sha256"),
+                "random_init": None if rand is None else rand == "true", "onnx_sha256": self.sha256,
+                "resolution": self.resolution}
 
 
 def inspect_model(model, resolution=None, device="cpu", threads=None) -> Backbone:
@@ -108,8 +119,9 @@ def inspect_model(model, resolution=None, device="cpu", threads=None) -> Backbon
     if y.ndim != 4 or y.shape[0] != 2 or y.shape[1] != y.shape[2] or res % y.shape[1]:
         raise InputError(f"{model}: expected patch features (B, h, w, C) with res/h a whole patch "
                          f"size, got {y.shape} for {res} px")
+    stated = {k: v for k, v in sess.get_modelmeta().custom_metadata_map.items() if k.startswith("omh_ref.")}
     return Backbone(str(model), file_sha256(model), ins[0].name, int(res), (int(y.shape[1]), int(y.shape[2])),
-                    int(y.shape[3]), dynamic=not fixed)
+                    int(y.shape[3]), dynamic=not fixed, stated=stated)
 
 
 def session_run(sess, model, input_name, x):

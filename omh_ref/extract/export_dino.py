@@ -17,7 +17,10 @@ Weights come from a local .pth (``--checkpoint``), from DINO's official download
 only when asked, on a machine with internet: fetched once into ``--cache-dir`` through a temporary
 file and a rename, then loaded like ``--checkpoint``), or a seeded random init (``--random-init``:
 tests, machines without weights). Nothing downloads at import or test time. Each export is checked against the torch forward
-with onnxruntime before its entry is written to ``manifest.json``.
+with onnxruntime before its entry is written to ``manifest.json``. The ONNX file carries its own
+provenance in its metadata (architecture, patch, the weights' sha256, random or not; extraction
+copies it into ``feats.json``); random weights are named so (``dino_vits8_random0_224.onnx``) and
+their manifest entry goes beside the file (``<name>.manifest.json``), not into a tracked manifest.
 
     omh-ref export --arch vit_small --patch 8 \
         --checkpoint dino_deitsmall8_pretrain.pth --resolution 224 --resolution 320 --out weights
@@ -25,6 +28,7 @@ with onnxruntime before its entry is written to ``manifest.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -176,9 +180,21 @@ def build_vit(arch: str, patch: int) -> VisionTransformer:
     return VisionTransformer(arch, patch).eval()
 
 
-def model_name(model: VisionTransformer, resolution: int) -> str:
-    """e.g. ``dino_vits8_224``."""
-    return f"dino_{ARCHS[model.arch][3]}{model.patch}_{resolution}"
+def model_name(model: VisionTransformer, resolution: int, random_seed: int | None = None) -> str:
+    """e.g. ``dino_vits8_224``; random weights say so, ``dino_vits8_random0_224``."""
+    rand = "" if random_seed is None else f"_random{random_seed}"
+    return f"dino_{ARCHS[model.arch][3]}{model.patch}{rand}_{resolution}"
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of the state dict (key, dtype, shape and bytes of every tensor, keys sorted): one
+    set of weights has one hash whatever resolution it is exported at."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        a = t.detach().cpu().contiguous().numpy()
+        h.update(f"{key}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,13 +293,15 @@ def download(url: str, cache_dir, say=print) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Export, check, manifest
 # --------------------------------------------------------------------------------------------------
-def export(model: VisionTransformer, resolution: int, out_dir, opset: int = 17) -> Path:
-    """Export ``model`` at a fixed resolution (dynamic batch) to ``out_dir/<name>.onnx``."""
+def export(model: VisionTransformer, resolution: int, out_dir, opset: int = 17, name: str | None = None,
+           metadata: dict | None = None) -> Path:
+    """Export ``model`` at a fixed resolution (dynamic batch) to ``out_dir/<name>.onnx`` (default
+    :func:`model_name`); ``metadata`` goes into the file's metadata_props (:func:`provenance`)."""
     if resolution % model.patch:
         raise ValueError(f"resolution {resolution} is not a multiple of patch {model.patch}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{model_name(model, resolution)}.onnx"
+    path = out_dir / f"{name or model_name(model, resolution)}.onnx"
     model.eval()
     dummy = torch.zeros(1, 3, resolution, resolution, dtype=torch.float32)
     with torch.no_grad(), warnings.catch_warnings():
@@ -297,7 +315,21 @@ def export(model: VisionTransformer, resolution: int, out_dir, opset: int = 17) 
                           input_names=["images"], output_names=["features"],
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
                           do_constant_folding=True, dynamo=False)
+    if metadata:
+        import onnx
+
+        proto = onnx.load(str(path))
+        onnx.helper.set_model_props(proto, {k: str(v) for k, v in metadata.items()})
+        onnx.save(proto, str(path))
     return path
+
+
+def provenance(model: VisionTransformer, resolution: int, source: str, random_init: bool) -> dict:
+    """What the ONNX file says of itself (``omh_ref.*`` metadata_props, read back by
+    ``omh_ref.extract.backbone``): which weights, so features of two backbones cannot be mixed."""
+    return {"omh_ref.arch": model.arch, "omh_ref.patch": model.patch, "omh_ref.dim": model.dim,
+            "omh_ref.resolution": resolution, "omh_ref.weights_sha256": weights_sha256(model),
+            "omh_ref.random_init": "true" if random_init else "false", "omh_ref.source": source}
 
 
 def random_batch(resolution: int, seed: int, batch: int = 2) -> np.ndarray:
@@ -374,7 +406,8 @@ def parser() -> argparse.ArgumentParser:
                    help="folder for the .onnx files (default: weights/ here)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--manifest", type=Path, default=None,
-                   help="manifest to update (default: manifest.json in --out)")
+                   help="manifest to update (default: manifest.json in --out; for --random-init, "
+                        "<name>.manifest.json beside the file, so a tracked manifest is not rewritten)")
     p.add_argument("--tol", type=float, default=CHECK_TOL,
                    help="max abs onnxruntime-vs-torch difference allowed (default 1e-3)")
     return p
@@ -383,7 +416,6 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv):
     args = parser().parse_args(argv)
     args.cache_dir = args.out if args.cache_dir is None else args.cache_dir
-    args.manifest = args.out / "manifest.json" if args.manifest is None else args.manifest
     return args
 
 
@@ -435,7 +467,10 @@ def _export_one(model, r, args, source, ckpt_sha) -> bool:
     the check failed (the file removed)."""
     import onnxruntime
 
-    path = export(model, r, args.out, opset=args.opset)
+    seed = args.seed if args.checkpoint is None else None
+    name = model_name(model, r, random_seed=seed)
+    path = export(model, r, args.out, opset=args.opset, name=name,
+                  metadata=provenance(model, r, source, random_init=seed is not None))
     diff = check_onnx(model, path, r, seed=args.seed)
     ok = diff <= args.tol
     print(f"{path}: onnxruntime vs torch max abs diff {diff:.3g} "
@@ -445,14 +480,16 @@ def _export_one(model, r, args, source, ckpt_sha) -> bool:
         print(f"error: check failed; removed {path}", file=sys.stderr)
         return False
     g = r // args.patch
-    update_manifest(args.manifest, {
-        "name": model_name(model, r), "arch": args.arch, "patch": args.patch, "resolution": r,
+    manifest = args.manifest or args.out / (f"{name}.manifest.json" if seed is not None else "manifest.json")
+    update_manifest(manifest, {
+        "name": name, "arch": args.arch, "patch": args.patch, "resolution": r, "random_init": seed is not None,
         "grid": [g, g], "dim": model.dim, "file": path.name, "sha256": sha256(path),
+        "weights_sha256": weights_sha256(model),
         "check": {"max_abs_diff": diff, "tol": args.tol, "pass": ok, "batch": 2, "seed": args.seed},
         "source": source, **({"checkpoint_sha256": ckpt_sha} if ckpt_sha else {}),
         "opset": args.opset, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
     })
-    print(f"recorded {model_name(model, r)} in {args.manifest}")
+    print(f"recorded {name} in {manifest}")
     return True
 
 

@@ -46,6 +46,7 @@ from ..core.errors import InputError
 from ..core.files import atomic_path, move_into_place, write_json
 from ..core.lock import FolderLock
 from ..features import meta as feats_meta
+from ..features import provenance
 from ..features.rows import RowWriter, create_npy
 from .backbone import Backbone, inspect_model, normalize, run, session
 from .datasets import Dataset, ImageError, label_hierarchy
@@ -251,6 +252,9 @@ def extract(ds: Dataset, opts: ExtractOptions, log=print) -> dict:
 def _extract(ds, opts, out, log):
     threads = opts.threads if opts.threads is not None or not (opts.scheduler or "").startswith("local:") else 1
     bb = inspect_model(opts.model, opts.resolution, opts.device, opts.threads)
+    note = provenance.random_note(bb.provenance(), f"the features of {opts.model}")
+    if note:
+        log(note)
     key = _job_key(ds, opts, bb)
     kinds = (["feats"] + (["labels"] if ds.has_labels else []) + (["labels_fine"] if ds.has_fine_labels else [])
              + (["flip"] if opts.flip else []))
@@ -412,6 +416,7 @@ def describe(ds: Dataset, opts: ExtractOptions, bb: Backbone, keep, failures, ki
     return feats_meta.make(
         shape=[len(names), h, w, bb.dim], dtype=opts.dtype, backbone=Path(bb.path).stem,
         resolution=bb.resolution, patch=bb.patch, onnx=Path(bb.path).name, onnx_sha256=bb.sha256,
+        **provenance.to_meta(bb.provenance()),
         preprocessing="resize short side NEAREST (torchvision rule), centre crop, /255, ImageNet mean/std",
         crop=opts.crop, **({"five_crop_ratio": FIVE_CROP_RATIO} if opts.crop == "five" else {}),
         dataset=ds.name, split=ds.split, n_classes=ds.n_classes, class_names=ds.class_names,

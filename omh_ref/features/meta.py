@@ -8,6 +8,9 @@ The file sits beside ``feats.npy`` (the same stem, ``.json``). Fields (``None`` 
 ``format``         1 (this schema)
 ``backbone``       the backbone's name (the ONNX file's stem, or ``synthetic``)
 ``onnx``           the ONNX file's name; ``onnx_sha256`` its sha256
+``backbone_arch``  vit_small | vit_base ...; ``backbone_weights_sha256`` the sha256 of its weights
+                   (one for every export resolution); ``backbone_random_init`` true for random
+                   weights (as ``omh-ref export`` records them in the ONNX file; None for other files)
 ``resolution``     the backbone's input size in px (square crops)
 ``patch``          pixels per patch side; ``grid`` [h, w]; ``dim`` C
 ``dtype``          float16 | float32; ``shape`` [N, h, w, C], as ``feats.npy``
@@ -48,6 +51,7 @@ LABEL_IGNORE = 255
 # name -> (types allowed besides None, required when writing)
 FIELDS = {
     "format": (int, True), "backbone": (str, True), "onnx": (str, False), "onnx_sha256": (str, False),
+    "backbone_arch": (str, False), "backbone_weights_sha256": (str, False), "backbone_random_init": (bool, False),
     "resolution": (int, True), "patch": (int, True), "grid": (list, True), "dim": (int, True),
     "dtype": (str, True), "shape": (list, True), "images": (list, False), "image_root": (str, False),
     "labels": (str, False), "label_ignore": (int, False), "flipped": (str, False), "n_classes": (int, False),
@@ -88,7 +92,7 @@ def write(path, record: dict) -> None:
 def _check(m: dict, where) -> None:
     for k, (t, _) in FIELDS.items():
         v = m.get(k)
-        if v is not None and (not isinstance(v, t) or isinstance(v, bool)):
+        if v is not None and (not isinstance(v, t) or (isinstance(v, bool) and t is not bool)):
             raise InputError(f"{where}: field {k!r} should be {t.__name__} or null, got {v!r}")
     if m.get("n_classes") is not None and m["n_classes"] < 1:
         raise InputError(f"{where}: field 'n_classes' should be >= 1, got {m['n_classes']}")

@@ -22,9 +22,10 @@ from ..evaluate.probe import linear_eval, linear_probe
 from ..extract.classes import CLASS_NAMES
 from ..extract.datasets import label_hierarchy
 from ..extract.images import image_paths, load_rgb
+from ..features import provenance
 from ..features.meta import listed_labels, path_for
 from ..features.store import FeatureStore
-from ..train.checkpoint import load_params
+from ..train.checkpoint import backbone_of, load_params
 
 
 @dataclass
@@ -53,6 +54,7 @@ class EvalOptions:
     progress: bool = True
     save_match: str | None = None        # match.json: the cluster -> class matching, for segment --match
     save_masks: str | None = None        # folder: every prediction of the split as a PNG, streamed
+    allow_backbone_mismatch: bool = default("allow_backbone_mismatch")
 
 
 def _check_outputs(opts: EvalOptions):
@@ -103,6 +105,19 @@ def crf_images(store: FeatureStore):
     return read
 
 
+def same_backbone(opts: EvalOptions, store: FeatureStore, flag: str, say) -> None:
+    """The features ``flag`` names come from the backbone the checkpoint was trained on (refused
+    otherwise, unless ``opts.allow_backbone_mismatch``); features of random weights are said."""
+    given = provenance.of_meta(store.meta) if store.meta else None
+    note = provenance.random_note(given, f"the {flag} {store.path}")
+    if note:
+        say(note)
+    if given:
+        provenance.require_same(backbone_of(opts.checkpoint), given, given_what=f"the {flag} {store.path}",
+                                trained_what=f"{opts.checkpoint}'s training features",
+                                allow=opts.allow_backbone_mismatch, say=say)
+
+
 def run(opts: EvalOptions, say=None) -> dict:
     """Score the checkpoint; write ``--json`` and the pictures of ``--out``; ``say`` hears what the
     run chooses on its way. Every folder it writes is held locked (:func:`output_folders`,
@@ -128,6 +143,7 @@ def _run(opts: EvalOptions, say) -> dict:
     if flipped is not None and (flipped.N, flipped.h, flipped.w, flipped.C) != (store.N, store.h, store.w, store.C):
         raise InputError(f"{opts.flipped_features}: shape {flipped.feats.shape} differs from {opts.features} "
                          f"{store.feats.shape}")
+    same_backbone(opts, store, "--features", say or print)
     K = cfg.eval_k
     n_classes = opts.n_classes or int(store.meta.get("n_classes") or K)
     names = resolve_class_names(opts.class_names, store, n_classes)
@@ -155,6 +171,7 @@ def _run(opts: EvalOptions, say) -> dict:
         if not (opts.train_features and train_labels):
             raise InputError("--train-features and --train-labels: give both for the linear probe")
         tr = FeatureStore(opts.train_features, labels=train_labels)
+        same_backbone(opts, tr, "--train-features", say or print)
         probe = linear_probe(params, tr, n_classes, opts.probe_epochs, opts.batch_size, seed=opts.seed,
                              device=opts.device, progress=opts.progress, cache=opts.probe_cache, say=say)
         lin = linear_eval(params, probe, store, n_classes, opts.batch_size, flipped, opts.device)

@@ -29,6 +29,8 @@ from ..core.errors import InputError
 from ..core.files import file_sha256, write_json, write_text
 from ..core.lock import FolderLock
 from ..core.options import default
+from ..features import provenance
+from ..features.store import FeatureStore
 from ..train import checkpoint
 from ..train.loop import TrainOptions, train
 from .evaluate import EvalOptions, run as run_eval
@@ -231,6 +233,7 @@ class SeedsOptions:
     pictures: bool = True
     scheduler: str | None = default("scheduler")
     device: str = default("device")
+    allow_backbone_mismatch: bool = default("allow_backbone_mismatch")
     progress: bool = True
     title: str = "Results"
     notes: tuple = ()                    # lines for results.md
@@ -243,16 +246,29 @@ class SeedsOptions:
             t = TrainOptions(features=self.features, out=str(d), steps=self.steps, batch_size=self.batch_size,
                              lr=self.lr, lr_clusters=self.lr_clusters, seed=seed, device=self.device,
                              ckpt_every=self.ckpt_every, log_every=self.log_every, knn_k=self.knn_k,
-                             shifts_auto=self.shifts_auto, progress=self.progress and self.scheduler is None)
+                             shifts_auto=self.shifts_auto, progress=self.progress and self.scheduler is None,
+                             allow_backbone_mismatch=self.allow_backbone_mismatch)
             e = EvalOptions(checkpoint=str(d / "ckpt.npz"), features=self.val_features, labels=self.val_labels,
                             flipped_features=self.flipped_features,
                             train_features=self.features if self.probe else None,
                             train_labels=self.train_labels if self.probe else None, n_classes=self.n_classes,
                             probe_epochs=self.probe_epochs, batch_size=self.batch_size_eval, seed=seed,
                             out=str(d / "pictures") if self.pictures else None, crf_workers=self.crf_workers,
-                            device=self.device, progress=self.progress and self.scheduler is None)
+                            device=self.device, progress=self.progress and self.scheduler is None,
+                            allow_backbone_mismatch=self.allow_backbone_mismatch)
             tasks.append(SeedTask(seed, self.config, t, e, self.crf))
         return tasks
+
+
+def _same_backbone(opts: SeedsOptions, say) -> None:
+    """Training and evaluation features of two backbones are refused before any seed trains (the
+    evaluations would refuse them only after every training)."""
+    train, val = (FeatureStore(p).meta for p in (opts.features, opts.val_features))
+    if train and val:
+        provenance.require_same(provenance.of_meta(train), provenance.of_meta(val),
+                                given_what=f"the --val-features {opts.val_features}",
+                                trained_what=f"the --features {opts.features}", allow=opts.allow_backbone_mismatch,
+                                say=say)
 
 
 def run(opts: SeedsOptions, say=print) -> dict:
@@ -263,12 +279,13 @@ def run(opts: SeedsOptions, say=print) -> dict:
     for path, flag in ((opts.features, "--features"), (opts.val_features, "--val-features")):
         if not Path(path).is_file():
             raise InputError(f"{flag} {path}: no such file (expected a feats.npy from omh-ref extract)")
+    _same_backbone(opts, say)
     with FolderLock(opts.out, "seeds", say=say):
         return _run(opts, say)
 
 
 def _run(opts, say):
-    from tqdm import tqdm
+    from ..core.progress import bar as progress_bar
 
     t0 = time.perf_counter()
     tasks = opts.tasks()
@@ -283,7 +300,7 @@ def _run(opts, say):
 
         say(f"seeds {', '.join(map(str, opts.seeds))} on Dask ({opts.scheduler}), one run per task")
         with dask_client(opts.scheduler) as client, \
-                tqdm(total=len(tasks), unit="run", desc="seeds", disable=not opts.progress) as bar:
+                progress_bar(len(tasks), "seeds", opts.progress, unit="run") as bar:
             def got(run):
                 runs[run["seed"]] = run
                 bar.update(1)

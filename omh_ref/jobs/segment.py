@@ -71,6 +71,7 @@ class SegmentOptions:
     threads: int | None = None
     on_error: str = "skip"          # skip | fail
     overwrite: bool = False
+    allow_backbone_mismatch: bool = False
     progress: bool = True
 
 
@@ -189,10 +190,12 @@ def run(opts: SegmentOptions, log=print, segmenter: Segmenter | None = None) -> 
     seg = segmenter or Segmenter(opts.model, opts.checkpoint, resolution=opts.resolution, windows=opts.windows,
                                  levels=opts.levels, flip=opts.flip, crf=opts.crf, crf_workers=opts.crf_workers,
                                  crf_timeout=opts.crf_timeout, match=opts.match, device=opts.device,
-                                 batch_size=opts.batch_size, threads=opts.threads)
+                                 batch_size=opts.batch_size, threads=opts.threads,
+                                 allow_backbone_mismatch=opts.allow_backbone_mismatch, say=log)
     items = list_images(opts.images)
     n_levels = len(seg.level_sizes)
-    plans = [output_files(out, it.name, n_levels, seg.levels_mode == "all", opts.overlay) for it in items]
+    plans = [output_files(out, it.name, n_levels, seg.levels_mode == "all", opts.overlay, seg.match is not None)
+             for it in items]
     _check_names(items, plans, out)
     settings = {**seg.settings, "overlay": bool(opts.overlay)}
     out.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,8 @@ from ..evaluate.hierarchy import hierarchy_plans
 from ..extract.backbone import inspect_model, normalize, run, session
 from ..extract.datasets import ImageError, read_rgb
 from ..extract.images import short_side_size
-from ..train.checkpoint import load_params
+from ..features import provenance
+from ..train.checkpoint import backbone_of, load_params
 
 DEFAULT_RESOLUTION = 224     # a model whose input size is free
 MAX_ASPECT = 32              # long / short side: beyond, an image is refused (its canvas would be huge)
@@ -219,10 +220,13 @@ class Segmenter:
     resolution: the short side in px (default: the model's input size, 224 for a dynamic model);
     windows: "auto" (one pass when the model takes any size, else windows) or "always";
     levels: "eval" or "all" (also every level's mask); flip, crf: as ``omh-ref eval``;
-    match: a match file (``omh-ref eval --save-match``); batch_size: windows per forward pass."""
+    match: a match file (``omh-ref eval --save-match``); batch_size: windows per forward pass;
+    allow_backbone_mismatch: go on (saying so) when the model is another backbone than the one
+    the checkpoint's training features came from (refused otherwise)."""
 
     def __init__(self, model, checkpoint, resolution=None, windows="auto", levels="eval", flip=False, crf=False,
-                 crf_workers=1, crf_timeout=600.0, match=None, device="cpu", batch_size=8, threads=None):
+                 crf_workers=1, crf_timeout=600.0, match=None, device="cpu", batch_size=8, threads=None,
+                 allow_backbone_mismatch=False, say=print):
         for flag, v, allowed in (("--windows", windows, WINDOW_MODES), ("--levels", levels, LEVEL_MODES)):
             if v not in allowed:
                 raise InputError(f"{flag}: expected one of {', '.join(allowed)}, got {v!r}")
@@ -262,6 +266,13 @@ class Segmenter:
         if C != self.bb.dim:
             raise InputError(f"{checkpoint}: its head takes C={C} features, but {model} gives C={self.bb.dim} "
                              "(a checkpoint trained on another backbone's features)")
+        mine = self.bb.provenance()
+        note = provenance.random_note(mine, f"the features of {model}")
+        if note:
+            say(note)
+        provenance.require_same(backbone_of(checkpoint), mine, given_what=f"the --model {model}'s features",
+                                trained_what=f"{checkpoint}'s training features", allow=allow_backbone_mismatch,
+                                say=say)
         self.model, self.checkpoint = str(model), str(checkpoint)
         self.resolution, self.windows_mode, self.levels_mode = int(res), windows, levels
         self.flip, self.crf, self.crf_workers, self.crf_timeout = bool(flip), bool(crf), crf_workers, crf_timeout

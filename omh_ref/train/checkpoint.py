@@ -80,14 +80,27 @@ def load(path) -> dict:
     return out
 
 
-def step_of(path) -> int | None:
-    """The step of the checkpoint at ``path`` (its metadata only), or None where there is no
-    readable one."""
+def _meta(path) -> dict | None:
+    """The metadata of the checkpoint at ``path`` (nothing else read), or None where there is no
+    readable one (missing, torn, another format)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return int(json.loads(bytes(z["meta"]).decode())["step"])
-    except Exception:   # missing, torn, another format: there is no step to speak of
+            return json.loads(bytes(z["meta"]).decode())
+    except Exception:
         return None
+
+
+def step_of(path) -> int | None:
+    """The step of the checkpoint at ``path``, or None where there is no readable one."""
+    meta = _meta(path)
+    return None if meta is None else int(meta["step"])
+
+
+def backbone_of(path) -> dict | None:
+    """The provenance (:mod:`omh_ref.features.provenance`) of the features the checkpoint was
+    trained on, or None (written before checkpoints recorded it, or not readable)."""
+    meta = _meta(path)
+    return None if meta is None else (meta.get("info") or {}).get("backbone")
 
 
 def check_params(path, params, cfg: Config):

@@ -36,6 +36,7 @@ from ..core.options import default
 from ..core.ops import grid_sample, normalize
 from ..core.optim import adam_init, adam_step
 from ..features.knn import build_knn, cached_table, certifies_finite, default_path, load_knn
+from ..features import provenance
 from ..features.store import FeatureStore
 from . import checkpoint
 
@@ -62,6 +63,7 @@ class TrainOptions:
     overwrite: bool = False          # start over in a folder that already holds a checkpoint
     val_every: int = default("val_every")  # steps between validations, when train() is given a validator
     keep_best: bool = False          # keep best.npz, the checkpoint of the best validation mIoU
+    allow_backbone_mismatch: bool = False   # validate on features of another backbone (said, not refused)
     prefetch: bool | None = None     # read the next batch in a background thread during a step;
                                      # None: on a GPU only (docs/benchmarks.md: on 2 busy CPU cores
                                      # the reader thread cost more than it hid)
@@ -242,8 +244,23 @@ def train(cfg: model.Config, opts: TrainOptions, say=print, validate=None) -> di
         raise InputError(f"--batch-size {opts.batch_size}: larger than the {store.N} images in {store.path}")
     if cfg.weight_neg > 0 and opts.batch_size < 2:
         raise InputError("--batch-size: negative pairs need at least 2 images per batch")
+    _check_backbones(store, opts, say, validate)
     with FolderLock(opts.out, "train", say=say):
         return _train(cfg, opts, say, store, validate)
+
+
+def _check_backbones(store, opts, say, validate):
+    """Features of random weights are said; a validation split (a ``validate`` with a
+    ``provenance``, as :class:`~omh_ref.evaluate.validation.Validator` has) of another backbone is
+    refused unless ``opts.allow_backbone_mismatch``."""
+    mine = provenance.of_meta(store.meta) if store.meta else None
+    note = provenance.random_note(mine, f"the training features {store.path}")
+    if note:
+        say(note)
+    theirs = getattr(validate, "provenance", None)
+    if mine and theirs:
+        provenance.require_same(mine, theirs, given_what="the --val-features", trained_what=f"{store.path}",
+                                allow=opts.allow_backbone_mismatch, say=say)
 
 
 def _train(cfg, opts, say, store, validate):
@@ -360,6 +377,7 @@ class _Run:
         """The run's state at ``self.step`` with the generator ``rng`` and data position ``loop``."""
         info = {"pos": loop["pos"], "epoch": loop["epoch"], "features": str(self.store.path.resolve()),
                 "features_fingerprint": self.fingerprint, "knn": str(self.knn_path.resolve()), "best": self.best,
+                "backbone": provenance.of_meta(self.store.meta) if self.store.meta else None,
                 "options": {k: v for k, v in dataclasses.asdict(self.opts).items() if k != "progress"}}
         try:
             checkpoint.save(path, self.params, self.opt_state, self.step, rng, self.cfg,

@@ -11,18 +11,19 @@ from omh_ref.jobs.seeds import SeedsOptions
 from omh_ref.train.loop import TrainOptions
 from omh_ref_cli.main import main
 
-SHARED = {**options.LOOP, **options.DEVICE, **options.OUTPUT, **options.CRF, **options.DASK, **options.PROBE}
+SHARED = {**options.LOOP, **options.DEVICE, **options.OUTPUT, **options.CRF, **options.DASK, **options.PROBE,
+          **options.PROVENANCE}
 
 
 # the shared options each command takes (a command's own --batch-size or --seed means something else)
 TAKES = {"train": {"steps", "batch_size", "lr", "lr_clusters", "seed", "device", "ckpt_every", "log_every",
-                   "val_every", "quiet"},
+                   "val_every", "quiet", "allow_backbone_mismatch"},
          "seeds": {"steps", "batch_size", "lr", "lr_clusters", "probe", "knn_k", "crf", "scheduler", "device",
-                   "quiet"},
+                   "quiet", "allow_backbone_mismatch"},
          "demo": {"steps", "batch_size", "device", "quiet"},
          "recipe": {"crf", "probe", "scheduler", "device", "quiet"},
-         "eval": {"crf", "crf_workers", "crf_timeout", "device", "quiet"},
-         "segment": {"crf", "crf_workers", "crf_timeout", "device", "quiet"},
+         "eval": {"crf", "crf_workers", "crf_timeout", "device", "quiet", "allow_backbone_mismatch"},
+         "segment": {"crf", "crf_workers", "crf_timeout", "device", "quiet", "allow_backbone_mismatch"},
          "extract": {"device", "scheduler", "quiet"},
          "knn": {"scheduler"}}
 

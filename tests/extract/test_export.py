@@ -44,7 +44,7 @@ def _ort_feats(path, x):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """One export through the command line (``omh-ref export``): ViT-S/16, random init seed 5,
-    64 px, the manifest in --out by default."""
+    64 px; random weights are named so, and their manifest entry lies beside the file."""
     from click.testing import CliRunner
 
     from omh_ref_cli.main import main
@@ -53,8 +53,8 @@ def exported(tmp_path_factory):
     res = CliRunner().invoke(main, ["export", "--arch", "vit_small", "--patch", "16", "--random-init", "--seed", "5",
                                     "--resolution", "64", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    manifest = out / "manifest.json"
-    assert manifest.is_file()
+    manifest = out / "dino_vits16_random5_64.manifest.json"
+    assert manifest.is_file() and not (out / "manifest.json").exists()
     return out, manifest, _model(5)
 
 
@@ -76,7 +76,7 @@ def test_export_without_torch_is_one_line(monkeypatch):
 
 def test_onnx_matches_torch_and_shape(exported):
     out, _, model = exported
-    path = out / "dino_vits16_64.onnx"
+    path = out / "dino_vits16_random5_64.onnx"
     assert path.is_file()
     x = ed.random_batch(64, seed=11, batch=2)
     got, want = _ort_feats(path, x), _torch_feats(model, x)
@@ -87,7 +87,7 @@ def test_onnx_matches_torch_and_shape(exported):
 
 def test_dynamic_batch(exported):
     out, _, model = exported
-    path = out / "dino_vits16_64.onnx"
+    path = out / "dino_vits16_random5_64.onnx"
     for b in (1, 3):
         x = ed.random_batch(64, seed=b, batch=b)
         got = _ort_feats(path, x)
@@ -102,10 +102,11 @@ def test_manifest_entry(exported):
     out, manifest, _ = exported
     data = json.loads(manifest.read_text())
     (entry,) = data["models"]
-    assert entry["name"] == "dino_vits16_64"
+    assert entry["name"] == "dino_vits16_random5_64" and entry["random_init"] is True
     assert (entry["arch"], entry["patch"], entry["resolution"]) == ("vit_small", 16, 64)
     assert entry["grid"] == [4, 4] and entry["dim"] == 384
-    assert entry["file"] == "dino_vits16_64.onnx"
+    assert entry["file"] == "dino_vits16_random5_64.onnx"
+    assert entry["weights_sha256"] == ed.weights_sha256(_model(5)) != ed.weights_sha256(_model(6))
     assert entry["sha256"] == ed.sha256(out / entry["file"])
     assert len(entry["sha256"]) == 64
     assert entry["check"]["pass"] is True and 0 <= entry["check"]["max_abs_diff"] <= TOL
@@ -282,3 +283,32 @@ def test_vits8_224(tmp_path):
     assert ed.check_onnx(model, path, 224, seed=0) <= TOL
     got = _ort_feats(path, ed.random_batch(224, seed=1, batch=1))
     assert got.shape == (1, 28, 28, 384)
+
+
+def test_the_onnx_file_states_its_provenance_and_one_weight_set_has_one_hash(tmp_path):
+    """A checkpoint's exports at two resolutions: plain names, the tracked manifest, the same
+    weights hash in both files' metadata (read back by extraction's inspect_model), distinct file
+    hashes; another seed's random weights hash differently and say they are random."""
+    from click.testing import CliRunner
+
+    from omh_ref.extract.backbone import inspect_model
+    from omh_ref_cli.main import main
+
+    src = _model(1)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "weights"
+    res = CliRunner().invoke(main, ["export", "--arch", "vit_small", "--patch", "16", "--checkpoint",
+                                    str(tmp_path / "w.pth"), "--resolution", "32", "--resolution", "64",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    a, b = (inspect_model(out / f"dino_vits16_{r}.onnx").provenance() for r in (32, 64))
+    assert a["weights_sha256"] == b["weights_sha256"] == ed.weights_sha256(src) and a["onnx_sha256"] != b["onnx_sha256"]
+    assert (a["arch"], a["patch"], a["dim"], a["random_init"]) == ("vit_small", 16, 384, False)
+    assert {m["file"] for m in json.loads((out / "manifest.json").read_text())["models"]} == {
+        "dino_vits16_32.onnx", "dino_vits16_64.onnx"}
+    res = CliRunner().invoke(main, ["export", "--arch", "vit_small", "--patch", "16", "--random-init", "--seed", "3",
+                                    "--resolution", "32", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    r = inspect_model(out / "dino_vits16_random3_32.onnx").provenance()
+    assert r["random_init"] is True and r["weights_sha256"] not in (None, a["weights_sha256"])
+    assert len(json.loads((out / "manifest.json").read_text())["models"]) == 2   # not written into it
