@@ -290,10 +290,12 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 @click.option("--knn", default=None, type=click.Path(), help="KNN table [default: <features stem>.knn.npy beside them, built if missing].")
 @click.option("--out", default="runs/train", show_default=True, type=click.Path(), help="Output folder.")
 @shared_options("steps", "batch_size", "lr", "lr_clusters", "seed", "device")
-@click.option("--resume", default=None, type=click.Path(), help="Checkpoint to continue from (bit-exact).")
+@click.option("--resume", default=None, type=click.Path(),
+              help="Checkpoint to continue from (bit-exact); alone, it brings the run's features, folder and settings.")
 @shared_options("ckpt_every", "log_every")
 @click.option("--config", "config_file", default=None, type=click.Path(),
-              help="TOML/JSON config ([model], [train]; a recipe's [recipe] table is ignored); flags override it.")
+              help="TOML/JSON/YAML config ([model], [train]; a recipe's [recipe] table is ignored; STEGO's "
+                   "train_config.yml as it is, omh-ref[yaml]); flags override it.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that already holds a checkpoint.")
 @click.option("--val-features", default=None, type=click.Path(), help="Validate on these features during training.")
 @click.option("--val-labels", default=None, type=click.Path(),
@@ -313,15 +315,21 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
     from omh_ref.core.lock import FolderLock
     from omh_ref.evaluate.pictures import curves_png
     from omh_ref.evaluate.validation import Validator
-    from omh_ref.train.loop import TrainOptions, train as run_train
+    from omh_ref.train.loop import TrainOptions, resumed, train as run_train
 
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters, seed=seed,
+                 ckpt_every=ckpt_every, log_every=log_every, val_every=val_every)
+    if resume:   # the checkpoint's features, folder and settings, unless flags say otherwise
+        ctx = click.get_current_context()
+        explicit = {k for k in given if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+        out_given = ctx.get_parameter_source("out") != click.core.ParameterSource.DEFAULT
+        features, out, given = resumed(resume, features, out if out_given else None, given, explicit,
+                                       say=click.echo)
     if features is None:
         from omh_ref.jobs.demo import prepare_data
 
         features = str(prepare_data(Path(out) / "data", say=click.echo)["train"] / "feats.npy")
         click.echo(f"no --features: training on the embedded demo data ({features})")
-    given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters, seed=seed,
-                 ckpt_every=ckpt_every, log_every=log_every, val_every=val_every)
     loop, cfg, auto = _run_settings(features, config_file, given, model_flags, shifts, resume)
     opts = TrainOptions(features=features, out=out, knn=knn, device=device, resume=resume,
                         shifts_auto=auto and not resume, progress=not quiet, overwrite=overwrite,

@@ -100,6 +100,29 @@ def loop_settings(flags: dict, file_table: dict, explicit, source) -> dict:
     return out
 
 
+def resumed(resume, features, out, given: dict, explicit, say=print):
+    """What ``--resume CKPT`` alone means -> (features, out, loop settings): the checkpoint's
+    feature file when ``features`` is None, its folder when ``out`` is None, and its loop settings
+    (``--steps`` included) for every key of ``given`` not in ``explicit``. A ``--steps`` other
+    than the run's is allowed and said; other changed settings are said when the run opens."""
+    info = checkpoint.load(resume)["info"]
+    before = info.get("options", {})
+    if features is None:
+        features = info.get("features")
+        if not features:
+            raise InputError(f"{resume}: the checkpoint does not name its feature file; pass --features")
+        if not Path(features).is_file():
+            raise InputError(f"{resume}: its feature file {features} is not there (moved?); pass --features "
+                             "with its new path")
+        say(f"resuming on the checkpoint's feature file {features}")
+    out = str(Path(resume).parent) if out is None else out
+    given = {k: (v if k in explicit or k not in before else before[k]) for k, v in given.items()}
+    if "steps" in explicit and before.get("steps") not in (None, given["steps"]):
+        say(f"note: --steps {given['steps']}: the run was started with --steps {before['steps']}; it now trains "
+            f"to step {given['steps']}")
+    return features, out, given
+
+
 def model_config(store: FeatureStore, file_fields: dict, flags: dict, shifts=None, resume=None,
                  source="config"):
     """The model config of a run -> (Config, shifts_auto). A new run: the defaults, then the config
@@ -347,7 +370,8 @@ class _Run:
         if diff:
             raise InputError(f"{opts.resume}: checkpoint has another config (differs in {', '.join(diff)})")
         if ck["info"].get("features_fingerprint") not in (None, self.fingerprint):
-            raise InputError(f"{opts.resume}: checkpoint was trained on another feature file than {self.store.path}")
+            raise InputError(f"{opts.resume}: checkpoint was trained on another feature file than {self.store.path} "
+                             f"({ck['info'].get('features')}; --resume alone takes the checkpoint's own)")
 
     def _start(self):
         opts, store = self.opts, self.store

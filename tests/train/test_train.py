@@ -601,3 +601,30 @@ def test_prefetching_does_not_change_the_run(feats, tmp_path, monkeypatch):
     a, b = (checkpoint.load(tmp_path / r / "ckpt.npz") for r in ("a", "b"))
     assert all(np.array_equal(a["params"][k], b["params"][k]) for k in a["params"])
     assert a["rng"].bit_generator.state == b["rng"].bit_generator.state
+
+
+def test_resume_alone_continues_the_run_where_it_stands(feats, tmp_path, monkeypatch):
+    """The printed hint ``--resume CKPT`` taken literally: the checkpoint brings its feature file,
+    its folder, its settings and its target step (no demo data is generated, a --steps 2 run stays
+    at 2, not the default 300); a --steps that differs is allowed and said, and the split run equals
+    a straight one bit for bit."""
+    monkeypatch.chdir(tmp_path)     # where a --features-less run would put the demo data
+    common = ["--quiet", "--batch-size", "4", "--dim", "5", "--levels", "6,3", "--feature-samples", "3",
+              "--ckpt-every", "2"]
+    assert run_cli("train", "--features", feats, "--out", str(tmp_path / "straight"), "--steps", "4", *common)[0] == 0
+    assert run_cli("train", "--features", feats, "--out", str(tmp_path / "split"), "--steps", "2", *common)[0] == 0
+    ck = tmp_path / "split" / "ckpt.npz"
+    code, out = run_cli("train", "--resume", str(ck))
+    assert code == 0 and f"resuming on the checkpoint's feature file {feats}" in out, out
+    assert checkpoint.load(ck)["step"] == 2 and not (tmp_path / "runs").exists() and not (tmp_path / "split" / "data").exists()
+    code, out = run_cli("train", "--resume", str(ck), "--steps", "4")
+    assert code == 0 and "note: --steps 4: the run was started with --steps 2; it now trains to step 4" in out, out
+    a, b = checkpoint.load(tmp_path / "straight" / "ckpt.npz"), checkpoint.load(ck)
+    assert a["step"] == b["step"] == 4
+    assert all(np.array_equal(a["params"][k], b["params"][k]) for k in a["params"])
+    write_feats(tmp_path / "other.npy", seed=1)
+    code, out = run_cli("train", "--resume", str(ck), "--features", str(tmp_path / "other.npy"), "--steps", "5")
+    assert code == 2 and f"trained on another feature file than {tmp_path / 'other.npy'} ({feats};" in out, out
+    os.rename(feats, tmp_path / "moved.npy")
+    code, out = run_cli("train", "--resume", str(ck), "--steps", "5")
+    assert code == 2 and f"its feature file {feats} is not there (moved?); pass --features" in out, out
