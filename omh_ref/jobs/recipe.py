@@ -183,6 +183,7 @@ class Stage:
     command: list                          # the equivalent command line
     done: bool                             # its output is complete (the run skips it)
     run: object = None                     # () -> None
+    why: str = ""                          # what it does with which settings, and where each comes from
 
 
 _SHA: dict = {}       # (path, size, mtime) -> sha256: the run plans again after every stage
@@ -267,7 +268,10 @@ def _models(rec: Recipe, opts: RecipeOptions, out: Path) -> tuple:
         done = _export_done(rec, out, given)
         if not done:
             load_exporter()                        # without torch: the one-line error, before anything runs
-        return Stage("export", ["omh-ref", "export", *argv], done, run), models
+        why = (f"export: {s['arch']}/{s['patch']} at {' and '.join(map(str, rec.resolutions))} px "
+               f"(training crops {s['train_resolution']}, evaluation {s['eval_resolution']}: [recipe] "
+               "train_resolution, eval_resolution)")
+        return Stage("export", ["omh-ref", "export", *argv], done, run, why), models
     models = {}
     for p in given:
         key = (_sha256(p), opts.device)
@@ -311,7 +315,13 @@ def _extract_stage(rec, opts, out, split, model, ds, say):
         eo = ExtractOptions(model=str(model), out=str(folder), crop=crop, flip=flip, device=opts.device,
                             progress=opts.progress, scheduler=opts.scheduler)
         extract(ds, eo, log=say)
-    return Stage(f"extract {split}", cmd, _extracted(folder, want), run)
+    res = s["train_resolution"] if train else s["eval_resolution"]
+    what = ("five crops of half the image's height and width (STEGO's training crops)" if crop == "five"
+            else "one centre crop")
+    why = (f"extract {split}: {len(ds)} images, {what} at {res} px"
+           + (", and the mirrored crop (feats_flip.npy, averaged at evaluation)" if flip else "")
+           + f" -> {len(ds) * (5 if crop == 'five' else 1)} rows")
+    return Stage(f"extract {split}", cmd, _extracted(folder, want), run, why)
 
 
 def _extracted(folder: Path, want: dict) -> bool:
@@ -335,13 +345,13 @@ def _knn_stage(rec, opts, out):
     done = feats.is_file() and cached_table(FeatureStore(feats), k, say=lambda *a: None) is not None
 
     def run():
-        from tqdm import tqdm
+        from ..core.progress import bar as progress_bar
 
         store = FeatureStore(feats)
-        with FolderLock(feats.parent, "knn"), tqdm(total=store.N, unit="img", desc="knn",
-                                                   disable=not opts.progress) as bar:
+        with FolderLock(feats.parent, "knn"), progress_bar(store.N, "knn", opts.progress, unit="img") as bar:
             build_knn(store, default_path(store), k=k, progress=bar.update, scheduler=opts.scheduler)
-    return Stage("knn", cmd, done, run)
+    why = f"knn: each training crop's {k} nearest crops by pooled feature (its partners; [recipe] knn_k)"
+    return Stage("knn", cmd, done, run, why)
 
 
 def probe_epochs(rec: Recipe, rows: int) -> int:
@@ -373,10 +383,11 @@ def _seeds_options(rec, opts, out, rows) -> seeds_job.SeedsOptions:
 def _seeds_command(rec, opts, so: seeds_job.SeedsOptions) -> list:
     cmd = options.command("seeds", features=so.features, val_features=so.val_features,
                           flipped_features=so.flipped_features, out=so.out, seed_list=so.seeds,
-                          config_file=rec.path, probe_epochs=so.probe_epochs, knn_k=so.knn_k)
+                          config_file=_shown(rec.path), steps=so.steps, batch_size=so.batch_size,
+                          probe_epochs=so.probe_epochs, knn_k=so.knn_k)
     file_tables = read_file(rec.path)
     from_file = loop_settings(_loop_defaults(), file_tables["train"], set(), rec.path)
-    for key in ("steps", "batch_size", "lr", "lr_clusters"):      # what the run changes, as flags
+    for key in ("lr", "lr_clusters"):      # what the run changes, as flags (steps and batch always said)
         if rec.train[key] != from_file[key]:
             cmd += options.argv(key, rec.train[key])
     for key, value in rec.model.items():
@@ -405,8 +416,18 @@ def plan(opts: RecipeOptions, say=print) -> list:
     rows = FeatureStore(feats).N if extract_train.done else len(data["train"]) * (5 if s["train_crop"] == "five" else 1)
     so = _seeds_options(rec, opts, out, rows)
     done = (out / "results.json").is_file() and _results_cover(out / "results.json", so)
-    stages.append(Stage("train + eval per seed", _seeds_command(rec, opts, so), done, None))
+    why = (f"train + eval per seed: seeds {','.join(map(str, so.seeds))}, {so.steps} steps at batch {so.batch_size} "
+           f"([train] of {_shown(rec.path)}), evaluation at {s['eval_resolution']} px"
+           + (f"; linear probe: {so.probe_epochs} epoch(s) = round(probe_crops {s['probe_crops']} / {rows} training "
+              "rows), at least 1: about as many crops as STEGO's probe sees while it trains" if so.probe else ""))
+    stages.append(Stage("train + eval per seed", _seeds_command(rec, opts, so), done, None, why))
     return stages
+
+
+def _shown(path) -> str:
+    """A recipe's path as a command line should say it: relative to here when it lies below."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def _results_cover(path, so) -> bool:
@@ -419,8 +440,10 @@ def _results_cover(path, so) -> bool:
 
 
 def format_plan(stages) -> str:
-    """The dry run: one command per stage, marked when it is done already."""
-    return "\n".join(("# done: " if st.done else "") + shlex.join(st.command) for st in stages)
+    """The dry run: per stage a comment saying what it does with which settings, then its command
+    (marked when it is done already)."""
+    return "\n".join(f"# {st.why}\n" * bool(st.why) + ("# done: " if st.done else "") + shlex.join(st.command)
+                     for st in stages)
 
 
 def run(opts: RecipeOptions, say=print) -> dict:

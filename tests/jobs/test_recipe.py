@@ -243,17 +243,22 @@ def test_dry_run_prints_the_commands_and_marks_the_done_ones(coco, tmp_path):
     args = ["recipe", "cocostuff27_vits8", "--root", str(root), "--weights", str(pth), "--seeds", "0,1"]
     fresh = CliRunner().invoke(main, args + ["--out", str(tmp_path / "new"), "--dry-run"])
     assert fresh.exit_code == 0, fresh.output
-    lines = fresh.output.splitlines()
+    lines = _commands(fresh.output)
     assert lines[0].startswith("omh-ref export --arch vit_small --patch 8 --checkpoint")
     assert "--resolution 224 --resolution 320" in lines[0]
     assert lines[1].startswith("omh-ref extract ") and "--split train --crop five" in lines[1]
     assert "--split val --crop center --flip" in lines[2] and lines[3].startswith("omh-ref knn ")
     assert lines[4].startswith("omh-ref seeds ") and "--probe-epochs 4000" in lines[4]   # 80000 / (4 x 5)
+    assert "--steps 5000 --batch-size 16" in lines[4]                # said, not hidden in --config
+    why = [ln for ln in fresh.output.splitlines() if ln not in lines]
+    assert len(why) == 5 and why[1].startswith("# extract train: 4 images, five crops") and "224 px -> 20 rows" in why[1]
+    assert "5000 steps at batch 16" in why[4] and "4000 epoch(s) = round(probe_crops 80000 / 20 training rows)" in why[4]
     assert not (tmp_path / "new").exists()                       # a dry run writes nothing
     no_probe = CliRunner().invoke(main, args + ["--out", str(tmp_path / "new"), "--dry-run", "--no-probe", "--crf"])
-    assert no_probe.output.splitlines()[4].endswith("--crf --no-probe")
+    assert _commands(no_probe.output)[4].endswith("--crf --no-probe")
     # the finished run: every stage done; the caller's tiny settings show as the seeds' flags
-    done = recipe.format_plan(recipe.plan(_opts("cocostuff27_vits8", root, [pth], run), say=quiet))
+    done = "\n".join(_commands(recipe.format_plan(recipe.plan(_opts("cocostuff27_vits8", root, [pth], run),
+                                                                say=quiet))))
     assert all(ln.startswith("# done: ") for ln in done.splitlines())
     assert "--steps 3 --batch-size 4" in done.splitlines()[-1]
     # every printed command is one the command line takes, with the values the run uses
@@ -261,7 +266,7 @@ def test_dry_run_prints_the_commands_and_marks_the_done_ones(coco, tmp_path):
 
     from omh_ref.extract import export_dino
 
-    for line in fresh.output.splitlines()[:5] + no_probe.output.splitlines()[4:5] + done.splitlines():
+    for line in lines + _commands(no_probe.output)[4:5] + done.splitlines():
         words = shlex.split(line.removeprefix("# done: "))
         if words[1] == "export":
             export_dino.parse_args(words[2:])
@@ -269,6 +274,36 @@ def test_dry_run_prints_the_commands_and_marks_the_done_ones(coco, tmp_path):
             main.commands[words[1]].make_context(words[1], words[2:])
     seeds = main.commands["seeds"].make_context("seeds", shlex.split(done.splitlines()[-1].removeprefix("# done: "))[2:])
     assert (seeds.params["steps"], seeds.params["batch_size"], seeds.params["seed_list"]) == (3, 4, "0,1")
+
+
+def _commands(output) -> list:
+    """The command lines of a dry run (each stage's comment saying what it does left out)."""
+    return [ln for ln in output.splitlines() if ln.removeprefix("# done: ").startswith("omh-ref ")]
+
+
+def test_the_readmes_by_hand_block_is_the_dry_run_of_its_recipe_command(tmp_path, monkeypatch):
+    """The README's "same by hand" commands are what ``--dry-run`` prints for the README's own
+    recipe command, run where the README says (paths as written; only the probe's epochs, which
+    follow the data set's size, and the recipe file's place differ on this tiny layout)."""
+    import re
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith(".venv/bin/omh-ref recipe "))
+    args = shlex.split(line)[1:]
+    block = text[text.index("The same by hand"):]
+    block = block[block.index("```bash\n") + 8:block.index("```", block.index("```bash\n") + 8)]
+    shown = [ln for ln in block.splitlines() if ln.startswith("omh-ref ")][:5]
+    monkeypatch.chdir(tmp_path)
+    root, weights = args[args.index("--root") + 1], args[args.index("--weights") + 1]
+    layouts.coco(tmp_path / root, "train", n=2, seed=1)
+    layouts.coco(tmp_path / root, "val", n=2, seed=2)
+    _random_dino(tmp_path / weights)
+    res = CliRunner().invoke(main, args + ["--dry-run"])
+    assert res.exit_code == 0, res.output
+    got = [ln.replace(str(recipe.configs_dir()), "configs") for ln in _commands(res.output)]
+    norm = lambda ls: [re.sub(r"--probe-epochs \d+", "--probe-epochs N", x) for x in ls]   # noqa: E731
+    assert norm(shown) == norm(got)
 
 
 def test_bad_arguments_are_one_line_errors(coco, tmp_path):
