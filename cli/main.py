@@ -25,8 +25,8 @@ def friendly_errors(fn):
         except (InputError, OSError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+        except KeyboardInterrupt as e:
+            click.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
             sys.exit(130)
     return wrapper
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import InputError
+from ..core.errors import InputError, Interrupted
 from ..core.files import atomic_path, move_into_place, write_json
 from ..core.lock import FolderLock
 from ..features import meta as feats_meta
@@ -359,6 +359,10 @@ def _run_tasks(tasks, state, progress_path, opts, n_total, log):
             with dask_client(opts.scheduler) as client:
                 run_all(client, run_chunk, [(t,) for t in tasks],
                         lambda res: (record(res), bar.update(res.n_images)), name="omh-ref-extract")
+    except KeyboardInterrupt:
+        n_chunks = -(-n_total // opts.images_per_chunk)
+        raise Interrupted(f"{len(state['done'])} of {n_chunks} chunk(s) are recorded in {progress_path} (their rows "
+                          "are on disk); the same command continues from there") from None
     finally:
         bar.close()
 

@@ -290,7 +290,8 @@ def test_interrupt_then_resume_is_byte_identical(tmp_path, small, monkeypatch):
         return real(task, on_batch=on_batch)
 
     monkeypatch.setattr(ex, "run_chunk", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"^1 of 3 chunk\(s\) are recorded in .*extract.progress.json "
+                                                r"\(their rows are on disk\); the same command continues"):
         _run(ds, _opts(path, tmp_path / "out", **opts))
     assert not (tmp_path / "out" / "feats.npy").exists()
     monkeypatch.setattr(ex, "run_chunk", real)
