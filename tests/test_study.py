@@ -106,3 +106,22 @@ def test_the_level_table_pairs_the_finest_consistency_by_seed():
     lines = report.level_table(recs, "tree", ["default", "other"])
     assert lines[2] == ("| default | 6 → classes: 40.0 (60.0); 3 → superclasses: 50.0 (70.0) | L0→L1 0.60 (0.25) | – |")
     assert lines[3].endswith("| L0→L1 0.67 (0.25) | +0.07 ± 0.15 (2/3) |"), lines[3]
+
+
+def test_the_stego_code_k_means_row_is_scored_in_the_baselines_job(tmp_path):
+    """A study with STEGO baseline records but none of k-means on its code runs the baseline's job
+    again (re-evaluating it), and that job returns both rows, from the one trained run."""
+    from benchmarks.study import run
+    from omh_ref.jobs import demo
+
+    assert run.trained_variants(["STEGO code + k-means"]) == ["STEGO baseline"]
+    have = {("demo", "STEGO baseline", 0), ("demo", "default", 0)}
+    assert run.missing("demo", "STEGO baseline", 0, have) and not run.missing("demo", "default", 0, have)
+    paths = demo.prepare_data(tmp_path / "data", 8, 4)
+    job = {"family": "demo", "variant": "STEGO baseline", "seed": 0, "steps": 3, "out": str(tmp_path),
+           "paths": {k: str(p) for k, p in paths.items()}}
+    recs = run.run_job(job)
+    assert [r["variant"] for r in recs] == ["STEGO baseline", "STEGO code + k-means"]
+    assert all(0.0 <= r["miou"] <= 100.0 for r in recs) and recs[0]["miou"] != recs[1]["miou"]
+    again = run.run_job(job)    # the trained run is re-evaluated, and k-means is seeded: the same rows
+    assert [r["miou"] for r in again] == [r["miou"] for r in recs]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 RULE_FAMILIES = ("flat", "tree")
-REFERENCES = ("no hierarchy (λ_hier 0)", "STEGO baseline", "k-means (raw)")
+REFERENCES = ("no hierarchy (λ_hier 0)", "STEGO baseline", "STEGO code + k-means", "k-means (raw)")
 DEFAULT = "default"
 
 

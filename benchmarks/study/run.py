@@ -10,7 +10,9 @@ training seed, train as the demo does (300 steps, batch 8, ``--shifts auto``) on
 train split and evaluate on its evaluation split (other images, other pixels of the source
 pictures): the eval level's cluster mIoU and accuracy (Hungarian), every level's scores against
 its label granularity and the hierarchy's consistency (omh_ref.evaluate.granular). Spherical
-k-means on the raw features gives the scale ("k-means (raw)"). The variants the study rejected
+k-means on the raw features gives the scale ("k-means (raw)"), and spherical k-means on the STEGO
+baseline's trained code ("STEGO code + k-means", scored in the baseline's job) a fair baseline
+beside STEGO's own cluster probe. The variants the study rejected
 (other hierarchy couplings, a plan-sparsity penalty, prediction through the plans) were retired
 from the code; docs/ablations.md names the commit that runs them. One JSON record per
 (family, variant, seed) in ``results.jsonl``; a rerun skips what is there (resumable), and a
@@ -45,6 +47,8 @@ from omh_ref.core.files import write_text  # noqa: E402
 from omh_ref.core.ops import cosine, resize  # noqa: E402
 from omh_ref.evaluate import granular, metrics  # noqa: E402
 from omh_ref.evaluate.hierarchy import UsageAccumulator, hierarchy_plans  # noqa: E402
+from omh_ref.evaluate import kmeans  # noqa: E402
+from omh_ref.evaluate.kmeans import spherical_kmeans  # noqa: E402
 from omh_ref.evaluate.predict import cluster_eval  # noqa: E402
 from omh_ref.features.store import FeatureStore  # noqa: E402
 from omh_ref.train.checkpoint import load_params  # noqa: E402
@@ -61,6 +65,7 @@ def VARIANTS(K):
         "default": {},
         "no hierarchy (λ_hier 0)": {"lam_hier": 0.0},
         "STEGO baseline": {"omh": False},
+        "STEGO code + k-means": None,
         "k-means (raw)": None,
         "ε 0.05": {"eps": 0.05},
         "ε 0.5": {"eps": 0.5},
@@ -72,6 +77,23 @@ def VARIANTS(K):
         "levels 2K/K": {"levels": (2 * K, K)},
         "levels 2K/K/3, eval middle": {"levels": (2 * K, K, N_SUPER), "eval_level": 1},
     }
+
+
+# A derived variant is scored inside the job of the variant it derives from (the same trained run):
+# the STEGO baseline's code clustered by spherical k-means, as the demo does (omh_ref.jobs.demo).
+DERIVED = {derived: source for source, derived in demo.KMEANS_OF.items()}
+
+
+def trained_variants(want=None):
+    """The variants a job is run for (a derived one asks for its source), in the table's order."""
+    wanted = None if want is None else {DERIVED.get(n, n) for n in want}
+    return [n for n in VARIANTS(9) if n not in DERIVED and (wanted is None or n in wanted)]
+
+
+def missing(family, variant, seed, have) -> bool:
+    """Whether the job (family, variant, seed) has a record to add: its own or a derived one's."""
+    scored = [variant] + [d for d, src in DERIVED.items() if src == variant]
+    return any((family, n, seed) not in have for n in scored)
 
 
 def demo_levels(K):
@@ -99,22 +121,6 @@ def _summary(clu, lv):
     cons = [{k: v for k, v in c.items() if k != "consistent"} for c in lv["consistency"]]
     return {"miou": clu["miou"], "acc": clu["acc"], "strict_miou": clu["strict"]["miou"], "levels": levels,
             "consistency": cons}
-
-
-def spherical_kmeans(x, K, rng, iters=50):
-    """Spherical k-means (cosine), k-means++ seeding from ``rng``; x (N, C) unit rows -> (K, C)."""
-    C = [x[rng.integers(len(x))]]
-    for _ in range(K - 1):
-        d = np.maximum(1 - np.max(x @ np.stack(C).T, axis=1), 0)
-        C.append(x[rng.choice(len(x), p=d / d.sum())])
-    C = np.stack(C)
-    for _ in range(iters):
-        a = (x @ C.T).argmax(axis=1)
-        for k in range(K):
-            m = a == k
-            C[k] = x[m].sum(axis=0) if m.any() else x[rng.integers(len(x))]
-        C /= np.linalg.norm(C, axis=1, keepdims=True)
-    return C
 
 
 def run_kmeans(train_store, val_store, K, seed, n_fit=30000):
@@ -158,6 +164,11 @@ def run_job(job):
     clu, lv = _level_report(params, cfg, va)
     recs = [dict(base, overrides={k: list(v) if isinstance(v, tuple) else v for k, v in over.items()},
                  **_summary(clu, lv), train_diag=diag, seconds=round(time.perf_counter() - t0, 1))]
+    if variant in demo.KMEANS_OF:   # the same code, clustered by k-means instead of its own probe
+        t1 = time.perf_counter()
+        fitted = kmeans.with_centres(params, cfg, kmeans.fit_codes(params, tr, cfg.eval_k, seed, restarts=5))
+        recs.append(dict(base, variant=demo.KMEANS_OF[variant], overrides=None, **_summary(*_level_report(fitted, cfg, va)),
+                         seconds=round(time.perf_counter() - t1, 1)))
     return recs
 
 
@@ -210,13 +221,10 @@ def main(argv=None):
             paths = demo.prepare_data(out / "data" / fam, a.n_train, a.n_val)
         else:
             paths = data.write_family(fam, str(out / "data" / fam), a.n_train, a.n_val)
-        names = [n for n, o in VARIANTS(9).items() if o is not None or n == "k-means (raw)"]
-        if a.variants:
-            want = a.variants.split(",")
-            names = [n for n in names if n in want]
+        names = trained_variants(a.variants.split(",") if a.variants else None)
         for seed in seeds:                       # seed-major: every variant has some seeds early
             for v in names:
-                if (fam, v, seed) not in have:
+                if missing(fam, v, seed, have):
                     jobs.append({"family": fam, "variant": v, "seed": seed, "steps": a.steps,
                                  "paths": {k: str(p) for k, p in paths.items()}, "out": str(out)})
     print(f"study: {len(jobs)} jobs to run ({len(done)} records already in {results})", flush=True)
@@ -228,7 +236,8 @@ def main(argv=None):
                 recs = f.result()
             except Exception as e:   # one failed job is recorded and said, the study goes on
                 recs = [{"family": j["family"], "variant": j["variant"], "seed": j["seed"], "error": repr(e)}]
-            done += recs
+            new = {(r["family"], r["variant"], r["seed"]) for r in recs}
+            done = [r for r in done if (r["family"], r["variant"], r["seed"]) not in new] + recs
             write_text(results, "".join(json.dumps(r) + "\n" for r in done))
             for r in recs:
                 print(json.dumps({k: r.get(k) for k in ("family", "variant", "seed", "miou", "seconds", "error")

@@ -1,11 +1,13 @@
 """``omh-ref demo``: synthetic data -> train OMH, OMH without the hierarchy loss, and the STEGO
-baseline over several seeds -> evaluate -> a side-by-side table and a report folder.
+baseline over several seeds -> evaluate (the STEGO baseline twice: with its own cluster probe, and
+with spherical k-means on its code, :mod:`omh_ref.evaluate.kmeans`) -> a side-by-side table and
+a report folder.
 
 Report (under ``out``): ``report.json`` (every run's cluster and linear scores, every level's
 scores against its label granularity (parts, classes, superclasses) and the hierarchy's
 consistency, means and spreads), ``predictions.png`` (val images: labels and each method's matched cluster predictions),
-``loss_curves.png`` (from each run's ``log.jsonl``), ``confusion_<method>.png``, and the runs'
-checkpoints and logs under ``runs/``.
+``loss_curves.png`` (every loss part of each method's ``log.jsonl`` for the first seed),
+``confusion_<method>.png``, and the runs' checkpoints and logs under ``runs/``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from ..core.config import Config
 from ..core.files import write_text
 from ..core.lock import FolderLock
 from ..core.options import default
-from ..evaluate import granular, pictures
+from ..evaluate import granular, kmeans, pictures
 from ..evaluate.hierarchy import UsageAccumulator, hierarchy_plans
 from ..evaluate.predict import cluster_eval, scores_json
 from ..evaluate.probe import linear_eval, linear_probe
@@ -35,6 +37,9 @@ METHODS = {
     "OMH w/o hierarchy": {"lam_hier": 0.0},
     "STEGO baseline": {"omh": False},
 }
+# A base alone is also scored with spherical k-means on its trained code (its own cluster probe
+# can collapse: STEGO's keeps three live clusters on the demo data), as a user of the field would.
+KMEANS_OF = {"STEGO baseline": "STEGO code + k-means"}
 
 
 @dataclasses.dataclass
@@ -114,6 +119,9 @@ def _run(opts: DemoOptions, say) -> dict:
             lin = linear_eval(params, probe, val_store, n_classes, device=opts.device)
             runs.setdefault(method, []).append({"seed": seed, "cluster": scores_json(clu), "linear": scores_json(lin),
                                                 "levels": levels.result(plans)})
+            if method in KMEANS_OF:   # the same code, clustered by k-means instead of its own probe
+                runs.setdefault(KMEANS_OF[method], []).append(
+                    _kmeans_run(params, cfg, train_store, val_store, n_classes, seed, lin, opts.device))
             if seed == opts.seeds[0]:
                 logs[method] = res["log"]
                 shown[method] = (preds, clu)
@@ -122,8 +130,18 @@ def _run(opts: DemoOptions, say) -> dict:
            "runs": runs, "options": dataclasses.asdict(opts), "n_classes": n_classes,
            "class_names": class_names, "seconds": round(time.perf_counter() - t0, 1)}
     write_text(out / "report.json", json.dumps(rep, indent=1))
-    _pictures(out, val_store, shown, logs, n_classes, class_names)
+    _pictures(out, val_store, shown, logs, n_classes, class_names, opts.seeds[0])
     return rep
+
+
+def _kmeans_run(params, cfg, train_store, val_store, n_classes, seed, lin, device) -> dict:
+    """The record of a base's code clustered by spherical k-means (five restarts) on the training
+    split's codes, scored as every head is; the linear probe is the code's own (``lin``)."""
+    centres = kmeans.fit_codes(params, train_store, cfg.eval_k, seed, restarts=5, device=device)
+    fitted = kmeans.with_centres(params, cfg, centres, device)
+    levels = granular.LevelScorer(cfg, val_store, granular.load_granularities(val_store))
+    clu, _ = cluster_eval(fitted, cfg, val_store, n_classes, device=device, levels=levels)
+    return {"seed": seed, "cluster": scores_json(clu), "linear": scores_json(lin), "levels": levels.result(None)}
 
 
 def _stat(values):
@@ -168,19 +186,26 @@ def _pm(stat, digits=1):
     return f"{stat['mean']:.{digits}f}±{stat['std']:.{digits}f}"
 
 
-def _pictures(out, val_store, shown, logs, n_classes, class_names):
+def _pictures(out, val_store, shown, logs, n_classes, class_names, seed):
+    """predictions.png (labels and each method's matched clusters, in the classes' colours, with
+    a legend), loss_curves.png (the first seed's runs) and confusion_<method>.png."""
     k = min(len(p) for p, _ in shown.values())
     idx = np.arange(k)
     labels = val_store.read_labels(idx)
+    names = class_names or [f"class {c}" for c in range(n_classes)]
+    pal = pictures.palette(n_classes)
     rows = []
     for i in idx:
-        row = [pictures.colorize(labels[i], n_classes)]
+        row = [pictures.colorize(labels[i], n_classes, pal)]
         for preds, clu in shown.values():
             mapped = clu["match"].cluster_to_class[preds[i]]
-            row.append(pictures.colorize(mapped, n_classes))
+            row.append(pictures.colorize(mapped, n_classes, pal))
         rows.append(row)
-    pictures.grid_png(out / "predictions.png", rows, titles=["labels", *shown])
-    pictures.loss_curves_png(out / "loss_curves.png", logs)
+    legend = pictures.legend(pal, names, set(range(n_classes)).union(pictures.present(labels)))
+    pictures.grid_png(out / "predictions.png", rows, titles=["labels", *shown], legend=legend)
+    pictures.loss_curves_png(out / "loss_curves.png", logs, title=f"training losses, seed {seed} (one line per method)")
     for method, (_, clu) in shown.items():
         name = method.replace(" ", "_").replace("/", "")
-        pictures.confusion_png(out / f"confusion_{name}.png", clu["confusion"], col_names=class_names)
+        conf, rows_named = pictures.matched_rows(clu["confusion"], clu["match"].class_to_cluster)
+        pictures.confusion_png(out / f"confusion_{name}.png", conf, row_names=rows_named, col_names=names,
+                               title=f"{method}, seed {seed}: % of each true class's pixels in each cluster")

@@ -109,7 +109,8 @@ def test_tiny_demo_end_to_end(tmp_path):
     opts = demo.DemoOptions(out=str(tmp_path / "demo"), seeds=(0, 1), steps=3, batch_size=4, n_train=12,
                             n_val=6, probe_epochs=1, progress=False)
     rep = demo.run(opts, say=lambda *a: None)
-    assert set(rep["methods"]) == set(demo.METHODS)
+    rows = set(demo.METHODS) | {"STEGO code + k-means"}
+    assert set(rep["methods"]) == rows and demo.KMEANS_OF == {"STEGO baseline": "STEGO code + k-means"}
     for m, s in rep["methods"].items():
         assert len(s["cluster_miou"]["values"]) == 2 and 0 <= s["cluster_miou"]["mean"] <= 100
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
@@ -117,9 +118,12 @@ def test_tiny_demo_end_to_end(tmp_path):
     for png in ("predictions.png", "loss_curves.png", "confusion_OMH.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 1000
     table = demo.table(rep)
-    assert all(m in table for m in demo.METHODS) and "± " in table
+    assert all(m in table for m in rows) and "± " in table
     # every level against its granularity (36 -> parts, 9 -> classes) and the consistency, per method
-    assert set(rep["levels"]) == set(demo.METHODS) and saved["levels"] == rep["levels"]
+    assert set(rep["levels"]) == rows and saved["levels"] == rep["levels"]
+    # k-means rescores the baseline's own code: its linear probe is the baseline's, its clusters not
+    base, km = rep["runs"]["STEGO baseline"], rep["runs"]["STEGO code + k-means"]
+    assert [r["linear"] for r in km] == [r["linear"] for r in base] and [r["seed"] for r in km] == [0, 1]
     omh = rep["levels"]["OMH"]
     assert [e["granularity"] for e in omh["levels"]] == ["parts", "parts", "classes"]
     assert len(omh["consistency"]) == 2 and "L0 36->parts" in table and "consistency L0->L1" in table
