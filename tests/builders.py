@@ -1,8 +1,11 @@
 """What the tests build, in one place: feature files and known worlds with labels (the package's
 own synthetic data, omh_ref.features.synthetic, is the demo's; these are the small, exact ones).
 Test modules import these instead of each other's helpers."""
+from pathlib import Path
+
 import numpy as np
 from numpy.lib.format import open_memmap
+from PIL import Image
 
 from omh_ref.core.config import Config
 from omh_ref.extract.backbone import IMAGENET_MEAN, IMAGENET_STD
@@ -13,7 +16,6 @@ from omh_ref.train import checkpoint
 def write_feats(path, N=24, h=6, w=5, C=7, dtype=np.float16, seed=0) -> str:
     """A feature file (N, h, w, C) of standard normal values, written through a memmap (as
     extraction writes it), in its folder (made if missing). -> its path as a string."""
-    from pathlib import Path
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     f = open_memmap(path, mode="w+", dtype=dtype, shape=(N, h, w, C))
@@ -99,3 +101,18 @@ def colour_world(H, W):
     truth[int(H * 0.35):, int(W * 0.64):] = 2
     truth[int(H * 0.66):, int(W * 0.06):int(W * 0.5)] = 3
     return COLOURS[truth], truth
+
+
+SIZES = [(90, 157), (171, 83), (61, 200)]   # (H, W): wide, tall, very wide
+
+
+def write_worlds(folder, sizes=SIZES):
+    """The colour worlds of ``sizes`` as PNGs w0.png, w1.png ... in ``folder``; -> {name: truth}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    truths = {}
+    for i, (H, W) in enumerate(sizes):
+        rgb, truth = colour_world(H, W)
+        Image.fromarray(rgb).save(folder / f"w{i}.png")
+        truths[f"w{i}"] = truth
+    return truths

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+from omh_ref.core import backend
 from omh_ref.core.backend import gpu_available
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
@@ -23,11 +24,17 @@ def _cupy_param():
                                                           reason="CuPy with a CUDA device is not available"))
 
 
-@pytest.fixture(params=["numpy", _cupy_param()])
+@pytest.fixture(params=["numpy", "strict", _cupy_param()])
 def xp(request):
-    """The array module under test: numpy always, cupy where a GPU is present."""
+    """The array module under test: numpy; the strict CuPy stand-in (omh_ref.core.strict_device:
+    device arrays that fail where CuPy's would, NumPy's arithmetic), with ``--device gpu``
+    meaning it for the test's duration; and cupy where a GPU is present."""
     if request.param == "numpy":
-        return np
-    import cupy
+        yield np
+    elif request.param == "strict":
+        with backend.strict_device() as sxp:
+            yield sxp
+    else:
+        import cupy
 
-    return cupy
+        yield cupy

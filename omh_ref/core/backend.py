@@ -10,19 +10,50 @@ CPU and GPU.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 _CUPY = None
 _CUPY_CHECKED = False
 
 
+_STRICT = [0]
+
+
+@contextlib.contextmanager
+def strict_device():
+    """Tests only: inside this block the ``gpu`` device is the strict CuPy stand-in
+    (:mod:`omh_ref.core.strict_device`): arrays that are not NumPy's and fail where CuPy's fail,
+    with NumPy's arithmetic. No command line option reaches it."""
+    _STRICT[0] += 1
+    try:
+        yield _strict_xp()
+    finally:
+        _STRICT[0] -= 1
+
+
+def strict_device_active() -> bool:
+    """Whether the ``gpu`` device is the strict stand-in now (inside :func:`strict_device`)."""
+    return _STRICT[0] > 0
+
+
+def _strict_xp():
+    from . import strict_device as sd
+
+    return sd.xp
+
+
 def _cupy():
-    """Return the cupy module when it imports *and* a CUDA device is usable, else None.
+    """Return the cupy module when it imports *and* a CUDA device is usable, else None (the
+    strict stand-in inside :func:`strict_device`).
 
     CuPy imports fine on machines without a GPU and only fails at the first array op, so import
     success alone is not enough (``cupy.cuda.is_available()`` decides).
     """
     global _CUPY, _CUPY_CHECKED
+    if _STRICT[0]:
+        return _strict_xp()
     if not _CUPY_CHECKED:
         _CUPY_CHECKED = True
         try:
@@ -41,8 +72,10 @@ def gpu_available() -> bool:
 
 
 def _is_cupy_array(x) -> bool:
-    # Decided by the type's module so that no cupy import is needed to recognise numpy arrays.
-    return type(x).__module__.split(".")[0] == "cupy"
+    # Decided by the type's module so that no cupy import is needed to recognise numpy arrays;
+    # the strict stand-in's arrays are device arrays too.
+    module = type(x).__module__
+    return module.split(".")[0] == "cupy" or module == "omh_ref.core.strict_device"
 
 
 def get_array_module(*arrays):
@@ -58,11 +91,13 @@ def get_array_module(*arrays):
             "(omh_ref.core.backend.to_device)"
         )
     if True in kinds:
-        return _cupy() or _import_cupy_or_fail()
+        return _cupy() or _import_cupy_or_fail(arrays)
     return np
 
 
-def _import_cupy_or_fail():
+def _import_cupy_or_fail(arrays):
+    if any(type(a).__module__ == "omh_ref.core.strict_device" for a in arrays):
+        return _strict_xp()
     import cupy  # a cupy array exists, so cupy imports
 
     return cupy

@@ -21,6 +21,7 @@ from .predict import code, codes, label_shape, summarize, update_confusion
 
 
 CACHE_MODES = ("auto", "memmap", "none")
+SHOW_EVERY = 25    # the bar shows the probe's loss every this many steps (each read waits for the device)
 
 
 def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=16, lr=1e-3, seed=0,
@@ -44,7 +45,7 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
     probe = to_device(probe, device)
     state = adam_init(probe)
     steps = epochs * ((store.N + batch_size - 1) // batch_size)
-    labelled = 0
+    labelled = done = 0
     with CodeSource(params, store, batch_size, device, cache, cache_dir, say or (lambda m: None), progress) as source, \
             progress_bar(steps, "linear probe", progress, unit="step") as bar:
         for epoch in range(epochs):
@@ -53,18 +54,20 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
                 idx = np.sort(order[s:s + batch_size])
                 z = source.read(idx)
                 host = store.read_labels(idx).astype(np.int64)
+                valid = (host >= 0) & (host < n_classes)
                 if epoch == 0:   # every label is seen once in the first epoch
-                    valid = (host >= 0) & (host < n_classes)
                     bad = ~valid & ~np.isin(host, metrics.IGNORE)
                     if bad.any():
                         raise InputError(f"{store.labels_path}: label value {int(host[bad][0])} is neither a "
                                          f"class in [0, {n_classes}) nor ignore (255 or -1)")
                     labelled += int(valid.sum())
                 lab = to_device(host, device)
-                loss, grads = loss_and_grads(probe, z, lab, size, n_classes)
+                loss, grads = loss_and_grads(probe, z, lab, size, n_classes, count=int(valid.sum()))
                 adam_step(probe, grads, state, lr)
                 bar.update(1)
-                bar.set_postfix(ce=f"{float(loss):.3f}")
+                done += 1
+                if progress and (done % SHOW_EVERY == 0 or done == steps):   # reading the loss is a device sync
+                    bar.set_postfix(ce=f"{float(loss):.3f}")
             if labelled == 0:
                 raise InputError(f"{store.labels_path}: no labelled pixels to train the linear probe on "
                                  "(every label is ignore)")
@@ -127,14 +130,16 @@ class CodeSource:
             self.tmp = None
 
 
-def loss_and_grads(probe, z, lab, size, n_classes):
-    """Mean cross-entropy over labelled pixels of upsampled logits; -> (loss, grads)."""
+def loss_and_grads(probe, z, lab, size, n_classes, count=None):
+    """Mean cross-entropy over labelled pixels of upsampled logits; -> (loss, grads). ``count``:
+    the number of labelled pixels, when the caller knows it from the host labels (otherwise it is
+    read from the device, a synchronisation)."""
     xp = get_array_module(z)
     logits, lc = linear.forward(z, probe["W"], probe["b"])                   # B,h,w,n
     up, rc = resize.forward(logits, size)                                    # B,H,W,n
     logp, sc = log_softmax.forward(up)
     valid = (lab >= 0) & (lab < n_classes)
-    count = max(int(valid.sum()), 1)
+    count = max(int(valid.sum()) if count is None else count, 1)
     # one-hot of the label where labelled (ignored pixels get an all-zero row)
     target = ((lab[..., None] == xp.arange(n_classes)) & valid[..., None]).astype(logp.dtype)
     loss = -(target * logp).sum() / count

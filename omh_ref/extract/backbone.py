@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.backend import strict_device_active
 from ..core.errors import InputError
 from ..core.files import file_sha256
 
@@ -33,10 +34,10 @@ def normalize(rgb: np.ndarray) -> np.ndarray:
 def providers(device: str) -> list:
     import onnxruntime as ort
 
-    if device == "gpu":
+    if device == "gpu" and not strict_device_active():   # the tests' stand-in GPU: arrays only, ORT on the CPU
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise InputError("--device gpu: this onnxruntime has no CUDA provider (install "
-                             "omh-ref[gpu], which brings onnxruntime-gpu, on a machine with CUDA)")
+            raise InputError("--device gpu: this onnxruntime has no CUDA provider (replace it with onnxruntime-gpu: "
+                             "pip uninstall onnxruntime && pip install onnxruntime-gpu, on a machine with CUDA)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 

@@ -25,12 +25,11 @@ from omh_ref.evaluate import metrics, pictures
 from omh_ref.jobs import segmenter as sg
 from omh_ref.jobs import segment as segment_job
 from omh_ref_cli.main import main
-from tests.builders import PATCH, colour_ckpt, colour_world, pooled_onnx, save_ckpt
+from tests.builders import PATCH, SIZES, colour_ckpt, colour_world, pooled_onnx, save_ckpt, write_worlds
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-SIZES = [(90, 157), (171, 83), (61, 200)]   # (H, W): wide, tall, very wide
 THRESHOLD = 95.0                              # Hungarian mIoU (x100) the colour masks must reach
 
 
@@ -65,17 +64,6 @@ def vit(tmp_path_factory):
 
 
 # ---- images with known regions -------------------------------------------------------------------
-def write_worlds(folder, sizes=SIZES):
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    truths = {}
-    for i, (H, W) in enumerate(sizes):
-        rgb, truth = colour_world(H, W)
-        Image.fromarray(rgb).save(folder / f"w{i}.png")
-        truths[f"w{i}"] = truth
-    return truths
-
-
 def miou(pred, truth, K=4):
     """Hungarian-matched mIoU x100 (STEGO's cluster metric); a mask of another shape scores 0."""
     if pred.shape != truth.shape:
