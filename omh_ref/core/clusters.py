@@ -47,7 +47,9 @@ def backward(dloss, levels, dlogp, dM):
     dzmain, dMs = 0, []
     for i, lv in enumerate(levels):
         ds, dl = cluster.backward(dloss, lv.loss)
-        ds = ds + log_softmax.backward(dlogp[i] + dl, lv.softmax)
+        dlp = dlogp[i] + dl
+        if not (isinstance(dlp, int) and dlp == 0):     # hard targets and no hierarchy: nothing to send back
+            ds = ds + log_softmax.backward(dlp, lv.softmax)
         dzi, dMi = cosine.backward(ds, lv.cosine)
         dzmain = dzmain + dzi
         dMs.append(dM[i] + dMi)

@@ -129,8 +129,11 @@ def test_joint_training_sends_cluster_gradients_into_the_head():
         assert np.linalg.norm(g_clu[k]) >= 0.05 * np.linalg.norm(g[k]), k
 
 
-def test_float32_matches_float64(xp):
-    cfg = fixtures.small_config()
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_float32_matches_float64(xp, name):
+    """Every variant in float32 stays float32 (the base alone's probe once sent float64 gradients
+    to its centroids: a Python 0 summed as NumPy's int64) and agrees with float64."""
+    cfg = fixtures.small_config(**VARIANTS[name])
     l64, p64, g64 = _run(cfg, 3)
     l32, p32, g32 = _run(cfg, 3, np.float32, xp)
     tol = TOLERANCES["float32"]
