@@ -163,6 +163,45 @@ def host_floats(values: dict) -> dict:
     return {k: out[k] for k in values}
 
 
+# ---- fused kernels ---------------------------------------------------------------------------
+# On a GPU at omh-ref's sizes a step's time is mostly kernel launches, one per array operation.
+# A hot elementwise or reducing expression can be written once more as a CuPy kernel (CUDA C),
+# run only on a real CuPy device; NumPy (and the strict stand-in) run the NumPy expression,
+# inside ``fusing(name)`` so that the stand-in counts it as the one kernel CuPy launches. The
+# kernels are compiled without FMA contraction (``--fmad=false``) and CUDA's division and square
+# root are correctly rounded, so each one computes what the NumPy expression computes, operation
+# for operation.
+_KERNELS: dict = {}
+
+
+def is_cupy(xp) -> bool:
+    """Whether ``xp`` is the real CuPy (not NumPy, not the tests' stand-in)."""
+    return xp is not np and getattr(xp, "__name__", "") == "cupy"
+
+
+def cupy_kernel(kind: str, name: str, *spec, **kwargs):
+    """A compiled ``cupy.ElementwiseKernel`` (``kind`` 'elementwise') or ``cupy.ReductionKernel``
+    ('reduction') of ``spec``, made once per process and name. Only on a real CuPy device."""
+    if name not in _KERNELS:
+        cp = _cupy() or _import_cupy_or_fail(())
+        cls = {"elementwise": cp.ElementwiseKernel, "reduction": cp.ReductionKernel}[kind]
+        _KERNELS[name] = cls(*spec, name=name, options=("--fmad=false",), **kwargs)
+    return _KERNELS[name]
+
+
+@contextlib.contextmanager
+def fusing(name: str):
+    """The NumPy rendering of the fused kernel ``name``: on the strict stand-in its operations
+    count as one kernel launch; elsewhere the block just runs."""
+    if _STRICT[0]:
+        from . import strict_device as sd
+
+        with sd.fused(name):
+            yield
+    else:
+        yield
+
+
 def make_rng(seed) -> np.random.Generator:
     """A seeded PCG64 generator; the only source of randomness in omh-ref."""
     if isinstance(seed, np.random.Generator):

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module, to_host
+from .backend import cupy_kernel, fusing, get_array_module, is_cupy, to_host
 from .errors import NonFiniteError
 
 
@@ -17,9 +17,49 @@ def adam_init(params) -> dict:
 
 def squared_norm(grads):
     """Σ over every gradient of its squared entries: a 0-d array on the gradients' device, NaN or
-    inf when any entry is (or when a square overflows the dtype)."""
+    inf when any entry is (or when a square overflows the dtype). On CuPy one reduction kernel a
+    gradient (NumPy: a product and a sum), then one stack and one sum of those."""
+    xp = get_array_module(*grads.values())
     with np.errstate(over="ignore", invalid="ignore"):   # an overflow is reported, not warned about
-        return sum(get_array_module(g).sum(g * g) for g in grads.values())
+        return xp.sum(xp.stack([_squared_sum(g) for g in grads.values()]))
+
+
+def _squared_sum(g):
+    xp = get_array_module(g)
+    if is_cupy(xp):
+        return cupy_kernel("reduction", "omh_squared_sum", "T x", "T y", "x * x", "a + b", "y = a", "0")(g)
+    with fusing("squared_sum"):
+        return xp.sum(g * g)
+
+
+# One Adam update of one parameter, in place, where ``ok`` holds: CuPy's kernel and the NumPy
+# rendering below it compute the same operations in the same order (backend: fused kernels).
+_ADAM_KERNEL = ("T g, bool ok, T b1, T one_b1, T b2, T one_b2, T step, T c2, T eps", "T p, T m, T v", """
+    T m_new = m * b1 + one_b1 * g;
+    T v_new = v * b2 + one_b2 * (g * g);
+    if (ok) {
+        p = p - step * m_new / (sqrt(v_new / c2) + eps);
+        m = m_new;
+        v = v_new;
+    }""")
+
+
+def _adam_update(p, g, m, v, ok, b1, b2, step, c2, eps):
+    """p, m, v updated in place where ``ok`` (a 0-d boolean on the device) holds; ``step`` = the
+    rate over the first moment's bias correction, ``c2`` the second's."""
+    xp = get_array_module(p)
+    dt = p.dtype.type
+    if is_cupy(xp):
+        cupy_kernel("elementwise", "omh_adam", *_ADAM_KERNEL)(
+            g, ok, dt(b1), dt(1 - b1), dt(b2), dt(1 - b2), dt(step), dt(c2), dt(eps), p, m, v)
+        return
+    with fusing("adam"), np.errstate(invalid="ignore", over="ignore"):
+        m_new = m * dt(b1) + dt(1 - b1) * g
+        v_new = v * dt(b2) + dt(1 - b2) * (g * g)
+        upd = dt(step) * m_new / (xp.sqrt(v_new / dt(c2)) + dt(eps))
+        m[...] = xp.where(ok, m_new, m)
+        v[...] = xp.where(ok, v_new, v)
+        p -= xp.where(ok, upd, dt(0))
 
 
 def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, ok=None):
@@ -51,22 +91,8 @@ def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, ok=None):
     state["t"] += 1
     t = state["t"]
     c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+    every = xp.asarray(True) if ok is None else ok     # checked above: every gradient is finite
     for k, p in params.items():
-        g = grads[k]
-        m, v = state["m"][k], state["v"][k]
         rate = lr[k] if isinstance(lr, dict) else lr
-        if ok is None:
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * (g * g)
-            p -= (rate / c1) * m / (xp.sqrt(v / c2) + eps)
-        else:   # the same arithmetic, kept only where ok holds
-            with np.errstate(invalid="ignore", over="ignore"):
-                m_new = m * b1 + (1 - b1) * g
-                v_new = v * b2 + (1 - b2) * (g * g)
-                upd = (rate / c1) * m_new / (xp.sqrt(v_new / c2) + eps)
-            m[...] = xp.where(ok, m_new, m)
-            v[...] = xp.where(ok, v_new, v)
-            p -= xp.where(ok, upd, 0)
+        _adam_update(p, grads[k], state["m"][k], state["v"][k], every, b1, b2, rate / c1, c2, eps)
     return norm2 if ok is None else ok

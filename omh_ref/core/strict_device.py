@@ -16,7 +16,13 @@ on the CPU:
 * every conversion to the host (``float``, ``int``, ``bool``, ``.item``, ``.tolist``, ``.get``,
   ``asnumpy``, printing) is counted with its call site (:func:`conversions`): each one is a
   synchronisation on a GPU;
-* ``xp.random`` and ``xp.linalg`` offer only the names CuPy's do.
+* ``xp.random`` and ``xp.linalg`` offer only the names CuPy's do;
+* every operation that would launch a kernel on CuPy is counted by name (:func:`ops`): each ufunc
+  call (in place or not), each function, method or index whose result is new memory (a result
+  that shares memory with an input is a view: reshape, transpose, a slice launch nothing), each
+  assignment into an array; a copy from the host is counted apart (``"host->device"``). A
+  function fused with :func:`omh_ref.core.backend.fused` counts as the one kernel CuPy makes of
+  it.
 
 The arithmetic is NumPy's, so the numbers are the NumPy run's. :mod:`omh_ref.core.backend` uses
 it as the ``gpu`` device only inside :func:`omh_ref.core.backend.strict_device` (tests), never in a
@@ -24,6 +30,8 @@ user's run.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import pprint
 import sys
 import traceback
@@ -35,6 +43,8 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 from . import cupy_names
 
 _CONVERSIONS: list = []
+_OPS: collections.Counter = collections.Counter()
+_FUSING = [0]          # inside a fused function: its operations are one kernel, counted by fused()
 _SKIP = {str(Path(__file__).resolve()), str(Path(__file__).with_name("backend.py").resolve())}   # sites: the callers
 _TO_HOST = {"save", "savez", "savez_compressed"}
 _FROM_HOST = {"asarray", "array", "asanyarray", "ascontiguousarray"}   # host -> device: a copy, no sync
@@ -50,6 +60,65 @@ def conversions() -> list:
 
 def reset_conversions() -> None:
     _CONVERSIONS.clear()
+
+
+def ops() -> dict:
+    """The kernel launches so far, by operation name (ufuncs by name, ``name.method`` for their
+    methods; ``getitem``/``setitem`` for gathers and assignments; ``fused:<name>`` for a fused
+    function; ``host->device`` for copies from the host, which are transfers, not kernels)."""
+    return dict(_OPS)
+
+
+def reset_ops() -> None:
+    _OPS.clear()
+
+
+def kernels(counts: dict | None = None) -> int:
+    """How many kernels ``counts`` (default: :func:`ops`) holds: every operation but the copies
+    from the host."""
+    counts = ops() if counts is None else counts
+    return sum(n for k, n in counts.items() if k != "host->device")
+
+
+@contextlib.contextmanager
+def fused(name: str):
+    """The block is one fused kernel: counted once, as ``fused:<name>``, its operations not."""
+    if not _FUSING[0]:
+        _OPS[f"fused:{name}"] += 1
+    _FUSING[0] += 1
+    try:
+        yield
+    finally:
+        _FUSING[0] -= 1
+
+
+_NO_KERNEL = {"empty", "empty_like"}    # an allocation only
+
+
+def _count(name: str, result=None, inputs=()) -> None:
+    """Count ``name`` as a kernel unless we are inside a fused function or ``result`` is a view
+    of one of ``inputs`` (shares its memory: no kernel on CuPy either)."""
+    if _FUSING[0] or name in _NO_KERNEL:
+        return
+    if result is not None and _is_view(result, inputs):
+        return
+    _OPS[name] += 1
+
+
+def _is_view(result, inputs) -> bool:
+    arrays = [a for a in _flat(inputs) if isinstance(a, np.ndarray)]
+    outs = [r for r in _flat((result,)) if isinstance(r, np.ndarray)]
+    return bool(outs) and all(any(np.may_share_memory(o, a) for a in arrays) for o in outs)
+
+
+def _flat(xs):
+    for x in xs:
+        if isinstance(x, StrictArray):
+            yield x._a
+        elif isinstance(x, (tuple, list)):
+            yield from _flat(x)
+        else:
+            yield x
 
 
 def _note(what: str) -> None:
@@ -172,10 +241,13 @@ class StrictArray(NDArrayOperatorsMixin):
         return StrictArray(self._a.copy())
 
     def __getitem__(self, key):
-        return _wrap(self._a[_index(key)])
+        out = self._a[_index(key)]
+        _count("getitem", out, (self._a,))
+        return _wrap(out)
 
     def __setitem__(self, key, value):
         self._a[_index(key)] = value._a if isinstance(value, StrictArray) else value
+        _count("setitem")
 
     def __getattr__(self, name):
         if name.startswith("_") or name not in _ATTRS:
@@ -185,7 +257,9 @@ class StrictArray(NDArrayOperatorsMixin):
             return _wrap(attr)
 
         def method(*args, **kwargs):
-            return _wrap(attr(*_device_args(args, name), **_device_kwargs(kwargs, name)))
+            out = attr(*_device_args(args, name), **_device_kwargs(kwargs, name))
+            _count(name, out, (self._a,))
+            return _wrap(out)
 
         return method
 
@@ -199,7 +273,10 @@ class StrictArray(NDArrayOperatorsMixin):
             return NotImplemented     # NumPy then raises "no implementation found for ...", as with CuPy
         if func.__name__ in _TO_HOST:  # cupy.save/savez copy to the host and write: they work, and sync
             _note(func.__name__)
-        return _wrap(func(*_device_args(args, func.__name__), **_device_kwargs(kwargs, func.__name__)))
+        dargs, dkwargs = _device_args(args, func.__name__), _device_kwargs(kwargs, func.__name__)
+        out = func(*dargs, **dkwargs)
+        _count(func.__name__, out, (dargs, tuple(dkwargs.values())))
+        return _wrap(out)
 
 
 def _check_ufunc(name, method):
@@ -283,9 +360,19 @@ def _function(fn, name):
 
     def call(*args, **kwargs):
         if host_ok:   # host -> device: a copy, no synchronisation
+            host = args and not isinstance(args[0], StrictArray)
             args = tuple(a._a if isinstance(a, StrictArray) else a for a in args)
-            return StrictArray(np.asarray(fn(*args, **kwargs)))
-        return _wrap(fn(*_device_args(args, name), **_device_kwargs(kwargs, name)))
+            out = np.asarray(fn(*args, **kwargs))
+            if host:       # a copy: the device array never shares the host array's memory
+                out = out.copy() if any(np.may_share_memory(out, a) for a in args if isinstance(a, np.ndarray)) else out
+                _count("host->device")
+            else:          # on the device: a copy or a dtype conversion, or nothing
+                _count(name, out, args)
+            return StrictArray(out)
+        dargs, dkwargs = _device_args(args, name), _device_kwargs(kwargs, name)
+        out = fn(*dargs, **dkwargs)
+        _count(name, out, (dargs, tuple(dkwargs.values())))
+        return _wrap(out)
 
     call.__name__ = name
     return call
@@ -315,6 +402,7 @@ def _call_ufunc(uf, method, args, kwargs):
     if out is not None:
         kwargs["out"] = _device_arg(out, name)
     res = getattr(uf, method)(*_device_args(args, name), **kwargs)
+    _count(name if method == "__call__" else f"{name}.{method}")
     return None if method == "at" else _wrap(res)
 
 

@@ -44,6 +44,7 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
              "b": np.zeros(n_classes, np.float32)}
     probe = to_device(probe, device)
     state = adam_init(probe)
+    ok = get_array_module(probe["W"]).asarray(True)   # every step's gradients finite so far (read once an epoch)
     steps = epochs * ((store.N + batch_size - 1) // batch_size)
     labelled = done = 0
     with CodeSource(params, store, batch_size, device, cache, cache_dir, say or (lambda m: None), progress) as source, \
@@ -63,7 +64,7 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
                     labelled += int(valid.sum())
                 lab = to_device(host, device)
                 loss, grads = loss_and_grads(probe, z, lab, size, n_classes, count=int(valid.sum()))
-                adam_step(probe, grads, state, lr)
+                ok = adam_step(probe, grads, state, lr, ok=ok)
                 bar.update(1)
                 done += 1
                 if progress and (done % SHOW_EVERY == 0 or done == steps):   # reading the loss is a device sync
@@ -71,6 +72,9 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
             if labelled == 0:
                 raise InputError(f"{store.labels_path}: no labelled pixels to train the linear probe on "
                                  "(every label is ignore)")
+            if not bool(to_host(ok)):
+                raise InputError(f"linear probe: non-finite gradients in epoch {epoch + 1} on the codes of "
+                                 f"{store.path} (are the features and the checkpoint finite?)")
     return to_host(probe)
 
 

@@ -16,6 +16,7 @@ from omh_ref.core import strict_device as sd
 def xp():
     with backend.strict_device() as sxp:
         sd.reset_conversions()
+        sd.reset_ops()
         yield sxp
 
 
@@ -76,6 +77,34 @@ def test_host_conversions_are_counted_with_their_call_site(xp):
     assert all(site.endswith(f"test_strict_device.py:{line}") for _, site in sd.conversions()), sd.conversions()
     with pytest.raises(TypeError):
         range(x[0].astype(np.int64))               # no __index__: a device integer is not a Python int
+
+
+def test_a_copy_to_the_device_is_a_copy(xp):
+    """As with CuPy, writing into the device array leaves the host array alone (a stand-in whose
+    asarray aliased the host memory hid in-place updates of arrays the caller still held)."""
+    host = np.zeros(3)
+    dev = xp.asarray(host)
+    dev += 1.0
+    dev[0] = 5.0
+    assert host.tolist() == [0.0, 0.0, 0.0] and backend.to_host(dev).tolist() == [5.0, 1.0, 1.0]
+
+
+def test_kernels_are_counted_by_name_and_views_launch_none(xp):
+    x = xp.asarray(np.arange(12.0).reshape(3, 4))
+    sd.reset_ops()
+    y = x * 2.0 + 1.0                               # two ufunc calls: two kernels
+    y += x                                          # in place: one more
+    s = y.sum(-1)                                   # a reduction: one
+    _views = (y.T, y.reshape(4, 3), y[1:], y[:, None], xp.expand_dims(y, 0), xp.swapaxes(y, 0, 1))
+    g = y[xp.asarray(np.array([2, 0]))]            # a gather: one kernel, and one copy from the host
+    y[0] = 0.0                                      # an assignment: one
+    c = xp.concatenate([y, y])                      # one
+    assert sd.ops() == {"multiply": 1, "add": 2, "sum": 1, "getitem": 1, "host->device": 1, "setitem": 1,
+                        "concatenate": 1}
+    assert sd.kernels() == 7 and s.shape == (3,) and g.shape == (2, 4) and c.shape == (6, 4)
+    with backend.fusing("axpy"):                   # a fused block counts once, whatever it does
+        (x * 3.0 + y).sum()
+    assert sd.ops()["fused:axpy"] == 1 and sd.kernels() == 8
 
 
 def test_the_stand_in_is_only_the_gpu_inside_the_block():

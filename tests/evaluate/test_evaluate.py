@@ -329,6 +329,27 @@ def test_linear_probe_refuses_invalid_or_absent_training_labels(tmp_path):
                               progress=False)
 
 
+def test_a_non_finite_probe_gradient_stops_the_probe_at_the_epochs_end_in_one_line(tmp_path, monkeypatch):
+    """The probe reads its divergence flag once an epoch (not once a step): a NaN gradient in
+    the second epoch is one InputError naming the epoch and the features, and the first epoch's
+    finite steps ran."""
+    store, protos = known_world(tmp_path, N=4)
+    params = identity_params(model.Config(in_dim=5, dim=5, levels=(6, 3)), protos, np.arange(3))
+    real, calls = probe_mod.loss_and_grads, []
+
+    def poisoned(*a, **k):
+        loss, grads = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 3:                       # epoch 2 of 2 steps an epoch (N=4, batch 2)
+            grads["W"] = grads["W"] * np.nan
+        return loss, grads
+
+    monkeypatch.setattr(probe_mod, "loss_and_grads", poisoned)
+    with pytest.raises(InputError, match=r"linear probe: non-finite gradients in epoch 2 on the codes of .*feats.npy"):
+        probe_mod.linear_probe(params, store, 3, epochs=3, batch_size=2, progress=False)
+    assert len(calls) == 4                        # it stopped at the end of epoch 2
+
+
 @pytest.mark.parametrize("flag", ["--out", "--save-masks", "--json"])
 def test_eval_refuses_a_folder_another_process_writes(tmp_path, flag):
     """eval holds the lock of every folder it writes (--out, --save-masks, --json's folder):
