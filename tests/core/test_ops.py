@@ -168,6 +168,27 @@ def test_float32_and_device_match_float64(name, xp):
         np.testing.assert_allclose(out, ref, rtol=F32["rtol"], atol=F32["atol"])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_grid_sample_kernels_give_numpys_bits(xp, dtype):
+    """On CuPy the sampling and its interpolation matrix are one kernel each (on NumPy and the
+    stand-in, the array expressions): the same operations in the same order, so the same bits,
+    border clamps, chosen images and both axes' corners included."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 5, 3, 6)).astype(dtype)
+    coords = rng.uniform(-1.2, 1.2, size=(3, 2, 7, 2)).astype(dtype)
+    coords[0, 0, :3] = [[-1, -1], [1, 1], [0.5, -1]]                 # exact corners and edges
+    idx = np.array([2, 0, 3])
+    for images in (None, idx):
+        xs = x[:3] if images is None else x
+        y, cache = grid_sample.forward(xs, coords, images=images)
+        dev = grid_sample.forward(xp.asarray(xs), xp.asarray(coords),
+                                  images=None if images is None else xp.asarray(images))[0]
+        assert np.array_equal(to_host(dev), y)
+    c = coords.reshape(3, 14, 2)
+    assert np.array_equal(to_host(grid_sample.interpolation_matrix(xp.asarray(c), 5, 3)),
+                          grid_sample.interpolation_matrix(c, 5, 3))
+
+
 def test_grid_sample_of_chosen_images_is_sampling_their_copy():
     """``images=idx`` samples x[idx] without copying it: the same values and gradients."""
     rng = np.random.default_rng(5)
