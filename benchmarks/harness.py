@@ -10,6 +10,9 @@ goal.
   Loss and gradients are first checked to agree (:func:`check_step_agreement`, raises
   :class:`Mismatch`); then both are timed, interleaved, at each thread count.
   Goal: ours ≤ 0.4× torch (was 0.8×, met; the next goal is the hardware: :func:`gemm_floor`).
+* :func:`kernel_count` — the kernels one training step launches (what decides a GPU step at these
+  sizes), ours counted on the strict CuPy stand-in against torch's from its profiler, the same
+  step (forward, backward, Adam). Goal: ours ≤ torch's.
 * :func:`step_profile` — where our step's time goes, by part (cProfile, caller edges out of
   ``model.forward`` / ``model.backward``), and torch's top ops (``torch.profiler``).
 * :func:`sinkhorn_benchmark` — :func:`omh_ref.core.ops.sinkhorn.forward` (+ backward) against POT's
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
+import dataclasses
 import importlib.util
 import io
 import json
@@ -59,7 +63,8 @@ PLAN_RTOL = 1e-4
 SINKHORN_GRAD_RTOL = 1e-4
 
 GOALS = {"step": ("numpy / torch", "<=", 0.4), "sinkhorn": ("torch / ours", ">=", 2.0),
-         "eval": ("ours / bare", ">=", 0.7), "floor": ("step / GEMM floor", "<=", 1.5)}
+         "eval": ("ours / bare", ">=", 0.7), "floor": ("step / GEMM floor", "<=", 1.5),
+         "kernels": ("ours / torch", "<=", 1.0)}
 
 PRESETS = {
     # repeats: timed runs (median kept) after `warmup` untimed ones
@@ -573,6 +578,109 @@ def _torch_profile(cfg, params, batch, step_seed, top, steps=1):
                     for e in ev[:top]]}
 
 
+# ---------------------------------------------------------------- kernels per step
+
+def _torch_kernels(events):
+    """Kernel-like ops among torch profiler events: an aten op counts once unless it calls other
+    counted ops (then those count: ``aten::linear`` is its ``addmm``); views, allocations and host
+    reads count nothing; a ``_foreach_`` op counts once (one multi-tensor launch on CUDA for a few
+    tensors). -> Counter {op: n}."""
+    import collections
+
+    torch = _torch()
+    silent = {}
+
+    def quiet(name):
+        if name not in silent:
+            op = getattr(torch.ops.aten, name.split("::", 1)[1], None)
+            view = op is not None and any(getattr(op, o).is_view for o in op.overloads())
+            silent[name] = view or name in _TORCH_NO_KERNEL
+        return silent[name]
+
+    def count(e):
+        if e.name.startswith("aten::_foreach_"):
+            return collections.Counter({e.name: 1})
+        below = collections.Counter()
+        for c in e.cpu_children:
+            if c.name.startswith("aten::"):
+                below += count(c)
+        if below:
+            return below
+        return collections.Counter() if quiet(e.name) else collections.Counter({e.name: 1})
+
+    total = collections.Counter()
+    for e in events:
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")):
+            total += count(e)
+    return total
+
+
+# allocations and host reads: no kernel
+_TORCH_NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
+                    "aten::new_empty_strided", "aten::resize_", "aten::as_strided_", "aten::detach_",
+                    "aten::lift_fresh", "aten::_local_scalar_dense", "aten::item", "aten::set_"}
+
+
+def kernel_count(cfg=None, batch_size=16, grid=(28, 28), seed=0):
+    """Kernels one training step launches, ours against torch's, counted rather than timed (on a
+    GPU at these sizes a step's time is mostly its launches).
+
+    Ours: the training loop's own step (``loop._Run.take_step``: loss and gradients, the
+    divergence watch, guarded Adam) on the strict CuPy stand-in, which counts each operation
+    CuPy would launch a kernel for (:mod:`omh_ref.core.strict_device`). Torch's: the independent
+    rendering's forward and autograd backward, then ``torch.optim.Adam(foreach=True)`` (CUDA's
+    default), under ``torch.profiler`` on the CPU, counted by :func:`_torch_kernels`. The step's
+    draws and the batch's copy to the device are left out of both. Goal: ours <= torch's.
+    -> {"ours": {"loss_and_grads", "optimiser", "total", "top"}, "torch": {...}, "ratio"}."""
+    import types
+
+    from omh_ref.core import backend
+    from omh_ref.core import strict_device as sd
+    from omh_ref.core.optim import adam_init
+    from omh_ref.train import loop
+
+    torch = _torch()
+    cfg = paper_config() if cfg is None else cfg
+    params, batch, step_seed = make_step_inputs(cfg, batch_size, grid, seed)
+    B, _, _, C = batch["feats"].shape
+    draws = model.draw(cfg, B, C, np.random.default_rng(step_seed))
+    lr = {k: 5e-3 if k.startswith("M") else 5e-4 for k in params}
+    with backend.strict_device() as xp:
+        dparams, dbatch = to_device(params, "gpu"), to_device(batch, "gpu")
+        sd.reset_ops()
+        model.loss_and_grads(dparams, dbatch, cfg, None, draws=draws)
+        grads_ops = sd.ops()
+        run = types.SimpleNamespace(xp=xp, params=dparams, cfg=cfg, rng=None, opt_state=adam_init(dparams), lr=lr,
+                                    ok=xp.asarray(True), bad_at=xp.asarray(-1), bad_why=xp.asarray(0), step=0)
+        sd.reset_ops()
+        loop._Run.take_step(run, dbatch, draws)
+        step_ops = sd.ops()
+    ours_total = sd.kernels(step_ops)
+    ours = {"loss_and_grads": sd.kernels(grads_ops), "total": ours_total,
+            "optimiser": ours_total - sd.kernels(grads_ops),
+            "top": sorted(((k, n) for k, n in step_ops.items() if k != "host->device"), key=lambda kv: -kv[1])[:8]}
+    tr = torch_reference()
+    with reference_dtype(tr, torch.float32), _quiet_stderr():
+        tparams, tbatch = _torch_inputs(params, batch, torch.float32, "cpu")
+        groups = {}                                         # one group per rate: the head's, the centroids'
+        for k, p in tparams.items():
+            groups.setdefault(lr[k], []).append(p)
+        opt = torch.optim.Adam([{"params": ps, "lr": rate} for rate, ps in groups.items()], foreach=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            _, _, tgrads = _torch_step(tr, cfg, tparams, tbatch, draws)
+        grads_k = _torch_kernels(prof.events())
+        for p, g in zip(tparams.values(), tgrads):
+            p.grad = g
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+        opt_k = _torch_kernels(prof.events())
+    theirs = {"loss_and_grads": sum(grads_k.values()), "optimiser": sum(opt_k.values()),
+              "total": sum(grads_k.values()) + sum(opt_k.values()),
+              "top": (grads_k + opt_k).most_common(8)}
+    return {"ours": ours, "torch": theirs, "ratio": ours["total"] / theirs["total"], "goal": GOALS["kernels"],
+            "shape": {"batch": batch_size, "grid": list(grid), "levels": list(cfg.levels)}}
+
+
 # ---------------------------------------------------------------- Sinkhorn against POT
 
 def hierarchy_problem(Kc, Kp, D=70, seed=0, dtype=np.float32):
@@ -865,6 +973,9 @@ def run_all(quick=False, settings=None, say=None):
     load["step"] = os.getloadavg()
     say("profile of our step ...")
     out["profile"] = step_profile(cfg, B, grid, threads=max(threads))
+    say("kernels per training step: ours on the strict CuPy stand-in vs torch's profiler ...")
+    out["kernels"] = {"OMH": kernel_count(cfg, B, grid),
+                      "base alone": kernel_count(dataclasses.replace(cfg, omh=False), B, grid)}
     say("the step against its own matrix multiplies (the floor) ...")
     out["floor"] = gemm_floor(cfg, B, grid, threads, max(s["scaling_repeats"], 1), min(s["warmup"], 1))
     load["floor"] = os.getloadavg()
@@ -914,6 +1025,16 @@ def format_report(res) -> str:
     for r in st["runs"]:
         lines.append(f"  {r['threads']} thread(s): numpy {1e3 * r['numpy']['median_s']:8.1f} ms   "
                      f"torch {1e3 * r['torch']['median_s']:8.1f} ms   {_goal_text(st['goal'], r['ratio'])}")
+    first = next(iter(res["kernels"].values()))
+    lines += ["", (f"Kernels per training step (batch {first['shape']['batch']}; ours counted on the strict CuPy "
+                   f"stand-in, torch's from its profiler, Adam with foreach)")]
+    for name, kc in res["kernels"].items():
+        lines += [f"  {name} (levels {'/'.join(map(str, kc['shape']['levels']))}): "
+                  + "   ".join(f"{part} ours {kc['ours'][part]} / torch {kc['torch'][part]}"
+                             for part in ("loss_and_grads", "optimiser"))
+                  + f"   step ours {kc['ours']['total']} / torch {kc['torch']['total']}   {_goal_text(kc['goal'], kc['ratio'])}",
+                  "    ours most: " + ", ".join(f"{k} {n}" for k, n in kc["ours"]["top"][:6]) + ";  torch's most: "
+                  + ", ".join(f"{k.removeprefix('aten::')} {n}" for k, n in kc["torch"]["top"][:6])]
     fl = res["floor"]
     lines += ["", (f"The step against its GEMM floor (head + cluster levels as bare matmuls, {fl['gflop']:.1f} "
                    f"GFLOP, median of {fl['repeats']})")]

@@ -1,6 +1,7 @@
 """The benchmark harness (benchmarks/harness.py, ``python -m benchmarks``) in a tiny configuration:
 the shape of its results, and that the agreement checks between ours and the peers really run (a
 broken gradient makes them raise). No timing is asserted."""
+import contextlib
 import json
 
 import numpy as np
@@ -74,6 +75,25 @@ def test_step_profile_parts_add_up():
     assert len(prof["torch_top_ops"]["ops"]) == 3
 
 
+def test_kernel_count_counts_both_steps_and_sees_an_unfused_optimiser(monkeypatch):
+    """Ours and torch's kernels per step are counted (each part non-zero, the total their sum);
+    an Adam written as separate operations (the update before fusion) shows as more kernels."""
+    res = bench.kernel_count(**{k: TINY[k] for k in ("cfg", "batch_size", "grid")})
+    for side in ("ours", "torch"):
+        r = res[side]
+        assert r["loss_and_grads"] > 0 and r["optimiser"] > 0 and r["total"] == r["loss_and_grads"] + r["optimiser"]
+    assert res["ratio"] == pytest.approx(res["ours"]["total"] / res["torch"]["total"])
+    assert res["goal"] == ("ours / torch", "<=", 1.0)
+    from omh_ref.core import backend, optim
+
+    monkeypatch.setattr(backend, "fusing", lambda name: contextlib.nullcontext())
+    monkeypatch.setattr(optim, "fusing", lambda name: contextlib.nullcontext())
+    unfused = bench.kernel_count(**{k: TINY[k] for k in ("cfg", "batch_size", "grid")})
+    n = len(model.init_params(TINY["cfg"], np.random.default_rng(0)))
+    assert unfused["ours"]["optimiser"] >= res["ours"]["optimiser"] + 5 * n
+    assert unfused["ours"]["loss_and_grads"] == res["ours"]["loss_and_grads"]
+
+
 def test_sinkhorn_benchmark_structure():
     res = bench.sinkhorn_benchmark(hier=((7, 5),), eps=(0.2, 0.05), n_iters=9, targets=(30, 7), threads=(1,),
                                    repeats=1, warmup=0)
@@ -107,11 +127,12 @@ def test_python_m_benchmarks_tiny(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench_main.main(["--tiny", "--json", str(out)])
     printed = capsys.readouterr().out
-    for text in ("Training step", "numpy / torch", "goal <= 0.4", "GEMM floor", "goal <= 1.5", "torch / ours", "goal >= 2.0",
+    for text in ("Training step", "numpy / torch", "goal <= 0.4", "Kernels per training step", "ours / torch",
+                 "goal <= 1.0", "GEMM floor", "goal <= 1.5", "torch / ours", "goal >= 2.0",
                  "ours / bare", "goal >= 0.7", "Scaling", "GPU:"):
         assert text in printed, text
     data = json.loads(out.read_text())
-    assert set(data) >= {"versions", "step", "profile", "components", "sinkhorn", "eval", "scaling", "gpu"}
+    assert set(data) >= {"versions", "step", "kernels", "profile", "components", "sinkhorn", "eval", "scaling", "gpu"}
     (comp,) = data["components"]["runs"]
     for part in ("head", "feature sampling", "cluster targets"):
         assert comp[part]["numpy"] > 0 and comp[part]["torch"] > 0
