@@ -1,58 +1,13 @@
-"""Host synchronisations of a training step, counted on NumPy arrays (so the test runs without a
-GPU): a step reads nothing back from the device; the loop reads once per logged step (the loss
-parts and the divergence flags, one transfer), and nowhere else but its checkpoint writes."""
+"""Host synchronisations of a training step, counted on the strict CuPy stand-in (so the test runs
+without a GPU): a step reads nothing back from the device; the loop reads once per logged step
+(the loss parts and the divergence flags, one transfer), and nowhere else but its checkpoint
+writes."""
 import numpy as np
 import pytest
 
 from omh_ref.core import backend, fixtures, model
+from omh_ref.core import strict_device as sd
 from omh_ref.core.optim import adam_init, adam_step
-
-
-class Watched(np.ndarray):
-    """An ndarray that counts every conversion to a host scalar (float(), bool(), int(), .item(),
-    .tolist()): on CuPy each of these waits for the device."""
-
-    conversions = []
-
-    def _note(self, what):
-        Watched.conversions.append(what)
-
-    def __float__(self):
-        self._note("float")
-        return float(self.view(np.ndarray))
-
-    def __bool__(self):
-        self._note("bool")
-        return bool(self.view(np.ndarray))
-
-    def __int__(self):
-        self._note("int")
-        return int(self.view(np.ndarray))
-
-    def __index__(self):
-        self._note("index")
-        return self.view(np.ndarray).__index__()
-
-    def item(self, *a):
-        self._note("item")
-        return self.view(np.ndarray).item(*a)
-
-    def tolist(self):
-        self._note("tolist")
-        return self.view(np.ndarray).tolist()
-
-    def __array_function__(self, func, types, args, kwargs):
-        """NumPy functions of a watched array give watched arrays (np.concatenate, np.where ...
-        gave plain ones), as CuPy's functions of device arrays give device arrays."""
-        return _watched(super().__array_function__(func, types, args, kwargs))
-
-
-def _watched(x):
-    if type(x) is np.ndarray:
-        return x.view(Watched)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_watched(v) for v in x)
-    return x
 
 
 CONFIGS = [{}, {"cluster_target": "balanced", "marginals": "uniform"},
@@ -61,38 +16,33 @@ CONFIGS = [{}, {"cluster_target": "balanced", "marginals": "uniform"},
 
 
 @pytest.fixture
-def watched_draws(monkeypatch):
-    """The step's draws arrive on the device as one host -> device copy; here that copy's pieces
-    are watched too (wrapped after the conversion, as a device array would be)."""
-    real = model.to_device_draws
-
-    def wrapped(*a, **k):
-        out = real(*a, **k)
-        return {key: (None if v is None else [p.view(Watched) for p in v] if isinstance(v, list) else v.view(Watched))
-                for key, v in out.items()}
-
-    monkeypatch.setattr(model, "to_device_draws", wrapped)
+def device():
+    """The strict CuPy stand-in as the GPU, its conversion record empty."""
+    with backend.strict_device() as xp:
+        sd.reset_conversions()
+        yield xp
 
 
-def _step(over):
+def _step(over, xp):
+    """One training step on the stand-in as the loop takes it (draws made on the host first, the
+    divergence flag carried on the device). -> (loss, grads, ok, to_host calls during it)."""
     cfg = fixtures.small_config(**over)
     rng = np.random.default_rng(0)
-    params = {k: v.view(Watched) for k, v in model.init_params(cfg, rng, dtype=np.float32).items()}
-    batch = {k: v.view(Watched) for k, v in fixtures.random_batch(cfg, rng, dtype=np.float32).items()}
+    params = backend.to_device(model.init_params(cfg, rng, dtype=np.float32), "gpu")
+    batch = backend.to_device(fixtures.random_batch(cfg, rng, dtype=np.float32), "gpu")
     state = adam_init(params)
     draws = model.draw(cfg, 3, cfg.in_dim, rng)
-    Watched.conversions = []
     syncs = backend.host_syncs()
     loss, parts, grads = model.loss_and_grads(params, batch, cfg, rng, draws=draws)
-    ok = adam_step(params, grads, state, 1e-3, ok=np.asarray(True).view(Watched) & np.isfinite(loss))
+    ok = adam_step(params, grads, state, 1e-3, ok=xp.asarray(True) & xp.isfinite(loss))
     return loss, grads, ok, backend.host_syncs() - syncs
 
 
 @pytest.mark.parametrize("over", CONFIGS)
-def test_a_training_step_converts_nothing_to_the_host(over, watched_draws):
-    loss, grads, ok, syncs = _step(over)
-    assert type(loss) is Watched and type(grads["W2"]) is Watched and type(ok) is Watched   # watched all along
-    assert Watched.conversions == [] and syncs == 0
+def test_a_training_step_converts_nothing_to_the_host(over, device):
+    loss, grads, ok, syncs = _step(over, device)
+    assert all(type(a) is sd.StrictArray for a in (loss, grads["W2"], ok))   # on the device all along
+    assert sd.conversions() == [] and syncs == 0
 
 
 def _planted_sites():
@@ -111,7 +61,7 @@ def _planted_sites():
 
 def _first_array(x):
     """The first array in x, looking into tuples, lists and dicts (a backward's cache)."""
-    if isinstance(x, np.ndarray):
+    if isinstance(x, sd.StrictArray):
         return x if x.size else None
     items = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
     for v in items:
@@ -124,11 +74,10 @@ def _first_array(x):
 @pytest.mark.parametrize("module,name,over", _planted_sites(),
                          ids=lambda v: v.__name__.rsplit(".", 1)[-1] if hasattr(v, "__name__") else
                          ("-" + "-".join(v) if isinstance(v, dict) else str(v)))
-def test_a_host_read_planted_in_a_loss_or_op_is_seen(module, name, over, watched_draws, monkeypatch):
+def test_a_host_read_planted_in_a_loss_or_op_is_seen(module, name, over, device, monkeypatch):
     """The check can fail where it matters: a float() of the first array a loss or an op receives
     (a forward's input; a backward's cache, as its incoming gradient may be a constant the caller
-    made) is counted, because the watched type reaches them all. It was lost where the features
-    were converted, so a read of anything computed from the features alone passed unseen."""
+    made) is counted, because device arrays reach them all."""
     real = getattr(module, name)
     planted = []
 
@@ -140,16 +89,9 @@ def test_a_host_read_planted_in_a_loss_or_op_is_seen(module, name, over, watched
         return real(*args, **kw)
 
     monkeypatch.setattr(module, name, reads_the_host)
-    _step(over)
+    _step(over, device)
     assert planted, f"{module.__name__}.{name} was not called with an array"
-    assert Watched.conversions.count("float") == len(planted), planted
-
-
-def test_the_counter_sees_a_conversion():
-    """The check can fail: a float() of a watched array is recorded."""
-    Watched.conversions = []
-    float(np.ones(()).view(Watched) * 2)
-    assert Watched.conversions == ["float"]
+    assert [w for w, _ in sd.conversions()].count("float") == len(planted), planted
 
 
 def test_the_loop_reads_once_per_logged_step(tmp_path, monkeypatch):
