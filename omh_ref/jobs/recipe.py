@@ -303,19 +303,21 @@ def _extract_stage(rec, opts, out, split, model, ds, say):
     folder = out / "feats" / split
     crop = s["train_crop"] if train else "center"
     flip = False if train else s["eval_flip"]
+    res = s["train_resolution"] if train else s["eval_resolution"]
+    # a model of one input size is chosen for this size (_models); one that takes any size is told it
+    any_size = Path(model).is_file() and not _INSPECTED.get((_sha256(model), opts.device), (None, True))[1]
     cmd = options.command("extract", model=str(model), dataset=s["dataset"], root=opts.root, split=split, crop=crop,
-                          flip=flip, out=str(folder))
+                          flip=flip, resolution=res if any_size else None, out=str(folder))
     cmd += options.argv_if_changed("scheduler", opts.scheduler) + options.argv_if_changed("device", opts.device)
     want = {"dataset": ds.name, "split": split, "crop": crop, "flipped": "feats_flip.npy" if flip else None,
-            "image_root": str(ds.root.resolve())}
+            "image_root": str(ds.root.resolve()), "resolution": res}
     if Path(model).is_file():
         want["onnx_sha256"] = _sha256(model)
 
     def run():
-        eo = ExtractOptions(model=str(model), out=str(folder), crop=crop, flip=flip, device=opts.device,
-                            progress=opts.progress, scheduler=opts.scheduler)
+        eo = ExtractOptions(model=str(model), out=str(folder), resolution=res, crop=crop, flip=flip,
+                            device=opts.device, progress=opts.progress, scheduler=opts.scheduler)
         extract(ds, eo, log=say)
-    res = s["train_resolution"] if train else s["eval_resolution"]
     what = ("five crops of half the image's height and width (STEGO's training crops)" if crop == "five"
             else "one centre crop")
     why = (f"extract {split}: {len(ds)} images, {what} at {res} px"

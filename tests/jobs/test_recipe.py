@@ -17,7 +17,7 @@ from omh_ref.core.errors import InputError
 from omh_ref.extract.classes import CLASS_NAMES
 from omh_ref.features import synthetic
 from omh_ref_cli.main import main
-from tests import layouts
+from tests import builders, layouts
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = [f"{d}_{b}" for d in ("cocostuff27", "cityscapes27", "potsdam3") for b in ("vits8", "vitb8")]
@@ -96,6 +96,24 @@ def test_a_bad_recipe_is_one_error_naming_the_file_and_key(tmp_path, edit, messa
     assert message in str(err.value) and "cocostuff27_vits8.toml" in str(err.value)
     with pytest.raises(InputError, match="not a recipe file and not one of cityscapes27_vitb8"):
         recipe.load("cocostuff_vits8")
+
+
+def test_a_model_of_any_input_size_extracts_each_split_at_the_recipes_resolution(tmp_path):
+    """One .onnx that takes any input size serves both extractions, each told its size (the
+    training crops' and the evaluation's; it ran both at the model's default 224 px before), and
+    the command said is one ``extract`` takes."""
+    import shlex
+
+    layouts.coco(tmp_path / "data", "train", n=2, seed=1)
+    layouts.coco(tmp_path / "data", "val", n=2, seed=2)
+    model = builders.patch_conv_onnx(tmp_path / "any_size.onnx", dim=384, patch=8)
+    opts = recipe.RecipeOptions(name="cocostuff27_vits8", root=str(tmp_path / "data"), weights=(model,),
+                                out=str(tmp_path / "run"), seeds=(0,), progress=False, overrides=TINY)
+    stages = {st.name: st for st in recipe.plan(opts, say=quiet)}
+    for split, key in (("train", "train_resolution"), ("val", "eval_resolution")):
+        words = stages[f"extract {split}"].command
+        assert f"--resolution {TINY['recipe'][key]}" in shlex.join(words), words
+        assert main.commands["extract"].make_context("extract", words[2:]).params["resolution"] == TINY["recipe"][key]
 
 
 # --------------------------------------------------------------------------------------------------
