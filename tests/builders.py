@@ -76,6 +76,23 @@ def pooled_onnx(path, size=None, patch=PATCH):
     return str(path)
 
 
+def patch_conv_onnx(path, dim=384, patch=8, seed=0):
+    """A stand-in ViT backbone without torch: (B, 3, H, W) -> one seeded random linear map of each
+    patch (a Conv of kernel and stride ``patch``), (B, H/p, W/p, dim); any input size. ``dim`` 384
+    and ``patch`` 8 take the place of DINO ViT-S/8 in a recipe."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(seed).standard_normal((dim, 3, patch, patch)).astype(np.float32) / patch
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, "H", "W"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[patch, patch], strides=[patch, patch]),
+             helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 3, 1])]
+    graph = helper.make_graph(nodes, "patch_conv", [x], [y], initializer=[numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
 def save_ckpt(path, params, cfg):
     checkpoint.save(path, params, {"m": {}, "v": {}, "t": 0}, 0, np.random.default_rng(0), cfg)
     return str(path)
