@@ -1,7 +1,7 @@
 """The CUDA C of omh-ref's fused CuPy kernels, compiled for the CPU with g++ and run on NumPy
 arrays: each computes its NumPy rendering's bits. On a GPU CuPy compiles the same source (the
 cupy cases of test_ops and test_optim compare it there); here its arithmetic and its indexing are
-checked without one. The emulation gives each thread's body what CuPy gives it: the element index
+checked without one, and, where nvcc is installed, that it compiles as CUDA device code. The emulation gives each thread's body what CuPy gives it: the element index
 ``i``, non-raw arguments as the element's value (an output as a reference to it), raw arguments
 as whole arrays; no FMA contraction (CuPy's kernels are compiled with --fmad=false)."""
 import ctypes
@@ -15,13 +15,27 @@ import pytest
 from omh_ref.core import optim
 from omh_ref.core.ops import grid_sample
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is needed to compile the kernels' C")
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is needed to compile the kernels' C")
 
 _C_TYPES = {"int64": "long long", "bool": "bool"}
 _PRELUDE = """#include <cmath>
 #include <algorithm>
 using std::min; using std::max; using std::floor; using std::fabs; using std::sqrt;
 """
+
+
+KERNELS = {"adam": optim._ADAM_KERNEL, "grid_sample": grid_sample._FORWARD,
+           "grid_sample_weights": grid_sample._WEIGHTS}
+
+
+def test_every_fused_kernel_of_the_package_is_checked_here():
+    """A new elementwise kernel must join KERNELS (and get its NumPy comparison below)."""
+    import re
+    from pathlib import Path
+
+    root = Path(optim.__file__).resolve().parents[1]
+    found = {m for f in root.rglob("*.py") for m in re.findall(r'cupy_kernel\("elementwise", "(\w+)"', f.read_text())}
+    assert found == {"omh_" + name for name in KERNELS}, found
 
 
 def _params(text):
@@ -40,29 +54,59 @@ def emulate(spec, dtype, inputs, outputs, build):
     ins, outs = _params(spec[0]), _params(spec[1])
     ctype = {"float32": "float", "float64": "double"}[np.dtype(dtype).name]
     shape = next(iter(outputs.values())).shape
-    args, decl, body = [], [], []
+    decl, body = _signature(spec, ctype)
+    args = []
     for raw, typ, name in ins + outs:
-        c = ctype if typ == "T" else _C_TYPES[typ]
         is_out = any(name == o[2] for o in outs)
         value = outputs[name] if is_out else inputs[name]
         npt = np.dtype(dtype) if typ == "T" else np.dtype({"int64": np.int64, "bool": np.bool_}[typ])
         if raw:
             arr = np.ascontiguousarray(value, dtype=npt)
-            decl.append(f"const {c}* {name}")
         elif is_out:
             arr = value
             assert arr.dtype == npt and arr.flags.c_contiguous
-            decl.append(f"{c}* _{name}")
-            body.append(f"{c}& {name} = _{name}[i];")
         else:
             arr = np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype=npt), shape))
-            decl.append(f"const {c}* _{name}")
-            body.append(f"const {c} {name} = _{name}[i];")
         args.append(arr)
     src = (_PRELUDE + f"typedef {ctype} T;\n" + f'extern "C" void run(long long _size, {", ".join(decl)}) {{\n'
            + "  for (long long i = 0; i < _size; ++i) {\n    " + "\n    ".join(body) + "\n" + spec[2] + "\n  }\n}\n")
     lib = build(src)
     lib.run(ctypes.c_longlong(int(np.prod(shape))), *[a.ctypes.data_as(ctypes.c_void_p) for a in args])
+
+
+def _signature(spec, ctype):
+    """The body's declarations as CuPy makes them: raw arguments whole, the others the element's
+    value (outputs a reference to it)."""
+    ins, outs = _params(spec[0]), _params(spec[1])
+    decl, body = [], []
+    for raw, typ, name in ins + outs:
+        c = ctype if typ == "T" else _C_TYPES[typ]
+        if raw:
+            decl.append(f"const {c}* {name}")
+        elif name in [o[2] for o in outs]:
+            decl += [f"{c}* _{name}"]
+            body.append(f"{c}& {name} = _{name}[i];")
+        else:
+            decl += [f"const {c}* _{name}"]
+            body.append(f"const {c} {name} = _{name}[i];")
+    return decl, body
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is needed to compile CUDA device code")
+def test_every_kernel_compiles_as_cuda_device_code(tmp_path):
+    """Each kernel's body in a __global__ function, float and double, with CuPy's compile option
+    (--fmad=false): names, overloads (min, max, floor, fabs, sqrt on device) and types resolve."""
+    units = []
+    for name, spec in KERNELS.items():
+        for ctype in ("float", "double"):
+            decl, body = _signature(spec, ctype)
+            units.append(f"namespace {name}_{ctype} {{\ntypedef {ctype} T;\n__global__ void k(long long _size, "
+                         f"{', '.join(decl)}) {{\n  long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
+                         f"  if (i >= _size) return;\n  " + "\n  ".join(body) + spec[2] + "\n}\n}\n")
+    (tmp_path / "kernels.cu").write_text("\n".join(units))
+    res = subprocess.run(["nvcc", "--fmad=false", "-c", "-o", str(tmp_path / "kernels.o"), str(tmp_path / "kernels.cu")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +134,7 @@ def _coords(rng, shape, dtype):
     return c
 
 
+@needs_gxx
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("chosen", [False, True])
 def test_the_grid_sample_kernel_is_the_numpy_sampling(build, dtype, chosen):
@@ -107,6 +152,7 @@ def test_the_grid_sample_kernel_is_the_numpy_sampling(build, dtype, chosen):
     assert np.array_equal(y.reshape(want.shape), want)
 
 
+@needs_gxx
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_interpolation_matrix_kernel_is_the_numpy_matrix(build, dtype):
     rng = np.random.default_rng(4)
@@ -119,6 +165,7 @@ def test_the_interpolation_matrix_kernel_is_the_numpy_matrix(build, dtype):
     assert np.array_equal(Mi, want)
 
 
+@needs_gxx
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("ok", [True, False])
 def test_the_adam_kernel_is_the_numpy_update(build, dtype, ok):
