@@ -52,7 +52,8 @@ def main(argv=None):
                    "shifts": {k: round(getattr(cfg, k), 4) for k in ("shift_neg", "shift_inter", "shift_intra")},
                    "cluster_miou": round(clu["miou"], 2), "cluster_acc": round(clu["acc"], 2)}
             if not a.no_probe:
-                lin = linear_eval(params, linear_probe(params, tr, K, epochs=5, seed=seed, progress=False), va, K)
+                lin = linear_eval(params, linear_probe(params, tr, K, epochs=5, seed=seed, progress=False, cfg=cfg), va, K,
+                                  cfg=cfg)
                 rec.update(linear_miou=round(lin["miou"], 2), linear_acc=round(lin["acc"], 2))
             rec["seconds"] = round(time.perf_counter() - t0, 1)
             print(json.dumps(rec), flush=True)

@@ -116,7 +116,8 @@ def eval_cases(s, tmp):
                         lambda params=params, cfg=cfg, val=val, flip=flip, K=K: cluster_eval(
                             params, cfg, val, K, flipped=flip), s["n_eval"], "val image", C=C))
         out.append(Case("probe", f"linear probe C={C}, one epoch",
-                        lambda params=params, tr=tr, K=K: linear_probe(params, tr, K, epochs=1, progress=False),
+                        lambda params=params, cfg=cfg, tr=tr, K=K: linear_probe(params, tr, K, epochs=1, progress=False,
+                                                                                cfg=cfg),
                         s["n_probe"], "training row", C=C))
     return out
 

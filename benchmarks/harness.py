@@ -414,7 +414,7 @@ def component_benchmark(cfg=None, batch_size=16, grid=(28, 28), threads=(1, 2), 
     relaxed = cfg.cluster_target == "relaxed"
 
     def ours_head():
-        _, cache = head.forward(params, x)
+        _, cache = head.forward(params, x, cfg.head_activation)
         head.backward(dz, cache)
 
     tx, tdz = tr.nchw(torch.tensor(x)), tr.nchw(torch.tensor(dz))
@@ -634,7 +634,7 @@ def kernel_count(cfg=None, batch_size=16, grid=(28, 28), seed=0):
     -> {"ours": {"loss_and_grads", "optimiser", "total", "top"}, "torch": {...}, "ratio"}."""
     import types
 
-    from omh_ref.core import backend
+    from omh_ref.core import backend, bases
     from omh_ref.core import strict_device as sd
     from omh_ref.core.optim import adam_init
     from omh_ref.train import loop
@@ -651,7 +651,8 @@ def kernel_count(cfg=None, batch_size=16, grid=(28, 28), seed=0):
         model.loss_and_grads(dparams, dbatch, cfg, None, draws=draws)
         grads_ops = sd.ops()
         run = types.SimpleNamespace(xp=xp, params=dparams, cfg=cfg, rng=None, opt_state=adam_init(dparams), lr=lr,
-                                    ok=xp.asarray(True), bad_at=xp.asarray(-1), bad_why=xp.asarray(0), step=0)
+                                    ok=xp.asarray(True), bad_at=xp.asarray(-1), bad_why=xp.asarray(0), step=0,
+                                    buffers=bool(bases.get(cfg.base).TEACHER))
         sd.reset_ops()
         loop._Run.take_step(run, dbatch, draws)
         step_ops = sd.ops()

@@ -224,8 +224,8 @@ def _run_settings(features, config_file, given, model_flags, shifts, resume=None
     tables = read_file(config_file) if config_file else {"model": {}, "train": {}}
     ctx = click.get_current_context()
     explicit = {k for k in FILE_KEYS if k in given and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
-    loop = loop_settings(given, tables["train"], explicit, config_file)
     cfg, auto = model_config(store, tables["model"], model_flags, shifts, resume, source=config_file or "config")
+    loop = loop_settings(given, tables["train"], explicit, config_file, base_name=None if resume else cfg.base)
     return loop, cfg, auto
 
 

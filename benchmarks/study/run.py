@@ -166,7 +166,7 @@ def run_job(job):
                  **_summary(clu, lv), train_diag=diag, seconds=round(time.perf_counter() - t0, 1))]
     if variant in demo.KMEANS_OF:   # the same code, clustered by k-means instead of its own probe
         t1 = time.perf_counter()
-        fitted = kmeans.with_centres(params, cfg, kmeans.fit_codes(params, tr, cfg.eval_k, seed, restarts=5))
+        fitted = kmeans.with_centres(params, cfg, kmeans.fit_codes(params, tr, cfg.eval_k, seed, restarts=5, cfg=cfg))
         recs.append(dict(base, variant=demo.KMEANS_OF[variant], overrides=None, **_summary(*_level_report(fitted, cfg, va)),
                          seconds=round(time.perf_counter() - t1, 1)))
     return recs

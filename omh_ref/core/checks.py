@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import fixtures, head, model
+from . import bases, fixtures, head, model
 from .backend import to_device
 from .config import Config
 from .gradcheck import TOLERANCES, Report, _shapes, check_jacobian, check_vjp
 from .losses import cluster, correlation, hierarchy
-from .ops import (cosine, dropout, grid_sample, kl, linear, log_softmax, normalize, relu, resize, sinkhorn,
+from .ops import (cosine, dropout, grid_sample, kl, linear, log_softmax, normalize, relu, resize, silu, sinkhorn,
                   softmax)
 
 
@@ -86,6 +86,7 @@ def _op_cases(d):
     rng, dev, r, N, H, W, C, D, K = d.rng, d.dev, d.r, d.N, d.H, d.W, d.C, d.D, d.K
     yield "linear", lambda: check_vjp(linear.forward, linear.backward, (r(N, H, C), r(D, C), r(D)), name="linear")
     yield "relu", lambda: check_vjp(relu.forward, relu.backward, (r(N, H, C),), name="relu")
+    yield "silu", lambda: check_vjp(silu.forward, silu.backward, (3 * r(N, H, C),), name="silu")
     mask = dropout.channel_mask((N, H, W, C), 0.3, rng, r(1))
     yield "dropout", lambda: check_vjp(lambda x: dropout.forward(x, 0.3, mask=mask), dropout.backward,
                                         (r(N, H, W, C),), name="dropout")
@@ -151,7 +152,7 @@ def _loss_cases(d):
     for target in cluster.TARGETS:
         s = np.tanh(r(P, K))
         Q = {"relaxed": cluster.relaxed_targets(s, 0.2, 10, 0.1)[0], "balanced": cluster.balanced_targets(s, 0.2, 10)[0],
-             "hard": cluster.hard_targets(s)}[target]
+             "hard": cluster.hard_targets(s), "teacher": cluster.hard_targets(np.tanh(r(P, K)))}[target]
         name = f"cluster {target}"
         fwd = (lambda s, lp, Q=Q, t=target: cluster.forward(s, lp, t, Q=Q))
         yield name, (lambda fwd=fwd, s=s, nm=name: check_vjp(
@@ -189,6 +190,8 @@ def _model_cases(d):
                 "model omh hard+implicit": dict(cluster_target="hard", sinkhorn_backward="implicit",
                                                 sinkhorn_iters=300),
                 "model stego (no omh)": dict(omh=False),
+                "model smooseg (no omh)": dict(base="smooseg", omh=False, head_activation="silu", zero_clamp=False),
+                "model omh on smooseg": dict(base="smooseg", head_activation="silu"),
                 # the hierarchy's log domain (small_config's ε = 0.3 runs the scaling one)
                 "model omh relaxed log": dict(eps=HIER_LOG_EPS),
                 "model omh uniform log": dict(marginals="uniform", eps=HIER_LOG_EPS)}
@@ -204,8 +207,10 @@ def _model_cases(d):
 
     # The projection head as one piece (weights only: its input, the backbone's features, is frozen).
     hp, x_head = tuple(dev(v) for v in head.init(C, D, rng, np.float64).values()), r(N, H, C)
-    yield "head", lambda: check_vjp(lambda *w: head.forward(dict(zip(head.KEYS, w)), x_head),
-                                     lambda dz, cache: tuple(head.backward(dz, cache).values()), hp, name="head")
+    for act in head.ACTIVATIONS:
+        yield f"head {act}", (lambda act=act: check_vjp(
+            lambda *w: head.forward(dict(zip(head.KEYS, w)), x_head, act),
+            lambda dz, cache: tuple(head.backward(dz, cache).values()), hp, name=f"head {act}"))
 
 
 DEFAULTS_STEP = 1e-8   # finite-difference step of the whole-model check at the shipped defaults
@@ -249,7 +254,9 @@ def model_check(seed, name="model", cfg=None, step=None, device="cpu", **overrid
     rng = np.random.default_rng(seed)
     params = to_device(model.init_params(cfg, rng, dtype=np.float64), device)
     batch = to_device(fixtures.random_batch(cfg, rng), device)
-    keys = list(params)
+    base = bases.get(cfg.base)
+    fixed = {base.TEACHER: params[base.TEACHER]} if base.TEACHER else {}   # no gradient: held as it is
+    keys = [k for k in params if k not in fixed]
     targets = model.forward(params, batch, cfg, np.random.default_rng(seed))[2]["targets"]
 
     # A base alone (omh = false) detaches the code from its cluster probe, so its head gradient is
@@ -258,20 +265,20 @@ def model_check(seed, name="model", cfg=None, step=None, device="cpu", **overrid
 
     def objective(part):
         def forward(*vals):
-            loss, parts, cache = model.forward(dict(zip(keys, vals)), batch, cfg, np.random.default_rng(seed),
-                                               targets)
+            loss, parts, cache = model.forward({**dict(zip(keys, vals)), **fixed}, batch, cfg,
+                                               np.random.default_rng(seed), targets)
             return (loss if part == "loss" else parts[part]), cache
         return forward
 
     def backward(dloss, cache):
         grads = model.backward(dloss, cache)
         return tuple(grads[k] for k in keys)
-    vals = tuple(params.values())
+    vals = tuple(params[k] for k in keys)
     if not cfg.detach_clusters:
         return check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1, eps=step)
     full = check_vjp(objective("loss"), backward, vals, name=name, n_dirs=1, eps=step,
                      wrt=[i for i in range(len(keys)) if i not in head_idx])
-    corr = check_vjp(objective("corr"), backward, vals, name=name, n_dirs=1, eps=step, wrt=head_idx)
+    corr = check_vjp(objective(base.LOSS_PART), backward, vals, name=name, n_dirs=1, eps=step, wrt=head_idx)
     return max(full, corr, key=lambda rep: (not rep.passed, rep.max_rel_err))
 
 

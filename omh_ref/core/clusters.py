@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from . import bases
 from .losses import cluster
 from .ops import cosine, log_softmax
 
@@ -34,6 +35,8 @@ def forward(zmain, params, cfg, targets=None):
             Q, _ = cluster.relaxed_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, cfg.rho_q, span_bound=2.0)
         elif Q is None and cfg.cluster_target == "balanced":
             Q, parts[f"target_err_{i}"] = cluster.balanced_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, span_bound=2.0)
+        elif Q is None and cfg.cluster_target == "teacher":   # the argmax of the teacher centres' logits
+            Q = cluster.hard_targets(cosine.forward(zmain, params[bases.get(cfg.base).TEACHER])[0])
         lclu, kc = cluster.forward(s, logp, cfg.cluster_target, cfg.eps_q, cfg.sinkhorn_iters_q, Q=Q)
         parts[f"clu_{i}"] = lclu
         losses.append(lclu)

@@ -88,8 +88,15 @@ class Config:
     shift_intra: float = _field(0.08, "correlation shift of self pairs", "finite")
     pointwise: bool = _field(True, "centre the feature correlations per row (STEGO's pointwise)")
     zero_clamp: bool = _field(True, "clamp code correlations at 0 (STEGO's zero_clamp)")
-    base: str = _field("stego", "the base method whose loss trains the projection head (core/bases)",
-                       choices=tuple(bases.BASES))
+    base: str = _field("stego", "the base method whose loss trains the projection head (core/bases); a base "
+                                "sets its own defaults for the fields not given (smooseg: dim 64, dropout 0.2, "
+                                "silu head, its shifts and weights)", choices=tuple(bases.BASES))
+    head_activation: str = _field("relu", "activation inside the projection head's second branch (STEGO relu, "
+                                          "SmooSeg silu)", choices=("relu", "silu"))
+    teacher_tau: float = _field(0.1, "softmax temperature of the teacher probabilities SmooSeg's smoothness loss "
+                                     "compares", "positive finite")
+    ema_alpha: float = _field(0.998, "SmooSeg's teacher centres: G <- alpha G + (1 - alpha) M each step",
+                              "probability <1")
     omh: bool = _field(True, "OMH on top of the base: every level's cluster head trained jointly with the code, "
                              "and the hierarchy between them; --no-omh: the base alone (one cluster probe of the "
                              "eval level's size on a detached code, trained the base's way)")
@@ -106,9 +113,11 @@ class Config:
         """``omh = false`` is resolved here, once, where the config is built or loaded: the base's
         own recipe, one cluster probe of the eval level's size trained the base's way
         (``PROBE_TARGET``) on a detached code, no hierarchy. Resolving twice changes nothing."""
+        base = bases.get(self.base)
         self.levels = (self.levels[self.eval_level],)
         self.eval_level = -1
-        self.cluster_target = bases.get(self.base).PROBE_TARGET
+        self.cluster_target = base.PROBE_TARGET
+        self.tau = getattr(base, "PROBE_TAU", None) or self.tau
         self.lam_hier = 0.0
 
     def _check_types(self):
@@ -153,6 +162,9 @@ class Config:
             raise bad("levels", "strictly decreasing sizes, finest first (e.g. 108,54,27)")
         if not -len(self.levels) <= self.eval_level < len(self.levels):
             raise bad("eval_level", f"an index into levels {self.levels}")
+        if self.cluster_target == "teacher" and (self.omh or not bases.get(self.base).TEACHER):
+            raise bad("cluster_target", "relaxed, balanced or hard ('teacher' is SmooSeg's student, its base alone: "
+                                        "--base smooseg --no-omh)")
 
     @property
     def detach_clusters(self) -> bool:
@@ -181,6 +193,14 @@ class Config:
         if unknown:
             raise ValueError(f"config: unknown field(s) {', '.join(unknown)}{stego_names.hint(unknown)}")
         return cls(**d)
+
+
+def with_base_defaults(fields: dict) -> dict:
+    """``fields`` over the defaults of the base they name (``base``, STEGO's when absent): a base
+    module's ``DEFAULTS`` are its own values of the fields where they differ from omh-ref's
+    (SmooSeg's dim, dropout, activation, shifts ...). For a new config only: a checkpoint's config
+    already holds every value."""
+    return {**bases.get(fields.get("base") or "stego").DEFAULTS, **fields}
 
 
 # Fields of older configs (checkpoints, config files): the value each took when it meant "as now",

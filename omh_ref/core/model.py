@@ -32,7 +32,31 @@ def init_params(cfg: Config, rng, dtype=np.float32) -> dict:
     params = head.init(C, D, rng, dtype)
     for i, k in enumerate(cfg.levels):
         params[f"M{i}"] = rng.standard_normal((k, D)).astype(dtype)
-    return params
+    return bases.get(cfg.base).init(params, cfg)
+
+
+def param_shapes(cfg: Config) -> dict:
+    """Every parameter's shape: the head's, each level's centroids, the base's teacher."""
+    out = {**head.shapes(cfg.in_dim, cfg.dim), **{f"M{i}": (k, cfg.dim) for i, k in enumerate(cfg.levels)}}
+    teacher = bases.get(cfg.base).TEACHER
+    if teacher:
+        out[teacher] = (cfg.eval_k, cfg.dim)
+    return out
+
+
+def predictor(cfg: Config, level: int) -> str:
+    """The key of the centroids whose cosine logits are level ``level``'s predictions: the level's
+    own, except for a base alone with a teacher (SmooSeg predicts with its teacher centres)."""
+    teacher = bases.get(cfg.base).TEACHER
+    return teacher if teacher and not cfg.omh else f"M{level}"
+
+
+def update_buffers(params, cfg: Config, ok) -> None:
+    """The base's no-gradient parameters after a step's gradients (SmooSeg's teacher EMA), where
+    the device flag ``ok`` holds; nothing for a base without them."""
+    base = bases.get(cfg.base)
+    if base.TEACHER:
+        base.update(params, cfg, ok)
 
 
 def draw(cfg: Config, B, C, rng) -> dict:
@@ -115,9 +139,9 @@ def forward(params, batch, cfg: Config, rng, targets=None, draws=None):
     dd = to_device_draws(d, xp, dt, x.shape[0], cfg.dropout)
     mask = dd["mask"]
     xd, dcache = dropout.forward(x, cfg.dropout, mask=mask, training=mask is not None)
-    z, headc = head.forward(params, xd)                                # 2B,h,w,D
+    z, headc = head.forward(params, xd, cfg.head_activation)           # 2B,h,w,D
 
-    loss, parts, basec = base.forward(cfg, f, x, z, dd, B)
+    loss, parts, basec = base.forward(cfg, f, x, z, dd, B, params)
     zmain = z[:B].reshape(-1, z.shape[-1])                             # P,D
     losses, level_parts, levels = clusters.forward(zmain, params, cfg, targets)
     parts.update(level_parts)

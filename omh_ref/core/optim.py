@@ -24,6 +24,12 @@ def squared_norm(grads):
         return xp.sum(xp.stack([_squared_sum(g) for g in grads.values()]))
 
 
+def finite(grads):
+    """A 0-d boolean on the gradients' device: every gradient finite, and no square overflowing
+    (what guards an update: finite gradients keep parameters and moments finite)."""
+    return get_array_module(*grads.values()).isfinite(squared_norm(grads))
+
+
 def _squared_sum(g):
     xp = get_array_module(g)
     if is_cupy(xp):
@@ -87,12 +93,14 @@ def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, ok=None):
             raise NonFiniteError(f"gradient squared norm {norm2}: "
                                  + (f"non-finite entries in {', '.join(bad)}" if bad else "an overflow"))
     else:
-        ok = ok & xp.isfinite(squared_norm(grads))
+        ok = ok & finite(grads)
     state["t"] += 1
     t = state["t"]
     c1, c2 = 1 - b1 ** t, 1 - b2 ** t
     every = xp.asarray(True) if ok is None else ok     # checked above: every gradient is finite
     for k, p in params.items():
+        if k not in grads:     # a parameter without a gradient (a base's teacher) is not Adam's
+            continue
         rate = lr[k] if isinstance(lr, dict) else lr
         _adam_update(p, grads[k], state["m"][k], state["v"][k], every, b1, b2, rate / c1, c2, eps)
     return norm2 if ok is None else ok

@@ -170,6 +170,8 @@ def cluster_loss(s, logp, target, Q=None, eps_q=0.05, n_iters_q=20, rho_q=0.1):
     """-> (loss, Q). relaxed / balanced: −mean Σ Q log p (Q from the OT targets); hard:
     −mean Σ onehot(argmax s) s."""
     P = s.shape[0]
+    if target == "teacher":
+        return -(Q * logp).sum() / P, Q
     if target in ("relaxed", "balanced"):
         if Q is None:
             Q = (balanced_targets(s, eps_q, n_iters_q) if target == "balanced"
@@ -226,6 +228,44 @@ def stego_loss(cfg, f, x, z, B, draws, parts):
     return corr
 
 
+def smooseg_loss(cfg, f, x, z, B, draws, parts, G):
+    """SmooSeg's smoothness loss on the dense grids, as docs/smooseg_reading.md §2-3 describes it
+    (SmooSeg modules.py:244-288): teacher probabilities P = softmax(cos(z, G) / τ_t) (no gradient
+    to G), and per pair mean((F − b)(1 − cos(P₁, P₂))) with F the (pointwise-centred) feature
+    correlations at every pair of positions. f (B, C, h, w), x (2B or B, C, h, w), z their codes
+    (NCHW). Writes ``smooth_*`` into ``parts``. -> the weighted sum."""
+    zn = F.normalize(z, dim=1)                                         # torch's default eps
+    Gn = F.normalize(G.detach(), dim=1)
+    P = torch.softmax(torch.einsum("nchw,kc->nkhw", zn, Gn) / cfg.teacher_tau, dim=1)   # 2B,K,h,w
+
+    def pair(f1, f2, p1, p2, shift):
+        with torch.no_grad():
+            Fc = _tensor_correlation(_stego_norm(f1), _stego_norm(f2))       # N,h,w,h',w'
+            if cfg.pointwise:
+                old_mean = Fc.mean()
+                Fc = Fc - Fc.mean([3, 4], keepdim=True)
+                Fc = Fc - Fc.mean() + old_mean
+        cos = _tensor_correlation(_stego_norm(p1), _stego_norm(p2))
+        if cfg.zero_clamp:
+            cos = cos.clamp(min=0.0)
+        return ((Fc - shift) * (1.0 - cos)).mean()
+
+    parts["smooth_self"] = pair(f, f, P[:B], P[:B], cfg.shift_intra)
+    loss = cfg.weight_intra * parts["smooth_self"]
+    if x.shape[0] > B:
+        parts["smooth_knn"] = pair(f, x[B:], P[:B], P[B:], cfg.shift_inter)
+        loss = loss + cfg.weight_inter * parts["smooth_knn"]
+    if draws["perms"]:
+        negs = []
+        for perm in draws["perms"]:
+            idx = torch.as_tensor(np.asarray(perm))
+            negs.append(pair(f, f[idx], P[:B], P[:B][idx], cfg.shift_neg))
+        parts["smooth_neg"] = torch.stack(negs).mean()
+        loss = loss + cfg.weight_neg * parts["smooth_neg"]
+    parts["smooth"] = loss
+    return loss
+
+
 def model_loss(params, batch, cfg, draws, targets=None):
     """The OMH objective of docs/METHOD.md for one batch and one set of draws.
 
@@ -247,11 +287,15 @@ def model_loss(params, batch, cfg, draws, targets=None):
         return F.conv2d(t, W[:, :, None, None], b)
 
     P_ = params
-    z = conv1x1(xd, P_["W1"], P_["b1"]) + conv1x1(F.relu(conv1x1(xd, P_["W2"], P_["b2"])),
+    act = F.silu if cfg.head_activation == "silu" else F.relu
+    z = conv1x1(xd, P_["W1"], P_["b1"]) + conv1x1(act(conv1x1(xd, P_["W2"], P_["b2"])),
                                                     P_["W3"], P_["b3"])   # 2B,D,h,w
     parts = {}
 
-    loss = stego_loss(cfg, f, x, z, B, draws, parts)
+    if cfg.base == "smooseg":
+        loss = smooseg_loss(cfg, f, x, z, B, draws, parts, P_["G"])
+    else:
+        loss = stego_loss(cfg, f, x, z, B, draws, parts)
 
     # Cluster levels on the main images' codes, pixels in (b, y, x) order.
     code = nhwc(z[:B]).reshape(-1, z.shape[1])                         # P,D
@@ -262,6 +306,8 @@ def model_loss(params, batch, cfg, draws, targets=None):
         s = cosine(code, P_[f"M{i}"])
         logp = log_softmax(s, cfg.tau)
         Q = None if targets is None else targets[i]
+        if Q is None and cfg.cluster_target == "teacher":   # SmooSeg's student: the teacher's argmax
+            Q = hard_targets(cosine(code, P_["G"]))
         lclu, Q = cluster_loss(s, logp, cfg.cluster_target, Q, cfg.eps_q, cfg.sinkhorn_iters_q, cfg.rho_q)
         parts[f"clu_{i}"] = lclu
         loss = loss + cfg.lam_clu * lclu

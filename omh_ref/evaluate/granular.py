@@ -50,6 +50,7 @@ import numpy as np
 from ..core.backend import to_host
 from ..core.config import Config
 from ..core.errors import InputError
+from ..core.model import predictor
 from ..core.ops import cosine, resize
 from ..features.meta import check_label_hierarchy
 from ..features.store import FeatureStore
@@ -264,7 +265,7 @@ class LevelScorer:
             lab = labels[g.labels]
             if g.lut is not None:
                 lab = g.lut[np.where((lab >= 0) & (lab <= 255), lab, 255).astype(np.intp)]
-            s, _ = cosine.forward(z, params[f"M{l}"])                             # B,h,w,K
+            s, _ = cosine.forward(z, params[predictor(self.cfg, l)])              # B,h,w,K
             step = max(1, MAX_ELEMENTS // (H * W * s.shape[-1]))
             for b in range(0, len(rows), step):
                 pred = to_host(resize.forward(s[b:b + step], (H, W))[0].argmax(axis=-1))
@@ -277,7 +278,8 @@ class LevelScorer:
         """JSON-ready: the granularities, each level's scores (:func:`level_scores_json`; None for
         a level not scored) and each adjacent pair's consistency (:func:`consistency`; None where
         either level is not scored, the child's granularity is coarser than the parent's, or there
-        is no plan)."""
+        is no plan), with ``parents``: each child cluster's parent in the plan (the argmax of its
+        row; None without plans), what a drawing of the tree needs."""
         levels, scored = self.cfg.levels, set()
         out = {"rule": self.rule, "granularities": [g.to_dict() for g in self.granularities], "levels": [],
                "consistency": [], "notes": list(self.notes)}
@@ -298,7 +300,8 @@ class LevelScorer:
         for l in range(len(levels) - 1):
             gc, gp = self.assignment[l], self.assignment[l + 1]
             item = {"child": l, "parent": l + 1, "consistency": None, "consistency_soft": None,
-                    "consistency_chance": None, "consistent": None}
+                    "consistency_chance": None, "consistent": None,
+                    "parents": None if plans is None else np.asarray(plans[l]).argmax(axis=1).tolist()}
             if plans is not None and l in scored and l + 1 in scored and gc <= gp:
                 up = self.acc[l].matrix @ contains(self.granularities, gc, gp).astype(np.int64)   # K_c, n_gp
                 item.update(consistency(plans[l], up, self.acc[l + 1].matrix))

@@ -14,6 +14,7 @@ import numpy as np
 from ..core.backend import get_array_module, to_host
 from ..core.config import Config
 from ..core.losses.hierarchy import usage_marginal
+from ..core.model import predictor
 from ..core.ops import cosine, sinkhorn, softmax
 
 
@@ -30,7 +31,7 @@ class UsageAccumulator:
     def update(self, params, z):
         """Add the codes z (B, h, w, D) of one batch."""
         for i, acc in enumerate(self.sums):
-            s, _ = cosine.forward(z, params[f"M{i}"])
+            s, _ = cosine.forward(z, params[predictor(self.cfg, i)])
             p, _ = softmax.forward(s, self.cfg.tau)
             acc += to_host(p.reshape(-1, p.shape[-1]).sum(axis=0)).astype(np.float64)
         self.pixels += int(np.prod(z.shape[:-1]))

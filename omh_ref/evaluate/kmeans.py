@@ -17,6 +17,7 @@ import numpy as np
 
 from ..core.backend import to_device, to_host
 from ..core.config import Config
+from ..core.model import predictor
 from .predict import codes
 
 
@@ -47,13 +48,13 @@ def _seed(x, K, rng):
     return np.stack(C)
 
 
-def fit_codes(params, store, K, seed, n_fit=30000, restarts=5, batch_size=16, device="cpu"):
+def fit_codes(params, store, K, seed, n_fit=30000, restarts=5, batch_size=16, device="cpu", *, cfg: Config):
     """Spherical k-means centres (K, D) of ``n_fit`` code vectors drawn uniformly from the split
     ``store`` (streamed batch by batch: a fixed number of pixels per image is kept)."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(11,)))
     per_image = max(1, -(-n_fit // store.N))
     sample = []
-    for _, z in codes(params, store, batch_size, None, device):
+    for _, z in codes(params, store, batch_size, None, device, cfg=cfg):
         z = to_host(z).reshape(len(z), -1, z.shape[-1]).astype(np.float64)
         pick = rng.integers(z.shape[1], size=(len(z), per_image))
         sample.append(np.take_along_axis(z, pick[..., None], axis=1).reshape(-1, z.shape[-1]))
@@ -64,5 +65,5 @@ def fit_codes(params, store, K, seed, n_fit=30000, restarts=5, batch_size=16, de
 
 def with_centres(params, cfg: Config, centres, device="cpu") -> dict:
     """``params`` with the eval level's centroids replaced by ``centres`` (on ``device``)."""
-    key = f"M{cfg.eval_index}"
+    key = predictor(cfg, cfg.eval_index)
     return {**params, key: to_device(centres.astype(np.dtype(params[key].dtype)), device)}

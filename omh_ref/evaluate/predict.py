@@ -15,24 +15,27 @@ from ..core import head
 from ..core.backend import to_device, to_host
 from ..core.config import Config
 from ..core.errors import InputError
+from ..core.model import predictor
 from ..core.ops import cosine, resize
 from ..features.store import FeatureStore
 from . import metrics
 
 
-def code(params, f):
-    """The code z (B, h, w, D) of features f (B, h, w, C): the projection head, no dropout."""
-    return head.forward(params, f)[0]
+def code(params, f, cfg: Config):
+    """The code z (B, h, w, D) of features f (B, h, w, C): the projection head (with the config's
+    activation), no dropout."""
+    return head.forward(params, f, cfg.head_activation)[0]
 
 
-def codes(params, store: FeatureStore, batch_size=16, flipped: FeatureStore | None = None, device="cpu"):
+def codes(params, store: FeatureStore, batch_size=16, flipped: FeatureStore | None = None, device="cpu", *,
+          cfg: Config):
     """Yield (start, z) over the store; z (B, h, w, D) on ``device``."""
     dt = params["W1"].dtype
     for s, f in store.batches(batch_size):
-        z = code(params, to_device(f.astype(dt), device))
+        z = code(params, to_device(f.astype(dt), device), cfg)
         if flipped is not None:
             ff = to_device(flipped.read(np.arange(s, s + len(f))).astype(dt), device)
-            z = (z + code(params, ff)[:, :, ::-1]) / 2
+            z = (z + code(params, ff, cfg)[:, :, ::-1]) / 2
         yield s, z
 
 
@@ -50,8 +53,23 @@ def label_shape(store: FeatureStore):
 
 def cluster_logits(params, cfg: Config, z, size):
     """Eval-level cosine logits of codes z (B, h, w, D), upsampled to size -> (B, H, W, K)."""
-    s, _ = cosine.forward(z, params[f"M{cfg.eval_index}"])
+    s, _ = cosine.forward(z, params[predictor(cfg, cfg.eval_index)])
     return resize.forward(s, size)[0]
+
+
+def level_predictions(params, cfg: Config, store: FeatureStore, rows, flipped=None, device="cpu") -> list:
+    """Every level's cluster predictions of the rows ``rows`` of ``store`` (a few: a report's
+    pictures), finest first, as the levels are scored: the code (flipped features averaged as
+    :func:`codes` does), each level's cosine logits upsampled to label resolution, argmax ->
+    [(len(rows), H, W) host arrays]."""
+    rows = np.asarray(rows)
+    dt = params["W1"].dtype
+    z = code(params, to_device(store.read(rows).astype(dt), device), cfg)
+    if flipped is not None:
+        z = (z + code(params, to_device(flipped.read(rows).astype(dt), device), cfg)[:, :, ::-1]) / 2
+    size = label_shape(store)
+    return [to_host(resize.forward(cosine.forward(z, params[predictor(cfg, lvl)])[0], size)[0].argmax(axis=-1))
+            for lvl in range(len(cfg.levels))]
 
 
 def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size=16, flipped=None,
@@ -78,7 +96,7 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
         raise ValueError("cluster_eval: the CRF needs the images (crf_images)")
     refine = crf_workers is not None
     kept = []
-    for s, z in codes(params, store, batch_size, flipped, device):
+    for s, z in codes(params, store, batch_size, flipped, device, cfg=cfg):
         if usage is not None:
             usage.update(params, z)
         if levels is not None:

@@ -25,7 +25,7 @@ SHOW_EVERY = 25    # the bar shows the probe's loss every this many steps (each 
 
 
 def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=16, lr=1e-3, seed=0,
-                 device="cpu", progress=True, cache="auto", cache_dir=None, say=None):
+                 device="cpu", progress=True, cache="auto", cache_dir=None, say=None, *, cfg):
     """Train the probe on detached codes of ``store`` (features + labels). -> (W, b) on host.
 
     Streams: each epoch visits the images in a seeded random order, a batch at a time, so what is
@@ -47,7 +47,8 @@ def linear_probe(params, store: FeatureStore, n_classes, epochs=10, batch_size=1
     ok = get_array_module(probe["W"]).asarray(True)   # every step's gradients finite so far (read once an epoch)
     steps = epochs * ((store.N + batch_size - 1) // batch_size)
     labelled = done = 0
-    with CodeSource(params, store, batch_size, device, cache, cache_dir, say or (lambda m: None), progress) as source, \
+    with CodeSource(params, store, batch_size, device, cache, cache_dir, say or (lambda m: None), progress,
+                    cfg=cfg) as source, \
             progress_bar(steps, "linear probe", progress, unit="step") as bar:
         for epoch in range(epochs):
             order = rng.permutation(store.N)
@@ -83,12 +84,12 @@ class CodeSource:
     temporary code file on every exit path. See :func:`linear_probe` for the modes."""
 
     def __init__(self, params, store: FeatureStore, batch_size, device, cache="auto", cache_dir=None,
-                 say=lambda m: None, progress=False):
+                 say=lambda m: None, progress=False, *, cfg):
         if cache not in CACHE_MODES:
             raise InputError(f"--probe-cache: expected one of {', '.join(CACHE_MODES)}, got {cache!r}")
         self.params, self.store, self.batch_size, self.device = params, store, batch_size, device
         self.mode, self.cache_dir, self.say, self.progress = cache, cache_dir, say, progress
-        self.tmp, self.codes = None, None
+        self.tmp, self.codes, self.cfg = None, None, cfg
 
     def __enter__(self):
         s = self.store
@@ -110,7 +111,7 @@ class CodeSource:
             create_npy(path, (s.N, s.h, s.w, D), self.params["W1"].dtype)
             w = RowWriter(path)
             try:
-                for start, z in codes(self.params, s, self.batch_size, device=self.device):
+                for start, z in codes(self.params, s, self.batch_size, device=self.device, cfg=self.cfg):
                     w.write(start, to_host(z))
             finally:
                 w.close()
@@ -125,7 +126,7 @@ class CodeSource:
         if self.codes is not None:
             return to_device(self.codes.read(idx, dtype=self.params["W1"].dtype), self.device)
         f = to_device(self.store.read(idx).astype(self.params["W1"].dtype), self.device)
-        return code(self.params, f)
+        return code(self.params, f, self.cfg)
 
     def __exit__(self, *exc):
         self.codes = None
@@ -154,12 +155,12 @@ def loss_and_grads(probe, z, lab, size, n_classes, count=None):
     return loss, {"W": dW, "b": db}
 
 
-def linear_eval(params, probe, store: FeatureStore, n_classes, batch_size=16, flipped=None, device="cpu"):
+def linear_eval(params, probe, store: FeatureStore, n_classes, batch_size=16, flipped=None, device="cpu", *, cfg):
     """Scores of the probe with the identity mapping (cluster i = class i)."""
     size = label_shape(store)
     acc = metrics.ConfusionAccumulator(n_classes, n_classes)
     P = to_device(probe, device)
-    for s, z in codes(params, store, batch_size, flipped, device):
+    for s, z in codes(params, store, batch_size, flipped, device, cfg=cfg):
         logits = resize.forward(linear.forward(z, P["W"], P["b"])[0], size)[0]
         update_confusion(acc, to_host(logits.argmax(axis=-1)), store, s)
     return summarize(acc.matrix, store, metrics.identity_match(n_classes, n_classes))

@@ -115,8 +115,8 @@ def _run(opts: DemoOptions, say) -> dict:
                                       levels=levels)
             plans = hierarchy_plans(params, cfg, usage.means() if usage else None) if len(cfg.levels) > 1 else None
             probe = linear_probe(params, train_store, n_classes, epochs=opts.probe_epochs, seed=seed,
-                                 device=opts.device, progress=opts.progress)
-            lin = linear_eval(params, probe, val_store, n_classes, device=opts.device)
+                                 device=opts.device, progress=opts.progress, cfg=cfg)
+            lin = linear_eval(params, probe, val_store, n_classes, device=opts.device, cfg=cfg)
             runs.setdefault(method, []).append({"seed": seed, "cluster": scores_json(clu), "linear": scores_json(lin),
                                                 "levels": levels.result(plans)})
             if method in KMEANS_OF:   # the same code, clustered by k-means instead of its own probe
@@ -137,7 +137,7 @@ def _run(opts: DemoOptions, say) -> dict:
 def _kmeans_run(params, cfg, train_store, val_store, n_classes, seed, lin, device) -> dict:
     """The record of a base's code clustered by spherical k-means (five restarts) on the training
     split's codes, scored as every head is; the linear probe is the code's own (``lin``)."""
-    centres = kmeans.fit_codes(params, train_store, cfg.eval_k, seed, restarts=5, device=device)
+    centres = kmeans.fit_codes(params, train_store, cfg.eval_k, seed, restarts=5, device=device, cfg=cfg)
     fitted = kmeans.with_centres(params, cfg, centres, device)
     levels = granular.LevelScorer(cfg, val_store, granular.load_granularities(val_store))
     clu, _ = cluster_eval(fitted, cfg, val_store, n_classes, device=device, levels=levels)

@@ -173,8 +173,8 @@ def _run(opts: EvalOptions, say) -> dict:
         tr = FeatureStore(opts.train_features, labels=train_labels)
         same_backbone(opts, tr, "--train-features", say or print)
         probe = linear_probe(params, tr, n_classes, opts.probe_epochs, opts.batch_size, seed=opts.seed,
-                             device=opts.device, progress=opts.progress, cache=opts.probe_cache, say=say)
-        lin = linear_eval(params, probe, store, n_classes, opts.batch_size, flipped, opts.device)
+                             device=opts.device, progress=opts.progress, cache=opts.probe_cache, say=say, cfg=cfg)
+        lin = linear_eval(params, probe, store, n_classes, opts.batch_size, flipped, opts.device, cfg=cfg)
         result["linear"] = scores_json(lin)
     means = usage.means() if usage is not None else None
     plans = hierarchy_plans(params, cfg, means)

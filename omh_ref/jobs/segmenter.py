@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from ..core import head
+from ..core.model import predictor
 from ..core.backend import get_array_module, resolve_device, to_device, to_host
 from ..core.errors import InputError
 from ..core.files import file_sha256
@@ -280,7 +281,7 @@ class Segmenter:
         self.sess = session(model, device, threads)
         self.level_sizes = tuple(self.cfg.levels)
         self.eval_level = self.cfg.eval_index
-        self.centroids = [l2.forward(self.params[f"M{i}"])[0] for i in range(len(self.level_sizes))]
+        self.centroids = [l2.forward(self.params[predictor(self.cfg, i)])[0] for i in range(len(self.level_sizes))]
         self.checkpoint_sha256 = file_sha256(checkpoint)
         self.match = None
         if match is not None:
@@ -400,7 +401,8 @@ class Segmenter:
             for s in range(0, len(group), self.batch_size):
                 chunk = group[s:s + self.batch_size]
                 f = run(self.sess, self.bb, normalize(np.stack([c[4] for c in chunk])))
-                z = l2.forward(head.forward(self.params, to_device(f.astype(dt, copy=False), self.device))[0])[0]
+                z = l2.forward(head.forward(self.params, to_device(f.astype(dt, copy=False), self.device),
+                                             self.cfg.head_activation)[0])[0]
                 xp = get_array_module(z)
                 for (i, k, r, c, _), zk in zip(chunk, z):
                     if weights[i] is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..core import head
+from ..core import model
 from ..core.backend import to_device, to_host
 from ..core.config import Config
 from ..core.errors import InputError
@@ -106,9 +106,7 @@ def backbone_of(path) -> dict | None:
 def check_params(path, params, cfg: Config):
     """Every parameter the config needs, with its shape (a checkpoint edited or cut short); called
     where a checkpoint is used as a model (training's --resume, evaluation)."""
-    C, D = cfg.in_dim, cfg.dim
-    want = {**head.shapes(C, D), **{f"M{i}": (k, D) for i, k in enumerate(cfg.levels)}}
-    for k, shape in want.items():
+    for k, shape in model.param_shapes(cfg).items():
         got = params.get(k)
         if got is None or got.shape != shape:
             raise InputError(f"{path}: parameter {k} should have shape {shape} for its config, got "

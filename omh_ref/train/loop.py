@@ -26,15 +26,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..core import model
+from ..core import bases, model
 from ..core.backend import get_array_module, host_floats, resolve_device, to_device
-from ..core.config import merge, parse_shifts
+from ..core.config import merge, parse_shifts, with_base_defaults
 from ..core.errors import InputError
 from ..core.files import write_text
 from ..core.lock import FolderLock
 from ..core.options import default
 from ..core.ops import grid_sample, normalize
 from ..core.optim import adam_init, adam_step
+from ..core.optim import finite as finite_grads
 from ..features.knn import build_knn, cached_table, certifies_finite, default_path, load_knn
 from ..features import provenance
 from ..features.store import FeatureStore
@@ -88,10 +89,15 @@ class TrainOptions:
 FILE_KEYS = ("steps", "batch_size", "lr", "lr_clusters", "seed", "ckpt_every", "log_every", "val_every")
 
 
-def loop_settings(flags: dict, file_table: dict, explicit, source) -> dict:
+def loop_settings(flags: dict, file_table: dict, explicit, source, base_name=None) -> dict:
     """The loop options of a run: a config file's ``[train]`` table (keys in :data:`FILE_KEYS`)
-    over the command line's defaults; flags given explicitly (named in ``explicit``) win."""
+    over a new run's base's own loop values (``base_name``'s ``LOOP_DEFAULTS``: SmooSeg's learning
+    rates and batch; None for a resumed run, whose settings are the checkpoint's) over the command
+    line's defaults; flags given explicitly (named in ``explicit``) win."""
     out = dict(flags)
+    for key, value in (bases.get(base_name).LOOP_DEFAULTS if base_name else {}).items():
+        if key in out and key not in explicit:
+            out[key] = value
     for key, value in file_table.items():
         if key not in FILE_KEYS:
             raise InputError(f"{source}: unknown [train] field {key!r} (known: {', '.join(FILE_KEYS)})")
@@ -136,8 +142,9 @@ def model_config(store: FeatureStore, file_fields: dict, flags: dict, shifts=Non
         base = checkpoint.load(resume)["config"]
         if file_fields:
             base = merge(base, file_fields, {"in_dim": base.in_dim}, source=source)
-    else:
-        base = merge({}, file_fields, {"in_dim": store.C}, source=source)
+    else:   # the chosen base's own values under the file's and the flags'
+        chosen = flags.get("base") or file_fields.get("base") or "stego"
+        base = merge(with_base_defaults({"base": chosen}), file_fields, {"in_dim": store.C}, source=source)
     shift_fields, auto = parse_shifts(shifts)
     return merge(base, flags, shift_fields), auto
 
@@ -322,6 +329,7 @@ class _Run:
             self.params = to_device(self.params, "gpu")
             self.opt_state = {"t": st["t"], "m": to_device(st["m"], "gpu"), "v": to_device(st["v"], "gpu")}
         self.lr = _lr_table(self.params, self.opts)
+        self.buffers = bool(bases.get(self.cfg.base).TEACHER)
         self.saved_step = checkpoint.step_of(self.ckpt_path) if self.opts.resume else None
         # A divergence (NaN or inf in the loss or the gradients) is watched on the device, without
         # a synchronisation a step: Adam applies a step only while `ok` holds, so from the first
@@ -436,7 +444,11 @@ class _Run:
         loss, parts, grads = model.loss_and_grads(self.params, batch, self.cfg, self.rng, draws=draws)
         finite = xp.isfinite(loss)
         was_ok = self.ok
-        self.ok = adam_step(self.params, grads, self.opt_state, self.lr, ok=self.ok & finite)
+        ok = self.ok & finite
+        if self.buffers:   # a base's no-gradient parameters move first, from the step's own values
+            ok = ok & finite_grads(grads)
+            model.update_buffers(self.params, self.cfg, ok)
+        self.ok = adam_step(self.params, grads, self.opt_state, self.lr, ok=ok)
         first = was_ok & ~self.ok
         self.bad_at = xp.where(first, self.step + 1, self.bad_at)
         self.bad_why = xp.where(first, xp.where(finite, 2, 1), self.bad_why)
@@ -490,7 +502,8 @@ class _Run:
         a background thread."""
         opts, store, B = self.opts, self.store, self.opts.batch_size
         prefetch = opts.device == "gpu" if opts.prefetch is None else opts.prefetch
-        reader = _BatchReader(store, opts.device, check_finite=not self.knn_certified, prefetch=prefetch)
+        reader = _BatchReader(store, opts.device, check_finite=not self.knn_certified, prefetch=prefetch,
+                              partners=bases.get(self.cfg.base).needs_partners(self.cfg))
         bar = _progress(opts, self.step)
         self.last_val, self.t0, interrupted = None, time.perf_counter(), False
         state = (self.rng.bit_generator.state, dict(self.loop))      # what a checkpoint after `step` records
@@ -537,19 +550,21 @@ class _BatchReader:
     finiteness of the rows is checked per read only when no KNN table has certified the whole file
     (a table built from it reads every row once; see ``features/knn.py``)."""
 
-    def __init__(self, store, device, check_finite=True, prefetch=True):
+    def __init__(self, store, device, check_finite=True, prefetch=True, partners=True):
         from concurrent.futures import Future, ThreadPoolExecutor
 
         self.store, self.device, self.check_finite = store, device, check_finite
+        self.partners = partners     # False: the base uses no KNN partners, so none is read
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omh-ref-batches") if prefetch else None
         self._done = Future
 
     def _read(self, idx, partners):
         dtype = self.store.dtype if self.device == "gpu" else np.float32
         rows = self.store.read(np.concatenate([idx, partners]), dtype=dtype, check_finite=self.check_finite)
-        return rows[:len(idx)], rows[len(idx):]
+        return rows[:len(idx)], (rows[len(idx):] if self.partners else None)
 
     def submit(self, idx, partners):
+        partners = partners if self.partners else partners[:0]
         rows = np.concatenate([idx, partners])
         if self.pool is not None:
             return _Batch(self.pool.submit(self._read, idx, partners), self.device, rows)
@@ -577,7 +592,7 @@ class _Batch:
 
     def result(self):
         feats, pos = self.fut.result()
-        batch = {"feats": feats, "feats_pos": pos}
+        batch = {"feats": feats} if pos is None else {"feats": feats, "feats_pos": pos}
         return to_device(batch, "gpu") if self.device == "gpu" else batch
 
 

@@ -78,11 +78,20 @@ def test_cluster_grad(target, P, K, tau, seed):
     rng, r = _rand(seed)
     s = np.tanh(r(P, K))
     Q = {"relaxed": cluster.relaxed_targets(s, 0.1, 10, 0.5)[0], "balanced": cluster.balanced_targets(s, 0.1, 10)[0],
-         "hard": cluster.hard_targets(s)}[target]
+         "hard": cluster.hard_targets(s), "teacher": cluster.hard_targets(np.tanh(r(P, K)))}[target]
 
     def fwd(s, logp):
         return cluster.forward(s, logp, target, Q=Q)
     assert check_vjp(fwd, cluster.backward, (s, log_softmax.forward(s, tau)[0]), seed=seed).passed
+
+
+def test_teacher_targets_come_from_the_caller():
+    s = np.tanh(np.random.default_rng(0).standard_normal((4, 3)))
+    with pytest.raises(ValueError, match="the caller gives the targets"):
+        cluster.forward(s, log_softmax.forward(s, 1.0)[0], "teacher")
+    Q = cluster.hard_targets(s[::-1].copy())
+    loss, _ = cluster.forward(s, log_softmax.forward(s, 1.0)[0], "teacher", Q=Q)
+    assert np.isclose(float(loss), -(Q * log_softmax.forward(s, 1.0)[0]).sum() / 4)
 
 
 def test_hard_targets_break_ties_to_the_lowest_index():

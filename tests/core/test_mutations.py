@@ -7,18 +7,20 @@ gradcheck`` and tests/core/test_model.py) must fail in every configuration whose
 output. Perturbed, by module (output index or key in brackets):
 
 * ``head.backward`` [W1, b1, W2, b2, W3, b3]; ``ops.linear.backward`` [dx, dW, db] and
-  ``backward_params`` [dW, db]; ``ops.relu.backward``
+  ``backward_params`` [dW, db]; ``ops.relu.backward``, ``ops.silu.backward`` (SmooSeg's head)
 * ``ops.normalize.backward`` (inside cosine and the correlation loss); ``ops.cosine.backward``
-  [dz, dM]; ``ops.log_softmax.backward``; ``ops.grid_sample.backward``; ``ops.kl.backward``
+  [dz, dM]; ``ops.log_softmax.backward``; ``ops.softmax.backward`` (SmooSeg's teacher
+  probabilities); ``ops.grid_sample.backward``; ``ops.kl.backward``
   [dq, dlogp]; ``ops.sinkhorn.backward`` [dcost, da, db], unrolled and implicit
 * ``losses.correlation.backward`` [dc1, dc2]; ``losses.cluster.backward`` [ds, dlogp] for each
   target type where the output is not identically 0; ``losses.hierarchy.backward`` [all four],
   with both marginals, in the scaling and the log domain
 * the loss weights as ``model.backward`` applies them: each of λ_clu, λ_hier, λ_W and the three
-  correlation weights dropped (taken as 1), and λ_clu/λ_hier and w_intra/w_inter swapped.
+  correlation weights dropped (taken as 1), and λ_clu/λ_hier and w_intra/w_inter swapped; the
+  SmooSeg base's three pair weights likewise.
 
 Not perturbed, because the model's gradient does not run through them: ``ops.dropout.backward``
-(the dropped-out input is the frozen features), ``ops.softmax`` and ``ops.resize`` (evaluation only).
+(the dropped-out input is the frozen features) and ``ops.resize`` (evaluation only).
 """
 import dataclasses
 
@@ -28,7 +30,7 @@ from omh_ref.core import fixtures, head, model
 from omh_ref.core.checks import HIER_LOG_EPS, model_check
 from omh_ref.core.gradcheck import TOLERANCES
 from omh_ref.core.losses import cluster, correlation, hierarchy
-from omh_ref.core.ops import cosine, grid_sample, kl, linear, log_softmax, normalize, relu, sinkhorn
+from omh_ref.core.ops import cosine, grid_sample, kl, linear, log_softmax, normalize, relu, silu, sinkhorn, softmax
 
 REL = 1e-3          # the perturbation: 0.1 %, 100 times the checker's rtol
 SEED = 7
@@ -42,10 +44,15 @@ VARIANTS = {
     # the hierarchy's log domain (small_config's ε = 0.3 runs the scaling one), both marginals
     "relaxed log": {"eps": HIER_LOG_EPS},
     "uniform log": {"marginals": "uniform", "eps": HIER_LOG_EPS},
+    # SmooSeg alone (its silu head, dense smoothness loss, student on the teacher's argmax) and OMH on it
+    "smooseg": {"base": "smooseg", "omh": False, "head_activation": "silu", "zero_clamp": False},
+    "omh smooseg": {"base": "smooseg", "head_activation": "silu"},
 }
 LOG = ("relaxed log", "uniform log")
 OMH = ("relaxed", "uniform", "hard", "implicit")
-ALL = (*OMH, "stego")
+STEGO = (*OMH, "stego")                 # the STEGO base (sampled correlations, relu head)
+SMOOSEG = ("smooseg", "omh smooseg")
+ALL = (*STEGO, *SMOOSEG)
 UNROLLED = ("relaxed", "uniform", "hard")
 
 # (module, function name, output (None: the single output), variants whose gradient uses it)
@@ -53,23 +60,26 @@ BACKWARDS = [
     *[(head, "backward", k, ALL) for k in head.KEYS],
     *[(linear, "backward", i, ALL) for i in range(3)],
     *[(linear, "backward_params", i, ALL) for i in range(2)],
-    (relu, "backward", None, ALL),
+    (relu, "backward", None, STEGO),
+    (silu, "backward", None, SMOOSEG),
     (normalize, "backward", None, ALL),
-    (cosine, "backward", 0, OMH),            # stego detaches the code: its dz is dropped by design
+    (cosine, "backward", 0, (*OMH, *SMOOSEG)),   # stego detaches the code: its dz is dropped by design
     (cosine, "backward", 1, ALL),
-    (log_softmax, "backward", None, OMH),    # stego's hard k-means loss has no log p term
-    (grid_sample, "backward", None, ALL),
-    (kl, "backward", 0, (*OMH, *LOG)),
-    (kl, "backward", 1, (*OMH, *LOG)),
-    (sinkhorn, "backward", 0, (*UNROLLED, *LOG)),
+    (softmax, "backward", None, SMOOSEG),        # the teacher probabilities the smoothness loss compares
+    (log_softmax, "backward", None, (*OMH, *SMOOSEG)),   # stego's hard k-means loss has no log p term
+    (grid_sample, "backward", None, STEGO),      # SmooSeg's loss is dense: no sampling
+    (kl, "backward", 0, (*OMH, *LOG, "omh smooseg")),
+    (kl, "backward", 1, (*OMH, *LOG, "omh smooseg")),
+    (sinkhorn, "backward", 0, (*UNROLLED, *LOG, "omh smooseg")),
     # da, db: only usage marginals depend on the parameters (uniform ones are constants)
-    *[(sinkhorn, "backward", i, ("relaxed", "hard", "relaxed log")) for i in (1, 2)],
+    *[(sinkhorn, "backward", i, ("relaxed", "hard", "relaxed log", "omh smooseg")) for i in (1, 2)],
     *[(sinkhorn, "backward", i, ("implicit",)) for i in range(3)],
     (correlation, "backward", 0, ALL),
     (correlation, "backward", 1, ALL),
-    (cluster, "backward", 1, ("relaxed", "uniform", "implicit")),    # OT targets: ds is 0, dlogp carries it
+    # OT targets and the teacher's: ds is 0, dlogp carries it
+    (cluster, "backward", 1, ("relaxed", "uniform", "implicit", *SMOOSEG)),
     (cluster, "backward", 0, ("hard", "stego")),                     # hard: dlogp is 0, ds carries it
-    *[(hierarchy, "backward", i, (*OMH, *LOG)) for i in range(4)],
+    *[(hierarchy, "backward", i, (*OMH, *LOG, "omh smooseg")) for i in range(4)],
 ]
 
 
@@ -136,6 +146,16 @@ def _corr(name, to):
     return change
 
 
+def _smooth(name, to):
+    """The SmooSeg base's cache (B, probability caches, pairs, shape) with one pair kind's weight
+    changed."""
+    def change(cache):
+        B, pc, pairs, shape = cache["base"]
+        cache["base"] = (B, pc, [(n, to(cache["cfg"], wt) if n == name else wt, cc, r) for n, wt, cc, r in pairs],
+                         shape)
+    return change
+
+
 def _lam_w(to):
     def change(cache):
         cache["hier"] = [hc._replace(lam_w=to) for hc in cache["hier"]]
@@ -144,15 +164,19 @@ def _lam_w(to):
 
 WEIGHT_BUGS = {
     "lam_clu dropped": (_cfg(lam_clu=1.0), ALL),
-    "lam_hier dropped": (_cfg(lam_hier=1.0), OMH),
-    "lam_clu and lam_hier swapped": (lambda c: _cfg(lam_clu=c["cfg"].lam_hier, lam_hier=c["cfg"].lam_clu)(c), OMH),
-    "lam_w dropped": (_lam_w(1.0), OMH),
-    "weight_intra dropped": (_corr("intra", lambda cfg, wt: 1.0), ALL),
-    "weight_inter dropped": (_corr("inter", lambda cfg, wt: 1.0), ALL),
-    "weight_neg dropped": (_corr("neg", lambda cfg, wt: 1.0 / cfg.neg_samples), ALL),
+    "lam_hier dropped": (_cfg(lam_hier=1.0), (*OMH, "omh smooseg")),
+    "lam_clu and lam_hier swapped": (lambda c: _cfg(lam_clu=c["cfg"].lam_hier, lam_hier=c["cfg"].lam_clu)(c),
+                                     (*OMH, "omh smooseg")),
+    "lam_w dropped": (_lam_w(1.0), (*OMH, "omh smooseg")),
+    "weight_intra dropped": (_corr("intra", lambda cfg, wt: 1.0), STEGO),
+    "weight_inter dropped": (_corr("inter", lambda cfg, wt: 1.0), STEGO),
+    "weight_neg dropped": (_corr("neg", lambda cfg, wt: 1.0 / cfg.neg_samples), STEGO),
     "weight_intra and weight_inter swapped": (
         lambda c: (_corr("intra", lambda cfg, wt: cfg.weight_inter)(c), _corr("inter", lambda cfg, wt: cfg.weight_intra)(c)),
-        ALL),
+        STEGO),
+    "smooseg self weight dropped": (_smooth("self", lambda cfg, wt: 1.0), SMOOSEG),
+    "smooseg knn weight dropped": (_smooth("knn", lambda cfg, wt: 1.0), ("omh smooseg",)),
+    "smooseg neg weight dropped": (_smooth("neg", lambda cfg, wt: 1.0 / cfg.neg_samples), SMOOSEG),
 }
 
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from omh_ref.core.backend import to_host
 from omh_ref.core.gradcheck import TOLERANCES, check_vjp
-from omh_ref.core.ops import (cosine, dropout, grid_sample, kl, linear, log_softmax, normalize, relu,
+from omh_ref.core.ops import (cosine, dropout, grid_sample, kl, linear, log_softmax, normalize, relu, silu,
                          resize, softmax)
 from tests.strategies import arrays, dims, grid, seeds, small
 
@@ -25,6 +25,20 @@ def test_linear_grad(x, D, seed):
 def test_relu_grad(x, seed):
     x = x + 1e-3 * np.sign(x) + (x == 0) * 1e-3  # keep every entry off the kink at 0
     assert check_vjp(relu.forward, relu.backward, (x,), seed=seed).passed
+
+
+@given(x=grid(), seed=seeds)
+def test_silu_grad(x, seed):
+    assert check_vjp(silu.forward, silu.backward, (3 * x,), seed=seed).passed
+
+
+def test_silu_is_x_sigmoid_x_without_overflow(xp):
+    x = np.array([-1000.0, -30.0, -1.0, 0.0, 1.0, 30.0, 1000.0], np.float32)
+    y = to_host(silu.forward(xp.asarray(x))[0])
+    with np.errstate(over="ignore"):
+        want = x / (1 + np.exp(-x.astype(np.float64)))
+    assert np.isfinite(y).all() and y.dtype == np.float32
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-30)
 
 
 @given(x=grid(), p=st.floats(0.05, 0.9), seed=seeds)

@@ -160,10 +160,12 @@ def test_a_planted_host_array_in_the_linear_probe_fails(monkeypatch, tmp_path):
     from tests.builders import known_world
 
     store, _ = known_world(tmp_path)
-    params = model.init_params(fixtures.small_config(in_dim=store.C), np.random.default_rng(0))
+    cfg = fixtures.small_config(in_dim=store.C)
+    params = model.init_params(cfg, np.random.default_rng(0))
     _plant(monkeypatch, probe, "loss_and_grads",
            lambda real, pr, z, *a, **k: real(pr, z + np.zeros(z.shape, dtype=z.dtype), *a, **k))
-    probe.linear_probe(params, store, 3, epochs=1, progress=False)              # NumPy: unnoticed
+    probe.linear_probe(params, store, 3, epochs=1, progress=False, cfg=cfg)     # NumPy: unnoticed
     with backend.strict_device():
         with pytest.raises(TypeError, match="Unsupported type <class 'numpy.ndarray'>"):
-            probe.linear_probe(backend.to_device(params, "gpu"), store, 3, epochs=1, progress=False, device="gpu")
+            probe.linear_probe(backend.to_device(params, "gpu"), store, 3, epochs=1, progress=False, device="gpu",
+                               cfg=cfg)

@@ -12,11 +12,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from omh_ref.core import fixtures, head, model  # noqa: E402
+from omh_ref.core import bases, fixtures, head, model  # noqa: E402
 from omh_ref.core.config import Config  # noqa: E402
 from omh_ref.core.losses import cluster, correlation, hierarchy  # noqa: E402
 from omh_ref.core.ops import (cosine, dropout, grid_sample, kl, linear, log_softmax,  # noqa: E402
                          normalize, relu, resize, softmax)
+from omh_ref.core.ops import silu  # noqa: E402
 from omh_ref.core.ops import sinkhorn as sk  # noqa: E402
 from omh_ref.core import torch_reference as tr  # noqa: E402
 
@@ -85,6 +86,16 @@ def test_relu(rng):
     ty, (dx,) = torch_vjp(tr.relu, (x,), dy, [0])
     assert_close(y, ty, VAL_RTOL, "relu y")
     assert_close(relu.backward(dy, cache), dx, GRAD_RTOL, "relu dx")
+
+
+def test_silu(rng):
+    x = 4 * rng.standard_normal((3, 5, 2, 7))
+    x[0, 0, 0, :3] = [-80.0, 0.0, 80.0]          # far tails: no overflow, the limits 0 and x
+    y, cache = silu.forward(x)
+    dy = rng.standard_normal(y.shape)
+    ty, (dx,) = torch_vjp(torch.nn.functional.silu, (x,), dy, [0])
+    assert_close(y, ty, VAL_RTOL, "silu y")
+    assert_close(silu.backward(dy, cache), dx, GRAD_RTOL, "silu dx")
 
 
 @pytest.mark.parametrize("p", [0.1, 0.55])
@@ -382,6 +393,10 @@ MODEL_CASES = {
     "one-level-no-neg": {"levels": (7,), "weight_neg": 0.0},
     "implicit-converged": {"sinkhorn_backward": "implicit", "sinkhorn_iters": 400},
     "hard-uniform": {"cluster_target": "hard", "marginals": "uniform"},
+    # SmooSeg alone (silu head, dense smoothness loss, student on the teacher's argmax) and OMH on it
+    "smooseg": {"base": "smooseg", "omh": False, "head_activation": "silu", "zero_clamp": False,
+                "teacher_tau": 0.2},
+    "omh-on-smooseg": {"base": "smooseg", "head_activation": "silu", "neg_samples": 1},
     "shipped-defaults": None,   # Config(): τ 0.1, ε 0.2, levels 108/54/27, C 384, D 70, weights as shipped
 }
 
@@ -417,10 +432,14 @@ def test_model(case, seed):
             assert ours is None
         else:
             assert_close(ours, np_(theirs), VAL_RTOL, f"{case} targets level {i}")
-    assert set(grads) == set(params)
+    teacher = bases.get(cfg.base).TEACHER
+    assert set(grads) == set(params) - {teacher}       # the teacher centres take no gradient
     for (k, p), g in zip(tparams.items(), tgrads):
+        if k == teacher:
+            assert g is None, f"{case}: torch sent a gradient to the teacher"
+            continue
         want = np.zeros_like(params[k]) if g is None else np_(g)
         assert_close(grads[k], want, GRAD_RTOL, f"{case} grad {k}")
     if not cfg.omh:
         # the detached code: the cluster head sends nothing into the projection head
-        assert list(params) == [*head.KEYS, "M0"]
+        assert [k for k in params if k != teacher] == [*head.KEYS, "M0"]

@@ -31,18 +31,18 @@ def test_linear_probe_learns_a_separable_world(tmp_path):
     store, protos = known_world(tmp_path, N=8)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
     params = identity_params(cfg, protos, np.arange(3))
-    probe = probe_mod.linear_probe(params, store, 3, epochs=60, batch_size=4, lr=5e-2, progress=False)
-    res = probe_mod.linear_eval(params, probe, store, 3)
+    probe = probe_mod.linear_probe(params, store, 3, epochs=60, batch_size=4, lr=5e-2, progress=False, cfg=cfg)
+    res = probe_mod.linear_eval(params, probe, store, 3, cfg=cfg)
     assert res["acc"] > 95
 
 
-def _probe_in_memory(params, store, n_classes, epochs, batch_size, lr, seed):
+def _probe_in_memory(params, cfg, store, n_classes, epochs, batch_size, lr, seed):
     """The probe as it was before it streamed: every code held in memory at once (the reference
     the streaming probe must reproduce)."""
     from omh_ref.core.optim import adam_init, adam_step
 
     size = predict.label_shape(store)
-    Z = np.concatenate([z for _, z in predict.codes(params, store, batch_size)])
+    Z = np.concatenate([z for _, z in predict.codes(params, store, batch_size, cfg=cfg)])
     rng = np.random.default_rng(seed)
     bound = 1 / np.sqrt(Z.shape[-1])
     probe = {"W": rng.uniform(-bound, bound, (n_classes, Z.shape[-1])).astype(np.float32),
@@ -65,22 +65,22 @@ def test_the_streaming_probe_reproduces_the_in_memory_one(tmp_path):
     store, protos = known_world(tmp_path, N=11, seed=2)
     cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
     params = model.init_params(cfg, np.random.default_rng(4))
-    want = _probe_in_memory(params, store, 3, epochs=3, batch_size=4, lr=5e-2, seed=7)
+    want = _probe_in_memory(params, cfg, store, 3, epochs=3, batch_size=4, lr=5e-2, seed=7)
     cache = tmp_path / "cache"
     cache.mkdir()
     said = []
     got = probe_mod.linear_probe(params, store, 3, epochs=3, batch_size=4, lr=5e-2, seed=7, progress=False,
-                                 cache="auto", cache_dir=cache, say=said.append)
+                                 cache="auto", cache_dir=cache, say=said.append, cfg=cfg)
     assert all(np.array_equal(got[k], want[k]) for k in want) and "caching the codes" in said[0]
     assert os.listdir(cache) == []
     said.clear()
     fly = probe_mod.linear_probe(params, store, 3, epochs=3, batch_size=4, lr=5e-2, seed=7, progress=False,
-                                 cache="none", say=said.append)
+                                 cache="none", say=said.append, cfg=cfg)
     for k in want:
         np.testing.assert_allclose(fly[k], want[k], rtol=1e-5, atol=1e-6)
     assert "recomputed from" in said[0]
     with pytest.raises(InputError, match="--probe-cache: expected one of auto, memmap, none"):
-        probe_mod.linear_probe(params, store, 3, epochs=1, cache="ram", progress=False)
+        probe_mod.linear_probe(params, store, 3, epochs=1, cache="ram", progress=False, cfg=cfg)
 
 
 def test_probe_gradient(tmp_path):
@@ -259,7 +259,7 @@ def test_usage_is_streamed_and_gives_the_trained_losss_plan(tmp_path):
     res, _ = predict.cluster_eval(params, cfg, store, 3, batch_size=3, usage=usage)
     assert (usage.images, usage.pixels) == (7, 7 * 16)
     plans = hierarchy_plans(params, cfg, usage.means())
-    z = predict.code(params, store.read(np.arange(7)).astype(np.float64)).reshape(-1, 5)     # all codes
+    z = predict.code(params, store.read(np.arange(7)).astype(np.float64), cfg).reshape(-1, 5)     # all codes
     logp = [log_softmax.forward(cosine.forward(z, params[f"M{i}"])[0], cfg.tau)[0] for i in range(3)]
     for i, A in enumerate(plans):
         np.testing.assert_allclose(usage.means()[i], np.exp(logp[i]).mean(0), rtol=1e-12)
@@ -322,11 +322,11 @@ def test_linear_probe_refuses_invalid_or_absent_training_labels(tmp_path):
     np.save(tmp_path / "bad.npy", lab)
     with pytest.raises(InputError, match=r"bad.npy: label value 77 is neither a class in \[0, 3\) nor ignore"):
         probe_mod.linear_probe(params, FeatureStore(store.path, labels=tmp_path / "bad.npy"), 3, epochs=1,
-                              progress=False)
+                               progress=False, cfg=cfg)
     np.save(tmp_path / "none.npy", np.full_like(lab, 255))
     with pytest.raises(InputError, match=r"none.npy: no labelled pixels to train the linear probe on"):
         probe_mod.linear_probe(params, FeatureStore(store.path, labels=tmp_path / "none.npy"), 3, epochs=1,
-                              progress=False)
+                               progress=False, cfg=cfg)
 
 
 def test_a_non_finite_probe_gradient_stops_the_probe_at_the_epochs_end_in_one_line(tmp_path, monkeypatch):
@@ -334,7 +334,8 @@ def test_a_non_finite_probe_gradient_stops_the_probe_at_the_epochs_end_in_one_li
     the second epoch is one InputError naming the epoch and the features, and the first epoch's
     finite steps ran."""
     store, protos = known_world(tmp_path, N=4)
-    params = identity_params(model.Config(in_dim=5, dim=5, levels=(6, 3)), protos, np.arange(3))
+    cfg = model.Config(in_dim=5, dim=5, levels=(6, 3))
+    params = identity_params(cfg, protos, np.arange(3))
     real, calls = probe_mod.loss_and_grads, []
 
     def poisoned(*a, **k):
@@ -346,7 +347,7 @@ def test_a_non_finite_probe_gradient_stops_the_probe_at_the_epochs_end_in_one_li
 
     monkeypatch.setattr(probe_mod, "loss_and_grads", poisoned)
     with pytest.raises(InputError, match=r"linear probe: non-finite gradients in epoch 2 on the codes of .*feats.npy"):
-        probe_mod.linear_probe(params, store, 3, epochs=3, batch_size=2, progress=False)
+        probe_mod.linear_probe(params, store, 3, epochs=3, batch_size=2, progress=False, cfg=cfg)
     assert len(calls) == 4                        # it stopped at the end of epoch 2
 
 

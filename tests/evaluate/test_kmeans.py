@@ -44,7 +44,7 @@ def test_a_head_of_kmeans_centres_on_a_planted_code_scores_perfectly(tmp_path):
     store, protos = known_world(tmp_path, N=6, h=4, C=5, K=3)
     cfg = Config(in_dim=5, dim=5, levels=(3,), eval_level=0)
     params = identity_params(cfg, np.random.default_rng(0).standard_normal((3, 5)), [0, 1, 2])
-    centres = fit_codes(params, store, 3, seed=0, n_fit=96, restarts=3)
+    centres = fit_codes(params, store, 3, seed=0, n_fit=96, restarts=3, cfg=cfg)
     fitted = with_centres(params, cfg, centres)
     assert cluster_eval(fitted, cfg, store, 3)[0]["miou"] == 100.0
     assert cluster_eval(params, cfg, store, 3)[0]["miou"] < 100.0

@@ -194,6 +194,8 @@ TRAIN_CASES = {
     "hard, implicit backward": ["--cluster-target", "hard", "--sinkhorn-backward", "implicit"],
     "relaxed, implicit, small eps": ["--sinkhorn-backward", "implicit", "--eps", 0.02, "--marginals", "uniform"],
     "validated, best kept": ["--eval-level", 1, "--val-features", "{val}", "--val-every", 3, "--keep-best"],
+    "smooseg alone (teacher moving average)": ["--base", "smooseg", "--no-omh"],
+    "omh on smooseg, knn pairs": ["--base", "smooseg", "--weight-inter", 0.5],
 }
 
 

@@ -257,7 +257,7 @@ def test_a_square_image_at_the_models_size_is_the_plain_crop_computation(vit):
     rgb = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     sess = ort.InferenceSession(vit["model"], providers=["CPUExecutionProvider"])
     f = sess.run(None, {sess.get_inputs()[0].name: normalize(rgb[None])})[0]
-    want = cluster_logits(seg.params, seg.cfg, code(seg.params, f), (32, 32))[0]
+    want = cluster_logits(seg.params, seg.cfg, code(seg.params, f, seg.cfg), (32, 32))[0]
     got = seg.logits(rgb)
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5
     assert (seg.segment(rgb).clusters == want.argmax(-1)).mean() > 0.999
@@ -639,7 +639,7 @@ def test_eval_saves_the_match_and_the_masks_and_segment_maps_clusters_to_classes
     params, cfg = load_params(pooled["ckpt"])
     store = FeatureStore(tmp_path / "feats" / "feats.npy")
     f = np.asarray(store.feats, np.float32)
-    want = cluster_logits(params, cfg, code(params, f), (32, 32)).argmax(-1)   # labels are 32 px crops
+    want = cluster_logits(params, cfg, code(params, f, cfg), (32, 32)).argmax(-1)   # labels are 32 px crops
     index = json.loads((tmp_path / "masks" / "masks.json").read_text())
     assert index["rows"] == ["w0.png", "w1.png", "w2.png"] and index["match"]["cluster_to_class"] == perm.tolist()
     for i, row in enumerate(index["rows"]):

@@ -16,6 +16,11 @@ from ..losses import correlation
 from ..ops import grid_sample
 
 PROBE_TARGET = "hard"    # STEGO's cluster probe: one-hot k-means on the detached code
+PROBE_TAU = None         # its loss reads the cosines, not a softmax: the config's tau stays
+TEACHER = None           # no teacher centres
+LOSS_PART = "corr"
+DEFAULTS = {}            # omh-ref's defaults are STEGO's values
+LOOP_DEFAULTS = {}
 
 
 def needs_partners(cfg) -> bool:
@@ -42,7 +47,12 @@ def draw(cfg, B, rng) -> dict:
     return {"coords1": coords1, "coords2": coords2, "perms": perms}
 
 
-def forward(cfg, f, x, z, draws, B):
+def init(params, cfg):
+    """STEGO's cluster probe starts at N(0, 1) rows, as drawn (model.init_params)."""
+    return params
+
+
+def forward(cfg, f, x, z, draws, B, params=None):
     """-> (loss, parts, cache): the correlation loss of the B main images (``x[B:]`` and
     ``z[B:]`` the partners' features and codes, when there are partners)."""
     coords1, coords2 = draws["coords1"], draws["coords2"]

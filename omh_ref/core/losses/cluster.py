@@ -12,6 +12,9 @@ Inputs are one level's cosine logits s (P, K) and log-assignments ``log p = log_
 * ``balanced``: the same with the cluster marginal a constraint (every cluster receives P/K:
   strict equipartition, :func:`balanced_targets`); ``rho_q`` plays no part.
 * ``hard``: ``L = −mean_pixels max_k s_k`` (STEGO's cluster probe: one-hot k-means).
+* ``teacher``: ``Q`` the one-hot argmax of the teacher centres' logits (SmooSeg's student, its base
+  alone: :mod:`omh_ref.core.bases.smooseg`); ``L = −mean_pixels Σ_k Q_k log p_k``. The targets come
+  from the caller (the teacher is not the level's own centroids).
 """
 import math
 from typing import NamedTuple
@@ -19,8 +22,9 @@ from typing import NamedTuple
 from ..backend import get_array_module
 from ..ops.sinkhorn import log_iterations, scaling_iterations, scaling_safe
 
-TARGETS = ("relaxed", "balanced", "hard")
-PLAN_TARGETS = ("relaxed", "balanced")    # targets from an OT plan: the loss is −Σ Q log p
+TARGETS = ("relaxed", "balanced", "hard", "teacher")
+PLAN_TARGETS = ("relaxed", "balanced")    # targets from an OT plan
+LOGP_TARGETS = (*PLAN_TARGETS, "teacher")  # the loss is −Σ Q log p (hard's is −Σ Q s)
 
 
 class ClusterCache(NamedTuple):
@@ -101,12 +105,14 @@ def forward(s, logp, target="relaxed", eps_q=0.05, n_iters_q=20, Q=None, rho_q=0
     (also cache[1]) is Q."""
     if target not in TARGETS:
         raise ValueError(f"cluster_target must be one of {TARGETS}, got {target!r}")
+    if Q is None and target == "teacher":
+        raise ValueError("cluster_target 'teacher': the caller gives the targets (the teacher's argmax)")
     P = s.shape[0]
     if Q is None and target == "relaxed":
         Q = relaxed_targets(s, eps_q, n_iters_q, rho_q)[0]
     elif Q is None:
         Q = balanced_targets(s, eps_q, n_iters_q)[0] if target == "balanced" else hard_targets(s)
-    src = logp if target in PLAN_TARGETS else s
+    src = logp if target in LOGP_TARGETS else s
     return -(Q * src).sum() / P, ClusterCache(target, Q, s)
 
 
@@ -114,6 +120,6 @@ def backward(dloss, cache):
     """-> (ds, dlogp); a term that does not depend on one of them gives 0 for it."""
     target, Q, s = cache
     scale = s.dtype.type(-dloss / s.shape[0])
-    if target in PLAN_TARGETS:
+    if target in LOGP_TARGETS:
         return 0, Q * scale
     return Q * scale, 0
