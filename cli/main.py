@@ -356,17 +356,21 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
 @click.option("--n-train", default=600, show_default=True, type=click.IntRange(min=1), help="Synthetic training images.")
 @click.option("--n-val", default=200, show_default=True, type=click.IntRange(min=1), help="Synthetic validation images.")
 @click.option("--probe-epochs", default=5, show_default=True, type=click.IntRange(min=1))
+@named("bases", default="stego", show_default=True,
+       help="The bases whose rows the table has, each with and without OMH: 'all' or names (stego,smooseg).")
 @shared_options("device")
 @shared_options("quiet")
 @friendly_errors
-def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, device, quiet):
-    """Synthetic data -> OMH, OMH without hierarchy, STEGO baseline -> side-by-side table + report."""
+def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, bases, device, quiet):
+    """Synthetic data -> OMH, OMH without hierarchy, STEGO baseline (--bases all: every base with and
+    without OMH) -> side-by-side table + report."""
     from omh_ref.jobs import demo as demo_mod
     from omh_ref.jobs.seeds import parse_seeds
 
     seeds = parse_seeds(seeds)
     opts = demo_mod.DemoOptions(out=out, seeds=seeds, steps=steps, batch_size=batch_size, n_train=n_train,
-                                n_val=n_val, probe_epochs=probe_epochs, device=device, progress=not quiet)
+                                n_val=n_val, probe_epochs=probe_epochs, device=device, progress=not quiet,
+                                methods=demo_mod.methods_of(bases))
     rep = demo_mod.run(opts, say=click.echo)
     click.echo(demo_mod.table(rep))
     click.echo(f"report: {Path(out) / 'report.json'} and PNGs in {out}")
@@ -420,6 +424,8 @@ def seeds(features, val_features, val_labels, flipped_features, out, seed_list, 
 @click.option("--backbone", default=None, type=click.Choice(["vit_small", "vit_base"]),
               help="Checked against the recipe's backbone [default: the recipe's].")
 @click.option("--seeds", "seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
+@click.option("--omh/--no-omh", default=None,
+              help="OMH on the recipe's base, or the base alone (its own probe) [default: the recipe's].")
 @shared_options("crf", "probe", "scheduler", crf="Also score the cluster predictions after a dense CRF (omh-ref[crf]).",
                 probe="The linear probe on the training crops (streamed: its codes are cached in a temporary "
                       "file, or recomputed every epoch when the disk has no room for them).",
@@ -428,7 +434,7 @@ def seeds(features, val_features, val_labels, flipped_features, out, seed_list, 
 @click.option("--dry-run", is_flag=True, help="Print the equivalent omh-ref commands (done ones marked) and stop.")
 @shared_options("quiet")
 @friendly_errors
-def recipe(name, root, weights, out, backbone, seed_list, crf, probe, scheduler, device, dry_run, quiet):
+def recipe(name, root, weights, out, backbone, seed_list, omh, crf, probe, scheduler, device, dry_run, quiet):
     """Run a benchmark recipe end to end: export, extract, KNN, train and evaluate per seed, then
     mean ± std (OUT/results.json, OUT/results.md).
 
@@ -440,7 +446,8 @@ def recipe(name, root, weights, out, backbone, seed_list, crf, probe, scheduler,
 
     opts = recipe_mod.RecipeOptions(name=name, root=root, weights=tuple(weights), out=out, backbone=backbone,
                                     seeds=parse_seeds(seed_list), crf=crf, probe=probe, scheduler=scheduler,
-                                    device=device, progress=not quiet)
+                                    device=device, progress=not quiet,
+                                    overrides={} if omh is None else {"model": {"omh": omh}})
     if dry_run:
         click.echo(recipe_mod.format_plan(recipe_mod.plan(opts, say=click.echo)))
         return

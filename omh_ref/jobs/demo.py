@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.config import Config
+from ..core import bases
+from ..core.config import Config, with_base_defaults
+from ..core.errors import InputError
 from ..core.files import write_text
 from ..core.lock import FolderLock
 from ..core.options import default
@@ -36,10 +38,24 @@ METHODS = {
     "OMH": {},
     "OMH w/o hierarchy": {"lam_hier": 0.0},
     "STEGO baseline": {"omh": False},
+    "OMH on SmooSeg": {"base": "smooseg"},
+    "SmooSeg baseline": {"base": "smooseg", "omh": False},
 }
+# The rows of each base (``--bases``); the default table is STEGO's.
+BASE_METHODS = {"stego": ("OMH", "OMH w/o hierarchy", "STEGO baseline"),
+                "smooseg": ("OMH on SmooSeg", "SmooSeg baseline")}
 # A base alone is also scored with spherical k-means on its trained code (its own cluster probe
 # can collapse: STEGO's keeps three live clusters on the demo data), as a user of the field would.
-KMEANS_OF = {"STEGO baseline": "STEGO code + k-means"}
+KMEANS_OF = {"STEGO baseline": "STEGO code + k-means", "SmooSeg baseline": "SmooSeg code + k-means"}
+
+
+def methods_of(spec: str) -> tuple:
+    """``--bases``: 'all' or comma-separated base names -> the demo's rows, in BASE_METHODS order."""
+    names = list(BASE_METHODS) if spec == "all" else [b.strip() for b in spec.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BASE_METHODS]
+    if unknown or not names:
+        raise InputError(f"--bases: expected 'all' or base names from {', '.join(BASE_METHODS)}, got {spec!r}")
+    return tuple(m for b in BASE_METHODS if b in names for m in BASE_METHODS[b])
 
 
 @dataclasses.dataclass
@@ -53,15 +69,16 @@ class DemoOptions:
     probe_epochs: int = 5
     device: str = default("device")
     progress: bool = True
-    methods: tuple = tuple(METHODS)
+    methods: tuple = BASE_METHODS["stego"]
 
 
 def demo_config(n_classes: int, **overrides) -> Config:
     """The demo's model: three levels 4K/2K/K over the K true classes (36/18/9 for the default 9),
-    every other field the Config default."""
+    every other field the base's default (omh-ref's, which are STEGO's; SmooSeg's own where they
+    differ)."""
     base = dict(levels=(4 * n_classes, 2 * n_classes, n_classes))
     base.update(overrides)
-    return Config(**base)
+    return Config(**with_base_defaults(base))
 
 
 def prepare_data(root, n_train=600, n_val=200, say=print) -> dict:
@@ -99,11 +116,12 @@ def _run(opts: DemoOptions, say) -> dict:
     runs, logs, shown = {}, {}, {}
     for method in opts.methods:
         for seed in opts.seeds:
-            cfg = dataclasses.replace(demo_config(n_classes, in_dim=train_store.C), **METHODS[method])
+            cfg = demo_config(n_classes, in_dim=train_store.C, **METHODS[method])
+            rates = {k: v for k, v in bases.get(cfg.base).LOOP_DEFAULTS.items() if k in ("lr", "lr_clusters")}
             run_dir = out / "runs" / f"{method.replace(' ', '_').replace('/', '')}-seed{seed}"
             say(f"demo: {method}, seed {seed}")
             res = train(cfg, TrainOptions(features=str(train_store.path), out=str(run_dir), steps=opts.steps,
-                                          batch_size=opts.batch_size, seed=seed, device=opts.device,
+                                          batch_size=opts.batch_size, seed=seed, device=opts.device, **rates,
                                           shifts_auto=True, progress=opts.progress,
                                           ckpt_every=opts.steps, overwrite=True), say=say)
             if res["interrupted"]:   # Ctrl-C: the run's checkpoint is written; stop the demo here
@@ -171,12 +189,13 @@ def table(rep) -> str:
     lines = [seeds.table(rep["methods"], len(next(iter(rep["runs"].values()))), rep["seconds"])]
     lines += ["", "every level against its label granularity (cluster mIoU, one-to-one strict / many-to-one; "
                   "consistency of each level's plan with the label hierarchy, and a blind plan's in brackets):"]
+    width = max((len(m) for m in rep.get("levels", {})), default=20)
     for m, s in rep.get("levels", {}).items():
         cells = [f"L{e['level']} {e['clusters']}->{e['granularity']} {_pm(e['miou'])} / {_pm(e['many_to_one_miou'])}"
                  for e in s["levels"] if e["granularity"]]
         cons = [f"L{c['child']}->L{c['parent']} {_pm(c['consistency'], 2)} ({_pm(c['consistency_chance'], 2)})"
                 for c in s["consistency"]]
-        lines.append(f"{m:<20} " + "; ".join(cells) + (f"; consistency {', '.join(cons)}" if cons else ""))
+        lines.append(f"{m:<{width}} " + "; ".join(cells) + (f"; consistency {', '.join(cons)}" if cons else ""))
     return "\n".join(lines)
 
 

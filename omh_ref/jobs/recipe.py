@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core import options
-from ..core.config import Config, merge, read_file
+from ..core.config import Config, merge, read_file, with_base_defaults
 from ..core.errors import InputError
 from ..core.files import file_sha256, write_json
 from ..core.lock import FolderLock
@@ -143,7 +143,7 @@ def load(name, overrides=None) -> Recipe:
         if settings[key] % settings["patch"]:
             raise InputError(f"{path}: [recipe] {key} {settings[key]} is not a multiple of patch {settings['patch']}")
     model = {**tables["model"], **overrides.get("model", {})}
-    config = merge({}, model, source=path)
+    config = merge(with_base_defaults({"base": model.get("base", "stego")}), model, source=path)
     want_dim = ARCH_DIMS[settings["arch"]]
     if "in_dim" not in model or config.in_dim != want_dim:
         raise InputError(f"{path}: [model] in_dim should be {want_dim}, the size of {settings['arch']}'s features, "

@@ -109,8 +109,8 @@ def test_tiny_demo_end_to_end(tmp_path):
     opts = demo.DemoOptions(out=str(tmp_path / "demo"), seeds=(0, 1), steps=3, batch_size=4, n_train=12,
                             n_val=6, probe_epochs=1, progress=False)
     rep = demo.run(opts, say=lambda *a: None)
-    rows = set(demo.METHODS) | {"STEGO code + k-means"}
-    assert set(rep["methods"]) == rows and demo.KMEANS_OF == {"STEGO baseline": "STEGO code + k-means"}
+    rows = set(demo.BASE_METHODS["stego"]) | {"STEGO code + k-means"}      # the default table: STEGO's rows
+    assert set(rep["methods"]) == rows and demo.KMEANS_OF["STEGO baseline"] == "STEGO code + k-means"
     for m, s in rep["methods"].items():
         assert len(s["cluster_miou"]["values"]) == 2 and 0 <= s["cluster_miou"]["mean"] <= 100
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
@@ -128,6 +128,32 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert [e["granularity"] for e in omh["levels"]] == ["parts", "parts", "classes"]
     assert len(omh["consistency"]) == 2 and "L0 36->parts" in table and "consistency L0->L1" in table
     assert [e["granularity"] for e in rep["levels"]["STEGO baseline"]["levels"]] == ["classes"]
+
+
+def test_the_demo_with_every_base_has_each_base_with_and_without_omh(tmp_path):
+    """--bases all: SmooSeg's rows beside STEGO's, its models SmooSeg's (silu head, dim 64, its
+    learning rates), its base alone predicting with its teacher and rescored by k-means."""
+    from click.testing import CliRunner
+
+    from omh_ref.train import checkpoint
+    from omh_ref_cli.main import main
+
+    assert demo.methods_of("all") == (*demo.BASE_METHODS["stego"], *demo.BASE_METHODS["smooseg"])
+    assert demo.methods_of("smooseg") == ("OMH on SmooSeg", "SmooSeg baseline")
+    with pytest.raises(InputError, match="--bases: expected 'all' or base names from stego, smooseg, got 'hp'"):
+        demo.methods_of("hp")
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--seeds", "0", "--steps", "2",
+                                    "--batch-size", "4", "--n-train", "8", "--n-val", "4", "--probe-epochs", "1",
+                                    "--bases", "smooseg", "--quiet"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert set(rep["methods"]) == {"OMH on SmooSeg", "SmooSeg baseline", "SmooSeg code + k-means"}
+    for name, omh in (("OMH_on_SmooSeg", True), ("SmooSeg_baseline", False)):
+        ck = checkpoint.load(tmp_path / "d" / "runs" / f"{name}-seed0" / "ckpt.npz")
+        cfg, opts = ck["config"], ck["info"]["options"]
+        assert (cfg.base, cfg.omh, cfg.head_activation, cfg.dim) == ("smooseg", omh, "silu", 64)
+        assert (opts["lr"], opts["lr_clusters"], opts["batch_size"]) == (1e-4, 5e-4, 4)   # the demo's batch
+        assert "G" in ck["params"]
 
 
 def test_eval_cli_prints_tables_and_writes_json_and_pngs(tmp_path):
