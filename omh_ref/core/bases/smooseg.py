@@ -42,8 +42,8 @@ DEFAULTS = {
     "dim": 64,                      # configs/train_config.yaml:26
     "dropout": 0.2,                 # modules.py:105 (Dropout2d p)
     "head_activation": "silu",      # modules.py:117-121
-    "shift_intra": -0.02,           # train_config.yaml:40 (pos_intra_shift, Cityscapes, the active block)
-    "shift_neg": 0.5,               # train_config.yaml:39 (neg_inter_shift)
+    "shift_intra": -0.02,           # train_config.yaml:41 (pos_intra_shift, Cityscapes, the active block)
+    "shift_neg": 0.5,               # train_config.yaml:40 (neg_inter_shift)
     "weight_intra": 1.0,            # modules.py:246 (L_self + L_neg, weight 1 each)
     "weight_neg": 1.0,
     "weight_inter": 0.0,            # no KNN pairs (data.py:439-448 returns no neighbours)
