@@ -125,3 +125,21 @@ def test_the_stego_code_k_means_row_is_scored_in_the_baselines_job(tmp_path):
     assert all(0.0 <= r["miou"] <= 100.0 for r in recs) and recs[0]["miou"] != recs[1]["miou"]
     again = run.run_job(job)    # the trained run is re-evaluated, and k-means is seeded: the same rows
     assert [r["miou"] for r in again] == [r["miou"] for r in recs]
+
+
+def test_the_bases_table_pairs_omh_with_its_own_base_by_seed():
+    def recs(variant, values, cons=None):
+        out = _records("flat", variant, values)
+        for r in out:
+            r["consistency"] = [{"child": 0, "parent": 1, "consistency": cons, "consistency_chance": 0.1}]
+        return out
+
+    data = (recs("STEGO baseline", [10.0, 12.0, 11.0]) + recs("STEGO code + k-means", [15.0, 15.0, 16.0])
+            + recs("default", [20.0, 21.0, 22.0], 0.8) + recs("SmooSeg baseline", [12.0, 13.0, 14.0])
+            + recs("SmooSeg code + k-means", [13.0, 18.0, 14.0]) + recs("OMH on SmooSeg", [19.0, 17.0, 25.0], 0.7))
+    lines = report.bases_table(data, "flat")
+    # OMH − alone per seed: STEGO 10, 9, 11; SmooSeg 7, 4, 11; OMH − k-means: 5, 6, 6 and 6, −1, 11
+    assert lines[2] == "| STEGO | 11.0 ± 1.0 | 15.3 ± 0.6 | 21.0 ± 1.0 | +10.0 ± 1.0 (3/3) | +5.7 ± 0.6 (3/3) | 0.80 |"
+    assert lines[3] == "| SmooSeg | 13.0 ± 1.0 | 15.0 ± 2.6 | 20.3 ± 4.2 | +7.3 ± 3.5 (3/3) | +5.3 ± 6.0 (2/3) | 0.70 |"
+    assert lines[-1] == "OMH on SmooSeg − OMH on STEGO: -0.7 ± 3.5 (1/3) (paired by seed)"   # −1, −4, +3
+    assert "OMH on SmooSeg" in report.REFERENCES and "SmooSeg baseline" in report.REFERENCES   # never adopted

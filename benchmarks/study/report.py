@@ -16,8 +16,12 @@ from pathlib import Path
 import numpy as np
 
 RULE_FAMILIES = ("flat", "tree")
-REFERENCES = ("no hierarchy (λ_hier 0)", "STEGO baseline", "STEGO code + k-means", "k-means (raw)")
+REFERENCES = ("no hierarchy (λ_hier 0)", "STEGO baseline", "STEGO code + k-means", "k-means (raw)",
+              "OMH on SmooSeg", "SmooSeg baseline", "SmooSeg code + k-means")
 DEFAULT = "default"
+# The bases side by side: each base alone (its own probe, and k-means on its code) and OMH on it.
+BASES = {"STEGO": ("STEGO baseline", "STEGO code + k-means", DEFAULT),
+         "SmooSeg": ("SmooSeg baseline", "SmooSeg code + k-means", "OMH on SmooSeg")}
 
 
 def load(path):
@@ -103,6 +107,35 @@ def level_table(recs, family, order):
     return lines
 
 
+def bases_table(recs, family):
+    """Per base: the base alone, k-means on its code, OMH on it (cluster mIoU, mean ± std), OMH's
+    paired gain over each of the two (mean ± std of the per-seed differences, seeds higher), and
+    the finest level pair's consistency of OMH on it. Then OMH on SmooSeg against OMH on STEGO."""
+    vals = by_variant(recs, family)
+    lines = ["| base | alone (its probe) | k-means on its code | OMH on it | OMH − alone | OMH − k-means | "
+             "finest pair consistency |", "|---|---|---|---|---|---|---|"]
+
+    def ms(v):
+        m, s = _ms(list(vals[v].values()))
+        return f"{m:.1f} ± {s:.1f}"
+
+    def gain(a, b):
+        dm, ds, n = paired(vals[a], vals[b])
+        higher = sum(vals[a][k] > vals[b][k] for k in set(vals[a]) & set(vals[b]))
+        return f"{dm:+.1f} ± {ds:.1f} ({higher}/{n})"
+
+    for base, (alone, km, omh) in BASES.items():
+        if not all(v in vals for v in (alone, km, omh)):
+            continue
+        cons = [r["consistency"][0]["consistency"] for r in recs if r["family"] == family and r["variant"] == omh
+                and r.get("consistency") and r["consistency"][0]["consistency"] is not None]
+        lines.append(f"| {base} | {ms(alone)} | {ms(km)} | {ms(omh)} | {gain(omh, alone)} | {gain(omh, km)} | "
+                     f"{np.mean(cons):.2f} |")
+    if all(v in vals for v in (DEFAULT, "OMH on SmooSeg")):
+        lines += ["", f"OMH on SmooSeg − OMH on STEGO: {gain('OMH on SmooSeg', DEFAULT)} (paired by seed)"]
+    return lines
+
+
 def decide(all_rows):
     """The rule: adopted iff mean paired gain > 0 on every rule family and > its spread on one."""
     cands, verdicts = [], {}
@@ -138,6 +171,10 @@ def main(argv=None):
                 "Per level (mean over seeds; one-to-one strict mIoU, many-to-one in brackets) and hierarchy "
                 "consistency (many-to-one at the parent's granularity; a blind plan's in brackets):", "",
                 *level_table(recs, f, order), ""]
+    if any(v in order for v in BASES["SmooSeg"]):
+        out += ["### The bases side by side: each alone and with OMH on top", ""]
+        for f in fams:
+            out += [f"Family `{f}`:", "", *bases_table(recs, f), ""]
     if all(f in all_rows for f in RULE_FAMILIES):
         adopted, verdicts = decide(all_rows)
         out += ["### The rule", ""]

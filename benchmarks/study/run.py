@@ -42,7 +42,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks.study import data  # noqa: E402
 from omh_ref.jobs import demo  # noqa: E402
-from omh_ref.core.config import Config  # noqa: E402
+from omh_ref.core import bases  # noqa: E402
+from omh_ref.core.config import Config, with_base_defaults  # noqa: E402
 from omh_ref.core.files import write_text  # noqa: E402
 from omh_ref.core.ops import cosine, resize  # noqa: E402
 from omh_ref.evaluate import granular, metrics  # noqa: E402
@@ -76,6 +77,10 @@ def VARIANTS(K):
         "uniform marginals": {"marginals": "uniform"},
         "levels 2K/K": {"levels": (2 * K, K)},
         "levels 2K/K/3, eval middle": {"levels": (2 * K, K, N_SUPER), "eval_level": 1},
+        # the SmooSeg base (its own values of the fields and learning rates), with and without OMH
+        "OMH on SmooSeg": {"base": "smooseg"},
+        "SmooSeg baseline": {"base": "smooseg", "omh": False},
+        "SmooSeg code + k-means": None,
     }
 
 
@@ -150,13 +155,14 @@ def run_job(job):
     if variant == "k-means (raw)":
         return [dict(base, overrides=None, **run_kmeans(tr, va, K, seed), seconds=round(time.perf_counter() - t0, 1))]
     over = VARIANTS(K)[variant]
-    cfg = Config(**dict(dict(levels=demo_levels(K), in_dim=tr.C), **over))
+    cfg = Config(**with_base_defaults(dict(dict(levels=demo_levels(K), in_dim=tr.C), **over)))
+    rates = {k: v for k, v in bases.get(cfg.base).LOOP_DEFAULTS.items() if k in ("lr", "lr_clusters")}
     run_dir = Path(out) / "runs" / fam / f"{_slug(variant)}-seed{seed}"
     if _trained(run_dir, cfg, steps, seed):    # the same run is there: evaluated again, not retrained
         res = {"checkpoint": str(run_dir / "ckpt.npz"), "log": str(run_dir / "log.jsonl")}
     else:
         res = train(cfg, TrainOptions(features=str(tr.path), out=str(run_dir), steps=steps, batch_size=8, seed=seed,
-                                      shifts_auto=True, progress=False, ckpt_every=steps, overwrite=True),
+                                      shifts_auto=True, progress=False, ckpt_every=steps, overwrite=True, **rates),
                     say=lambda *a: None)
     params, cfg = load_params(res["checkpoint"])
     last = [json.loads(ln) for ln in Path(res["log"]).read_text().splitlines() if ln.strip()][-1]
