@@ -21,7 +21,14 @@ Turning ORT's spinning off (``--no-ort-spinning``) instead left ORT slower (abou
 any pause), so ORT keeps its default.
 
     python -m benchmarks.bench_extract [--arch vit_small] [--patch 8] [--resolution 224] \
-        [--batch 8] [--threads 1,2] [--repeats 5] [--warmup 1] [--pause 0.1] [--quick]
+        [--batch 8] [--threads 1,2] [--repeats 5] [--warmup 1] [--pause 0.1] [--quick] [--families]
+
+``--arch`` takes what ``omh-ref export --arch`` takes by name (``vit_small``, ``dinov2_vits14``,
+``dinov3_vits16``, ...: omh_ref/extract/archs.py). ``--families`` runs one row per architecture
+family at the same size: DINO ViT-S (``--patch``), DINOv2 ViT-S/14 and DINOv3 ViT-S/16, each at
+the multiple of its patch nearest ``--resolution`` (224 px is one for all three), each random,
+exported and checked the same way; the JSON's ``rows`` holds them (its top-level ``arch`` ...
+``cases`` are the first row's).
 
 With ``--pipeline N`` (default 32, 0 to skip), the whole ``omh-ref extract`` path is timed too:
 N random 640x480 JPEG files are decoded, cropped (STEGO's resize + centre crop), normalised, run
@@ -132,14 +139,14 @@ def run_case(model, onnx_path, x, threads, repeats, warmup, pause=0.1, spinning=
     return out
 
 
-def pipeline_case(onnx_path, image_dir, n_images, threads, batch, out_dir) -> dict:
+def pipeline_case(onnx_path, image_dir, n_images, threads, batch, out_dir, resolution=None) -> dict:
     """Time ``omh_ref.extract.job.extract`` over ``n_images`` JPEGs (one untimed warm-up image first)."""
     from omh_ref.extract import datasets
     from omh_ref.extract.job import ExtractOptions, extract
 
     ds = datasets.folder(image_dir)
     opts = dict(model=str(onnx_path), batch_size=batch, chunk_size=batch * 4, threads=threads,
-                progress=False, overwrite=True)
+                progress=False, overwrite=True, **({"resolution": resolution} if resolution else {}))
     warm = datasets.Dataset("folder", ds.root, None, ds.items[:1])
     extract(warm, ExtractOptions(out=str(Path(out_dir) / "warm"), **opts), log=lambda *_: None)
     t0 = time.perf_counter()
@@ -159,10 +166,19 @@ def write_jpegs(folder, n, seed):
         Image.fromarray(small).resize((640, 480), Image.BILINEAR).save(Path(folder) / f"{i:04d}.jpg", quality=90)
 
 
+FAMILY_ROWS = ("vit_small", "dinov2_vits14", "dinov3_vits16")   # --families: DINO at --patch, then these
+
+
 def main(argv=None):
+    from omh_ref.extract import archs
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=("vit_small", "vit_base"), default=None, help="default vit_small")
-    p.add_argument("--patch", type=int, choices=(8, 16), default=None, help="default 8 (--quick 16)")
+    p.add_argument("--arch", choices=[a for a in archs.arch_choices() if a not in archs.FAMILIES], default=None,
+                   metavar="ARCH", help="vit_small | vit_base (DINO) or a torch.hub name (dinov2_vits14, dinov3_vits16, "
+                                        "...); default vit_small")
+    p.add_argument("--patch", type=int, choices=(8, 16), default=None, help="DINO's: default 8 (--quick 16)")
+    p.add_argument("--families", action="store_true",
+                   help="one row per family: DINO ViT-S (--patch), DINOv2 ViT-S/14, DINOv3 ViT-S/16")
     p.add_argument("--resolution", type=int, default=None, help="input side in px (default 224, --quick 64)")
     p.add_argument("--batch", type=int, default=None, help="images per run (default 8, --quick 4)")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
@@ -186,46 +202,70 @@ def main(argv=None):
         p.error("--batch and --repeats must be positive")
     if args.pause < 0:
         p.error("--pause must be >= 0")
-    if s["resolution"] <= 0 or s["resolution"] % s["patch"]:
-        p.error(f"--resolution {s['resolution']} is not a positive multiple of patch {s['patch']}")
+    names = [s["arch"], *FAMILY_ROWS[1:]] if args.families else [s["arch"]]
+    try:
+        specs = [archs.complete(archs.parse_arch(a, s["patch"] if a in archs.LEGACY else None)) for a in names]
+    except ValueError as e:
+        p.error(str(e))
+    rows = []
+    for spec in specs:
+        r = s["resolution"] if not args.families else max(1, round(s["resolution"] / spec.patch)) * spec.patch
+        if r <= 0 or r % spec.patch:
+            p.error(f"--resolution {r} is not a positive multiple of patch {spec.patch}")
+        rows.append((spec, r))
 
     import onnxruntime
+
+    versions = {**bench.versions(), "onnxruntime": onnxruntime.__version__}
+    res = {"batch": s["batch"], "repeats": s["repeats"], "warmup": max(s["warmup"], 1), "seed": args.seed,
+           "tolerance": TOL, "preset": "quick" if args.quick else "full", "ort_spinning": not args.no_ort_spinning,
+           "pause_s": args.pause, "loadavg_start": os.getloadavg(), "rows": []}
+    t0 = time.perf_counter()
+    n_pipe = args.pipeline if args.pipeline is not None else (4 if args.quick else 32)
+    for spec, r in rows:
+        res["rows"].append(run_arch(spec, r, s, threads, args, n_pipe))
+    res.update({k: res["rows"][0][k] for k in ("arch", "family", "patch", "resolution", "onnx_bytes", "cases")})
+    res["elapsed_s"] = time.perf_counter() - t0
+    res["loadavg_end"] = os.getloadavg()
+    res["versions"] = versions
+    print(json.dumps(res))
+    return res
+
+
+def run_arch(spec, resolution, s, threads, args, n_pipe) -> dict:
+    """One architecture: build it random (seeded as omh-ref export does), export, then each thread
+    count's case. -> the row dict."""
     import torch
+
+    from omh_ref.extract import archs
 
     ed = load_export_script()
     torch.manual_seed(args.seed)  # as export_dino.main: seed, then build
-    model = ed.build_vit(s["arch"], s["patch"])
-    x = ed.random_batch(s["resolution"], args.seed, s["batch"])
-    versions = {**bench.versions(), "onnxruntime": onnxruntime.__version__}
-    res = {"arch": s["arch"], "patch": s["patch"], "resolution": s["resolution"], "batch": s["batch"],
-           "repeats": s["repeats"], "warmup": max(s["warmup"], 1), "seed": args.seed, "tolerance": TOL,
-           "preset": "quick" if args.quick else "full", "ort_spinning": not args.no_ort_spinning, "pause_s": args.pause,
-           "loadavg_start": os.getloadavg(), "cases": []}
-    t0 = time.perf_counter()
+    model = ed.build(spec)
+    x = ed.random_batch(resolution, args.seed, s["batch"])
+    label = archs.describe(spec)
+    row = {"arch": spec.size, "family": spec.family, "name": archs.stem(spec), "patch": spec.patch,
+           "registers": spec.registers, "resolution": resolution, "cases": []}
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
-        path = ed.export(model, s["resolution"], tmp)
-        res["onnx_bytes"] = path.stat().st_size
-        n_pipe = args.pipeline if args.pipeline is not None else (4 if args.quick else 32)
+        path = ed.export(model, resolution, tmp)
+        row["onnx_bytes"] = path.stat().st_size
         if n_pipe:
             write_jpegs(Path(tmp) / "images", n_pipe, args.seed)
         for t in threads:
             c = run_case(model, path, x, t, s["repeats"], s["warmup"], args.pause, not args.no_ort_spinning)
             if n_pipe:
-                c["pipeline"] = pipeline_case(path, Path(tmp) / "images", n_pipe, t, s["batch"], Path(tmp) / "out")
+                c["pipeline"] = pipeline_case(path, Path(tmp) / "images", n_pipe, t, s["batch"], Path(tmp) / "out",
+                                              resolution)
                 c["pipeline"]["vs_ort_forward"] = c["pipeline"]["images_per_s"] / c["ort"]["images_per_s"]
-            res["cases"].append(c)
-            print(f"{s['arch']}/{s['patch']} {s['resolution']} px, batch {s['batch']}, {t} thread(s): "
+            row["cases"].append(c)
+            print(f"{label} {resolution} px, batch {s['batch']}, {t} thread(s): "
                   f"ORT {1e3 * c['ort']['median_s']:.1f} ms ({c['ort']['images_per_s']:.1f} img/s), "
                   f"torch {1e3 * c['torch']['median_s']:.1f} ms ({c['torch']['images_per_s']:.1f} img/s), "
                   f"ORT/torch images/s = {c['ratio']:.2f}   (max |diff| {c['max_abs_diff']:.1e}, "
                   f"median of {s['repeats']})"
                   + (f"; omh-ref extract on JPEGs {c['pipeline']['images_per_s']:.1f} img/s "
                      f"({100 * c['pipeline']['vs_ort_forward']:.0f}% of the bare forward)" if n_pipe else ""))
-    res["elapsed_s"] = time.perf_counter() - t0
-    res["loadavg_end"] = os.getloadavg()
-    res["versions"] = versions
-    print(json.dumps(res))
-    return res
+    return row
 
 
 if __name__ == "__main__":

@@ -117,8 +117,9 @@ def main():
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @friendly_errors
 def export(args):
-    """Export a DINO ViT backbone (a local .pth, --random-init or --download) to ONNX, checked
-    against torch with onnxruntime and recorded in a manifest; needs torch (omh-ref[torch]).
+    """Export a DINO, DINOv2 or DINOv3 ViT backbone (a local Meta .pth or Hugging Face .safetensors /
+    model folder, --random-init, or --download for DINO) to ONNX, checked against torch with
+    onnxruntime and recorded in a manifest; needs torch (omh-ref[torch]).
     ``omh-ref export --help`` lists its flags."""
     try:
         from omh_ref.extract import export_dino

@@ -1,6 +1,7 @@
 """What the tests build, in one place: feature files and known worlds with labels (the package's
 own synthetic data, omh_ref.features.synthetic, is the demo's; these are the small, exact ones).
 Test modules import these instead of each other's helpers."""
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,146 @@ def write_worlds(folder, sizes=SIZES):
         Image.fromarray(rgb).save(folder / f"w{i}.png")
         truths[f"w{i}"] = truth
     return truths
+
+
+# --------------------------------------------------------------------------------------------------
+# DINOv2 / DINOv3 backbones for omh-ref export (torch, imported where used)
+# --------------------------------------------------------------------------------------------------
+# Small sizes laid into omh-ref export's families while a test runs (tiny_backbones): 2 blocks,
+# 32 channels, 2 heads of 16 (RoPE needs head channels divisible by 4), so an export takes a second.
+TINY = {"dino": {}, "dinov2": {"vit_tiny": dict(dim=32, depth=2, heads=2, short="vitt"),
+                               "vit_tiny_swiglu": dict(dim=32, depth=2, heads=2, short="vitw", ffn="swiglu")},
+        "dinov3": {"vit_tiny": dict(dim=32, depth=2, heads=2, short="vitt"),
+                   "vit_tiny_plus": dict(dim=32, depth=2, heads=2, short="vitt", ffn="swiglu", ffn_ratio=6.0,
+                                         plus=True)}}
+
+
+@contextlib.contextmanager
+def tiny_backbones():
+    """While the block runs, ``vit_tiny`` (MLP) and a SwiGLU tiny size are sizes of DINOv2
+    (``dinov2_vitt14``, ``dinov2_vitw14``) and DINOv3 (``dinov3_vitt16``, ``dinov3_vitt16plus``)."""
+    from omh_ref.extract import archs
+
+    added = []
+    try:
+        for fam, sizes in TINY.items():
+            for name, kw in sizes.items():
+                archs.FAMILIES[fam].sizes[name] = archs.Size(**kw)
+                added.append((fam, name))
+        yield
+    finally:
+        for fam, name in added:
+            archs.FAMILIES[fam].sizes.pop(name, None)
+
+
+def random_vit(family, size, patch, registers, seed=0):
+    """A seeded random ViT of omh-ref export (eval mode) whose every path counts: each parameter
+    moved by N(0, 0.1^2) and every LayerScale drawn in [0.5, 1.5] (DINOv3's init, 1e-5, would
+    leave the blocks all but silent)."""
+    import torch
+
+    from omh_ref.extract import archs, export_dino
+
+    torch.manual_seed(seed)
+    model = export_dino.build(archs.complete(archs.Spec(family, size, patch, registers)))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith(".gamma"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            else:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def save_meta_checkpoint(model, path, teacher=False, extra=None):
+    """``model``'s state dict as Meta releases it (a bare .pth), or as a training checkpoint holds
+    the teacher (``teacher``: under "teacher" with "backbone." prefixes and a DINO head beside it)."""
+    import torch
+
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd.update(extra or {})
+    if teacher:
+        sd = {f"backbone.{k}": v for k, v in sd.items()}
+        sd["dino_head.mlp.0.weight"] = torch.zeros(4, 4)
+        torch.save({"teacher": sd, "iteration": 10}, path)
+    else:
+        torch.save(sd, path)
+    return Path(path)
+
+
+# Meta key -> Hugging Face key, written from transformers' model files (modeling_dinov2.py,
+# modeling_dinov2_with_registers.py, modeling_dinov3_vit.py: Dinov2Embeddings, Dinov2Layer,
+# DINOv3ViTEmbeddings, DINOv3ViTLayer, ...), independently of omh_ref.extract's rules, which map the
+# other way. The qkv matrices are cut in three below.
+_HF_NAMES = {
+    "dinov2": [(r"^cls_token$", "embeddings.cls_token"), (r"^mask_token$", "embeddings.mask_token"),
+               (r"^pos_embed$", "embeddings.position_embeddings"),
+               (r"^register_tokens$", "embeddings.register_tokens"),
+               (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+               (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.output.dense."),
+               (r"^blocks\.(\d+)\.ls(\d)\.gamma$", r"encoder.layer.\1.layer_scale\2.lambda1"),
+               (r"^blocks\.(\d+)\.mlp\.w12\.", r"encoder.layer.\1.mlp.weights_in."),
+               (r"^blocks\.(\d+)\.mlp\.w3\.", r"encoder.layer.\1.mlp.weights_out."),
+               (r"^blocks\.(\d+)\.", r"encoder.layer.\1."), (r"^norm\.", "layernorm.")],
+    "dinov3": [(r"^cls_token$", "embeddings.cls_token"), (r"^mask_token$", "embeddings.mask_token"),
+               (r"^storage_tokens$", "embeddings.register_tokens"),
+               (r"^patch_embed\.proj\.", "embeddings.patch_embeddings."),
+               (r"^blocks\.(\d+)\.attn\.proj\.", r"layer.\1.attention.o_proj."),
+               (r"^blocks\.(\d+)\.ls(\d)\.gamma$", r"layer.\1.layer_scale\2.lambda1"),
+               (r"^blocks\.(\d+)\.mlp\.fc1\.", r"layer.\1.mlp.up_proj."),
+               (r"^blocks\.(\d+)\.mlp\.fc2\.", r"layer.\1.mlp.down_proj."),
+               (r"^blocks\.(\d+)\.mlp\.w1\.", r"layer.\1.mlp.gate_proj."),
+               (r"^blocks\.(\d+)\.mlp\.w2\.", r"layer.\1.mlp.up_proj."),
+               (r"^blocks\.(\d+)\.mlp\.w3\.", r"layer.\1.mlp.down_proj."),
+               (r"^blocks\.(\d+)\.", r"layer.\1."), (r"^norm\.", "norm.")],
+}
+
+
+def hf_layout(family, meta: dict) -> dict:
+    """A Meta-layout DINOv2 / DINOv3 state dict in the Hugging Face layout: DINOv2's qkv cut into
+    ``attention.attention.{query,key,value}``, DINOv3's into ``attention.{q,k,v}_proj`` without the
+    key bias (masked to 0 in Meta's model), its ``bias_mask`` and RoPE ``periods`` dropped, its
+    mask token (1, 1, C)."""
+    import re
+
+    out = {}
+    for key, t in meta.items():
+        if key.endswith(".bias_mask") or key == "rope_embed.periods":
+            continue
+        m = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
+        if m:
+            i, kind = m.groups()
+            parts = dict(zip("qkv", t.chunk(3, dim=0)))
+            for n, part in parts.items():
+                if family == "dinov2":
+                    out[f"encoder.layer.{i}.attention.attention.{dict(q='query', k='key', v='value')[n]}.{kind}"] = part
+                elif not (n == "k" and kind == "bias"):
+                    out[f"layer.{i}.attention.{n}_proj.{kind}"] = part
+            continue
+        new = key
+        for pattern, repl in _HF_NAMES[family]:
+            new, hit = re.subn(pattern, repl, new)
+            if hit:
+                break
+        out[new] = t.reshape(1, 1, -1) if (family == "dinov3" and key == "mask_token") else t
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def save_hf(family, model, path, folder=False):
+    """``model`` in the Hugging Face layout as ``path`` (a .safetensors file), or, with
+    ``folder``, as a ``save_pretrained`` folder (``path/model.safetensors`` and a config.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = hf_layout(family, model.state_dict())
+    path = Path(path)
+    if folder:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps({"model_type": "dinov2" if family == "dinov2" else "dinov3_vit",
+                                                      "hidden_size": model.dim}))
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        save_file(state, str(path), metadata={"format": "pt"})
+    return path

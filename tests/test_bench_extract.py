@@ -37,6 +37,22 @@ def test_quick_run_structure(capsys):
     assert len(out) == 2 and "1 thread(s)" in out[0] and out[-1].startswith("{")
 
 
+def test_one_row_per_family(capsys):
+    """--families: DINO ViT-S/16, DINOv2 ViT-S/14 and DINOv3 ViT-S/16, each at the multiple of its
+    patch nearest 64 px, each checked against torch before it is timed."""
+    res = be.main(["--quick", "--families", "--threads", "1", "--repeats", "1", "--pipeline", "0"])
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = [(r["family"], r["arch"], r["patch"], r["registers"], r["resolution"]) for r in res["rows"]]
+    assert rows == [("dino", "vit_small", 16, 0, 64), ("dinov2", "vit_small", 14, 0, 70),
+                    ("dinov3", "vit_small", 16, 4, 64)]
+    for r in res["rows"]:
+        (c,) = r["cases"]
+        assert 0.0 <= c["max_abs_diff"] <= 1e-4 and c["ratio"] > 0
+        assert math.isclose(c["ratio"], c["ort"]["images_per_s"] / c["torch"]["images_per_s"])
+    assert res["cases"] == res["rows"][0]["cases"] and res["arch"] == "vit_small"
+    assert len(out) == 4 and out[1].startswith("DINOv2 ViT-S/14 70 px") and out[-1].startswith("{")
+
+
 def test_disagreement_refuses_to_time():
     want = np.zeros((2, 4, 4, 8), np.float32)
     assert be.check_agreement(want + 5e-5, want) == pytest.approx(5e-5, rel=1e-3)

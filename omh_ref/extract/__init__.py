@@ -1,3 +1,5 @@
 """An image becomes a feature: data set readers (``datasets``, ``classes``), STEGO's crops
 (``images``), the ONNX backbone run with onnxruntime (``backbone``) and the resumable extraction
-job that writes ``feats.npy`` / ``labels.npy`` / ``feats.json`` (``job``)."""
+job that writes ``feats.npy`` / ``labels.npy`` / ``feats.json`` (``job``). ``omh-ref export`` makes the
+ONNX backbone (``export_dino``, with ``archs``, ``checkpoints``, ``vit_layers``, ``vit_dinov2``,
+``vit_dinov3``; all but ``archs`` need torch and are imported only to export)."""

@@ -86,7 +86,11 @@ class Backbone:
         what its outputs show."""
         st = self.stated
         rand = st.get("omh_ref.random_init")
-        return {"name": Path(self.path).stem, "arch": st.get("omh_ref.arch"), "patch": self.patch, "dim": self.dim,
+        # files exported before the family was recorded were all DINO (v1), with no registers
+        family = st.get("omh_ref.family") or ("dino" if st.get("omh_ref.arch") else None)
+        regs = st.get("omh_ref.registers") or ("0" if family == "dino" else None)
+        return {"name": Path(self.path).stem, "family": family, "arch": st.get("omh_ref.arch"), "patch": self.patch,
+                "registers": None if regs is None else int(regs), "dim": self.dim,
                 "weights_sha256": st.get("omh_ref.weights_sha256"),
                 "random_init": None if rand is None else rand == "true", "onnx_sha256": self.sha256,
                 "resolution": self.resolution}

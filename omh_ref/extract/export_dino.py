@@ -1,29 +1,45 @@
-"""``omh-ref export``: a DINO ViT backbone to ONNX for ``omh-ref extract`` (docs/METHOD.md,
-docs/ARCHITECTURE.md). It needs torch (``pip install 'omh-ref[torch]'``); nothing else in the
-package imports this module except when asked to export.
+"""``omh-ref export``: a DINO, DINOv2 or DINOv3 ViT backbone to ONNX for ``omh-ref extract``
+(docs/METHOD.md, docs/ARCHITECTURE.md). It needs torch (``pip install 'omh-ref[torch]'``); nothing
+else in the package imports this module except when asked to export.
 
 The model maps an image batch (B, 3, H, W), float32, already normalised (ImageNet mean/std), to the
-last block's patch tokens after the final LayerNorm, CLS dropped, channels last: (B, H/p, W/p, C).
+last block's patch tokens after the final LayerNorm, the class token and any register (DINOv3:
+storage) tokens dropped, channels last: (B, H/p, W/p, C).
 
-The ViT below is written from the description of facebookresearch/dino ``vision_transformer.py``;
+Which backbone (:mod:`omh_ref.extract.archs`): ``--arch vit_small|vit_base`` with ``--patch 8|16``
+is DINO (v1), as always; ``--arch`` also takes a torch.hub name (``dinov2_vits14``,
+``dinov2_vitb14_reg``, ``dinov3_vits16``, ``dinov3_vits16plus``, ...) or a family alone (``dino``,
+``dinov2``, ``dinov3``), whose size, patch and registers are read from the checkpoint;
+``--registers N`` sets DINOv2's register tokens (0 or 4 released) and DINOv3's storage tokens (4).
+
+DINO's ViT below is written from the description of facebookresearch/dino ``vision_transformer.py``;
 its state-dict keys match the official checkpoints (``cls_token``, ``pos_embed``,
 ``patch_embed.proj.*``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``,
 ``norm.*``), LayerNorm eps 1e-6, qkv bias, exact GELU. Positional embeddings are interpolated to the
 input's patch grid the way DINO's ``interpolate_pos_encoding`` does (bicubic with scale factor
-(grid + 0.1) / sqrt(N), class token kept); the grid comes from the input's static shape, so the
-export traces it for the fixed export resolution while the batch axis stays dynamic.
+(grid + 0.1) / sqrt(N), class token kept). DINOv2's ViT is :mod:`omh_ref.extract.vit_dinov2`
+(LayerScale, registers, its own interpolation rule, antialias included), DINOv3's
+:mod:`omh_ref.extract.vit_dinov3` (RoPE, storage tokens, LayerScale, a masked key bias). Each is
+exported at one fixed resolution with a dynamic batch axis: its position table for that grid
+(interpolated embeddings, RoPE sines and cosines) is computed once in torch and baked in
+(:class:`omh_ref.extract.vit_layers.FixedGrid`).
 
-Weights come from a local .pth (``--checkpoint``), from DINO's official download (``--download``,
-only when asked, on a machine with internet: fetched once into ``--cache-dir`` through a temporary
-file and a rename, then loaded like ``--checkpoint``), or a seeded random init (``--random-init``:
-tests, machines without weights). Nothing downloads at import or test time. Each export is checked against the torch forward
-with onnxruntime before its entry is written to ``manifest.json``. The ONNX file carries its own
-provenance in its metadata (architecture, patch, the weights' sha256, random or not; extraction
-copies it into ``feats.json``); random weights are named so (``dino_vits8_random0_224.onnx``) and
-their manifest entry goes beside the file (``<name>.manifest.json``), not into a tracked manifest.
+Weights come from a local Meta ``.pth`` or a Hugging Face ``.safetensors`` file or model folder
+(``--checkpoint``; either key layout, :mod:`omh_ref.extract.checkpoints`), from DINO's official
+download (``--download``, DINO v1 only, only when asked, on a machine with internet: fetched once
+into ``--cache-dir`` through a temporary file and a rename, then loaded like ``--checkpoint``), or a
+seeded random init (``--random-init``: tests, machines without weights). Nothing downloads at
+import or test time. Each export is checked against the torch forward with onnxruntime before its
+entry is written to ``manifest.json``. The ONNX file carries its own provenance in its metadata
+(family, architecture, patch, registers, the weights' sha256, random or not; extraction copies it
+into ``feats.json``); random weights are named so (``dino_vits8_random0_224.onnx``) and their
+manifest entry goes beside the file (``<name>.manifest.json``), not into a tracked manifest.
 
     omh-ref export --arch vit_small --patch 8 \
         --checkpoint dino_deitsmall8_pretrain.pth --resolution 224 --resolution 320 --out weights
+    omh-ref export --arch dinov2 --patch 14 --registers 4 \
+        --checkpoint dinov2_vits14_reg4_pretrain.pth --resolution 224 --resolution 322
+    omh-ref export --arch dinov3 --checkpoint dinov3-vits16-pretrain-lvd1689m/ --resolution 224
 """
 from __future__ import annotations
 
@@ -43,7 +59,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.files import file_sha256
+from ..core.files import atomic_path, file_sha256, write_text
+from . import archs, checkpoints
+from .checkpoints import CheckpointError
+from .vit_dinov2 import DinoV2
+from .vit_dinov3 import DinoV3
+from .vit_layers import FixedGrid, grid_of
 
 ARCHS = {  # name: (embed dim, depth, heads, short name for files)
     "vit_small": (384, 12, 6, "vits"),
@@ -123,10 +144,14 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """DINO's ViT backbone; ``forward`` returns channels-last patch features (B, h, w, C)."""
 
+    family = "dino"
+    registers = 0
+
     def __init__(self, arch: str, patch: int):
         super().__init__()
         dim, depth, heads, _ = ARCHS[arch]
         self.arch, self.patch, self.dim = arch, patch, dim
+        self.spec = archs.Spec("dino", arch, patch, 0)
         self.grid0 = IMG_SIZE // patch  # side of the patch grid pos_embed was trained on
         n = self.grid0 ** 2
         self.patch_embed = PatchEmbed(patch, dim)
@@ -156,18 +181,24 @@ class VisionTransformer(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, gh * gw, self.dim)
         return torch.cat((cls_pos, patch_pos), dim=1)
 
-    def forward(self, images):
-        h_img, w_img = int(images.shape[-2]), int(images.shape[-1])  # static for the export
-        if h_img % self.patch or w_img % self.patch:
-            raise ValueError(f"input {h_img}x{w_img} is not a multiple of patch {self.patch}")
-        gh, gw = h_img // self.patch, w_img // self.patch
+    def positions(self, gh: int, gw: int) -> tuple:
+        return (self.interpolate_pos_encoding(gh, gw),)
+
+    def forward_with(self, images, tables):
+        gh, gw = grid_of(images, self.patch)
         x = self.patch_embed(images)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat((cls, x), dim=1) + self.interpolate_pos_encoding(gh, gw)
+        x = torch.cat((cls, x), dim=1) + tables[0]
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)
         return x[:, 1:].reshape(-1, gh, gw, self.dim)
+
+    def forward(self, images):
+        return self.forward_with(images, self.positions(*grid_of(images, self.patch)))
+
+    def after_load(self):
+        """Nothing to settle after loading (DINOv3 folds its key-bias mask here)."""
 
 
 def build_vit(arch: str, patch: int) -> VisionTransformer:
@@ -180,10 +211,18 @@ def build_vit(arch: str, patch: int) -> VisionTransformer:
     return VisionTransformer(arch, patch).eval()
 
 
-def model_name(model: VisionTransformer, resolution: int, random_seed: int | None = None) -> str:
-    """e.g. ``dino_vits8_224``; random weights say so, ``dino_vits8_random0_224``."""
-    rand = "" if random_seed is None else f"_random{random_seed}"
-    return f"dino_{ARCHS[model.arch][3]}{model.patch}{rand}_{resolution}"
+def build(spec: archs.Spec) -> nn.Module:
+    """The ViT ``spec`` names (:func:`omh_ref.extract.archs.complete`d), randomly initialised, eval
+    mode. Seed torch first for a reproducible random init."""
+    if spec.family == "dino":
+        return build_vit(spec.size, spec.patch)
+    return (DinoV2 if spec.family == "dinov2" else DinoV3)(spec).eval()
+
+
+def model_name(model: nn.Module, resolution: int, random_seed: int | None = None) -> str:
+    """e.g. ``dino_vits8_224``, ``dinov2_vitb14_reg4_322``; random weights say so,
+    ``dino_vits8_random0_224``."""
+    return archs.model_name(model.spec, resolution, random_seed)
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -200,58 +239,14 @@ def weights_sha256(model: nn.Module) -> str:
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
-class CheckpointError(RuntimeError):
-    pass
-
-
-def _strip(key: str) -> str:
-    for prefix in ("module.", "backbone."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
 def load_checkpoint(model: nn.Module, path) -> dict:
-    """Load a local DINO .pth into ``model``. Accepts a bare state dict or one inside a
-    "teacher" / "student" / "model" key (teacher preferred), strips "module." / "backbone."
-    prefixes and ignores DINO's projection head ("head.*"). Raises CheckpointError naming every
-    missing key, unexpected key and shape mismatch. Returns a summary dict."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # report what could not be read, and why
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
-    container = None
-    if isinstance(obj, dict):
-        for k in ("teacher", "student", "model", "state_dict"):
-            if isinstance(obj.get(k), dict):
-                obj, container = obj[k], k
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors (nor one under "
-                              f"'teacher'/'student'/'model')")
-    state, ignored = {}, []
-    for k, v in obj.items():
-        k2 = _strip(k)
-        if k2.startswith("head."):
-            ignored.append(k)
-            continue
-        state[k2] = v
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shape = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                       for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    if missing or unexpected or bad_shape:
-        lines = [f"checkpoint {path} does not fit {model.arch} patch {model.patch}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if bad_shape:
-            lines.append(f"  shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape)}")
-        raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
-    return {"container": container, "loaded": len(state), "ignored": ignored}
+    """Load a local checkpoint into ``model`` (:mod:`omh_ref.extract.checkpoints`): a Meta .pth (a
+    bare state dict, or one inside "teacher" / "student" / "model", teacher preferred; "module." /
+    "backbone." prefixes stripped; projection heads ignored) or a Hugging Face .safetensors file or
+    folder. Raises CheckpointError naming what does not fit. Returns a summary dict."""
+    state, container = checkpoints.read_file(path)
+    state, ignored = checkpoints.clean(state)
+    return checkpoints.load(model, state, path, container, ignored)
 
 
 def download(url: str, cache_dir, say=print) -> Path:
@@ -293,41 +288,46 @@ def download(url: str, cache_dir, say=print) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Export, check, manifest
 # --------------------------------------------------------------------------------------------------
-def export(model: VisionTransformer, resolution: int, out_dir, opset: int = 17, name: str | None = None,
+def export(model: nn.Module, resolution: int, out_dir, opset: int = 17, name: str | None = None,
            metadata: dict | None = None) -> Path:
     """Export ``model`` at a fixed resolution (dynamic batch) to ``out_dir/<name>.onnx`` (default
-    :func:`model_name`); ``metadata`` goes into the file's metadata_props (:func:`provenance`)."""
+    :func:`model_name`), written atomically; ``metadata`` goes into the file's metadata_props
+    (:func:`provenance`)."""
     if resolution % model.patch:
         raise ValueError(f"resolution {resolution} is not a multiple of patch {model.patch}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name or model_name(model, resolution)}.onnx"
     model.eval()
+    g = resolution // model.patch
+    fixed = FixedGrid(model, g, g).eval()
     dummy = torch.zeros(1, 3, resolution, resolution, dtype=torch.float32)
-    with torch.no_grad(), warnings.catch_warnings():
-        # Expected: the spatial size is meant to be baked in (fixed export resolution), and the
-        # TorchScript exporter (dynamo=False) is chosen on purpose (it matches torch to ~4e-6 on these machines).
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", message=r"The feature will be removed.*")
-        torch.onnx.export(model, (dummy,), str(path), opset_version=opset,
-                          input_names=["images"], output_names=["features"],
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-                          do_constant_folding=True, dynamo=False)
-    if metadata:
-        import onnx
+    with atomic_path(path) as tmp:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Expected: the spatial size is meant to be baked in (fixed export resolution), and the
+            # TorchScript exporter (dynamo=False) is chosen on purpose (it matches torch to ~4e-6 on these machines).
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+            warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", message=r"The feature will be removed.*")
+            torch.onnx.export(fixed, (dummy,), str(tmp), opset_version=opset,
+                              input_names=["images"], output_names=["features"],
+                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                              do_constant_folding=True, dynamo=False)
+        if metadata:
+            import onnx
 
-        proto = onnx.load(str(path))
-        onnx.helper.set_model_props(proto, {k: str(v) for k, v in metadata.items()})
-        onnx.save(proto, str(path))
+            proto = onnx.load(str(tmp))
+            onnx.helper.set_model_props(proto, {k: str(v) for k, v in metadata.items()})
+            onnx.save(proto, str(tmp))
     return path
 
 
-def provenance(model: VisionTransformer, resolution: int, source: str, random_init: bool) -> dict:
+def provenance(model: nn.Module, resolution: int, source: str, random_init: bool) -> dict:
     """What the ONNX file says of itself (``omh_ref.*`` metadata_props, read back by
     ``omh_ref.extract.backbone``): which weights, so features of two backbones cannot be mixed."""
-    return {"omh_ref.arch": model.arch, "omh_ref.patch": model.patch, "omh_ref.dim": model.dim,
+    return {"omh_ref.family": model.family, "omh_ref.arch": model.arch, "omh_ref.patch": model.patch,
+            "omh_ref.registers": model.registers, "omh_ref.dim": model.dim,
             "omh_ref.resolution": resolution, "omh_ref.weights_sha256": weights_sha256(model),
             "omh_ref.random_init": "true" if random_init else "false", "omh_ref.source": source}
 
@@ -369,17 +369,7 @@ def update_manifest(path, entry: dict) -> None:
     data["models"] = [m for m in data["models"] if m.get("name") != entry["name"]] + [entry]
     data["models"].sort(key=lambda m: m.get("name", ""))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,14 +379,23 @@ def parser() -> argparse.ArgumentParser:
     """``omh-ref export``'s flags."""
     p = argparse.ArgumentParser(prog="omh-ref export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=sorted(ARCHS), default="vit_small")
-    p.add_argument("--patch", type=int, choices=PATCHES, default=8)
+    p.add_argument("--arch", choices=archs.arch_choices(), default="vit_small", metavar="ARCH",
+                   help="vit_small | vit_base (DINO), a torch.hub name (dino_vits8, dinov2_vits14, "
+                        "dinov2_vitb14_reg, dinov3_vits16, dinov3_vits16plus, dinov3_vitb16, ...), or a "
+                        "family (dino | dinov2 | dinov3: size, patch and registers read from --checkpoint). "
+                        "Default vit_small")
+    p.add_argument("--patch", type=int, default=None,
+                   help="patch size: DINO 8 (default) or 16, DINOv2 14, DINOv3 16")
+    p.add_argument("--registers", type=int, default=None,
+                   help="register tokens: DINOv2 0 (default) or 4, DINOv3 4 (its storage tokens)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="local DINO .pth (never downloaded)")
+    src.add_argument("--checkpoint", type=Path,
+                     help="local weights, never downloaded: a Meta .pth, or a Hugging Face .safetensors file "
+                          "or model folder")
     src.add_argument("--random-init", action="store_true",
                      help="seeded random weights (tests, machines without a checkpoint)")
     src.add_argument("--download", action="store_true",
-                     help="fetch DINO's official backbone checkpoint for --arch/--patch (needs internet)")
+                     help="fetch DINO's official backbone checkpoint for --arch/--patch (DINO v1; needs internet)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where --download keeps the .pth (default: --out)")
     p.add_argument("--seed", type=int, default=0, help="random-init seed, and the check's batch")
@@ -419,47 +418,79 @@ def parse_args(argv):
     return args
 
 
+def _error(message, code):
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        spec = archs.parse_arch(args.arch, args.patch, args.registers)
+    except ValueError as e:
+        return _error(e, 2)
+    if args.download and spec.family != "dino":
+        return _error(f"--download fetches DINO (v1) only; download the {archs.family(spec.family).title} "
+                      "weights yourself and pass them with --checkpoint (weights/README.md)", 2)
     resolutions = args.resolution or [IMG_SIZE]
-    for r in resolutions:
-        if r <= 0 or r % args.patch:
-            print(f"error: resolution {r} is not a positive multiple of patch {args.patch}",
-                  file=sys.stderr)
-            return 2
-    torch.manual_seed(args.seed)
-    model = build_vit(args.arch, args.patch)
-    weights = _load_weights(model, args)
-    if weights is None:
-        return 1
-    for r in resolutions:
-        if not _export_one(model, r, args, *weights):
-            return 1
-    return 0
-
-
-def _load_weights(model, args):
-    """The weights ``args`` name into ``model`` (downloaded first with --download). -> (source,
-    checkpoint sha256 or None), or None after printing why not."""
+    # the patch is known before any file is read unless the checkpoint is to say it (--arch dinov2)
+    known = spec.patch if spec.patch is not None else (archs.family(spec.family).patches[0] if spec.size else None)
+    if known and (bad := _bad_resolution(resolutions, known)):
+        return _error(bad, 2)
+    state = None
     if args.download:
-        url = OFFICIAL_URLS[(args.arch, args.patch)]
+        try:
+            spec = archs.complete(spec)
+        except ValueError as e:
+            return _error(e, 2)
+        url = OFFICIAL_URLS[(spec.size, spec.patch)]
         print(f"downloading {url}")
         try:
             args.checkpoint = download(url, args.cache_dir)
         except OSError as e:  # URLError, timeouts and short reads are OSErrors
-            print(f"error: cannot download {url}: {e}", file=sys.stderr)
-            return None
-    if args.checkpoint is None:
-        return f"random-init:seed={args.seed}", None
+            return _error(f"cannot download {url}: {e}", 1)
+    if args.checkpoint is not None:
+        try:
+            raw, container = checkpoints.read_file(args.checkpoint)
+            state, ignored = checkpoints.clean(raw)
+            if spec.size is None:          # --arch dinov2: the size (and patch, registers) from the file
+                spec = checkpoints.infer(spec, state, args.checkpoint)
+        except CheckpointError as e:
+            return _error(e, 1)
     try:
-        info = load_checkpoint(model, args.checkpoint)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
-    where = f" from '{info['container']}'" if info["container"] else ""
-    print(f"loaded {info['loaded']} tensors{where} of {args.checkpoint}"
-          + (f" (ignored {len(info['ignored'])} head.* keys)" if info["ignored"] else ""))
-    return f"checkpoint:{args.checkpoint.name}", sha256(args.checkpoint)
+        spec = archs.complete(spec)
+    except ValueError as e:
+        return _error(e, 2)
+    if bad := _bad_resolution(resolutions, spec.patch):
+        return _error(bad, 2)
+    torch.manual_seed(args.seed)
+    model = build(spec)
+    source, ckpt_sha = f"random-init:seed={args.seed}", None
+    if state is not None:
+        try:
+            info = checkpoints.load(model, state, args.checkpoint, container, ignored)
+        except CheckpointError as e:
+            return _error(e, 1)
+        where = f" from '{info['container']}'" if info["container"] else ""
+        layout = " (Hugging Face layout)" if info["layout"] == "hf" else ""
+        print(f"loaded {info['loaded']} tensors{where} of {args.checkpoint}{layout} into {archs.describe(spec)}"
+              + (f" (ignored {len(info['ignored'])} keys: {_few(info['ignored'])})" if info["ignored"] else ""))
+        source, ckpt_sha = f"checkpoint:{args.checkpoint.name}", archs.checkpoint_sha256(args.checkpoint)
+    for r in resolutions:
+        if not _export_one(model, r, args, source, ckpt_sha):
+            return 1
+    return 0
+
+
+def _bad_resolution(resolutions, patch) -> str | None:
+    for r in resolutions:
+        if r <= 0 or r % patch:
+            return f"resolution {r} is not a positive multiple of patch {patch}"
+    return None
+
+
+def _few(keys, n=3) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
 def _export_one(model, r, args, source, ckpt_sha) -> bool:
@@ -479,10 +510,11 @@ def _export_one(model, r, args, source, ckpt_sha) -> bool:
         path.unlink(missing_ok=True)
         print(f"error: check failed; removed {path}", file=sys.stderr)
         return False
-    g = r // args.patch
+    g = r // model.patch
     manifest = args.manifest or args.out / (f"{name}.manifest.json" if seed is not None else "manifest.json")
     update_manifest(manifest, {
-        "name": name, "arch": args.arch, "patch": args.patch, "resolution": r, "random_init": seed is not None,
+        "name": name, "family": model.family, "arch": model.arch, "patch": model.patch,
+        "registers": model.registers, "resolution": r, "random_init": seed is not None,
         "grid": [g, g], "dim": model.dim, "file": path.name, "sha256": sha256(path),
         "weights_sha256": weights_sha256(model),
         "check": {"max_abs_diff": diff, "tol": args.tol, "pass": ok, "batch": 2, "seed": args.seed},

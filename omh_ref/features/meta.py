@@ -8,7 +8,9 @@ The file sits beside ``feats.npy`` (the same stem, ``.json``). Fields (``None`` 
 ``format``         1 (this schema)
 ``backbone``       the backbone's name (the ONNX file's stem, or ``synthetic``)
 ``onnx``           the ONNX file's name; ``onnx_sha256`` its sha256
-``backbone_arch``  vit_small | vit_base ...; ``backbone_weights_sha256`` the sha256 of its weights
+``backbone_arch``  vit_small | vit_base ...; ``backbone_family`` dino | dinov2 | dinov3;
+                   ``backbone_registers`` its register (DINOv3: storage) tokens;
+                   ``backbone_weights_sha256`` the sha256 of its weights
                    (one for every export resolution); ``backbone_random_init`` true for random
                    weights (as ``omh-ref export`` records them in the ONNX file; None for other files)
 ``resolution``     the backbone's input size in px (square crops)
@@ -51,7 +53,8 @@ LABEL_IGNORE = 255
 # name -> (types allowed besides None, required when writing)
 FIELDS = {
     "format": (int, True), "backbone": (str, True), "onnx": (str, False), "onnx_sha256": (str, False),
-    "backbone_arch": (str, False), "backbone_weights_sha256": (str, False), "backbone_random_init": (bool, False),
+    "backbone_arch": (str, False), "backbone_family": (str, False), "backbone_registers": (int, False),
+    "backbone_weights_sha256": (str, False), "backbone_random_init": (bool, False),
     "resolution": (int, True), "patch": (int, True), "grid": (list, True), "dim": (int, True),
     "dtype": (str, True), "shape": (list, True), "images": (list, False), "image_root": (str, False),
     "labels": (str, False), "label_ignore": (int, False), "flipped": (str, False), "n_classes": (int, False),

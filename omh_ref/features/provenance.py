@@ -1,11 +1,12 @@
 """Which backbone made a feature file, and refusing to mix two.
 
 A backbone is identified by what ``omh-ref export`` writes into the ONNX file's metadata (and
-extraction copies into ``feats.json``): its architecture, patch size, channel count, the sha256 of
-its weights (the same for every export resolution of one set of weights) and whether those weights
-were random. A checkpoint records the provenance of the features it was trained on, so
-``eval``, ``segment``, ``train --val-features`` and ``seeds`` can refuse features or an ONNX model
-of another backbone in one line, where the numbers would otherwise come out silently wrong.
+extraction copies into ``feats.json``): its family (DINO, DINOv2, DINOv3), architecture, patch size,
+register tokens, channel count, the sha256 of its weights (the same for every export resolution of
+one set of weights) and whether those weights were random. A checkpoint records the provenance of
+the features it was trained on, so ``eval``, ``segment``, ``train --val-features`` and ``seeds`` can
+refuse features or an ONNX model of another backbone in one line, where the numbers would otherwise
+come out silently wrong.
 
 A provenance is a dict with the keys of :data:`KEYS` (None where unknown: files written before
 this record, ONNX files not made by ``omh-ref export``). Two are the same backbone unless a field
@@ -16,14 +17,18 @@ from __future__ import annotations
 
 from ..core.errors import InputError
 
-KEYS = ("name", "arch", "patch", "dim", "weights_sha256", "random_init", "onnx_sha256", "resolution")
+KEYS = ("name", "family", "arch", "patch", "registers", "dim", "weights_sha256", "random_init", "onnx_sha256",
+        "resolution")
 FLAG = "--allow-backbone-mismatch"
-ARCH_SHORT = {"vit_small": "ViT-S", "vit_base": "ViT-B"}
+ARCH_SHORT = {"vit_small": "ViT-S", "vit_base": "ViT-B", "vit_large": "ViT-L", "vit_small_plus": "ViT-S+",
+              "vit_giant2": "ViT-g"}
+FAMILY_TITLE = {"dino": "DINO", "dinov2": "DINOv2", "dinov3": "DINOv3"}     # extract/archs.py FAMILIES
 
 
 def of_meta(meta: dict) -> dict:
     """The provenance a ``feats.json`` record states."""
-    return {"name": meta.get("backbone"), "arch": meta.get("backbone_arch"), "patch": meta.get("patch"),
+    return {"name": meta.get("backbone"), "family": meta.get("backbone_family"), "arch": meta.get("backbone_arch"),
+            "patch": meta.get("patch"), "registers": meta.get("backbone_registers"),
             "dim": meta.get("dim"), "weights_sha256": meta.get("backbone_weights_sha256"),
             "random_init": meta.get("backbone_random_init"), "onnx_sha256": meta.get("onnx_sha256"),
             "resolution": meta.get("resolution")}
@@ -31,13 +36,17 @@ def of_meta(meta: dict) -> dict:
 
 def to_meta(p: dict) -> dict:
     """The ``feats.json`` fields that carry provenance ``p`` beyond the ones it always has."""
-    return {"backbone_arch": p.get("arch"), "backbone_weights_sha256": p.get("weights_sha256"),
+    return {"backbone_family": p.get("family"), "backbone_arch": p.get("arch"),
+            "backbone_registers": p.get("registers"), "backbone_weights_sha256": p.get("weights_sha256"),
             "backbone_random_init": p.get("random_init")}
 
 
 def describe(p: dict) -> str:
     arch = ARCH_SHORT.get(p.get("arch"), p.get("arch") or "ViT")
-    bits = [f"{p.get('name') or 'unnamed'} ({arch}/{p.get('patch') or '?'}, dim {p.get('dim') or '?'}"]
+    fam = FAMILY_TITLE.get(p.get("family"), p.get("family"))
+    regs = f", {p['registers']} registers" if p.get("registers") else ""
+    bits = [f"{p.get('name') or 'unnamed'} ({fam + ' ' if fam else ''}{arch}/{p.get('patch') or '?'}{regs}, "
+            f"dim {p.get('dim') or '?'}"]
     if p.get("weights_sha256"):
         bits.append(f"weights {p['weights_sha256'][:12]}")
     elif p.get("onnx_sha256"):
@@ -49,7 +58,8 @@ def describe(p: dict) -> str:
 
 def differs(a: dict, b: dict) -> str | None:
     """What tells backbones ``a`` and ``b`` apart, or None when nothing known does."""
-    for key, what in (("patch", "patch size"), ("dim", "channel count"), ("arch", "architecture"),
+    for key, what in (("patch", "patch size"), ("dim", "channel count"), ("family", "model family"),
+                      ("arch", "architecture"), ("registers", "register count"),
                       ("weights_sha256", "weights"), ("random_init", "random init")):
         if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
             return what

@@ -7,8 +7,9 @@ its source in a comment. :func:`run` carries it out under one folder ``RUN``, he
 =====================  ==========================================================================
 stage                  output, and when it counts as done (a rerun skips it)
 =====================  ==========================================================================
-export (a ``.pth``)    ``RUN/weights/dino_<arch><patch>_<res>.onnx`` per resolution, each recorded
-                       in ``RUN/weights/manifest.json`` with its sha256 after its onnxruntime check
+export (a ``.pth``)    ``RUN/weights/<family>_<arch><patch>_<res>.onnx`` per resolution (e.g.
+                       ``dino_vits8_224.onnx``, ``dinov2_vitb14_322.onnx``), each recorded in
+                       ``RUN/weights/manifest.json`` with its sha256 after its onnxruntime check
 extract train          ``RUN/feats/train``: ``feats.json`` written (extraction resumes by chunks)
 extract val            ``RUN/feats/val`` at the evaluation resolution, with flips when the recipe
                        says so
@@ -41,6 +42,7 @@ from ..core.config import Config, merge, read_file, with_base_defaults
 from ..core.errors import InputError
 from ..core.files import file_sha256, write_json
 from ..core.lock import FolderLock
+from ..extract import archs
 from ..extract.backbone import inspect_model, session
 from ..extract.classes import CLASS_NAMES
 from ..extract.datasets import READERS, open_dataset
@@ -50,20 +52,27 @@ from ..features.store import FeatureStore
 from ..train.loop import FILE_KEYS, TrainOptions, loop_settings
 from . import seeds as seeds_job
 
-ARCH_DIMS = {"vit_small": 384, "vit_base": 768}          # export_dino.ARCHS
+ARCH_DIMS = {"vit_small": 384, "vit_base": 768}          # export_dino.ARCHS: the sizes a recipe names
 ARCH_SHORT = {"vit_small": "vits", "vit_base": "vitb"}    # its file names: dino_vits8_224.onnx
 CROPS = ("center", "five")
+PATCHES = sorted({p for f in archs.FAMILIES.values() for p in f.patches})
 # [recipe] keys: (type, check, what the check wants)
 RECIPE_KEYS = {
     "dataset": (str, lambda v: v in READERS, f"one of {', '.join(READERS)}"),
     "arch": (str, lambda v: v in ARCH_DIMS, f"one of {', '.join(ARCH_DIMS)}"),
-    "patch": (int, lambda v: v in (8, 16), "8 or 16"),
+    "patch": (int, lambda v: v in PATCHES, " or ".join(map(str, PATCHES))),
     "train_resolution": (int, lambda v: v >= 1, "a positive number of pixels"),
     "train_crop": (str, lambda v: v in CROPS, "center or five"),
     "knn_k": (int, lambda v: v >= 1, "a positive integer"),
     "eval_resolution": (int, lambda v: v >= 1, "a positive number of pixels"),
     "eval_flip": (bool, lambda v: True, "true or false"),
     "probe_crops": (int, lambda v: v >= 1, "a positive integer"),
+}
+# [recipe] keys a recipe may leave out (the DINO recipes do): the backbone's family and its register
+# (DINOv3: storage) tokens, default the family's own (extract/archs.py)
+OPTIONAL_KEYS = {
+    "family": (str, lambda v: v in archs.FAMILIES, f"one of {', '.join(archs.FAMILIES)}"),
+    "registers": (int, lambda v: 0 <= v <= archs.MAX_REGISTERS, f"0 to {archs.MAX_REGISTERS}"),
 }
 
 
@@ -113,6 +122,11 @@ class Recipe:
         return tuple(sorted({s["train_resolution"], s["eval_resolution"]}))
 
 
+def backbone_spec(settings: dict) -> archs.Spec:
+    """The backbone a recipe's [recipe] table names (:mod:`omh_ref.extract.archs`)."""
+    return archs.Spec(settings["family"], settings["arch"], settings["patch"], settings["registers"])
+
+
 def _loop_defaults() -> dict:
     d = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
     return {k: d[k] for k in FILE_KEYS}
@@ -131,14 +145,23 @@ def load(name, overrides=None) -> Recipe:
         raise InputError(f"{path}: has no [recipe] table (the data set, backbone, crops and resolutions); "
                          "see configs/ for the form")
     settings = {**tables["recipe"], **overrides.get("recipe", {})}
-    for key in sorted(set(settings) - set(RECIPE_KEYS)):
-        raise InputError(f"{path}: unknown [recipe] key {key!r} (known: {', '.join(RECIPE_KEYS)})")
-    for key, (typ, ok, want) in RECIPE_KEYS.items():
+    for key in sorted(set(settings) - set(RECIPE_KEYS) - set(OPTIONAL_KEYS)):
+        raise InputError(f"{path}: unknown [recipe] key {key!r} (known: {', '.join([*RECIPE_KEYS, *OPTIONAL_KEYS])})")
+    settings.setdefault("family", "dino")
+    if settings["family"] in archs.FAMILIES:
+        settings.setdefault("registers", archs.family(settings["family"]).registers)
+    for key, (typ, ok, want) in {**RECIPE_KEYS, **OPTIONAL_KEYS}.items():
         if key not in settings:
             raise InputError(f"{path}: [recipe] needs {key!r} ({want})")
         v = settings[key]
         if not isinstance(v, typ) or (typ is int and isinstance(v, bool)) or not ok(v):
             raise InputError(f"{path}: [recipe] {key}: expected {want}, got {v!r}")
+    spec = backbone_spec(settings)
+    if archs.hub_name(spec.family, spec.size, spec.patch, spec.registers) not in archs.hub_names():
+        f = archs.family(spec.family)
+        raise InputError(f"{path}: [recipe] names {f.title} {spec.size} at patch {spec.patch} with {spec.registers} "
+                         f"registers, which {f.title} did not release (patches {', '.join(map(str, f.patches))}; "
+                         f"the released models: {', '.join(archs.hub_names_of(spec.family))})")
     for key in ("train_resolution", "eval_resolution"):
         if settings[key] % settings["patch"]:
             raise InputError(f"{path}: [recipe] {key} {settings[key]} is not a multiple of patch {settings['patch']}")
@@ -205,23 +228,25 @@ def _check_weights(rec: Recipe, opts: RecipeOptions):
     paths = [Path(w) for w in opts.weights]
     if not paths:
         raise InputError("--weights: give a DINO checkpoint (.pth) or the exported .onnx files")
+    if len(paths) == 1 and paths[0].is_dir():          # a Hugging Face model folder (save_pretrained's)
+        return "pth", paths[0]
     for p in paths:
         if not p.is_file():
-            raise InputError(f"--weights {p}: no such file (expected a DINO .pth or an .onnx from "
-                             "omh-ref export)")
+            raise InputError(f"--weights {p}: no such file (expected a DINO .pth, a Hugging Face .safetensors or "
+                             "model folder, or an .onnx from omh-ref export)")
     kinds = {p.suffix for p in paths}
-    if kinds == {".pth"} and len(paths) == 1:
+    if len(kinds) == 1 and kinds <= set(archs.CHECKPOINT_SUFFIXES) and len(paths) == 1:
         return "pth", paths[0]
     if kinds == {".onnx"}:
         return "onnx", paths
-    raise InputError(f"--weights {' '.join(map(str, paths))}: expected one .pth, or .onnx files "
-                     "(one per resolution, or one taking any size)")
+    raise InputError(f"--weights {' '.join(map(str, paths))}: expected one checkpoint (.pth, .safetensors or a "
+                     "Hugging Face folder), or .onnx files (one per resolution, or one taking any size)")
 
 
 def _exported(rec: Recipe, out: Path) -> dict:
     """{resolution: .onnx path} the export stage writes under RUN/weights."""
-    s = rec.settings
-    return {r: out / "weights" / f"dino_{ARCH_SHORT[s['arch']]}{s['patch']}_{r}.onnx" for r in rec.resolutions}
+    spec = backbone_spec(rec.settings)
+    return {r: out / "weights" / f"{archs.model_name(spec, r)}.onnx" for r in rec.resolutions}
 
 
 def _export_done(rec, out, pth) -> bool:
@@ -232,7 +257,7 @@ def _export_done(rec, out, pth) -> bool:
         entries = {m.get("file"): m for m in json.loads(manifest.read_text()).get("models", [])}
     except (OSError, ValueError):
         return False
-    want = _sha256(pth)
+    want = archs.checkpoint_sha256(pth) if Path(pth).is_dir() else _sha256(pth)
     for path in _exported(rec, out).values():
         m = entries.get(path.name)
         if not (path.is_file() and m and m.get("checkpoint_sha256") == want and m.get("sha256") == _sha256(path)):
@@ -256,7 +281,7 @@ def _models(rec: Recipe, opts: RecipeOptions, out: Path) -> tuple:
     s = rec.settings
     if kind == "pth":
         models = _exported(rec, out)
-        argv = options.command("export", arch=s["arch"], patch=s["patch"], checkpoint=str(given))[2:]
+        argv = options.command("export", **archs.export_args(backbone_spec(s)), checkpoint=str(given))[2:]
         for r in rec.resolutions:                                  # the export takes one flag per size
             argv += options.argv("resolution", r)
         argv += options.argv("out", str(out / "weights")) + options.argv("manifest", str(out / "weights" / "manifest.json"))
@@ -268,7 +293,7 @@ def _models(rec: Recipe, opts: RecipeOptions, out: Path) -> tuple:
         done = _export_done(rec, out, given)
         if not done:
             load_exporter()                        # without torch: the one-line error, before anything runs
-        why = (f"export: {s['arch']}/{s['patch']} at {' and '.join(map(str, rec.resolutions))} px "
+        why = (f"export: {archs.describe(backbone_spec(s))} at {' and '.join(map(str, rec.resolutions))} px "
                f"(training crops {s['train_resolution']}, evaluation {s['eval_resolution']}: [recipe] "
                "train_resolution, eval_resolution)")
         return Stage("export", ["omh-ref", "export", *argv], done, run, why), models
@@ -282,6 +307,11 @@ def _models(rec: Recipe, opts: RecipeOptions, out: Path) -> tuple:
         if bb.dim != ARCH_DIMS[s["arch"]] or (fixed and bb.patch != s["patch"]):
             raise InputError(f"--weights {p}: gives {bb.dim}-channel features with patch {bb.patch}; recipe "
                              f"{rec.name} needs {s['arch']} ({ARCH_DIMS[s['arch']]} channels), patch {s['patch']}")
+        stated = bb.provenance()
+        for key in ("family", "registers"):      # what an export states of itself, where it does
+            if stated.get(key) is not None and stated[key] != s[key]:
+                raise InputError(f"--weights {p}: is a {key} {stated[key]} backbone; recipe {rec.name} needs "
+                                 f"{key} {s[key]} ({archs.describe(backbone_spec(s))})")
         for r in rec.resolutions:
             if r not in models and (not fixed or bb.resolution == r):
                 models[r] = p
@@ -365,7 +395,7 @@ def _seeds_options(rec, opts, out, rows) -> seeds_job.SeedsOptions:
     val = out / "feats" / "val"
     s = rec.settings
     notes = [f"recipe {rec.name} ({rec.path}); data {opts.root}; weights {', '.join(map(str, opts.weights))}",
-             f"{s['dataset']}, {s['arch']}/{s['patch']}: training crops {s['train_crop']} at "
+             f"{s['dataset']}, {archs.describe(backbone_spec(s))}: training crops {s['train_crop']} at "
              f"{s['train_resolution']} px, "
              f"evaluation at {s['eval_resolution']} px" + (" with flips" if s["eval_flip"] else ""),
              "cluster: Hungarian-matched clusters of the eval level; linear: the supervised linear probe "

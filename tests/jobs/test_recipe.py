@@ -20,7 +20,8 @@ from omh_ref_cli.main import main
 from tests import builders, layouts
 
 REPO = Path(__file__).resolve().parents[2]
-NAMES = [f"{d}_{b}" for d in ("cocostuff27", "cityscapes27", "potsdam3") for b in ("vits8", "vitb8")]
+NAMES = [f"{d}_{b}" for d in ("cocostuff27", "cityscapes27", "potsdam3")
+         for b in ("vits8", "vitb8", "dinov2_vits14", "dinov2_vitb14", "dinov3_vits16", "dinov3_vitb16")]
 # seconds, not hours: laid over the recipe's tables as a caller's options (the files stay as shipped)
 TINY = {"train": {"steps": 3, "batch_size": 4, "ckpt_every": 1},
         "recipe": {"train_resolution": 32, "eval_resolution": 48, "knn_k": 2, "probe_crops": 40}}
@@ -65,15 +66,19 @@ def test_each_smooseg_recipe_is_smoosegs_loop_on_its_data_set(name, tmp_path):
 def test_each_recipe_agrees_with_its_backbone_and_data_set(name):
     rec = recipe.load(name)
     s = rec.settings
-    dataset, backbone = name.rsplit("_", 1)
-    assert s["dataset"] == dataset and backbone == f"{recipe.ARCH_SHORT[s['arch']]}{s['patch']}"
+    dataset, backbone = name.split("_", 1)
+    family = "" if s["family"] == "dino" else f"{s['family']}_"
+    assert s["dataset"] == dataset and backbone == f"{family}{recipe.ARCH_SHORT[s['arch']]}{s['patch']}"
+    assert s["patch"] == {"dino": 8, "dinov2": 14, "dinov3": 16}[s["family"]]
+    assert s["registers"] == {"dino": 0, "dinov2": 0, "dinov3": 4}[s["family"]]
     assert rec.config.in_dim == recipe.ARCH_DIMS[s["arch"]]
     assert rec.config.eval_k == len(CLASS_NAMES[dataset])
     assert list(rec.config.levels) == [4 * rec.n_classes, 2 * rec.n_classes, rec.n_classes]
     assert s["train_resolution"] % s["patch"] == 0 and s["eval_resolution"] % s["patch"] == 0
-    # STEGO's loop, resolutions and crops (the file cites each)
+    # STEGO's loop, resolutions and crops (the file cites each); at patch 14 the evaluation is at
+    # 322 px, the whole-patch size nearest STEGO's 320
     assert (rec.train["steps"], rec.train["batch_size"], s["train_resolution"], s["eval_resolution"]) == \
-        (5000, 16, 224, 320)
+        (5000, 16, 224, 322 if s["patch"] == 14 else 320)
     assert s["train_crop"] == ("center" if dataset == "potsdam3" else "five") and s["eval_flip"]
     # what train --config reads: nothing but [model] and [train] fields
     tables = read_file(REPO / "configs" / f"{name}.toml")
@@ -112,6 +117,9 @@ def test_train_accepts_every_recipe(tmp_path, name):
     (("recipe", "eval_resolution", 321), "eval_resolution 321 is not a multiple of patch 8"),
     (("recipe", "colour", 1), "unknown [recipe] key 'colour'"),
     (("train", "epochs", 3), "unknown [train] field 'epochs'"),
+    (("recipe", "family", "dinov4"), "[recipe] family: expected one of dino, dinov2, dinov3"),
+    (("recipe", "patch", 14), "names DINO vit_small at patch 14 with 0 registers, which DINO did not release"),
+    (("recipe", "registers", 4), "DINO vit_small at patch 8 with 4 registers, which DINO did not release"),
 ])
 def test_a_bad_recipe_is_one_error_naming_the_file_and_key(tmp_path, edit, message):
     table, key, value = edit
