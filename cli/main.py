@@ -526,6 +526,26 @@ def segment(model, checkpoint, images, out, resolution, windows, levels, overlay
         raise InputError(f"{out}: no image could be segmented (see {Path(out) / 'segment.json'})")
 
 
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@named("out", default=None, type=click.Path(),
+       help="The HTML file [default: RUN/report.html for one RUN; needed for several].")
+@named("images", default=4, show_default=True, type=click.IntRange(min=0),
+       help="Validation images in the qualitative grid (the same ones for every run).")
+@named("title", default=None, help="The page's title [default: the runs' names].")
+@friendly_errors
+def report(runs, out, images, title):
+    """One self-contained HTML page (pictures inside, opens from disk, loads nothing) of one or
+    several runs side by side: a seeds or recipe folder, a demo folder, or a train folder.
+    Settings and provenance, mean ± std and per-seed scores, per-class IoU, every level against its
+    granularity with the hierarchy as a tree, every seed's curves, a qualitative grid. Needs
+    matplotlib (omh-ref[report])."""
+    from omh_ref.jobs.report import ReportOptions, run
+
+    path = run(ReportOptions(runs=tuple(runs), out=out, images=images, title=title), say=click.echo)
+    click.echo(f"wrote {path}")
+
+
 @main.command(name="eval")
 @click.option("--checkpoint", required=True, type=click.Path(), help="ckpt.npz from omh-ref train.")
 @click.option("--features", required=True, type=click.Path(), help="Evaluation feats.npy.")

@@ -7,7 +7,9 @@ Report (under ``out``): ``report.json`` (every run's cluster and linear scores, 
 scores against its label granularity (parts, classes, superclasses) and the hierarchy's
 consistency, means and spreads), ``predictions.png`` (val images: labels and each method's matched cluster predictions),
 ``loss_curves.png`` (every loss part of each method's ``log.jsonl`` for the first seed),
-``confusion_<method>.png``, and the runs' checkpoints and logs under ``runs/``.
+``confusion_<method>.png``, and the runs' checkpoints and logs under ``runs/``; last, with
+matplotlib installed (omh-ref[report]), ``report.html`` (:mod:`omh_ref.jobs.report`), for whose
+curves each run validates on the validation split every fifth of its steps (which changes no number).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ..evaluate import granular, kmeans, pictures
 from ..evaluate.hierarchy import UsageAccumulator, hierarchy_plans
 from ..evaluate.predict import cluster_eval, scores_json
 from ..evaluate.probe import linear_eval, linear_probe
+from ..evaluate.validation import Validator
 from ..features import synthetic
 from ..features.store import FeatureStore
 from ..train.checkpoint import load_params
@@ -123,7 +126,9 @@ def _run(opts: DemoOptions, say) -> dict:
             res = train(cfg, TrainOptions(features=str(train_store.path), out=str(run_dir), steps=opts.steps,
                                           batch_size=opts.batch_size, seed=seed, device=opts.device, **rates,
                                           shifts_auto=True, progress=opts.progress,
-                                          ckpt_every=opts.steps, overwrite=True), say=say)
+                                          ckpt_every=opts.steps, overwrite=True,
+                                          val_every=max(1, opts.steps // 5)),   # report.html's curves
+                        say=say, validate=Validator(str(val_store.path), device=opts.device))
             if res["interrupted"]:   # Ctrl-C: the run's checkpoint is written; stop the demo here
                 raise KeyboardInterrupt
             params, cfg = load_params(res["checkpoint"], opts.device)
@@ -149,6 +154,9 @@ def _run(opts: DemoOptions, say) -> dict:
            "class_names": class_names, "seconds": round(time.perf_counter() - t0, 1)}
     write_text(out / "report.json", json.dumps(rep, indent=1))
     _pictures(out, val_store, shown, logs, n_classes, class_names, opts.seeds[0])
+    from .report import write_after    # report.html (with omh-ref[report]; else one line says so)
+
+    write_after(out, say)
     return rep
 
 

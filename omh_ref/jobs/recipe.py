@@ -16,7 +16,8 @@ extract val            ``RUN/feats/val`` at the evaluation resolution, with flip
 knn                    ``RUN/feats/train/feats.knn.npy`` whose sidecar names these features
 train, eval per seed   ``RUN/seed<N>/`` (:mod:`omh_ref.jobs.seeds`: a checkpoint at the last
                        step; ``eval.json`` of this checkpoint and these settings)
-results                ``RUN/results.json``, ``RUN/results.md``: mean ± std per metric, per seed
+results                ``RUN/results.json``, ``RUN/results.md``: mean ± std per metric, per seed;
+                       ``RUN/report.html`` (the seeds job writes it, with omh-ref[report])
 =====================  ==========================================================================
 
 A stage whose folder holds output of other settings (another backbone file, crop, data root,

@@ -1,5 +1,6 @@
 """``omh-ref seeds``: train and evaluate one config under several seeds, then report every metric
-as mean ± std over the seeds and per seed (``results.json``, ``results.md``).
+as mean ± std over the seeds and per seed (``results.json``, ``results.md``), then ``report.html``
+(:mod:`omh_ref.jobs.report`, where matplotlib is installed).
 
 Each seed is one run in ``<out>/seed<N>/`` (``ckpt.npz``, ``log.jsonl``, ``eval.json``,
 ``pictures/``), done by :func:`run_seed`, which skips what is already complete: a checkpoint at
@@ -185,7 +186,7 @@ def run_seed(task: SeedTask, say=print) -> dict:
                                                out=None))
         run["crf"] = refined["cluster"]
     write_json(done, {"key": key, "run": run, "class_names": res["class_names"],
-                      "hierarchy": res["hierarchy"]["text"]})
+                      "hierarchy": res["hierarchy"]["text"], "levels": res["levels"]})   # levels: omh-ref report's
     return run
 
 
@@ -317,4 +318,7 @@ def _run(opts, say):
     out = Path(opts.out)
     write_json(out / "results.json", rep)
     write_text(out / "results.md", markdown(rep))
+    from .report import write_after    # OUT/report.html (with omh-ref[report]; else one line says so)
+
+    write_after(out, say)
     return rep

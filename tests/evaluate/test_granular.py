@@ -343,3 +343,22 @@ def test_fine_labels_named_but_missing_are_noted(tmp_path):
     grans = granular.load_granularities(_legacy_store(tmp_path, dataset="cocostuff27", labels_fine="labels_fine.npy"),
                                         notes=notes, known=label_hierarchy)
     assert [g.name for g in grans][0] == "classes" and any("labels_fine.npy" in n for n in notes)
+
+
+def test_the_result_names_each_child_clusters_parent_in_the_plan(tmp_path):
+    """``parents`` (what a drawing of the tree needs): the argmax of each child's row of the plan,
+    following the clusters when their ids are permuted; None without plans."""
+    store = _world(tmp_path)
+    rng = np.random.default_rng(5)
+    perm = tuple(rng.permutation(k) for k in CFG.levels)
+    params = _params(perm=perm)
+    rep = _evaluate(store, params)
+    for c, A in zip(rep["consistency"], hierarchy_plans(params, CFG)):
+        assert c["parents"] == np.asarray(A).argmax(axis=1).tolist()
+    plain = _evaluate(store, _params())["consistency"]
+    for l, (c, p) in enumerate(zip(rep["consistency"], plain)):
+        inverse = np.argsort(perm[l + 1])             # an old parent id -> its new id
+        assert c["parents"] == [int(inverse[p["parents"][perm[l][i]]]) for i in range(CFG.levels[l])]
+    scorer = granular.LevelScorer(CFG, store, granular.load_granularities(store))
+    cluster_eval(_params(), CFG, store, K_CLS, batch_size=3, levels=scorer)
+    assert [c["parents"] for c in scorer.result(None)["consistency"]] == [None, None]
