@@ -289,7 +289,8 @@ def test_a_train_folder_with_its_eval_json(seeds_run, tmp_path):
 def test_a_recipe_folder_shows_the_recipe_and_the_weights(seeds_run, tmp_path):
     run_dir = tmp_path / "coco_vits8"
     shutil.copytree(seeds_run[0], run_dir)
-    (run_dir / "recipe.json").write_text(json.dumps({"recipe": "cocostuff27_vits8", "file": "configs/x.toml",
+    (run_dir / "recipe.json").write_text(json.dumps({"recipe": "cocostuff27_vits8",
+                                                     "file": "configs/cocostuff27_vits8.toml",
                                                      "settings": {"dataset": "cocostuff27", "eval_flip": True},
                                                      "options": {"root": "/data/coco"}}))
     (run_dir / "weights").mkdir()
