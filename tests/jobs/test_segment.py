@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from omh_ref.core import fixtures, model as core_model
+from omh_ref.core.config import Config
 from omh_ref.core.errors import InputError
 from omh_ref.core.ops import resize
 from omh_ref.evaluate import crf as crf_mod
@@ -145,6 +146,26 @@ def test_masks_recover_the_colour_regions_at_the_images_own_size(tmp_path, poole
         for f in (f"{name}.overlay.png", f"{name}.L0.overlay.png", f"{name}.L1.overlay.png"):
             ov = read_png(tmp_path / "out" / f)
             assert ov.shape[0] > truth.shape[0] and ov.shape[1] >= truth.shape[1] and ov.shape[2] == 3   # + legend
+
+
+def test_a_smooseg_base_alone_segments_with_its_teacher_centres(tmp_path, pooled):
+    """SmooSeg alone predicts with its teacher G, not its student M0: with the region colours as G
+    and a student that knows nothing, the masks are the regions'; the same checkpoint with the
+    roles swapped is not."""
+    from omh_ref.core.config import with_base_defaults
+    from omh_ref.train import checkpoint
+
+    colour = checkpoint.load(pooled["ckpt"])["params"]
+    cfg = Config(**with_base_defaults({"base": "smooseg", "omh": False, "in_dim": 3, "dim": 3, "levels": (4,),
+                                       "head_activation": "relu"}))
+    student = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    params = {**{k: colour[k] for k in ("W1", "b1", "W2", "b2", "W3", "b3")}, "M0": student, "G": colour["M0"]}
+    good = save_ckpt(tmp_path / "teacher.npz", params, cfg)
+    swapped = save_ckpt(tmp_path / "student.npz", {**params, "M0": colour["M0"], "G": student}, cfg)
+    for H, W in SIZES:
+        rgb, truth = colour_world(H, W)
+        assert miou(sg.Segmenter(pooled["fixed"], good, resolution=64).segment(rgb).clusters, truth) >= THRESHOLD
+        assert miou(sg.Segmenter(pooled["fixed"], swapped, resolution=64).segment(rgb).clusters, truth) < THRESHOLD
 
 
 def test_the_threshold_fails_shifted_transposed_cropped_or_coarsely_upsampled_masks(tmp_path, pooled):
