@@ -483,6 +483,30 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+@main.command(name="import")
+@click.argument("checkpoint", type=click.Path())
+@named("out", required=True, type=click.Path(),
+       help="Folder for ckpt.npz, the backbone's ONNX export(s), manifest.json and import.json.")
+@named("resolution", multiple=True, type=click.IntRange(min=1),
+       help="The backbone's export size in px; repeat for several [default: 320, the peers' evaluation size; "
+            "224 for a DINOv2 backbone].")
+@named("overwrite", is_flag=True, help="Replace a checkpoint in --out that is not an import of this file.")
+@friendly_errors
+def import_cmd(checkpoint, out, resolution, overwrite):
+    """A peer's released checkpoint (STEGO's or SmooSeg's Lightning .ckpt) as an omh-ref checkpoint
+    that eval and segment take as it is: the head, the cluster probe (SmooSeg: its teacher
+    centres), STEGO's linear probe (eval --stored-probe), and the backbone it holds exported to
+    ONNX (needs omh-ref[torch]). The file is read with a restricted unpickler: nothing it names
+    is run; nothing downloads."""
+    from omh_ref.jobs.imports import ImportOptions, next_steps, run
+
+    record = run(ImportOptions(checkpoint=checkpoint, out=out, resolution=tuple(resolution), overwrite=overwrite),
+                 say=click.echo)
+    click.echo("next:")
+    for line in next_steps(out, record):
+        click.echo(line)
+
+
 @main.command()
 @click.option("--model", required=True, type=click.Path(), help="ONNX backbone (omh-ref export), the one the checkpoint's features came from.")
 @click.option("--checkpoint", required=True, type=click.Path(), help="ckpt.npz from omh-ref train.")
@@ -571,9 +595,14 @@ def report(runs, out, images, title):
               help="Write the cluster->class matching and class names (for omh-ref segment --match).")
 @click.option("--save-masks", default=None, type=click.Path(),
               help="Folder for every prediction of the split as a PNG (clusters/, and crf/ with --crf).")
+@click.option("--upsample", default="logits", show_default=True, type=click.Choice(["logits", "code"]),
+              help="What is upsampled to label resolution for the cluster predictions: the cosine logits "
+                   "(omh-ref's) or the code before the cosine (STEGO's and SmooSeg's evaluation: an imported "
+                   "checkpoint scored as its peer scores it).")
 @click.option("--level-labels", default=None,
               help="Label granularity of each level, finest first, '-' to skip one (e.g. parts,classes,superclasses) "
                    "[default: the granularity with the closest number of classes <= the level's clusters].")
+@shared_options("stored_probe")
 @shared_options("device", "allow_backbone_mismatch")
 @shared_options("quiet")
 @friendly_errors

@@ -277,3 +277,264 @@ def save_hf(family, model, path, folder=False):
     else:
         save_file(state, str(path), metadata={"format": "pt"})
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The peers' Lightning checkpoints (omh-ref import): their key layouts, rendered in torch
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def tiny_dino():
+    """While the block runs, ``vit_tiny`` (32 channels, 2 blocks, 2 heads) is a size of DINO (v1)
+    too, in both tables omh-ref export reads (``archs.FAMILIES`` and ``export_dino.ARCHS``)."""
+    from omh_ref.extract import archs, export_dino
+
+    archs.FAMILIES["dino"].sizes["vit_tiny"] = archs.Size(32, 2, 2, "vitt")
+    export_dino.ARCHS["vit_tiny"] = (32, 2, 2, "vitt")
+    try:
+        yield
+    finally:
+        archs.FAMILIES["dino"].sizes.pop("vit_tiny", None)
+        export_dino.ARCHS.pop("vit_tiny", None)
+
+
+class _Module:
+    """The modules the fakes below pretend to live in, registered while a checkpoint is saved."""
+
+    def __init__(self, name):
+        self.__name__ = name
+
+
+def _named(cls, module, name):
+    cls.__module__, cls.__qualname__, cls.__name__ = module, name, name
+    return cls
+
+
+class _Meta:
+    """omegaconf.base.Metadata / ContainerMetadata: dataclasses, pickled as their __dict__
+    (omry/omegaconf omegaconf/base.py: ref_type, object_type, optional, key, flags, flags_root,
+    resolver_cache = defaultdict(dict); the container's key_type and element_type)."""
+
+    def __init__(self, key, container):
+        import typing
+        from collections import defaultdict
+
+        self.ref_type, self.object_type = typing.Any, (dict if container == "dict" else list if container else None)
+        self.optional, self.key, self.flags, self.flags_root = True, key, {}, False
+        self.resolver_cache = defaultdict(dict)
+        if container:
+            self.key_type, self.element_type = typing.Any, typing.Any
+
+
+class _MetaC(_Meta):
+    pass
+
+
+class _Node:
+    """omegaconf.nodes.AnyNode: Node.__getstate__ pickles __dict__ without _flags_cache."""
+
+    def __init__(self, value, key, parent):
+        self._metadata, self._parent, self._val, self._flags_cache = _Meta(key, None), parent, value, None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_flags_cache"}
+
+
+class _Container(_Node):
+    """omegaconf.dictconfig.DictConfig / listconfig.ListConfig: BaseContainer.__getstate__ pickles
+    __dict__ (_metadata, _parent, _content) without _flags_cache (omegaconf/basecontainer.py)."""
+
+    def __init__(self, content, key=None, parent=None):
+        kind = "dict" if isinstance(content, dict) else "list"
+        self._metadata, self._parent, self._flags_cache = _MetaC(key, kind), parent, None
+        items = content.items() if kind == "dict" else enumerate(content)
+        built = {k: _omega(v, k, self) for k, v in items}
+        self._content = built if kind == "dict" else list(built.values())
+
+
+class _DictConfig(_Container):
+    pass
+
+
+class _ListConfig(_Container):
+    pass
+
+
+class _ModelCheckpoint:
+    """pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint: Lightning 1.x keyed a
+    checkpoint's "callbacks" by this class."""
+
+
+_FAKES = {"omegaconf.dictconfig": {"DictConfig": _DictConfig}, "omegaconf.listconfig": {"ListConfig": _ListConfig},
+          "omegaconf.base": {"Metadata": _Meta, "ContainerMetadata": _MetaC}, "omegaconf.nodes": {"AnyNode": _Node},
+          "pytorch_lightning.callbacks.model_checkpoint": {"ModelCheckpoint": _ModelCheckpoint}}
+for _mod, _classes in _FAKES.items():
+    for _name, _cls in _classes.items():
+        _named(_cls, _mod, _name)
+
+
+def _omega(value, key=None, parent=None):
+    if isinstance(value, dict):
+        return _DictConfig(value, key, parent)
+    if isinstance(value, (list, tuple)):
+        return _ListConfig(list(value), key, parent)
+    return _Node(value, key, parent)
+
+
+@contextlib.contextmanager
+def peer_modules():
+    """While the block runs, ``omegaconf.*`` and ``pytorch_lightning.callbacks.model_checkpoint``
+    are modules holding the fakes above, so a pickle names the globals a real checkpoint names."""
+    import sys
+
+    added = []
+    try:
+        for mod, classes in _FAKES.items():
+            parts = mod.split(".")
+            for i in range(1, len(parts) + 1):
+                name = ".".join(parts[:i])
+                if name not in sys.modules:
+                    sys.modules[name] = _Module(name)
+                    added.append(name)
+            for cname, cls in classes.items():
+                setattr(sys.modules[mod], cname, cls)
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+
+
+def dictconfig(d: dict):
+    """``d`` as the object hydra hands a Lightning module (a DictConfig of nodes), pickling as
+    omegaconf's does (under :func:`peer_modules`)."""
+    return _DictConfig(d)
+
+
+# STEGO's train_config.yml (src/configs/train_config.yml @ eb4d6b5) keys the import reads, and some it
+# does not; the shifts differ from omh-ref's defaults so the config shows they were read.
+STEGO_CFG = {"output_root": "../", "dataset_name": "cocostuff27", "extra_clusters": 2, "model_type": "vit_tiny",
+             "arch": "dino", "dino_feat_type": "feat", "projection_type": "nonlinear", "dino_patch_size": 8,
+             "continuous": True, "dim": 8, "dropout": True, "zero_clamp": True, "lr": 5e-4, "pointwise": True,
+             "feature_samples": 11, "neg_samples": 5, "correspondence_weight": 1.0, "neg_inter_weight": 0.63,
+             "pos_inter_weight": 0.25, "pos_intra_weight": 0.67, "neg_inter_shift": 0.46, "pos_inter_shift": 0.12,
+             "pos_intra_shift": 0.18, "rec_weight": 0.0, "crf_weight": 0.0, "reset_probe_steps": None,
+             "res": 224, "batch_size": 16, "max_steps": 5000, "pretrained_weights": None, "val_freq": 100}
+# SmooSeg's configs/train_config.yaml (@ 1eecdec) keys, its DINOv2 setting.
+SMOOSEG_CFG = {"output_root": "outputs/", "dataset_name": "potsdam", "extra_clusters": 0, "model_type": "vit_tiny",
+               "arch": "dinov2", "dino_feat_type": "feat", "projection_type": "nonlinear", "dino_patch_size": 8,
+               "n_feats": 32, "dim": 8, "lr1": 1e-4, "lr2": 5e-4, "dropout": True, "temperature": 0.1,
+               "alpha": 0.998, "pointwise": True, "seed": 0, "neg_inter_shift": 0.5, "pos_intra_shift": 0.32,
+               "res": 224, "batch_size": 32, "max_steps": 3000}
+
+
+def _lit_modules():
+    """The peers' modules in torch, written from their definitions (their attribute names are the
+    state-dict keys): STEGO src/train_segmentation.py lines 53-78 and src/modules.py lines 17-81,
+    134-161 (@ eb4d6b5); SmooSeg train_segmentation.py lines 20-38 and modules.py lines 98-177
+    (@ 1eecdec, described, not copied). Each ``predict`` renders the peer's evaluation of a feature
+    grid (STEGO src/eval_segmentation.py lines 124-138, no flip, no CRF; SmooSeg
+    train_segmentation.py lines 118-126): the code upsampled to the label size, then the probes."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class ClusterLookup(nn.Module):            # STEGO M 134-140
+        def __init__(self, dim, n):
+            super().__init__()
+            self.clusters = nn.Parameter(torch.randn(n, dim))
+
+        def argmax(self, code):                 # M 147-153: normalised inner products, argmax
+            inner = torch.einsum("bchw,nc->bnhw", F.normalize(code, dim=1), F.normalize(self.clusters, dim=1))
+            return inner.argmax(1)
+
+    def two_branches(owner, C, D, act):        # STEGO M 68-81 (ReLU), SmooSeg M 107-121 (SiLU)
+        owner.cluster1 = nn.Sequential(nn.Conv2d(C, D, (1, 1)))
+        owner.cluster2 = nn.Sequential(nn.Conv2d(C, C, (1, 1)), act(), nn.Conv2d(C, D, (1, 1)))
+
+    class StegoLit(nn.Module):
+        def __init__(self, vit, n_classes, dim, extra):
+            super().__init__()
+            C = vit.dim
+            self.net = nn.Module()              # DinoFeaturizer: model, cluster1, cluster2
+            self.net.model = vit
+            two_branches(self.net, C, dim, nn.ReLU)
+            self.train_cluster_probe = ClusterLookup(dim, n_classes)          # TS 73
+            self.cluster_probe = ClusterLookup(dim, n_classes + extra)        # TS 75
+            self.linear_probe = nn.Conv2d(dim, n_classes, (1, 1))             # TS 76
+            self.decoder = nn.Conv2d(dim, C, (1, 1))                          # TS 78
+
+        def code(self, feats):                  # M 108-111, eval mode: no dropout
+            return self.net.cluster1(feats) + self.net.cluster2(feats)
+
+        def predict(self, feats, size):
+            code = F.interpolate(self.code(feats), size, mode="bilinear", align_corners=False)   # EV 128
+            return self.cluster_probe.argmax(code), self.linear_probe(code).argmax(1)            # EV 130-131
+
+    class SmooSegLit(nn.Module):
+        def __init__(self, vit, n_classes, dim, extra, seed):
+            super().__init__()
+            C = vit.dim
+            self.net = nn.Module()              # DinoV2Featurizer: model
+            self.net.model = vit
+            self.projection = nn.Module()       # Projection: cluster1, cluster2 (SiLU)
+            two_branches(self.projection, C, dim, nn.SiLU)
+            self.prediction = nn.Module()       # Prediction: local_clusters, global_clusters
+            g = torch.Generator().manual_seed(seed)
+            local = F.normalize(nn.init.xavier_normal_(torch.empty(n_classes + extra, dim), generator=g), dim=1)
+            self.prediction.local_clusters = nn.Parameter(local)                                  # M 145, 155
+            moved = F.normalize(local + 0.6 * torch.randn(local.shape, generator=g), dim=1)      # as after EMA steps
+            self.prediction.global_clusters = nn.Parameter(moved, requires_grad=False)          # M 156-157
+
+        def code(self, feats):                  # M 124-128
+            return self.projection.cluster1(feats) + self.projection.cluster2(feats)
+
+        def predict(self, feats, size, centres="global_clusters"):
+            code = F.interpolate(self.code(feats), size, mode="bilinear", align_corners=False)   # TS 121
+            c = getattr(self.prediction, centres)
+            inner = torch.einsum("bchw,nc->bnhw", F.normalize(code, dim=1), F.normalize(c, dim=1))  # M 166-172
+            return inner.argmax(1), None
+
+    return StegoLit, SmooSegLit
+
+
+def peer_module(peer, vit, n_classes=4, dim=8, extra=2, seed=0):
+    """A random-weight module of ``peer`` ("stego" | "smooseg") around ``vit`` (eval mode)."""
+    import torch
+
+    StegoLit, SmooSegLit = _lit_modules()
+    torch.manual_seed(seed)
+    lit = StegoLit(vit, n_classes, dim, extra) if peer == "stego" else SmooSegLit(vit, n_classes, dim, extra, seed)
+    return lit.eval()
+
+
+def save_lightning(lit, path, peer, cfg: dict, n_classes, state=None):
+    """``lit`` saved as Lightning saves a ``LitUnsupervisedSegmenter``: STEGO's as Lightning 1.x did
+    (callbacks keyed by the ModelCheckpoint class, three optimisers: TS 373-383), SmooSeg's as
+    Lightning 2.x does (string keys, one optimiser of two groups: TS 102-105, the AMP scaler);
+    ``hyper_parameters`` {n_classes, cfg: a DictConfig} (save_hyperparameters, TS 106 / TS 58).
+    ``state`` replaces the state dict (a test's edited one)."""
+    import torch
+
+    sd = lit.state_dict() if state is None else state
+    params = [p for p in lit.parameters() if p.requires_grad and not any(p is q for q in lit.net.model.parameters())]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    sum((p * p).sum() for p in params).backward()
+    opt.step()
+    opt.zero_grad()
+    best = {"monitor": "test/cluster/mIoU", "best_model_score": torch.tensor(0.31), "best_model_path": "x.ckpt",
+            "current_score": torch.tensor(0.29), "dirpath": "checkpoints/"}
+    if peer == "stego":
+        ck = {"epoch": 3, "global_step": 1200, "pytorch-lightning_version": "1.4.9", "state_dict": sd,
+              "callbacks": {_ModelCheckpoint: best}, "optimizer_states": [opt.state_dict()] * 3,
+              "lr_schedulers": [], "hparams_name": "kwargs"}
+    else:
+        ck = {"epoch": 1, "global_step": 3000, "pytorch-lightning_version": "2.0.9", "state_dict": sd,
+              "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 2, "completed": 1}}}},
+              "callbacks": {"ModelCheckpoint{'monitor': 'test/cluster/mIoU', 'mode': 'max'}": best},
+              "optimizer_states": [opt.state_dict()], "lr_schedulers": [],
+              "MixedPrecisionPlugin": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                       "growth_interval": 2000, "_growth_tracker": 17},
+              "hparams_name": "kwargs"}
+    with peer_modules():
+        ck["hyper_parameters"] = {"n_classes": n_classes, "cfg": dictconfig(cfg)}
+        torch.save(ck, path)
+    return Path(path)

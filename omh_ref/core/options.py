@@ -54,7 +54,10 @@ CRF = _family(
 )
 DASK = _family(Option("scheduler", None, "Run on Dask: local:N (N worker processes) or a scheduler address."))
 PROBE = _family(Option("probe", True, "The linear probe on the training features and their labels.", bool,
-                       negatable=True))
+                       negatable=True),
+                Option("stored_probe", False, "Score the linear probe stored in the checkpoint (a peer's released "
+                                              "probe, kept by omh-ref import), untrained, with the identity mapping; "
+                                              "no --train-features.", bool))
 
 PROVENANCE = _family(Option("allow_backbone_mismatch", False,
                             "Go on (with a warning) when features or the --model come from another backbone than "

@@ -231,8 +231,9 @@ class LevelScorer:
     :meth:`update` with each batch's codes (as :func:`omh_ref.evaluate.predict.cluster_eval` gives
     them), then :meth:`result` with the hierarchy's plans."""
 
-    def __init__(self, cfg: Config, store: FeatureStore, granularities, assignment=None, notes=None):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, store: FeatureStore, granularities, assignment=None, notes=None,
+                 upsample="logits"):
+        self.cfg, self.upsample = cfg, upsample     # upsample: the logits or the code (predict.cluster_logits)
         self.granularities = granularities
         self.notes = list(notes or [])
         levels = self.cfg.levels
@@ -265,10 +266,12 @@ class LevelScorer:
             lab = labels[g.labels]
             if g.lut is not None:
                 lab = g.lut[np.where((lab >= 0) & (lab <= 255), lab, 255).astype(np.intp)]
-            s, _ = cosine.forward(z, params[predictor(self.cfg, l)])              # B,h,w,K
+            M = params[predictor(self.cfg, l)]
+            s = z if self.upsample == "code" else cosine.forward(z, M)[0]         # B,h,w,D or K
             step = max(1, MAX_ELEMENTS // (H * W * s.shape[-1]))
             for b in range(0, len(rows), step):
-                pred = to_host(resize.forward(s[b:b + step], (H, W))[0].argmax(axis=-1))
+                up = resize.forward(s[b:b + step], (H, W))[0]
+                pred = to_host((cosine.forward(up, M)[0] if self.upsample == "code" else up).argmax(axis=-1))
                 try:
                     acc.update(pred, lab[b:b + step])
                 except ValueError as e:

@@ -51,9 +51,19 @@ def label_shape(store: FeatureStore):
     return store.labels.shape[1:]
 
 
-def cluster_logits(params, cfg: Config, z, size):
-    """Eval-level cosine logits of codes z (B, h, w, D), upsampled to size -> (B, H, W, K)."""
-    s, _ = cosine.forward(z, params[predictor(cfg, cfg.eval_index)])
+UPSAMPLE = ("logits", "code")   # what is upsampled to label resolution: omh-ref's order, the peers'
+
+
+def cluster_logits(params, cfg: Config, z, size, upsample="logits"):
+    """Eval-level cosine logits of codes z (B, h, w, D) at ``size`` -> (B, H, W, K): the logits
+    upsampled (``upsample="logits"``, omh-ref's), or the code upsampled and its cosines taken at
+    ``size`` (``"code"``: STEGO's and SmooSeg's order, STEGO src/eval_segmentation.py line 128,
+    SmooSeg eval_segmentation.py line 90; the argmax differs near cluster boundaries, the cosine
+    not being linear in the code)."""
+    M = params[predictor(cfg, cfg.eval_index)]
+    if upsample == "code":
+        return cosine.forward(resize.forward(z, size)[0], M)[0]
+    s, _ = cosine.forward(z, M)
     return resize.forward(s, size)[0]
 
 
@@ -74,7 +84,7 @@ def level_predictions(params, cfg: Config, store: FeatureStore, rows, flipped=No
 
 def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size=16, flipped=None,
                  device="cpu", keep=0, crf_workers=None, crf_timeout=600.0, usage=None, on_batch=None,
-                 levels=None, crf_images=None):
+                 levels=None, crf_images=None, upsample="logits"):
     """Confusion over the whole split, Hungarian matching and scores.
 
     crf_workers: None = no CRF; else refine every prediction with the dense CRF (serially for 1, a
@@ -85,7 +95,8 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
     :class:`~omh_ref.evaluate.granular.LevelScorer` given every batch's codes on the way (every
     level's scores against its label granularity).
     on_batch: called as ``on_batch(start, clusters, refined)`` for every batch, with the cluster
-    predictions (B, H, W) and the CRF's (or None without it), as they stream by.
+    predictions (B, H, W) and the CRF's (or None without it), as they stream by. upsample: see
+    :func:`cluster_logits`.
     -> (result dict: :func:`omh_ref.evaluate.metrics.scores`' keys (the headline protocol's miou, acc,
     iou, match ..., and ``strict``) and ``confusion``, the first ``keep`` predictions)."""
     check_compat(params, cfg, store)
@@ -101,7 +112,7 @@ def cluster_eval(params, cfg: Config, store: FeatureStore, n_classes, batch_size
             usage.update(params, z)
         if levels is not None:
             levels.update(params, z, s)
-        logits = cluster_logits(params, cfg, z, size)
+        logits = cluster_logits(params, cfg, z, size, upsample)
         raw = to_host(logits.argmax(axis=-1)) if not refine or on_batch is not None else None
         if not refine:
             pred = raw

@@ -496,33 +496,49 @@ def _few(keys, n=3) -> str:
 def _export_one(model, r, args, source, ckpt_sha) -> bool:
     """Export at ``r`` px, check against torch, record in the manifest; False after printing why
     the check failed (the file removed)."""
+    seed = args.seed if args.checkpoint is None else None
+    return export_checked(model, r, args.out, source=source, checkpoint_sha256=ckpt_sha, random_seed=seed,
+                          check_seed=args.seed, opset=args.opset, tol=args.tol, manifest=args.manifest) is not None
+
+
+def export_checked(model, r, out_dir, *, source, checkpoint_sha256=None, random_seed=None, check_seed=0,
+                   opset=17, tol=CHECK_TOL, manifest=None, say=print, err=None):
+    """``omh-ref export``'s one export: ``model`` at ``r`` px into ``out_dir`` (named by
+    :func:`model_name`, ``random_seed`` for random weights), its provenance in the file, checked
+    against the torch forward with onnxruntime on a random batch (``check_seed``) and recorded in
+    ``manifest`` (default: ``out_dir/manifest.json``, for random weights ``<name>.manifest.json``
+    beside the file). -> the manifest entry, or None after saying why the check failed (the file
+    removed). ``omh-ref import`` exports a peer checkpoint's backbone through here too."""
     import onnxruntime
 
-    seed = args.seed if args.checkpoint is None else None
-    name = model_name(model, r, random_seed=seed)
-    path = export(model, r, args.out, opset=args.opset, name=name,
-                  metadata=provenance(model, r, source, random_init=seed is not None))
-    diff = check_onnx(model, path, r, seed=args.seed)
-    ok = diff <= args.tol
-    print(f"{path}: onnxruntime vs torch max abs diff {diff:.3g} "
-          f"({'ok' if ok else 'FAIL'}, tol {args.tol:g})")
+    err = err or (lambda line: print(line, file=sys.stderr))
+    out_dir = Path(out_dir)
+    name = model_name(model, r, random_seed=random_seed)
+    path = export(model, r, out_dir, opset=opset, name=name,
+                  metadata=provenance(model, r, source, random_init=random_seed is not None))
+    diff = check_onnx(model, path, r, seed=check_seed)
+    ok = diff <= tol
+    say(f"{path}: onnxruntime vs torch max abs diff {diff:.3g} "
+        f"({'ok' if ok else 'FAIL'}, tol {tol:g})")
     if not ok:
         path.unlink(missing_ok=True)
-        print(f"error: check failed; removed {path}", file=sys.stderr)
-        return False
+        err(f"error: check failed; removed {path}")
+        return None
     g = r // model.patch
-    manifest = args.manifest or args.out / (f"{name}.manifest.json" if seed is not None else "manifest.json")
-    update_manifest(manifest, {
+    manifest = Path(manifest) if manifest else out_dir / (f"{name}.manifest.json" if random_seed is not None
+                                                          else "manifest.json")
+    entry = {
         "name": name, "family": model.family, "arch": model.arch, "patch": model.patch,
-        "registers": model.registers, "resolution": r, "random_init": seed is not None,
+        "registers": model.registers, "resolution": r, "random_init": random_seed is not None,
         "grid": [g, g], "dim": model.dim, "file": path.name, "sha256": sha256(path),
         "weights_sha256": weights_sha256(model),
-        "check": {"max_abs_diff": diff, "tol": args.tol, "pass": ok, "batch": 2, "seed": args.seed},
-        "source": source, **({"checkpoint_sha256": ckpt_sha} if ckpt_sha else {}),
-        "opset": args.opset, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-    })
-    print(f"recorded {name} in {manifest}")
-    return True
+        "check": {"max_abs_diff": diff, "tol": tol, "pass": ok, "batch": 2, "seed": check_seed},
+        "source": source, **({"checkpoint_sha256": checkpoint_sha256} if checkpoint_sha256 else {}),
+        "opset": opset, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+    }
+    update_manifest(manifest, entry)
+    say(f"recorded {name} in {manifest}")
+    return entry
 
 
 if __name__ == "__main__":

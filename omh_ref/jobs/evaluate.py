@@ -17,7 +17,7 @@ from ..core.options import default
 from ..evaluate import granular, matching, pictures
 from ..evaluate.hierarchy import UsageAccumulator, hierarchy_plans, hierarchy_text, marginals_note
 from ..evaluate.metrics import PROTOCOLS
-from ..evaluate.predict import cluster_eval, label_shape, scores_json
+from ..evaluate.predict import UPSAMPLE, cluster_eval, label_shape, scores_json
 from ..evaluate.probe import linear_eval, linear_probe
 from ..extract.classes import CLASS_NAMES
 from ..extract.datasets import label_hierarchy
@@ -25,7 +25,7 @@ from ..extract.images import image_paths, load_rgb
 from ..features import provenance
 from ..features.meta import listed_labels, path_for
 from ..features.store import FeatureStore
-from ..train.checkpoint import backbone_of, load_params
+from ..train.checkpoint import backbone_of, load_params, stored_probe
 
 
 @dataclass
@@ -55,6 +55,8 @@ class EvalOptions:
     save_match: str | None = None        # match.json: the cluster -> class matching, for segment --match
     save_masks: str | None = None        # folder: every prediction of the split as a PNG, streamed
     allow_backbone_mismatch: bool = default("allow_backbone_mismatch")
+    stored_probe: bool = default("stored_probe")   # score the checkpoint's own linear probe (omh-ref import)
+    upsample: str = "logits"             # logits | code: what is upsampled to label size (predict.cluster_logits)
 
 
 def _check_outputs(opts: EvalOptions):
@@ -63,6 +65,8 @@ def _check_outputs(opts: EvalOptions):
         resolve_device(opts.device)
     except ValueError as e:
         raise InputError(str(e)) from None
+    if opts.upsample not in UPSAMPLE:
+        raise InputError(f"--upsample: expected one of {', '.join(UPSAMPLE)}, got {opts.upsample!r}")
     if opts.out is not None and Path(opts.out).exists() and not Path(opts.out).is_dir():
         raise InputError(f"{opts.out}: is a file (expected --out to be a folder for the pictures)")
     for flag, path in (("--json", opts.json), ("--save-match", opts.save_match)):
@@ -149,6 +153,7 @@ def _run(opts: EvalOptions, say) -> dict:
     names = resolve_class_names(opts.class_names, store, n_classes)
     if K < n_classes:
         raise InputError(f"{opts.checkpoint}: the eval level has {K} clusters, fewer than the {n_classes} classes")
+    released = _stored_probe(opts, cfg, n_classes) if opts.stored_probe else None
     # the hierarchy's usage marginals, averaged over the split on the way (no code is kept)
     usage = UsageAccumulator(cfg) if cfg.marginals == "usage" and len(cfg.levels) > 1 else None
     levels = _level_scorer(opts, cfg, store, n_classes, names)
@@ -156,7 +161,8 @@ def _run(opts: EvalOptions, say) -> dict:
     clu, preds = cluster_eval(params, cfg, store, n_classes, opts.batch_size, flipped, opts.device, keep=4,
                               crf_workers=max(opts.crf_workers, 1) if opts.crf else None,
                               crf_images=crf_images(store) if opts.crf else None,
-                              crf_timeout=opts.crf_timeout, usage=usage, on_batch=masks, levels=levels)
+                              crf_timeout=opts.crf_timeout, usage=usage, on_batch=masks, levels=levels,
+                              upsample=opts.upsample)
     result = {"cluster": scores_json(clu), "crf": bool(opts.crf)}
     if opts.save_match or masks is not None:
         sha = file_sha256(opts.checkpoint)
@@ -166,6 +172,10 @@ def _run(opts: EvalOptions, say) -> dict:
             matching.save(opts.save_match, rec)
         if masks is not None:
             masks.finish(opts.checkpoint, sha, opts.features, rec)
+    if released is not None:   # no training: the checkpoint's probe as it was released
+        lin = linear_eval(params, released, store, n_classes, opts.batch_size, flipped, opts.device, cfg=cfg)
+        result["linear"] = scores_json(lin)
+        result["linear_probe"] = "stored in the checkpoint"
     if opts.train_features or opts.train_labels:
         train_labels = opts.train_labels or (listed_labels(opts.train_features) if opts.train_features else None)
         if not (opts.train_features and train_labels):
@@ -176,6 +186,7 @@ def _run(opts: EvalOptions, say) -> dict:
                              device=opts.device, progress=opts.progress, cache=opts.probe_cache, say=say, cfg=cfg)
         lin = linear_eval(params, probe, store, n_classes, opts.batch_size, flipped, opts.device, cfg=cfg)
         result["linear"] = scores_json(lin)
+        result["linear_probe"] = "trained on --train-features"
     means = usage.means() if usage is not None else None
     plans = hierarchy_plans(params, cfg, means)
     tree = hierarchy_text(plans, clu["match"].cluster_to_class, names, named_level=cfg.eval_level)
@@ -196,13 +207,30 @@ def _run(opts: EvalOptions, say) -> dict:
     return result
 
 
+def _stored_probe(opts: EvalOptions, cfg, n_classes) -> dict:
+    """``--stored-probe``: the linear probe the checkpoint holds (STEGO's released one, kept by
+    ``omh-ref import``), checked against the code size and the classes; refused in one line where
+    there is none or the probe would be trained as well."""
+    if opts.train_features or opts.train_labels:
+        raise InputError("--stored-probe scores the checkpoint's own linear probe; --train-features/--train-labels "
+                         "would train another: give one or the other")
+    probe = stored_probe(opts.checkpoint)
+    if probe is None:
+        raise InputError(f"{opts.checkpoint}: holds no linear probe (--stored-probe reads the one omh-ref import "
+                         "keeps from a STEGO checkpoint); train one with --train-features")
+    if probe["W"].shape != (n_classes, cfg.dim):
+        raise InputError(f"{opts.checkpoint}: its linear probe maps {probe['W'].shape[1]} code channels to "
+                         f"{probe['W'].shape[0]} classes; the code has {cfg.dim} and the data {n_classes} classes")
+    return probe
+
+
 def _level_scorer(opts: EvalOptions, cfg, store, n_classes, names=None):
     """Every level's scorer against the label granularities (evaluate/granular.py)."""
     notes = []
     grans = granular.load_granularities(store, n_classes, notes, names, known=label_hierarchy)
     levels = cfg.levels
     assignment = granular.parse_level_labels(opts.level_labels, len(levels), grans) if opts.level_labels else None
-    return granular.LevelScorer(cfg, store, grans, assignment, notes)
+    return granular.LevelScorer(cfg, store, grans, assignment, notes, upsample=opts.upsample)
 
 
 def write_pictures(out: Path, store: FeatureStore, clu, preds, plans, tree, names, n_classes):
@@ -317,6 +345,8 @@ def format_table(result) -> str:
             for protocol, r in ((headline, result[probe]), ("strict", result[probe]["strict"])):
                 lines.append(f"{probe:<10} {protocol:<9} {_fmt(r['miou']):>7} {_fmt(r['acc']):>7}")
     lines.append(f"({headline}: {PROTOCOLS[headline]}; strict: {PROTOCOLS['strict']})")
+    if "linear" in result and result.get("linear_probe"):
+        lines.append(f"(linear: the probe {result['linear_probe']}, identity mapping)")
     lines.append("")
     head = f"{'class':<24} {'cluster IoU':>11}" + (f" {'linear IoU':>11}" if "linear" in result else "")
     lines.append(head + f" {'cluster':>8}   ({headline} protocol)")

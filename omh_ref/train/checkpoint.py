@@ -103,6 +103,27 @@ def backbone_of(path) -> dict | None:
     return None if meta is None else (meta.get("info") or {}).get("backbone")
 
 
+PROBE_ARRAYS = ("probe_W", "probe_b")   # a released linear probe (omh-ref import): (n_classes, D), (n_classes,)
+
+
+def stored_probe(path) -> dict | None:
+    """The linear probe the checkpoint holds, {"W", "b"} (host float32), or None: what ``omh-ref
+    import`` keeps of a peer's released probe (``eval --stored-probe``)."""
+    arrays = load(path)["arrays"]
+    if not all(k in arrays for k in PROBE_ARRAYS):
+        return None
+    return {"W": arrays["probe_W"].astype(np.float32), "b": arrays["probe_b"].astype(np.float32)}
+
+
+def refuse_imported(path, info: dict) -> None:
+    """An imported checkpoint (``omh-ref import``) holds no training state to resume: one line."""
+    imported = (info or {}).get("imported")
+    if imported:
+        raise InputError(f"{path}: imported from {imported.get('peer_title', 'a peer')}'s checkpoint by omh-ref "
+                         "import; it holds no training state (Adam moments, data order) to resume; evaluate it "
+                         "with omh-ref eval, or train a new run")
+
+
 def check_params(path, params, cfg: Config):
     """Every parameter the config needs, with its shape (a checkpoint edited or cut short); called
     where a checkpoint is used as a model (training's --resume, evaluation)."""

@@ -112,6 +112,7 @@ def resumed(resume, features, out, given: dict, explicit, say=print):
     (``--steps`` included) for every key of ``given`` not in ``explicit``. A ``--steps`` other
     than the run's is allowed and said; other changed settings are said when the run opens."""
     info = checkpoint.load(resume)["info"]
+    checkpoint.refuse_imported(resume, info)
     before = info.get("options", {})
     if features is None:
         features = info.get("features")
@@ -349,6 +350,7 @@ class _Run:
             raise InputError(f"{self.ckpt_path}: --out holds another run's checkpoint; resume {opts.resume} with "
                              f"--out {Path(opts.resume).parent}, or pass --overwrite to replace that run")
         ck = checkpoint.load(opts.resume)
+        checkpoint.refuse_imported(opts.resume, ck["info"])
         self._check_resumable(ck)
         self.params, self.opt_state, self.rng, self.step = ck["params"], ck["opt_state"], ck["rng"], ck["step"]
         self.loop = {"order": ck["arrays"]["order"], "pos": int(ck["info"]["pos"]), "epoch": int(ck["info"]["epoch"])}

@@ -22,7 +22,7 @@ TAKES = {"train": {"steps", "batch_size", "lr", "lr_clusters", "seed", "device",
                    "quiet", "allow_backbone_mismatch"},
          "demo": {"steps", "batch_size", "device", "quiet"},
          "recipe": {"crf", "probe", "scheduler", "device", "quiet"},
-         "eval": {"crf", "crf_workers", "crf_timeout", "device", "quiet", "allow_backbone_mismatch"},
+         "eval": {"crf", "crf_workers", "crf_timeout", "device", "quiet", "allow_backbone_mismatch", "stored_probe"},
          "segment": {"crf", "crf_workers", "crf_timeout", "device", "quiet", "allow_backbone_mismatch"},
          "extract": {"device", "scheduler", "quiet"},
          "knn": {"scheduler"}}
