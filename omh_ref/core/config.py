@@ -199,8 +199,10 @@ def with_base_defaults(fields: dict) -> dict:
     """``fields`` over the defaults of the base they name (``base``, STEGO's when absent): a base
     module's ``DEFAULTS`` are its own values of the fields where they differ from omh-ref's
     (SmooSeg's dim, dropout, activation, shifts ...). For a new config only: a checkpoint's config
-    already holds every value."""
-    return {**bases.get(fields.get("base") or "stego").DEFAULTS, **fields}
+    already holds every value. An unknown base adds nothing: the config's validation names it
+    (with the file it came from)."""
+    base = bases.BASES.get(fields.get("base") or "stego")
+    return {**(base.DEFAULTS if base is not None else {}), **fields}
 
 
 # Fields of older configs (checkpoints, config files): the value each took when it meant "as now",

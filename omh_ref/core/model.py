@@ -95,7 +95,7 @@ def to_device_draws(d: dict, xp, dt, n_images, dropout_p) -> dict:
     for k in names:
         v = d[k]
         parts += [np.asarray(p, np.float64) for p in v] if isinstance(v, list) else [np.ravel(v)]
-    buf = xp.asarray(np.concatenate(parts))                            # the one host -> device copy
+    buf = xp.asarray(np.concatenate(parts) if parts else np.zeros(0))  # the one host -> device copy
     out, at = {}, 0
     if keep is not None:
         N, C = keep.shape

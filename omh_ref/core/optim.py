@@ -68,7 +68,7 @@ def _adam_update(p, g, m, v, ok, b1, b2, step, c2, eps):
         p -= xp.where(ok, upd, dt(0))
 
 
-def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, ok=None):
+def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, ok=None, grads_checked=False):
     """One in-place Adam update (torch.optim.Adam's formula, no weight decay).
 
     lr is a float or a dict key -> float (e.g. a larger rate for the centroids).
@@ -82,6 +82,8 @@ def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, ok=None):
       the update is applied only where ``ok`` holds and the gradients are finite; otherwise
       parameters and moments keep their values, bit for bit. -> the new ``ok`` (``ok`` and finite),
       so a loop that carries it freezes the state from the first bad step until it looks.
+      ``grads_checked``: ``ok`` already holds :func:`finite` of these gradients (the caller needed
+      it first), so it is not computed again.
     Finite gradients keep parameters and moments finite (a step moves a parameter by at most a few
     lr), so the gradients' norm guards both."""
     b1, b2 = betas
@@ -92,7 +94,7 @@ def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, ok=None):
             bad = [k for k, g in grads.items() if not bool(to_host(get_array_module(g).isfinite(g).all()))]
             raise NonFiniteError(f"gradient squared norm {norm2}: "
                                  + (f"non-finite entries in {', '.join(bad)}" if bad else "an overflow"))
-    else:
+    elif not grads_checked:
         ok = ok & finite(grads)
     state["t"] += 1
     t = state["t"]

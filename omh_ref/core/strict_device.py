@@ -241,7 +241,10 @@ class StrictArray(NDArrayOperatorsMixin):
         return StrictArray(self._a.copy())
 
     def __getitem__(self, key):
-        out = self._a[_index(key)]
+        key = _index(key)
+        out = self._a[key]
+        if isinstance(out, np.generic):   # CuPy: one element is a 0-d view of the array, not a copy
+            out = self._a[(key if isinstance(key, tuple) else (key,)) + (Ellipsis,)]
         _count("getitem", out, (self._a,))
         return _wrap(out)
 
@@ -275,7 +278,9 @@ class StrictArray(NDArrayOperatorsMixin):
             _note(func.__name__)
         dargs, dkwargs = _device_args(args, func.__name__), _device_kwargs(kwargs, func.__name__)
         out = func(*dargs, **dkwargs)
-        _count(func.__name__, out, (dargs, tuple(dkwargs.values())))
+        # a result written into ``out=`` is a kernel's output, not a view of an input
+        _count(func.__name__, None if "out" in dkwargs else out,
+               (dargs, tuple(v for k, v in dkwargs.items() if k != "out")))
         return _wrap(out)
 
 
@@ -371,7 +376,7 @@ def _function(fn, name):
             return StrictArray(out)
         dargs, dkwargs = _device_args(args, name), _device_kwargs(kwargs, name)
         out = fn(*dargs, **dkwargs)
-        _count(name, out, (dargs, tuple(dkwargs.values())))
+        _count(name, None if "out" in dkwargs else out, (dargs, tuple(v for k, v in dkwargs.items() if k != "out")))
         return _wrap(out)
 
     call.__name__ = name
@@ -397,6 +402,10 @@ def _call_ufunc(uf, method, args, kwargs):
     """``uf.method(*args, **kwargs)`` on device arrays (an ``out=`` too), host arrays refused."""
     name = uf.__name__
     _check_ufunc(name, method)
+    for a in args:     # CuPy's kernels take arrays and scalars only ("Unsupported type <class 'list'>")
+        if isinstance(a, (list, tuple)):
+            raise TypeError(f"Unsupported type {type(a)} in {name} on device arrays: a list or tuple operand "
+                            "(make it an array with xp.asarray; strict device stand-in)")
     out = kwargs.pop("out", None)
     kwargs = _device_kwargs(kwargs, name)
     if out is not None:

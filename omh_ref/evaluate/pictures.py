@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..core import bases
 from ..core.files import atomic_write
 
 IGNORE_COLOR = (0, 0, 0)
@@ -303,10 +304,15 @@ def _series(recs, key):
     return [(r["step"], r[key]) for r in recs if key in r and r[key] is not None]
 
 
+# each base's own loss part (its LOSS_PART: STEGO's corr, SmooSeg's smooth) and its panel's title
+BASE_LOSSES = {b.LOSS_PART: f"{name} base loss ({b.LOSS_PART})" for name, b in bases.BASES.items()}
+
+
 def loss_keys(recs) -> list:
-    """Every loss part the records hold, in order: loss, corr, clu_0, clu_1, ..., hier_0, ..."""
+    """Every loss part the records hold, in order: loss, the base's (corr, smooth), clu_0, clu_1,
+    ..., hier_0, ..."""
     found = {k for r in recs for k in r}
-    parts = [k for k in ("loss", "corr") if k in found]
+    parts = [k for k in ("loss", *BASE_LOSSES) if k in found]
     for prefix in ("clu_", "hier_"):
         parts += sorted((k for k in found if k.startswith(prefix) and k[len(prefix):].isdigit()),
                         key=lambda k: int(k[len(prefix):]))
@@ -330,8 +336,8 @@ def curves_png(path, log) -> None:
     hierarchy loss) and, when the run validated, the validation cluster mIoU, against step."""
     recs = read_log(log)
     keys = sorted({k for r in recs for k in r})
-    panels = [("loss (total)", "loss", {"loss": _series(recs, "loss")}),
-              ("correlation loss", "loss", {"corr": _series(recs, "corr")})]
+    panels = [("loss (total)", "loss", {"loss": _series(recs, "loss")})]
+    panels += [(title, "loss", {key: _series(recs, key)}) for key, title in BASE_LOSSES.items() if key in keys]
     for prefix, title in (("clu_", "cluster loss per level"), ("hier_", "hierarchy loss per level pair")):
         parts = [k for k in keys if k.startswith(prefix) and k[len(prefix):].isdigit()]
         if parts:

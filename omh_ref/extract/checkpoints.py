@@ -20,6 +20,7 @@ Meta ``.pth``, a Hugging Face ``.safetensors`` file or model folder, in either k
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -55,15 +56,18 @@ def read_file(path) -> tuple:
     if path.suffix == ".safetensors":
         return _read_safetensors(path), None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # report what could not be read, and why
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        # DINO's full training checkpoints pickle their argparse options ("args") beside the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # report what could not be read, and why, on one line
+        raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(e)}") from e
     container = None
     if isinstance(obj, dict):
         for k in CONTAINERS:
             if isinstance(obj.get(k), dict):
                 obj, container = obj[k], k
                 break
+    obj, container = _training_model(obj, container)
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors (nor one under "
                               f"'teacher'/'student'/'model')")
@@ -194,6 +198,27 @@ def load(model, state: dict, path, container=None, ignored=()) -> dict:
     return {"container": container, "loaded": len(state), "ignored": list(ignored), "layout": layout}
 
 
+def _one_line(e, limit=300) -> str:
+    """An exception's message on one line, ANSI escapes and newlines out (torch's weights_only
+    message spans many lines)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _training_model(obj, container):
+    """DINOv2's and DINOv3's training checkpoints keep both networks under one "model" dict
+    (``teacher.backbone.*``, ``student.backbone.*``): the teacher's, as Meta evaluates, else the
+    student's. Anything else passes through."""
+    if not isinstance(obj, dict):
+        return obj, container
+    for net in ("teacher", "student"):
+        keys = [k for k in obj if isinstance(k, str) and k.startswith(net + ".")]
+        if keys:
+            return {k[len(net) + 1:]: obj[k] for k in keys}, f"{container}.{net}" if container else net
+    return obj, container
+
+
 def what(model) -> str:
     """``vit_small patch 8`` (DINO, as export always said it), ``DINOv2 vit_small patch 14, 4 registers``."""
     base = f"{model.arch} patch {model.patch}"
@@ -211,12 +236,17 @@ def _check_meta(model, state, path):
     if missing or unexpected or bad_shape:
         lines = [f"checkpoint {path} does not fit {what(model)}:"]
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+            lines.append(f"  missing keys ({len(missing)}): {_some(missing)}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_some(unexpected)}")
         if bad_shape:
-            lines.append(f"  shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape)}")
+            lines.append(f"  shape mismatches ({len(bad_shape)}): {_some(bad_shape, sep='; ')}")
         raise CheckpointError("\n".join(lines))
+
+
+def _some(names, n=8, sep=", ") -> str:
+    """The first ``n`` names and how many more (a wrong file can miss hundreds of keys)."""
+    return sep.join(names[:n]) + (f"{sep}... and {len(names) - n} more" if len(names) > n else "")
 
 
 class _Missing(Exception):

@@ -172,7 +172,8 @@ def load(name, overrides=None) -> Recipe:
     if "in_dim" not in model or config.in_dim != want_dim:
         raise InputError(f"{path}: [model] in_dim should be {want_dim}, the size of {settings['arch']}'s features, "
                          f"got {model.get('in_dim')!r}")
-    train = loop_settings(_loop_defaults(), {**tables["train"], **overrides.get("train", {})}, set(), path)
+    train = loop_settings(_loop_defaults(), {**tables["train"], **overrides.get("train", {})}, set(), path,
+                          base_name=config.base)
     rec = Recipe(Path(path).stem, str(path), model, train, settings, config)
     if config.eval_k != rec.n_classes:
         raise InputError(f"{path}: the eval level has {config.eval_k} clusters but {settings['dataset']} has "
@@ -419,7 +420,7 @@ def _seeds_command(rec, opts, so: seeds_job.SeedsOptions) -> list:
                           config_file=_shown(rec.path), steps=so.steps, batch_size=so.batch_size,
                           probe_epochs=so.probe_epochs, knn_k=so.knn_k)
     file_tables = read_file(rec.path)
-    from_file = loop_settings(_loop_defaults(), file_tables["train"], set(), rec.path)
+    from_file = loop_settings(_loop_defaults(), file_tables["train"], set(), rec.path, base_name=rec.config.base)
     for key in ("lr", "lr_clusters"):      # what the run changes, as flags (steps and batch always said)
         if rec.train[key] != from_file[key]:
             cmd += options.argv(key, rec.train[key])

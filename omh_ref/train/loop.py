@@ -450,7 +450,7 @@ class _Run:
         if self.buffers:   # a base's no-gradient parameters move first, from the step's own values
             ok = ok & finite_grads(grads)
             model.update_buffers(self.params, self.cfg, ok)
-        self.ok = adam_step(self.params, grads, self.opt_state, self.lr, ok=ok)
+        self.ok = adam_step(self.params, grads, self.opt_state, self.lr, ok=ok, grads_checked=self.buffers)
         first = was_ok & ~self.ok
         self.bad_at = xp.where(first, self.step + 1, self.bad_at)
         self.bad_why = xp.where(first, xp.where(finite, 2, 1), self.bad_why)
@@ -477,7 +477,7 @@ class _Run:
             rec = {"step": step, "epoch": state[1]["epoch"], "seconds": round(time.perf_counter() - self.t0, 3),
                    **host, **(val or {})}
             log.write(json.dumps(rec) + "\n")
-            post = {k: f"{host[k]:.3f}" for k in ("loss", "corr", "clu_0") if k in host}
+            post = {k: f"{host[k]:.3f}" for k in ("loss", bases.get(self.cfg.base).LOSS_PART, "clu_0") if k in host}
             if self.last_val is not None:
                 post["val_miou"] = f"{self.last_val['val_miou']:.1f}"
             bar.set_postfix(post)

@@ -24,6 +24,8 @@ VARIANTS = {
     "one-level": dict(levels=(4,)),
     "no-dropout-plain-corr": dict(dropout=0.0, pointwise=False, zero_clamp=False),
     "stego": dict(omh=False),
+    "smooseg": dict(base="smooseg", omh=False, head_activation="silu", zero_clamp=False),
+    "omh-on-smooseg": dict(base="smooseg", head_activation="silu"),
 }
 
 

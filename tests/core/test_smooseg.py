@@ -162,3 +162,35 @@ def test_the_base_alone_predicts_with_its_teacher(tmp_path):
     with pytest.raises(KeyError):
         predict.cluster_logits({k: v for k, v in params.items() if k != "G"}, cfg, z, (4, 4))
     assert bases.get("smooseg").TEACHER == "G"
+
+
+def test_a_step_with_no_random_draws_at_all_runs(tmp_path):
+    """SmooSeg alone without dropout and without negatives draws nothing random in a step: the
+    (empty) draws still reach the device, and the step trains."""
+    feats = builders.write_feats(tmp_path / "f" / "feats.npy", 16, 4, 5, C, np.float32)
+    cfg = small(omh=False, dropout=0.0, weight_neg=0.0, weight_inter=0.0)
+    ck = checkpoint.load(_run(cfg, feats, tmp_path / "r", steps=2))
+    assert ck["step"] == 2 and np.isfinite(ck["params"]["W1"]).all()
+
+
+def test_an_unknown_base_is_one_line_naming_the_file(tmp_path):
+    from omh_ref.core.errors import InputError
+    from omh_ref.train.loop import model_config
+    from omh_ref.features.store import FeatureStore
+
+    feats = builders.write_feats(tmp_path / "f" / "feats.npy", 4, 4, 5, C, np.float32)
+    assert with_base_defaults({"base": "bogus", "dim": 3}) == {"base": "bogus", "dim": 3}
+    with pytest.raises(InputError, match=r"^cfg.toml: config field 'base': expected one of \('stego', 'smooseg'\), "
+                                         r"got 'bogus'$"):
+        model_config(FeatureStore(feats), {"base": "bogus"}, {}, source="cfg.toml")
+
+
+def test_a_smooseg_runs_curves_and_log_name_its_own_loss(tmp_path):
+    from omh_ref.evaluate import pictures
+
+    feats = builders.write_feats(tmp_path / "f" / "feats.npy", 16, 4, 5, C, np.float32)
+    ck = _run(small(omh=False), feats, tmp_path / "r", steps=3, log_every=1)
+    log = tmp_path / "r" / "log.jsonl"
+    assert pictures.loss_keys(pictures.read_log(log))[:2] == ["loss", "smooth"]
+    assert pictures.BASE_LOSSES == {"corr": "stego base loss (corr)", "smooth": "smooseg base loss (smooth)"}
+    assert ck

@@ -107,6 +107,25 @@ def test_kernels_are_counted_by_name_and_views_launch_none(xp):
     assert sd.ops()["fused:axpy"] == 1 and sd.kernels() == 8
 
 
+def test_list_operands_are_refused_one_element_is_a_view_and_out_is_a_kernel(xp):
+    """Three places the stand-in once differed from CuPy: a list or tuple operand of a ufunc
+    (CuPy's kernels refuse it), one element of an array (CuPy gives a 0-d view, so writing into it
+    writes into the array), and a function writing into ``out=`` (a kernel, not a view)."""
+    x = xp.asarray(np.arange(4.0))
+    for bad in (lambda: x + [1.0, 2.0, 3.0, 4.0], lambda: xp.maximum(x, (0.0, 5.0, 0.0, 5.0))):
+        with pytest.raises(TypeError, match="Unsupported type <class '(list|tuple)'>"):
+            bad()
+    assert backend.to_host(xp.concatenate([x, x])).shape == (8,)      # a list of arrays for a function is fine
+    sd.reset_ops()
+    one = x[1]
+    one += 100.0
+    assert backend.to_host(x).tolist() == [0.0, 101.0, 2.0, 3.0] and sd.ops() == {"add": 1}
+    y = xp.zeros(4)
+    sd.reset_ops()
+    xp.cumsum(x, out=y)
+    assert sd.ops() == {"cumsum": 1}
+
+
 def test_the_stand_in_is_only_the_gpu_inside_the_block():
     with backend.strict_device():
         assert backend.gpu_available()

@@ -318,6 +318,34 @@ def test_meta_checkpoints_of_another_shape_are_refused_naming_every_key(files, t
     assert rc == 1 and "not a DINOv3 ViT in Hugging Face's layout" in capsys.readouterr().err
 
 
+def test_training_checkpoints_as_dino_and_dinov2_save_them_load_their_teacher(files, tmp_path, capsys):
+    """DINO's full checkpoint pickles its argparse options beside the networks (read under
+    weights_only with the Namespace allowed); DINOv2's training checkpoint keeps both networks
+    under "model" as teacher.backbone.* / student.backbone.*: the teacher is taken."""
+    import argparse
+
+    f = files["v2-reg4"]
+    sd = {k: v.clone() for k, v in f["model"].state_dict().items()}
+    wrong = {k: torch.zeros_like(v) for k, v in sd.items()}
+    both = {**{f"teacher.backbone.{k}": v for k, v in sd.items()},
+            **{f"student.backbone.{k}": v for k, v in wrong.items()}, "teacher.dino_head.w": torch.zeros(2)}
+    torch.save({"model": both, "optimizer": {}, "iteration": 7}, tmp_path / "v2_train.pth")
+    loaded, info = _load(tmp_path / "v2_train.pth", f["spec"])
+    assert info["container"] == "model.teacher"
+    assert all(torch.equal(loaded.state_dict()[k], sd[k]) for k in sd)
+    dino = {"teacher": {f"module.backbone.{k}": v for k, v in sd.items()}, "args": argparse.Namespace(arch="x"),
+            "epoch": 3}
+    torch.save(dino, tmp_path / "dino_full.pth")
+    loaded, info = _load(tmp_path / "dino_full.pth", f["spec"])
+    assert info["container"] == "teacher" and all(torch.equal(loaded.state_dict()[k], sd[k]) for k in sd)
+    # a file of another model: the error names a few keys and how many more, on few lines
+    torch.save({"model": {f"teacher.backbone.zz{i}": torch.zeros(1) for i in range(40)}}, tmp_path / "odd.pth")
+    rc = ed.main(["--arch", "dinov2_vitt14_reg", "--checkpoint", str(tmp_path / "odd.pth"), "--resolution", "28",
+                  "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "... and 32 more" in err and len(err.splitlines()) <= 5, err
+
+
 def test_dinov3_training_extras_and_chunked_dinov2_blocks_load(files, tmp_path):
     """DINOv3's untied class-token norms (not used by the patch tokens) are ignored and listed;
     DINOv2's FSDP-chunked blocks (blocks.<chunk>.<i>.) load as blocks.<i>."""

@@ -41,6 +41,17 @@ def test_the_recipes_ship():
     assert recipe.names() == sorted(NAMES + SMOOSEG_NAMES)
 
 
+def test_a_recipe_that_leaves_out_its_loop_values_takes_its_bases(tmp_path):
+    """A SmooSeg recipe without lr, lr_clusters and batch_size trains with SmooSeg's, as train
+    --config with that file does (it took omh-ref's before, so a recipe and its printed seeds
+    command trained differently)."""
+    text = (REPO / "configs" / "cocostuff27_smooseg.toml").read_text()
+    kept = "\n".join(ln for ln in text.splitlines() if not ln.startswith(("lr ", "lr_clusters ", "batch_size ")))
+    (tmp_path / "mine_smooseg.toml").write_text(kept)
+    rec = recipe.load(str(tmp_path / "mine_smooseg.toml"))
+    assert (rec.train["lr"], rec.train["lr_clusters"], rec.train["batch_size"]) == (1e-4, 5e-4, 32)
+
+
 @pytest.mark.parametrize("name", SMOOSEG_NAMES)
 def test_each_smooseg_recipe_is_smoosegs_loop_on_its_data_set(name, tmp_path):
     """SmooSeg's loop (3000 steps, batch 32, its two learning rates), head and loss values (each

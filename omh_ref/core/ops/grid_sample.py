@@ -73,8 +73,9 @@ def forward(x, coords, images=None):
             xp.ascontiguousarray(x), xp.ascontiguousarray(c), src, H, W, C, S1 * S2, dt((W - 1) / 2),
             dt((H - 1) / 2), y)
         return y.reshape(n_out, S1, S2, C), cache
+    src = xp.arange(N) if images is None else images                  # (on CuPy too: its own kernel)
     with fusing("grid_sample"):
-        return _forward(xp, x, c, images).reshape(n_out, S1, S2, C), cache
+        return _forward(xp, x, c, src).reshape(n_out, S1, S2, C), cache
 
 
 def _forward(xp, x, c, images):
@@ -85,7 +86,7 @@ def _forward(xp, x, c, images):
     x0, y0 = fx0.astype(xp.int64), fy0.astype(xp.int64)
     x1, y1 = xp.minimum(x0 + 1, W - 1), xp.minimum(y0 + 1, H - 1)
     flat = x.reshape(N * H * W, C)
-    base = ((xp.arange(N) if images is None else images) * (H * W))[:, None]   # N',1
+    base = (images * (H * W))[:, None]                                  # N',1
 
     def at(yi, xi):
         # a row gather of the flattened grid: np.take on axis 0 is a plain copy of C-length
