@@ -7,7 +7,12 @@ it is the lightest driver that hears the page's console errors and uncaught exce
 request the page makes (``chromium --screenshot`` and ``--dump-dom`` hear neither), and it needs no
 browser download, no Node.js and no WebDriver. Chromium runs with the flags this machine needs:
 no sandbox (root), no GPU, and no background networking (the network is closed), in a fresh
-profile folder removed at the end.
+profile folder removed at the end, in a process group of its own that is ended with it.
+
+A Chromium that does not come up at all (it cannot be run, exits, or never opens its DevTools port)
+is :class:`NotStarted`, which a test turns into a skip that says why; one that comes up and then fails
+(its websocket, its page target, a page's errors) is an ordinary error, which fails the test. Either
+way the process, its profile folder and its log are gone before the error is raised.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -45,6 +51,19 @@ def missing() -> str | None:
     return None
 
 
+class NotStarted(RuntimeError):
+    """Chromium is there but does not start here (its message says how it ended, and its log's
+    last lines)."""
+
+
+def _tail(path, lines=8) -> str:
+    try:
+        text = Path(path).read_bytes()[-4000:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return " | ".join(ln.strip() for ln in text.splitlines()[-lines:] if ln.strip())
+
+
 class Browser:
     """``with Browser() as b: b.open(url); b.evaluate(js); b.screenshot(path)``. What the page says
     is collected as it comes: ``b.errors`` (console errors, uncaught exceptions, error log
@@ -54,28 +73,49 @@ class Browser:
         import websocket
 
         self.width, self.height, self.timeout = width, height, timeout
+        self.proc = self.ws = self.log = None
+        self.next_id, self.events, self.errors, self.requests = 0, [], [], []
         self.profile = Path(tempfile.mkdtemp(prefix="omh-ref-chromium-"))
-        self.log = open(self.profile.parent / (self.profile.name + ".log"), "wb")
-        self.proc = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={self.profile}",
-                                      f"--window-size={width},{height}", "about:blank"],
-                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        self.log_path = self.profile.parent / (self.profile.name + ".log")
+        try:
+            self._start(width, height, timeout)
+            port, path = (self.profile / "DevToolsActivePort").read_text().split()[:2]
+            self.ws = websocket.create_connection(f"ws://127.0.0.1:{port}{path}", timeout=timeout,
+                                                  suppress_origin=True)
+            target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+            self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            for domain in ("Page", "Runtime", "Log", "Network"):
+                self.send(f"{domain}.enable", session=True)
+            self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
+                                                             "deviceScaleFactor": 1, "mobile": False}, session=True)
+        except BaseException as e:
+            log = _tail(self.log_path)
+            self.close()
+            if isinstance(e, NotStarted) or not isinstance(e, Exception):
+                raise
+            raise RuntimeError(f"chromium started but could not be driven ({type(e).__name__}: {e})"
+                               + (f"; its log: {log}" if log else "")) from e
+
+    def _start(self, width, height, timeout) -> None:
+        """Run Chromium and wait for its DevTools port; :class:`NotStarted` where it cannot be run,
+        ends, or opens no port within ``timeout`` seconds."""
+        self.log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={self.profile}",
+                                          f"--window-size={width},{height}", "about:blank"],
+                                         stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
+                                         start_new_session=True)
+        except OSError as e:
+            raise NotStarted(f"{chromium()} cannot be run ({type(e).__name__}: {e})") from None
         port_file = self.profile / "DevToolsActivePort"
         end = time.monotonic() + timeout
         while not (port_file.is_file() and len(port_file.read_text().split()) >= 2):
             if self.proc.poll() is not None or time.monotonic() > end:
-                self.close()
-                raise RuntimeError(f"chromium did not start (exit {self.proc.returncode}); its log: "
-                                   f"{self.log.name}")
+                how = (f"exited with status {self.proc.returncode}" if self.proc.poll() is not None
+                       else f"opened no DevTools port within {timeout:g} s")
+                log = _tail(self.log_path)
+                raise NotStarted(f"{chromium()} did not start: it {how}" + (f"; its log: {log}" if log else ""))
             time.sleep(0.05)
-        port, path = port_file.read_text().split()[:2]
-        self.ws = websocket.create_connection(f"ws://127.0.0.1:{port}{path}", timeout=timeout, suppress_origin=True)
-        self.next_id, self.events, self.errors, self.requests = 0, [], [], []
-        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            self.send(f"{domain}.enable", session=True)
-        self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
-                                                         "mobile": False}, session=True)
 
     # -- the protocol ---------------------------------------------------------------------------
     def send(self, method, params=None, session=False) -> dict:
@@ -149,20 +189,39 @@ class Browser:
             return im.size
 
     def close(self) -> None:
+        """End Chromium (asked to close where it is connected, else at once), then its whole process
+        group (renderers, GPU and zygote processes: the session made at start), and remove its
+        profile folder and log. Safe to call twice, and on a Browser whose start failed anywhere."""
         try:
-            if getattr(self, "ws", None) is not None:
+            asked = False
+            if self.ws is not None:
                 try:
                     self.ws.send(json.dumps({"id": 0, "method": "Browser.close"}))
+                    asked = True
                 except Exception:
                     pass
-                self.ws.close()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+                try:
+                    self.ws.close()
+                except Exception:
+                    pass
+                self.ws = None
+            if self.proc is not None:
+                if asked:
+                    try:
+                        self.proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        pass
+                try:      # its own group (start_new_session): nothing else is in it
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
                 self.proc.wait()
+                self.proc = None
         finally:
-            self.log.close()
+            if self.log is not None:
+                self.log.close()
+                self.log = None
+            Path(self.log_path).unlink(missing_ok=True)
             shutil.rmtree(self.profile, ignore_errors=True)
 
     def __enter__(self):

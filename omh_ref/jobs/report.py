@@ -48,7 +48,8 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
-from ..core import options
+from ..core import bases, options
+from ..core.config import Config
 from ..core.errors import InputError
 from ..core.files import file_sha256, write_text
 from ..core.lock import FolderLock
@@ -70,6 +71,7 @@ SCORE_TITLES = {"miou": "mIoU", "acc": "acc"}
 SECTIONS = {"settings": "Settings and provenance", "results": "Results", "per-class": "Per-class IoU",
             "levels": "Levels and hierarchy", "curves": "Training and validation curves",
             "qualitative": "Qualitative grid"}
+WHY_CHARS = 300                  # the most of an error's message a "not drawn"/"not written" line shows
 NOT_A_RUN = ("expected results.json of omh-ref seeds or recipe, report.json of omh-ref demo, or ckpt.npz and "
              "log.jsonl of omh-ref train")
 
@@ -161,12 +163,62 @@ def read(folder) -> list:
     raise InputError(f"{folder}: not an omh-ref run ({NOT_A_RUN})")
 
 
-def _scores(run: dict) -> dict:
-    return {p: run[p] for p in PROBES if isinstance(run.get(p), dict)}
+def _scores(run: dict, path) -> dict:
+    """The probes' scores of one run read from ``path``: mIoU, accuracy and the IoU per class must
+    be numbers (NaN allowed) or null; anything else is an InputError naming the file."""
+    out = {p: run[p] for p in PROBES if isinstance(run.get(p), dict)}
+    for p, sc in out.items():
+        fields = [(k, sc.get(k)) for k in SCORE_TITLES] + [(f"iou[{c}]", v) for c, v in enumerate(
+            sc.get("iou") if isinstance(sc.get("iou"), list) else [])]
+        for k, v in fields:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise InputError(f"{path}: {p}.{k} is {json.dumps(v)[:60]}, expected a number")
+        if "iou" in sc and not isinstance(sc["iou"], list):
+            raise InputError(f"{path}: {p}.iou is not a list")
+    return out
 
 
 def _existing(path) -> Path | None:
     return Path(path) if path and Path(path).is_file() else None
+
+
+def _int(value, path, what, none=False):
+    """``value`` (a JSON field of ``path``) as an int: an int, a float or a string that is one; None
+    where ``none``; anything else an InputError naming the file and the field."""
+    if value is None and none:
+        return None
+    if not isinstance(value, bool):
+        try:
+            out = int(value)
+            if out == float(value):
+                return out
+        except (TypeError, ValueError, OverflowError):
+            pass
+    raise InputError(f"{path}: {what} is {json.dumps(value)[:60]}, expected an integer")
+
+
+def _levels(levels, path):
+    """The ``levels`` record of an evaluation (``evaluate.granular``) as read from ``path``, its
+    integer fields (level, clusters, n_classes, a plan's child and parent) checked and made ints:
+    they go into the page's tables, its sort keys and the tree's layout; anything else in them is
+    an InputError naming the file. None where there is none."""
+    if not levels:
+        return None
+    if not isinstance(levels, dict) or not isinstance(levels.get("levels"), list):
+        raise InputError(f"{path}: 'levels' is not the levels of an evaluation (expected a 'levels' list)")
+    out = dict(levels, levels=[], consistency=[])
+    for i, lv in enumerate(levels["levels"]):
+        if not isinstance(lv, dict):
+            raise InputError(f"{path}: levels[{i}] is not an object")
+        out["levels"].append(dict(lv, level=_int(lv.get("level"), path, f"levels[{i}].level"),
+                                  clusters=_int(lv.get("clusters"), path, f"levels[{i}].clusters"),
+                                  n_classes=_int(lv.get("n_classes"), path, f"levels[{i}].n_classes", none=True)))
+    for i, c in enumerate(levels.get("consistency") or []):
+        if not isinstance(c, dict):
+            raise InputError(f"{path}: consistency[{i}] is not an object")
+        out["consistency"].append(dict(c, child=_int(c.get("child"), path, f"consistency[{i}].child"),
+                                       parent=_int(c.get("parent"), path, f"consistency[{i}].parent")))
+    return out
 
 
 def _seeds_entry(folder: Path) -> Entry:
@@ -177,13 +229,17 @@ def _seeds_entry(folder: Path) -> Entry:
     opts = rep.get("options") or {}
     runs, names, val, flipped = [], None, None, None
     for r in rep["runs"]:
+        if not isinstance(r, dict):
+            raise InputError(f"{folder / 'results.json'}: a run is not an object")
         d = folder / f"seed{r.get('seed')}"
         ev = _maybe_json(d / "eval.json") or {}
         key = ev.get("key") or {}
         names = names or ev.get("class_names")
         val = val or _existing(key.get("features"))
         flipped = flipped or _existing(key.get("flipped_features"))
-        runs.append(SeedRun(int(r.get("seed", len(runs))), _scores(r), ev.get("levels"), _existing(d / "log.jsonl"),
+        results = folder / "results.json"
+        runs.append(SeedRun(_int(r.get("seed", len(runs)), results, "a run's seed"), _scores(r, results),
+                            _levels(ev.get("levels"), d / "eval.json"), _existing(d / "log.jsonl"),
                             _existing(d / "ckpt.npz"), key.get("checkpoint_sha256")))
     recipe = _maybe_json(folder / "recipe.json")
     val = val or _existing(opts.get("val_features")) or _existing(folder / "feats" / "val" / "feats.npy")
@@ -215,12 +271,15 @@ def _demo_entries(folder: Path) -> list:
         sub = method.replace(" ", "_").replace("/", "")
         runs = []
         for r in rs:
-            d = folder / "runs" / f"{sub}-seed{r['seed']}"
+            src = folder / "report.json"
+            seed = _int(r.get("seed") if isinstance(r, dict) else None, src, f"a seed of {method!r}")
+            d = folder / "runs" / f"{sub}-seed{seed}"
             ck = _existing(d / "ckpt.npz")
-            runs.append(SeedRun(int(r["seed"]), _scores(r), r.get("levels"), _existing(d / "log.jsonl"), ck,
+            runs.append(SeedRun(seed, _scores(r, src), _levels(r.get("levels"), src), _existing(d / "log.jsonl"), ck,
                                 file_sha256(ck) if ck else None))
         e = Entry(name=method, folder=folder, kind="demo", runs=runs,
-                  class_names=rep.get("class_names") or [str(c) for c in range(int(rep.get("n_classes") or 0))],
+                  class_names=rep.get("class_names") or [str(c) for c in range(
+                      _int(rep.get("n_classes") or 0, folder / "report.json", "n_classes"))],
                   settings={k: v for k, v in (rep.get("options") or {}).items() if k not in ("methods", "progress")},
                   val_features=val)
         if not any(r.checkpoint for r in runs):
@@ -239,7 +298,9 @@ def _train_entry(folder: Path) -> Entry:
     run = ev.get("run") if isinstance(ev.get("run"), dict) else ev       # a seeds eval.json, or eval --json's
     key = ev.get("key") or {}
     entry = Entry(name=folder.resolve().name, folder=folder, kind="train",
-                  runs=[SeedRun(seed, _scores(run), ev.get("levels") or run.get("levels"), folder / "log.jsonl",
+                  runs=[SeedRun(seed, _scores(run, folder / "eval.json"),
+                                _levels(ev.get("levels") or run.get("levels"), folder / "eval.json"),
+                                folder / "log.jsonl",
                                 folder / "ckpt.npz", key.get("checkpoint_sha256") or file_sha256(folder / "ckpt.npz"))],
                   class_names=ev.get("class_names") or run.get("class_names") or [],
                   config=dataclasses.asdict(ck["config"]), settings=dict(info.get("options") or {}, step=ck["step"]),
@@ -327,9 +388,17 @@ def summary(entry: Entry, probe, score) -> dict | None:
 
 
 def _pm(stat, digits=1) -> str:
+    """``mean ± std``; where some seeds' values are missing or not finite (NaN), ``(mean of k of N
+    seeds)`` after it: the mean leaves them out (results.json's, over every seed, is NaN)."""
     if stat is None or stat["mean"] is None:
         return "n/a"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    text = f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    k, n = sum(v is not None for v in stat["values"]), len(stat["values"])
+    return text if k == n else f"{text} (mean of {k} of {n} seeds)"
+
+
+def _partial(stat) -> bool:
+    return stat is not None and stat["mean"] is not None and any(v is None for v in stat["values"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,8 +412,31 @@ class _Plots:
         from matplotlib.figure import Figure
 
         self.matplotlib, self.Figure, self.n = matplotlib, Figure, 0
+        self.failed = []                 # one line per figure that could not be drawn
+        # text.parse_math off: class, run and folder names are text, never TeX: "$5 or $6" is not drawn
+        # as maths, and a "$" that is no maths is no ValueError
         self.style = {"svg.fonttype": "none", "svg.hashsalt": "omh-ref", "font.size": 9, "axes.titlesize": 10,
-                      "font.family": "sans-serif", "axes.spines.top": False, "axes.spines.right": False}
+                      "font.family": "sans-serif", "axes.spines.top": False, "axes.spines.right": False,
+                      "text.parse_math": False}
+
+    def context(self):
+        """The style, for as long as figures are drawn in it: a text takes ``text.parse_math`` when it
+        is made, so every text of every figure must be made inside."""
+        return self.matplotlib.rc_context(self.style)
+
+    def drawn(self, what, draw, *args):
+        """``draw(self, *args)``: a figure's SVG (or None: nothing to draw). Where drawing it raises
+        anything (a record it cannot draw, matplotlib's own errors), a note in its place and in
+        :attr:`failed`, one line with the error's type and message: the rest of the page stands."""
+        try:
+            return draw(self, *args)
+        except Exception as e:          # noqa: BLE001: one figure lost, not the page
+            return self.failure(what, e)
+
+    def failure(self, what, error) -> str:
+        line = f"{what} not drawn ({_why(error)})"
+        self.failed.append(line)
+        return f'<p class="note">{html.escape(line)}</p>'
 
     def colours(self, n):
         cmap = self.matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
@@ -537,14 +629,38 @@ def _tree_svg(plots: _Plots, e: Entry, grans: dict) -> str | None:
     return '<div class="scroll">' + plots.svg(fig, f"hierarchy tree of {e.name}", "plot tree") + "</div>"
 
 
+def _base_name(entry: Entry) -> str:
+    """The base whose loss trained ``entry``'s runs: its config's ``base`` (results.json's, or the
+    first checkpoint's where the folder records none); a config from before the bases is STEGO's,
+    :class:`~omh_ref.core.config.Config`'s default, as loading such a checkpoint makes it."""
+    base = entry.config.get("base")
+    return Config.base if base is None or base == "" else str(base)
+
+
 def _curves_svg(plots: _Plots, entries) -> tuple:
     """(SVG or None, whether any log holds validation scores): one panel per logged quantity,
-    every seed of every row in it (colour: the row, line style: the seed), shared step axis."""
+    every seed of every row in it (colour: the row, line style: the seed), shared step axis.
+
+    The base's loss is each run's own base's part (its ``LOSS_PART``: STEGO's ``corr``, SmooSeg's
+    ``smooth``), named by the base: a panel per base among the rows, each holding its own rows'
+    runs only. A base this omh-ref does not know draws every base part its logs hold."""
     logs = {(e.name, r.seed): pictures.read_log(r.log) for e in entries for r in e.runs if r.log}
     if not logs:
         return None, False
     recs = [x for v in logs.values() for x in v]
-    keys = pictures.loss_keys(recs) + [k for k in ("val_miou", "val_acc") if any(k in x for x in recs)]
+    base_of = {e.name: _base_name(e) for e in entries}
+    part_of = {name: getattr(bases.BASES.get(b), "LOSS_PART", None) for name, b in base_of.items()}
+    base_parts = {b.LOSS_PART for b in bases.BASES.values()}
+    logged = list(dict.fromkeys(n for n, _ in logs))                       # the rows with logs
+    named = {}                                                             # base part -> the bases it is of
+    for name in logged:
+        if part_of[name] is not None:
+            named.setdefault(part_of[name], []).append(base_of[name])
+    unknown = any(part_of[name] is None for name in logged)
+    found = pictures.loss_keys(recs)
+    keys = [k for k in found if k == "loss"] + [p for p in named if p in found]
+    keys += [k for k in found if k not in keys and (k not in base_parts or unknown)]
+    keys += [k for k in ("val_miou", "val_acc") if any(k in x for x in recs)]
     if not keys:
         return None, False
     ncol = 2
@@ -557,10 +673,13 @@ def _curves_svg(plots: _Plots, entries) -> tuple:
     seeds = sorted({s for _, s in logs})
     styles = ["-", "--", ":", "-."]
     style = {s: styles[i % len(styles)] for i, s in enumerate(seeds)}
-    titles = {"loss": "loss (total)", "corr": "correlation loss", "val_miou": "validation cluster mIoU (×100)",
+    titles = {"loss": "loss (total)", "val_miou": "validation cluster mIoU (×100)",
               "val_acc": "validation cluster accuracy (×100)"}
+    titles.update((p, " / ".join(dict.fromkeys(bs)) + f" base loss ({p})") for p, bs in named.items())
     for ax, key in zip(axes, keys):
         for (name, seed), rs in logs.items():
+            if key in base_parts and part_of[name] not in (None, key):      # another base's loss
+                continue
             pts = [(x["step"], x[key]) for x in rs if x.get(key) is not None and "step" in x]
             if pts:
                 xs, ys = zip(*pts)
@@ -705,8 +824,11 @@ def _masks(entry: Entry, rows, palettes: _Palettes, main_name) -> _Masks | str:
         return "no checkpoint of its own in the folder"
     if entry.val_features is None:
         return "its validation features are not where the folder's records say"
+    try:
+        store = _open_val(entry)
+    except InputError as e:
+        return str(e)
     params, cfg = checkpoint.load_params(run.checkpoint)
-    store = _open_val(entry)
     flipped = FeatureStore(entry.flipped_features) if entry.flipped_features else None
     grans = {g.name: g for g in _granularities(store, entry)}
     preds = level_predictions(params, cfg, store, rows, flipped)
@@ -739,10 +861,21 @@ def _masks(entry: Entry, rows, palettes: _Palettes, main_name) -> _Masks | str:
 def _qualitative_html(entries, n_images) -> str:
     if n_images <= 0:
         return "<p>No images asked for (<code>--images 0</code>).</p>"
-    ref = next((e for e in entries if e.val_features is not None), None)
-    if ref is None:
+    if not any(e.val_features is not None for e in entries):
         return "<p>No validation features found in the folders: nothing to draw.</p>"
-    store = _open_val(ref)
+    ref, store, unlabelled = None, None, []
+    for e in entries:                      # the first run whose validation split has labels
+        if e.val_features is not None:
+            try:
+                ref, store = e, _open_val(e)
+                break
+            except InputError as err:
+                ref = None
+                unlabelled.append(str(err))
+    if ref is None:
+        return ("<p class=\"note\">No qualitative grid: it draws each image's label and every level's clusters as "
+                "their matched classes, and the validation split has no labels ("
+                + html.escape("; ".join(dict.fromkeys(unlabelled))) + ").</p>")
     rows = _reference_rows(store, n_images)
     names = [(store.meta.get("images") or [None] * store.N)[i] for i in rows]
     names = names if all(names) else None
@@ -766,7 +899,11 @@ def _qualitative_html(entries, n_images) -> str:
     for e in entries:
         e_rows, note = rows, ""
         if e.val_features is not None and e is not ref and Path(e.val_features).resolve() != Path(ref.val_features).resolve():
-            other = _open_val(e)
+            try:
+                other = _open_val(e)
+            except InputError as err:
+                notes.append(f"{e.name}: no masks ({err})")
+                continue
             palettes.add(_granularities(other, e), _main_granularity(other, e))
             e_rows, note = _rows_in(other, names, rows)
         got = _masks(e, e_rows, palettes, _main_granularity(store, e))
@@ -900,9 +1037,10 @@ SCRIPT = """
 
 
 def _cell(v, num=None) -> str:
+    """A table cell showing ``v``; with ``num``, a number cell sorted by ``num`` (its data-v)."""
     if num is None:
         return f"<td>{html.escape(str(v))}</td>"
-    return f'<td class="num" data-v="{"" if num is None else num}">{html.escape(str(v))}</td>'
+    return f'<td class="num" data-v="{html.escape(str(num), quote=True)}">{html.escape(str(v))}</td>'
 
 
 def _num(stat):
@@ -960,15 +1098,20 @@ def _results_html(entries) -> str:
     if not keys:
         return "<p>No scores in these folders.</p>"
     head = ["run", "seeds"] + [metric_title(*k) + " (mean ± std)" for k in keys]
-    rows = []
+    rows, partial = [], False
     for e in entries:
         r = [f"<th>{html.escape(e.name)}</th>", _cell(len(e.runs), len(e.runs))]
         for k in keys:
             s = summary(e, *k)
+            partial = partial or _partial(s)
             r.append(_cell(_pm(s, 2), _num(s)))
         rows.append(r)
     out = ["<p>Scores ×100 over each run's seeds: mean ± sample standard deviation. Click a column's "
            "header to sort.</p>", _table(head, rows, cls="results")]
+    if partial:
+        out.append("<p class=\"note\">A value marked <em>mean of k of N seeds</em> leaves out the seeds whose "
+                   "score is missing or not a number (NaN in the table per seed): it is the mean of the other k, "
+                   "where the summary of <code>results.json</code>, over every seed, says NaN.</p>")
     head = ["run", "seed"] + [metric_title(*k) for k in keys]
     rows = []
     for e in entries:
@@ -976,7 +1119,11 @@ def _results_html(entries) -> str:
             r = [f"<th>{html.escape(e.name)}</th>", _cell(run.seed, run.seed)]
             for p, s in keys:
                 v = run.scores.get(p, {}).get(s)
-                r.append(_cell("n/a" if v is None else f"{v:.2f}", "" if v is None else f"{v:.6g}"))
+                if v is None:
+                    r.append(_cell("n/a", ""))
+                else:
+                    v = float(v)
+                    r.append(_cell(f"{v:.2f}", f"{v:.6g}") if np.isfinite(v) else _cell("NaN" if v != v else v, ""))
             rows.append(r)
     out += ["<h3>Per seed</h3>", _table(head, rows, cls="per-seed")]
     return "\n".join(out)
@@ -991,7 +1138,7 @@ def _per_class_html(plots, entries) -> str:
         if len(groups) > 1:
             out.append(f"<h3>{html.escape(', '.join(e.name for e in es))}</h3>")
         for probe in PROBES:
-            svg = _per_class_svg(plots, es, names, probe)
+            svg = plots.drawn(f"{PROBE_TITLES[probe]} IoU per class", _per_class_svg, es, names, probe)
             if svg:
                 out.append(svg)
         probes = [p for p in PROBES if any(p in r.scores for e in es for r in e.runs)]
@@ -1020,7 +1167,7 @@ def _levels_html(plots, entries) -> str:
            "at or below its cluster count: one-to-one (strict Hungarian, every pixel counted) and many-to-one "
            "(every cluster as its majority class). Consistency: the share of a child level's pixels whose cluster's "
            "parent in the plan has the same class at the parent's granularity; a blind plan's beside it.</p>"]
-    svg = _levels_svg(plots, have)
+    svg = plots.drawn("every level's mIoU against its granularity", _levels_svg, have)
     if svg:
         out.append(svg)
     rows = []
@@ -1049,7 +1196,7 @@ def _levels_html(plots, entries) -> str:
                "child cluster to its parent in the plan, green where the parent has the child's class.</p>")
     for e in have:
         grans = _tree_names(e)
-        svg = _tree_svg(plots, e, grans)
+        svg = plots.drawn(f"hierarchy tree of {e.name}", _tree_svg, e, grans)
         if svg:
             out.append(svg)
     return "\n".join(out)
@@ -1069,7 +1216,10 @@ def _tree_names(e: Entry) -> dict:
 
 
 def _curves_html(plots, entries) -> str:
-    svg, has_val = _curves_svg(plots, entries)
+    try:
+        svg, has_val = _curves_svg(plots, entries)
+    except Exception as e:              # noqa: BLE001: one figure lost, not the page
+        return plots.failure("training and validation curves", e)
     if svg is None:
         return "<p>No training logs (<code>log.jsonl</code>) in these folders.</p>"
     note = ("" if has_val else "<p class=\"note\">No validation during training in these runs (<code>omh-ref train "
@@ -1078,13 +1228,19 @@ def _curves_html(plots, entries) -> str:
             "run, line style: the seed).</p>" + note + svg)
 
 
-def render(entries, images=4, title=None) -> str:
-    """The page of ``entries`` (needs matplotlib)."""
+def render(entries, images=4, title=None, say=None) -> str:
+    """The page of ``entries`` (needs matplotlib). A figure that cannot be drawn is a note in its
+    place (a section that cannot be made, in the section's), and a line to ``say``: the rest of the
+    page stands."""
     plots = _Plots()
     title = title or "omh-ref report: " + ", ".join(e.name for e in entries)
-    parts = {"settings": _settings_html(entries), "results": _results_html(entries),
-             "per-class": _per_class_html(plots, entries), "levels": _levels_html(plots, entries),
-             "curves": _curves_html(plots, entries), "qualitative": _qualitative_html(entries, images)}
+    build = {"settings": lambda: _settings_html(entries), "results": lambda: _results_html(entries),
+             "per-class": lambda: _per_class_html(plots, entries), "levels": lambda: _levels_html(plots, entries),
+             "curves": lambda: _curves_html(plots, entries), "qualitative": lambda: _qualitative_html(entries, images)}
+    with plots.context():
+        parts = {k: plots.drawn(f"section {SECTIONS[k]!r}", lambda _, b=b: b()) for k, b in build.items()}
+    for line in plots.failed if say else ():
+        say(f"report: {line}")
     nav = "".join(f'<li><a href="#{k}">{html.escape(v)}</a></li>' for k, v in SECTIONS.items())
     body = "".join(f'<section id="{k}"><h2>{html.escape(SECTIONS[k])}</h2>\n{parts[k]}\n</section>\n' for k in SECTIONS)
     folders = ", ".join(dict.fromkeys(str(e.folder) for e in entries))
@@ -1110,17 +1266,24 @@ def run(opts: ReportOptions, say=print) -> Path:
         raise InputError(f"--out {out}: is a folder (expected the HTML file to write)")
     entries = [e for folder in opts.runs for e in read(folder)]
     _named_apart(entries)
-    page = render(entries, opts.images, opts.title)
+    page = render(entries, opts.images, opts.title, say=say)
     out.parent.mkdir(parents=True, exist_ok=True)
     with FolderLock(out.parent, "report", say=say):
         write_text(out, page)
     return out
 
 
+def _why(error) -> str:
+    """``error`` on one line: its type and message, cut to :data:`WHY_CHARS`."""
+    why = " ".join(str(error).split())
+    return f"{type(error).__name__}: " + (why if len(why) <= WHY_CHARS else why[:WHY_CHARS - 1] + "…")
+
+
 def write_after(folder, say=print) -> Path | None:
     """The report a job writes when it has finished a folder (``seeds``, ``recipe``, ``demo``):
-    ``FOLDER/report.html``. Without matplotlib, or when it cannot be written, one line says so and
-    how to write it later; the job's own results stand either way."""
+    ``FOLDER/report.html``. Without matplotlib, or when it cannot be written for any reason (bad
+    input, a full disk, a bug here), one line says so, why (the error's type and message, cut short)
+    and how to write it later; the job's own results stand either way, so nothing is raised."""
     again = shlex.join(options.command("report") + [str(folder)])
     if not available():
         say(f"report: {Path(folder) / NAME} not written: it needs matplotlib (pip install 'omh-ref[{EXTRA}]', "
@@ -1128,8 +1291,8 @@ def write_after(folder, say=print) -> Path | None:
         return None
     try:
         path = run(ReportOptions(runs=(str(folder),)), say=say)
-    except (InputError, OSError) as e:
-        say(f"report: {Path(folder) / NAME} not written ({e}); the results are; {again} tries again")
+    except Exception as e:        # noqa: BLE001: the job is done; its report is an extra
+        say(f"report: {Path(folder) / NAME} not written ({_why(e)}); the results are; {again} tries again")
         return None
     say(f"report: wrote {path}")
     return path

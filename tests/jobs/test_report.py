@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +57,12 @@ def seeds_run(data, tmp_path_factory):
 def other_run(data, tmp_path_factory):
     """Another config on the same data (no hierarchy loss), one seed: to be compared side by side."""
     return _seeds(data, tmp_path_factory.mktemp("runs") / "no_hier", seed_list=(0,), lam_hier=0.0)[0]
+
+
+@pytest.fixture(scope="module")
+def smooseg_run(data, tmp_path_factory):
+    """The same data trained on the SmooSeg base (its loss part "smooth", no "corr"), one seed."""
+    return _seeds(data, tmp_path_factory.mktemp("runs") / "smooseg", seed_list=(0,), base="smooseg")
 
 
 @pytest.fixture(scope="module")
@@ -379,14 +386,279 @@ def test_a_report_that_cannot_be_written_leaves_the_results_and_says_so(seeds_ru
     assert "No space left on device" in said[-1] and "tries again" in said[-1]
 
 
+# -- what the folders hold is data, never markup nor maths ------------------------------------------
+PAYLOAD = '"><img src=x onerror=alert(1)>'
+
+
+def _copy(seeds_run, tmp_path, name="omh"):
+    """A copy of the seeds folder to edit (its report.html left out)."""
+    d = tmp_path / name
+    shutil.copytree(seeds_run[0], d)
+    (d / "report.html").unlink()
+    return d
+
+
+def _edit(path, change):
+    rec = json.loads(path.read_text())
+    change(rec)
+    path.write_text(json.dumps(rec))
+
+
+def test_a_sort_key_is_escaped_in_its_attribute():
+    assert report._cell("x", PAYLOAD) == '<td class="num" data-v="&quot;&gt;&lt;img src=x onerror=alert(1)&gt;">x</td>'
+    assert report._cell(3, 3) == '<td class="num" data-v="3">3</td>'
+
+
+@pytest.mark.parametrize("part, field", [("levels", "level"), ("levels", "clusters"), ("levels", "n_classes"),
+                                         ("consistency", "child"), ("consistency", "parent")])
+def test_a_level_field_that_is_no_integer_is_one_line_naming_the_file(seeds_run, tmp_path, part, field):
+    """level, clusters, n_classes and a plan's child and parent go into the page's sort keys and
+    the tree's layout: eval.json's must be integers (a string of one is taken), else the report is
+    one line naming the file and the field, and no page is written."""
+    d = _copy(seeds_run, tmp_path)
+    _edit(d / "seed1" / "eval.json", lambda j: j["levels"][part][0].__setitem__(field, PAYLOAD))
+    want = f"{d / 'seed1' / 'eval.json'}: {part}[0].{field} is "
+    with pytest.raises(InputError, match=re.escape(want) + ".*expected an integer"):
+        report.read(d)
+    res = CliRunner().invoke(main, ["report", str(d)])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and want in res.output
+    said = []
+    assert report.write_after(d, say=said.append) is None
+    (line,) = said
+    assert want in line and f"omh-ref report {d}" in line
+    assert not (d / "report.html").exists()
+    _edit(d / "seed1" / "eval.json", lambda j: j["levels"][part][0].__setitem__(field, "1"))    # "1": an integer
+    (entry,) = report.read(d)
+    assert entry.runs[1].levels[part][0][field] == 1
+
+
+def test_a_demos_class_count_that_is_no_integer_is_one_line_naming_the_file(demo_run, tmp_path):
+    """A demo's report.json without class names names its classes 0..n_classes-1: n_classes must be
+    an integer (a string of one is taken), else one line naming the file and the field."""
+    d = tmp_path / "demo"
+    shutil.copytree(demo_run[0], d)
+    _edit(d / "report.json", lambda j: (j.pop("class_names", None), j.__setitem__("n_classes", "nine")))
+    with pytest.raises(InputError, match=re.escape(f"{d / 'report.json'}: n_classes is \"nine\", expected an integer")):
+        report.read(d)
+    _edit(d / "report.json", lambda j: j.__setitem__("n_classes", "3"))
+    assert {tuple(e.class_names) for e in report.read(d)} == {("0", "1", "2")}
+
+
+def test_the_sort_keys_and_names_in_a_page_are_text_not_markup(seeds_run, tmp_path):
+    """Whatever a folder's records hold reaches the page as text: a payload in the fields that
+    become sort keys (put there past the reading's checks) and in the names stays an attribute's
+    value or a cell's text, never an element."""
+    d = _copy(seeds_run, tmp_path)
+    (entry,) = report.read(d)
+    entry.runs[0].levels["levels"][0]["n_classes"] = PAYLOAD
+    entry.runs[0].levels["consistency"][0]["child"] = PAYLOAD
+    entry.name = PAYLOAD
+    entry.class_names = ["<script>alert(1)</script>"] + entry.class_names[1:]
+    text = report.render([entry], images=1)
+    assert PAYLOAD not in text and "<script>alert" not in text and "<img src=x" not in text
+    page = Page(text)
+    assert [i["src"] for i in page.images if not i["src"].startswith("data:")] == []
+    assert not [a for a in page.attrs if a[1].startswith("on")]
+    levels, consistency = page.table("levels"), page.table("consistency")
+    assert levels["rows"][0][4]["v"] == PAYLOAD and levels["rows"][0][4]["text"] == PAYLOAD
+    assert consistency["rows"][0][1]["v"] == PAYLOAD
+    assert page.table("results")["rows"][0][0]["text"] == PAYLOAD
+
+
+def test_a_dollar_in_a_name_is_text_not_maths(seeds_run, tmp_path):
+    """Class and run names with "$" are drawn as they are ("$5 or $6" is no maths, "$\\foo$" no
+    error), and the drawing leaves matplotlib's settings as they were."""
+    import matplotlib
+
+    d = _copy(seeds_run, tmp_path, name=r"x$\foo$")
+    (entry,) = report.read(d)
+    entry.class_names = ["$5 or $6", r"$\foo$"] + entry.class_names[2:]
+    page = Page(report.render([entry], images=1))
+    for svg in page.svgs:
+        if svg["section"] == "per-class":
+            assert {"$5 or $6", r"$\foo$"} <= {x.strip() for x in svg["text"]}, svg["label"]
+            assert r"x$\foo$" in {x.strip() for x in svg["text"]}                  # the legend names the run
+    (tree,) = [s for s in page.svgs if (s["label"] or "").startswith("hierarchy tree")]
+    assert any(x.startswith(r"x$\foo$, seed") for x in tree["text"])
+    assert matplotlib.rcParams["text.parse_math"] is True
+    assert report.write_after(d, say=quiet) == d / "report.html"
+
+
+def test_a_report_that_fails_for_any_reason_is_one_line_and_the_job_stands(seeds_run, monkeypatch, data, tmp_path):
+    """write_after (the end of seeds, recipe and demo) turns any error of the report into one line:
+    not written, the error's type and message (cut short, on one line), the command to try again."""
+    def boom(*a, **k):
+        raise ValueError("\nUnknown symbol: \\foo\n" + "x" * 2000)
+    monkeypatch.setattr(report, "render", boom)
+    said = []
+    assert report.write_after(seeds_run[0], say=said.append) is None
+    (line,) = said
+    assert "\n" not in line and len(line) < report.WHY_CHARS + 300
+    assert f"{seeds_run[0] / 'report.html'} not written (ValueError: Unknown symbol: \\foo xxx" in line
+    assert "…)" in line and line.endswith(f"omh-ref report {seeds_run[0]} tries again")
+    # a job ends with its results and that line, not a traceback
+    out, said = _seeds(data, tmp_path / "job", seed_list=(0,))
+    assert (out / "results.json").is_file() and not (out / "report.html").exists()
+    assert any(x.startswith(f"report: {out / 'report.html'} not written (ValueError:") for x in said)
+
+
+def test_a_figure_that_cannot_be_drawn_is_a_note_and_a_line_and_the_page_stands(seeds_run, monkeypatch, tmp_path):
+    """A record a figure cannot draw (a matched class that is no number), or matplotlib failing on
+    every figure: each figure lost is a note in its place and one line said, a section that cannot
+    be made (the grid, from the same record) likewise, and the rest of the page is written."""
+    d = _copy(seeds_run, tmp_path)
+    top = ["levels", "levels", -1, "scores", "many_to_one", "cluster_to_class"]
+    _edit(d / "seed0" / "eval.json", lambda j: j[top[0]][top[1]][top[2]][top[3]][top[4]][top[5]].__setitem__(0, "x"))
+    said = []
+    assert report.write_after(d, say=said.append) == d / "report.html"
+    assert [x.split(" (")[0] for x in said] == ["report: hierarchy tree of omh not drawn",
+                                               "report: section 'Qualitative grid' not drawn",
+                                               f"report: wrote {d / report.NAME}"]
+    assert said[0].startswith("report: hierarchy tree of omh not drawn (TypeError: ") and "\n" not in "".join(said)
+    page = _page(d / "report.html")
+    assert page.sections == list(report.SECTIONS) and len(page.table("levels")["rows"]) == 3
+    assert not [s for s in page.svgs if (s["label"] or "").startswith("hierarchy tree")]
+    assert len([s for s in page.svgs if s["section"] == "per-class"]) == 2 and page.table("results")["rows"]
+    text = (d / "report.html").read_text()
+    assert "hierarchy tree of omh not drawn (TypeError: " in text and "Qualitative grid&#x27; not drawn (" in text
+    # matplotlib failing on every figure: every table is there, each figure a note
+    def boom(*a, **k):
+        raise ValueError("matplotlib\nsaid no")
+    monkeypatch.setattr(report._Plots, "svg", boom)
+    said = []
+    out = report.run(report.ReportOptions(runs=(str(seeds_run[0]),), out=str(tmp_path / "p.html"), images=1),
+                     say=said.append)
+    assert said == [f"report: {w} not drawn (ValueError: matplotlib said no)" for w in
+                    ("cluster IoU per class", "linear IoU per class", "every level's mIoU against its granularity",
+                     "hierarchy tree of omh", "training and validation curves")]
+    page = _page(out)
+    assert page.svgs == [] and page.sections == list(report.SECTIONS)
+    assert {t["class"].split()[-1] for t in page.tables} >= {"results", "per-seed", "levels", "consistency", "grid"}
+    assert out.read_text().count("not drawn (ValueError: matplotlib said no)") == 5
+
+
+def test_a_seed_whose_score_is_nan_is_left_out_of_the_mean_and_the_page_says_so(seeds_run, tmp_path):
+    """A seed's NaN score: the mean and std are of the other seeds, and the cell says so (its
+    "seeds" column and results.json's NaN mean would read otherwise); the seed's cell says NaN."""
+    d = _copy(seeds_run, tmp_path)
+    _edit(d / "results.json", lambda j: j["runs"][0]["cluster"].__setitem__("miou", float("nan")))
+    other = json.loads((d / "results.json").read_text())["runs"][1]["cluster"]["miou"]
+    page = Page(report.render(report.read(d), images=1))
+    t = page.table("results")
+    (row,) = t["rows"]
+    col = t["head"].index("cluster mIoU (mean ± std)")
+    assert row[1]["text"] == "2"
+    assert row[col]["text"] == f"{other:.2f} ± 0.00 (mean of 1 of 2 seeds)"
+    assert float(row[col]["v"]) == pytest.approx(other, rel=1e-5)
+    acc = t["head"].index("cluster acc (mean ± std)")
+    assert "of 2 seeds" not in row[acc]["text"]                              # the finite ones as before
+    per_seed = page.table("per-seed")
+    (seed0,) = [r for r in per_seed["rows"] if r[1]["v"] == "0"]
+    cell = seed0[per_seed["head"].index("cluster mIoU")]
+    assert cell["text"] == "NaN" and cell["v"] == ""                       # sorts last, as a missing one
+    text = report.render(report.read(d), images=1)
+    assert "<em>mean of k of N seeds</em> leaves out the seeds whose score is missing or not a number" in text
+
+
+def test_validation_features_without_labels_leave_out_the_grid_alone(seeds_run, data, tmp_path):
+    """A validation split whose feats.json names no labels: the page is written, every section but
+    the grid as before, and the grid's section says why it is not there."""
+    val = tmp_path / "val"
+    shutil.copytree(data / "val", val)
+    _edit(val / "feats.json", lambda j: j.pop("labels"))
+    d = _copy(seeds_run, tmp_path)
+    for s in ("seed0", "seed1"):
+        _edit(d / s / "eval.json", lambda j: j["key"].__setitem__("features", str(val / "feats.npy")))
+    _edit(d / "results.json", lambda j: j["options"].__setitem__("val_features", str(val / "feats.npy")))
+    out = report.run(report.ReportOptions(runs=(str(d),), images=2), say=quiet)
+    page = _page(out)
+    assert page.sections == list(report.SECTIONS)
+    assert not [i for i in page.images if i["section"] == "qualitative"]
+    text = out.read_text()
+    assert (f"No qualitative grid: it draws each image's label and every level's clusters as their matched classes, "
+            f"and the validation split has no labels ({val / 'feats.npy'}: its feats.json names no labels file)") \
+        in text
+    assert len(page.table("levels")["rows"]) == 3 and page.table("results")["rows"]
+    # beside a run whose split has labels: the grid from that one, this run's masks left out with a note
+    out = report.run(report.ReportOptions(runs=(str(d), str(seeds_run[0])), out=str(tmp_path / "two.html"),
+                                          images=2), say=quiet)
+    page = _page(out)
+    grid_runs = [c["text"] for r in page.table("grid")["rows"] for c in r if c["tag"] == "th"]
+    assert [t.split(" (")[0].split("seed")[0] for t in grid_runs] == ["omh"] * 2
+    assert "its feats.json names no labels file" in out.read_text()
+
+
+# -- each base's loss in the curves ------------------------------------------------------------------
+def _curve_panels(text) -> dict:
+    """{panel title: the colours of the lines drawn in it} of a page's curves figure (each axes
+    group of the SVG, its title the last text in it; the legend left out)."""
+    svg = re.search(r'<section id="curves">.*?</section>', text, flags=re.S).group(0)
+    cuts = [m.start() for m in re.finditer(r'<g id="f\d+-(?:axes|legend)_\d+"', svg)] + [len(svg)]
+    panels = {}
+    for a, b in zip(cuts, cuts[1:]):
+        chunk = svg[a:b]
+        texts = re.findall(r"<text[^>]*>([^<]*)</text>", chunk)
+        if "-axes_" in chunk[:30] and texts:
+            panels[texts[-1].strip()] = set(re.findall(r"stroke: (#[0-9a-f]{6})", chunk))
+    return panels
+
+
+def test_each_runs_curves_show_its_own_bases_loss(seeds_run, smooseg_run, tmp_path):
+    """The base's loss in the curves is the run's base's part (its LOSS_PART: STEGO's corr, SmooSeg's
+    smooth), the base read from the run's config (results.json's, else the checkpoint's; STEGO for a
+    config from before the bases): a panel per base, titled by it, holding that base's runs only."""
+    import matplotlib.colors
+
+    from omh_ref.core.bases import smooseg, stego
+
+    log = [json.loads(x) for x in (smooseg_run[0] / "seed0" / "log.jsonl").read_text().splitlines()]
+    assert all(smooseg.LOSS_PART in x and stego.LOSS_PART not in x for x in log if "loss" in x)
+    blue, orange = (matplotlib.colors.to_hex(c) for c in report._Plots().colours(2))
+    corr, smooth = "stego base loss (corr)", "smooseg base loss (smooth)"
+    st = _copy(seeds_run, tmp_path, name="stego")           # its log given a part named as SmooSeg's loss
+    lines = (st / "seed0" / "log.jsonl").read_text().splitlines()
+    (st / "seed0" / "log.jsonl").write_text("".join(json.dumps(dict(json.loads(x), smooth=1.0)) + "\n" for x in lines))
+    panels = _curve_panels(report.render(report.read(st) + report.read(smooseg_run[0]), images=0))
+    assert panels[corr] & {blue, orange} == {blue} and panels[smooth] & {blue, orange} == {orange}
+    assert panels["loss (total)"] >= {blue, orange}
+    assert not {"correlation loss", "corr", "smooth"} & set(panels)
+    # the base from the checkpoint where results.json records no config
+    d = _copy(smooseg_run, tmp_path, name="no_config")
+    _edit(d / "results.json", lambda j: j.pop("config"))
+    (entry,) = report.read(d)
+    assert entry.config["base"] == "smooseg"
+    panels = _curve_panels(report.render([entry], images=0))
+    assert smooth in panels and blue in panels[smooth] and corr not in panels
+    # a config from before the bases (no "base" field) is STEGO's
+    d = _copy(seeds_run, tmp_path, name="old_config")
+    _edit(d / "results.json", lambda j: j["config"].pop("base"))
+    panels = _curve_panels(report.render(report.read(d), images=0))
+    assert corr in panels and blue in panels[corr]
+    # a base this omh-ref does not know: every base part its log holds, under its own name
+    d = _copy(smooseg_run, tmp_path, name="unknown_base")
+    _edit(d / "results.json", lambda j: j["config"].__setitem__("base", "later"))
+    panels = _curve_panels(report.render(report.read(d), images=0))
+    assert blue in panels["smooth"] and corr not in panels and smooth not in panels
+
+
 # -- in a browser -------------------------------------------------------------------------------
+def _browser(**kw):
+    """A Browser; a skip that says why where Chromium is installed but cannot start here at all
+    (one that starts and then fails, or a page with errors, fails the test)."""
+    try:
+        return browser.Browser(**kw)
+    except browser.NotStarted as e:
+        pytest.skip(f"chromium is installed but does not start here: {e}")
+
+
 @pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))
-def test_the_report_renders_in_headless_chromium(demo_run, tmp_path):
+def test_the_report_renders_in_headless_chromium(demo_run, seeds_run, tmp_path):
     """The demo's page in Chromium: it loads from disk with no console error and no request but
     its own file and inline pictures, every section and legend is there and visible, a click sorts a
-    table, and a full-page screenshot is taken. A page with a script error fails the same checks."""
+    table, and a full-page screenshot is taken. A page whose records hold markup shows it as text.
+    A page with a script error fails the same checks."""
     page = demo_run[0] / "report.html"
-    with browser.Browser(width=1280, height=900) as b:
+    with _browser(width=1280, height=900) as b:
         b.open(page.as_uri())
         assert b.errors == []
         assert b.requests and all(u.startswith(("file:", "data:")) for u in b.requests), b.requests
@@ -423,6 +695,17 @@ def test_the_report_renders_in_headless_chromium(demo_run, tmp_path):
         with Image.open(tmp_path / "report.png") as im:
             assert np.asarray(im.convert("L")).std() > 10                        # not a blank page
         assert b.errors == []
+        # markup in a folder's records: text and attribute values in the browser too
+        (entry,) = report.read(_copy(seeds_run, tmp_path))
+        entry.runs[0].levels["levels"][0]["n_classes"] = PAYLOAD
+        entry.name = PAYLOAD
+        injected = tmp_path / "injected.html"
+        injected.write_text(report.render([entry], images=1))
+        b.open(injected.as_uri())
+        assert b.evaluate("""[document.querySelectorAll('img:not([src^="data:"]), [onerror]').length,
+            document.querySelector('table.levels tbody tr').cells[4].dataset.v,
+            document.querySelector('table.results tbody th').textContent]""") == [0, PAYLOAD, PAYLOAD]
+        assert b.errors == [] and all(u.startswith(("file:", "data:")) for u in b.requests)
         # the checks can fail: a page with a script error and a remote picture
         bad = tmp_path / "bad.html"
         bad.write_text("<!DOCTYPE html><html><body><img src='http://127.0.0.1:9/x.png'>"
@@ -430,3 +713,73 @@ def test_the_report_renders_in_headless_chromium(demo_run, tmp_path):
         b.open(bad.as_uri())
         assert any("undefinedFunction" in e for e in b.errors)
         assert any(u.startswith("http:") for u in b.requests)
+
+
+# -- the browser driver: a Chromium that cannot start, or fails once started, leaves nothing ----------
+FAKE = """#!/bin/sh
+# a stand-in for chromium: MODE exit (fails at once), silent (never opens a port), noport (a port
+# nobody listens on); in each, a child process of its own that must end with it
+for a in "$@"; do case "$a" in --user-data-dir=*) dir="${a#--user-data-dir=}";; esac; done
+sleep 300 &
+echo $! > "$PIDS/child"
+echo $$ > "$PIDS/main"
+echo "fake chromium: mode $MODE" >&2
+case "$MODE" in
+  exit) exit 3;;
+  noport) printf '%s\n/devtools/browser/fake\n' "$PORT" > "$dir/DevToolsActivePort";;
+esac
+exec sleep 300
+"""
+
+
+def _alive(pid) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc to see the processes end")
+@pytest.mark.parametrize("mode", ["exit", "silent", "noport"])
+def test_a_browser_that_fails_to_start_leaves_no_process_nor_folder(mode, tmp_path, monkeypatch):
+    """A Chromium that exits at once or opens no port is NotStarted (the browser test's skip, with
+    its log's words); one that opens a port it does not serve is an error (a failure); in each,
+    Chromium and its children are ended and its profile folder and log removed."""
+    pytest.importorskip("websocket")
+    import socket
+    import tempfile
+    import time
+
+    fake = tmp_path / "chromium"
+    fake.write_text(FAKE)
+    fake.chmod(0o755)
+    (tmp_path / "pids").mkdir()
+    (tmp_path / "tmp").mkdir()
+    with socket.socket() as sock:          # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("OMH_REF_CHROMIUM", str(fake))
+    monkeypatch.setenv("MODE", mode)
+    monkeypatch.setenv("PIDS", str(tmp_path / "pids"))
+    monkeypatch.setenv("PORT", str(port))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert browser.missing() is None
+    start = time.monotonic()
+    if mode == "noport":
+        with pytest.raises(RuntimeError, match="chromium started but could not be driven") as got:
+            _browser(timeout=2)
+        assert not isinstance(got.value, browser.NotStarted)
+    else:
+        with pytest.raises(pytest.skip.Exception, match="chromium is installed but does not start here") as got:
+            _browser(timeout=2)
+        why = "exited with status 3" if mode == "exit" else "opened no DevTools port within 2 s"
+        assert why in str(got.value) and "fake chromium: mode " + mode in str(got.value)
+    assert time.monotonic() - start < 15
+    pids = [int((tmp_path / "pids" / n).read_text()) for n in ("main", "child")]
+    end = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not [p for p in pids if _alive(p)]
+    assert list((tmp_path / "tmp").iterdir()) == []                          # profile folder and log gone
+
