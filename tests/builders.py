@@ -312,7 +312,8 @@ def _named(cls, module, name):
 class _Meta:
     """omegaconf.base.Metadata / ContainerMetadata: dataclasses, pickled as their __dict__
     (omry/omegaconf omegaconf/base.py: ref_type, object_type, optional, key, flags, flags_root,
-    resolver_cache = defaultdict(dict); the container's key_type and element_type)."""
+    resolver_cache = defaultdict(dict); the container's key_type and element_type: a ListConfig's
+    key_type is int, which protocol 2 pickles as ``__builtin__ long``)."""
 
     def __init__(self, key, container):
         import typing
@@ -322,7 +323,7 @@ class _Meta:
         self.optional, self.key, self.flags, self.flags_root = True, key, {}, False
         self.resolver_cache = defaultdict(dict)
         if container:
-            self.key_type, self.element_type = typing.Any, typing.Any
+            self.key_type, self.element_type = (int if container == "list" else typing.Any), typing.Any
 
 
 class _MetaC(_Meta):
@@ -418,6 +419,10 @@ STEGO_CFG = {"output_root": "../", "dataset_name": "cocostuff27", "extra_cluster
              "pos_inter_weight": 0.25, "pos_intra_weight": 0.67, "neg_inter_shift": 0.46, "pos_inter_shift": 0.12,
              "pos_intra_shift": 0.18, "rec_weight": 0.0, "crf_weight": 0.0, "reset_probe_steps": None,
              "res": 224, "batch_size": 16, "max_steps": 5000, "pretrained_weights": None, "val_freq": 100}
+# Neither peer's config holds a list, but a hydra config may (an override, a user's key), and then
+# the DictConfig holds a ListConfig: save_lightning adds this key so every fake checkpoint pickles
+# one (nested: a list in it and a dict in it; its key_type int pickles as ``__builtin__ long``).
+CONFIG_LIST = {"crop_sizes": [224, [0.5, "five"], {"crop": None}]}
 # SmooSeg's configs/train_config.yaml (@ 1eecdec) keys, its DINOv2 setting.
 SMOOSEG_CFG = {"output_root": "outputs/", "dataset_name": "potsdam", "extra_clusters": 0, "model_type": "vit_tiny",
                "arch": "dinov2", "dino_feat_type": "feat", "projection_type": "nonlinear", "dino_patch_size": 8,
@@ -510,7 +515,8 @@ def save_lightning(lit, path, peer, cfg: dict, n_classes, state=None):
     """``lit`` saved as Lightning saves a ``LitUnsupervisedSegmenter``: STEGO's as Lightning 1.x did
     (callbacks keyed by the ModelCheckpoint class, three optimisers: TS 373-383), SmooSeg's as
     Lightning 2.x does (string keys, one optimiser of two groups: TS 102-105, the AMP scaler);
-    ``hyper_parameters`` {n_classes, cfg: a DictConfig} (save_hyperparameters, TS 106 / TS 58).
+    ``hyper_parameters`` {n_classes, cfg: a DictConfig} (save_hyperparameters, TS 106 / TS 58), the
+    config with :data:`CONFIG_LIST` added.
     ``state`` replaces the state dict (a test's edited one)."""
     import torch
 
@@ -535,6 +541,6 @@ def save_lightning(lit, path, peer, cfg: dict, n_classes, state=None):
                                        "growth_interval": 2000, "_growth_tracker": 17},
               "hparams_name": "kwargs"}
     with peer_modules():
-        ck["hyper_parameters"] = {"n_classes": n_classes, "cfg": dictconfig(cfg)}
+        ck["hyper_parameters"] = {"n_classes": n_classes, "cfg": dictconfig({**cfg, **CONFIG_LIST})}
         torch.save(ck, path)
     return Path(path)

@@ -63,19 +63,24 @@ def _needs_torch(path, why):
 
 
 def read(path) -> peers.Imported:
-    """The peer checkpoint at ``path`` in omh-ref's terms; one-line InputErrors."""
+    """The peer checkpoint at ``path`` in omh-ref's terms; one-line InputErrors, whatever the file
+    holds: the read and the conversion are one try, and an error no check foresaw (a crafted file
+    is a hostile input) is reported by type and message, not as a traceback."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file (expected a STEGO or SmooSeg checkpoint, .ckpt)")
     try:
-        obj = torch_file.load(path)
+        return peers.convert(torch_file.load(path), path)
+    except InputError:
+        raise
     except torch_file.Refused as e:
         raise InputError(f"{path}: refused: its pickle names {e.name}, which omh-ref import does not load (it "
                          "loads tensors, OrderedDict, OmegaConf configs and Lightning's bookkeeping only; "
                          "docs/DECISIONS.md)") from None
     except torch_file.Unreadable as e:
         raise InputError(f"{path}: not a readable torch checkpoint ({e})") from None
-    return peers.convert(obj, path)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable torch checkpoint ({torch_file.error_text(e)})") from None
 
 
 def _resolutions(opts, patch) -> list:
@@ -101,18 +106,18 @@ def export_backbone(imp: peers.Imported, opts: ImportOptions, sha, say) -> tuple
     where = f"{path} ({imp.peer.backbone}*)"
     try:
         spec = archs.complete(checkpoints.infer(archs.Spec(imp.family), state, where))
-    except (checkpoints.CheckpointError, ValueError) as e:
-        raise InputError(" ".join(str(e).split())) from None
+    except (checkpoints.CheckpointError, ValueError) as e:   # messages naming the file's keys: cleaned
+        raise InputError(torch_file.clean(" ".join(str(e).split()), 1000)) from None
     for key, got in (("model_type", spec.size), ("dino_patch_size", spec.patch)):
         stated = imp.hints.get("size" if key == "model_type" else "patch")
         if stated is not None and stated != got:
-            raise InputError(f"{path}: its stored {key} {stated!r} does not fit its backbone's weights "
-                             f"({archs.describe(spec)}: {got!r})")
+            raise InputError(f"{path}: its stored {key} {torch_file.describe(stated)} does not fit its backbone's "
+                             f"weights ({archs.describe(spec)}: {got!r})")
     model = export_dino.build(spec)
     try:
         checkpoints.load(model, state, where)
     except checkpoints.CheckpointError as e:
-        raise InputError(" ".join(str(e).split())) from None
+        raise InputError(torch_file.clean(" ".join(str(e).split()), 1000)) from None
     if model.dim != imp.config.in_dim:
         raise InputError(f"{path}: its backbone is {model.dim} channels wide, its head takes {imp.config.in_dim}")
     say(f"backbone: {archs.describe(spec)} from {imp.peer.backbone}* ({len(state)} tensors)")

@@ -49,7 +49,7 @@ import numpy as np
 from ..core.config import Config, with_base_defaults
 from ..core.errors import InputError
 from ..core.stego_names import NAMES as STEGO_NAMES
-from .torch_file import plain
+from .torch_file import clean, describe, plain
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,21 @@ class Imported:
 
 def state_dict_of(obj, path) -> tuple:
     """(state dict, Lightning's other entries) of a loaded checkpoint: a Lightning checkpoint
-    (``state_dict`` beside ``hyper_parameters``, ``epoch`` ...) or a bare state dict."""
+    (``state_dict`` beside ``hyper_parameters``, ``epoch`` ...) or a bare state dict. Every key of
+    the state dict is a string and every value an array (what ``nn.Module.state_dict`` holds), or
+    the file is refused in one line naming the first that is not."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        return obj["state_dict"], obj
-    if isinstance(obj, dict) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
-        return obj, {}
-    raise InputError(f"{path}: neither a Lightning checkpoint (no 'state_dict') nor a state dict of tensors")
+        state, lightning = obj["state_dict"], obj
+    elif isinstance(obj, dict) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
+        state, lightning = obj, {}
+    else:
+        raise InputError(f"{path}: neither a Lightning checkpoint (no 'state_dict') nor a state dict of tensors")
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise InputError(f"{path}: its state dict has the key {describe(k)}, not a string")
+        if not isinstance(v, np.ndarray):
+            raise InputError(f"{path}: its state dict's {clean(k)} is {describe(v)}, not a tensor")
+    return state, lightning
 
 
 def detect(state, path) -> Peer:
@@ -126,7 +135,7 @@ def detect(state, path) -> Peer:
         if any(k in state for k in peer.marks) or any(k.startswith(tuple(v.rsplit(".", 2)[0] + "." for v in
                                                                           peer.head.values())) for k in state):
             return peer
-    first = ", ".join(sorted(state)[:4]) or "no keys"
+    first = ", ".join(clean(k, 60) for k in sorted(state)[:4]) or "no keys"
     raise InputError(f"{path}: an unknown checkpoint layout, neither STEGO's ({' / '.join(STEGO.marks)}) nor "
                      f"SmooSeg's ({' / '.join(SMOOSEG.marks)}); its keys begin {first}")
 
@@ -139,7 +148,7 @@ def _config_of(hp: dict) -> tuple:
         return {}, None
     cfg = hp.get("cfg") if isinstance(hp.get("cfg"), dict) else {k: v for k, v in hp.items() if k != "n_classes"}
     n = hp.get("n_classes")
-    return cfg, n if isinstance(n, int) and not isinstance(n, bool) else None
+    return cfg, n if _count(n) else None
 
 
 def _need(state, keys, peer, path):
@@ -148,6 +157,13 @@ def _need(state, keys, peer, path):
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise InputError(f"{path}: a {peer.title} checkpoint without {', '.join(missing[:3])}{more} "
                          f"(its keys as {peer.repo} @ {peer.commit[:7]} names them)")
+
+
+def _dims(path, key, a, n):
+    """``a`` has ``n`` dimensions (before its sizes are read from it)."""
+    if a.ndim != n:
+        raise InputError(f"{path}: {key} has shape {tuple(a.shape)}, expected {n} dimensions")
+    return a.shape
 
 
 def _shape(path, key, a, want):
@@ -168,8 +184,8 @@ def _conv(path, state, key, out, inn):
 
 def _refuse_setting(path, peer, cfg, key, allowed, why):
     value = cfg.get(key)
-    if value is not None and value not in allowed:
-        raise InputError(f"{path}: its stored {key} = {value!r}: {why}; omh-ref imports {peer.title}'s "
+    if value is not None and not (isinstance(value, str) and value in allowed):
+        raise InputError(f"{path}: its stored {key} = {describe(value)}: {why}; omh-ref imports {peer.title}'s "
                          f"{' / '.join(map(repr, allowed))} only")
 
 
@@ -179,7 +195,8 @@ def convert(obj, path) -> Imported:
     asks for another model."""
     state, lightning = state_dict_of(obj, path)
     peer = detect(state, path)
-    cfg, n_stored = _config_of(plain(lightning.get("hyper_parameters") or {}))
+    hp = lightning.get("hyper_parameters")
+    cfg, n_stored = _config_of(plain(hp if hp is not None else {}))
     if peer is STEGO:
         _refuse_setting(path, peer, cfg, "arch", ("dino",), "STEGO's other featurizer is a ResNet feature pyramid "
                                                           "(TS 65-67)")
@@ -194,7 +211,7 @@ def convert(obj, path) -> Imported:
     head_keys = [peer.head[k] for k in (("W1", "b1", "W2", "b2", "W3", "b3") if proj == "nonlinear" else ("W1", "b1"))]
     _need(state, head_keys + list(peer.centres.values()) + list(peer.probe or ()), peer, path)
 
-    D, C = state[peer.head["W1"]].shape[:2]
+    D, C = _dims(path, peer.head["W1"], state[peer.head["W1"]], 4)[:2]
     params = {"W1": _conv(path, state, peer.head["W1"], D, C), "b1": _f32(state[peer.head["b1"]])}
     _shape(path, peer.head["b1"], params["b1"], (D,))
     if proj == "nonlinear":
@@ -207,7 +224,7 @@ def convert(obj, path) -> Imported:
     else:   # STEGO's projection_type: linear (T 35): the second branch is absent, exactly zero here
         params.update(W2=np.zeros((C, C), np.float32), b2=np.zeros(C, np.float32),
                       W3=np.zeros((D, C), np.float32), b3=np.zeros(D, np.float32))
-    K = state[peer.centres["M0"]].shape[0]
+    K = _dims(path, peer.centres["M0"], state[peer.centres["M0"]], 2)[0]
     for key, src in peer.centres.items():
         _shape(path, src, state[src], (K, D))
         params[key] = _f32(state[src])
@@ -215,7 +232,7 @@ def convert(obj, path) -> Imported:
     probe = None
     if peer.probe:
         wk, bk = peer.probe
-        n_classes = state[wk].shape[0]
+        n_classes = _dims(path, wk, state[wk], 4)[0]
         probe = {"W": _conv(path, state, wk, n_classes, D), "b": _f32(state[bk])}
         _shape(path, bk, probe["b"], (n_classes,))
     else:
@@ -235,15 +252,22 @@ def convert(obj, path) -> Imported:
     notes = []
     if unknown:
         notes.append(f"note: {path}: {len(unknown)} key(s) of no part omh-ref imports, left out: "
-                     f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+                     f"{', '.join(clean(k, 60) for k in unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
     family = None
     if backbone:
         arch = cfg.get("arch")
         family = "dinov2" if arch == "dinov2" or (arch is None and "mask_token" in backbone) else "dino"
-    hints = {"size": cfg.get("model_type"), "patch": cfg.get("dino_patch_size") if family == "dino" else None}
+    hints = {"size": _hint(cfg.get("model_type")), "patch": _hint(cfg.get("dino_patch_size")) if family == "dino"
+             else None}
     if family == "dinov2" and hints["size"] is not None:
         hints["size"] = DINOV2_SIZES.get(hints["size"], hints["size"])
-    life = {k: lightning[k] for k in ("epoch", "global_step", "pytorch-lightning_version") if k in lightning}
+    life = {}      # Lightning's own record, kept where it is what Lightning writes
+    for k, fits in (("epoch", _count), ("global_step", _count), ("pytorch-lightning_version", _text)):
+        v = plain(lightning.get(k))
+        if v is not None and fits(v):
+            life[k] = v
+        elif v is not None:
+            notes.append(f"note: {path}: its Lightning {k} is {describe(v)}, left out")
     return Imported(peer=peer, params=params, config=config, n_classes=int(n_classes), probe=probe,
                     backbone=backbone or None, family=family, hints=hints, hyper_parameters=_json_safe(cfg),
                     lightning=_json_safe(life), used=used, ignored=ignored, notes=notes)
@@ -251,6 +275,20 @@ def convert(obj, path) -> Imported:
 
 def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 63
+
+
+def _text(v):
+    return isinstance(v, str) and len(v) <= 64
+
+
+def _hint(v):
+    """A stored setting compared with the backbone's weights: a string or an int as stored, or
+    anything else as its description (which then does not match)."""
+    return v if v is None or isinstance(v, str) or _count(v) else describe(v)
 
 
 def _config(peer, cfg, C, D, K, path) -> Config:
@@ -276,11 +314,13 @@ def _config(peer, cfg, C, D, K, path) -> Config:
                 fields[name] = cfg[key]
     try:
         return Config(**fields)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: its stored hyper-parameters give no valid omh-ref config ({e})") from None
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise InputError(f"{path}: its stored hyper-parameters give no valid omh-ref config "
+                         f"({clean(' '.join(str(e).split()), 300)})") from None
 
 
 def _json_safe(obj, depth=0):
+    """``obj`` (a :func:`plain` value, bounded in size) as JSON can write it."""
     if depth > 32:
         return None
     if isinstance(obj, dict):
@@ -291,6 +331,8 @@ def _json_safe(obj, depth=0):
         return obj.tolist() if obj.size <= 16 else f"array{tuple(obj.shape)}"
     if isinstance(obj, float) and not np.isfinite(obj):
         return str(obj)
+    if isinstance(obj, int) and not isinstance(obj, bool) and obj.bit_length() > 64:
+        return describe(obj)       # json.dumps writes an int through str(), which refuses past 4300 digits
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
-    return str(obj)
+    return describe(obj, 200)

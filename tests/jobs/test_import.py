@@ -24,8 +24,8 @@ from omh_ref.jobs.evaluate import run as eval_run
 from omh_ref.train import checkpoint
 from omh_ref_cli.main import main
 from tests import layouts
-from tests.builders import (SMOOSEG_CFG, STEGO_CFG, peer_module, random_vit, save_lightning, tiny_backbones,
-                            tiny_dino)
+from tests.builders import (CONFIG_LIST, SMOOSEG_CFG, STEGO_CFG, peer_module, random_vit, save_lightning,
+                            tiny_backbones, tiny_dino)
 
 torch = pytest.importorskip("torch")
 
@@ -193,6 +193,8 @@ def test_the_import_records_where_it_came_from(peers):
     assert rec["peer"] == "stego" and rec["read_from"].startswith("mhamilton723/STEGO@eb4d6b5")
     assert rec["source_sha256"] == checkpoint.load(s.dir / "ckpt.npz")["info"]["imported"]["source_sha256"]
     assert rec["hyper_parameters"]["neg_inter_shift"] == 0.46 and rec["lightning"]["global_step"] == 1200
+    # the config's ListConfig (torch.save's pickle of it) is recorded as the plain list it holds
+    assert rec["hyper_parameters"]["crop_sizes"] == CONFIG_LIST["crop_sizes"] == [224, [0.5, "five"], {"crop": None}]
     assert rec["keys"]["left_out"] == ["decoder.bias", "decoder.weight", "train_cluster_probe.clusters"]
     assert "omh-ref eval --checkpoint" in s.text and "--stored-probe" in s.text
     # a second import of the same file into the same folder is a redo, of another file a refusal
