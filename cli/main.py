@@ -243,6 +243,17 @@ def _run_settings(features, config_file, given, model_flags, shifts, resume=None
 @named("crop", default="center", type=click.Choice(["center", "five"]), show_default=True,
               help="center: one crop per image; five: STEGO's five half-size crops (training sets).")
 @named("flip", is_flag=True, help="Also write features of the flipped crops (feats_flip.npy).")
+@named("attention", is_flag=True,
+       help="Also write HP's attention weights, each patch's 3x3 window (attn.npy, float16), from a model exported "
+            "with omh-ref export --attention.")
+@named("augment", is_flag=True,
+       help="Also write the features of one seeded photometric augmentation of each crop (feats_aug.npy): HP's "
+            "colour jitter, grayscale and blur, no geometric change.")
+@named("augment_space", default="normalised", type=click.Choice(["normalised", "rgb"]), show_default=True,
+       help="Where --augment acts: normalised (HP's code: on the ImageNet-normalised image, clamped there) or rgb "
+            "(on the [0, 1] image, normalised after).")
+@named("seed", default=0, type=click.IntRange(min=0), show_default=True,
+       help="Seed of --augment's draws (one per crop, from the seed and the crop's name).")
 @named("out", required=True, type=click.Path(), help="Output folder.")
 @click.option("--batch-size", default=16, show_default=True, help="Crops per forward pass.")
 @click.option("--chunk-size", default=64, show_default=True, help="Images per recorded unit of progress / Dask task.")
@@ -256,9 +267,11 @@ def _run_settings(features, config_file, given, model_flags, shifts, resume=None
 @click.option("--overwrite", is_flag=True, help="Replace finished features or an unfinished run with other settings.")
 @shared_options("quiet")
 @friendly_errors
-def extract(model, images, labels, dataset, root, split, resolution, crop, flip, out, batch_size, chunk_size,
-            dtype, on_error, device, threads, scheduler, overwrite, quiet):
-    """Images -> DINO patch features (feats.npy, labels.npy, feats.json) with onnxruntime.
+def extract(model, images, labels, dataset, root, split, resolution, crop, flip, attention, augment, augment_space,
+            seed, out, batch_size, chunk_size, dtype, on_error, device, threads, scheduler, overwrite, quiet):
+    """Images -> DINO patch features (feats.npy, labels.npy, feats.json) with onnxruntime; for the HP
+    base also its attention weights (attn.npy, --attention) and augmented features (feats_aug.npy,
+    --augment).
 
     Interrupted runs continue where they stopped when started again with the same arguments.
     """
@@ -267,6 +280,10 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 
     if (images is None) == (dataset is None):
         raise InputError("give either --images DIR or --dataset NAME --root DIR")
+    given = click.get_current_context().get_parameter_source
+    for name in ("augment_space", "seed"):
+        if not augment and given(name) != click.core.ParameterSource.DEFAULT:
+            raise InputError(f"--{name.replace('_', '-')} goes with --augment (the augmented features' draws)")
     if dataset is not None:
         if root is None:
             raise InputError(f"--dataset {dataset}: needs --root, the data set's folder")
@@ -278,7 +295,8 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
     opts = ExtractOptions(model=model, out=out, resolution=resolution, crop=crop, flip=flip,
                           batch_size=batch_size, chunk_size=chunk_size, dtype=dtype, on_error=on_error,
                           device=device, threads=threads, overwrite=overwrite, progress=not quiet,
-                          scheduler=scheduler)
+                          scheduler=scheduler, attention=attention, augment=augment, augment_space=augment_space,
+                          seed=seed)
     click.echo(f"{ds.name}{'' if ds.split is None else ' ' + ds.split}: {len(ds)} images from {ds.root}"
                + (" with labels" if ds.has_labels else ""))
     meta = run_extract(ds, opts, log=click.echo)

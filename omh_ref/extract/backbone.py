@@ -2,8 +2,11 @@
 
 Input: float32 (B, 3, R, R) images, ``/255`` then ImageNet mean/std (:func:`normalize`, bit for
 bit torchvision's ``ToTensor`` + ``Normalize``); output: patch features (B, h, w, C) with
-``R / h`` a whole patch size (``omh-ref export`` writes such files). Sessions are cached
-per process, so Dask workers reuse theirs across chunks.
+``R / h`` a whole patch size (``omh-ref export`` writes such files), the model's first output.
+A model exported with ``omh-ref export --attention`` has a second output, ``attention`` (B, n, n),
+n = h * w: the last block's pre-softmax attention logits averaged over heads, patch tokens only
+(``omh-ref extract --attention`` reads it). Sessions are cached per process, so Dask workers
+reuse theirs across chunks.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from ..core.files import file_sha256
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+ATTENTION_OUTPUT = "attention"     # the second output's name (omh-ref export --attention)
+ATTENTION_WHAT = "last block, pre-softmax q.k/sqrt(d) per head, mean over heads, patch rows x patch columns"
 
 
 def normalize(rgb: np.ndarray) -> np.ndarray:
@@ -76,6 +81,8 @@ class Backbone:
     dim: int
     dynamic: bool = False    # the input's height and width are free (probed at ``resolution``)
     stated: dict = field(default_factory=dict)   # what the file says of itself (omh-ref export's metadata)
+    output_name: str | None = None   # the features output (the first); None: the first, unnamed
+    attention: bool = False          # the model has the attention output (omh-ref export --attention)
 
     @property
     def patch(self) -> int:
@@ -118,27 +125,47 @@ def inspect_model(model, resolution=None, device="cpu", threads=None) -> Backbon
         raise InputError(f"--resolution {resolution}: {model} takes {h} px inputs (export one at "
                          f"{resolution} with omh-ref export --resolution {resolution})")
     res = h if fixed else (resolution or 224)
-    y = session_run(sess, model, ins[0].name, np.zeros((2, 3, res, res), np.float32))
+    names = [o.name for o in sess.get_outputs()]
+    ys = session_run(sess, model, ins[0].name, np.zeros((2, 3, res, res), np.float32), names)
+    y = ys[0]
     if y.dtype.kind != "f":
         raise InputError(f"{model}: expected float features, got {y.dtype}")
     if y.ndim != 4 or y.shape[0] != 2 or y.shape[1] != y.shape[2] or res % y.shape[1]:
         raise InputError(f"{model}: expected patch features (B, h, w, C) with res/h a whole patch "
                          f"size, got {y.shape} for {res} px")
     stated = {k: v for k, v in sess.get_modelmeta().custom_metadata_map.items() if k.startswith("omh_ref.")}
+    attention = ATTENTION_OUTPUT in names[1:]
+    if attention:
+        a, n = ys[names.index(ATTENTION_OUTPUT)], int(y.shape[1]) * int(y.shape[2])
+        if a.shape != (2, n, n) or a.dtype.kind != "f":
+            raise InputError(f"{model}: its '{ATTENTION_OUTPUT}' output has shape {a.shape}, expected (B, n, n) = "
+                             f"(2, {n}, {n}) for its {y.shape[1]}x{y.shape[2]} grid (export it with omh-ref export "
+                             "--attention)")
     return Backbone(str(model), file_sha256(model), ins[0].name, int(res), (int(y.shape[1]), int(y.shape[2])),
-                    int(y.shape[3]), dynamic=not fixed, stated=stated)
+                    int(y.shape[3]), dynamic=not fixed, stated=stated, output_name=names[0], attention=attention)
 
 
-def session_run(sess, model, input_name, x):
+def session_run(sess, model, input_name, x, outputs=None) -> list:
+    """``sess.run(outputs, ...)``: the arrays of ``outputs`` (None: every output), with
+    onnxruntime's failures as one line."""
     try:
-        return sess.run(None, {input_name: x})[0]
+        return sess.run(outputs, {input_name: x})
     except Exception as e:  # onnxruntime's own exception types (a bad graph, out of memory, ...)
         raise InputError(f"{model}: onnxruntime failed on a batch of shape {x.shape} "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def run(sess, bb, x):
-    y = session_run(sess, bb.path, bb.input_name, x)
+    """The features of batch ``x`` (B, h, w, C); only the features output is computed."""
+    y = session_run(sess, bb.path, bb.input_name, x, None if bb.output_name is None else [bb.output_name])[0]
     if not np.isfinite(y).all():
         raise InputError(f"{bb.path}: the backbone produced NaN or inf features (a broken export?)")
     return y
+
+
+def run_with_attention(sess, bb, x):
+    """(features (B, h, w, C), attention logits (B, n, n) float32) of batch ``x``, one forward."""
+    y, a = session_run(sess, bb.path, bb.input_name, x, [bb.output_name, ATTENTION_OUTPUT])
+    if not (np.isfinite(y).all() and np.isfinite(a).all()):
+        raise InputError(f"{bb.path}: the backbone produced NaN or inf features or attention (a broken export?)")
+    return y, a.astype(np.float32, copy=False)

@@ -5,6 +5,12 @@ else in the package imports this module except when asked to export.
 The model maps an image batch (B, 3, H, W), float32, already normalised (ImageNet mean/std), to the
 last block's patch tokens after the final LayerNorm, the class token and any register (DINOv3:
 storage) tokens dropped, channels last: (B, H/p, W/p, C).
+With ``--attention`` it has a second output, ``attention`` (B, n, n), n = H/p * W/p: the last
+block's pre-softmax attention logits averaged over heads, patch rows and columns only
+(:class:`omh_ref.extract.vit_layers.AttentionLogits`; ``omh-ref extract --attention`` turns them
+into HP's window weights, :mod:`omh_ref.extract.attention`), checked against torch like the
+features and stated in the file's metadata (``omh_ref.attention``). Without it the file is what
+it always was.
 
 Which backbone (:mod:`omh_ref.extract.archs`): ``--arch vit_small|vit_base`` with ``--patch 8|16``
 is DINO (v1), as always; ``--arch`` also takes a torch.hub name (``dinov2_vits14``,
@@ -64,7 +70,8 @@ from . import archs, checkpoints
 from .checkpoints import CheckpointError
 from .vit_dinov2 import DinoV2
 from .vit_dinov3 import DinoV3
-from .vit_layers import FixedGrid, grid_of
+from .backbone import ATTENTION_OUTPUT, ATTENTION_WHAT
+from .vit_layers import AttentionLogits, FixedGrid, grid_of
 
 ARCHS = {  # name: (embed dim, depth, heads, short name for files)
     "vit_small": (384, 12, 6, "vits"),
@@ -98,12 +105,15 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
+    keep_logits = False     # set by vit_layers.AttentionLogits: the pre-softmax logits kept in .logits
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
         self.scale = (dim // heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.logits = None
 
     def forward(self, x):
         _, n, c = x.shape
@@ -112,6 +122,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(-1, n, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = (q @ k.transpose(-2, -1)) * self.scale
+        if self.keep_logits:
+            self.logits = attn
         attn = attn.softmax(dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(-1, n, c)
         return self.proj(out)
@@ -289,10 +301,12 @@ def download(url: str, cache_dir, say=print) -> Path:
 # Export, check, manifest
 # --------------------------------------------------------------------------------------------------
 def export(model: nn.Module, resolution: int, out_dir, opset: int = 17, name: str | None = None,
-           metadata: dict | None = None) -> Path:
+           metadata: dict | None = None, attention: bool = False) -> Path:
     """Export ``model`` at a fixed resolution (dynamic batch) to ``out_dir/<name>.onnx`` (default
     :func:`model_name`), written atomically; ``metadata`` goes into the file's metadata_props
-    (:func:`provenance`)."""
+    (:func:`provenance`). ``attention``: a second output, ``attention`` (B, n, n), the last block's
+    pre-softmax logits averaged over heads, patch tokens only
+    (:class:`omh_ref.extract.vit_layers.AttentionLogits`); without it the file is what it always was."""
     if resolution % model.patch:
         raise ValueError(f"resolution {resolution} is not a multiple of patch {model.patch}")
     out_dir = Path(out_dir)
@@ -301,6 +315,8 @@ def export(model: nn.Module, resolution: int, out_dir, opset: int = 17, name: st
     model.eval()
     g = resolution // model.patch
     fixed = FixedGrid(model, g, g).eval()
+    net = AttentionLogits(fixed).eval() if attention else fixed
+    outputs = ["features", ATTENTION_OUTPUT] if attention else ["features"]
     dummy = torch.zeros(1, 3, resolution, resolution, dtype=torch.float32)
     with atomic_path(path) as tmp:
         with torch.no_grad(), warnings.catch_warnings():
@@ -310,9 +326,9 @@ def export(model: nn.Module, resolution: int, out_dir, opset: int = 17, name: st
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
             warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", message=r"The feature will be removed.*")
-            torch.onnx.export(fixed, (dummy,), str(tmp), opset_version=opset,
-                              input_names=["images"], output_names=["features"],
-                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            torch.onnx.export(net, (dummy,), str(tmp), opset_version=opset,
+                              input_names=["images"], output_names=outputs,
+                              dynamic_axes={"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
                               do_constant_folding=True, dynamo=False)
         if metadata:
             import onnx
@@ -323,13 +339,15 @@ def export(model: nn.Module, resolution: int, out_dir, opset: int = 17, name: st
     return path
 
 
-def provenance(model: nn.Module, resolution: int, source: str, random_init: bool) -> dict:
+def provenance(model: nn.Module, resolution: int, source: str, random_init: bool, attention: bool = False) -> dict:
     """What the ONNX file says of itself (``omh_ref.*`` metadata_props, read back by
-    ``omh_ref.extract.backbone``): which weights, so features of two backbones cannot be mixed."""
+    ``omh_ref.extract.backbone``): which weights, so features of two backbones cannot be mixed;
+    with ``attention``, what its second output holds (``omh_ref.attention``)."""
     return {"omh_ref.family": model.family, "omh_ref.arch": model.arch, "omh_ref.patch": model.patch,
             "omh_ref.registers": model.registers, "omh_ref.dim": model.dim,
             "omh_ref.resolution": resolution, "omh_ref.weights_sha256": weights_sha256(model),
-            "omh_ref.random_init": "true" if random_init else "false", "omh_ref.source": source}
+            "omh_ref.random_init": "true" if random_init else "false", "omh_ref.source": source,
+            **({"omh_ref.attention": ATTENTION_WHAT} if attention else {})}
 
 
 def random_batch(resolution: int, seed: int, batch: int = 2) -> np.ndarray:
@@ -353,6 +371,23 @@ def check_onnx(model: nn.Module, path, resolution: int, seed: int = 0, batch: in
         want = model(torch.from_numpy(x)).numpy()
     if got.shape != want.shape:
         raise RuntimeError(f"onnxruntime output shape {got.shape} != torch {want.shape}")
+    return float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+
+
+def torch_attention(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """The torch rendering of the ``attention`` output: (B, n, n) float32 for a normalised batch."""
+    g = grid_of(x, model.patch)
+    with torch.no_grad():
+        return AttentionLogits(FixedGrid(model, *g).eval())(torch.from_numpy(x))[1].numpy()
+
+
+def check_attention(model: nn.Module, path, resolution: int, seed: int = 0, batch: int = 2) -> float:
+    """Max abs difference between onnxruntime's ``attention`` output and torch's on a random batch."""
+    x = random_batch(resolution, seed, batch)
+    got = ort_session(path).run([ATTENTION_OUTPUT], {"images": x})[0]
+    want = torch_attention(model, x)
+    if got.shape != want.shape:
+        raise RuntimeError(f"onnxruntime attention shape {got.shape} != torch {want.shape}")
     return float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
 
 
@@ -409,6 +444,9 @@ def parser() -> argparse.ArgumentParser:
                         "<name>.manifest.json beside the file, so a tracked manifest is not rewritten)")
     p.add_argument("--tol", type=float, default=CHECK_TOL,
                    help="max abs onnxruntime-vs-torch difference allowed (default 1e-3)")
+    p.add_argument("--attention", action="store_true",
+                   help="add a second output, the last block's pre-softmax attention logits averaged over heads, "
+                        "patch tokens only (B, n, n), for omh-ref extract --attention (HP's local weights)")
     return p
 
 
@@ -498,28 +536,36 @@ def _export_one(model, r, args, source, ckpt_sha) -> bool:
     the check failed (the file removed)."""
     seed = args.seed if args.checkpoint is None else None
     return export_checked(model, r, args.out, source=source, checkpoint_sha256=ckpt_sha, random_seed=seed,
-                          check_seed=args.seed, opset=args.opset, tol=args.tol, manifest=args.manifest) is not None
+                          check_seed=args.seed, opset=args.opset, tol=args.tol, manifest=args.manifest,
+                          attention=args.attention) is not None
 
 
 def export_checked(model, r, out_dir, *, source, checkpoint_sha256=None, random_seed=None, check_seed=0,
-                   opset=17, tol=CHECK_TOL, manifest=None, say=print, err=None):
+                   opset=17, tol=CHECK_TOL, manifest=None, say=print, err=None, attention=False):
     """``omh-ref export``'s one export: ``model`` at ``r`` px into ``out_dir`` (named by
     :func:`model_name`, ``random_seed`` for random weights), its provenance in the file, checked
     against the torch forward with onnxruntime on a random batch (``check_seed``) and recorded in
     ``manifest`` (default: ``out_dir/manifest.json``, for random weights ``<name>.manifest.json``
     beside the file). -> the manifest entry, or None after saying why the check failed (the file
-    removed). ``omh-ref import`` exports a peer checkpoint's backbone through here too."""
+    removed). ``attention``: the second output (:func:`export`), checked the same way and recorded
+    in the entry's ``attention``. ``omh-ref import`` exports a peer checkpoint's backbone through here too."""
     import onnxruntime
 
     err = err or (lambda line: print(line, file=sys.stderr))
     out_dir = Path(out_dir)
     name = model_name(model, r, random_seed=random_seed)
-    path = export(model, r, out_dir, opset=opset, name=name,
-                  metadata=provenance(model, r, source, random_init=random_seed is not None))
+    path = export(model, r, out_dir, opset=opset, name=name, attention=attention,
+                  metadata=provenance(model, r, source, random_init=random_seed is not None, attention=attention))
     diff = check_onnx(model, path, r, seed=check_seed)
     ok = diff <= tol
     say(f"{path}: onnxruntime vs torch max abs diff {diff:.3g} "
         f"({'ok' if ok else 'FAIL'}, tol {tol:g})")
+    if attention:
+        diff_attn = check_attention(model, path, r, seed=check_seed)
+        ok_attn = diff_attn <= tol
+        say(f"{path}: attention output, onnxruntime vs torch max abs diff {diff_attn:.3g} "
+            f"({'ok' if ok_attn else 'FAIL'}, tol {tol:g})")
+        ok = ok and ok_attn
     if not ok:
         path.unlink(missing_ok=True)
         err(f"error: check failed; removed {path}")
@@ -536,6 +582,10 @@ def export_checked(model, r, out_dir, *, source, checkpoint_sha256=None, random_
         "source": source, **({"checkpoint_sha256": checkpoint_sha256} if checkpoint_sha256 else {}),
         "opset": opset, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
     }
+    if attention:
+        entry["attention"] = {"output": ATTENTION_OUTPUT, "shape": ["batch", g * g, g * g], "what": ATTENTION_WHAT,
+                              "check": {"max_abs_diff": diff_attn, "tol": tol, "pass": True, "batch": 2,
+                                        "seed": check_seed}}
     update_manifest(manifest, entry)
     say(f"recorded {name} in {manifest}")
     return entry

@@ -12,7 +12,12 @@ Outputs under ``--out`` (:mod:`omh_ref.features.meta`): ``feats.npy`` (N, h, w, 
 ``labels.npy`` uint8 (N, res, res) when the data set has labels, ``labels_fine.npy`` beside it when it
 also has finer labels (COCO-Stuff's 182 fine ids, Potsdam's 6 classes), ``feats_flip.npy`` with ``--flip``
 (features of the horizontally flipped crops, in their own orientation: ``eval`` flips them back),
-and ``feats.json``.
+and ``feats.json``. For the HP base (docs/hp_reading.md §14): ``attn.npy`` (N, h, w, 9) float16
+with ``--attention`` (each patch's 3 x 3 window of HP's attention weights, :mod:`.attention`, from
+the model's second output: ``omh-ref export --attention``), and ``feats_aug.npy`` with
+``--augment`` (the features of one seeded photometric augmentation of each crop, :mod:`.augment`,
+seeded by ``--seed`` and the crop's row name). Both are written like ``feats.npy``, row by row
+with the chunks, and recorded in ``feats.json`` (``attention``, ``augmented``).
 
 Work is cut into chunks of whole forward batches. Rows are written straight into preallocated
 ``*.partial.npy`` files (``os.pwrite`` at the row's byte offset, then ``fsync``) and a chunk is
@@ -48,12 +53,15 @@ from ..core.lock import FolderLock
 from ..features import meta as feats_meta
 from ..features import provenance
 from ..features.rows import RowWriter, create_npy
-from .backbone import Backbone, inspect_model, normalize, run, session
+from . import attention as hp_attention
+from . import augment as hp_augment
+from .backbone import ATTENTION_OUTPUT, Backbone, inspect_model, normalize, run, run_with_attention, session
 from .datasets import Dataset, ImageError, label_hierarchy
 from .images import FIVE_CROP_RATIO, FIVE_CROPS, crops
 
 PROGRESS = "extract.progress.json"
-OUTPUTS = {"feats": "feats.npy", "labels": "labels.npy", "labels_fine": "labels_fine.npy", "flip": "feats_flip.npy"}
+OUTPUTS = {"feats": "feats.npy", "labels": "labels.npy", "labels_fine": "labels_fine.npy", "flip": "feats_flip.npy",
+           "attn": hp_attention.FILE, "aug": hp_augment.FILE}
 
 
 @dataclass
@@ -73,6 +81,10 @@ class ExtractOptions:
     overwrite: bool = False
     progress: bool = True
     scheduler: str | None = None    # None (in-process), "local:N" or a Dask scheduler address
+    attention: bool = False         # attn.npy: HP's 3x3 attention window weights (a model exported with --attention)
+    augment: bool = False           # feats_aug.npy: features of one seeded photometric augmentation per crop
+    augment_space: str = "normalised"   # normalised (HP's code) | rgb: where the augmentation acts
+    seed: int = 0                   # the augmentation's seed
 
     def validate(self):
         def bad(flag, want, got):
@@ -85,6 +97,10 @@ class ExtractOptions:
             bad("--on-error", "skip or fail", self.on_error)
         if self.device not in ("cpu", "gpu"):
             bad("--device", "cpu or gpu", self.device)
+        if self.augment_space not in hp_augment.SPACES:
+            bad("--augment-space", " or ".join(hp_augment.SPACES), self.augment_space)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            bad("--seed", "a non-negative integer", self.seed)
         for flag, v in (("--batch-size", self.batch_size), ("--chunk-size", self.chunk_size)):
             if not isinstance(v, int) or v < 1:
                 bad(flag, "a positive integer", v)
@@ -120,7 +136,7 @@ class ChunkTask:
     dataset: Dataset                # without its item list (ds.reader()): tasks stay small
     opts: ExtractOptions
     backbone: Backbone
-    files: dict                     # {"feats": path, "labels": path, "labels_fine": path, "flip": path} of the partials
+    files: dict                     # {"feats": path, "labels": path, ..., "attn": path, "aug": path} of the partials
     threads: int | None = None
     fingerprint: str = ""           # _chunk_fingerprint(items), taken by the driver before the run
 
@@ -139,6 +155,7 @@ def run_chunk(task: ChunkTask, on_batch=None) -> ChunkResult:
     from concurrent.futures import ThreadPoolExecutor
 
     opts, bb = task.opts, task.backbone
+    names = {idx: item.name for idx, item in task.items}
     sess = session(bb.path, opts.device, task.threads)
     writers = {k: RowWriter(p) for k, p in task.files.items()}
     res = ChunkResult(task.chunk, n_images=len(task.items))
@@ -153,7 +170,7 @@ def run_chunk(task: ChunkTask, on_batch=None) -> ChunkResult:
                     pending = pool.submit(_load_batch, task, groups[g + 1])
                 res.failures += failures
                 if batch:
-                    _forward_and_write(sess, bb, task.dataset, batch, opts.n_crops, writers, opts.flip)
+                    _forward_and_write(sess, bb, task.dataset, batch, writers, opts, names)
                 if on_batch is not None:
                     on_batch(len(groups[g]))
     finally:
@@ -178,11 +195,28 @@ def _load_batch(task: ChunkTask, items):
     return batch, failures
 
 
-def _forward_and_write(sess, bb, ds, batch, nc, writers, flip):
-    x = normalize(np.stack([c[0] for _, cs in batch for c in cs]))
-    outs = {"feats": run(sess, bb, x)}
-    if flip:
+def row_names(name: str, crop: str) -> list:
+    """The names of one image's rows in ``feats.json``: ``name``, or ``name#tl`` ... ``name#c``."""
+    return [f"{name}#{c}" for c in FIVE_CROPS] if crop == "five" else [name]
+
+
+def _forward_and_write(sess, bb, ds, batch, writers, opts, names):
+    nc = opts.n_crops
+    rgbs = [c[0] for _, cs in batch for c in cs]
+    x = normalize(np.stack(rgbs))
+    if "attn" in writers:
+        # one batch's (B, n, n) logits at a time; only the 3x3 windows are kept
+        feats, logits = run_with_attention(sess, bb, x)
+        outs = {"feats": feats, "attn": hp_attention.window_weights(logits, *bb.grid)}
+        del logits
+    else:
+        outs = {"feats": run(sess, bb, x)}
+    if opts.flip:
         outs["flip"] = run(sess, bb, np.ascontiguousarray(x[..., ::-1]))
+    if "aug" in writers:
+        rows = [r for idx, _ in batch for r in row_names(names[idx], opts.crop)]
+        xa = np.stack([hp_augment.augmented_input(rgb, opts.seed, r, opts.augment_space) for rgb, r in zip(rgbs, rows)])
+        outs["aug"] = run(sess, bb, xa)
     if "labels" in writers:
         raw = np.stack([c[1] for _, cs in batch for c in cs])
         outs["labels"] = ds.map_labels(raw)
@@ -215,7 +249,10 @@ def _job_key(ds: Dataset, opts: ExtractOptions, bb: Backbone) -> dict:
             "crop": opts.crop, "flip": opts.flip, "dtype": opts.dtype, "labels": ds.has_labels,
             "on_error": opts.on_error, "device": opts.device,
             "images_per_batch": opts.images_per_batch, "images_per_chunk": opts.images_per_chunk,
-            **({"labels_fine": True} if ds.has_fine_labels else {})}
+            **({"labels_fine": True} if ds.has_fine_labels else {}),
+            **({"attention": {"sigma": hp_attention.SIGMA, "quantiles": list(hp_attention.QUANTILES)}}
+               if opts.attention else {}),
+            **({"augment": {"seed": opts.seed, "space": opts.augment_space}} if opts.augment else {})}
 
 
 def _chunk_fingerprint(items) -> str:
@@ -252,12 +289,16 @@ def extract(ds: Dataset, opts: ExtractOptions, log=print) -> dict:
 def _extract(ds, opts, out, log):
     threads = opts.threads if opts.threads is not None or not (opts.scheduler or "").startswith("local:") else 1
     bb = inspect_model(opts.model, opts.resolution, opts.device, opts.threads)
+    if opts.attention and not bb.attention:
+        raise InputError(f"--attention: {opts.model} has no '{ATTENTION_OUTPUT}' output (export the backbone "
+                         "with omh-ref export --attention)")
     note = provenance.random_note(bb.provenance(), f"the features of {opts.model}")
     if note:
         log(note)
     key = _job_key(ds, opts, bb)
     kinds = (["feats"] + (["labels"] if ds.has_labels else []) + (["labels_fine"] if ds.has_fine_labels else [])
-             + (["flip"] if opts.flip else []))
+             + (["flip"] if opts.flip else []) + (["attn"] if opts.attention else [])
+             + (["aug"] if opts.augment else []))
     files = {k: str(_partial(out, OUTPUTS[k])) for k in kinds}
     progress_path = out / PROGRESS
     state, resumed = _resume_or_start(out, progress_path, key, opts, ds, bb, files)
@@ -326,7 +367,9 @@ def _resume_or_start(out, progress_path, key, opts, ds, bb, files):
     h, w = bb.grid
     shapes = {"feats": ((n_rows, h, w, bb.dim), opts.dtype), "flip": ((n_rows, h, w, bb.dim), opts.dtype),
               "labels": ((n_rows, bb.resolution, bb.resolution), np.uint8),
-              "labels_fine": ((n_rows, bb.resolution, bb.resolution), np.uint8)}
+              "labels_fine": ((n_rows, bb.resolution, bb.resolution), np.uint8),
+              "attn": ((n_rows, h, w, len(hp_attention.OFFSETS)), hp_attention.DTYPE),
+              "aug": ((n_rows, h, w, bb.dim), opts.dtype)}
     for k, p in files.items():
         create_npy(p, *shapes[k])
     state = {"format": 2, "key": key, "stage": "extracting", "done": {}, "stat": {}}
@@ -387,8 +430,8 @@ def _finalize(out, progress_path, state, ds, opts, bb, kinds, log):
         else:
             move_into_place(part, final)   # its rows were fsynced as they were written
     meta = describe(ds, opts, bb, keep, failures, kinds)
-    if "flip" in kinds:
-        feats_meta.write(out / "feats_flip.json", dict(meta, flipped_of="feats.npy"))
+    if "flip" in kinds:   # the HP inputs are of the unflipped crops: not the flipped file's
+        feats_meta.write(out / "feats_flip.json", dict(meta, flipped_of="feats.npy", attention=None, augmented=None))
     feats_meta.write(out / "feats.json", meta)
     progress_path.unlink(missing_ok=True)
     log(f"wrote {out / 'feats.npy'}: {tuple(meta['shape'])} {opts.dtype}")
@@ -413,9 +456,7 @@ def describe(ds: Dataset, opts: ExtractOptions, bb: Backbone, keep, failures, ki
     """The ``feats.json`` record (:mod:`omh_ref.features.meta`)."""
     import onnxruntime
 
-    names = [ds.items[i].name for i in keep]
-    if opts.crop == "five":
-        names = [f"{n}#{c}" for n in names for c in FIVE_CROPS]
+    names = [r for i in keep for r in row_names(ds.items[i].name, opts.crop)]
     h, w = bb.grid
     return feats_meta.make(
         shape=[len(names), h, w, bb.dim], dtype=opts.dtype, backbone=Path(bb.path).stem,
@@ -428,6 +469,9 @@ def describe(ds: Dataset, opts: ExtractOptions, bb: Backbone, keep, failures, ki
         labels_fine=OUTPUTS["labels_fine"] if "labels_fine" in kinds else None,
         label_hierarchy=label_hierarchy(ds.name, "labels_fine" in kinds) if "labels" in kinds else None,
         flipped=OUTPUTS["flip"] if "flip" in kinds else None,
+        attention=hp_attention.record(len(names), h, w) if "attn" in kinds else None,
+        augmented=(hp_augment.record(len(names), h, w, bb.dim, opts.dtype, opts.seed, opts.augment_space)
+                   if "aug" in kinds else None),
         image_root=str(ds.root.resolve()), images=names,
         skipped=[{"image": ds.items[i].name, "error": msg} for i, msg in failures],
         onnxruntime_version=onnxruntime.__version__,

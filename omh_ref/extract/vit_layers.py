@@ -74,12 +74,15 @@ class MaskedBiasLinear(nn.Linear):
 
 
 class Attention(nn.Module):
+    keep_logits = False     # set by AttentionLogits: the pre-softmax logits are kept in .logits
+
     def __init__(self, dim: int, heads: int, masked_key_bias: bool = False):
         super().__init__()
         self.heads = heads
         self.scale = (dim // heads) ** -0.5
         self.qkv = MaskedBiasLinear(dim) if masked_key_bias else nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.logits = None
 
     def forward(self, x, rope=None):
         """``rope``: None or (sin, cos), each (n_patches, head channels), for the last n_patches tokens."""
@@ -90,7 +93,10 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         if rope is not None:
             q, k = _rotate(q, rope), _rotate(k, rope)
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        logits = (q @ k.transpose(-2, -1)) * self.scale
+        if self.keep_logits:
+            self.logits = logits
+        attn = logits.softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(-1, n, c))
 
 
@@ -202,3 +208,30 @@ class FixedGrid(nn.Module):
 
     def forward(self, images):
         return self.model.forward_with(images, tuple(getattr(self, f"table{i}") for i in range(self.n)))
+
+
+class AttentionLogits(nn.Module):
+    """``fixed`` (a :class:`FixedGrid`) with a second output, for ``omh-ref export --attention``:
+    the last block's pre-softmax attention logits q kᵀ / sqrt(d) per head (DINOv3's after its
+    RoPE, the ones its softmax sees), averaged over the heads, the patch rows and columns only
+    (the class token and any register or storage tokens, which come first, dropped): (B, n, n),
+    n = h * w patches in row-major order. HP takes the same array (hynnsk/HP @ 8913644
+    ``model/dino/vision_transformer.py`` 86-88 and 94: a copy of the logits before the softmax;
+    ``model/dino/DinoFeaturizer.py`` 162-163: class row and column dropped, mean over heads).
+    The features output is the model's, unchanged."""
+
+    def __init__(self, fixed: nn.Module):
+        super().__init__()
+        self.fixed = fixed
+
+    def forward(self, images):
+        model = self.fixed.model
+        attn = model.blocks[-1].attn
+        attn.keep_logits = True
+        try:
+            feats = self.fixed(images)
+            logits = attn.logits
+        finally:
+            attn.keep_logits, attn.logits = False, None
+        first = 1 + int(model.registers)
+        return feats, logits[:, :, first:, first:].mean(dim=1)

@@ -20,6 +20,13 @@ The file sits beside ``feats.npy`` (the same stem, ``.json``). Fields (``None`` 
 ``image_root``     the folder relative image names are resolved against
 ``labels``         the labels file beside it (``labels.npy``) or None; ``label_ignore`` 255
 ``flipped``        the flipped features' file (``feats_flip.npy``) or None
+``attention``      HP's attention window weights (``extract --attention``) or None: {"file": "attn.npy",
+                   "shape" [N, h, w, 9], "dtype" float16, "sigma" 28.0, "quantiles" [0.1, 0.9],
+                   "quantile_interpolation", "offsets" (the nine (dy, dx), row-major), "source",
+                   "processing"} (:mod:`omh_ref.extract.attention`)
+``augmented``      the features of one photometric augmentation per crop (``extract --augment``) or
+                   None: {"file": "feats_aug.npy", "shape" [N, h, w, C], "dtype", "seed", "space"
+                   (normalised | rgb), "draws", "transforms", "source"} (:mod:`omh_ref.extract.augment`)
 ``n_classes``      classes of the labels; ``class_names`` their names, in label order
 ``dataset``        cocostuff27 | cityscapes27 | potsdam3 | folder | synthetic; ``split``
 ``labels_fine``    the finer labels file beside it (``labels_fine.npy``: COCO-Stuff's 182 fine ids,
@@ -57,11 +64,13 @@ FIELDS = {
     "backbone_weights_sha256": (str, False), "backbone_random_init": (bool, False),
     "resolution": (int, True), "patch": (int, True), "grid": (list, True), "dim": (int, True),
     "dtype": (str, True), "shape": (list, True), "images": (list, False), "image_root": (str, False),
-    "labels": (str, False), "label_ignore": (int, False), "flipped": (str, False), "n_classes": (int, False),
+    "labels": (str, False), "label_ignore": (int, False), "flipped": (str, False),
+    "attention": (dict, False), "augmented": (dict, False), "n_classes": (int, False),
     "class_names": (list, False), "dataset": (str, False), "split": (str, False), "labels_fine": (str, False),
     "label_hierarchy": (list, False), "skipped": (list, False), "omh_ref_version": (str, True),
 }
 GRANULARITY_KEYS = ("name", "n_classes", "class_names", "labels", "map", "parent")
+COMPANIONS = ("attention", "augmented")   # row files beside feats.npy, one row per feature row
 
 
 def path_for(features) -> Path:
@@ -101,6 +110,10 @@ def _check(m: dict, where) -> None:
         raise InputError(f"{where}: field 'n_classes' should be >= 1, got {m['n_classes']}")
     if m.get("label_hierarchy") is not None:
         check_label_hierarchy(m["label_hierarchy"], f"{where}: field 'label_hierarchy'")
+    for k in COMPANIONS:
+        v = m.get(k)
+        if v is not None and not (isinstance(v.get("file"), str) and v["file"] and isinstance(v.get("shape"), list)):
+            raise InputError(f"{where}: field {k!r} should name its 'file' and 'shape', got {v!r}")
 
 
 def granularity(name, n_classes, labels, class_names=None, map=None, parent=None) -> dict:

@@ -10,6 +10,13 @@ Validation is at open time (files exist, ndim, dtype, ``feats.json`` and ``label
 consistent) and per read (no NaN/inf in the rows read): a full scan of a 30 GB file at open would
 cost minutes. Every problem is an :class:`~omh_ref.core.errors.InputError` naming the file.
 ``feats.json`` is read through :mod:`omh_ref.features.meta`, its one reader.
+
+The HP base's extraction inputs lie beside ``feats.npy``, one row per feature row, and are read the
+same way (:class:`RowFile`, by index through the memmap, pages released after each read):
+``attn.npy`` (N, h, w, 9), HP's attention window weights (:meth:`FeatureStore.open_attention`),
+and ``feats_aug.npy`` (N, h, w, C), the features of one photometric augmentation per crop
+(:meth:`FeatureStore.open_augmented`). Each is refused in one line when ``feats.json`` does not
+name it or when its N, h or w (or its last axis) is not the features'.
 """
 from __future__ import annotations
 
@@ -102,35 +109,28 @@ class FeatureStore:
         Reads each distinct row once in file order, then releases the pages (see module doc).
         ``check_finite=False`` skips the NaN/inf check, for a file already known finite (a KNN
         table built from it certifies that)."""
-        idx = np.asarray(idx, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.N):
-            raise InputError(f"{self.path}: row index out of range [0, {self.N})")
-        uniq, inv = np.unique(idx, return_inverse=True)
-        self._check_size(int(uniq[0]) if uniq.size else 0)
-        try:
-            rows = np.asarray(self.feats[uniq], dtype=dtype)
-        except OSError as e:   # an unreadable block (EIO): name the rows, not numpy's internals
-            raise InputError(f"{self.path}: cannot read rows {int(uniq[0])}..{int(uniq[-1])} "
-                             f"({e.strerror or e})") from None
-        self.release()
-        bad = ~np.isfinite(rows.reshape(len(uniq), -1)).all(axis=1) if check_finite else np.zeros(0, bool)
-        if bad.any():
-            raise InputError(f"{self.path}: row {int(uniq[np.argmax(bad)])} contains NaN or inf "
-                             "(expected finite features)")
-        return rows[inv]
+        return _read_rows(self.feats, self.path, self._size, idx, dtype, check_finite, self.release, "feature file",
+                          "finite features")
 
-    def _check_size(self, row):
-        """The file must still be as long as when it was opened: reading a memory map past the end
-        of a file truncated meanwhile kills the process (SIGBUS) instead of raising, so a shrunk
-        file is named here first (one ``stat`` a read)."""
-        try:
-            size = os.stat(self.path).st_size
-        except OSError as e:
-            raise InputError(f"{self.path}: the feature file is gone or unreadable while in use ({e.strerror}); "
-                             f"row {row} cannot be read") from None
-        if size < self._size:
-            raise InputError(f"{self.path}: the feature file shrank from {self._size} to {size} bytes while in "
-                             f"use (overwritten or truncated?); row {row} cannot be read")
+    def open_attention(self, path=None) -> "RowFile":
+        """``attn.npy`` beside the features (or ``path``): HP's 3 x 3 attention window weights,
+        (N, h, w, 9), read by row (:class:`RowFile`)."""
+        return self._companion("attention", path)
+
+    def open_augmented(self, path=None) -> "RowFile":
+        """``feats_aug.npy`` beside the features (or ``path``): the features of one photometric
+        augmentation per crop, (N, h, w, C), read by row (:class:`RowFile`)."""
+        return self._companion("augmented", path)
+
+    def _companion(self, kind, path):
+        what, flag = COMPANION_FILES[kind][1:]
+        rec = self.meta.get(kind)
+        if path is None:
+            if not rec:
+                raise InputError(f"{feats_meta.path_for(self.path)}: names no {what} for {self.path} (extract them "
+                                 f"with {flag})")
+            path = self.path.parent / rec["file"]
+        return RowFile(path, kind, self)
 
     def read_labels(self, idx):
         if self.labels is None:
@@ -162,6 +162,77 @@ class FeatureStore:
         h.update(np.ascontiguousarray(self.feats[-1]).tobytes())
         self.release()
         return h.hexdigest()
+
+
+COMPANION_FILES = {   # kind: (last axis: an int, or "C" for the features', what it holds, how to make it)
+    "attention": (9, "attention weights (attn.npy)",
+                  "omh-ref extract --attention, from a model exported with omh-ref export --attention"),
+    "augmented": ("C", "augmented features (feats_aug.npy)", "omh-ref extract --augment"),
+}
+
+
+class RowFile:
+    """A row file beside ``feats.npy`` (``attn.npy``, ``feats_aug.npy``): (N, h, w, K) with the
+    features' N, h and w, memory-mapped and read by row as the features are (never whole)."""
+
+    def __init__(self, path, kind: str, store: FeatureStore):
+        last, what, flag = COMPANION_FILES[kind]
+        self.path, self.kind = Path(path), kind
+        self.rows = _open_npy(self.path, f"{what}, made by {flag}")
+        a, want_k = self.rows, store.C if last == "C" else last
+        if a.ndim != 4 or a.dtype not in FEATURE_DTYPES:
+            raise InputError(f"{self.path}: expected {what} of shape (N, h, w, {want_k}) float16/float32, got "
+                             f"shape {a.shape} {a.dtype}")
+        if a.shape[:3] != (store.N, store.h, store.w) or a.shape[3] != want_k:
+            raise InputError(f"{self.path}: holds {a.shape[0]} rows of a {a.shape[1]}x{a.shape[2]} grid with "
+                             f"{a.shape[3]} values each, but {store.path} has {store.N} rows of a {store.h}x{store.w} "
+                             f"grid (expected {want_k} values each): not extracted with these features ({flag})")
+        self.N, self.h, self.w, self.K = a.shape
+        self._mmap = getattr(a, "_mmap", None)
+        self._size = a.offset + a.size * a.dtype.itemsize if hasattr(a, "offset") else 0
+
+    def read(self, idx, dtype=np.float32, check_finite=True):
+        """Rows ``idx`` (any order, repeats allowed) as (len(idx), h, w, K), as FeatureStore.read."""
+        return _read_rows(self.rows, self.path, self._size, idx, dtype, check_finite, self.release,
+                          f"{self.kind} file", f"finite {self.kind} rows")
+
+    def release(self):
+        if self._mmap is not None:
+            _dontneed(self._mmap)
+
+
+def _read_rows(arr, path, opened_size, idx, dtype, check_finite, release, what, finite):
+    """Rows ``idx`` of the memmap ``arr``: each distinct row read once in file order, the pages
+    released, the file's size checked first and the rows' finiteness after."""
+    n = arr.shape[0]
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise InputError(f"{path}: row index out of range [0, {n})")
+    uniq, inv = np.unique(idx, return_inverse=True)
+    _check_size(path, opened_size, int(uniq[0]) if uniq.size else 0, what)
+    try:
+        rows = np.asarray(arr[uniq], dtype=dtype)
+    except OSError as e:   # an unreadable block (EIO): name the rows, not numpy's internals
+        raise InputError(f"{path}: cannot read rows {int(uniq[0])}..{int(uniq[-1])} ({e.strerror or e})") from None
+    release()
+    bad = ~np.isfinite(rows.reshape(len(uniq), -1)).all(axis=1) if check_finite and uniq.size else np.zeros(0, bool)
+    if bad.any():
+        raise InputError(f"{path}: row {int(uniq[np.argmax(bad)])} contains NaN or inf (expected {finite})")
+    return rows[inv]
+
+
+def _check_size(path, opened_size, row, what="feature file"):
+    """The file must still be as long as when it was opened: reading a memory map past the end
+    of a file truncated meanwhile kills the process (SIGBUS) instead of raising, so a shrunk
+    file is named here first (one ``stat`` a read)."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        raise InputError(f"{path}: the {what} is gone or unreadable while in use ({e.strerror}); "
+                         f"row {row} cannot be read") from None
+    if size < opened_size:
+        raise InputError(f"{path}: the {what} shrank from {opened_size} to {size} bytes while in "
+                         f"use (overwritten or truncated?); row {row} cannot be read")
 
 
 def _dontneed(mm):
