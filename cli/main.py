@@ -488,8 +488,11 @@ def recipe(name, root, weights, out, backbone, seed_list, omh, crf, probe, sched
 @click.option("--dim", default=384, show_default=True, help="Feature channels C.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), show_default=True)
+@click.option("--hp", is_flag=True, help="Also write the HP base's inputs: attn.npy (HP's window weights of the "
+              "centred features' dot products, standing in for a ViT's attention) and feats_aug.npy (each image "
+              "restyled, standing in for a photometric augmentation).")
 @friendly_errors
-def synth(out, split, n_images, grid, dim, seed, dtype):
+def synth(out, split, n_images, grid, dim, seed, dtype, hp):
     """Write the synthetic DINO-like demo data (a superclass -> class -> part hierarchy)."""
     from omh_ref.features import synthetic
 
@@ -497,7 +500,7 @@ def synth(out, split, n_images, grid, dim, seed, dtype):
         spec = synthetic.SynthSpec(n_images=n_images, grid=grid, dim=dim, seed=seed)
     except ValueError as e:
         raise InputError(str(e)) from None
-    paths = synthetic.write(spec, out, dtype=dtype, split=split)
+    paths = synthetic.write(spec, out, dtype=dtype, split=split, hp=hp)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -8,7 +8,7 @@ storage) tokens dropped, channels last: (B, H/p, W/p, C).
 With ``--attention`` it has a second output, ``attention`` (B, n, n), n = H/p * W/p: the last
 block's pre-softmax attention logits averaged over heads, patch rows and columns only
 (:class:`omh_ref.extract.vit_layers.AttentionLogits`; ``omh-ref extract --attention`` turns them
-into HP's window weights, :mod:`omh_ref.extract.attention`), checked against torch like the
+into HP's window weights, :mod:`omh_ref.features.attention`), checked against torch like the
 features and stated in the file's metadata (``omh_ref.attention``). Without it the file is what
 it always was.
 

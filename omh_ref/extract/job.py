@@ -53,7 +53,7 @@ from ..core.lock import FolderLock
 from ..features import meta as feats_meta
 from ..features import provenance
 from ..features.rows import RowWriter, create_npy
-from . import attention as hp_attention
+from ..features import attention as hp_attention
 from . import augment as hp_augment
 from .backbone import ATTENTION_OUTPUT, Backbone, inspect_model, normalize, run, run_with_attention, session
 from .datasets import Dataset, ImageError, label_hierarchy

@@ -23,7 +23,7 @@ The file sits beside ``feats.npy`` (the same stem, ``.json``). Fields (``None`` 
 ``attention``      HP's attention window weights (``extract --attention``) or None: {"file": "attn.npy",
                    "shape" [N, h, w, 9], "dtype" float16, "sigma" 28.0, "quantiles" [0.1, 0.9],
                    "quantile_interpolation", "offsets" (the nine (dy, dx), row-major), "source",
-                   "processing"} (:mod:`omh_ref.extract.attention`)
+                   "processing"} (:mod:`omh_ref.features.attention`)
 ``augmented``      the features of one photometric augmentation per crop (``extract --augment``) or
                    None: {"file": "feats_aug.npy", "shape" [N, h, w, C], "dtype", "seed", "space"
                    (normalised | rgb), "draws", "transforms", "source"} (:mod:`omh_ref.extract.augment`)

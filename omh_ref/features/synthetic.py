@@ -31,6 +31,7 @@ equals :func:`generate` exactly, and train and val are different images of the s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -39,10 +40,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.files import atomic_path
+from . import attention as hp_attention
 from . import meta as feats_meta
 
 SPLITS = {"train": 1, "val": 2}     # spawn keys of the image streams; 0 is the world
 DTYPES = ("float16", "float32")
+AUG_FILE = "feats_aug.npy"          # the HP base's augmented features, as extraction names them
 
 
 @dataclass
@@ -219,26 +222,36 @@ def _waves(coef, phase, t):
             + np.cos(ay)[..., :, None] * np.sin(ax)[..., None, :])
 
 
-def _draw_image(spec: SynthSpec, world: dict, rng: np.random.Generator):
-    """One image: (feat (h, w, C) float32, label (H, W) uint8, part (H, W) uint8).
+def _draw_image(spec: SynthSpec, world: dict, rng: np.random.Generator, aug_rng=None):
+    """One image: (feat (h, w, C) float32, label (H, W) uint8, part (H, W) uint8), and with
+    ``aug_rng`` a fourth array, the features of its *restyled* copy (:func:`iter_batches`).
 
     Every draw of the image is made from ``rng``, in this order (each step draws its own, in
     turn): region count, scene superclass, region seeds and weights, boundary warp (layout);
-    region classes; part directions; instance offsets; image offset, nuisance waves; noise.
+    region classes; part directions; instance offsets; image offset, nuisance waves; noise. The
+    restyled copy's offset, nuisance waves and noise come from ``aug_rng`` (the same steps), so
+    ``rng``'s draws, and the data, are the same with or without it.
     """
     H, C = spec.resolution, spec.dim
     t = _pixel_coords(H)
     n, scene, region = _layout(spec, world, rng, t)
     cls = _region_classes(spec, world, rng, n, scene)
     part = _parts(spec, rng, region, t, n)
-    feat = _region_features(spec, world, rng, region, part, cls)
+    content = _region_features(spec, world, rng, region, part, cls)
+    feat = _styled(spec, world, rng, content)
+    out = (feat, cls[region].astype(np.uint8), part.astype(np.uint8))
+    return out if aug_rng is None else out + (_styled(spec, world, aug_rng, content),)
+
+
+def _styled(spec, world, rng, content):
+    """The image's content (hw, C) with its style: a nuisance field and offset, the shared mean and
+    noise, drawn from ``rng``. -> (h, w, C) float32."""
     field, offset = _nuisance(spec, world, rng)
-    feat += field
+    feat = content + field
     feat += world["mean"] + offset
-    noise = rng.standard_normal((spec.grid * spec.grid, C), dtype=np.float32)      # hw,C
+    noise = rng.standard_normal((spec.grid * spec.grid, spec.dim), dtype=np.float32)      # hw,C
     noise *= np.float32(spec.noise_scale)
-    feat = (feat + noise).astype(np.float32).reshape(spec.grid, spec.grid, C)
-    return feat, cls[region].astype(np.uint8), part.astype(np.uint8)
+    return (feat + noise).astype(np.float32).reshape(spec.grid, spec.grid, spec.dim)
 
 
 def _layout(spec, world, rng, t):
@@ -318,15 +331,22 @@ def _nuisance(spec, world, rng):
     return np.einsum("jp,jc->pc", waves, nvec), offset
 
 
-def iter_batches(spec: SynthSpec, split: str = "train", batch: int = 64):
-    """Yield ``(start, feats (b,h,w,C) float32, labels (b,H,W) uint8, parts (b,H,W) uint8)``.
-    Draws go image by image through one stream, so the data do not depend on ``batch``."""
+def iter_batches(spec: SynthSpec, split: str = "train", batch: int = 64, restyled: bool = False):
+    """Yield ``(start, feats (b,h,w,C) float32, labels (b,H,W) uint8, parts (b,H,W) uint8)``,
+    and with ``restyled`` a fifth array: each image's restyled copy (b,h,w,C), the same regions,
+    classes, parts and instances under a new draw of the image's style (offset and nuisance field)
+    and noise, from a stream of its own. It is the synthetic data's stand-in for a photometric
+    augmentation (HP's consistency term): what changes is what a change of light and colour
+    changes in a backbone's features, the content stays. Draws go image by image through one
+    stream (two with ``restyled``), so the data do not depend on ``batch``."""
     if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch: expected a positive integer, got {batch!r}")
     world = make_world(spec)
-    rng = _rng(spec, _split_key(split))
+    key = _split_key(split)
+    rng = _rng(spec, key)
+    aug_rng = np.random.default_rng(np.random.SeedSequence(int(spec.seed), spawn_key=(key, 1))) if restyled else None
     for start in range(0, spec.n_images, batch):
-        items = [_draw_image(spec, world, rng) for _ in range(min(batch, spec.n_images - start))]
+        items = [_draw_image(spec, world, rng, aug_rng) for _ in range(min(batch, spec.n_images - start))]
         yield (start,) + tuple(np.stack(x) for x in zip(*items))
 
 
@@ -335,17 +355,28 @@ def image_names(spec: SynthSpec, split: str = "train") -> list:
     return [f"{prefix}{i:06d}" for i in range(spec.n_images)]
 
 
-def describe(spec: SynthSpec, split: str = "train", dtype: str = "float32") -> dict:
+def describe(spec: SynthSpec, split: str = "train", dtype: str = "float32", hp: bool = False) -> dict:
     """The ``feats.json`` record of a data set (:mod:`omh_ref.features.meta`, plus the hierarchy
-    and the spec)."""
+    and the spec; with ``hp``, the records of ``attn.npy`` and ``feats_aug.npy``)."""
     h = spec.grid
+    extra = {}
+    if hp:
+        att = hp_attention.record(spec.n_images, h, h)
+        att["source"] = ("synthetic: the scaled dot products of each image's centred patch features "
+                         "(omh_ref.features.synthetic.attention_logits), in place of a ViT's logits")
+        extra = {"attention": att,
+                 "augmented": {"file": AUG_FILE, "shape": [spec.n_images, h, h, spec.dim], "dtype": dtype,
+                               "seed": int(spec.seed), "space": "synthetic",
+                               "draws": "one per image: its style (offset, nuisance field) and noise redrawn",
+                               "source": "omh_ref.features.synthetic.iter_batches(restyled=True), in place of "
+                                         "a photometric augmentation"}}
     return feats_meta.make(
         shape=[spec.n_images, h, h, spec.dim], dtype=dtype, backbone="synthetic", resolution=spec.resolution,
         patch=spec.patch, images=image_names(spec, split), labels="labels.npy", n_classes=spec.n_classes,
         class_names=class_names(spec), dataset="synthetic", split=split, labels_fine="labels_fine.npy",
         label_hierarchy=label_hierarchy(spec), hierarchy={"superclass_of_class": superclass_of_class(spec), "n_super": spec.n_super,
                    "n_parts": spec.parts_per_class},
-        synth_spec=dataclasses.asdict(spec))
+        synth_spec=dataclasses.asdict(spec), **extra)
 
 
 def generate(spec: SynthSpec, split: str = "train"):
@@ -368,9 +399,25 @@ def generate(spec: SynthSpec, split: str = "train"):
     return feats, labels, meta
 
 
-def write(spec: SynthSpec, out_dir, dtype: str = "float16", batch: int = 64, split: str = "train") -> dict:
+def attention_logits(feats: np.ndarray) -> np.ndarray:
+    """The synthetic data's stand-in for a ViT's last-block attention logits (the HP base's
+    ``attn.npy``): (B, h, w, C) -> (B, n, n), the scaled dot products of the image's centred patch
+    features, (f_p − f̄)·(f_q − f̄)/sqrt(C). A DINO head's q·k is large where two patches look
+    alike; here that is what the features hold (the shared mean removed, it would make every pair
+    alike). float32."""
+    B, h, w, C = feats.shape
+    f = np.asarray(feats, dtype=np.float32).reshape(B, h * w, C)
+    f = f - f.mean(axis=1, keepdims=True)
+    return np.einsum("bpc,bqc->bpq", f, f) / np.float32(math.sqrt(C))
+
+
+def write(spec: SynthSpec, out_dir, dtype: str = "float16", batch: int = 64, split: str = "train",
+          hp: bool = False) -> dict:
     """Write ``feats.npy``, ``labels.npy`` (classes), ``labels_fine.npy`` (parts, numbered
-    class·parts_per_class + part) and ``feats.json`` under ``out_dir``; return their paths.
+    class·parts_per_class + part) and ``feats.json`` under ``out_dir``; return their paths. With
+    ``hp``, also the HP base's two inputs: ``attn.npy``, HP's window weights
+    (:mod:`omh_ref.features.attention`) of :func:`attention_logits`, and ``feats_aug.npy``, the
+    restyled copies (:func:`iter_batches`), named in ``feats.json`` as extraction names them.
 
     Features go through ``open_memmap`` in batches (never whole in memory); each file is written
     atomically (:func:`omh_ref.core.files.atomic_path`), ``feats.json`` last, so a reader never
@@ -383,19 +430,28 @@ def write(spec: SynthSpec, out_dir, dtype: str = "float16", batch: int = 64, spl
     os.makedirs(out_dir, exist_ok=True)
     N, h, H, C = spec.n_images, spec.grid, spec.resolution, spec.dim
     paths = {"feats": os.path.join(out_dir, "feats.npy"), "labels": os.path.join(out_dir, "labels.npy"),
-             "labels_fine": os.path.join(out_dir, "labels_fine.npy"), "json": os.path.join(out_dir, "feats.json")}
+             "labels_fine": os.path.join(out_dir, "labels_fine.npy")}
+    if hp:
+        paths.update(attn=os.path.join(out_dir, hp_attention.FILE), aug=os.path.join(out_dir, AUG_FILE))
     P = spec.parts_per_class
-    with atomic_path(paths["feats"]) as tf, atomic_path(paths["labels"]) as tl, \
-            atomic_path(paths["labels_fine"]) as tp:
-        feats = np.lib.format.open_memmap(tf, mode="w+", dtype=dtype, shape=(N, h, h, C))
-        labels = np.lib.format.open_memmap(tl, mode="w+", dtype=np.uint8, shape=(N, H, H))
-        fine = np.lib.format.open_memmap(tp, mode="w+", dtype=np.uint8, shape=(N, H, H))
-        for start, f, l, q in iter_batches(spec, split, batch):
-            feats[start:start + len(f)] = f
-            labels[start:start + len(f)] = l
-            fine[start:start + len(f)] = l * np.uint8(P) + q
-        for a in (feats, labels, fine):
+    with contextlib.ExitStack() as stack:
+        tmp = {k: stack.enter_context(atomic_path(v)) for k, v in paths.items()}
+        shapes = {"feats": ((N, h, h, C), dtype), "labels": ((N, H, H), np.uint8),
+                  "labels_fine": ((N, H, H), np.uint8), "attn": ((N, h, h, 9), hp_attention.DTYPE),
+                  "aug": ((N, h, h, C), dtype)}
+        out = {k: np.lib.format.open_memmap(tmp[k], mode="w+", dtype=shapes[k][1], shape=shapes[k][0])
+               for k in paths}
+        for start, f, l, q, *aug in iter_batches(spec, split, batch, restyled=hp):
+            end = start + len(f)
+            out["feats"][start:end] = f
+            out["labels"][start:end] = l
+            out["labels_fine"][start:end] = l * np.uint8(P) + q
+            if hp:
+                out["attn"][start:end] = hp_attention.window_weights(attention_logits(f), h, h)
+                out["aug"][start:end] = aug[0]
+        for a in out.values():
             a.flush()
-        del feats, labels, fine
-    feats_meta.write(paths["json"], describe(spec, split, dtype))
+        del out
+    paths["json"] = os.path.join(out_dir, "feats.json")
+    feats_meta.write(paths["json"], describe(spec, split, dtype, hp=hp))
     return paths

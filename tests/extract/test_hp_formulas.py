@@ -1,4 +1,4 @@
-"""HP's two extraction inputs as formulas (omh_ref/extract/attention.py, augment.py), no model: the
+"""HP's two extraction inputs as formulas (omh_ref/features/attention.py, augment.py), no model: the
 attention window weights against a direct rendering of docs/hp_reading.md §7 (HP @ 8913644
 DinoFeaturizer.py 161-171, 88-113) on known matrices and against HP's lines in torch (torch.quantile,
 its neighbourhood table and mixed code at 28 x 28), and the photometric augmentation's draws and
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omh_ref.extract import attention as at
+from omh_ref.features import attention as at
 from omh_ref.extract import augment as ag
 from omh_ref.extract.backbone import normalize
 

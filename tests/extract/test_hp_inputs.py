@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from omh_ref.core.errors import InputError
-from omh_ref.extract import attention as at
+from omh_ref.features import attention as at
 from omh_ref.extract import augment as ag
 from omh_ref.extract import datasets
 from omh_ref.extract import job as ex

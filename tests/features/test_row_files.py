@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from omh_ref.core.errors import InputError
-from omh_ref.extract import attention as at
+from omh_ref.features import attention as at
 from omh_ref.extract import augment as ag
 from omh_ref.features import meta
 from omh_ref.features.store import FeatureStore

@@ -87,6 +87,35 @@ def test_batches_do_not_change_the_data(spec, batch):
     assert seen == spec.n_images
 
 
+@given(spec=tiny_specs(), batch=st.integers(1, 7))
+def test_restyled_copies_keep_the_data_and_the_content(spec, batch):
+    """The restyled copy (the stand-in for a photometric augmentation) leaves the data unchanged,
+    does not depend on the batch, and differs from its image only by the style (offset, nuisance
+    field) and the noise: content is the same, so image minus copy has no class signal left."""
+    feats, labels, _ = generate(spec)
+    copies = []
+    for start, f, l, q, fa in iter_batches(spec, batch=batch, restyled=True):
+        np.testing.assert_array_equal(f, feats[start:start + len(f)])
+        np.testing.assert_array_equal(l, labels[start:start + len(f)])
+        assert fa.shape == f.shape and fa.dtype == np.float32
+        copies.append(fa)
+    copies = np.concatenate(copies)
+    again = np.concatenate([b[4] for b in iter_batches(spec, batch=7, restyled=True)])
+    np.testing.assert_array_equal(copies, again)
+    assert not np.allclose(copies, feats)
+    world = synthetic.make_world(spec)
+    # Without noise the difference lies in the style subspace (rows of style_c) alone.
+    quiet = dataclasses.replace(spec, noise_scale=0.0)
+    f0 = np.concatenate([b[1] for b in iter_batches(quiet, batch=3, restyled=True)])
+    a0 = np.concatenate([b[4] for b in iter_batches(quiet, batch=3, restyled=True)])
+    diff = (f0 - a0).reshape(-1, spec.dim)
+    style = world["style_c"]                                             # Sd,C
+    q_, _ = np.linalg.qr(style.T)                                         # C,Sd
+    resid = diff - diff @ q_ @ q_.T
+    assert np.abs(resid).max() <= 1e-4 * max(1.0, np.abs(diff).max())
+    assert np.abs(diff).max() > 1e-3
+
+
 def test_fewer_images_are_a_prefix():
     f5, l5, _ = generate(SynthSpec(**TINY))
     f8, l8, _ = generate(SynthSpec(**dict(TINY, n_images=8)))
@@ -264,3 +293,32 @@ def test_nearest_class_mean_is_good_but_not_perfect(default_data):
     right = d.argmin(1) == yv
     assert 0.85 < right.mean() < 0.99, right.mean()
     assert right[pv == 1].mean() > right[pv < 1].mean()                       # boundaries are harder
+
+
+def test_hp_inputs_are_written_beside_the_features_and_read_by_the_store(tmp_path):
+    """``write(hp=True)``: the same features, labels and record as without it, plus attn.npy (HP's
+    window weights of the centred-feature logits) and feats_aug.npy (the restyled copies), named in
+    feats.json and read by row through the store."""
+    from omh_ref.features import attention
+    from omh_ref.features.store import FeatureStore
+
+    spec = SynthSpec(**TINY)
+    plain = write(spec, tmp_path / "plain", dtype="float32")
+    both = write(spec, tmp_path / "hp", dtype="float32", hp=True)
+    for k in ("feats", "labels", "labels_fine"):
+        np.testing.assert_array_equal(np.load(plain[k]), np.load(both[k]))
+    store = FeatureStore(both["feats"])
+    f = np.load(both["feats"])
+    attn = store.open_attention().read(np.arange(spec.n_images))
+    want = attention.window_weights(synthetic.attention_logits(f), spec.grid, spec.grid)
+    np.testing.assert_array_equal(attn, want.astype(np.float16).astype(np.float32))
+    assert (attn[:, 0, 0, [0, 1, 2, 3, 6]] == 0).all() and (attn >= 0).all() and (attn[..., 4] > 0).any()
+    aug = store.open_augmented().read(np.arange(spec.n_images))
+    restyled = np.concatenate([b[4] for b in iter_batches(spec, restyled=True)])
+    np.testing.assert_array_equal(aug, restyled)
+    # the logits: centred dot products, symmetric, scaled by sqrt(C)
+    lg = synthetic.attention_logits(f[:1])
+    fc = f[0].reshape(-1, spec.dim) - f[0].reshape(-1, spec.dim).mean(0)
+    np.testing.assert_allclose(lg[0], fc @ fc.T / np.sqrt(spec.dim), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="attn.npy|names no attention"):
+        FeatureStore(plain["feats"]).open_attention()
