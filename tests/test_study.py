@@ -91,6 +91,15 @@ def test_the_study_families_are_deterministic_and_split_apart(tmp_path):
     # the two splits are different images
     tr, va = np.load(f"{a['train']}/feats.npy"), np.load(f"{a['val']}/feats.npy")
     assert not np.array_equal(tr[:2], va)
+    # the train split carries the HP base's inputs, read by the store; evaluation's split none
+    from omh_ref.features.store import FeatureStore
+
+    st = FeatureStore(f"{a['train']}/feats.npy")
+    attn, aug = st.open_attention().read([0, 2]), st.open_augmented().read([0, 2])
+    assert attn.shape == (2, data.GRID, data.GRID, 9) and (attn >= 0).all() and (attn[:, 0, 0, 0] == 0).all()
+    assert aug.shape == tr[[0, 2]].shape and not np.allclose(aug, tr[[0, 2]].astype(np.float32))
+    assert np.array_equal(aug, FeatureStore(f"{b['train']}/feats.npy").open_augmented().read([0, 2]))
+    assert FeatureStore(f"{a['val']}/feats.npy").meta.get("attention") is None
 
 
 def test_the_level_table_pairs_the_finest_consistency_by_seed():

@@ -43,11 +43,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from omh_ref.core.files import atomic_path
+from omh_ref.features import attention as hp_attention
 from omh_ref.features import meta as feats_meta
+from omh_ref.features import synthetic
 
 RES, PATCH = 128, 8
 GRID = RES // PATCH
 DIM = 256
+HP_INPUTS = 1   # version of the train split's HP inputs (attn.npy, feats_aug.npy), part of the cache key
 N_RAW = 36
 FEATURE_SEED = 1234
 TRAIN_SHARE = 0.6          # the left share of a source picture that train crops come from
@@ -219,17 +222,25 @@ def extract(raw, norm, rmap):
 
 
 # ------------------------------------------------------------------------------ writing a family
-def _draw_split(spec: FamilySpec, split: str):
+def _draw_split(spec: FamilySpec, split: str, augmented=False):
+    """-> (classes, raw descriptors (N, GRID, GRID, N_RAW), labels, and with ``augmented`` the raw
+    descriptors of each image under one photometric augmentation (HP's, omh_ref.extract.augment,
+    applied to the [0, 1] image, seeded by the image's name), else None)."""
+    from omh_ref.extract import augment
+
     classes, freq = _world(spec)
     parts = {s: _split_part(_source(s), split) for s in {c.source for c in classes}}
     rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(1 if split == "train" else 2,)))
     bank = _gabor_bank()
-    raws, labels = [], []
-    for _ in range(spec.n_images):
+    raws, labels, augs = [], [], []
+    for i in range(spec.n_images):
         img, lab = draw_image(spec, classes, freq, parts, rng)
         raws.append(raw_descriptors(img, bank))
         labels.append(lab)
-    return classes, np.stack(raws), np.stack(labels)
+        if augmented:
+            x = augment.apply(np.moveaxis(img, -1, 0), augment.draw(spec.seed, f"{split}_{i:06d}"))
+            augs.append(raw_descriptors(np.clip(np.moveaxis(x, 0, -1), 0, 1), bank))
+    return classes, np.stack(raws), np.stack(labels), (np.stack(augs) if augmented else None)
 
 
 def write_family(family, root, n_train=600, n_val=200, seed=0, say=print) -> dict:
@@ -240,20 +251,33 @@ def write_family(family, root, n_train=600, n_val=200, seed=0, say=print) -> dic
 
     out = {s: os.path.join(root, s) for s in ("train", "val")}
     specs = {"train": FamilySpec(family, n_train, seed), "val": FamilySpec(family, n_val, seed)}
-    want = {s: dict(dataclasses.asdict(specs[s]), split=s, dim=DIM, feature_seed=FEATURE_SEED) for s in specs}
+    want = {s: dict(dataclasses.asdict(specs[s]), split=s, dim=DIM, feature_seed=FEATURE_SEED,
+                    hp_inputs=HP_INPUTS if s == "train" else None) for s in specs}
     done = all(os.path.isfile(os.path.join(out[s], "feats.json"))
                and json.load(open(os.path.join(out[s], "feats.json"))).get("study_spec") == want[s] for s in out)
     if done:
         return out
     say(f"study data: writing family {family!r} under {root}")
-    drawn = {s: _draw_split(specs[s], s) for s in specs}
+    drawn = {s: _draw_split(specs[s], s, augmented=s == "train") for s in specs}
     tr = drawn["train"][1].reshape(-1, N_RAW)
     norm = (tr.mean(axis=0), tr.std(axis=0) + 1e-6)
     rmap = random_map()
-    for s, (classes, raw, labels) in drawn.items():
+    for s, (classes, raw, labels, raw_aug) in drawn.items():
         os.makedirs(out[s], exist_ok=True)
         feats = extract(raw, norm, rmap).astype(np.float16)
-        for name, arr in (("feats.npy", feats), ("labels.npy", labels)):
+        arrays = [("feats.npy", feats), ("labels.npy", labels)]
+        hp = {}
+        if raw_aug is not None:   # the HP base's inputs (train split only: evaluation needs neither)
+            attn = np.concatenate([hp_attention.window_weights(synthetic.attention_logits(feats[i:i + 64]), GRID, GRID)
+                                   for i in range(0, len(feats), 64)]).astype(np.float16)
+            arrays += [(hp_attention.FILE, attn), (synthetic.AUG_FILE, extract(raw_aug, norm, rmap).astype(np.float16))]
+            att = hp_attention.record(len(feats), GRID, GRID)
+            att["source"] = "study: synthetic.attention_logits of the features, in place of a ViT's logits"
+            hp = {"attention": att, "augmented": {
+                "file": synthetic.AUG_FILE, "shape": list(feats.shape), "dtype": "float16", "seed": specs[s].seed,
+                "space": "rgb", "draws": "one per image, omh_ref.extract.augment.draw(seed, '<split>_<index>')",
+                "source": "HP's photometric augmentation on the [0, 1] image, then this module's extractor"}}
+        for name, arr in arrays:
             with atomic_path(os.path.join(out[s], name)) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, arr)
         sup = [c.superclass for c in classes]
@@ -266,6 +290,6 @@ def write_family(family, root, n_train=600, n_val=200, seed=0, say=print) -> dic
         rec = feats_meta.make(shape=list(feats.shape), dtype="float16", backbone="study-texture-features",
                               resolution=RES, patch=PATCH, labels="labels.npy", n_classes=len(classes),
                               class_names=names, dataset=f"study-{family}", split=s, label_hierarchy=hier,
-                              study_spec=want[s])
+                              study_spec=want[s], **hp)
         feats_meta.write(os.path.join(out[s], "feats.json"), rec)
     return out
