@@ -308,7 +308,7 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 @click.option("--features", default=None, type=click.Path(), help="feats.npy [default: the embedded demo data].")
 @click.option("--knn", default=None, type=click.Path(), help="KNN table [default: <features stem>.knn.npy beside them, built if missing].")
 @click.option("--out", default="runs/train", show_default=True, type=click.Path(), help="Output folder.")
-@shared_options("steps", "batch_size", "lr", "lr_clusters", "seed", "device")
+@shared_options("steps", "batch_size", "lr", "lr_clusters", "weight_decay", "grad_clip", "seed", "device")
 @click.option("--resume", default=None, type=click.Path(),
               help="Checkpoint to continue from (bit-exact); alone, it brings the run's features, folder and settings.")
 @shared_options("ckpt_every", "log_every")
@@ -327,17 +327,17 @@ def extract(model, images, labels, dataset, root, split, resolution, crop, flip,
 @shared_options("quiet")
 @model_options
 @friendly_errors
-def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, resume, ckpt_every,
-          log_every, config_file, overwrite, val_features, val_labels, val_every, keep_best, allow_backbone_mismatch,
-          quiet, shifts, **model_flags):
+def train(features, knn, out, steps, batch_size, lr, lr_clusters, weight_decay, grad_clip, seed, device, resume,
+          ckpt_every, log_every, config_file, overwrite, val_features, val_labels, val_every, keep_best,
+          allow_backbone_mismatch, quiet, shifts, **model_flags):
     """Train OMH on a base (or, with --no-omh, the base alone) on memory-mapped features."""
     from omh_ref.core.lock import FolderLock
     from omh_ref.evaluate.pictures import curves_png
     from omh_ref.evaluate.validation import Validator
     from omh_ref.train.loop import TrainOptions, resumed, train as run_train
 
-    given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters, seed=seed,
-                 ckpt_every=ckpt_every, log_every=log_every, val_every=val_every)
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters, weight_decay=weight_decay,
+                 grad_clip=grad_clip, seed=seed, ckpt_every=ckpt_every, log_every=log_every, val_every=val_every)
     if resume:   # the checkpoint's features, folder and settings, unless flags say otherwise
         ctx = click.get_current_context()
         explicit = {k for k in given if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
@@ -376,7 +376,7 @@ def train(features, knn, out, steps, batch_size, lr, lr_clusters, seed, device, 
 @click.option("--n-val", default=200, show_default=True, type=click.IntRange(min=1), help="Synthetic validation images.")
 @click.option("--probe-epochs", default=5, show_default=True, type=click.IntRange(min=1))
 @named("bases", default="stego", show_default=True,
-       help="The bases whose rows the table has, each with and without OMH: 'all' or names (stego,smooseg).")
+       help="The bases whose rows the table has, each with and without OMH: 'all' or names (stego,smooseg,hp).")
 @shared_options("device")
 @shared_options("quiet")
 @friendly_errors
@@ -404,7 +404,7 @@ def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, bases, dev
 @named("seed_list", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
 @named("config_file", default=None, type=click.Path(),
        help="TOML/JSON/YAML config (STEGO's train_config.yml too, omh-ref[yaml]); flags override it.")
-@shared_options("steps", "batch_size", "lr", "lr_clusters", "probe")
+@shared_options("steps", "batch_size", "lr", "lr_clusters", "weight_decay", "grad_clip", "probe")
 @named("probe_epochs", default=10, show_default=True, type=click.IntRange(min=1))
 @shared_options("knn_k", "crf", "scheduler",
                 crf="Also score the cluster predictions after a dense CRF (omh-ref[crf]).",
@@ -414,14 +414,15 @@ def demo(out, seeds, steps, batch_size, n_train, n_val, probe_epochs, bases, dev
 @model_options
 @friendly_errors
 def seeds(features, val_features, val_labels, flipped_features, out, seed_list, config_file, steps, batch_size, lr,
-          lr_clusters, probe, probe_epochs, knn_k, crf, scheduler, device, allow_backbone_mismatch, quiet, shifts,
-          **model_flags):
+          lr_clusters, weight_decay, grad_clip, probe, probe_epochs, knn_k, crf, scheduler, device,
+          allow_backbone_mismatch, quiet, shifts, **model_flags):
     """Train and evaluate one config under several seeds: mean ± std per metric and per seed
     (OUT/results.json, OUT/results.md). A rerun continues: finished runs are not redone."""
     from omh_ref.jobs.seeds import SeedsOptions, parse_seeds, run as run_seeds, table
 
     parsed = parse_seeds(seed_list)
-    given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters)
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, lr_clusters=lr_clusters, weight_decay=weight_decay,
+                 grad_clip=grad_clip)
     loop, cfg, auto = _run_settings(features, config_file, given, model_flags, shifts)
     loop.pop("seed", None)     # --seeds names the seeds
     opts = SeedsOptions(features=features, val_features=val_features, out=out, config=cfg, seeds=parsed,

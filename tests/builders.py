@@ -26,6 +26,36 @@ def write_feats(path, N=24, h=6, w=5, C=7, dtype=np.float16, seed=0) -> str:
     return str(path)
 
 
+def hp_inputs(folder, seed=0, attention=True, augmented=True, write_attn=True) -> str:
+    """The HP base's inputs beside ``folder``'s feats.npy: attn.npy (HP's window weights of random
+    attention logits, omh_ref/features/attention.py) and feats_aug.npy (the features plus noise),
+    named in its feats.json (made when missing; ``attention``/``augmented`` False leave a name
+    out, ``write_attn`` False the file). -> the features' path as a string."""
+    import json
+
+    from omh_ref.features import attention as att
+    from omh_ref.extract import augment as aug
+    from omh_ref.features import meta
+
+    folder = Path(folder)
+    f = np.load(folder / "feats.npy", mmap_mode="r")
+    N, h, w, c = f.shape
+    rng = np.random.default_rng(seed + 1)
+    if write_attn:
+        logits = rng.standard_normal((N, h * w, h * w))
+        np.save(folder / "attn.npy", att.window_weights(logits, h, w).astype(np.float16))
+    np.save(folder / "feats_aug.npy", (np.asarray(f, np.float32) + 0.3 * rng.standard_normal(f.shape)).astype(f.dtype))
+    path = folder / "feats.json"
+    rec = json.loads(path.read_text()) if path.is_file() else meta.make(
+        shape=[N, h, w, c], dtype=str(f.dtype), backbone="b", resolution=h * PATCH, patch=PATCH)
+    if attention:
+        rec["attention"] = att.record(N, h, w)
+    if augmented:
+        rec["augmented"] = aug.record(N, h, w, c, str(f.dtype), 0, "normalised")
+    meta.write(path, rec)
+    return str(folder / "feats.npy")
+
+
 def known_world(tmp_path, N=6, h=4, C=5, K=3, patch=2, seed=0):
     """Features that are exactly one of K orthogonal prototypes per patch, labels at patch x2
     (one ignored pixel). -> (FeatureStore with its labels, the prototypes (K, C))."""

@@ -158,3 +158,17 @@ def test_gpu_check_script_says_so_without_a_gpu():
     res = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={"PYTHON": sys.executable,
                                                                                      "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0 and "gpu_check: no GPU here" in res.stdout
+
+
+def test_hp_memory_benchmark_measures_a_constant_per_entry_peak(capsys):
+    """bench_hp_memory at tiny sizes: one line per batch, finite losses, the same peak per block
+    entry at every B (what its linear extrapolation to HP's batch rests on), the B = 64 line."""
+    from benchmarks import bench_hp_memory
+
+    bench_hp_memory.main(["--batches", "2,4", "--grid", "6", "--dim", "16"])
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [r["B"] for r in rows] == [2, 4, 64] and all(r["finite"] for r in rows[:2])
+    assert rows[0]["block_entries"] == 36 * 72 and rows[1]["N"] == 144
+    per = [r["bytes_per_block_entry"] for r in rows[:2]]
+    assert 0 < per[0] and abs(per[0] - per[1]) <= 0.1 * per[0]
+    assert rows[2]["peak_gb_extrapolated"] == round(per[1] * 36 * 64 * 36 / 2**30, 2)

@@ -145,10 +145,17 @@ def test_the_bases_table_pairs_omh_with_its_own_base_by_seed():
 
     data = (recs("STEGO baseline", [10.0, 12.0, 11.0]) + recs("STEGO code + k-means", [15.0, 15.0, 16.0])
             + recs("default", [20.0, 21.0, 22.0], 0.8) + recs("SmooSeg baseline", [12.0, 13.0, 14.0])
-            + recs("SmooSeg code + k-means", [13.0, 18.0, 14.0]) + recs("OMH on SmooSeg", [19.0, 17.0, 25.0], 0.7))
+            + recs("SmooSeg code + k-means", [13.0, 18.0, 14.0]) + recs("OMH on SmooSeg", [19.0, 17.0, 25.0], 0.7)
+            + recs("HP baseline", [14.0, 16.0, 15.0]) + recs("HP code + k-means", [16.0, 16.0, 16.0])
+            + recs("OMH on HP", [18.0, 22.0, 23.0], 0.9))
     lines = report.bases_table(data, "flat")
     # OMH − alone per seed: STEGO 10, 9, 11; SmooSeg 7, 4, 11; OMH − k-means: 5, 6, 6 and 6, −1, 11
     assert lines[2] == "| STEGO | 11.0 ± 1.0 | 15.3 ± 0.6 | 21.0 ± 1.0 | +10.0 ± 1.0 (3/3) | +5.7 ± 0.6 (3/3) | 0.80 |"
     assert lines[3] == "| SmooSeg | 13.0 ± 1.0 | 15.0 ± 2.6 | 20.3 ± 4.2 | +7.3 ± 3.5 (3/3) | +5.3 ± 6.0 (2/3) | 0.70 |"
-    assert lines[-1] == "OMH on SmooSeg − OMH on STEGO: -0.7 ± 3.5 (1/3) (paired by seed)"   # −1, −4, +3
-    assert "OMH on SmooSeg" in report.REFERENCES and "SmooSeg baseline" in report.REFERENCES   # never adopted
+    # HP: OMH − alone 4, 6, 8; OMH − k-means 2, 6, 7
+    assert lines[4] == "| HP | 15.0 ± 1.0 | 16.0 ± 0.0 | 21.0 ± 2.6 | +6.0 ± 2.0 (3/3) | +5.0 ± 2.6 (3/3) | 0.90 |"
+    # OMH on each base − OMH on STEGO: SmooSeg −1, −4, +3; HP −2, +1, +1
+    assert lines[-1] == ("OMH on SmooSeg − OMH on STEGO: -0.7 ± 3.5 (1/3); OMH on HP − OMH on STEGO: +0.0 ± 1.7 (2/3) "
+                         "(paired by seed)")
+    for v in ("OMH on SmooSeg", "SmooSeg baseline", "OMH on HP", "HP baseline"):
+        assert v in report.REFERENCES   # never adopted by the rule

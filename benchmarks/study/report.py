@@ -17,11 +17,13 @@ import numpy as np
 
 RULE_FAMILIES = ("flat", "tree")
 REFERENCES = ("no hierarchy (λ_hier 0)", "STEGO baseline", "STEGO code + k-means", "k-means (raw)",
-              "OMH on SmooSeg", "SmooSeg baseline", "SmooSeg code + k-means")
+              "OMH on SmooSeg", "SmooSeg baseline", "SmooSeg code + k-means",
+              "OMH on HP", "HP baseline", "HP code + k-means")
 DEFAULT = "default"
 # The bases side by side: each base alone (its own probe, and k-means on its code) and OMH on it.
 BASES = {"STEGO": ("STEGO baseline", "STEGO code + k-means", DEFAULT),
-         "SmooSeg": ("SmooSeg baseline", "SmooSeg code + k-means", "OMH on SmooSeg")}
+         "SmooSeg": ("SmooSeg baseline", "SmooSeg code + k-means", "OMH on SmooSeg"),
+         "HP": ("HP baseline", "HP code + k-means", "OMH on HP")}
 
 
 def load(path):
@@ -110,7 +112,8 @@ def level_table(recs, family, order):
 def bases_table(recs, family):
     """Per base: the base alone, k-means on its code, OMH on it (cluster mIoU, mean ± std), OMH's
     paired gain over each of the two (mean ± std of the per-seed differences, seeds higher), and
-    the finest level pair's consistency of OMH on it. Then OMH on SmooSeg against OMH on STEGO."""
+    the finest level pair's consistency of OMH on it. Then OMH on each other base against OMH on
+    STEGO."""
     vals = by_variant(recs, family)
     lines = ["| base | alone (its probe) | k-means on its code | OMH on it | OMH − alone | OMH − k-means | "
              "finest pair consistency |", "|---|---|---|---|---|---|---|"]
@@ -131,8 +134,10 @@ def bases_table(recs, family):
                 and r.get("consistency") and r["consistency"][0]["consistency"] is not None]
         lines.append(f"| {base} | {ms(alone)} | {ms(km)} | {ms(omh)} | {gain(omh, alone)} | {gain(omh, km)} | "
                      f"{np.mean(cons):.2f} |")
-    if all(v in vals for v in (DEFAULT, "OMH on SmooSeg")):
-        lines += ["", f"OMH on SmooSeg − OMH on STEGO: {gain('OMH on SmooSeg', DEFAULT)} (paired by seed)"]
+    others = [f"{omh} − OMH on STEGO: {gain(omh, DEFAULT)}" for _, (_, _, omh) in list(BASES.items())[1:]
+              if all(v in vals for v in (DEFAULT, omh))]
+    if others:
+        lines += ["", "; ".join(others) + " (paired by seed)"]
     return lines
 
 
@@ -171,7 +176,7 @@ def main(argv=None):
                 "Per level (mean over seeds; one-to-one strict mIoU, many-to-one in brackets) and hierarchy "
                 "consistency (many-to-one at the parent's granularity; a blind plan's in brackets):", "",
                 *level_table(recs, f, order), ""]
-    if any(v in order for v in BASES["SmooSeg"]):
+    if any(v in order for b in list(BASES)[1:] for v in BASES[b]):
         out += ["### The bases side by side: each alone and with OMH on top", ""]
         for f in fams:
             out += [f"Family `{f}`:", "", *bases_table(recs, f), ""]

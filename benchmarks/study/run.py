@@ -81,6 +81,10 @@ def VARIANTS(K):
         "OMH on SmooSeg": {"base": "smooseg"},
         "SmooSeg baseline": {"base": "smooseg", "omh": False},
         "SmooSeg code + k-means": None,
+        # the HP base (its own values and learning rates, AdamW decay and clipping), with and without OMH
+        "OMH on HP": {"base": "hp", **demo.HP_SHORT},
+        "HP baseline": {"base": "hp", "omh": False, **demo.HP_SHORT},
+        "HP code + k-means": None,
     }
 
 
@@ -224,7 +228,7 @@ def main(argv=None):
     seeds = [int(s) for s in a.seeds.split(",")]
     for fam in a.families.split(","):
         if fam == "demo":
-            paths = demo.prepare_data(out / "data" / fam, a.n_train, a.n_val)
+            paths = demo.prepare_data(out / "data" / fam, a.n_train, a.n_val, hp=True)
         else:
             paths = data.write_family(fam, str(out / "data" / fam), a.n_train, a.n_val)
         names = trained_variants(a.variants.split(",") if a.variants else None)

@@ -13,12 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import bases, fixtures, head, model
-from .backend import to_device
+from .backend import get_array_module, to_device
 from .config import Config
 from .gradcheck import TOLERANCES, Report, _shapes, check_jacobian, check_vjp
-from .losses import cluster, correlation, hierarchy
+from .losses import cluster, correlation, hierarchy, supcon
 from .ops import (cosine, dropout, grid_sample, kl, linear, log_softmax, normalize, relu, resize, silu, sinkhorn,
                   softmax)
+from .ops import neighbour_mix, pairwise_distance
 
 
 def _simplex(rng, shape):
@@ -66,6 +67,55 @@ def check_in_domain(case, domain, name, **fd):
     return check_vjp(forward, backward, args, name=name, **fd)
 
 
+def window_weights_like(rng, B, h, w):
+    """(B, h, w, 9) non-negative window weights as ``attn.npy`` holds them (about half of them 0, as
+    HP's below-the-mean cut leaves them; 0 for the cells outside the grid)."""
+    om = rng.random((B, h, w, 9)) * (rng.random((B, h, w, 9)) < 0.6) * 3.0
+    for o, (dy, dx) in enumerate(neighbour_mix.OFFSETS):
+        om[:, : max(0, -dy), :, o] = 0
+        om[:, h - max(0, dy):, :, o] = 0
+        om[:, :, : max(0, -dx), o] = 0
+        om[:, :, w - max(0, dx):, o] = 0
+    return om
+
+
+def supcon_inputs(rng, B=3, n=4, C=4, Ds=3, D=5, lam=0.3, rho=0.4, n_codes=2, P=4, dtype=np.float64):
+    """A small HP SupCon problem: (codes, fa, Ra, fs, Rs, lam, U, n) as host arrays. The agnostic
+    features are three noisy clusters, so that thresholds against a random pool of P vectors give
+    some anchors positives and leave others without; the EMA codes likewise, on their own clusters.
+    ``rho`` None gives U = None."""
+    def nrm(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def clustered(dim):
+        centres = nrm(rng.standard_normal((3, dim)))
+        return nrm(centres[rng.integers(0, 3, B * n)] + 0.6 * rng.standard_normal((B * n, dim)))
+    fa, fs = clustered(C), clustered(Ds)
+    Ra = supcon.thresholds(fa, nrm(rng.standard_normal((P, C))))
+    Rs = supcon.thresholds(fs, nrm(rng.standard_normal((P, Ds))))
+    U = None if rho is None else rng.random((n, B * n)) < rho
+    codes = [nrm(rng.standard_normal((B * n, D))).astype(dtype) for _ in range(n_codes)]
+    return codes, fa.astype(dtype), Ra.astype(dtype), fs.astype(dtype), Rs.astype(dtype), lam, U, n
+
+
+def supcon_case(rng, tau=0.5, dev=lambda x: x, **kw):
+    """(forward, backward, args) for HP's SupCon losses, stacked into one vector, as a function of
+    the code arrays (the masks' features and thresholds, λ and U held fixed); ``kw`` for
+    :func:`supcon_inputs`."""
+    codes, fa, Ra, fs, Rs, lam, U, n = supcon_inputs(rng, **kw)
+    fa, Ra, fs, Rs = (dev(x) for x in (fa, Ra, fs, Rs))
+    U = None if U is None else dev(U)
+
+    def forward(*codes):
+        losses, cache = supcon.forward(list(codes), fa, Ra, fs, Rs, lam, U, n, tau)
+        xp = get_array_module(codes[0])
+        return xp.stack(losses), cache
+
+    def backward(dout, cache):
+        return tuple(supcon.backward([dout[k] for k in range(len(cache.codes))], cache))
+    return forward, backward, tuple(dev(c) for c in codes)
+
+
 def cases(seed=0, device="cpu"):
     """Yield (name, callable -> Report) for the whole suite; ``device="gpu"`` runs every check on
     CuPy arrays (the same draws, moved to the device). The groups draw from one generator in a
@@ -111,6 +161,15 @@ def _op_cases(d):
     yield "jacobian:grid_sample", lambda: check_jacobian(
         lambda x: grid_sample.forward(x, coords[:1, :2, :2]), grid_sample.backward, (r(1, 3, 2, 2),),
         name="jacobian:grid_sample")
+    # HP's pieces: the window weights are non-negative, 0 outside the grid as attn.npy stores them
+    omega = dev(window_weights_like(rng, N, H + 1, W))
+    yield "neighbour_mix", lambda: check_vjp(lambda z: neighbour_mix.forward(z, omega), neighbour_mix.backward,
+                                              (r(N, H + 1, W, C),), name="neighbour_mix")
+    yield "jacobian:neighbour_mix", lambda: check_jacobian(
+        lambda z: neighbour_mix.forward(z, omega[:1, :3, :2]), neighbour_mix.backward, (r(1, 3, 2, 2),),
+        name="jacobian:neighbour_mix")
+    yield "pairwise_distance", lambda: check_vjp(pairwise_distance.forward, pairwise_distance.backward,
+                                                  (r(N, H, D), r(N, H, D)), name="pairwise_distance")
 
 
 def _sinkhorn_cases(d):
@@ -138,7 +197,7 @@ def _sinkhorn_cases(d):
 
 
 def _loss_cases(d):
-    """STEGO's correlation, each cluster target, the hierarchy in both domains."""
+    """STEGO's correlation, each cluster target, the hierarchy in both domains, HP's SupCon."""
     r, N, H, C, D, K = d.r, d.N, d.H, d.C, d.D, d.K
     S, S2 = 3, 4
     fa, fb = r(N, S, S, C), r(N, S2, S, C)
@@ -180,6 +239,13 @@ def _loss_cases(d):
             yield name, (lambda nm=name, kw=kw, d=domain: check_hierarchy_in_domain(
                 hierarchy_from_logits(**kw), (r(P, Kc), r(P, Kp), r(Kc, D), r(Kp, D)), d, nm))
 
+    # HP's SupCon on two code arrays: a sampled denominator with λ > 0, and every pixel (U None) at λ = 0
+    for lam, rho in ((0.3, 0.4), (0.0, None)):
+        name = f"supcon lam={lam:g} rho={1 if rho is None else rho:g}"
+        yield name, (lambda c=supcon_case(d.rng, lam=lam, rho=rho, dev=d.dev), nm=name: check_vjp(*c, name=nm))
+    yield "jacobian:supcon", (lambda c=supcon_case(d.rng, B=2, n=3, D=2, dev=d.dev):
+                              check_jacobian(*c, name="jacobian:supcon"))
+
 
 def _model_cases(d):
     """The whole model in each variant and at the shipped defaults, and the head as one piece."""
@@ -212,8 +278,19 @@ def _model_cases(d):
             lambda *w: head.forward(dict(zip(head.KEYS, w)), x_head, act),
             lambda dz, cache: tuple(head.backward(dz, cache).values()), hp, name=f"head {act}"))
 
+    # The HP base alone and with OMH on top: project_head, both SupCon terms at λ > 0 with a
+    # sampled denominator, the consistency term (HP_CHECK).
+    for name, over in (("model hp (no omh)", dict(omh=False)), ("model omh on hp", {})):
+        yield name, (lambda over=over, nm=name, s=int(rng.integers(1 << 30)): model_check(
+            s, nm, device=device, **HP_CHECK, **over))
+
 
 DEFAULTS_STEP = 1e-8   # finite-difference step of the whole-model check at the shipped defaults
+# The HP base's small check: a pool of 6 patches, λ > 0 (warmup 1, step 4 of 6: λ = 0.6), a sampled
+# denominator (share 0.4), the consistency term on, distinct weights and temperature.
+HP_CHECK = dict(base="hp", pool_size=6, warmup=1, supcon_tau=0.5, consistency_weight=0.3,
+                denominator_share=0.4, ema_alpha=0.9)
+HP_PROGRESS = (4, 6)
 HIER_LOG_EPS = 0.02    # a hierarchy ε whose plan runs the log domain (2 / ε > SCALING_MAX_SPAN)
 
 
@@ -254,10 +331,11 @@ def model_check(seed, name="model", cfg=None, step=None, device="cpu", **overrid
     rng = np.random.default_rng(seed)
     params = to_device(model.init_params(cfg, rng, dtype=np.float64), device)
     batch = to_device(fixtures.random_batch(cfg, rng), device)
+    batch, state, draws = base_inputs(cfg, rng, batch, params, seed, device)
     base = bases.get(cfg.base)
-    fixed = {base.TEACHER: params[base.TEACHER]} if base.TEACHER else {}   # no gradient: held as it is
+    fixed = {k: params[k] for k in bases.teacher_keys(base)}   # no gradient: held as it is
     keys = [k for k in params if k not in fixed]
-    targets = model.forward(params, batch, cfg, np.random.default_rng(seed))[2]["targets"]
+    targets = model.forward(params, batch, cfg, np.random.default_rng(seed), draws=draws, state=state)[2]["targets"]
 
     # A base alone (omh = false) detaches the code from its cluster probe, so its head gradient is
     # the base loss's gradient alone; check that part against the base's part.
@@ -266,7 +344,7 @@ def model_check(seed, name="model", cfg=None, step=None, device="cpu", **overrid
     def objective(part):
         def forward(*vals):
             loss, parts, cache = model.forward({**dict(zip(keys, vals)), **fixed}, batch, cfg,
-                                               np.random.default_rng(seed), targets)
+                                               np.random.default_rng(seed), targets, draws, state)
             return (loss if part == "loss" else parts[part]), cache
         return forward
 
@@ -280,6 +358,29 @@ def model_check(seed, name="model", cfg=None, step=None, device="cpu", **overrid
                      wrt=[i for i in range(len(keys)) if i not in head_idx])
     corr = check_vjp(objective(base.LOSS_PART), backward, vals, name=name, n_dirs=1, eps=step, wrt=head_idx)
     return max(full, corr, key=lambda rep: (not rep.passed, rep.max_rel_err))
+
+
+def base_inputs(cfg, rng, batch, params, seed, device="cpu", progress=HP_PROGRESS):
+    """(batch, state, draws) of a base's model check: for a base with inputs and a state (HP) the
+    batch with its window weights (``attn``, :func:`window_weights_like`) and, where the
+    consistency term is on, augmented features (the features plus noise), the state its
+    ``start_state`` makes from the patches of 4 other random crops (the pools), and the step's draws at
+    ``progress`` (λ > 0), all drawn from ``rng`` after the batch; for any other base the batch
+    unchanged, None, None (nothing drawn)."""
+    base = bases.get(cfg.base)
+    if not bases.takes_extra(base):
+        return batch, None, None
+    dev = (lambda x: to_device(x, "gpu")) if device == "gpu" else (lambda x: x)
+    f = to_device(batch["feats"], "cpu")
+    B, h, w, C = f.shape
+    extra = {"attn": window_weights_like(rng, B, h, w)}
+    if "feats_aug" in bases.inputs(base, cfg):
+        extra["feats_aug"] = f + 0.5 * rng.standard_normal(f.shape)
+    batch = {**batch, **{k: dev(v) for k, v in extra.items()}}
+    other = rng.standard_normal((4, h, w, C))     # the pools' crops: others than the batch's (no exact ties)
+    state = model.start_state(cfg, params, lambda rows, cells: other[rows, cells // w, cells % w], 4, h * w, rng)
+    draws = model.draw(cfg, B, C, np.random.default_rng(seed), progress=progress)
+    return batch, state, draws
 
 
 def run(seed=0, only=None):

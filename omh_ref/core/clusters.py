@@ -36,7 +36,7 @@ def forward(zmain, params, cfg, targets=None):
         elif Q is None and cfg.cluster_target == "balanced":
             Q, parts[f"target_err_{i}"] = cluster.balanced_targets(s, cfg.eps_q, cfg.sinkhorn_iters_q, span_bound=2.0)
         elif Q is None and cfg.cluster_target == "teacher":   # the argmax of the teacher centres' logits
-            Q = cluster.hard_targets(cosine.forward(zmain, params[bases.get(cfg.base).TEACHER])[0])
+            Q = cluster.hard_targets(cosine.forward(zmain, params[bases.teacher_centres(bases.get(cfg.base))])[0])
         lclu, kc = cluster.forward(s, logp, cfg.cluster_target, cfg.eps_q, cfg.sinkhorn_iters_q, Q=Q)
         parts[f"clu_{i}"] = lclu
         losses.append(lclu)

@@ -47,6 +47,7 @@ _RULES = {
     ">= 0 finite": (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
     "finite": (lambda v: math.isfinite(v), "a finite number"),
     "probability <1": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "share": (lambda v: 0 < v <= 1, "a share in (0, 1]"),
     "positive finite rho": (lambda v: v > 0 and math.isfinite(v),
                             "a positive finite number (strict balance, rho_q = inf, is cluster_target = 'balanced')"),
 }
@@ -90,13 +91,28 @@ class Config:
     zero_clamp: bool = _field(True, "clamp code correlations at 0 (STEGO's zero_clamp)")
     base: str = _field("stego", "the base method whose loss trains the projection head (core/bases); a base "
                                 "sets its own defaults for the fields not given (smooseg: dim 64, dropout 0.2, "
-                                "silu head, its shifts and weights)", choices=tuple(bases.BASES))
+                                "silu head, its shifts and weights; hp: dim 512, ema_alpha 0.99, its SupCon "
+                                "values)", choices=tuple(bases.BASES))
     head_activation: str = _field("relu", "activation inside the projection head's second branch (STEGO relu, "
                                           "SmooSeg silu)", choices=("relu", "silu"))
     teacher_tau: float = _field(0.1, "softmax temperature of the teacher probabilities SmooSeg's smoothness loss "
                                      "compares", "positive finite")
-    ema_alpha: float = _field(0.998, "SmooSeg's teacher centres: G <- alpha G + (1 - alpha) M each step",
+    ema_alpha: float = _field(0.998, "the base's teacher, a moving average: SmooSeg's centres G <- alpha G + "
+                                     "(1 - alpha) M, HP's head E <- alpha E + (1 - alpha) head, each step",
                               "probability <1")
+    supcon_tau: float = _field(0.8, "HP's SupCon temperature (COCO-Stuff 0.8, Cityscapes 0.6, Potsdam 0.4)",
+                               "positive finite")
+    consistency_weight: float = _field(0.05, "HP's weight of the distance between the projected codes of the "
+                                             "features and of their augmented copy (0: feats_aug.npy not read)",
+                                       ">= 0 finite")
+    denominator_share: float = _field(0.02, "HP's share of the batch's pixels drawn into each SupCon denominator "
+                                            "besides the anchor's positives (1: every pixel)", "share")
+    pool_size: int = _field(2048, "HP's reference pools: patches, one from each of this many random crops",
+                            "positive int")
+    renew_interval: int = _field(100, "HP's task-specific pool is refilled every this many steps",
+                                 "positive int")
+    warmup: int = _field(1000, "HP's task-specific positives weigh 0 through this step, then rise "
+                               "linearly with the step", "int >= 0")
     omh: bool = _field(True, "OMH on top of the base: every level's cluster head trained jointly with the code, "
                              "and the hierarchy between them; --no-omh: the base alone (one cluster probe of the "
                              "eval level's size on a detached code, trained the base's way)")
@@ -162,7 +178,7 @@ class Config:
             raise bad("levels", "strictly decreasing sizes, finest first (e.g. 108,54,27)")
         if not -len(self.levels) <= self.eval_level < len(self.levels):
             raise bad("eval_level", f"an index into levels {self.levels}")
-        if self.cluster_target == "teacher" and (self.omh or not bases.get(self.base).TEACHER):
+        if self.cluster_target == "teacher" and (self.omh or not bases.teacher_centres(bases.get(self.base))):
             raise bad("cluster_target", "relaxed, balanced or hard ('teacher' is SmooSeg's student, its base alone: "
                                         "--base smooseg --no-omh)")
 

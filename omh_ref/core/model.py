@@ -14,6 +14,11 @@ With ``omh = false`` the config holds one level, the base's probe, trained on a 
 and no hierarchy (resolved by :class:`~omh_ref.core.config.Config` itself). All randomness
 (dropout masks, the base's draws) is drawn from the ``rng`` passed in, in a fixed order
 (:func:`draw`).
+
+A base may add parameters of its own (HP's ``project_head`` PW, Pb, trained with the head, and its
+moving-average head E*, a teacher), batch inputs besides the features (HP's attention weights and
+augmented features) and a state outside the parameters (HP's reference pools, ``state``); see
+:mod:`omh_ref.core.bases`.
 """
 from __future__ import annotations
 
@@ -32,40 +37,78 @@ def init_params(cfg: Config, rng, dtype=np.float32) -> dict:
     params = head.init(C, D, rng, dtype)
     for i, k in enumerate(cfg.levels):
         params[f"M{i}"] = rng.standard_normal((k, D)).astype(dtype)
-    return bases.get(cfg.base).init(params, cfg)
+    base = bases.get(cfg.base)
+    if hasattr(base, "new_params"):          # the base's own trainable parameters, drawn last
+        params.update(base.new_params(cfg, rng, dtype))
+    return base.init(params, cfg)
 
 
 def param_shapes(cfg: Config) -> dict:
-    """Every parameter's shape: the head's, each level's centroids, the base's teacher."""
+    """Every parameter's shape: the head's, each level's centroids, the base's own and its
+    teacher's."""
     out = {**head.shapes(cfg.in_dim, cfg.dim), **{f"M{i}": (k, cfg.dim) for i, k in enumerate(cfg.levels)}}
-    teacher = bases.get(cfg.base).TEACHER
-    if teacher:
-        out[teacher] = (cfg.eval_k, cfg.dim)
-    return out
+    return {**out, **bases.shapes(bases.get(cfg.base), cfg)}
+
+
+def grad_keys(cfg: Config) -> tuple:
+    """The keys :func:`backward` returns gradients of: the head's, the base's own trainable
+    parameters', the levels' (not a teacher's)."""
+    return (*head.KEYS, *bases.trainable(bases.get(cfg.base)), *(f"M{i}" for i in range(len(cfg.levels))))
 
 
 def predictor(cfg: Config, level: int) -> str:
     """The key of the centroids whose cosine logits are level ``level``'s predictions: the level's
-    own, except for a base alone with a teacher (SmooSeg predicts with its teacher centres)."""
-    teacher = bases.get(cfg.base).TEACHER
+    own, except for a base alone with teacher centres (SmooSeg predicts with them)."""
+    teacher = bases.teacher_centres(bases.get(cfg.base))
     return teacher if teacher and not cfg.omh else f"M{level}"
 
 
 def update_buffers(params, cfg: Config, ok) -> None:
-    """The base's no-gradient parameters after a step's gradients (SmooSeg's teacher EMA), where
-    the device flag ``ok`` holds; nothing for a base without them."""
+    """The base's no-gradient parameters after a step's gradients (SmooSeg's teacher EMA, HP's
+    moving-average head), where the device flag ``ok`` holds; nothing for a base without them."""
     base = bases.get(cfg.base)
-    if base.TEACHER:
+    if bases.teacher_keys(base):
         base.update(params, cfg, ok)
 
 
-def draw(cfg: Config, B, C, rng) -> dict:
+def start_state(cfg: Config, params, read, n_rows, cells, rng) -> dict:
+    """The base's state of a new run (HP's pools, drawn from ``rng``; {} for a base without):
+    ``read(rows, cells) -> (P, C)`` host features of one cell of each training row, ``n_rows`` the
+    training rows, ``cells`` = h·w. On the params' device."""
+    base = bases.get(cfg.base)
+    return base.start_state(cfg, params, read, n_rows, cells, rng) if bases.state_names(base) else {}
+
+
+def state_draws(cfg: Config, t, n_rows, cells, rng):
+    """What step ``t`` (0-based) changes in the base's state, drawn from ``rng`` (None: nothing
+    due, nothing drawn)."""
+    base = bases.get(cfg.base)
+    return base.state_draws(cfg, t, n_rows, cells, rng) if bases.state_names(base) else None
+
+
+def advance_state(cfg: Config, params, state, draws, read) -> dict:
+    """The base's state for the step whose :func:`state_draws` are ``draws``, before its forward."""
+    if draws is None:
+        return state
+    return bases.get(cfg.base).advance_state(cfg, params, state, draws, read)
+
+
+def draw(cfg: Config, B, C, rng, progress=None) -> dict:
     """Every random draw of one training step, in a fixed order: the dropout keep-mask (2B, C),
     then the base's draws (STEGO: sampling coordinates for the image and its partners, the
-    negative permutations), host arrays. An outside rendering fed these numbers computes the same
+    negative permutations; HP: the seed of its denominator draw), host arrays or numbers; then
+    what the base's schedule says of this step (HP's λ), ``progress`` = (0-based step, total
+    steps), (0, 1) when not given. An outside rendering fed these numbers computes the same
     loss."""
+    base = bases.get(cfg.base)
     keep = rng.random((2 * B, C)) >= cfg.dropout if cfg.dropout > 0 else None
-    return {"keep": keep, **bases.get(cfg.base).draw(cfg, B, rng)}
+    out = {"keep": keep, **base.draw(cfg, B, rng)}
+    if hasattr(base, "schedule"):
+        out.update(base.schedule(cfg, *(progress or (0, 1))))
+    return out
+
+
+INPUT_LAST = {"attn": 9}     # the last axis of a base's batch input (feats_aug: the features' C)
 
 
 def _check_batch(params, batch, cfg):
@@ -74,11 +117,19 @@ def _check_batch(params, batch, cfg):
         raise ValueError(f"batch['feats']: expected an array (B, h, w, C), got {getattr(f, 'shape', f)}")
     if f.shape[-1] != cfg.in_dim:
         raise ValueError(f"batch['feats']: expected C={cfg.in_dim} channels (config in_dim), got {f.shape[-1]}")
-    fp = batch.get("feats_pos")
+    base = bases.get(cfg.base)
+    view = bases.second_view(base)
+    fp = batch.get(view)
     if fp is not None and fp.shape != f.shape:
-        raise ValueError(f"batch['feats_pos']: expected shape {f.shape} like feats, got {fp.shape}")
-    if fp is None and bases.get(cfg.base).needs_partners(cfg):
+        raise ValueError(f"batch[{view!r}]: expected shape {f.shape} like feats, got {fp.shape}")
+    if fp is None and base.needs_partners(cfg):
         raise ValueError("batch['feats_pos']: KNN partner features are needed when weight_inter > 0")
+    for key in bases.inputs(base, cfg):
+        want = f.shape[:3] + (INPUT_LAST.get(key, f.shape[3]),)
+        got = batch.get(key)
+        if got is None or getattr(got, "shape", None) != want:
+            raise ValueError(f"batch[{key!r}]: the {cfg.base} base needs an array of shape {want}, got "
+                             f"{getattr(got, 'shape', got)}")
     for i, _ in enumerate(cfg.levels):
         if f"M{i}" not in params:
             raise ValueError(f"params: missing centroids 'M{i}' for level {i} of {cfg.levels}")
@@ -90,7 +141,8 @@ def to_device_draws(d: dict, xp, dt, n_images, dropout_p) -> dict:
     of permutations as integer index arrays (a GPU then receives one buffer a step, not one per
     draw). The same numbers as converting each draw on its own."""
     keep = None if d["keep"] is None else d["keep"][:n_images]
-    names = [k for k in d if k != "keep"]
+    scalars = {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    names = [k for k in d if k != "keep" and k not in scalars]   # numbers (a seed, λ) stay host numbers
     parts = [keep.ravel().astype(np.float64)] if keep is not None else []
     for k in names:
         v = d[k]
@@ -103,6 +155,7 @@ def to_device_draws(d: dict, xp, dt, n_images, dropout_p) -> dict:
         at = N * C
     else:
         out["mask"] = None
+    out.update(scalars)
     for k in names:
         v = d[k]
         if isinstance(v, list):
@@ -116,11 +169,12 @@ def to_device_draws(d: dict, xp, dt, n_images, dropout_p) -> dict:
     return out
 
 
-def forward(params, batch, cfg: Config, rng, targets=None, draws=None):
+def forward(params, batch, cfg: Config, rng, targets=None, draws=None, state=None):
     """-> (loss, parts, cache). ``targets`` (a list of per-level cluster targets, as returned in
     ``cache['targets']``) holds the no-gradient targets fixed, for gradient checks. ``draws``: the
     step's random draws made beforehand with :func:`draw` (the training loop makes them before it
-    draws the next batch); by default drawn here from ``rng``.
+    draws the next batch); by default drawn here from ``rng``. ``state``: the base's arrays outside
+    the parameters (HP's pools, on the params' device), for a base that keeps some.
 
     loss is a 0-d array on the params' device; parts a dict of 0-d arrays on that device too (the
     loss parts and diagnostics ``sinkhorn_err_l``, ``plan_sparsity_l``, ``target_err_l``), so
@@ -132,7 +186,7 @@ def forward(params, batch, cfg: Config, rng, targets=None, draws=None):
     xp = get_array_module(*params.values())
     dt = W1.dtype
     f = xp.asanyarray(batch["feats"], dtype=dt)                       # B,h,w,C (any: a test's watched type stays)
-    fp = batch.get("feats_pos")
+    fp = batch.get(bases.second_view(base))                            # KNN partners (HP: augmented features)
     B, h, w, C = f.shape
     d = draw(cfg, B, C, rng) if draws is None else draws
     x = f if fp is None else xp.concatenate([f, xp.asanyarray(fp, dtype=dt)])   # 2B,h,w,C
@@ -141,7 +195,14 @@ def forward(params, batch, cfg: Config, rng, targets=None, draws=None):
     xd, dcache = dropout.forward(x, cfg.dropout, mask=mask, training=mask is not None)
     z, headc = head.forward(params, xd, cfg.head_activation)           # 2B,h,w,D
 
-    loss, parts, basec = base.forward(cfg, f, x, z, dd, B, params)
+    if bases.takes_extra(base):    # its batch inputs, the head's dropped input and its state
+        if bases.state_names(base) and state is None:
+            raise ValueError(f"state: the {cfg.base} base needs its state ({', '.join(bases.state_names(base))})")
+        extra = {k: xp.asanyarray(batch[k], dtype=dt) for k in bases.inputs(base, cfg)}
+        extra.update(dropped=xd, state=state)
+        loss, parts, basec = base.forward(cfg, f, x, z, dd, B, params, extra)
+    else:
+        loss, parts, basec = base.forward(cfg, f, x, z, dd, B, params)
     zmain = z[:B].reshape(-1, z.shape[-1])                             # P,D
     losses, level_parts, levels = clusters.forward(zmain, params, cfg, targets)
     parts.update(level_parts)
@@ -162,7 +223,7 @@ def backward(dloss, cache) -> dict:
     cfg, B = cache["cfg"], cache["B"]
     xp = get_array_module(cache["head"][0][0])
     dz = xp.zeros(cache["z_shape"], dtype=cache["dtype"])              # 2B,h,w,D
-    bases.get(cfg.base).backward(dloss, cache["base"], dz)
+    base_grads = bases.get(cfg.base).backward(dloss, cache["base"], dz) or {}   # its own parameters'
 
     # Cluster levels and hierarchy; dlogp collects both losses before the one softmax backward.
     L = len(cfg.levels)
@@ -171,12 +232,12 @@ def backward(dloss, cache) -> dict:
     if not cfg.detach_clusters:
         dz[:B] += dzmain.reshape(dz[:B].shape)
 
-    grads = {f"M{i}": dMs[i] for i in range(L)}
+    grads = {**{f"M{i}": dMs[i] for i in range(L)}, **base_grads}
     grads.update(head.backward(dz, cache["head"]))   # the frozen features need no gradient
-    return {k: grads[k] for k in (*head.KEYS, *(f"M{i}" for i in range(L)))}
+    return {k: grads[k] for k in grad_keys(cfg)}
 
 
-def loss_and_grads(params, batch, cfg: Config, rng, targets=None, draws=None):
+def loss_and_grads(params, batch, cfg: Config, rng, targets=None, draws=None, state=None):
     """-> (loss, parts, grads): one forward and backward pass of the full objective."""
-    loss, parts, cache = forward(params, batch, cfg, rng, targets, draws)
+    loss, parts, cache = forward(params, batch, cfg, rng, targets, draws, state)
     return loss, parts, backward(1.0, cache)

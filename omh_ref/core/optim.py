@@ -1,4 +1,5 @@
-"""Adam over a flat params dict (one loop; state in plain dicts so checkpoints can hold it)."""
+"""Adam over a flat params dict (one loop; state in plain dicts so checkpoints can hold it), with
+AdamW's decoupled weight decay and global-norm gradient clipping where a base asks for them (HP)."""
 import math
 
 import numpy as np
@@ -68,10 +69,26 @@ def _adam_update(p, g, m, v, ok, b1, b2, step, c2, eps):
         p -= xp.where(ok, upd, dt(0))
 
 
-def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, ok=None, grads_checked=False):
-    """One in-place Adam update (torch.optim.Adam's formula, no weight decay).
+def clip_by_norm(grads, keys, max_norm):
+    """``grads`` with the gradients of ``keys`` scaled together so that their global L2 norm is
+    at most ``max_norm``: torch's ``clip_grad_norm_`` (each times min(1, max_norm / (norm + 1e-6)),
+    norm the square root of :func:`squared_norm` over ``keys``), on the device, no read. A
+    non-finite norm gives non-finite gradients, which the caller's guard has already seen."""
+    sub = {k: grads[k] for k in keys}
+    xp = get_array_module(*sub.values())
+    norm = xp.sqrt(squared_norm(sub))
+    dt = next(iter(sub.values())).dtype.type
+    coef = xp.minimum(dt(max_norm) / (norm + dt(1e-6)), dt(1.0)).astype(next(iter(sub.values())).dtype)
+    return {k: (g * coef if k in sub else g) for k, g in grads.items()}
+
+
+def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, ok=None, grads_checked=False,
+              weight_decay=None):
+    """One in-place Adam update (torch.optim.Adam's formula; with ``weight_decay``, AdamW's).
 
     lr is a float or a dict key -> float (e.g. a larger rate for the centroids).
+    ``weight_decay``: None, or a dict key -> decay λ_wd (keys not in it: none): AdamW's decoupled
+    decay p ← p (1 − lr λ_wd) before the Adam update (torch.optim.AdamW), where the update applies.
 
     Non-finite gradients (their squared norm is not finite) never change anything. Two ways:
 
@@ -104,5 +121,9 @@ def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, ok=None, g
         if k not in grads:     # a parameter without a gradient (a base's teacher) is not Adam's
             continue
         rate = lr[k] if isinstance(lr, dict) else lr
+        decay = (weight_decay or {}).get(k, 0.0)
+        if decay:
+            dt = p.dtype.type
+            p *= xp.where(every, dt(1 - rate * decay), dt(1))
         _adam_update(p, grads[k], state["m"][k], state["v"][k], every, b1, b2, rate / c1, c2, eps)
     return norm2 if ok is None else ok

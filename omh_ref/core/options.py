@@ -44,6 +44,10 @@ LOOP = _family(
     Option("log_every", 10, "Steps between log lines.", int),
     Option("val_every", 100, "Steps between validations (and after the last).", int),
     Option("knn_k", 7, "KNN partners drawn from ranks 1..k.", int),
+    Option("weight_decay", None, "AdamW's decoupled weight decay of the head's parameters, biases included (0: off) "
+                                 "[default: the base's: hp 0.1, else off; a resumed run's own].", float),
+    Option("grad_clip", None, "Clip the head's gradients to this global L2 norm (0: off) [default: the base's: hp 10, "
+                              "else off; a resumed run's own].", float),
 )
 DEVICE = _family(Option("device", "cpu", "Arrays on the CPU (NumPy) or the GPU (CuPy).", str, ("cpu", "gpu")))
 OUTPUT = _family(Option("quiet", False, "No progress bars.", bool))

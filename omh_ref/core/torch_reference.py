@@ -266,14 +266,18 @@ def smooseg_loss(cfg, f, x, z, B, draws, parts, G):
     return loss
 
 
-def model_loss(params, batch, cfg, draws, targets=None):
+def model_loss(params, batch, cfg, draws, targets=None, state=None):
     """The OMH objective of docs/METHOD.md for one batch and one set of draws.
 
     params: dict of float64 tensors (``W1 b1 W2 b2 W3 b3 M0..``); batch: numpy ``feats`` and
     ``feats_pos`` (B, h, w, C); draws: :func:`omh_ref.core.model.draw`'s dict; targets: optional list
-    of fixed per-level targets (else computed here, detached). -> (loss, parts, targets)."""
+    of fixed per-level targets (else computed here, detached). The HP base: ``feats_aug`` in place
+    of ``feats_pos`` (where its consistency term is on), ``attn`` in the batch and its pools in
+    ``state`` (:func:`hp_loss`). -> (loss, parts, targets)."""
     f = tensor(batch["feats"])                                         # B,h,w,C
     fp = batch.get("feats_pos")
+    if cfg.base == "hp":                                               # the augmented view, or none
+        fp = batch.get("feats_aug") if cfg.consistency_weight > 0 else None
     B, h, w, C = f.shape
     x = f if fp is None else torch.cat([f, tensor(fp)])                # 2B,h,w,C (channels-last)
     x = nchw(x)                                                        # 2B,C,h,w
@@ -294,6 +298,8 @@ def model_loss(params, batch, cfg, draws, targets=None):
 
     if cfg.base == "smooseg":
         loss = smooseg_loss(cfg, f, x, z, B, draws, parts, P_["G"])
+    elif cfg.base == "hp":
+        loss = hp_loss(cfg, xd, z, B, draws, parts, P_, tensor(batch["attn"]), state)
     else:
         loss = stego_loss(cfg, f, x, z, B, draws, parts)
 
@@ -322,3 +328,120 @@ def model_loss(params, batch, cfg, draws, targets=None):
             loss = loss + cfg.lam_hier * lh
     parts["loss"] = loss
     return loss, parts, used
+
+
+# ---------------------------------------------------------------- HP's pieces (hynnsk/HP @ 8913644)
+
+def neighbour_mix(z, omega):
+    """HP's local mix (docs/hp_reading.md §7), by ``F.unfold``: each patch's 3 x 3 window of z
+    (B, h, w, D) with zero padding, weighted by omega (B, h, w, 9), summed and divided by the count
+    of window cells inside the grid (the unfold of a ones image). -> (B, h, w, D)."""
+    B, h, w, D = z.shape
+    cols = F.unfold(nchw(z), kernel_size=3, padding=1).reshape(B, D, 9, h * w)   # channel, then ky, kx
+    wts = omega.reshape(B, h * w, 9).transpose(1, 2)[:, None]                      # B,1,9,hw
+    count = F.unfold(torch.ones(1, 1, h, w, dtype=z.dtype), kernel_size=3, padding=1).sum(1)   # 1,hw
+    m = (cols * wts).sum(2) / count                                                # B,D,hw
+    return m.transpose(1, 2).reshape(B, h, w, D)
+
+
+def pairwise_distance(a, b, eps=1e-6):
+    """torch.nn.PairwiseDistance (p = 2): ‖a − b + eps‖ over the last axis."""
+    return torch.nn.PairwiseDistance(p=2.0, eps=eps)(a, b)
+
+
+def hp_supcon(codes, fa, Ra, fs, Rs, lam, U, n, tau, base_tau=0.07):
+    """HP's SupConLoss.forward with ``loss_version`` 1 and ``reweighting`` 1, as its code computes it
+    (docs/hp_reading.md §5-§7; loss.py), in float64 and without its float16 casts: per anchor image
+    the full (n, N) masks, the self mask rolled with the image, the max-shifted logits, the
+    denominator mask (the agnostic positives or U), the anchors with an agnostic positive kept by
+    indexing, w = a + λ b, the per-anchor mean μ_i = Σ_j w_ij log p_ij / c_i, the weights
+    ν_i = c_i/Σc / mean(c/Σc), −mean(τ/τ_0 · μ ν) per image and code array, then the sum over images
+    and code arrays divided by B and by the number of code arrays (HP: 2). ``U`` (n, N) bool or None
+    (every pixel). An anchor whose denominator is empty gives NaN gradients here, as in HP's code."""
+    N = fa.shape[0]
+    B = N // n
+    selfmask = torch.ones(n, N, dtype=DT).scatter(1, torch.arange(n).view(-1, 1), 0.0)   # 0 at the anchor
+    ubase = torch.ones(n, N, dtype=torch.bool) if U is None else torch.as_tensor(U)
+    loss = torch.zeros((), dtype=DT)
+    for b in range(B):
+        rows = slice(b * n, (b + 1) * n)
+        cos_a = fa[rows] @ fa.T
+        a = ((Ra[rows, None] < cos_a) | (Ra[None, :] < cos_a)).to(DT)
+        den = (a.bool() | ubase).to(DT) * selfmask
+        a = a * selfmask
+        cos_s = fs[rows] @ fs.T
+        bm = ((Rs[rows, None] < cos_s) | (Rs[None, :] < cos_s)).to(DT) * selfmask
+        keep = torch.where(a.sum(1) != 0)
+        wm = (a[keep] + bm[keep] * lam).detach()
+        pnm = wm.sum(1)
+        pnm = pnm / pnm.sum()
+        pnm = pnm / pnm.mean()
+        for z in codes:
+            logits = (z[rows] @ z.T) / tau
+            logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+            log_prob = logits - torch.log((torch.exp(logits) * den).sum(1, keepdim=True))
+            mu = (wm * log_prob[keep]).sum(1) / wm.sum(1)
+            loss = loss - torch.mean((tau / base_tau) * mu * pnm)
+        selfmask = torch.roll(selfmask, n, dims=1)
+    return loss / B / len(codes)
+
+
+# ---------------------------------------------------------------- the HP base's step
+
+def hp_denominator(seed, n, N, share):
+    """U (n, N) bool: entry e = r·N + k is 1 where lowbias32(lowbias32(e·0x9E3779B9 + k₀) ^ k₁)
+    < share·2³², k₀ and k₁ the seed's low and high 32 bits (the base's hash, written out here in
+    int64 arithmetic masked to 32 bits); None where ``share`` is 1."""
+    if share >= 1:
+        return None
+    m32 = 0xFFFFFFFF
+
+    def mix(x):                                                        # Chris Wellons' lowbias32
+        x = x ^ (x >> 16)
+        x = (x * 0x21F0AAAD) & m32
+        x = x ^ (x >> 15)
+        x = (x * 0x735A2D97) & m32
+        return x ^ (x >> 15)
+    e = torch.arange(n * N, dtype=torch.int64)
+    x = mix(mix(((e * 0x9E3779B9) + (seed & m32)) & m32) ^ ((seed >> 32) & m32))
+    return (x < min(round(share * 2.0 ** 32), m32)).reshape(n, N)
+
+
+def hp_loss(cfg, xd, z, B, draws, parts, P_, omega, state):
+    """HP's step (docs/hp_reading.md §2-§8, with omh-ref's one dropout mask): xd (2B or B, C, h, w)
+    the head's dropped input, z (NCHW) its codes (main, then the augmented view), omega (B, h, w, 9)
+    the window weights, ``state`` the pools (numpy, unit rows). ẑ = normalise(project_head(z)),
+    m̂ likewise of the window mix; the agnostic features are the dropped input, the specific ones
+    the moving-average head's code on it (no gradient); thresholds are the maxima of their cosines
+    to the pools; both SupCon terms by :func:`hp_supcon` (one code array each, so each is its own
+    (1/B) Σ_b L_b), averaged; the consistency term by ``PairwiseDistance``. Writes ``supcon_*``
+    and ``consistency`` into ``parts``. -> the base's loss."""
+    D, h, w = z.shape[1], z.shape[2], z.shape[3]
+    n, N = h * w, B * h * w
+
+    def conv1x1(t, W, b):
+        return F.conv2d(t, W[:, :, None, None], b)
+
+    def project(t):                                                    # t (B, D, h, w) -> (N, D) unit rows
+        return normalize(linear(nhwc(t).reshape(N, D), P_["PW"], P_["Pb"]))
+
+    with torch.no_grad():
+        xb = xd[:B]
+        fa = normalize(nhwc(xb).reshape(N, -1))
+        act = F.silu if cfg.head_activation == "silu" else F.relu
+        e = conv1x1(xb, P_["EW1"], P_["Eb1"]) + conv1x1(act(conv1x1(xb, P_["EW2"], P_["Eb2"])), P_["EW3"], P_["Eb3"])
+        fs = normalize(nhwc(e).reshape(N, D))
+        Ra = (fa @ tensor(state["pool_ag"]).T).max(dim=1).values
+        Rs = (fs @ tensor(state["pool_sp"]).T).max(dim=1).values
+    zh = project(z[:B])
+    mh = normalize(linear(neighbour_mix(nhwc(z[:B]), omega).reshape(N, D), P_["PW"], P_["Pb"]))
+    U = hp_denominator(draws.get("u_seed", 0), n, N, cfg.denominator_share)
+    lam = float(draws.get("lam", 0.0))
+    parts["supcon_global"] = hp_supcon([zh], fa, Ra, fs, Rs, lam, U, n, cfg.supcon_tau)
+    parts["supcon_local"] = hp_supcon([mh], fa, Ra, fs, Rs, lam, U, n, cfg.supcon_tau)
+    loss = (parts["supcon_global"] + parts["supcon_local"]) / 2
+    if cfg.consistency_weight > 0 and z.shape[0] > B:
+        parts["consistency"] = pairwise_distance(zh, project(z[B:2 * B])).mean()
+        loss = loss + cfg.consistency_weight * parts["consistency"]
+    parts["supcon"] = loss
+    return loss

@@ -37,19 +37,28 @@ from ..train.checkpoint import load_params
 from ..train.loop import TrainOptions, train
 from . import seeds
 
+# HP's schedule for a short run: its own values are COCO-Stuff's (warm-up 1000 steps, pool renewed
+# every 100), under which λ stays 0 through the demo's 300 steps and the task-specific positives never
+# count; the demo takes HP's Cityscapes values instead (warm-up 50, renewal every 20; its
+# json/server/cityscapes.json lines 31 and 36, docs/hp_reading.md §9), chosen before any run.
+HP_SHORT = {"warmup": 50, "renew_interval": 20}
 METHODS = {
     "OMH": {},
     "OMH w/o hierarchy": {"lam_hier": 0.0},
     "STEGO baseline": {"omh": False},
     "OMH on SmooSeg": {"base": "smooseg"},
     "SmooSeg baseline": {"base": "smooseg", "omh": False},
+    "OMH on HP": {"base": "hp", **HP_SHORT},
+    "HP baseline": {"base": "hp", "omh": False, **HP_SHORT},
 }
 # The rows of each base (``--bases``); the default table is STEGO's.
 BASE_METHODS = {"stego": ("OMH", "OMH w/o hierarchy", "STEGO baseline"),
-                "smooseg": ("OMH on SmooSeg", "SmooSeg baseline")}
+                "smooseg": ("OMH on SmooSeg", "SmooSeg baseline"),
+                "hp": ("OMH on HP", "HP baseline")}
 # A base alone is also scored with spherical k-means on its trained code (its own cluster probe
 # can collapse: STEGO's keeps three live clusters on the demo data), as a user of the field would.
-KMEANS_OF = {"STEGO baseline": "STEGO code + k-means", "SmooSeg baseline": "SmooSeg code + k-means"}
+KMEANS_OF = {"STEGO baseline": "STEGO code + k-means", "SmooSeg baseline": "SmooSeg code + k-means",
+             "HP baseline": "HP code + k-means"}
 
 
 def methods_of(spec: str) -> tuple:
@@ -84,9 +93,10 @@ def demo_config(n_classes: int, **overrides) -> Config:
     return Config(**with_base_defaults(base))
 
 
-def prepare_data(root, n_train=600, n_val=200, say=print) -> dict:
+def prepare_data(root, n_train=600, n_val=200, say=print, hp=False) -> dict:
     """Write the synthetic train and val splits under ``root`` unless the same spec is there;
-    -> {'train': dir, 'val': dir}."""
+    with ``hp``, the train split also with the HP base's inputs (``synthetic.write(hp=True)``:
+    the same features, plus attn.npy and feats_aug.npy). -> {'train': dir, 'val': dir}."""
     root = Path(root)
     paths = {}
     for split, n in (("train", n_train), ("val", n_val)):
@@ -94,12 +104,21 @@ def prepare_data(root, n_train=600, n_val=200, say=print) -> dict:
         d = root / split
         meta = d / "feats.json"
         rec = json.loads(meta.read_text()) if meta.is_file() else {}
+        need_hp = hp and split == "train"
         if not (rec.get("synth_spec") == dataclasses.asdict(spec) and rec.get("label_hierarchy")
-                and (d / "labels_fine.npy").is_file()):   # written before the parts were: write again
-            say(f"demo data: writing synthetic {split} split ({n} images) to {d}")
-            synthetic.write(spec, d, split=split)
+                and (d / "labels_fine.npy").is_file()   # written before the parts were: write again
+                and (not need_hp or rec.get("attention"))):
+            say(f"demo data: writing synthetic {split} split ({n} images) to {d}"
+                + (" with the HP base's inputs" if need_hp else ""))
+            synthetic.write(spec, d, split=split, hp=need_hp)
         paths[split] = d
     return paths
+
+
+def needs_hp_inputs(methods) -> bool:
+    """Whether one of the demo's ``methods`` trains the HP base (which reads attn.npy and
+    feats_aug.npy)."""
+    return any(METHODS[m].get("base") == "hp" for m in methods if m in METHODS)
 
 
 def run(opts: DemoOptions, say=print) -> dict:
@@ -111,7 +130,7 @@ def run(opts: DemoOptions, say=print) -> dict:
 def _run(opts: DemoOptions, say) -> dict:
     t0 = time.perf_counter()
     out = Path(opts.out)
-    data = prepare_data(out / "data", opts.n_train, opts.n_val, say)
+    data = prepare_data(out / "data", opts.n_train, opts.n_val, say, hp=needs_hp_inputs(opts.methods))
     train_store = FeatureStore(data["train"] / "feats.npy", labels=data["train"] / "labels.npy")
     val_store = FeatureStore(data["val"] / "feats.npy", labels=data["val"] / "labels.npy")
     n_classes = int(train_store.meta["n_classes"])

@@ -287,6 +287,8 @@ def _models(rec: Recipe, opts: RecipeOptions, out: Path) -> tuple:
         for r in rec.resolutions:                                  # the export takes one flag per size
             argv += options.argv("resolution", r)
         argv += options.argv("out", str(out / "weights")) + options.argv("manifest", str(out / "weights" / "manifest.json"))
+        if hp_inputs(rec)["attention"]:            # HP's local positives: the attention logits, a second output
+            argv += ["--attention"]
 
         def run():
             if load_exporter().main(argv) != 0:
@@ -338,8 +340,10 @@ def _extract_stage(rec, opts, out, split, model, ds, say):
     res = s["train_resolution"] if train else s["eval_resolution"]
     # a model of one input size is chosen for this size (_models); one that takes any size is told it
     any_size = Path(model).is_file() and not _INSPECTED.get((_sha256(model), opts.device), (None, True))[1]
+    hp = hp_inputs(rec) if train else {"attention": False, "augment": False}
     cmd = options.command("extract", model=str(model), dataset=s["dataset"], root=opts.root, split=split, crop=crop,
                           flip=flip, resolution=res if any_size else None, out=str(folder))
+    cmd += ["--attention"] * hp["attention"] + ["--augment"] * hp["augment"]
     cmd += options.argv_if_changed("scheduler", opts.scheduler) + options.argv_if_changed("device", opts.device)
     want = {"dataset": ds.name, "split": split, "crop": crop, "flipped": "feats_flip.npy" if flip else None,
             "image_root": str(ds.root.resolve()), "resolution": res}
@@ -348,24 +352,36 @@ def _extract_stage(rec, opts, out, split, model, ds, say):
 
     def run():
         eo = ExtractOptions(model=str(model), out=str(folder), resolution=res, crop=crop, flip=flip,
-                            device=opts.device, progress=opts.progress, scheduler=opts.scheduler)
+                            device=opts.device, progress=opts.progress, scheduler=opts.scheduler, **hp)
         extract(ds, eo, log=say)
     what = ("five crops of half the image's height and width (STEGO's training crops)" if crop == "five"
             else "one centre crop")
     why = (f"extract {split}: {len(ds)} images, {what} at {res} px"
            + (", and the mirrored crop (feats_flip.npy, averaged at evaluation)" if flip else "")
+           + (", HP's attention window weights (attn.npy)" if hp["attention"] else "")
+           + (", the features of one photometric augmentation per crop (feats_aug.npy)" if hp["augment"] else "")
            + f" -> {len(ds) * (5 if crop == 'five' else 1)} rows")
-    return Stage(f"extract {split}", cmd, _extracted(folder, want), run, why)
+    return Stage(f"extract {split}", cmd, _extracted(folder, want, [k for k, v in
+                                                                  (("attention", hp["attention"]),
+                                                                   ("augmented", hp["augment"])) if v]), run, why)
 
 
-def _extracted(folder: Path, want: dict) -> bool:
-    """Whether ``folder`` holds a finished extraction with the fields ``want``s; an InputError
-    when it holds one of other settings."""
+def hp_inputs(rec: Recipe) -> dict:
+    """What the training split's extraction adds for the recipe's base: HP reads attn.npy (always)
+    and feats_aug.npy (where its consistency weight is not 0: Potsdam's is); the other bases
+    neither. -> ExtractOptions fields {"attention": bool, "augment": bool}."""
+    hp = rec.config.base == "hp"
+    return {"attention": hp, "augment": hp and rec.config.consistency_weight > 0}
+
+
+def _extracted(folder: Path, want: dict, companions=()) -> bool:
+    """Whether ``folder`` holds a finished extraction with the fields ``want``s (and the row files
+    ``companions`` names: attention, augmented); an InputError when it holds one of other settings."""
     meta = folder / "feats.json"
     if not meta.is_file() or (folder / PROGRESS).exists():
         return False
     m = json.loads(meta.read_text())
-    diff = [k for k, v in want.items() if v is not None and m.get(k) != v]
+    diff = [k for k, v in want.items() if v is not None and m.get(k) != v] + [k for k in companions if not m.get(k)]
     if diff:
         raise InputError(f"{folder}: holds features of other settings ({', '.join(diff)} differ); choose another "
                          "--out, or remove that folder to extract again")
@@ -411,7 +427,8 @@ def _seeds_options(rec, opts, out, rows) -> seeds_job.SeedsOptions:
         probe_epochs=probe_epochs(rec, rows), crf=opts.crf, scheduler=opts.scheduler, device=opts.device,
         crf_workers=1 if opts.scheduler else max(1, os.cpu_count() or 1),   # on Dask a worker is one run
         progress=opts.progress, title=f"{rec.name}: {s['dataset']}, {len(opts.seeds)} seed(s)", notes=tuple(notes),
-        **{k: rec.train[k] for k in ("steps", "batch_size", "lr", "lr_clusters", "ckpt_every", "log_every")})
+        **{k: rec.train[k] for k in ("steps", "batch_size", "lr", "lr_clusters", "ckpt_every", "log_every")},
+        **{k: rec.train.get(k) for k in ("weight_decay", "grad_clip")})
 
 
 def _seeds_command(rec, opts, so: seeds_job.SeedsOptions) -> list:
@@ -421,9 +438,9 @@ def _seeds_command(rec, opts, so: seeds_job.SeedsOptions) -> list:
                           probe_epochs=so.probe_epochs, knn_k=so.knn_k)
     file_tables = read_file(rec.path)
     from_file = loop_settings(_loop_defaults(), file_tables["train"], set(), rec.path, base_name=rec.config.base)
-    for key in ("lr", "lr_clusters"):      # what the run changes, as flags (steps and batch always said)
-        if rec.train[key] != from_file[key]:
-            cmd += options.argv(key, rec.train[key])
+    for key in ("lr", "lr_clusters", "weight_decay", "grad_clip"):   # what the run changes, as flags (steps and
+        if rec.train.get(key) != from_file.get(key):                    # batch always said)
+            cmd += options.argv(key, rec.train.get(key))
     for key, value in rec.model.items():
         if file_tables["model"].get(key) != value:
             cmd += options.argv(key, value, negatable=True)   # every config field flag is --x/--no-x

@@ -218,6 +218,8 @@ class SeedsOptions:
     batch_size: int = default("batch_size")
     lr: float = default("lr")
     lr_clusters: float = default("lr_clusters")
+    weight_decay: float | None = None    # None: the base's (TrainOptions)
+    grad_clip: float | None = None
     knn_k: int = default("knn_k")
     shifts_auto: bool = False
     ckpt_every: int = default("ckpt_every")
@@ -245,7 +247,8 @@ class SeedsOptions:
         for seed in self.seeds:
             d = out / f"seed{seed}"
             t = TrainOptions(features=self.features, out=str(d), steps=self.steps, batch_size=self.batch_size,
-                             lr=self.lr, lr_clusters=self.lr_clusters, seed=seed, device=self.device,
+                             lr=self.lr, lr_clusters=self.lr_clusters, weight_decay=self.weight_decay,
+                             grad_clip=self.grad_clip, seed=seed, device=self.device,
                              ckpt_every=self.ckpt_every, log_every=self.log_every, knn_k=self.knn_k,
                              shifts_auto=self.shifts_auto, progress=self.progress and self.scheduler is None,
                              allow_backbone_mismatch=self.allow_backbone_mismatch)
@@ -312,8 +315,8 @@ def _run(opts, say):
     rep = {"title": opts.title, "runs": ordered, "summary": summarize(ordered), "n_seeds": len(ordered),
            "config": dataclasses.asdict(opts.config),
            "options": {k: getattr(opts, k) for k in ("features", "val_features", "steps", "batch_size", "lr",
-                                                     "lr_clusters", "knn_k", "probe", "probe_epochs", "crf",
-                                                     "device")},
+                                                     "lr_clusters", "weight_decay", "grad_clip", "knn_k", "probe",
+                                                     "probe_epochs", "crf", "device")},
            "notes": list(opts.notes), "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(opts.out)
     write_json(out / "results.json", rep)

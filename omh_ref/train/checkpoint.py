@@ -1,4 +1,5 @@
-"""Checkpoints: one ``.npz`` with parameters, Adam state, step, RNG state, config and loop state.
+"""Checkpoints: one ``.npz`` with parameters, Adam state, step, RNG state, config and loop state,
+and the base's state outside its parameters (HP's reference pools) where it keeps one.
 
 Written atomically (:func:`omh_ref.core.files.atomic_write`: a temporary file beside it, fsynced,
 renamed over the old one), so a kill at any moment leaves either the previous checkpoint or the new
@@ -37,12 +38,14 @@ def _migrate_config(cfg: dict, fmt: int) -> dict:
     return cfg
 
 
-def save(path, params, opt_state, step, rng, cfg: Config, arrays=None, info=None):
-    """Write a checkpoint. ``arrays``: extra named arrays (the data order); ``info``: extra JSON."""
+def save(path, params, opt_state, step, rng, cfg: Config, arrays=None, info=None, state=None):
+    """Write a checkpoint. ``arrays``: extra named arrays (the data order); ``info``: extra JSON;
+    ``state``: the base's named arrays outside its parameters (HP's pools), any device."""
     out = {f"param/{k}": to_host(v) for k, v in params.items()}
     out.update({f"adam_m/{k}": to_host(v) for k, v in opt_state["m"].items()})
     out.update({f"adam_v/{k}": to_host(v) for k, v in opt_state["v"].items()})
     out.update({f"extra/{k}": np.asarray(v) for k, v in (arrays or {}).items()})
+    out.update({f"state/{k}": to_host(v) for k, v in (state or {}).items()})
     meta = {"format": FORMAT, "omh_ref_version": __version__, "step": int(step), "adam_t": int(opt_state["t"]),
             "rng_state": rng.bit_generator.state, "config": dataclasses.asdict(cfg), "info": info or {}}
     out["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -50,7 +53,7 @@ def save(path, params, opt_state, step, rng, cfg: Config, arrays=None, info=None
 
 
 def load(path) -> dict:
-    """-> {'params', 'opt_state', 'step', 'rng', 'config', 'arrays', 'info'} (host arrays)."""
+    """-> {'params', 'opt_state', 'step', 'rng', 'config', 'arrays', 'state', 'info'} (host arrays)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file (expected a checkpoint .npz written by omh-ref train)")
@@ -74,7 +77,7 @@ def load(path) -> dict:
         out = {"params": group("param/"),
                "opt_state": {"t": meta["adam_t"], "m": group("adam_m/"), "v": group("adam_v/")},
                "step": meta["step"], "rng": rng, "config": Config.from_dict(cfg),
-               "arrays": group("extra/"), "info": meta["info"]}
+               "arrays": group("extra/"), "state": group("state/"), "info": meta["info"]}
     except (KeyError, TypeError, ValueError) as e:   # a field missing, of another version, or corrupt
         raise InputError(f"{path}: not a usable omh-ref checkpoint ({type(e).__name__}: {e})") from None
     return out

@@ -1,9 +1,14 @@
 """The training loop: memory-mapped features in, checkpoints and ``log.jsonl`` out.
 
 One seeded generator drives everything (data order, KNN partner ranks, the model's dropout masks,
-sampling points and negative permutations), and its state is checkpointed with the parameters,
-the Adam moments and the position in the current epoch's order, so ``--resume`` continues
-bit-exactly: 100 steps straight equal 50 steps + resume + 50 steps.
+sampling points and negative permutations, a base's state draws: HP's pool crops and patches and
+the seed of its denominator draw), and its state is checkpointed with the parameters, the Adam
+moments, the position in the current epoch's order and the base's state (HP's pools), so
+``--resume`` continues bit-exactly: 100 steps straight equal 50 steps + resume + 50 steps.
+
+A base may ask for AdamW's decoupled weight decay and global-norm clipping of the head's gradients
+(``weight_decay``, ``grad_clip``: HP's optimiser; off for STEGO and SmooSeg), and for batch inputs
+besides the features (HP: the batch's rows of ``attn.npy`` and ``feats_aug.npy``, read with them).
 
 Ctrl-C (SIGINT) is caught between steps: the step in flight finishes, a checkpoint is written,
 and the loop returns ``interrupted=True``.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -26,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..core import bases, model
+from ..core import bases, head, model
 from ..core.backend import get_array_module, host_floats, resolve_device, to_device
 from ..core.config import merge, parse_shifts, with_base_defaults
 from ..core.errors import InputError
@@ -34,7 +40,7 @@ from ..core.files import write_text
 from ..core.lock import FolderLock
 from ..core.options import default
 from ..core.ops import grid_sample, normalize
-from ..core.optim import adam_init, adam_step
+from ..core.optim import adam_init, adam_step, clip_by_norm
 from ..core.optim import finite as finite_grads
 from ..features.knn import build_knn, cached_table, certifies_finite, default_path, load_knn
 from ..features import provenance
@@ -68,6 +74,10 @@ class TrainOptions:
     prefetch: bool | None = None     # read the next batch in a background thread during a step;
                                      # None: on a GPU only (docs/benchmarks.md: on 2 busy CPU cores
                                      # the reader thread cost more than it hid)
+    weight_decay: float | None = None   # AdamW's decoupled decay of the head's parameters (0: off);
+                                        # None: the base's (HP 0.1), the checkpoint's on resume
+    grad_clip: float | None = None      # the head's gradients clipped to this global norm (0: off);
+                                        # None: the base's (HP 10), the checkpoint's on resume
 
     def validate(self):
         for name in ("steps", "batch_size", "ckpt_every", "log_every", "knn_k", "val_every"):
@@ -80,13 +90,34 @@ class TrainOptions:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)):
                 raise InputError(f"--{name.replace('_', '-')}: expected a positive number, got {v!r}")
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                      and math.isfinite(v)):
+                raise InputError(f"{name}: expected a number >= 0 (0: off), got {v!r}")
         try:
             resolve_device(self.device)
         except ValueError as e:
             raise InputError(str(e)) from None
 
 
-FILE_KEYS = ("steps", "batch_size", "lr", "lr_clusters", "seed", "ckpt_every", "log_every", "val_every")
+FILE_KEYS = ("steps", "batch_size", "lr", "lr_clusters", "seed", "ckpt_every", "log_every", "val_every",
+             "weight_decay", "grad_clip")
+OPTIMISER_KEYS = ("weight_decay", "grad_clip")   # a base's choices (None: its own), recorded in checkpoints
+
+
+def optimiser_settings(opts, base_name, before=None) -> dict:
+    """``weight_decay`` and ``grad_clip`` of a run: the options' where given, else (``None``) the
+    checkpoint's (``before``, a resumed run's recorded options), else the base's ``LOOP_DEFAULTS``,
+    else 0 (off)."""
+    own = bases.get(base_name).LOOP_DEFAULTS
+    out = {}
+    for k in OPTIMISER_KEYS:
+        v = getattr(opts, k)
+        if v is None:
+            v = (before or {}).get(k)
+        out[k] = float(own.get(k, 0.0) if v is None else v)
+    return out
 
 
 def loop_settings(flags: dict, file_table: dict, explicit, source, base_name=None) -> dict:
@@ -250,7 +281,43 @@ def _trim_log(log_path, step):
 
 
 def _lr_table(params, opts):
+    """The centroids at ``lr_clusters``, every other parameter with a gradient (the head, a base's
+    own: HP's project_head) at ``lr``; a teacher's keys are listed but get no gradient."""
     return {k: (opts.lr_clusters if k.startswith("M") else opts.lr) for k in params}
+
+
+def _inputs(store, cfg) -> dict:
+    """The row files a step of the base reads besides the features (HP: attn.npy, and
+    feats_aug.npy where the consistency term is on), opened and checked against the features;
+    a missing or mismatched one is one line naming it (the store's)."""
+    openers = {"attn": store.open_attention, "feats_aug": store.open_augmented}
+    return {k: openers[k]() for k in bases.inputs(bases.get(cfg.base), cfg)}
+
+
+def _patch_reader(store):
+    """``read(rows, cells) -> (P, C)`` float32: one patch (cell = y·w + x) of each row, read
+    through the memmap (a few bytes a row, in file order), finite or one line naming the row."""
+    f = store.feats
+    opened = getattr(f, "offset", 0) + f.size * f.dtype.itemsize
+
+    def read(rows, cells):
+        rows, cells = np.asarray(rows, np.int64), np.asarray(cells, np.int64)
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), store.C), np.float32)
+        try:   # a file shrunk meanwhile would kill the process (SIGBUS) on a memmap read: named first
+            if os.stat(store.path).st_size < opened:
+                raise InputError(f"{store.path}: the feature file shrank while in use (overwritten or truncated?); "
+                                 "the reference pool cannot be read")
+            out[order] = np.asarray(f[rows[order], cells[order] // store.w, cells[order] % store.w], dtype=np.float32)
+        except OSError as e:
+            raise InputError(f"{store.path}: cannot read the reference pool's patches ({e.strerror or e})") from None
+        store.release()
+        bad = ~np.isfinite(out).all(axis=1)
+        if bad.any():
+            raise InputError(f"{store.path}: row {int(rows[np.argmax(bad)])} contains NaN or inf (expected finite "
+                             "features)")
+        return out
+    return read
 
 
 def train(cfg: model.Config, opts: TrainOptions, say=print, validate=None) -> dict:
@@ -273,11 +340,12 @@ def train(cfg: model.Config, opts: TrainOptions, say=print, validate=None) -> di
         raise InputError(f"{store.path}: features have C={store.C} channels but the config says in_dim={cfg.in_dim}")
     if opts.batch_size > store.N:
         raise InputError(f"--batch-size {opts.batch_size}: larger than the {store.N} images in {store.path}")
-    if cfg.weight_neg > 0 and opts.batch_size < 2:
+    if bases.negatives(bases.get(cfg.base), cfg) and opts.batch_size < 2:
         raise InputError("--batch-size: negative pairs need at least 2 images per batch")
+    inputs = _inputs(store, cfg)     # before the lock and the folder: a missing file is named first
     _check_backbones(store, opts, say, validate)
     with FolderLock(opts.out, "train", say=say):
-        return _train(cfg, opts, say, store, validate)
+        return _Run(cfg, opts, say, store, validate, inputs).run()
 
 
 def _check_backbones(store, opts, say, validate):
@@ -294,10 +362,6 @@ def _check_backbones(store, opts, say, validate):
                                 allow=opts.allow_backbone_mismatch, say=say)
 
 
-def _train(cfg, opts, say, store, validate):
-    return _Run(cfg, opts, say, store, validate).run()
-
-
 class _Due(NamedTuple):
     log: bool
     validate: bool
@@ -309,12 +373,14 @@ class _Run:
     looked at (log, validation, checkpoint; the one host read), closed. Its state is its fields:
 
     params, opt_state, rng, step, loop (data order and position), best (the best validation so
-    far), cfg and opts as the run records them; ``saved_step`` the last step on disk; the
-    divergence watch ``ok``/``bad_at``/``bad_why`` (device scalars) and ``window`` (step ->
-    generator state, data position, Adam count and rows before it, since the last look)."""
+    far), state (the base's arrays outside the parameters: HP's pools), cfg and opts as the run
+    records them; ``saved_step`` the last step on disk; the divergence watch
+    ``ok``/``bad_at``/``bad_why`` (device scalars) and ``window`` (step -> generator state, data
+    position, Adam count, rows and base state before it, since the last look)."""
 
-    def __init__(self, cfg, opts, say, store, validate):
+    def __init__(self, cfg, opts, say, store, validate, inputs=None):
         self.cfg, self.opts, self.say, self.store, self.validate = cfg, opts, say, store, validate
+        self.inputs, self.read_patches = inputs or {}, _patch_reader(store)
         knn, self.knn_path, self.knn_certified = _ensure_knn(store, opts, say)
         self.knn = knn[:, : opts.knn_k + 1]
         self.out = Path(opts.out)
@@ -329,8 +395,14 @@ class _Run:
             st = self.opt_state
             self.params = to_device(self.params, "gpu")
             self.opt_state = {"t": st["t"], "m": to_device(st["m"], "gpu"), "v": to_device(st["v"], "gpu")}
+            self.state = to_device(self.state, "gpu")
         self.lr = _lr_table(self.params, self.opts)
-        self.buffers = bool(bases.get(self.cfg.base).TEACHER)
+        base = bases.get(self.cfg.base)
+        self.buffers = bool(bases.teacher_keys(base))
+        # AdamW's decay and the clipping act on the head's parameters (HP: every one, biases included,
+        # not project_head and not the probes; docs/hp_reading.md §9)
+        self.decay = {k: self.opts.weight_decay for k in head.KEYS} if self.opts.weight_decay else None
+        self.clip = self.opts.grad_clip or None
         self.saved_step = checkpoint.step_of(self.ckpt_path) if self.opts.resume else None
         # A divergence (NaN or inf in the loss or the gradients) is watched on the device, without
         # a synchronisation a step: Adam applies a step only while `ok` holds, so from the first
@@ -353,6 +425,7 @@ class _Run:
         checkpoint.refuse_imported(opts.resume, ck["info"])
         self._check_resumable(ck)
         self.params, self.opt_state, self.rng, self.step = ck["params"], ck["opt_state"], ck["rng"], ck["step"]
+        self.state = {k: ck["state"][k] for k in bases.state_names(bases.get(self.cfg.base))}
         self.loop = {"order": ck["arrays"]["order"], "pos": int(ck["info"]["pos"]), "epoch": int(ck["info"]["epoch"])}
         self.best = dict(ck["info"].get("best") or {"step": None, "val_miou": None})
         if len(self.loop["order"]) != store.N:
@@ -361,17 +434,28 @@ class _Run:
         _trim_log(self.log_path, self.step)
         self.say(f"resuming from {opts.resume} at step {self.step}")
         before = ck["info"].get("options", {})
-        changed = [k for k in ("batch_size", "lr", "lr_clusters", "knn_k") if k in before and before[k] != getattr(opts, k)]
+        opts = dataclasses.replace(opts, **optimiser_settings(opts, self.cfg.base, before))
+        keys = ("batch_size", "lr", "lr_clusters", "knn_k", *OPTIMISER_KEYS)
+        changed = [k for k in keys if k in before and before[k] != getattr(opts, k)]
+        if hasattr(bases.get(self.cfg.base), "schedule") and before.get("steps") not in (None, opts.steps):
+            changed.append("steps")   # the base's schedule (HP's λ) runs to the run's last step
         if changed:   # allowed (a lower --lr after a divergence), but said: the run is no longer one
             self.say("note: " + ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {getattr(opts, k)}" for k in changed)
-                     + " since the checkpoint; the continuation differs from an uninterrupted run")
+                     + " since the checkpoint; the continuation differs from an uninterrupted run"
+                     + (f" (the {self.cfg.base} base's λ follows the run's steps)" if "steps" in changed else ""))
         self.opts = dataclasses.replace(opts, seed=before.get("seed", opts.seed))   # the run's seed, in its records
 
     def _check_resumable(self, ck):
         """The checkpoint is whole and finite, of this config and of these features."""
         opts, cfg = self.opts, self.cfg
         checkpoint.check_params(opts.resume, ck["params"], ck["config"])
-        arrays = {**ck["params"], **{f"adam_{m}/{k}": v for m in ("m", "v") for k, v in ck["opt_state"][m].items()}}
+        names = bases.state_names(bases.get(ck["config"].base))
+        missing = [k for k in names if k not in ck["state"]]
+        if missing:
+            raise InputError(f"{opts.resume}: holds no {', '.join(missing)} (the {ck['config'].base} base's state); "
+                             "it cannot be resumed bit-exactly, start a new run")
+        arrays = {**ck["params"], **{f"adam_{m}/{k}": v for m in ("m", "v") for k, v in ck["opt_state"][m].items()},
+                  **{f"state/{k}": ck["state"][k] for k in names}}
         bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
         if bad:   # a run resumed from here would diverge at its first step
             raise InputError(f"{opts.resume}: non-finite values in {', '.join(bad)}; resume from an earlier "
@@ -397,6 +481,8 @@ class _Run:
         self.opt_state = adam_init(self.params)
         self.step = 0
         self.loop = {"order": self.rng.permutation(store.N), "pos": 0, "epoch": 0}
+        self.state = model.start_state(self.cfg, self.params, self.read_patches, store.N, store.h * store.w, self.rng)
+        self.opts = dataclasses.replace(opts, **optimiser_settings(opts, self.cfg.base))
         self.best = {"step": None, "val_miou": None}
         if self.log_path.exists():
             self.log_path.unlink()
@@ -415,7 +501,7 @@ class _Run:
                 "options": {k: v for k, v in dataclasses.asdict(self.opts).items() if k != "progress"}}
         try:
             checkpoint.save(path, self.params, self.opt_state, self.step, rng, self.cfg,
-                            arrays={"order": loop["order"]}, info=info)
+                            arrays={"order": loop["order"]}, info=info, state=self.state)
         except OSError as e:
             raise InputError(f"{path}: cannot write the step-{self.step} checkpoint ({e.strerror}); "
                              f"{self.intact()}") from None
@@ -424,7 +510,7 @@ class _Run:
 
     def diverged(self, first_bad, why):
         """Save the state before step ``first_bad`` as diverged.npz and stop with what to do."""
-        rng_state, loop_state, t, rows = self.window[first_bad]
+        rng_state, loop_state, t, rows, self.state = self.window[first_bad]
         before = np.random.default_rng()
         before.bit_generator.state = rng_state
         self.step, self.opt_state["t"] = first_bad - 1, t
@@ -432,6 +518,8 @@ class _Run:
         self.save(where, before, loop_state)
         try:   # the step's own input first: NaN or inf there is the features' fault, not the lr's
             self.store.read(rows, check_finite=True)
+            for rf in self.inputs.values():
+                rf.read(rows[:self.opts.batch_size], check_finite=True)
         except InputError as e:
             raise InputError(f"training diverged at step {first_bad} ({why}) on non-finite input: {e}; check the "
                              f"features (the state before the step is in {where})") from None
@@ -439,18 +527,29 @@ class _Run:
                          f"{where} (continue it with --resume and a lower --lr)")
 
     # ---- stepping --------------------------------------------------------------------------------
-    def take_step(self, batch, draws):
+    def take_step(self, batch, draws, state_draws=None):
         """One optimiser step on the device, the divergence watch updated; reads nothing back.
-        -> the loss parts (device scalars)."""
+        ``state_draws``: the base's state change due before this step (HP's pool renewal).
+        -> the loss parts (device scalars). (The benchmarks call it on a bare namespace of the
+        fields STEGO's step reads; a base state, clipping and decay are then absent: none.)"""
         xp = self.xp
-        loss, parts, grads = model.loss_and_grads(self.params, batch, self.cfg, self.rng, draws=draws)
+        state = getattr(self, "state", None)
+        if state_draws is not None:
+            self.state = state = model.advance_state(self.cfg, self.params, state, state_draws, self.read_patches)
+        loss, parts, grads = model.loss_and_grads(self.params, batch, self.cfg, self.rng, draws=draws, state=state)
+        clip, decay = getattr(self, "clip", None), getattr(self, "decay", None)
         finite = xp.isfinite(loss)
         was_ok = self.ok
         ok = self.ok & finite
-        if self.buffers:   # a base's no-gradient parameters move first, from the step's own values
+        checked = self.buffers or clip is not None
+        if checked:   # the guard reads the gradients as they came (before any clipping)
             ok = ok & finite_grads(grads)
+        if self.buffers:   # a base's no-gradient parameters move first, from the step's own values
             model.update_buffers(self.params, self.cfg, ok)
-        self.ok = adam_step(self.params, grads, self.opt_state, self.lr, ok=ok, grads_checked=self.buffers)
+        if clip is not None:
+            grads = clip_by_norm(grads, head.KEYS, clip)
+        self.ok = adam_step(self.params, grads, self.opt_state, self.lr, ok=ok, grads_checked=checked,
+                            weight_decay=decay)
         first = was_ok & ~self.ok
         self.bad_at = xp.where(first, self.step + 1, self.bad_at)
         self.bad_why = xp.where(first, xp.where(finite, 2, 1), self.bad_why)
@@ -505,7 +604,7 @@ class _Run:
         opts, store, B = self.opts, self.store, self.opts.batch_size
         prefetch = opts.device == "gpu" if opts.prefetch is None else opts.prefetch
         reader = _BatchReader(store, opts.device, check_finite=not self.knn_certified, prefetch=prefetch,
-                              partners=bases.get(self.cfg.base).needs_partners(self.cfg))
+                              partners=bases.get(self.cfg.base).needs_partners(self.cfg), inputs=self.inputs)
         bar = _progress(opts, self.step)
         self.last_val, self.t0, interrupted = None, time.perf_counter(), False
         state = (self.rng.bit_generator.state, dict(self.loop))      # what a checkpoint after `step` records
@@ -513,12 +612,13 @@ class _Run:
         with _Interrupt() as stop, _LogFile(self.log_path, self.intact) as log, reader:
             while self.step < opts.steps:
                 batch = pending.result()
-                self.window[self.step + 1] = (*state, self.opt_state["t"], pending.rows)
-                draws = model.draw(self.cfg, B, store.C, self.rng)
+                self.window[self.step + 1] = (*state, self.opt_state["t"], pending.rows, self.state)
+                draws = model.draw(self.cfg, B, store.C, self.rng, progress=(self.step, opts.steps))
+                renew = model.state_draws(self.cfg, self.step, store.N, store.h * store.w, self.rng)
                 state = (self.rng.bit_generator.state, dict(self.loop))
                 if self.step + 1 < opts.steps:
                     pending = reader.submit(*_next_indices(self.loop, store.N, B, self.rng, self.knn))
-                parts = self.take_step(batch, draws)
+                parts = self.take_step(batch, draws, renew)
                 due = self.due()
                 if not (any(due) or stop.hit):      # nothing to do: no host read this step
                     bar.update(1)
@@ -552,18 +652,21 @@ class _BatchReader:
     finiteness of the rows is checked per read only when no KNN table has certified the whole file
     (a table built from it reads every row once; see ``features/knn.py``)."""
 
-    def __init__(self, store, device, check_finite=True, prefetch=True, partners=True):
+    def __init__(self, store, device, check_finite=True, prefetch=True, partners=True, inputs=None):
         from concurrent.futures import Future, ThreadPoolExecutor
 
         self.store, self.device, self.check_finite = store, device, check_finite
         self.partners = partners     # False: the base uses no KNN partners, so none is read
+        self.inputs = inputs or {}   # a base's row files (HP: attn, feats_aug), read for the batch rows
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omh-ref-batches") if prefetch else None
         self._done = Future
 
     def _read(self, idx, partners):
         dtype = self.store.dtype if self.device == "gpu" else np.float32
         rows = self.store.read(np.concatenate([idx, partners]), dtype=dtype, check_finite=self.check_finite)
-        return rows[:len(idx)], (rows[len(idx):] if self.partners else None)
+        extra = {k: rf.read(idx, dtype=rf.rows.dtype if self.device == "gpu" else np.float32)   # no certificate:
+                 for k, rf in self.inputs.items()}                                               # checked per read
+        return rows[:len(idx)], (rows[len(idx):] if self.partners else None), extra
 
     def submit(self, idx, partners):
         partners = partners if self.partners else partners[:0]
@@ -593,8 +696,8 @@ class _Batch:
         self.fut, self.device, self.rows = fut, device, rows
 
     def result(self):
-        feats, pos = self.fut.result()
-        batch = {"feats": feats} if pos is None else {"feats": feats, "feats_pos": pos}
+        feats, pos, extra = self.fut.result()
+        batch = {"feats": feats, **extra} if pos is None else {"feats": feats, "feats_pos": pos, **extra}
         return to_device(batch, "gpu") if self.device == "gpu" else batch
 
 

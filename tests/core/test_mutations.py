@@ -21,16 +21,21 @@ output. Perturbed, by module (output index or key in brackets):
 
 Not perturbed, because the model's gradient does not run through them: ``ops.dropout.backward``
 (the dropped-out input is the frozen features) and ``ops.resize`` (evaluation only).
+
+HP's pieces (``ops.neighbour_mix.backward``, ``ops.pairwise_distance.backward`` [da, db],
+``losses.supcon.backward`` [each code array's gradient]) are perturbed the same way against their own
+cases of the suite (``OP_BACKWARDS``): each of those cases must fail.
 """
 import dataclasses
 
 import pytest
 
-from omh_ref.core import fixtures, head, model
+from omh_ref.core import checks, fixtures, head, model
 from omh_ref.core.checks import HIER_LOG_EPS, model_check
 from omh_ref.core.gradcheck import TOLERANCES
-from omh_ref.core.losses import cluster, correlation, hierarchy
+from omh_ref.core.losses import cluster, correlation, hierarchy, supcon
 from omh_ref.core.ops import cosine, grid_sample, kl, linear, log_softmax, normalize, relu, silu, sinkhorn, softmax
+from omh_ref.core.ops import neighbour_mix, pairwise_distance
 
 REL = 1e-3          # the perturbation: 0.1 %, 100 times the checker's rtol
 SEED = 7
@@ -121,6 +126,34 @@ def test_each_perturbed_backward_fails_the_model_check(case, monkeypatch):
         assert calls, f"{variant}: the model never ran the perturbed {mod.__name__}.{fn}"
         assert not rep.passed, f"{variant}: a {REL:g} relative error went unseen: {rep.row()}"
         assert rep.max_rel_err > 10 * TOLERANCES["float64"]["rtol"], rep.row()
+
+
+SUPCON_CASES = ("supcon lam=0.3 rho=0.4", "supcon lam=0 rho=1", "jacobian:supcon")
+# (module, function name, output (None: the single output), the suite's cases that must then fail)
+OP_BACKWARDS = [
+    (neighbour_mix, "backward", None, ("neighbour_mix", "jacobian:neighbour_mix")),
+    (pairwise_distance, "backward", 0, ("pairwise_distance",)),
+    (pairwise_distance, "backward", 1, ("pairwise_distance",)),
+    (supcon, "backward", 0, SUPCON_CASES),
+    (supcon, "backward", 1, SUPCON_CASES),
+]
+
+
+@pytest.mark.parametrize("case", OP_BACKWARDS, ids=_id)
+def test_each_perturbed_hp_backward_fails_its_gradient_checks(case, monkeypatch):
+    mod, fn, which, names = case
+    calls = []
+    monkeypatch.setattr(mod, fn, _scaled(getattr(mod, fn), which, calls))
+    ran = set()
+    for name, check in checks.cases(SEED):
+        if name in names:
+            calls.clear()
+            rep = check()
+            ran.add(name)
+            assert calls, f"{name}: the check never ran the perturbed {mod.__name__}.{fn}"
+            assert not rep.passed, f"{name}: a {REL:g} relative error went unseen: {rep.row()}"
+            assert rep.max_rel_err > 10 * TOLERANCES["float64"]["rtol"], rep.row()
+    assert ran == set(names), f"the suite has no case {sorted(set(names) - ran)}"
 
 
 def _weights_in_backward(change):

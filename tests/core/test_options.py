@@ -16,10 +16,10 @@ SHARED = {**options.LOOP, **options.DEVICE, **options.OUTPUT, **options.CRF, **o
 
 
 # the shared options each command takes (a command's own --batch-size or --seed means something else)
-TAKES = {"train": {"steps", "batch_size", "lr", "lr_clusters", "seed", "device", "ckpt_every", "log_every",
-                   "val_every", "quiet", "allow_backbone_mismatch"},
-         "seeds": {"steps", "batch_size", "lr", "lr_clusters", "probe", "knn_k", "crf", "scheduler", "device",
-                   "quiet", "allow_backbone_mismatch"},
+TAKES = {"train": {"steps", "batch_size", "lr", "lr_clusters", "weight_decay", "grad_clip", "seed", "device",
+                   "ckpt_every", "log_every", "val_every", "quiet", "allow_backbone_mismatch"},
+         "seeds": {"steps", "batch_size", "lr", "lr_clusters", "weight_decay", "grad_clip", "probe", "knn_k", "crf",
+                   "scheduler", "device", "quiet", "allow_backbone_mismatch"},
          "demo": {"steps", "batch_size", "device", "quiet"},
          "recipe": {"crf", "probe", "scheduler", "device", "quiet"},
          "eval": {"crf", "crf_workers", "crf_timeout", "device", "quiet", "allow_backbone_mismatch", "stored_probe"},

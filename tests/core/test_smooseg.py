@@ -180,8 +180,8 @@ def test_an_unknown_base_is_one_line_naming_the_file(tmp_path):
 
     feats = builders.write_feats(tmp_path / "f" / "feats.npy", 4, 4, 5, C, np.float32)
     assert with_base_defaults({"base": "bogus", "dim": 3}) == {"base": "bogus", "dim": 3}
-    with pytest.raises(InputError, match=r"^cfg.toml: config field 'base': expected one of \('stego', 'smooseg'\), "
-                                         r"got 'bogus'$"):
+    with pytest.raises(InputError, match=r"^cfg.toml: config field 'base': expected one of \('stego', 'smooseg', "
+                                         r"'hp'\), got 'bogus'$"):
         model_config(FeatureStore(feats), {"base": "bogus"}, {}, source="cfg.toml")
 
 
@@ -192,5 +192,6 @@ def test_a_smooseg_runs_curves_and_log_name_its_own_loss(tmp_path):
     ck = _run(small(omh=False), feats, tmp_path / "r", steps=3, log_every=1)
     log = tmp_path / "r" / "log.jsonl"
     assert pictures.loss_keys(pictures.read_log(log))[:2] == ["loss", "smooth"]
-    assert pictures.BASE_LOSSES == {"corr": "stego base loss (corr)", "smooth": "smooseg base loss (smooth)"}
+    assert pictures.BASE_LOSSES == {"corr": "stego base loss (corr)", "smooth": "smooseg base loss (smooth)",
+                                    "supcon": "hp base loss (supcon)"}
     assert ck

@@ -138,10 +138,12 @@ def test_the_demo_with_every_base_has_each_base_with_and_without_omh(tmp_path):
     from omh_ref.train import checkpoint
     from omh_ref_cli.main import main
 
-    assert demo.methods_of("all") == (*demo.BASE_METHODS["stego"], *demo.BASE_METHODS["smooseg"])
+    assert demo.methods_of("all") == (*demo.BASE_METHODS["stego"], *demo.BASE_METHODS["smooseg"],
+                                      *demo.BASE_METHODS["hp"])
     assert demo.methods_of("smooseg") == ("OMH on SmooSeg", "SmooSeg baseline")
-    with pytest.raises(InputError, match="--bases: expected 'all' or base names from stego, smooseg, got 'hp'"):
-        demo.methods_of("hp")
+    assert demo.methods_of("hp,stego") == (*demo.BASE_METHODS["stego"], "OMH on HP", "HP baseline")
+    with pytest.raises(InputError, match="--bases: expected 'all' or base names from stego, smooseg, hp, got 'dino'"):
+        demo.methods_of("dino")
     res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--seeds", "0", "--steps", "2",
                                     "--batch-size", "4", "--n-train", "8", "--n-val", "4", "--probe-epochs", "1",
                                     "--bases", "smooseg", "--quiet"])
@@ -154,6 +156,34 @@ def test_the_demo_with_every_base_has_each_base_with_and_without_omh(tmp_path):
         assert (cfg.base, cfg.omh, cfg.head_activation, cfg.dim) == ("smooseg", omh, "silu", 64)
         assert (opts["lr"], opts["lr_clusters"], opts["batch_size"]) == (1e-4, 5e-4, 4)   # the demo's batch
         assert "G" in ck["params"]
+
+
+def test_the_demo_trains_hp_on_its_synthetic_inputs(tmp_path):
+    """--bases hp: the train split gets attn.npy and feats_aug.npy (synthetic.write(hp=True)), the
+    val split neither; HP's runs are HP's (relu head, dim 512, its learning rates, AdamW decay and
+    clipping), the base alone rescored by k-means; a STEGO-only demo writes no HP inputs."""
+    from click.testing import CliRunner
+
+    from omh_ref.train import checkpoint
+    from omh_ref_cli.main import main
+
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--seeds", "0", "--steps", "2",
+                                    "--batch-size", "2", "--n-train", "6", "--n-val", "3", "--probe-epochs", "1",
+                                    "--bases", "hp", "--quiet"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert set(rep["methods"]) == {"OMH on HP", "HP baseline", "HP code + k-means"}
+    data = tmp_path / "d" / "data"
+    assert (data / "train" / "attn.npy").is_file() and (data / "train" / "feats_aug.npy").is_file()
+    assert not (data / "val" / "attn.npy").exists()
+    for name, omh in (("OMH_on_HP", True), ("HP_baseline", False)):
+        ck = checkpoint.load(tmp_path / "d" / "runs" / f"{name}-seed0" / "ckpt.npz")
+        cfg, opts = ck["config"], ck["info"]["options"]
+        assert (cfg.base, cfg.omh, cfg.head_activation, cfg.dim) == ("hp", omh, "relu", 512)
+        assert (cfg.warmup, cfg.renew_interval) == (50, 20)      # HP's Cityscapes schedule (demo.HP_SHORT)
+        assert (opts["lr"], opts["lr_clusters"], opts["batch_size"]) == (5e-4, 5e-3, 2)
+        assert "PW" in ck["params"]
+    assert demo.needs_hp_inputs(("OMH", "HP baseline")) and not demo.needs_hp_inputs(demo.BASE_METHODS["stego"])
 
 
 def test_eval_cli_prints_tables_and_writes_json_and_pngs(tmp_path):

@@ -35,10 +35,11 @@ def quiet(*_):
 # The recipe files
 # --------------------------------------------------------------------------------------------------
 SMOOSEG_NAMES = [f"{d}_smooseg" for d in ("cocostuff27", "cityscapes27", "potsdam3")]
+HP_NAMES = [f"{d}_hp" for d in ("cocostuff27", "cityscapes27", "potsdam3")]
 
 
 def test_the_recipes_ship():
-    assert recipe.names() == sorted(NAMES + SMOOSEG_NAMES)
+    assert recipe.names() == sorted(NAMES + SMOOSEG_NAMES + HP_NAMES)
 
 
 def test_a_recipe_that_leaves_out_its_loop_values_takes_its_bases(tmp_path):
@@ -71,6 +72,40 @@ def test_each_smooseg_recipe_is_smoosegs_loop_on_its_data_set(name, tmp_path):
     res = CliRunner().invoke(main, ["train", "--features", feats, "--config", str(REPO / "configs" / f"{name}.toml"),
                                     "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--quiet"])
     assert res.exit_code == 0, res.output
+
+
+# HP's values per data set (docs/hp_reading.md §9): dim, ema, tau, alpha, rho, pool, renew, warmup, steps
+HP_VALUES = {"cocostuff27": (512, 0.99, 0.8, 0.05, 0.02, 2048, 100, 1000, 11631),
+             "cityscapes27": (512, 0.999, 0.6, 0.05, 0.02, 2048, 20, 50, 6960),
+             "potsdam3": (256, 0.999, 0.4, 0.0, 1.0, 1024, 20, 100, 5000)}
+
+
+@pytest.mark.parametrize("name", HP_NAMES)
+def test_each_hp_recipe_is_hps_loop_on_its_data_set(name, tmp_path):
+    """HP's loop (batch 64, AdamW at 5e-4 with decay 0.1, clipping at 10, the probe at 5e-3), its
+    values for the data set (each cited in the file), OMH's levels on top; --no-omh leaves HP alone
+    with STEGO's probe; train takes the file, on features with HP's inputs beside them."""
+    rec = recipe.load(name)
+    dataset = name.split("_", 1)[0]
+    c = rec.config
+    assert (c.base, c.dropout, c.head_activation) == ("hp", 0.1, "relu")
+    assert (c.dim, c.ema_alpha, c.supcon_tau, c.consistency_weight, c.denominator_share, c.pool_size,
+            c.renew_interval, c.warmup, rec.train["steps"]) == HP_VALUES[dataset]
+    assert (rec.train["batch_size"], rec.train["lr"], rec.train["lr_clusters"], rec.train["weight_decay"],
+            rec.train["grad_clip"]) == (64, 5e-4, 5e-3, 0.1, 10.0)
+    assert list(c.levels) == [4 * rec.n_classes, 2 * rec.n_classes, rec.n_classes] and c.omh
+    assert rec.settings["arch"] == ("vit_base" if dataset == "potsdam3" else "vit_small") and rec.settings["patch"] == 8
+    alone = recipe.load(name, {"model": {"omh": False}}).config
+    assert (alone.levels, alone.cluster_target) == ((rec.n_classes,), "hard")
+    feats = builders.hp_inputs(Path(_features(tmp_path / "f", c.in_dim)).parent)
+    res = CliRunner().invoke(main, ["train", "--features", feats, "--config", str(REPO / "configs" / f"{name}.toml"),
+                                    "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    from omh_ref.train.checkpoint import load
+
+    ck = load(tmp_path / "run" / "ckpt.npz")
+    assert ck["config"] == c and (ck["info"]["options"]["weight_decay"], ck["info"]["options"]["grad_clip"]) == \
+        (0.1, 10.0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -335,6 +370,43 @@ def test_dry_run_prints_the_commands_and_marks_the_done_ones(coco, tmp_path):
             main.commands[words[1]].make_context(words[1], words[2:])
     seeds = main.commands["seeds"].make_context("seeds", shlex.split(done.splitlines()[-1].removeprefix("# done: "))[2:])
     assert (seeds.params["steps"], seeds.params["batch_size"], seeds.params["seed_list"]) == (3, 4, "0,1")
+
+
+def test_an_hp_recipe_exports_and_extracts_hps_inputs(coco, tmp_path):
+    """An HP recipe exports the backbone with its attention output and extracts the training split
+    with --attention, and with --augment where its consistency weight is not 0 (Potsdam's is 0);
+    the evaluation split needs neither; each printed command parses. A training folder extracted
+    without them is not taken as done: it is refused in one line."""
+    import shlex
+
+    from omh_ref.extract import export_dino
+
+    assert recipe.hp_inputs(recipe.load("potsdam3_hp")) == {"attention": True, "augment": False}
+    assert recipe.hp_inputs(recipe.load("cocostuff27_vits8")) == {"attention": False, "augment": False}
+    augment = True
+    root, pth, _, _, _ = coco
+    args = ["recipe", "cocostuff27_hp", "--root", str(root), "--weights", str(pth), "--seeds", "0", "--out",
+            str(tmp_path / "new"), "--dry-run"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    lines = _commands(res.output)
+    assert lines[0].startswith("omh-ref export ") and lines[0].endswith("--attention")
+    train, val = lines[1], lines[2]
+    assert "--split train" in train and "--attention" in train and ("--augment" in train) == augment
+    assert "--split val" in val and "--attention" not in val and "--augment" not in val
+    assert "HP's attention window weights (attn.npy)" in res.output
+    for line in lines:
+        words = shlex.split(line)
+        if words[1] == "export":
+            export_dino.parse_args(words[2:])
+        else:
+            main.commands[words[1]].make_context(words[1], words[2:])
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "feats.json").write_text(json.dumps({"dataset": "cocostuff27", "split": "train"}))
+    with pytest.raises(InputError, match="attention"):
+        recipe._extracted(folder, {"dataset": "cocostuff27"}, ["attention"])
+    assert recipe._extracted(folder, {"dataset": "cocostuff27"})
 
 
 def _commands(output) -> list:
