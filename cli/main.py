@@ -513,17 +513,20 @@ def synth(out, split, n_images, grid, dim, seed, dtype, hp):
        help="The backbone's export size in px; repeat for several [default: 320, the peers' evaluation size; "
             "224 for a DINOv2 backbone].")
 @named("overwrite", is_flag=True, help="Replace a checkpoint in --out that is not an import of this file.")
+@named("dataset", default=None, type=click.Choice(["cocostuff27", "cityscapes27", "potsdam3"]),
+       help="HP's checkpoints only: the data set whose HP settings (its json/server file) the config records; "
+            "HP's file holds none [default: the hp base's, COCO-Stuff's, said so].")
 @friendly_errors
-def import_cmd(checkpoint, out, resolution, overwrite):
-    """A peer's released checkpoint (STEGO's or SmooSeg's Lightning .ckpt) as an omh-ref checkpoint
-    that eval and segment take as it is: the head, the cluster probe (SmooSeg: its teacher
-    centres), STEGO's linear probe (eval --stored-probe), and the backbone it holds exported to
-    ONNX (needs omh-ref[torch]). The file is read with a restricted unpickler: nothing it names
-    is run; nothing downloads."""
+def import_cmd(checkpoint, out, resolution, overwrite, dataset):
+    """A peer's released checkpoint (STEGO's or SmooSeg's Lightning .ckpt, HP's .pth) as an omh-ref
+    checkpoint that eval and segment take as it is: the head, the cluster probe (SmooSeg: its
+    teacher centres), STEGO's and HP's linear probe (eval --stored-probe), HP's moving-average
+    head, and the backbone it holds exported to ONNX (needs omh-ref[torch]). The file is read with
+    a restricted unpickler: nothing it names is run; nothing downloads."""
     from omh_ref.jobs.imports import ImportOptions, next_steps, run
 
-    record = run(ImportOptions(checkpoint=checkpoint, out=out, resolution=tuple(resolution), overwrite=overwrite),
-                 say=click.echo)
+    record = run(ImportOptions(checkpoint=checkpoint, out=out, resolution=tuple(resolution), overwrite=overwrite,
+                               dataset=dataset), say=click.echo)
     click.echo("next:")
     for line in next_steps(out, record):
         click.echo(line)

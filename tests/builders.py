@@ -574,3 +574,68 @@ def save_lightning(lit, path, peer, cfg: dict, n_classes, state=None):
         ck["hyper_parameters"] = {"n_classes": n_classes, "cfg": dictconfig({**cfg, **CONFIG_LIST})}
         torch.save(ck, path)
     return Path(path)
+
+
+def hp_checkpoint(vit, path, n_classes=4, dim=8, extra=0, seed=0, edit=None):
+    """A random-weight HP model around ``vit`` saved as HP's run.py saves its best one (hynnsk/HP @
+    8913644, described, not copied): a plain dict of torch.save (utils/common_utils.py lines 29-42)
+    with ``model_only=True`` (run.py lines 282-286), the state dicts of STEGOmodel's ``net``,
+    ``linear_probe`` and ``cluster_probe`` (build.py lines 14-24) under their entries, the
+    optimisers' None. The modules' attributes are HP's, so the keys are: ``net`` holds ``model``,
+    ``cluster1``, ``cluster2`` (ReLU), ``ema_model1``, ``ema_model2`` (model/dino/DinoFeaturizer.py
+    lines 15, 68-86, 120-128), the probes model/STEGO.py lines 33-34; the moving-average branches are
+    drawn apart from the live ones, as after training. ``predict(feats, size)`` renders HP's
+    evaluation of a feature grid (run.py lines 361-382, eval.py lines 146-150, no CRF; in float32,
+    HP's runs under autocast): the live code upsampled bilinearly to ``size``, then the cluster
+    probe's argmax cosine (utils/layer_utils.py lines 18-28) and the linear probe's argmax.
+    ``edit(ckpt)`` changes the dict before it is saved (a test's missing or extra key).
+    -> (the model, eval mode; the path)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Featurizer(nn.Module):                # DinoFeaturizer's parameters, in its order
+        def __init__(self, C, D):
+            super().__init__()
+            self.model = vit
+            self.cluster1 = nn.Sequential(nn.Conv2d(C, D, (1, 1)))
+            self.cluster2 = nn.Sequential(nn.Conv2d(C, C, (1, 1)), nn.ReLU(), nn.Conv2d(C, D, (1, 1)))
+            self.ema_model1 = nn.Sequential(nn.Conv2d(C, D, (1, 1)))
+            self.ema_model2 = nn.Sequential(nn.Conv2d(C, C, (1, 1)), nn.ReLU(), nn.Conv2d(C, D, (1, 1)))
+
+    class ClusterLookup(nn.Module):             # utils/layer_utils.py lines 6-12
+        def __init__(self, D, n):
+            super().__init__()
+            self.clusters = nn.Parameter(torch.randn(n, D))
+
+    class HPModel(nn.Module):
+        def __init__(self, C, D):
+            super().__init__()
+            self.net = Featurizer(C, D)
+            self.cluster_probe = ClusterLookup(D, n_classes + extra)
+            self.linear_probe = nn.Conv2d(D, n_classes, (1, 1))
+
+        def code(self, feats):                  # DinoFeaturizer lines 188-193, eval mode: no dropout
+            return self.net.cluster1(feats) + self.net.cluster2(feats)
+
+        def predict(self, feats, size):
+            code = F.interpolate(self.code(feats), size, mode="bilinear", align_corners=False)
+            inner = torch.einsum("bchw,nc->bnhw", F.normalize(code, dim=1),
+                                 F.normalize(self.cluster_probe.clusters, dim=1))
+            return inner.argmax(1), self.linear_probe(code).argmax(1)
+
+    torch.manual_seed(seed)
+    model = HPModel(vit.dim, dim).eval()
+    with torch.no_grad():
+        for live, ema in (("cluster1", "ema_model1"), ("cluster2", "ema_model2")):
+            for p, e in zip(getattr(model.net, live).parameters(), getattr(model.net, ema).parameters()):
+                e.copy_(p + 0.3 * torch.randn(p.shape))
+    ck = {"epoch": 2, "iter": 1500, "best_epoch": 2, "best_iter": 1500,
+          "net_model_state_dict": model.net.state_dict(), "net_optimizer_state_dict": None,
+          "linear_model_state_dict": model.linear_probe.state_dict(), "linear_optimizer_state_dict": None,
+          "cluster_model_state_dict": model.cluster_probe.state_dict(), "cluster_optimizer_state_dict": None,
+          "best": 187.25}
+    if edit is not None:
+        edit(ck)
+    torch.save(ck, path)
+    return model, Path(path)

@@ -1,17 +1,21 @@
-"""``omh-ref import``: a peer's released checkpoint (STEGO's or SmooSeg's Lightning ``.ckpt``) in,
-an omh-ref checkpoint out that ``eval`` and ``segment`` take as they are, with the backbone it
-holds exported to ONNX beside it (docs/DECISIONS.md, "Importing the peers' checkpoints").
+"""``omh-ref import``: a peer's released checkpoint (STEGO's or SmooSeg's Lightning ``.ckpt``, HP's
+``torch.save`` dict ``.pth``) in, an omh-ref checkpoint out that ``eval`` and ``segment`` take as
+they are, with the backbone it holds exported to ONNX beside it (docs/DECISIONS.md, "Importing the
+peers' checkpoints").
 
 Under ``--out DIR``:
 
 * ``DIR/ckpt.npz``: omh-ref's checkpoint (:mod:`omh_ref.train.checkpoint`) of the peer's base
-  alone (``base`` stego or smooseg, ``omh = false``): the head (``W1 b1 W2 b2 W3 b3`` from the two
-  branches' 1x1 convs), STEGO's cluster probe as ``M0`` (its n_classes + extra_clusters rows), or
-  SmooSeg's student as ``M0`` and teacher as ``G`` (the predictor); STEGO's released linear probe
-  as the arrays ``probe_W``, ``probe_b`` (``eval --stored-probe`` scores it); in ``info``: the
-  import's record (the source file's sha256, the peer, the commit whose key names were read, the
-  stored hyper-parameters, Lightning's epoch and step, the keys used and left out) and the
-  backbone's provenance, so features of another backbone are refused;
+  alone (``base`` stego, smooseg or hp, ``omh = false``): the head (``W1 b1 W2 b2 W3 b3`` from the
+  two branches' 1x1 convs), STEGO's and HP's cluster probe as ``M0`` (its n_classes +
+  extra_clusters rows), or SmooSeg's student as ``M0`` and teacher as ``G`` (the predictor); HP's
+  moving-average head as ``EW1`` ... ``Eb3`` and its ``project_head``, which HP does not save, drawn
+  as the hp base draws it (``PW``, ``Pb``); STEGO's and HP's released linear probe as the arrays
+  ``probe_W``, ``probe_b`` (``eval --stored-probe`` scores it); in ``info``: the import's record
+  (the source file's sha256, the peer, the commit whose key names were read, the stored
+  hyper-parameters, Lightning's epoch and step or HP's bookkeeping and the settings taken for it,
+  the keys used and left out) and the backbone's provenance, so features of another backbone are
+  refused;
 * ``DIR/<name>_<resolution>.onnx`` and ``DIR/manifest.json``: the checkpoint's DINO (or SmooSeg's
   DINOv2) backbone, exported, checked against torch and recorded by ``omh-ref export``'s own code
   (:func:`omh_ref.extract.export_dino.export_checked`), one file per ``--resolution``;
@@ -40,8 +44,9 @@ from . import peers, torch_file
 CHECKPOINT = "ckpt.npz"
 RECORD = "import.json"
 # The peers evaluate at 320 px (STEGO src/configs/eval_config.yml line 4, SmooSeg
-# configs/eval_config.yaml line 4); a DINOv2 backbone (patch 14) takes 224, SmooSeg's DINOv2
-# setting (configs/train_config.yaml line 15 and train_segmentation.py lines 232-235).
+# configs/eval_config.yaml line 4, HP build.py lines 187-205); a DINOv2 backbone (patch 14) takes
+# 224, SmooSeg's DINOv2 setting (configs/train_config.yaml line 15 and train_segmentation.py lines
+# 232-235).
 EVAL_RESOLUTION = 320
 
 
@@ -53,6 +58,7 @@ class ImportOptions:
     out: str
     resolution: tuple = ()          # the backbone's export sizes; () = the peer's evaluation size
     overwrite: bool = False
+    dataset: str | None = None      # HP's data set, whose settings its checkpoint lacks (peers.HP_SETTINGS)
 
 
 def _needs_torch(path, why):
@@ -62,15 +68,16 @@ def _needs_torch(path, why):
         raise InputError(f"{path}: {why} needs torch; pip install 'omh-ref[torch]'") from None
 
 
-def read(path) -> peers.Imported:
-    """The peer checkpoint at ``path`` in omh-ref's terms; one-line InputErrors, whatever the file
-    holds: the read and the conversion are one try, and an error no check foresaw (a crafted file
-    is a hostile input) is reported by type and message, not as a traceback."""
+def read(path, dataset=None) -> peers.Imported:
+    """The peer checkpoint at ``path`` in omh-ref's terms (``dataset``: HP's data set); one-line
+    InputErrors, whatever the file holds: the read and the conversion are one try, and an error no
+    check foresaw (a crafted file is a hostile input) is reported by type and message, not as a
+    traceback."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such file (expected a STEGO or SmooSeg checkpoint, .ckpt)")
+        raise InputError(f"{path}: no such file (expected a STEGO or SmooSeg checkpoint, .ckpt, or HP's, .pth)")
     try:
-        return peers.convert(torch_file.load(path), path)
+        return peers.convert(torch_file.load(path), path, **({"dataset": dataset} if dataset is not None else {}))
     except InputError:
         raise
     except torch_file.Refused as e:
@@ -149,7 +156,7 @@ def run(opts: ImportOptions, say=print) -> dict:
     path, out = Path(opts.checkpoint), Path(opts.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file (expected --out to be a folder)")
-    imp = read(path)
+    imp = read(path, opts.dataset)
     for line in imp.notes:
         say(line)
     sha = file_sha256(path)
@@ -160,7 +167,8 @@ def run(opts: ImportOptions, say=print) -> dict:
         say(f"{p.title} checkpoint {path}: head {cfg.in_dim} -> {cfg.dim} ({cfg.head_activation}), "
             f"{cfg.eval_k} clusters for {imp.n_classes} classes"
             + (", a linear probe" if imp.probe else "") + (", the teacher centres (its predictor)"
-                                                            if "G" in imp.params else ""))
+                                                            if "G" in imp.params else "")
+            + (", its moving-average head" if p.teacher else ""))
         prov, entries = (None, [])
         if imp.backbone:
             prov, entries = export_backbone(imp, opts, sha, say)
@@ -170,13 +178,13 @@ def run(opts: ImportOptions, say=print) -> dict:
         record = {"kind": "omh-ref import", "omh_ref_version": __version__, "peer": p.name, "peer_title": p.title,
                   "read_from": f"{p.repo}@{p.commit}", "source": str(path.resolve()), "source_sha256": sha,
                   "n_classes": imp.n_classes, "clusters": cfg.eval_k, "linear_probe": imp.probe is not None,
-                  "lightning": imp.lightning, "hyper_parameters": imp.hyper_parameters,
+                  **imp.record, "hyper_parameters": imp.hyper_parameters,
                   "keys": {"used": imp.used, "backbone": len(imp.backbone or {}), "left_out": imp.ignored},
                   "exports": [{k: e[k] for k in ("name", "file", "resolution", "sha256", "weights_sha256")}
                               for e in entries]}
         arrays = {"probe_W": imp.probe["W"], "probe_b": imp.probe["b"]} if imp.probe else None
         ck_path = out / CHECKPOINT
-        checkpoint.save(ck_path, imp.params, {"m": {}, "v": {}, "t": 0}, int(imp.lightning.get("global_step") or 0),
+        checkpoint.save(ck_path, imp.params, {"m": {}, "v": {}, "t": 0}, imp.step,
                         np.random.default_rng(0), cfg, arrays=arrays,
                         info={"imported": record, "backbone": prov, "n_classes": imp.n_classes})
         checkpoint.check_params(ck_path, checkpoint.load(ck_path)["params"], cfg)   # eval's own check, now

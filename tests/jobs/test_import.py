@@ -18,14 +18,15 @@ from click.testing import CliRunner
 from omh_ref.core.ops import linear, resize
 from omh_ref.evaluate import metrics
 from omh_ref.evaluate.predict import cluster_logits, code, scores_json
+from omh_ref.jobs import peers as peers_mod
 from omh_ref.jobs import torch_file
 from omh_ref.jobs.evaluate import EvalOptions
 from omh_ref.jobs.evaluate import run as eval_run
 from omh_ref.train import checkpoint
 from omh_ref_cli.main import main
 from tests import layouts
-from tests.builders import (CONFIG_LIST, SMOOSEG_CFG, STEGO_CFG, peer_module, random_vit, save_lightning,
-                            tiny_backbones, tiny_dino)
+from tests.builders import (CONFIG_LIST, SMOOSEG_CFG, STEGO_CFG, hp_checkpoint, peer_module, random_vit,
+                            save_lightning, tiny_backbones, tiny_dino)
 
 torch = pytest.importorskip("torch")
 
@@ -266,3 +267,225 @@ def test_the_reader_rebuilds_what_torch_saved(tmp_path):
     assert np.array_equal(torch_file._strided(base, 2, (2, 3), (3, 1)), base[2:8].reshape(2, 3))
     with pytest.raises(torch_file.Unreadable, match="reaches element 10"):
         torch_file._strided(base, 1, (2, 3), (5, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# HP: a plain torch.save dict of three state dicts (tests/builders.py hp_checkpoint)
+# --------------------------------------------------------------------------------------------------
+HP_EXTRA = 1     # HP trains with extra_clusters 0 (J:42); one here, so K and n_classes are read apart
+
+
+@pytest.fixture(scope="module")
+def hp(peers, tmp_path_factory):
+    """An HP checkpoint (tiny DINO ViT/8, D = 8, 4 classes + 1 extra cluster, a linear probe, the
+    moving-average head apart from the live one), imported without naming its data set."""
+    d = tmp_path_factory.mktemp("hp")
+    with tiny_dino():
+        vit = random_vit("dino", "vit_tiny", 8, 0, seed=4)
+        model, ck = hp_checkpoint(vit, d / "hp.pth", n_classes=N_CLASSES, dim=8, extra=HP_EXTRA, seed=2)
+        text = _ok(["import", str(ck), "--out", str(d / "hp"), "--resolution", "32"])
+    return SimpleNamespace(vit=vit, model=model, ckpt=ck, dir=d / "hp", text=text, d=d,
+                           onnx=d / "hp" / "dino_vitt8_32.onnx")
+
+
+def _conv2d(t):
+    return t.detach().numpy()[:, :, 0, 0]
+
+
+def test_hp_import_holds_hps_head_probes_and_moving_average_head(hp):
+    """The live head, the cluster probe as M0, the linear probe as probe_W/probe_b, the EMA
+    branches as the hp base's teacher keys (not the live ones); project_head drawn as the hp base
+    draws it; the config HP's base alone, its sizes from the weights, the rest the hp base's
+    defaults (said so)."""
+    from omh_ref.core import bases
+    from omh_ref.core.bases import hp as hp_base
+
+    params, cfg = checkpoint.load_params(hp.dir / "ckpt.npz")
+    assert (cfg.base, cfg.omh, cfg.levels, cfg.head_activation, cfg.in_dim, cfg.dim) == ("hp", False, (5,), "relu",
+                                                                                         32, 8)
+    assert {k: getattr(cfg, k) for k in hp_base.DEFAULTS if k != "dim"} == \
+        {k: v for k, v in hp_base.DEFAULTS.items() if k != "dim"}
+    net = hp.model.net
+    for key, (branch, i) in {"W1": ("cluster1", 0), "W2": ("cluster2", 0), "W3": ("cluster2", 2)}.items():
+        live, ema = getattr(net, branch)[i], getattr(net, "ema_model" + branch[-1])[i]
+        np.testing.assert_array_equal(params[key], _conv2d(live.weight))
+        np.testing.assert_array_equal(params["b" + key[1]], live.bias.detach().numpy())
+        np.testing.assert_array_equal(params["E" + key], _conv2d(ema.weight))
+        np.testing.assert_array_equal(params["Eb" + key[1]], ema.bias.detach().numpy())
+        assert not np.array_equal(params["E" + key], params[key])
+    assert set(peers_mod.HP.teacher) == set(bases.teacher_keys(hp_base))
+    np.testing.assert_array_equal(params["M0"], hp.model.cluster_probe.clusters.detach().numpy())
+    probe = checkpoint.stored_probe(hp.dir / "ckpt.npz")
+    np.testing.assert_array_equal(probe["W"], _conv2d(hp.model.linear_probe.weight))
+    drawn = hp_base.new_params(cfg, np.random.default_rng(0), np.float32)
+    assert all(np.array_equal(params[k], drawn[k]) for k in ("PW", "Pb"))
+    assert checkpoint.load(hp.dir / "ckpt.npz")["step"] == 1500
+    assert "holds no training settings" in hp.text and "supcon_tau 0.8" in hp.text and "--dataset" in hp.text
+
+
+def test_hp_import_predicts_as_hps_evaluation(hp, peers):
+    """HP evaluates the live code upsampled to the labels before both probes (run.py lines
+    361-382): with ``--upsample code`` the import's cluster and linear predictions equal the
+    torch rendering's at the feature grid and at twice its size."""
+    for size in ((4, 5), (8, 10)):
+        with torch.no_grad():
+            want_c, want_l = (t.numpy() for t in hp.model.predict(torch.from_numpy(peers.feats).permute(0, 3, 1, 2),
+                                                                  size))
+        got_c, got_l = _omh_predict(hp.dir / "ckpt.npz", peers.feats, size, "code")
+        assert len(np.unique(want_c)) >= 3 and len(np.unique(want_l)) >= 3
+        np.testing.assert_array_equal(got_c, want_c)
+        np.testing.assert_array_equal(got_l, want_l)
+
+
+@pytest.mark.parametrize("labels", ["labels.npy", "labels2.npy"])
+def test_eval_scores_the_hp_import_as_its_torch_rendering_is_scored(hp, peers, labels):
+    lab = np.load(peers.d / labels)
+    with torch.no_grad():
+        want_c, want_l = (t.numpy() for t in hp.model.predict(torch.from_numpy(peers.feats).permute(0, 3, 1, 2),
+                                                              lab.shape[1:]))
+    res = eval_run(EvalOptions(checkpoint=str(hp.dir / "ckpt.npz"), features=str(peers.d / "feats.npy"),
+                               labels=str(peers.d / labels), n_classes=N_CLASSES, stored_probe=True, upsample="code",
+                               progress=False), say=lambda m: None)
+    assert res["cluster"] == scores_json(metrics.scores(metrics.confusion(want_c, lab, N_CLASSES + HP_EXTRA,
+                                                                          N_CLASSES)))
+    conf = metrics.confusion(want_l, lab, N_CLASSES, N_CLASSES)
+    assert res["linear"] == scores_json(metrics.scores(conf, metrics.identity_match(N_CLASSES, N_CLASSES)))
+
+
+def test_the_hp_backbone_is_exported_and_the_import_recorded(hp, tmp_path):
+    """The ONNX export is the checkpoint's ViT (``net_model_state_dict.model.*``), extract, eval
+    and segment take the import through it; import.json says what the file held and what not."""
+    from omh_ref.extract import export_dino
+
+    x = export_dino.random_batch(32, seed=5)
+    got = export_dino.ort_session(hp.onnx).run(["features"], {"images": x})[0]
+    with torch.no_grad():
+        want = hp.vit(torch.from_numpy(x)).numpy()
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
+    assert checkpoint.backbone_of(hp.dir / "ckpt.npz")["weights_sha256"] == export_dino.weights_sha256(hp.vit)
+    layouts.folder(tmp_path, n=2, labels=True, nested=False)
+    _ok(["extract", "--model", str(hp.onnx), "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"),
+         "--out", str(tmp_path / "f"), "--quiet"])
+    out = _ok(["eval", "--checkpoint", str(hp.dir / "ckpt.npz"), "--features", str(tmp_path / "f" / "feats.npy"),
+               "--n-classes", "4", "--stored-probe", "--upsample", "code", "--quiet"])
+    assert "stored in the checkpoint" in out and "warning" not in out
+    _ok(["segment", "--model", str(hp.onnx), "--checkpoint", str(hp.dir / "ckpt.npz"), "--images",
+         str(tmp_path / "images"), "--out", str(tmp_path / "masks"), "--quiet"])
+    assert len(list((tmp_path / "masks").glob("*.clusters.png"))) == 2
+    rec = json.loads((hp.dir / "import.json").read_text())
+    assert rec["peer"] == "hp" and rec["read_from"].startswith("hynnsk/HP@8913644") and "lightning" not in rec
+    assert rec["saved"] == {"epoch": 2, "iter": 1500, "best_epoch": 2, "best_iter": 1500, "best": 187.25}
+    assert rec["settings"]["assumed"] is True and rec["settings"]["values"]["warmup"] == 1000
+    assert "PW, Pb" in rec["not_in_file"] and rec["keys"]["left_out"] == [] and rec["linear_probe"] is True
+    assert "net_model_state_dict.ema_model2.2.bias" in rec["keys"]["used"] and rec["clusters"] == 5
+
+
+def test_hp_settings_are_those_of_the_named_data_set(tmp_path):
+    """With the data set named, its JSON values; a data set of another class count, an unknown
+    one, or a data set named for another peer's checkpoint: one line each."""
+    from omh_ref.core.errors import InputError
+    from omh_ref.jobs import imports
+
+    with tiny_dino():
+        vit = random_vit("dino", "vit_tiny", 8, 0, seed=4)
+        _, ck = hp_checkpoint(vit, tmp_path / "p.pth", n_classes=3, dim=8, seed=3)
+        said = []
+        rec = imports.run(imports.ImportOptions(checkpoint=str(ck), out=str(tmp_path / "p"), resolution=(32,),
+                                                dataset="potsdam3"), say=said.append)
+        _, cfg = checkpoint.load_params(tmp_path / "p" / "ckpt.npz")
+        assert (cfg.supcon_tau, cfg.consistency_weight, cfg.denominator_share, cfg.pool_size, cfg.renew_interval,
+                cfg.warmup, cfg.ema_alpha) == (0.4, 0.0, 1.0, 1024, 20, 100, 0.999)
+        assert rec["settings"] == {"dataset": "potsdam3", "assumed": False,
+                                   "source": "hynnsk/HP@8913644 json/server/potsdam.json",
+                                   "values": peers_mod.HP_SETTINGS["potsdam3"]["fields"]}
+        assert any("its D is 8, json/server/potsdam.json trains 256" in s for s in said)
+        assert not any("holds no training settings" in s for s in said)
+        for dataset, opts, wanted in (("cocostuff27", {}, "predicts 3 classes; HP's cocostuff27 has 27"),
+                                      ("potsdam", {}, "known for cocostuff27, cityscapes27, potsdam3"),
+                                      ("potsdam3", {"checkpoint": "stego"}, "is STEGO's")):
+            path = tmp_path / "stego.ckpt" if opts else ck
+            if opts:
+                lit = peer_module("stego", vit, n_classes=3, dim=8, extra=0, seed=1)
+                save_lightning(lit, path, "stego", STEGO_CFG, 3)
+            with pytest.raises(InputError) as e:
+                imports.run(imports.ImportOptions(checkpoint=str(path), out=str(tmp_path / "q"), dataset=dataset),
+                            say=lambda m: None)
+            assert wanted in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_hp_settings_table_agrees_with_the_recipes_and_the_base():
+    """The import's table of HP's JSON values is the hp recipes' (configs/<data set>_hp.toml, each
+    cited line by line) and, for COCO-Stuff, the hp base's defaults."""
+    import tomllib
+    from pathlib import Path
+
+    from omh_ref.core.bases import hp as hp_base
+
+    for name, s in peers_mod.HP_SETTINGS.items():
+        model = tomllib.loads((Path(__file__).parents[2] / "configs" / f"{name}_hp.toml").read_text())["model"]
+        assert {k: model[k] for k in s["fields"]} == s["fields"], name
+        assert (model["dim"], model["in_dim"], model["levels"][-1]) == (s["dim"], s["in_dim"], s["n_classes"]), name
+    coco = peers_mod.HP_SETTINGS[peers_mod.HP_DEFAULT_DATASET]
+    assert {k: hp_base.DEFAULTS[k] for k in coco["fields"]} == coco["fields"] and coco["dim"] == hp_base.DEFAULTS["dim"]
+
+
+def _hp_edit(**changes):
+    """An ``edit`` for hp_checkpoint: ``entry=None`` drops an entry, ``entry={key: None}`` drops a
+    key of its state dict, ``entry={key: tensor}`` adds one (to a new entry: makes it)."""
+    def edit(ck):
+        for entry, change in changes.items():
+            if change is None:
+                del ck[entry]
+                continue
+            for k, v in change.items():
+                if v is None:
+                    del ck[entry][k]
+                else:
+                    ck.setdefault(entry, {})[k] = v
+    return edit
+
+
+def test_hp_refusals_are_one_line(hp, tmp_path):
+    """HP loads its state dicts strictly (eval.py lines 97-99), so does the import: a key missing
+    or left over, an entry its save_checkpoint does not write, the backbone missing or not
+    DINO's; and an import is not resumed."""
+    net = "net_model_state_dict"
+    cases = [
+        ({net: {"ema_model2.2.bias": None}}, "an HP checkpoint without net_model_state_dict.ema_model2.2.bias"),
+        ({"linear_model_state_dict": {"bias": None}}, "without linear_model_state_dict.bias"),
+        ({net: {"cluster3.0.weight": torch.zeros(8, 32, 1, 1)}}, "with net_model_state_dict.cluster3.0.weight, which"),
+        ({"cluster_model_state_dict": {"clusters2": torch.zeros(5, 8)}}, "cluster_model_state_dict.clusters2"),
+        ({"project_head_state_dict": {"weight": torch.zeros(8, 8)}}, "with the entry 'project_head_state_dict'"),
+        ({"cluster_model_state_dict": None}, "an HP checkpoint without cluster_model_state_dict"),
+        ({net: {"model.blocks.0.extra": torch.zeros(2)}}, "unexpected keys (1): blocks.0.extra"),
+        ({net: {"model.norm.bias": None}}, "missing keys (1): norm.bias"),
+        ({net: {"ema_model1.0.weight": torch.zeros(8, 16, 1, 1)}}, "ema_model1.0.weight has shape (8, 16, 1, 1)"),
+    ]
+    with tiny_dino():
+        for i, (changes, wanted) in enumerate(cases):
+            _, ck = hp_checkpoint(hp.vit, tmp_path / f"e{i}.pth", n_classes=N_CLASSES, dim=8, extra=HP_EXTRA,
+                                  edit=_hp_edit(**changes))
+            _one_line_error(["import", str(ck), "--out", str(tmp_path / f"o{i}"), "--resolution", "32"],
+                            str(ck), wanted)
+        vit_keys = {k: None for k in hp.model.net.state_dict() if k.startswith("model.")}
+        _, ck = hp_checkpoint(hp.vit, tmp_path / "nb.pth", n_classes=N_CLASSES, dim=8, extra=HP_EXTRA,
+                              edit=_hp_edit(net_model_state_dict=vit_keys))
+        _one_line_error(["import", str(ck), "--out", str(tmp_path / "nb")], "without net_model_state_dict.model.*")
+    _one_line_error(["train", "--resume", str(hp.dir / "ckpt.npz"), "--quiet"], "imported from HP", "resume")
+
+
+def test_hp_optimiser_states_are_left_out_and_odd_bookkeeping_noted(hp, tmp_path):
+    """A checkpoint saved without model_only (utils/common_utils.py lines 36-40) holds the
+    optimisers' states: imported all the same, recorded as left out; a bookkeeping entry of
+    another type is noted and left out of the record."""
+    opt = torch.optim.Adam(hp.model.net.cluster1.parameters(), lr=5e-4)
+
+    def edit(ck):
+        ck.update(net_optimizer_state_dict=opt.state_dict(), best="n/a")
+
+    with tiny_dino():
+        _, ck = hp_checkpoint(hp.vit, tmp_path / "o.pth", n_classes=N_CLASSES, dim=8, extra=HP_EXTRA, edit=edit)
+        out = _ok(["import", str(ck), "--out", str(tmp_path / "o"), "--resolution", "32"])
+    rec = json.loads((tmp_path / "o" / "import.json").read_text())
+    assert rec["entries_left_out"] == ["net_optimizer_state_dict"] and "best" not in rec["saved"]
+    assert "its best is 'n/a', left out" in out and "net_optimizer_state_dict left out" in out
