@@ -260,9 +260,11 @@ def _export_done(rec, out, pth) -> bool:
     except (OSError, ValueError):
         return False
     want = archs.checkpoint_sha256(pth) if Path(pth).is_dir() else _sha256(pth)
+    attention = hp_inputs(rec)["attention"]     # an export made without the attention output is not HP's
     for path in _exported(rec, out).values():
         m = entries.get(path.name)
-        if not (path.is_file() and m and m.get("checkpoint_sha256") == want and m.get("sha256") == _sha256(path)):
+        if not (path.is_file() and m and m.get("checkpoint_sha256") == want and m.get("sha256") == _sha256(path)
+                and (m.get("attention") or not attention)):
             return False
     return True
 

@@ -33,7 +33,7 @@ from ..core.options import default
 from ..features import provenance
 from ..features.store import FeatureStore
 from ..train import checkpoint
-from ..train.loop import TrainOptions, train
+from ..train.loop import TrainOptions, optimiser_settings, train
 from .evaluate import EvalOptions, run as run_eval
 
 PROBES = ("cluster", "linear", "crf")          # the scores a run can have, in report order
@@ -136,8 +136,15 @@ def _trained(task: SeedTask, say) -> None:
         if diff:
             raise InputError(f"{ckpt}: trained with another config (differs in {', '.join(diff)}); choose "
                              "another output folder, or remove that run to train it again")
-        if ck["info"].get("options", {}).get("seed", task.seed) != task.seed:
-            raise InputError(f"{ckpt}: is the run of seed {ck['info']['options']['seed']}, not {task.seed}")
+        before = ck["info"].get("options", {})
+        if before.get("seed", task.seed) != task.seed:
+            raise InputError(f"{ckpt}: is the run of seed {before['seed']}, not {task.seed}")
+        now = {"lr": opts.lr, "lr_clusters": opts.lr_clusters, "batch_size": opts.batch_size,
+               **optimiser_settings(opts, task.config.base)}
+        other = [f"--{k.replace('_', '-')} {before[k]} (now {v})" for k, v in now.items() if k in before and before[k] != v]
+        if other:   # its results would be filed under settings it was not trained with
+            raise InputError(f"{ckpt}: trained with {', '.join(other)}; choose another output folder, or remove that "
+                             "run to train it again")
         if step > opts.steps:
             raise InputError(f"{ckpt}: is at step {step}, past the {opts.steps} steps asked for; choose another "
                              "output folder")

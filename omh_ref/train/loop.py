@@ -342,6 +342,12 @@ def train(cfg: model.Config, opts: TrainOptions, say=print, validate=None) -> di
         raise InputError(f"--batch-size {opts.batch_size}: larger than the {store.N} images in {store.path}")
     if bases.negatives(bases.get(cfg.base), cfg) and opts.batch_size < 2:
         raise InputError("--batch-size: negative pairs need at least 2 images per batch")
+    base = bases.get(cfg.base)
+    if hasattr(base, "check_batch"):   # a base's limits on the batch (HP's denominator draw), before anything runs
+        try:
+            base.check_batch(cfg, opts.batch_size, store.h * store.w)
+        except ValueError as e:
+            raise InputError(f"--batch-size {opts.batch_size}: {e}") from None
     inputs = _inputs(store, cfg)     # before the lock and the folder: a missing file is named first
     _check_backbones(store, opts, say, validate)
     with FolderLock(opts.out, "train", say=say):
@@ -454,6 +460,12 @@ class _Run:
         if missing:
             raise InputError(f"{opts.resume}: holds no {', '.join(missing)} (the {ck['config'].base} base's state); "
                              "it cannot be resumed bit-exactly, start a new run")
+        base = bases.get(ck["config"].base)
+        want = base.state_shapes(ck["config"]) if hasattr(base, "state_shapes") else {}
+        wrong = [f"state/{k} {tuple(ck['state'][k].shape)} (expected {shape})" for k, shape in want.items()
+                 if tuple(ck["state"][k].shape) != shape]
+        if wrong:
+            raise InputError(f"{opts.resume}: {', '.join(wrong)}: not this config's state; start a new run")
         arrays = {**ck["params"], **{f"adam_{m}/{k}": v for m in ("m", "v") for k, v in ck["opt_state"][m].items()},
                   **{f"state/{k}": ck["state"][k] for k in names}}
         bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]

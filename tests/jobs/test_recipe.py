@@ -401,6 +401,20 @@ def test_an_hp_recipe_exports_and_extracts_hps_inputs(coco, tmp_path):
             export_dino.parse_args(words[2:])
         else:
             main.commands[words[1]].make_context(words[1], words[2:])
+    # an export of the same weights made without the attention output (a STEGO recipe's) is not HP's
+    run = tmp_path / "exported"
+    (run / "weights").mkdir(parents=True)
+    rec = recipe.load("cocostuff27_hp")
+    entries = []
+    for r, p in recipe._exported(rec, run).items():
+        p.write_bytes(b"an export %d" % r)
+        entries.append({"file": p.name, "checkpoint_sha256": recipe._sha256(pth), "sha256": recipe._sha256(p)})
+    (run / "weights" / "manifest.json").write_text(json.dumps({"models": entries}))
+    assert not recipe._export_done(rec, run, pth)
+    for e in entries:
+        e["attention"] = {"output": "attention"}
+    (run / "weights" / "manifest.json").write_text(json.dumps({"models": entries}))
+    assert recipe._export_done(rec, run, pth)
     folder = tmp_path / "f"
     folder.mkdir()
     (folder / "feats.json").write_text(json.dumps({"dataset": "cocostuff27", "split": "train"}))

@@ -4,6 +4,7 @@ head, AdamW's decay and the clipping, λ over the run, a bit-exact resume (pools
 divergence that keeps the pools of the step before, on NumPy and on the strict CuPy stand-in; then
 ``omh-ref train --base hp`` with and without --omh, ``eval`` and ``segment`` on its checkpoint."""
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -417,3 +418,37 @@ def test_the_pools_patches_are_read_by_cell_and_a_bad_file_is_one_line(tmp_path)
         fh.truncate(path.stat().st_size - 100)
     with pytest.raises(InputError, match=r"feats.npy: the feature file shrank while in use"):
         read(rows, cells)
+
+
+def test_a_checkpoint_with_pools_of_another_shape_is_refused_in_one_line(feats, tmp_path):
+    """A pool of other rows or columns than the config's (a crafted or corrupted checkpoint) is
+    named in one line, not trained on nor left to a traceback from the thresholds."""
+    res = train(small(), _opts(feats, tmp_path / "r", steps=2), say=lambda *a: None)
+    d = dict(np.load(res["checkpoint"]))
+    for key, bad in (("state/pool_ag", d["state/pool_ag"][:2]), ("state/pool_sp", d["state/pool_sp"].T.copy())):
+        e = dict(d, **{key: bad})
+        np.savez(tmp_path / "cut.npz", **e)
+        with pytest.raises(InputError, match=re.escape(f"cut.npz: {key} {tuple(bad.shape)} (expected (")):
+            train(small(), _opts(feats, tmp_path, steps=4, resume=str(tmp_path / "cut.npz")), say=lambda *a: None)
+
+
+def test_a_batch_past_the_denominator_draws_index_is_one_line(feats, tmp_path):
+    from omh_ref.core.bases import hp
+
+    hp.check_batch(small(), 64, 784)                                   # HP's own batch and grid
+    with pytest.raises(ValueError, match="past its 2\\^32 entries"):
+        hp.check_batch(small(), 7000, 784)
+    hp.check_batch(small(denominator_share=1.0), 7000, 784)           # no draw at ρ = 1
+
+
+def test_seeds_refuses_a_finished_run_of_other_optimiser_settings(synth, tmp_path):
+    """A seed's finished run is reused only under the settings it was trained with: another
+    --weight-decay (or --lr) is one line, not results filed under settings the run never had."""
+    args = ["seeds", "--base", "hp", "--features", synth / "train" / "feats.npy", "--val-features",
+            synth / "val" / "feats.npy", "--out", tmp_path / "s", "--seeds", "0", "--steps", 2, "--no-probe",
+            "--batch-size", 4, "--levels", "18,9", "--dim", 6, "--pool-size", 10, "--quiet"]
+    _cli(args)
+    _cli(args)                                                          # the same settings: reused
+    res = CliRunner().invoke(main, [str(a) for a in args + ["--weight-decay", 0]])
+    assert res.exit_code != 0 and "trained with --weight-decay 0.1 (now 0.0)" in res.output, res.output
+    assert "Traceback" not in res.output

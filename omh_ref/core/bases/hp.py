@@ -87,6 +87,11 @@ def shapes(cfg) -> dict:
     return {"PW": (D, D), "Pb": (D,), **{f"E{k}": s for k, s in head.shapes(cfg.in_dim, D).items()}}
 
 
+def state_shapes(cfg) -> dict:
+    """The pools' shapes: P x C backbone features and P x D moving-average codes."""
+    return {"pool_ag": (cfg.pool_size, cfg.in_dim), "pool_sp": (cfg.pool_size, cfg.dim)}
+
+
 def new_params(cfg, rng, dtype) -> dict:
     """project_head as torch's Linear default: weight and bias uniform ±1/sqrt(D) (R:69)."""
     D = cfg.dim
@@ -139,6 +144,14 @@ def _mix32(x, xp):
     x = x ^ (x >> u(15))
     x = x * u(0x735A2D97)
     return x ^ (x >> u(15))
+
+
+def check_batch(cfg, B, n):
+    """A ValueError when a batch of ``B`` images of ``n`` patches is past :func:`denominator`'s
+    32-bit index (n·N ≥ 2³², N = B·n; 1.8 million batch rows at 28 x 28), where the draw is used."""
+    if cfg.denominator_share < 1 and n * B * n >= 1 << 32:
+        raise ValueError(f"{B} images of {n} patches make a {n} x {B * n} denominator draw, past its 2^32 "
+                         "entries; a smaller batch, or denominator_share 1")
 
 
 def denominator(seed, n, N, share, xp):
