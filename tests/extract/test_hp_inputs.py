@@ -338,3 +338,34 @@ def test_a_model_whose_attention_output_has_the_wrong_shape_is_refused(tmp_path)
                                          r"\(B, n, n\) = \(2, 25, 25\) for its 5x5 grid \(export it with omh-ref "
                                          r"export --attention\)$"):
         inspect_model(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("omh", [True, False])
+def test_hp_trains_evaluates_and_segments_from_the_extracted_inputs(tmp_path, models, omh):
+    """The whole path on the command line: a model exported with its attention output, extract
+    --attention --augment (five crops, labels), train --base hp (with and without OMH), resume, eval
+    and segment with that model: HP's inputs come from extraction, not from a test's builder."""
+    with_attn, _, _ = models
+    layouts.folder(tmp_path, n=4, labels=True, nested=False)
+
+    def cli(*args):
+        res = CliRunner().invoke(main, [str(a) for a in args])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    cli("extract", "--model", with_attn, "--images", tmp_path / "images", "--labels", tmp_path / "labels",
+        "--crop", "five", "--attention", "--augment", "--out", tmp_path / "f", "--quiet")
+    feats = tmp_path / "f" / "feats.npy"
+    assert (tmp_path / "f" / "attn.npy").is_file() and (tmp_path / "f" / "feats_aug.npy").is_file()
+    run = tmp_path / "run"
+    small = ["--batch-size", 4, "--levels", "8,4" if omh else "4", "--dim", 6, "--pool-size", 12, "--warmup", 1,
+             "--renew-interval", 2, "--denominator-share", 0.5]
+    cli("train", "--base", "hp", "--omh" if omh else "--no-omh", "--features", feats, "--out", run, "--steps", 3,
+        *small, "--quiet")
+    cli("train", "--resume", run / "ckpt.npz", "--steps", 5, "--quiet")
+    cli("eval", "--checkpoint", run / "ckpt.npz", "--features", feats, "--json", tmp_path / "scores.json", "--quiet")
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert 0 <= scores["cluster"]["miou"] <= 100
+    cli("segment", "--model", with_attn, "--checkpoint", run / "ckpt.npz", "--images", tmp_path / "images", "--out",
+        tmp_path / "seg", "--quiet")
+    assert len(list((tmp_path / "seg").glob("*.clusters.png"))) == 4
