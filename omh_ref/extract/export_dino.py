@@ -71,7 +71,7 @@ from .checkpoints import CheckpointError
 from .vit_dinov2 import DinoV2
 from .vit_dinov3 import DinoV3
 from .backbone import ATTENTION_OUTPUT, ATTENTION_WHAT
-from .vit_layers import AttentionLogits, FixedGrid, grid_of
+from .vit_layers import AttentionLogits, FixedGrid, Mlp, grid_of
 
 ARCHS = {  # name: (embed dim, depth, heads, short name for files)
     "vit_small": (384, 12, 6, "vits"),
@@ -127,17 +127,6 @@ class Attention(nn.Module):
         attn = attn.softmax(dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(-1, n, c)
         return self.proj(out)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):

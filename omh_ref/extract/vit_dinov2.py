@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import archs
-from .vit_layers import Block, PatchEmbed, ffn, grid_of, init_linears
+from .vit_layers import Block, PatchEmbed, ffn, grid_of, hf_block_rules, init_linears
 
 IMG_SIZE = 518          # dinov2/hub/backbones.py line 21: pos_embed holds (518 / 14)^2 = 37^2 positions
 LAYERSCALE = 1.0        # dinov2/hub/backbones.py line 23 (init_values)
@@ -132,19 +132,9 @@ def hf_rules(model: DinoV2) -> dict:
     for i in range(len(model.blocks)):
         hf, me = f"encoder.layer.{i}.", f"blocks.{i}."
         for p in ("weight", "bias"):
-            for n in ("norm1", "norm2"):
-                rules[f"{me}{n}.{p}"] = _one(f"{hf}{n}.{p}")
             rules[f"{me}attn.qkv.{p}"] = _cat([f"{hf}attention.attention.{n}.{p}" for n in ("query", "key", "value")])
-            rules[f"{me}attn.proj.{p}"] = _one(f"{hf}attention.output.dense.{p}")
-            for ours, theirs in ffn_names.items():
-                rules[f"{me}mlp.{ours}.{p}"] = _one(f"{hf}mlp.{theirs}.{p}")
-        for j in (1, 2):
-            rules[f"{me}ls{j}.gamma"] = _one(f"{hf}layer_scale{j}.lambda1")
+        hf_block_rules(rules, me, hf, f"{hf}attention.output.dense", ffn_names)
     return rules
-
-
-def _one(key):
-    return lambda take: take(key)
 
 
 def _cat(keys):

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from . import archs
-from .vit_layers import Block, PatchEmbed, ffn, grid_of, init_linears
+from .vit_layers import Block, PatchEmbed, ffn, grid_of, hf_block_rules, init_linears
 
 ROPE_BASE = 100.0      # dinov3/hub/backbones.py line 213 (pos_embed_rope_base)
 LAYERSCALE = 1e-5      # dinov3/hub/backbones.py line 223 (layerscale_init)
@@ -162,19 +162,8 @@ def hf_rules(model: DinoV3) -> dict:
         rules[me + "attn.qkv.weight"] = _qkv_weight(a)
         rules[me + "attn.qkv.bias"] = _qkv_bias(a, dim)
         rules[me + "attn.qkv.bias_mask"] = _qkv_mask(a, dim)
-        for p in ("weight", "bias"):
-            for n in ("norm1", "norm2"):
-                rules[f"{me}{n}.{p}"] = _one(f"{hf}{n}.{p}")
-            rules[f"{me}attn.proj.{p}"] = _one(f"{a}o_proj.{p}")
-            for ours, theirs in ffn_names.items():
-                rules[f"{me}mlp.{ours}.{p}"] = _one(f"{hf}mlp.{theirs}.{p}")
-        for j in (1, 2):
-            rules[f"{me}ls{j}.gamma"] = _one(f"{hf}layer_scale{j}.lambda1")
+        hf_block_rules(rules, me, hf, f"{a}o_proj", ffn_names)
     return rules
-
-
-def _one(key):
-    return lambda take: take(key)
 
 
 def _qkv_weight(a):

@@ -182,6 +182,26 @@ def ffn(kind: str, dim: int, ratio: float, family: str) -> nn.Module:
     return SwiGLUFused(dim, hidden) if family == "dinov2" else SwiGLU(dim, hidden)
 
 
+def take_one(key):
+    """A Hugging Face key rule (``hf_rules`` of vit_dinov2 and vit_dinov3): the tensor under ``key``."""
+    return lambda take: take(key)
+
+
+def hf_block_rules(rules: dict, me: str, hf: str, proj: str, ffn_names: dict) -> None:
+    """Adds to ``rules`` the rules every DINOv2 and DINOv3 block shares: Meta's block ``me``
+    (``blocks.<i>.``) from the Hugging Face block ``hf``: its two norms, the attention's output
+    projection (``proj``, the Hugging Face prefix before ``.weight``/``.bias``), the FFN's linears
+    (``ffn_names``: ours -> theirs) and the two layer scales. The qkv rules are each family's own."""
+    for p in ("weight", "bias"):
+        for n in ("norm1", "norm2"):
+            rules[f"{me}{n}.{p}"] = take_one(f"{hf}{n}.{p}")
+        rules[f"{me}attn.proj.{p}"] = take_one(f"{proj}.{p}")
+        for ours, theirs in ffn_names.items():
+            rules[f"{me}mlp.{ours}.{p}"] = take_one(f"{hf}mlp.{theirs}.{p}")
+    for j in (1, 2):
+        rules[f"{me}ls{j}.gamma"] = take_one(f"{hf}layer_scale{j}.lambda1")
+
+
 def init_linears(module: nn.Module) -> None:
     """Every Linear: truncated normal std 0.02, bias 0 (dinov2 ``vision_transformer.py`` 333-338,
     dinov3 ``vision_transformer.py`` 40-44)."""
